@@ -1,0 +1,222 @@
+"""instruction_embeddings → elbow_curve → selected_k → kmeans_centroids → cluster_assignments."""
+
+
+import time
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from assets.common import RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
+from pipelines.profiles import Profile
+from resources.storage import ArtifactStorage
+
+CLUSTERING_CODE_VERSION = "1"
+TINY_CLUSTER_SHARE = 0.01
+
+
+def build_clustering_assets(profile: Profile) -> list:
+    class ElbowConfig(dg.Config):
+        k_min: int = profile.k_min
+        k_max: int = profile.k_max
+        sample_rows: int = profile.elbow_sample_rows
+        silhouette_sample_rows: int = profile.silhouette_sample_rows
+        seed: int = profile.seed
+
+    class SelectedKConfig(dg.Config):
+        k: int | None = None
+        """Override the knee of the elbow curve with this k (None: use the knee)."""
+
+    class KMeansConfig(dg.Config):
+        iterations: int = profile.kmeans_iterations
+        restarts: int = profile.kmeans_restarts
+        seed: int = profile.seed
+
+    @dg.asset(
+        group_name="clustering",
+        kinds={"faiss", "parquet"},
+        code_version=CLUSTERING_CODE_VERSION,
+        io_manager_key="parquet_io_manager",
+        description="Spherical k-means inertia and silhouette for each k of the range, on a sample.",
+    )
+    def elbow_curve(
+        context: dg.AssetExecutionContext, config: ElbowConfig, instruction_embeddings: dict
+    ) -> dg.Output[pl.DataFrame]:
+        from moce_model.clustering import elbow_sweep, find_knee, read_embeddings
+        from moce_model.plots import elbow_plot, png_markdown
+
+        _, vectors = read_embeddings(instruction_embeddings["path"])
+        k_max = min(config.k_max, len(vectors) - 1)
+        if k_max < config.k_min:
+            raise ValueError(
+                f"elbow_curve: k range {config.k_min}..{config.k_max} impossible with {len(vectors)} embeddings"
+            )
+        ks = list(range(config.k_min, k_max + 1))
+        curve = elbow_sweep(
+            vectors,
+            ks,
+            sample_size=config.sample_rows,
+            seed=config.seed,
+            silhouette_sample=config.silhouette_sample_rows,
+        )
+        knee, reason = find_knee(curve["k"].to_list(), curve["inertia"].to_list())
+        return dg.Output(
+            curve,
+            metadata={
+                "knee": knee,
+                "knee_reason": reason,
+                "table": dg.MetadataValue.md(md_table(curve)),
+                "elbow_plot": dg.MetadataValue.md(png_markdown(elbow_plot(curve, knee), "elbow curve")),
+                "sample_rows": min(config.sample_rows, len(vectors)),
+            },
+        )
+
+    @dg.asset(
+        group_name="clustering",
+        kinds={"python"},
+        code_version=CLUSTERING_CODE_VERSION,
+        io_manager_key="json_io_manager",
+        description=(
+            "The number of clusters k (= expert groups): the knee of the elbow curve, or the `k` config "
+            "override. Its data version is k itself, so only a real change of k makes downstream assets stale."
+        ),
+    )
+    def selected_k(
+        context: dg.AssetExecutionContext, config: SelectedKConfig, elbow_curve: pl.DataFrame, instruction_embeddings: dict
+    ) -> dg.Output[int]:
+        from moce_model.clustering import find_knee
+
+        knee, reason = find_knee(elbow_curve["k"].to_list(), elbow_curve["inertia"].to_list())
+        k = config.k if config.k is not None else knee
+        n_rows = int(instruction_embeddings["rows"])
+        if k < 2 or k > n_rows:
+            raise ValueError(f"selected_k: k={k} must be in [2, {n_rows}] (the number of embedded instructions)")
+        context.log.info(f"selected k={k} ({'override' if config.k is not None else reason})")
+        return dg.Output(
+            int(k),
+            data_version=dg.DataVersion(f"k={k}"),
+            metadata={"k": int(k), "knee": int(knee), "source": "override" if config.k is not None else "knee"},
+        )
+
+    @dg.asset(
+        group_name="clustering",
+        kinds={"faiss", "numpy"},
+        code_version=CLUSTERING_CODE_VERSION,
+        io_manager_key="json_io_manager",
+        automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
+        description="Spherical k-means centroids at the selected k on all embeddings (centroids.npy + json).",
+    )
+    def kmeans_centroids(
+        context: dg.AssetExecutionContext,
+        config: KMeansConfig,
+        selected_k: int,
+        instruction_embeddings: dict,
+        storage: ArtifactStorage,
+    ) -> dg.Output[dict]:
+        from moce_model.clustering import fit_kmeans, read_embeddings, save_centroids
+
+        _, vectors = read_embeddings(instruction_embeddings["path"])
+        started = time.perf_counter()
+        centroids = fit_kmeans(
+            vectors, selected_k, seed=config.seed, niter=config.iterations, nredo=config.restarts
+        )
+        seconds = time.perf_counter() - started
+        out_dir = storage.path_for(context.asset_key) / f"k{selected_k}"
+        save_centroids(out_dir, centroids, instruction_embeddings["embedder"])
+        return dg.Output(
+            artifact_ref(out_dir, k=selected_k, dimension=int(centroids.shape[1]),
+                         embedder=instruction_embeddings["embedder"]),
+            metadata={
+                **artifact_metadata(out_dir),
+                "k": selected_k,
+                "dimension": int(centroids.shape[1]),
+                "rows_fitted": len(vectors),
+                "fit_seconds": round(seconds, 3),
+                "embedder": dg.MetadataValue.json(instruction_embeddings["embedder"]),
+            },
+        )
+
+    @dg.asset(
+        group_name="clustering",
+        kinds={"faiss", "parquet"},
+        code_version=CLUSTERING_CODE_VERSION,
+        io_manager_key="parquet_io_manager",
+        automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
+        description="Nearest centroid (cosine) of every instruction: `id, cluster, distance`.",
+    )
+    def cluster_assignments(
+        context: dg.AssetExecutionContext,
+        kmeans_centroids: dict,
+        instruction_embeddings: dict,
+        instructions: pl.LazyFrame,
+    ) -> dg.Output[pl.DataFrame]:
+        from moce_model.clustering import assign, cluster_purity, load_centroids, read_embeddings
+        from moce_model.plots import cluster_projection_plot, png_markdown
+
+        ids, vectors = read_embeddings(instruction_embeddings["path"])
+        centroids, _ = load_centroids(kmeans_centroids["path"])
+        labels, distances = assign(vectors, centroids)
+        assignments = pl.DataFrame(
+            {"id": list(ids), "cluster": labels.astype(np.int64), "distance": distances.astype(np.float32)}
+        )
+        described = assignments.join(
+            instructions.select("id", "source", "domain", "instruction").collect(), on="id", how="left"
+        )
+        sizes = described.group_by("cluster").len().sort("cluster")
+        metadata: dict = {
+            "k": kmeans_centroids["k"],
+            "cluster_sizes": dg.MetadataValue.md(md_table(sizes)),
+            "purity_vs_source": float(cluster_purity(labels, described["source"].to_numpy())),
+        }
+        known_domain = described.filter(pl.col("domain").is_not_null())
+        if known_domain.height:
+            metadata["purity_vs_domain"] = float(
+                cluster_purity(known_domain["cluster"].to_numpy(), known_domain["domain"].to_numpy())
+            )
+        composition = (
+            described.group_by("cluster", "source").len().sort(["cluster", "len"], descending=[False, True])
+        )
+        metadata["composition_by_source"] = dg.MetadataValue.md(md_table(composition, max_rows=200))
+        examples = described.sort("distance").group_by("cluster", maintain_order=True).head(5).select(
+            "cluster", "source", "instruction"
+        ).sort("cluster", maintain_order=True)
+        metadata["examples"] = dg.MetadataValue.md(md_table(examples, max_rows=5 * kmeans_centroids["k"]))
+        png = cluster_projection_plot(vectors, labels, described["source"].to_list(), seed=0)
+        metadata["projection"] = dg.MetadataValue.md(png_markdown(png, "clusters in 2-D"))
+        return dg.Output(assignments, metadata=metadata)
+
+    @dg.asset_check(
+        asset=cluster_assignments,
+        additional_ins={"instructions": dg.AssetIn(), "kmeans_centroids": dg.AssetIn()},
+        description="Every instruction has a cluster; warns about a collapsed or tiny cluster with its size.",
+    )
+    def every_instruction_clustered_and_no_tiny_cluster(
+        cluster_assignments: pl.DataFrame, instructions: pl.LazyFrame, kmeans_centroids: dict
+    ) -> dg.AssetCheckResult:
+        expected = instructions.select("id").collect()["id"]
+        missing = int((~expected.is_in(cluster_assignments["id"].implode())).sum())
+        sizes = dict(cluster_assignments.group_by("cluster").len().iter_rows())
+        k = int(kmeans_centroids["k"])
+        threshold = max(1, int(TINY_CLUSTER_SHARE * cluster_assignments.height))
+        small = {int(c): int(sizes.get(c, 0)) for c in range(k) if sizes.get(c, 0) < threshold}
+        if missing:
+            return dg.AssetCheckResult(
+                passed=False,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={"instructions_without_cluster": missing},
+            )
+        return dg.AssetCheckResult(
+            passed=not small,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=(
+                f"tiny or empty clusters (size < {threshold}): {small}" if small else "all clusters populated"
+            ),
+            metadata={
+                "instructions_without_cluster": 0,
+                "smallest_cluster": min(sizes.values()),
+                "tiny_clusters": dg.MetadataValue.json(small),
+            },
+        )
+
+    return [elbow_curve, selected_k, kmeans_centroids, cluster_assignments,
+            every_instruction_clustered_and_no_tiny_cluster]

@@ -1,0 +1,46 @@
+"""Small pieces every asset module uses: markdown tables, artifact references, the automation condition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+# Re-run an asset when an upstream asset's *data version* changed (not merely re-materialized): a new k gives
+# `selected_k` a new data version, so exactly the assets downstream of it re-run; a re-materialization that
+# produced the same data changes nothing.
+_AC = dg.AutomationCondition
+RERUN_WHEN_UPSTREAM_CHANGES = (
+    _AC.any_deps_match(_AC.data_version_changed()).since_last_handled()
+    & ~_AC.any_deps_missing()
+    & ~_AC.any_deps_in_progress()
+    & ~_AC.in_progress()
+).with_label("upstream data version changed")
+
+
+def md_table(frame: pl.DataFrame, max_rows: int = 50, float_digits: int = 4) -> str:
+    if frame.height == 0:
+        return "_(empty)_"
+    frame = frame.head(max_rows)
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.{float_digits}g}"
+        text = "" if value is None else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")[:120]
+
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()]
+    return "\n".join([header, rule, *rows])
+
+
+def artifact_ref(path: Path, **extra: Any) -> dict[str, Any]:
+    """What an artifact asset returns: where its directory is, plus small facts downstream assets need."""
+    return {"path": str(path), **extra}
+
+
+def artifact_metadata(path: Path) -> dict[str, Any]:
+    return {"dagster/uri": dg.MetadataValue.path(str(path))}

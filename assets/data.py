@@ -1,0 +1,119 @@
+"""raw/<source> → instructions (+ rejected_instructions)."""
+
+
+import hashlib
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from assets.common import md_table
+from pipelines.profiles import Profile
+
+DATA_CODE_VERSION = "1"
+
+
+def _source_kinds(spec: dict[str, Any]) -> set[str]:
+    return {"polars", "parquet"} | ({"huggingface"} if spec["kind"] == "hf" else set())
+
+
+def build_raw_source_assets(profile: Profile) -> list[dg.AssetsDefinition]:
+    """One `raw/<name>` asset per configured source, so lineage shows each dataset."""
+
+    def make(spec: dict[str, Any]) -> dg.AssetsDefinition:
+        @dg.asset(
+            key=["raw", spec["name"]],
+            group_name="data",
+            kinds=_source_kinds(spec),
+            code_version=DATA_CODE_VERSION,
+            io_manager_key="parquet_io_manager",
+            description=f"Raw `{spec['kind']}` source `{spec['name']}` mapped to the common instruction fields.",
+            metadata={"source_spec": dg.MetadataValue.json(spec)},
+        )
+        def raw_source(context: dg.AssetExecutionContext) -> dg.Output[pl.DataFrame]:
+            from moce_model.sources import SourceSpec, load_source
+
+            frame = load_source(SourceSpec.from_dict(spec))
+            context.log.info(f"raw/{spec['name']}: {frame.height} rows")
+            return dg.Output(
+                frame,
+                metadata={
+                    "rows": frame.height,
+                    "domains": dg.MetadataValue.json(
+                        frame.group_by("domain").len().sort("domain").to_dicts() if "domain" in frame.columns else []
+                    ),
+                    "preview": dg.MetadataValue.md(md_table(frame.head(5))),
+                },
+            )
+
+        return raw_source
+
+    return [make(spec) for spec in profile.sources]
+
+
+def content_data_version(ids: pl.Series) -> dg.DataVersion:
+    """A data version derived from the content, so re-reading unchanged data does not make downstream stale."""
+    digest = hashlib.blake2b(digest_size=12)
+    for chunk in ids.sort().cast(pl.Utf8).to_list():
+        digest.update(chunk.encode())
+    return dg.DataVersion(digest.hexdigest())
+
+
+def build_instruction_assets(profile: Profile) -> dg.AssetsDefinition:
+    raw_keys = {spec["name"]: dg.AssetKey(["raw", spec["name"]]) for spec in profile.sources}
+
+    @dg.multi_asset(
+        ins={name: dg.AssetIn(key=key) for name, key in raw_keys.items()},
+        outs={
+            "instructions": dg.AssetOut(
+                group_name="data",
+                kinds={"polars", "parquet"},
+                code_version=DATA_CODE_VERSION,
+                io_manager_key="parquet_io_manager",
+                description="The normalised, de-duplicated union of all sources (DESIGN.md schema).",
+            ),
+            "rejected_instructions": dg.AssetOut(
+                group_name="data",
+                kinds={"polars", "parquet"},
+                code_version=DATA_CODE_VERSION,
+                io_manager_key="parquet_io_manager",
+                description="Every invalid row with its reason: nothing is silently dropped.",
+            ),
+        },
+    )
+    def instructions(context: dg.AssetExecutionContext, **raw_frames: pl.DataFrame):
+        from moce_model.instructions import normalise_instructions
+
+        frames = [raw_frames[name] for name in raw_keys]
+        kept, rejected = normalise_instructions(frames, max_chars=profile.max_chars)
+        n_in = sum(frame.height for frame in frames)
+        if kept.height + rejected.height != n_in:
+            raise RuntimeError(f"row accounting broken: {n_in} in, {kept.height} kept, {rejected.height} rejected")
+        if kept.height == 0:
+            raise ValueError(f"no valid instructions among {n_in} rows; see rejected_instructions")
+        per_source = kept.group_by("source").len().sort("source")
+        per_reason = rejected.group_by(["source", "reason"]).len().sort(["source", "reason"])
+        context.log.info(f"instructions: {kept.height} kept, {rejected.height} rejected of {n_in}")
+        yield dg.Output(
+            kept,
+            output_name="instructions",
+            data_version=content_data_version(kept["id"]),
+            metadata={
+                "rows": kept.height,
+                "rows_in": n_in,
+                "rows_rejected": rejected.height,
+                "per_source": dg.MetadataValue.md(md_table(per_source)),
+            },
+        )
+        yield dg.Output(
+            rejected,
+            output_name="rejected_instructions",
+            metadata={
+                "rows": rejected.height,
+                "per_source_and_reason": dg.MetadataValue.md(
+                    md_table(per_reason)
+                ),
+            },
+        )
+
+    return instructions

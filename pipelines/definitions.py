@@ -1,0 +1,64 @@
+"""The Dagster Definitions: one asset graph, resources chosen by the profile (MOCE_PROFILE)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets.clustering import build_clustering_assets
+from assets.data import build_instruction_assets, build_raw_source_assets
+from assets.embedding import embeddings_are_unit_norm_and_complete, instruction_embeddings
+from pipelines.profiles import Profile, load_profile
+from resources.embedder import EmbedderResource
+from resources.storage import ArtifactStorage, AtomicPolarsParquetIOManager, JsonIOManager
+
+DATA_HALF = dg.AssetSelection.groups("data", "embedding", "clustering")
+
+
+def build_resources(profile: Profile) -> dict:
+    root = profile.storage_root
+    return {
+        "parquet_io_manager": AtomicPolarsParquetIOManager(base_dir=str(root / "tables")),
+        "json_io_manager": JsonIOManager(base_dir=str(root / "refs")),
+        "storage": ArtifactStorage(root=str(root / "artifacts")),
+        "embedder": EmbedderResource(
+            model=profile.embedder["model"],
+            kind=profile.embedder.get("kind", "sentence-transformers"),
+            instruction=profile.embedder.get("instruction", ""),
+            batch_size=profile.embed_batch_size,
+            shard_rows=profile.embed_shard_rows,
+        ),
+    }
+
+
+def build_definitions(profile: Profile) -> dg.Definitions:
+    assets_and_checks = [
+        *build_raw_source_assets(profile),
+        build_instruction_assets(profile),
+        instruction_embeddings,
+        embeddings_are_unit_norm_and_complete,
+        *build_clustering_assets(profile),
+    ]
+    checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
+    assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        resources=build_resources(profile),
+        jobs=[
+            dg.define_asset_job("demo_pipeline", selection=dg.AssetSelection.all(),
+                                description="Every asset of the profile, end to end."),
+            dg.define_asset_job("cluster_instructions", selection=DATA_HALF,
+                                description="Sources → embeddings → elbow → k-means → cluster labels."),
+        ],
+        sensors=[
+            dg.AutomationConditionSensorDefinition(
+                "rerun_downstream_of_changes",
+                target=dg.AssetSelection.all(),
+                default_status=dg.DefaultSensorStatus.RUNNING,
+                minimum_interval_seconds=30,
+            )
+        ],
+    )
+
+
+defs = build_definitions(load_profile())

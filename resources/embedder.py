@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+
+class EmbedderResource(dg.ConfigurableResource):
+    """The frozen sentence encoder that places every instruction (input side only) on the sphere."""
+
+    model: str
+    kind: str = "sentence-transformers"
+    instruction: str = ""
+    max_seq_length: int = 256
+    batch_size: int = 64
+    shard_rows: int = 2048
+    device: str | None = None
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "kind": self.kind,
+            "instruction": self.instruction,
+            "max_seq_length": self.max_seq_length,
+        }
+
+    def load(self):
+        from moce_model.embedding import load_embedder
+
+        return load_embedder(self.spec(), device=self.device)
