@@ -1,0 +1,117 @@
+"""The normalised union of all sources, with every invalid row kept aside with its reason.
+
+``len(input) == len(instructions) + len(rejected)`` always holds; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import polars as pl
+
+INSTRUCTION_COLUMNS: tuple[str, ...] = ("id", "source", "system", "instruction", "input", "response", "domain", "n_chars")
+REJECTED_COLUMNS: tuple[str, ...] = (*INSTRUCTION_COLUMNS, "reason")
+REJECTION_REASONS: tuple[str, ...] = ("empty_instruction", "empty_response", "bad_encoding", "too_long", "duplicate")
+TEXT_FIELDS: tuple[str, ...] = ("system", "instruction", "input", "response")
+
+# U+FFFD marks text that was decoded with replacement; C0 control characters other than tab/newline/CR
+# (and DEL) do not belong in instructions and usually mean a binary or mis-decoded file.
+_BAD_TEXT_PATTERN = "[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+_FIELD_SEPARATOR = "\x1f"
+_HASH_CHUNK = 100_000
+
+
+def _blake2b_hex(texts: pl.Series) -> pl.Series:
+    # polars' own hash is not stable across versions; ids must be, so they are blake2b digests.
+    # The loop is one hashlib call per row in C, chunked to bound memory (about 1 s per million rows).
+    out: list[str] = []
+    for start in range(0, len(texts), _HASH_CHUNK):
+        chunk = texts.slice(start, _HASH_CHUNK).to_list()
+        out.extend(hashlib.blake2b(t.encode("utf-8"), digest_size=8).hexdigest() for t in chunk)
+    return pl.Series("id", out, dtype=pl.String)
+
+
+def content_id(system: str, instruction: str, input: str, response: str) -> str:
+    """The stable id of one instruction (same as the ``id`` column of ``normalise_instructions``)."""
+    text = _FIELD_SEPARATOR.join((system, instruction, input, response))
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def _union(frames: Sequence[pl.DataFrame | pl.LazyFrame]) -> pl.DataFrame:
+    if not frames:
+        raise ValueError("normalise_instructions: no input frames")
+    lazy = [f.lazy() for f in frames]
+    for index, frame in enumerate(lazy):
+        names = frame.collect_schema().names()
+        missing = [c for c in ("instruction", "response", "source") if c not in names]
+        if missing:
+            raise ValueError(f"normalise_instructions: frame {index} lacks column(s) {missing}; it has {names}")
+    columns = [
+        *(pl.col(c).cast(pl.String).fill_null("") if c in TEXT_FIELDS else pl.col(c).cast(pl.String) for c in (*TEXT_FIELDS, "domain", "source")),
+    ]
+    selected = []
+    for frame in lazy:
+        names = frame.collect_schema().names()
+        for optional in ("system", "input", "domain"):
+            if optional not in names:
+                frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias(optional))
+        selected.append(frame.select(columns))
+    return pl.concat(selected, how="vertical").collect()
+
+
+def normalise_instructions(
+    frames: Sequence[pl.DataFrame | pl.LazyFrame],
+    max_chars: int = 8192,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Union raw frames into ``instructions`` (``INSTRUCTION_COLUMNS``) and ``rejected`` (+ ``reason``).
+
+    A row's reason is the first that applies, in the order of ``REJECTION_REASONS``; of several identical
+    valid rows the first is kept and the others are ``duplicate``. Columns such as ``answer`` and
+    ``test_code`` are eval-only and are not carried into either output.
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    raw = _union(frames)
+    joined = pl.concat_str([pl.col(c) for c in TEXT_FIELDS], separator=_FIELD_SEPARATOR)
+    with_text = raw.with_columns(
+        (pl.col("system").str.len_chars() + pl.col("instruction").str.len_chars()
+         + pl.col("input").str.len_chars() + pl.col("response").str.len_chars()).cast(pl.Int64).alias("n_chars"),
+    )
+    ids = _blake2b_hex(with_text.select(joined).to_series())
+    bad_encoding = pl.any_horizontal([pl.col(c).str.contains(_BAD_TEXT_PATTERN) for c in TEXT_FIELDS])
+    reason = (
+        pl.when(pl.col("instruction").str.strip_chars() == "").then(pl.lit("empty_instruction"))
+        .when(pl.col("response").str.strip_chars() == "").then(pl.lit("empty_response"))
+        .when(bad_encoding).then(pl.lit("bad_encoding"))
+        .when(pl.col("n_chars") > max_chars).then(pl.lit("too_long"))
+        .otherwise(pl.lit(None, dtype=pl.String))
+    )
+    checked = with_text.with_columns(ids, reason.alias("reason"))
+    # Only rows that are otherwise valid compete for an id; the earliest one wins.
+    valid = pl.col("reason").is_null()
+    repeated = valid & ~pl.when(valid).then(pl.col("id")).is_first_distinct()
+    checked = checked.with_columns(
+        pl.when(repeated).then(pl.lit("duplicate")).otherwise(pl.col("reason")).alias("reason")
+    )
+    instructions = checked.filter(pl.col("reason").is_null()).select(INSTRUCTION_COLUMNS)
+    rejected = checked.filter(pl.col("reason").is_not_null()).select(REJECTED_COLUMNS)
+    assert instructions.height + rejected.height == raw.height
+    return instructions, rejected
+
+
+def rejection_counts(rejected: pl.DataFrame) -> pl.DataFrame:
+    """Rows per (source, reason), for metadata."""
+    return rejected.group_by("source", "reason").len("n").sort("source", "reason")
+
+
+def source_counts(instructions: pl.DataFrame, rejected: pl.DataFrame) -> pl.DataFrame:
+    """Per source: rows kept, rows rejected and rows read."""
+    kept = instructions.group_by("source").len("kept")
+    dropped = rejected.group_by("source").len("rejected")
+    return (
+        kept.join(dropped, on="source", how="full", coalesce=True)
+        .with_columns(pl.col("kept").fill_null(0), pl.col("rejected").fill_null(0))
+        .with_columns((pl.col("kept") + pl.col("rejected")).alias("total"))
+        .sort("source")
+    )
