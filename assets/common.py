@@ -10,10 +10,10 @@ import polars as pl
 
 # Re-run an asset when an upstream asset's *data version* changed (not merely re-materialized): a new k gives
 # `selected_k` a new data version, so exactly the assets downstream of it re-run; a re-materialization that
-# produced the same data changes nothing.
+# produced the same data changes nothing. `will_be_requested` lets one tick request the whole downstream chain.
 _AC = dg.AutomationCondition
 RERUN_WHEN_UPSTREAM_CHANGES = (
-    _AC.any_deps_match(_AC.data_version_changed()).since_last_handled()
+    _AC.any_deps_match(_AC.data_version_changed() | _AC.will_be_requested()).since_last_handled()
     & ~_AC.any_deps_missing()
     & ~_AC.any_deps_in_progress()
     & ~_AC.in_progress()

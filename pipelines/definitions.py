@@ -7,9 +7,13 @@ import dagster as dg
 from assets.clustering import build_clustering_assets
 from assets.data import build_instruction_assets, build_raw_source_assets
 from assets.embedding import embeddings_are_unit_norm_and_complete, instruction_embeddings
+from assets.evaluation import build_evaluation_assets
+from assets.training import base_model, build_training_assets
 from pipelines.profiles import Profile, load_profile
 from resources.embedder import EmbedderResource
+from resources.model_source import BaseModelSource
 from resources.storage import ArtifactStorage, AtomicPolarsParquetIOManager, JsonIOManager
+from resources.trainer import TrainerResource
 
 DATA_HALF = dg.AssetSelection.groups("data", "embedding", "clustering")
 
@@ -27,6 +31,10 @@ def build_resources(profile: Profile) -> dict:
             batch_size=profile.embed_batch_size,
             shard_rows=profile.embed_shard_rows,
         ),
+        "model_source": BaseModelSource(
+            kind=profile.base_model["kind"], model_id=profile.base_model.get("model_id", "")
+        ),
+        "trainer": TrainerResource(launcher=profile.launcher, nproc_per_node=profile.nproc_per_node),
     }
 
 
@@ -37,6 +45,9 @@ def build_definitions(profile: Profile) -> dg.Definitions:
         instruction_embeddings,
         embeddings_are_unit_norm_and_complete,
         *build_clustering_assets(profile),
+        base_model,
+        *build_training_assets(profile),
+        *build_evaluation_assets(profile),
     ]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
     assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]

@@ -45,11 +45,12 @@ class Profile:
     train_rows: int | None = None
     benchmarks: str = "demo"
     eval_limit: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    training_overrides: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
 
     @property
     def storage_root(self) -> Path:
-        root = os.environ.get("MOCE_DATA_DIR")
+        root = self.data_dir or os.environ.get("MOCE_DATA_DIR")
         return Path(root) if root else REPO_ROOT / ".moce_data" / self.name
 
 

@@ -1,0 +1,248 @@
+"""base_model → moce_adapters/<variant> → merged_model/<variant>, one asset per variant (factory).
+
+Each variant depends only on what it uses: `pesc` and `dense_adapter` never read the clusters, so a change
+of k does not re-train them; `random_group` needs k (its number of groups) but not the centroids.
+"""
+
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from assets.common import RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
+from pipelines.profiles import Profile
+from resources.model_source import BaseModelSource
+from resources.storage import ArtifactStorage
+from resources.trainer import TrainerResource
+
+TRAINING_CODE_VERSION = "1"
+USES_CENTROIDS = ("moce", "cluster_only")
+USES_K = ("moce", "cluster_only", "random_group")
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"pytorch", "safetensors"},
+    code_version=TRAINING_CODE_VERSION,
+    io_manager_key="json_io_manager",
+    description="The dense base model as a local safetensors checkpoint + tokenizer.",
+)
+def base_model(
+    context: dg.AssetExecutionContext, model_source: BaseModelSource, storage: ArtifactStorage
+) -> dg.Output[dict]:
+    out_dir = storage.path_for(context.asset_key)
+    started = time.perf_counter()
+    path = model_source.materialize(out_dir)
+    return dg.Output(
+        artifact_ref(path, name=model_source.describe()),
+        metadata={
+            **artifact_metadata(path),
+            "model": model_source.describe(),
+            "seconds": round(time.perf_counter() - started, 1),
+            "size_mb": round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 1),
+        },
+    )
+
+
+def _moce_config(profile: Profile, variant: str, k: int | None, embedder: dict | None):
+    from moce_model.config import MoCEConfig
+
+    return MoCEConfig(
+        variant=variant,
+        num_groups=k if variant in USES_K else 1,
+        experts_per_group=profile.pesc_experts if variant == "pesc" else profile.experts_per_group,
+        top_k=profile.top_k,
+        adapter_dim=profile.adapter_dim,
+        embedder=embedder if variant in USES_CENTROIDS else None,
+    )
+
+
+def build_training_assets(profile: Profile) -> list:
+    from moce_model.training import TrainingConfig
+
+    preset = TrainingConfig.paper() if profile.training == "paper" else TrainingConfig.demo()
+    preset = TrainingConfig.from_dict({**preset.to_dict(), **profile.training_overrides})
+
+    class VariantTrainingConfig(dg.Config):
+        max_steps: int | None = preset.max_steps
+        learning_rate: float = preset.lr
+        per_device_batch_size: int = preset.per_device_batch_size
+        max_length: int = preset.max_length
+        train_rows: int | None = profile.train_rows
+        """Train on a seeded sample of this many instructions (None: all)."""
+        seed: int = preset.seed
+
+    def training_asset(variant: str) -> dg.AssetsDefinition:
+        ins = {"base_model": dg.AssetIn(), "instructions": dg.AssetIn()}
+        if variant in USES_CENTROIDS:
+            ins["cluster_assignments"] = dg.AssetIn()
+            ins["kmeans_centroids"] = dg.AssetIn()
+        elif variant in USES_K:
+            ins["selected_k"] = dg.AssetIn()
+
+        @dg.asset(
+            key=["moce_adapters", variant],
+            ins=ins,
+            group_name="training",
+            kinds={"pytorch", "peft", "safetensors"},
+            code_version=TRAINING_CODE_VERSION,
+            io_manager_key="json_io_manager",
+            automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
+            pool="training",
+            description=f"LoRA + routed adapter experts of the `{variant}` variant trained on the instructions.",
+        )
+        def moce_adapters(
+            context: dg.AssetExecutionContext,
+            config: VariantTrainingConfig,
+            trainer: TrainerResource,
+            storage: ArtifactStorage,
+            **inputs,
+        ) -> dg.Output[dict]:
+            from moce_model.expert_stats import expert_use_heatmap_png
+            from moce_model.plots import loss_curve_plot, png_markdown
+
+            rows = inputs["instructions"].select("id", "system", "instruction", "input", "response").collect()
+            if config.train_rows is not None and config.train_rows < rows.height:
+                rows = rows.sample(n=config.train_rows, seed=config.seed, shuffle=True)
+            centroids_ref = inputs.get("kmeans_centroids")
+            k = centroids_ref["k"] if centroids_ref else inputs.get("selected_k")
+            cluster_ids = (
+                dict(inputs["cluster_assignments"].select("id", "cluster").iter_rows())
+                if "cluster_assignments" in inputs
+                else None
+            )
+            moce_config = _moce_config(profile, variant, k, centroids_ref["embedder"] if centroids_ref else None)
+            training_config = TrainingConfig.from_dict(
+                {
+                    **preset.to_dict(),
+                    "max_steps": config.max_steps,
+                    "lr": config.learning_rate,
+                    "per_device_batch_size": config.per_device_batch_size,
+                    "max_length": config.max_length,
+                    "seed": config.seed,
+                }
+            )
+            run_dir = storage.path_for(context.asset_key) / (f"k{k}" if k else "run")
+            last_logged = [0.0]
+
+            def on_log(logs: dict) -> None:
+                now = time.perf_counter()
+                if now - last_logged[0] > 15:
+                    last_logged[0] = now
+                    context.log.info(f"{variant}: {logs}")
+
+            result = trainer.train(
+                context,
+                base_model_dir=inputs["base_model"]["path"],
+                train_rows=rows,
+                cluster_ids=cluster_ids,
+                num_clusters=centroids_ref["k"] if centroids_ref else None,
+                moce_config=moce_config,
+                training_config=training_config,
+                output_dir=run_dir,
+                on_log=on_log,
+            )
+            losses = pl.DataFrame(result["loss_history"], schema=["step", "loss"], orient="row")
+            metadata = {
+                **artifact_metadata(Path(result["artifact_dir"])),
+                "variant": variant,
+                "k": k,
+                "optimizer_steps": result["global_step"],
+                "resumed_from_step": result["resumed_from_step"],
+                "examples": result["n_examples"],
+                "tokens_per_second": round(result["tokens_per_second"], 1),
+                "train_seconds": round(result["train_seconds"], 1),
+                "peak_memory_mb": round(result["peak_memory_mb"], 1),
+                "trainable_parameters": result["trainable_parameters"],
+                "final_loss": float(losses["loss"][-1]) if losses.height else None,
+                "loss_curve": dg.MetadataValue.md(png_markdown(loss_curve_plot(losses), f"{variant} loss")),
+                "lineage": dg.MetadataValue.json(
+                    {
+                        "base_model": inputs["base_model"]["path"],
+                        "embedder": centroids_ref["embedder"] if centroids_ref else None,
+                        "k": k,
+                        "centroids": centroids_ref["path"] if centroids_ref else None,
+                    }
+                ),
+            }
+            if result.get("expert_use") is not None:
+                use = np.asarray(result["expert_use"], dtype=np.float64)
+                metadata["expert_use"] = dg.MetadataValue.md(
+                    png_markdown(expert_use_heatmap_png(use, title=f"{variant}: expert use per group"),
+                                 "expert use")
+                )
+                metadata["dead_groups"] = int(np.sum(use.sum(axis=1) == 0))
+            return dg.Output(
+                artifact_ref(result["artifact_dir"], variant=variant, k=k, moce_config=moce_config.to_dict()),
+                metadata=metadata,
+            )
+
+        return moce_adapters
+
+    def merged_asset(variant: str) -> dg.AssetsDefinition:
+        ins = {"adapters": dg.AssetIn(key=["moce_adapters", variant]), "base_model": dg.AssetIn()}
+        if variant in USES_CENTROIDS:
+            ins["kmeans_centroids"] = dg.AssetIn()
+
+        @dg.asset(
+            key=["merged_model", variant],
+            ins=ins,
+            group_name="training",
+            kinds={"pytorch", "safetensors"},
+            code_version=TRAINING_CODE_VERSION,
+            io_manager_key="json_io_manager",
+            automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
+            description=(
+                f"The `{variant}` model with LoRA folded into the base weights, its experts, the centroids and "
+                "the embedder reference: loads with AutoModelForCausalLM.from_pretrained and routes by itself."
+            ),
+        )
+        def merged_model(context: dg.AssetExecutionContext, storage: ArtifactStorage, **inputs) -> dg.Output[dict]:
+            from moce_model.clustering import load_centroids
+            from moce_model.merging import load_trained, merge_to_directory
+
+            centroids_ref = inputs.get("kmeans_centroids")
+            centroids = load_centroids(centroids_ref["path"])[0] if centroids_ref else None
+            out_dir = storage.path_for(context.asset_key)
+            trained = load_trained(inputs["adapters"]["path"], inputs["base_model"]["path"])
+            path = merge_to_directory(
+                trained,
+                out_dir,
+                centroids=centroids,
+                embedder=centroids_ref["embedder"] if centroids_ref else None,
+                tokenizer_dir=inputs["base_model"]["path"],
+            )
+            return dg.Output(
+                artifact_ref(path, variant=variant, k=inputs["adapters"].get("k"),
+                             adapters=inputs["adapters"]["path"]),
+                metadata={
+                    **artifact_metadata(path),
+                    "variant": variant,
+                    "k": inputs["adapters"].get("k"),
+                    "size_mb": round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 1),
+                },
+            )
+
+        @dg.asset_check(
+            asset=merged_model,
+            additional_ins={"adapters": dg.AssetIn(key=["moce_adapters", variant]), "base_model": dg.AssetIn()},
+            description="The merged model gives the unmerged (LoRA + experts) model's logits on a probe batch.",
+            blocking=True,
+        )
+        def merged_equals_unmerged(merged_model: dict, adapters: dict, base_model: dict) -> dg.AssetCheckResult:
+            from moce_model.merging import compare_merged_to_unmerged
+
+            max_abs_diff = compare_merged_to_unmerged(merged_model["path"], adapters["path"], base_model["path"])
+            return dg.AssetCheckResult(
+                passed=bool(max_abs_diff < 1e-3), metadata={"max_abs_logit_diff": float(max_abs_diff)}
+            )
+
+        return [merged_model, merged_equals_unmerged]
+
+    built: list = []
+    for variant in profile.variants:
+        built.append(training_asset(variant))
+        built.extend(merged_asset(variant))
+    return built

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import dagster as dg
+import polars as pl
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class TrainerResource(dg.ConfigurableResource):
+    """How a variant is trained: in this process (CPU or one GPU), or as a `torchrun` / `deepspeed` job of
+    several processes launched through dagster-pipes (rank 0 reports metadata back to the asset)."""
+
+    launcher: str = "in_process"
+    nproc_per_node: int = 1
+    deepspeed_config: str = str(REPO_ROOT / "configs" / "zero2.json")
+
+    def train(
+        self,
+        context: dg.AssetExecutionContext,
+        *,
+        base_model_dir: str,
+        train_rows: pl.DataFrame,
+        cluster_ids: dict[str, int] | None,
+        num_clusters: int | None,
+        moce_config: Any,
+        training_config: Any,
+        output_dir: Path,
+        on_log: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Returns the training result as a JSON dict (TrainResult.to_json_dict())."""
+        if self.launcher == "in_process":
+            from moce_model.training import train
+
+            result = train(
+                base_model_dir=base_model_dir,
+                train_rows=train_rows,
+                cluster_ids=cluster_ids,
+                moce_config=moce_config,
+                training_config=training_config,
+                output_dir=output_dir,
+                resume=True,
+                on_log=on_log,
+                num_clusters=num_clusters,
+            )
+            return result.to_json_dict()
+        if self.launcher not in ("torchrun", "deepspeed"):
+            raise ValueError(f"TrainerResource.launcher={self.launcher!r}: expected in_process, torchrun or deepspeed")
+        return self._train_in_subprocesses(
+            context, base_model_dir, train_rows, cluster_ids, num_clusters, moce_config, training_config, output_dir
+        )
+
+    def _train_in_subprocesses(
+        self, context, base_model_dir, train_rows, cluster_ids, num_clusters, moce_config, training_config, output_dir
+    ) -> dict[str, Any]:
+        from moce_model.io import atomic_write_json, atomic_write_parquet
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        rows_path = output_dir / "train_rows.parquet"
+        atomic_write_parquet(train_rows, rows_path)
+        clusters_path = None
+        if cluster_ids is not None:
+            clusters_path = output_dir / "cluster_ids.parquet"
+            atomic_write_parquet(
+                pl.DataFrame({"id": list(cluster_ids), "cluster": list(cluster_ids.values())}), clusters_path
+            )
+        config_dict = training_config.to_dict()
+        if self.launcher == "deepspeed":
+            config_dict["deepspeed"] = self.deepspeed_config
+        spec = {
+            "base_model_dir": base_model_dir,
+            "train_data": str(rows_path),
+            "cluster_assignments": str(clusters_path) if clusters_path else None,
+            "num_clusters": num_clusters,
+            "moce_config": moce_config.to_dict() if hasattr(moce_config, "to_dict") else moce_config,
+            "training_config": config_dict,
+            "output_dir": str(output_dir),
+        }
+        spec_path = output_dir / "run_spec.json"
+        atomic_write_json(spec, spec_path)
+        if self.launcher == "torchrun":
+            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc_per_node}",
+                       "-m", "moce_model.train_entry", "--spec", str(spec_path)]
+        else:
+            command = ["deepspeed", f"--num_gpus={self.nproc_per_node}", "--module", "moce_model.train_entry",
+                       "--spec", str(spec_path)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+        dg.PipesSubprocessClient(env=env, cwd=str(REPO_ROOT)).run(command=command, context=context)
+        return json.loads((output_dir / "result.json").read_text())

