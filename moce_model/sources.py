@@ -37,6 +37,10 @@ HF_PRESETS: dict[str, dict[str, Any]] = {
     "ise-uiuc/Magicoder-Evol-Instruct-110K": {"mapping": {"instruction": "instruction", "response": "response"}, "domain": "code"},
 }
 
+# Accepted spellings of spec keys (``fields`` reads better in a profile, ``dataset`` for HF ids).
+_KEY_ALIASES = {"fields": "mapping", "dataset": "path"}
+# For hf sources, these ``format`` values mean: a ShareGPT ``conversations`` column.
+_CONVERSATION_FORMATS = ("slimorca", "sharegpt", "conversations")
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
 
 REALMIX_DIR_ENV = "MOCE_REALMIX_DIR"
@@ -71,6 +75,14 @@ class SourceSpec:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SourceSpec:
         raw = dict(raw)
+        for alias, key in _KEY_ALIASES.items():
+            if alias in raw:
+                if key in raw and raw[key] != raw[alias]:
+                    raise ValueError(f"source {raw.get('name')!r}: both {alias!r} and {key!r} given; use {key!r}")
+                raw[key] = raw.pop(alias)
+        if raw.get("kind") == "hf" and raw.get("format") in _CONVERSATION_FORMATS:
+            raw.pop("format")
+            raw.setdefault("conversations", "conversations")
         name = raw.get("name")
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"source spec {raw!r}: 'name' must be a non-empty string")
@@ -92,6 +104,8 @@ class SourceSpec:
                     f"'mapping' (or 'conversations'). Built-in: {sorted(HF_PRESETS)}"
                 )
             raw = {**preset, **raw}
+        elif kind == "hf" and raw.get("domain") is None and str(raw.get("path", "")) in HF_PRESETS:
+            raw["domain"] = HF_PRESETS[str(raw["path"])]["domain"]
         spec = cls(**raw)
         spec.validate()
         return spec
@@ -124,6 +138,11 @@ class SourceSpec:
                     f"{where}: mapping lacks required field(s) {missing} (file/dataset {self.path!r}); "
                     f"mapping given: {self.mapping}"
                 )
+        if self.kind == "hf" and self.format is not None:
+            raise ValueError(
+                f"{where}: 'format' {self.format!r} is not used by hf sources (only {list(_CONVERSATION_FORMATS)} "
+                f"meaning a conversations column)"
+            )
         if self.kind == "local":
             if self.format is not None and self.format not in LOCAL_FORMATS:
                 raise ValueError(f"{where}: unknown format {self.format!r}; expected one of {list(LOCAL_FORMATS)}")
