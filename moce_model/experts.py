@@ -1,0 +1,264 @@
+"""Routed parallel-adapter experts wrapped around an existing decoder MLP block.
+
+Block output (PESC / MoCE): ``down + sum_{i in top-k} w_i * s * up_i(GELU(down_i(dropout(down))))`` with
+``down = mlp(x)``, router input ``x``, ``w`` = softmax over the selected top-k logits only. The experts are
+split into groups; every token of a sequence uses the group of that sequence (its cluster).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REQUIRED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class AdapterExperts(nn.Module):
+    """Routers and adapter experts of one MLP block, for all groups, stored stacked.
+
+    `router` [G, E, H] (one router per group, absent when E == 1), `adapter_down` [G, H, E, r],
+    `adapter_up` [G, E, r, H]. The layouts make `[G, H, E*r]` and `[G, E*r, H]` free views, so a group's
+    experts run as one matmul.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_groups: int,
+        experts_per_group: int,
+        adapter_dim: int,
+        top_k: int,
+        scaling: float,
+        dropout: float,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_groups = num_groups
+        self.experts_per_group = experts_per_group
+        self.adapter_dim = adapter_dim
+        self.top_k = top_k
+        self.scaling = scaling
+        factory = {"device": device, "dtype": dtype}
+        if experts_per_group > 1:
+            self.router = nn.Parameter(torch.empty(num_groups, experts_per_group, hidden_size, **factory))
+        else:
+            self.register_parameter("router", None)
+        self.adapter_down = nn.Parameter(
+            torch.empty(num_groups, hidden_size, experts_per_group, adapter_dim, **factory)
+        )
+        self.adapter_up = nn.Parameter(torch.empty(num_groups, experts_per_group, adapter_dim, hidden_size, **factory))
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # Same bounds as nn.Linear's default init; `up` is zero so a fresh model equals its base model.
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        if self.router is not None:
+            nn.init.uniform_(self.router, -bound, bound)
+        nn.init.uniform_(self.adapter_down, -bound, bound)
+        nn.init.zeros_(self.adapter_up)
+
+    def extra_repr(self) -> str:
+        return (
+            f"groups={self.num_groups}, experts_per_group={self.experts_per_group}, top_k={self.top_k}, "
+            f"adapter_dim={self.adapter_dim}, scaling={self.scaling}"
+        )
+
+    def forward(self, x: torch.Tensor, down: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, "Routing"]:
+        """x, down: [B, T, H]; group_ids: [B] long. Returns (block output [B, T, H], routing decisions)."""
+        batch, seq_len, hidden = down.shape
+        experts, rank = self.experts_per_group, self.adapter_dim
+        if self.router is not None:
+            logits = torch.bmm(x, self.router[group_ids].transpose(1, 2))  # [B, T, E]
+            top_logits, top_experts = logits.topk(self.top_k, dim=-1)
+            top_weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(down.dtype)
+            # Unselected experts get weight 0, so their outputs and gradients vanish exactly.
+            weights = torch.zeros_like(logits).scatter(-1, top_experts, top_weights)
+        else:
+            logits = top_experts = weights = None
+        down_weights = self.adapter_down.view(self.num_groups, hidden, experts * rank)[group_ids]
+        up_weights = self.adapter_up.view(self.num_groups, experts * rank, hidden)[group_ids]
+        hidden_act = F.gelu(torch.bmm(self.dropout(down), down_weights))  # [B, T, E*r]
+        if weights is not None:
+            hidden_act = (hidden_act.view(batch, seq_len, experts, rank) * weights.unsqueeze(-1)).view(
+                batch, seq_len, experts * rank
+            )
+        out = down + self.scaling * torch.bmm(hidden_act, up_weights)
+        return out, Routing(group_ids=group_ids, logits=logits, top_experts=top_experts)
+
+
+@dataclass
+class Routing:
+    """Routing decisions of one block: logits [B, T, E] and selected experts [B, T, k] (None without router)."""
+
+    group_ids: torch.Tensor
+    logits: torch.Tensor | None
+    top_experts: torch.Tensor | None
+
+
+def reference_expert_forward(
+    experts: AdapterExperts, x: torch.Tensor, down: torch.Tensor, group_ids: torch.Tensor
+) -> torch.Tensor:
+    """The reference code's semantics, kept for tests and benchmarks: a python loop over groups x experts
+    with boolean masks on the flattened tokens (slow, host syncs on GPU)."""
+    batch, seq_len, hidden = down.shape
+    flat_x = x.reshape(-1, hidden)
+    flat_down = down.reshape(-1, hidden)
+    token_groups = group_ids.repeat_interleave(seq_len)
+    out = torch.zeros_like(flat_down)
+    for group in range(experts.num_groups):
+        in_group = token_groups == group
+        if not bool(in_group.any()):
+            continue
+        group_x = flat_x[in_group]
+        group_down = flat_down[in_group]
+        if experts.router is not None:
+            logits = group_x @ experts.router[group].T
+            top_logits, top_experts = logits.topk(experts.top_k, dim=-1)
+            top_weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(down.dtype)
+        else:
+            top_experts = torch.zeros(group_x.shape[0], 1, dtype=torch.long, device=x.device)
+            top_weights = torch.ones(group_x.shape[0], 1, dtype=down.dtype, device=x.device)
+        group_out = torch.zeros_like(group_down)
+        for expert in range(experts.experts_per_group):
+            chosen = top_experts == expert
+            rows = chosen.any(dim=-1)
+            if not bool(rows.any()):
+                continue
+            weight = (top_weights * chosen).sum(dim=-1)[rows]
+            adapter_in = experts.dropout(group_down[rows])
+            adapter_out = F.gelu(adapter_in @ experts.adapter_down[group, :, expert]) @ experts.adapter_up[group, expert]
+            group_out[rows] = group_out[rows] + weight[:, None] * experts.scaling * adapter_out
+        out[in_group] = group_out
+    return (flat_down + out).view(batch, seq_len, hidden)
+
+
+def load_balancing_loss(
+    logits: torch.Tensor,
+    top_experts: torch.Tensor,
+    group_ids: torch.Tensor,
+    num_groups: int,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch/Mixtral balance loss computed inside each group, averaged over the groups present.
+
+    Per group: ``E * sum_e f_e * P_e`` with f_e the share of top-k assignments sent to expert e (no gradient)
+    and P_e the mean router probability of e, softmax over all E logits of the group (the gradient path).
+    Equals 1 at uniform routing. Padding tokens (token_mask == 0) are excluded.
+    """
+    batch, seq_len, experts = logits.shape
+    top_k = top_experts.shape[-1]
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    selected = torch.zeros_like(probs).scatter(-1, top_experts, 1.0)
+    if token_mask is None:
+        mask = torch.ones(batch, seq_len, dtype=torch.float32, device=logits.device)
+    else:
+        mask = token_mask.to(torch.float32)
+    group_onehot = F.one_hot(group_ids, num_groups).to(torch.float32)  # [B, G]
+    group_tokens = group_onehot.T @ mask.sum(dim=1)  # [G]
+    group_selected = group_onehot.T @ (selected * mask.unsqueeze(-1)).sum(dim=1)  # [G, E]
+    group_probs = group_onehot.T @ (probs * mask.unsqueeze(-1)).sum(dim=1)  # [G, E]
+    present = (group_tokens > 0).to(torch.float32)
+    denom = group_tokens.clamp(min=1.0).unsqueeze(-1)
+    share = group_selected / (denom * top_k)
+    mean_prob = group_probs / denom
+    per_group = experts * (share * mean_prob).sum(dim=-1)
+    return (per_group * present).sum() / present.sum().clamp(min=1.0)
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward routing state shared by the model and its wrapped MLP blocks.
+
+    The model sets the sequences' groups and token mask before calling the wrapped LM; the blocks read them
+    and leave their routing decisions here. It outlives the forward so that activation checkpointing's
+    recomputation in backward sees the same groups.
+    """
+
+    group_ids: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+    compute_aux_loss: bool = False
+    record_expert_use: bool = False
+    forward_id: int = 0
+    aux_losses: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def begin(self, group_ids: torch.Tensor, token_mask: torch.Tensor | None, compute_aux_loss: bool) -> None:
+        self.group_ids = group_ids
+        self.token_mask = token_mask
+        self.compute_aux_loss = compute_aux_loss
+        self.forward_id += 1
+        self.aux_losses = {}
+
+    def aux_loss(self) -> torch.Tensor | None:
+        if not self.aux_losses:
+            return None
+        return torch.stack(list(self.aux_losses.values())).mean()
+
+
+class MoCEMLP(nn.Module):
+    """Wraps an existing MLP block (kept as `base_mlp`, weights untouched) with routed adapter experts."""
+
+    def __init__(self, base_mlp: nn.Module, experts: AdapterExperts, context: RoutingContext, layer_index: int) -> None:
+        super().__init__()
+        self.base_mlp = base_mlp
+        self.moce_experts = experts
+        self.num_groups = experts.num_groups
+        self.experts_per_group = experts.experts_per_group
+        self.layer_index = layer_index
+        self.routing_context = context
+        self.register_buffer(
+            "expert_use_counts",
+            torch.zeros(experts.num_groups, experts.experts_per_group, dtype=torch.long, device=experts.adapter_up.device),
+            persistent=False,
+        )
+        self._counted_forward_id = -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        context = self.routing_context
+        down = self.base_mlp(x)
+        if context.group_ids is None:
+            raise RuntimeError(
+                f"MoCEMLP of layer {self.layer_index} called without routing state: call the MoCE model, "
+                "not its inner decoder"
+            )
+        out, routing = self.moce_experts(x, down, context.group_ids)
+        token_mask = context.token_mask if context.token_mask is not None and context.token_mask.shape[1] == x.shape[1] else None
+        if context.compute_aux_loss and routing.logits is not None:
+            context.aux_losses[self.layer_index] = load_balancing_loss(
+                routing.logits, routing.top_experts, routing.group_ids, self.num_groups, token_mask
+            )
+        if context.record_expert_use and self._counted_forward_id != context.forward_id:
+            # Recomputation under activation checkpointing re-enters with the same forward id: count once.
+            self._counted_forward_id = context.forward_id
+            self._record(routing, token_mask, x.shape[1])
+        return out
+
+    @torch.no_grad()
+    def _record(self, routing: Routing, token_mask: torch.Tensor | None, seq_len: int) -> None:
+        if routing.top_experts is None:
+            if token_mask is not None:
+                tokens = token_mask.sum(dim=1).to(torch.long)
+            else:
+                tokens = torch.full_like(routing.group_ids, seq_len)
+            self.expert_use_counts[:, 0].index_add_(0, routing.group_ids, tokens)
+            return
+        selected = F.one_hot(routing.top_experts, self.experts_per_group).sum(dim=2)  # [B, T, E]
+        if token_mask is not None:
+            selected = selected * token_mask.to(selected.dtype).unsqueeze(-1)
+        self.expert_use_counts.index_add_(0, routing.group_ids, selected.sum(dim=1))
+
+
+def check_mlp(mlp: nn.Module, module_name: str) -> None:
+    missing = [name for name in REQUIRED_MLP_PROJECTIONS if not isinstance(getattr(mlp, name, None), nn.Linear)]
+    if missing:
+        raise ValueError(
+            f"module '{module_name}' ({type(mlp).__name__}) lacks the Linear projections {missing}: MoCE wraps MLP "
+            f"blocks with {REQUIRED_MLP_PROJECTIONS} (Llama, Mistral, Qwen2, SmolLM)"
+        )

@@ -1,0 +1,223 @@
+"""`MoCEForCausalLM`: any HF causal LM with gate/up/down MLPs, plus cluster-grouped routed adapter experts.
+
+Importing this module registers the `moce` model type with `AutoConfig` and `AutoModelForCausalLM`, so
+`AutoModelForCausalLM.from_pretrained(dir)` loads a MoCE directory without `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from moce_model.config import MoCEConfig
+from moce_model.experts import AdapterExperts, MoCEMLP, RoutingContext, check_mlp
+
+# Large prime for the per-sequence hash of `random_group` (products stay inside int64).
+_HASH_PRIME = 2_147_483_629
+
+
+@dataclass
+class MoCECausalLMOutput(CausalLMOutputWithPast):
+    """`loss` = LM loss + aux_loss_coef * aux_loss (when labels are given); `aux_loss` is the load-balancing loss
+    averaged over layers (None for variants without a router)."""
+
+    aux_loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+
+
+def random_group_ids(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_groups: int, seed: int
+) -> torch.Tensor:
+    """Deterministic pseudo-random group per sequence from its non-padding tokens (independent of padding side)."""
+    if attention_mask is None:
+        mask = torch.ones_like(input_ids)
+    else:
+        mask = attention_mask[:, -input_ids.shape[1] :].to(input_ids.dtype)
+    position = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    position_weight = (position * 2_654_435_761 + 97 + seed) % _HASH_PRIME + 1
+    token_hash = ((input_ids + 1) % _HASH_PRIME) * position_weight % _HASH_PRIME
+    sequence_hash = (token_hash * mask).sum(dim=1) % _HASH_PRIME
+    mixed = (sequence_hash * 48_271 + seed * 16_807 + 11) % _HASH_PRIME
+    return mixed % num_groups
+
+
+class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = MoCEConfig
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: MoCEConfig, base_model: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        if base_model is None:
+            base_model = AutoModelForCausalLM.from_config(config.wrapped_config)
+        self.base = base_model
+        self.routing_context = RoutingContext()
+        self._random_groups: torch.Tensor | None = None
+        self._inject_experts()
+        self.post_init()
+
+    @classmethod
+    def from_base(cls, base_model: PreTrainedModel, moce_config: MoCEConfig) -> "MoCEForCausalLM":
+        """Wrap an already loaded HF causal LM in place (its weights are kept, not copied)."""
+        moce_config.base_config = base_model.config.to_dict()
+        moce_config.__dict__.pop("wrapped_config", None)
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            setattr(moce_config, key, getattr(base_model.config, key, None))
+        model = cls(moce_config, base_model=base_model)
+        if getattr(base_model, "generation_config", None) is not None:
+            model.generation_config = GenerationConfig.from_dict(base_model.generation_config.to_dict())
+        return model
+
+    def _inject_experts(self) -> None:
+        config = self.config
+        holders = [(name, module) for name, module in self.base.named_modules() if isinstance(getattr(module, "mlp", None), nn.Module)]
+        if not holders:
+            raise ValueError(f"{type(self.base).__name__} has no decoder layer with an `mlp` module to wrap")
+        for layer_index, (name, layer) in enumerate(holders):
+            mlp = layer.mlp
+            if isinstance(mlp, MoCEMLP):
+                raise ValueError(f"module '{name}.mlp' already holds MoCE experts")
+            check_mlp(mlp, f"{name}.mlp")
+            weight = mlp.down_proj.weight
+            dtype = weight.dtype if weight.is_floating_point() else torch.float32
+            experts = AdapterExperts(
+                hidden_size=mlp.down_proj.out_features,
+                num_groups=config.num_groups,
+                experts_per_group=config.experts_per_group,
+                adapter_dim=config.adapter_dim,
+                top_k=config.router_top_k,
+                scaling=config.adapter_scaling,
+                dropout=config.adapter_dropout,
+                device=weight.device,
+                dtype=dtype,
+            )
+            layer.mlp = MoCEMLP(mlp, experts, self.routing_context, layer_index)
+
+    def moce_blocks(self) -> list[MoCEMLP]:
+        return [module for module in self.modules() if isinstance(module, MoCEMLP)]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.base.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.base.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.base.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.base.get_decoder()
+
+    def _resolve_group_ids(
+        self,
+        cluster_ids: torch.Tensor | list[int] | None,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values,
+        batch_size: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        config = self.config
+        if config.variant in ("pesc", "dense_adapter"):
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
+        if config.variant == "random_group":
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            # Decoding steps see only new tokens: keep the groups hashed from the full prompt.
+            if past_length > 0 and self._random_groups is not None and self._random_groups.shape[0] == batch_size:
+                return self._random_groups
+            if input_ids is None:
+                raise ValueError("variant 'random_group' hashes input_ids to pick the group; inputs_embeds alone cannot")
+            self._random_groups = random_group_ids(input_ids, attention_mask, config.num_groups, config.random_group_seed)
+            return self._random_groups
+        if cluster_ids is None:
+            raise ValueError(
+                f"variant {config.variant!r} routes by cluster: pass cluster_ids (LongTensor [batch]) to forward/generate"
+            )
+        cluster_ids = torch.as_tensor(cluster_ids, device=device)
+        if cluster_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise ValueError(f"cluster_ids must be integers, got dtype {cluster_ids.dtype}")
+        cluster_ids = cluster_ids.to(torch.long).reshape(-1)
+        if cluster_ids.shape[0] != batch_size:
+            raise ValueError(f"cluster_ids has {cluster_ids.shape[0]} entries for a batch of {batch_size} sequences")
+        low, high = int(cluster_ids.min()), int(cluster_ids.max())
+        if low < 0 or high >= config.num_groups:
+            bad = low if low < 0 else high
+            raise ValueError(f"cluster_ids value {bad} out of range: this model has num_groups={config.num_groups}")
+        return cluster_ids
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cluster_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoCECausalLMOutput:
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        batch_size, seq_len = reference.shape[:2]
+        group_ids = self._resolve_group_ids(
+            cluster_ids, input_ids, attention_mask, past_key_values, batch_size, reference.device
+        )
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= seq_len:
+            token_mask = attention_mask[:, -seq_len:]
+        compute_aux = self.config.has_router and (self.training or labels is not None)
+        self.routing_context.begin(group_ids, token_mask, compute_aux)
+        outputs = self.base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        aux_loss = self.routing_context.aux_loss() if compute_aux else None
+        loss = outputs.loss
+        if loss is not None and aux_loss is not None:
+            loss = loss + self.config.aux_loss_coef * aux_loss.to(loss.dtype)
+        return MoCECausalLMOutput(
+            loss=loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            aux_loss=aux_loss,
+            lm_loss=outputs.loss,
+        )
+
+    # Expert-use statistics ------------------------------------------------------------------------------
+    def set_expert_use_recording(self, enabled: bool) -> None:
+        self.routing_context.record_expert_use = enabled
+
+    def reset_expert_use(self) -> None:
+        for block in self.moce_blocks():
+            block.expert_use_counts.zero_()
+
+    def expert_use_counts(self) -> torch.Tensor:
+        """[G, E] (token, expert) assignment counts summed over layers since the last reset."""
+        blocks = self.moce_blocks()
+        return torch.stack([block.expert_use_counts.cpu() for block in blocks]).sum(dim=0)
+
+
+AutoConfig.register(MoCEConfig.model_type, MoCEConfig, exist_ok=True)
+AutoModelForCausalLM.register(MoCEConfig, MoCEForCausalLM, exist_ok=True)
