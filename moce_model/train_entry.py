@@ -1,0 +1,165 @@
+"""Standalone training entry point, for in-process use, `torchrun` and `deepspeed` launches.
+
+    python -m moce_model.train_entry --spec run.json
+    torchrun --nproc_per_node 2 -m moce_model.train_entry --spec run.json
+    deepspeed --num_gpus 8 --module moce_model.train_entry --spec run.json   # with training.deepspeed set
+
+run.json:
+    {"base_model_dir": ..., "train_data": "train.parquet", "cluster_assignments": "assign.parquet" | null,
+     "moce_config": {...} | null, "training_config": {...}, "output_dir": ..., "resume": true,
+     "num_clusters": 4 | null}
+
+Rank 0 writes output_dir/result.json (atomically). When the process was launched through Dagster Pipes,
+rank 0 also reports logs and an asset materialization with the run's metrics; Dagster itself is optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+RESULT_NAME = "result.json"
+SPEC_FIELDS = {
+    "base_model_dir",
+    "train_data",
+    "cluster_assignments",
+    "moce_config",
+    "training_config",
+    "output_dir",
+    "resume",
+    "num_clusters",
+}
+
+
+def load_spec(spec_path: str | os.PathLike) -> dict[str, Any]:
+    spec_path = Path(spec_path)
+    try:
+        spec = json.loads(spec_path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"run spec not found: {spec_path}") from None
+    except ValueError as error:
+        raise ValueError(f"run spec {spec_path} is not valid JSON: {error}") from None
+    unknown = sorted(set(spec) - SPEC_FIELDS)
+    if unknown:
+        raise ValueError(f"run spec {spec_path}: unknown field(s) {unknown}; known: {sorted(SPEC_FIELDS)}")
+    for required in ("base_model_dir", "train_data", "training_config", "output_dir"):
+        if spec.get(required) in (None, ""):
+            raise ValueError(f"run spec {spec_path}: field {required!r} is required")
+    return spec
+
+
+def read_cluster_assignments(path: str | os.PathLike) -> tuple[dict[str, int], int]:
+    """id → cluster from a cluster_assignments parquet, and the number of distinct clusters."""
+    import polars as pl
+
+    frame = pl.read_parquet(path, columns=["id", "cluster"])
+    if frame["id"].is_duplicated().any():
+        raise ValueError(f"{path}: duplicate ids in cluster assignments")
+    mapping = dict(zip(frame["id"].to_list(), (int(c) for c in frame["cluster"].to_list())))
+    return mapping, int(frame["cluster"].max()) + 1 if frame.height else 0
+
+
+def build_moce_config(values: dict[str, Any] | None, base_model_dir: str) -> Any:
+    if values is None:
+        return None
+    from transformers import AutoConfig
+
+    from moce_model.config import MoCEConfig
+
+    values = dict(values)
+    if values.get("base_config") is None:
+        values["base_config"] = AutoConfig.from_pretrained(base_model_dir).to_dict()
+    return MoCEConfig(**values)
+
+
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        json.dump(payload, handle, indent=2)
+        temporary = handle.name
+    os.replace(temporary, path)
+
+
+def _pipes_context():
+    """Dagster Pipes context when launched by Dagster and dagster_pipes is installed, else None."""
+    try:
+        import dagster_pipes
+    except ImportError:
+        return None
+    if not dagster_pipes.PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        return None
+    return dagster_pipes.open_dagster_pipes()
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    import polars as pl
+
+    from moce_model.training import TrainingConfig, train
+
+    rank = int(os.environ.get("RANK", "0"))
+    output_dir = Path(spec["output_dir"])
+    train_rows = pl.read_parquet(spec["train_data"])
+    cluster_ids, found_clusters = (None, None)
+    if spec.get("cluster_assignments"):
+        cluster_ids, found_clusters = read_cluster_assignments(spec["cluster_assignments"])
+    num_clusters = spec.get("num_clusters", found_clusters)
+    moce_config = build_moce_config(spec.get("moce_config"), spec["base_model_dir"])
+    training_config = TrainingConfig.from_dict(spec["training_config"])
+
+    pipes = _pipes_context() if rank == 0 else None
+    with pipes if pipes is not None else nullcontext() as context:
+
+        def on_log(record: dict[str, Any]) -> None:
+            if context is not None:
+                context.log.info(json.dumps(record))
+
+        result = train(
+            spec["base_model_dir"],
+            train_rows,
+            cluster_ids,
+            moce_config,
+            training_config,
+            output_dir,
+            resume=bool(spec.get("resume", True)),
+            on_log=on_log,
+            num_clusters=num_clusters,
+        )
+        payload = result.to_json_dict()
+        payload["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+        if rank == 0:
+            _write_json_atomically(output_dir / RESULT_NAME, payload)
+            if context is not None:
+                final_loss = result.loss_history[-1][1] if result.loss_history else None
+                context.report_asset_materialization(
+                    metadata={
+                        "steps": result.global_step,
+                        "final_loss": final_loss,
+                        "tokens_per_second": result.tokens_per_second,
+                        "peak_memory_mb": result.peak_memory_mb,
+                        "trainable_parameters": result.trainable_parameters,
+                        "train_seconds": result.train_seconds,
+                        "resumed_from_step": result.resumed_from_step,
+                        "artifact_dir": str(result.artifact_dir),
+                    }
+                )
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", required=True, help="path of the run spec JSON")
+    # deepspeed's launcher appends --local_rank=N; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    run(load_spec(args.spec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
