@@ -1,0 +1,108 @@
+"""Generation from a merged MoCE directory that routes by itself: embed the prompt, nearest centroid, group.
+
+CLI: ``python -m moce_model.generate --model DIR "prompt" ["prompt" ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moce_model.modeling import MoCEForCausalLM
+from moce_model.routing import ClusterRouter, load_model_router
+
+
+def format_prompt(tokenizer: Any, text: str) -> str:
+    """The prompt as the model saw it in training: the chat template's user turn when there is one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text
+
+
+@torch.no_grad()
+def generate(
+    model_dir: str | Path,
+    texts: Sequence[str],
+    max_new_tokens: int = 128,
+    router: ClusterRouter | None = None,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any | None = None,
+    batch_size: int = 8,
+) -> list[tuple[str, int | None]]:
+    """Greedy answers to `texts` (the input side of each request) with each text routed to its cluster.
+
+    Returns (answer, cluster) per text; cluster is None for variants that do not route by cluster.
+    `model`/`tokenizer`/`router` may be passed in to avoid reloading them from `model_dir`.
+    """
+    texts = list(texts)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model.eval()
+    routes = isinstance(model, MoCEForCausalLM) and model.config.routes_by_cluster
+    clusters: list[int | None] = [None] * len(texts)
+    if routes:
+        if router is None:
+            router = load_model_router(model_dir)
+        if router is None:
+            raise FileNotFoundError(f"{model_dir}: the {model.config.variant!r} model needs centroids.npy to route")
+        clusters = [int(c) for c in router.assign(texts)]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    answers: list[tuple[str, int | None]] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        prompts = [format_prompt(tokenizer, text) for text in chunk]
+        # A chat template already holds the special tokens; a bare prompt gets the tokenizer's own.
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not has_template)
+        extra = {}
+        if routes:
+            extra["cluster_ids"] = torch.tensor(clusters[start : start + batch_size], dtype=torch.long)
+        output = model.generate(
+            **encoded,
+            **extra,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
+        for offset, row in enumerate(new_tokens):
+            answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), clusters[start + offset]))
+    return answers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Answer prompts with a merged MoCE model, routed by cluster.")
+    parser.add_argument("--model", required=True, help="merged model directory")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("prompts", nargs="+", help="prompt text(s): the input side of each request")
+    args = parser.parse_args(argv)
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        parser.error(f"{model_dir}: not a model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    variant = getattr(model.config, "variant", None)
+    for prompt, (answer, cluster) in zip(
+        args.prompts, generate(model_dir, args.prompts, args.max_new_tokens, model=model)
+    ):
+        if cluster is not None:
+            route = f"cluster {cluster} -> expert group {cluster}"
+        else:
+            route = f"no cluster routing (variant {variant or 'none'})"
+        print(f"### prompt: {prompt}\n### routed: {route}\n{answer}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""LoRA on the base projections, the unmerged trained artifact, and the merged publishable directory.
+
+- `add_lora`: peft LoRA on the base model's Linear projections only; the experts and routers stay fully
+  trainable as peft `modules_to_save`, so every peft checkpoint (and the HF Trainer's) includes them.
+- `save_trained` / `load_trained`: the unmerged artifact (LoRA adapter + experts + routers + MoCEConfig).
+- `merge_to_directory`: LoRA folded into the base weights, written with the experts, the config, the
+  centroids (`centroids.npy`) and the embedder reference (`embedder.json`) as one directory that
+  `AutoModelForCausalLM.from_pretrained` loads (after `import moce_model.modeling`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from moce_model.config import MoCEConfig
+from moce_model.modeling import MoCEForCausalLM
+from moce_model.routing import CENTROIDS_FILE, EMBEDDER_FILE, validate_centroids
+
+# The paper's LoRA targets: attention and the base MLP projections.
+PAPER_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXPERT_MODULE_NAME = "moce_experts"
+CONFIG_FILE = "config.json"
+
+
+def add_lora(
+    model: MoCEForCausalLM,
+    r: int = 64,
+    alpha: int = 16,
+    dropout: float = 0.1,
+    target_modules: Sequence[str] = PAPER_LORA_TARGETS,
+) -> PeftModel:
+    """Wrap `model` with LoRA on the named base Linear layers; experts and routers are trained in full."""
+    if not isinstance(model, MoCEForCausalLM):
+        raise TypeError(f"add_lora expects a MoCEForCausalLM, got {type(model).__name__}")
+    targets = list(target_modules)
+    if EXPERT_MODULE_NAME in targets:
+        raise ValueError(f"target_modules must name base Linear layers, not {EXPERT_MODULE_NAME!r}")
+    lora_config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        modules_to_save=[EXPERT_MODULE_NAME],
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora_config)
+    lora_in_experts = [name for name, _ in peft_model.named_modules() if f"{EXPERT_MODULE_NAME}." in name and "lora_" in name]
+    if lora_in_experts:
+        raise ValueError(f"LoRA was injected into expert modules ({lora_in_experts[:3]}); narrow target_modules")
+    return peft_model
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Put the fully written `staging` directory at `target`; readers never see a partial directory."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+def _staging_dir(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
+def _moce_model_of(model: PeftModel | MoCEForCausalLM) -> MoCEForCausalLM:
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not isinstance(inner, MoCEForCausalLM):
+        raise TypeError(f"expected a (peft-wrapped) MoCEForCausalLM, got {type(inner).__name__}")
+    return inner
+
+
+def save_trained(model: PeftModel, out_dir: str | Path) -> Path:
+    """Write the unmerged trained artifact: `adapter_config.json`, `adapter_model.safetensors` (LoRA + experts +
+    routers) and the MoCE `config.json`. The base weights are not copied."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"save_trained expects the peft model returned by add_lora, got {type(model).__name__}")
+    out_dir = Path(out_dir)
+    staging = _staging_dir(out_dir)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        _moce_model_of(model).config.save_pretrained(staging)
+        _replace_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_trained(
+    trained_dir: str | Path,
+    base_model_dir: str | Path,
+    is_trainable: bool = False,
+    dtype: torch.dtype | None = None,
+) -> PeftModel:
+    """Rebuild the unmerged trained model: base model from `base_model_dir`, experts + LoRA from `trained_dir`."""
+    trained_dir = Path(trained_dir)
+    for name in (CONFIG_FILE, "adapter_config.json", "adapter_model.safetensors"):
+        if not (trained_dir / name).is_file():
+            raise FileNotFoundError(f"{trained_dir}: not a trained MoCE artifact (missing {name})")
+    moce_config = MoCEConfig.from_pretrained(trained_dir)
+    load_kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, **load_kwargs)
+    trained_type = (moce_config.base_config or {}).get("model_type")
+    if trained_type is not None and trained_type != base.config.model_type:
+        raise ValueError(
+            f"{trained_dir}/{CONFIG_FILE}: trained on a {trained_type!r} model but {base_model_dir} "
+            f"holds a {base.config.model_type!r} model"
+        )
+    model = MoCEForCausalLM.from_base(base, moce_config)
+    return PeftModel.from_pretrained(model, trained_dir, is_trainable=is_trainable)
+
+
+def merge_to_directory(
+    trained: PeftModel | MoCEForCausalLM,
+    out_dir: str | Path,
+    centroids: np.ndarray | None = None,
+    embedder: dict | None = None,
+    tokenizer: Any | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Fold LoRA into the base weights and write one self-routing model directory (atomically).
+
+    `trained` is consumed: peft's merge_and_unload rewrites its modules in place. Writes the merged weights and
+    experts (safetensors), `config.json` (with the embedder reference), `centroids.npy` (float32, [k, d]) and
+    `embedder.json`, plus the tokenizer (`tokenizer` object or copied from `tokenizer_dir`).
+    """
+    out_dir = Path(out_dir)
+    moce_model = _moce_model_of(trained)
+    config = moce_model.config
+    if centroids is not None:
+        centroids = validate_centroids(centroids, source="centroids")
+        if config.routes_by_cluster and centroids.shape[0] != config.num_groups:
+            raise ValueError(
+                f"centroids have k={centroids.shape[0]} rows but the {config.variant!r} model was trained with "
+                f"num_groups={config.num_groups}"
+            )
+    elif config.routes_by_cluster:
+        raise ValueError(f"variant {config.variant!r} routes by cluster: merge_to_directory needs its centroids")
+    merged = trained.merge_and_unload(safe_merge=True) if isinstance(trained, PeftModel) else trained
+    if embedder is not None:
+        merged.config.embedder = dict(embedder)
+    staging = _staging_dir(out_dir)
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        if centroids is not None:
+            np.save(staging / CENTROIDS_FILE, centroids, allow_pickle=False)
+        if embedder is not None:
+            (staging / EMBEDDER_FILE).write_text(json.dumps(dict(embedder), indent=2, sort_keys=True))
+        if tokenizer is None and tokenizer_dir is not None:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)
+        _replace_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def probe_batch(vocab_size: int, batch_size: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+
+
+@torch.no_grad()
+def max_logit_difference(
+    model_a: PreTrainedModel,
+    model_b: PreTrainedModel,
+    input_ids: torch.Tensor,
+    cluster_ids: torch.Tensor | None = None,
+) -> float:
+    """Largest absolute logit difference of two models on one batch (both in eval mode)."""
+    kwargs = {} if cluster_ids is None else {"cluster_ids": cluster_ids}
+    model_a.eval()
+    model_b.eval()
+    logits_a = model_a(input_ids=input_ids, **kwargs).logits.float()
+    logits_b = model_b(input_ids=input_ids, **kwargs).logits.float()
+    return float((logits_a - logits_b).abs().max())
+
+
+def compare_merged_to_unmerged(
+    merged_dir: str | Path, trained_dir: str | Path, base_model_dir: str | Path, seq_len: int = 16
+) -> float:
+    """Max absolute logit difference between a merged directory and its unmerged artifact, on a probe batch
+    that visits every group."""
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    unmerged = load_trained(trained_dir, base_model_dir)
+    config = _moce_model_of(unmerged).config
+    groups = config.num_groups
+    input_ids = probe_batch(config.vocab_size, batch_size=max(2, groups), seq_len=seq_len)
+    cluster_ids = torch.arange(input_ids.shape[0]) % groups
+    return max_logit_difference(merged, unmerged, input_ids, cluster_ids)

@@ -1,0 +1,101 @@
+"""Stage 1 of MoCE routing: raw text -> expert group, by the nearest k-means centroid of its embedding.
+
+Only the input side of a request (system + instruction + input, i.e. the prompt) is embedded, as in training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+CENTROIDS_FILE = "centroids.npy"
+EMBEDDER_FILE = "embedder.json"
+
+
+class TextEncoder(Protocol):
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(n, d) float32, rows L2-normalised."""
+        ...
+
+
+def validate_centroids(centroids: np.ndarray, source: str) -> np.ndarray:
+    array = np.asarray(centroids)
+    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"{source}: centroids must be a non-empty [k, d] array, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{source}: centroids must be floating point, got dtype {array.dtype}")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        row = int(np.argwhere(~np.isfinite(array))[0, 0])
+        raise ValueError(f"{source}: centroid row {row} is not finite")
+    return array
+
+
+class ClusterRouter:
+    """Assigns texts to the nearest centroid (Euclidean, on the encoder's L2-normalised embeddings).
+
+    For unit-norm centroids (spherical k-means) this is the highest cosine similarity.
+    """
+
+    def __init__(self, encoder: TextEncoder, centroids: np.ndarray) -> None:
+        self.encoder = encoder
+        self.centroids = validate_centroids(centroids, source="ClusterRouter")
+        self._half_squared_norms = 0.5 * np.einsum("kd,kd->k", self.centroids, self.centroids)
+
+    @property
+    def num_clusters(self) -> int:
+        return int(self.centroids.shape[0])
+
+    def assign_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.centroids.shape[1]:
+            raise ValueError(
+                f"embeddings of shape {embeddings.shape} do not match centroids of dimension {self.centroids.shape[1]}"
+            )
+        # argmin |e - c|^2 == argmax (e.c - |c|^2 / 2), one matmul for the batch.
+        scores = embeddings @ self.centroids.T - self._half_squared_norms
+        return scores.argmax(axis=1).astype(np.int64)
+
+    def assign(self, texts: Sequence[str]) -> np.ndarray:
+        """int64 cluster id per text (texts are the input side: system + instruction + input)."""
+        texts = list(texts)
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {index} is {type(text).__name__}, not str")
+        if not texts:
+            return np.zeros(0, dtype=np.int64)
+        return self.assign_embeddings(self.encoder.encode(texts))
+
+    @classmethod
+    def from_model_dir(
+        cls, model_dir: str | Path, encoder_factory: Callable[[Mapping[str, Any]], TextEncoder]
+    ) -> "ClusterRouter":
+        """Router of a merged model directory: `centroids.npy` + the embedder reference in `embedder.json`."""
+        model_dir = Path(model_dir)
+        centroids_path = model_dir / CENTROIDS_FILE
+        embedder_path = model_dir / EMBEDDER_FILE
+        if not centroids_path.is_file():
+            raise FileNotFoundError(f"{centroids_path}: missing; this model directory cannot route by cluster")
+        if not embedder_path.is_file():
+            raise FileNotFoundError(f"{embedder_path}: missing; the embedder reference is needed to route")
+        centroids = validate_centroids(np.load(centroids_path, allow_pickle=False), source=str(centroids_path))
+        try:
+            spec = json.loads(embedder_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{embedder_path}: invalid JSON: {err}") from err
+        if not isinstance(spec, dict):
+            raise ValueError(f"{embedder_path}: expected a JSON object, got {type(spec).__name__}")
+        return cls(encoder_factory(spec), centroids)
+
+
+def load_model_router(model_dir: str | Path) -> ClusterRouter | None:
+    """The directory's router with the project's embedder loader, or None when it holds no centroids."""
+    if not (Path(model_dir) / CENTROIDS_FILE).is_file():
+        return None
+    from moce_model.embedding import load_embedder
+
+    return ClusterRouter.from_model_dir(model_dir, load_embedder)
