@@ -1,0 +1,275 @@
+"""Spherical k-means over L2-normalised embeddings (faiss), the elbow sweep, and nearest-centroid labels.
+
+Distances are cosine distances ``1 - x·c`` with unit-norm centroids. ``inertia`` is their sum over the rows
+(for unit vectors the squared Euclidean distance is exactly twice that, so the elbow is the same).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from moce_model.io import atomic_dir, read_json
+
+CENTROIDS_NPY = "centroids.npy"
+CENTROIDS_JSON = "centroids.json"
+
+
+def _as_unit_float32(X: np.ndarray) -> np.ndarray:
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"expected a non-empty (n, d) array of embeddings, got shape {X.shape}")
+    return X
+
+
+def _check_k(k: int, n_rows: int) -> None:
+    if k < 2:
+        raise ValueError(f"k must be >= 2, got k={k}")
+    if k > n_rows:
+        raise ValueError(f"k={k} is larger than the number of rows ({n_rows}); k-means needs at least k rows")
+
+
+def fit_kmeans(
+    X: np.ndarray,
+    k: int,
+    seed: int = 0,
+    niter: int = 25,
+    nredo: int = 3,
+    max_points_per_centroid: int | None = None,
+) -> np.ndarray:
+    """Spherical k-means centroids ``(k, d)`` float32, unit norm (best of ``nredo`` restarts).
+
+    ``max_points_per_centroid=None`` trains on every row; faiss' own default (256) would silently
+    subsample to 256·k rows, which is a different fit from the one the issue asks for on the full data.
+    """
+    import faiss
+
+    X = _as_unit_float32(X)
+    n, d = X.shape
+    _check_k(k, n)
+    kmeans = faiss.Kmeans(
+        d,
+        k,
+        niter=niter,
+        nredo=nredo,
+        spherical=True,
+        seed=seed,
+        verbose=False,
+        max_points_per_centroid=max_points_per_centroid or (n // k + 1),
+        min_points_per_centroid=1,
+    )
+    kmeans.train(X)
+    centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+    norms = np.linalg.norm(centroids, axis=1, keepdims=True)
+    return centroids / np.maximum(norms, 1e-12)
+
+
+def assign(X: np.ndarray, centroids: np.ndarray, batch: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by cosine: ``labels`` int64 and ``distance = 1 - x·c`` float32, in batches."""
+    import faiss
+
+    X = _as_unit_float32(X)
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    if centroids.ndim != 2 or centroids.shape[1] != X.shape[1]:
+        raise ValueError(f"centroids of shape {centroids.shape} do not match embeddings of dimension {X.shape[1]}")
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    labels = np.empty(X.shape[0], dtype=np.int64)
+    distances = np.empty(X.shape[0], dtype=np.float32)
+    for start in range(0, X.shape[0], batch):
+        similarity, nearest = index.search(X[start:start + batch], 1)
+        labels[start:start + batch] = nearest[:, 0]
+        distances[start:start + batch] = 1.0 - similarity[:, 0]
+    return labels, distances
+
+
+def silhouette_from_distances(distances: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette for a precomputed distance matrix (same definition as scikit-learn's).
+
+    Computing the distance matrix once lets the elbow sweep score every k on the same sample cheaply.
+    """
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    clusters, inverse = np.unique(labels, return_inverse=True)
+    if not 2 <= len(clusters) <= n - 1:
+        return float("nan")
+    onehot = np.zeros((n, len(clusters)), dtype=np.float64)
+    onehot[np.arange(n), inverse] = 1.0
+    sizes = onehot.sum(axis=0)
+    sums = distances.astype(np.float64) @ onehot  # (n, clusters): total distance to each cluster
+    own_size = sizes[inverse]
+    own_sum = sums[np.arange(n), inverse]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = own_sum / (own_size - 1)
+        means = sums / sizes
+    means[np.arange(n), inverse] = np.inf
+    b = means.min(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = (b - a) / np.maximum(a, b)
+    s = np.where(own_size > 1, s, 0.0)  # singletons score 0, as in scikit-learn
+    return float(np.nan_to_num(s).mean())
+
+
+def elbow_sweep(
+    X: np.ndarray,
+    ks: Sequence[int],
+    sample_size: int = 100_000,
+    seed: int = 0,
+    silhouette_sample: int = 5_000,
+    niter: int = 25,
+    nredo: int = 3,
+) -> pl.DataFrame:
+    """``k, inertia, silhouette, seconds`` for each k, fitted on a random sample of ``sample_size`` rows.
+
+    Inertia is the sum of cosine distances of the sample to its nearest centroid; silhouette (cosine) is
+    computed on a sub-sample of ``silhouette_sample`` rows of that sample; ``seconds`` is the fit time.
+    """
+    X = _as_unit_float32(X)
+    ks = sorted({int(k) for k in ks})
+    if not ks:
+        raise ValueError("elbow_sweep: empty k range")
+    rng = np.random.default_rng(seed)
+    n = X.shape[0]
+    sample = X if n <= sample_size else X[np.sort(rng.choice(n, size=sample_size, replace=False))]
+    _check_k(ks[-1], sample.shape[0])
+    _check_k(ks[0], sample.shape[0])
+    n_sil = min(silhouette_sample, sample.shape[0])
+    sil_rows = np.sort(rng.choice(sample.shape[0], size=n_sil, replace=False)) if n_sil >= 3 else None
+    sil_distances = None
+    if sil_rows is not None:
+        sil_vectors = sample[sil_rows]
+        sil_distances = np.clip(1.0 - sil_vectors @ sil_vectors.T, 0.0, 2.0)
+        np.fill_diagonal(sil_distances, 0.0)
+    rows = []
+    for k in ks:
+        started = time.perf_counter()
+        centroids = fit_kmeans(sample, k, seed=seed, niter=niter, nredo=nredo)
+        seconds = time.perf_counter() - started
+        labels, distances = assign(sample, centroids)
+        silhouette = (
+            silhouette_from_distances(sil_distances, labels[sil_rows]) if sil_distances is not None else float("nan")
+        )
+        rows.append({"k": k, "inertia": float(distances.astype(np.float64).sum()),
+                     "silhouette": silhouette, "seconds": seconds})
+    return pl.DataFrame(rows, schema={"k": pl.Int64, "inertia": pl.Float64, "silhouette": pl.Float64, "seconds": pl.Float64})
+
+
+def find_knee(
+    ks: Sequence[int],
+    inertias: Sequence[float],
+    silhouettes: Sequence[float] | None = None,
+) -> tuple[int, str]:
+    """The elbow of a decreasing, convex inertia curve (kneed), and how it was chosen.
+
+    When kneed finds no knee, falls back to the k with the best silhouette (if given), else to the k where
+    the inertia curve bends most (largest second difference); the returned reason says which.
+    """
+    ks = [int(k) for k in ks]
+    inertias = [float(v) for v in inertias]
+    if len(ks) != len(inertias) or not ks:
+        raise ValueError(f"find_knee: {len(ks)} ks but {len(inertias)} inertias")
+    if len(ks) == 1:
+        return ks[0], "only one k in the range"
+    if len(ks) >= 3:
+        from kneed import KneeLocator
+
+        knee = KneeLocator(ks, inertias, curve="convex", direction="decreasing", S=1.0).knee
+        if knee is not None:
+            return int(knee), "knee of the inertia curve (kneed, convex, decreasing)"
+    if silhouettes is not None and len(silhouettes) == len(ks) and np.isfinite(np.asarray(silhouettes, float)).any():
+        best = int(np.nanargmax(np.asarray(silhouettes, dtype=float)))
+        return ks[best], "kneed found no knee; chose the k with the highest silhouette"
+    if len(ks) >= 3:
+        second = np.diff(np.asarray(inertias), n=2)
+        return ks[int(np.argmax(second)) + 1], "kneed found no knee; chose the k where the inertia curve bends most"
+    return ks[0], "kneed needs at least 3 points; chose the smallest k"
+
+
+def cluster_purity(labels: Sequence[Any] | np.ndarray, truth: Sequence[Any] | np.ndarray) -> float:
+    """Share of rows whose cluster's majority label equals their own label."""
+    frame = pl.DataFrame({"cluster": pl.Series(np.asarray(labels)), "truth": pl.Series(list(truth), dtype=pl.String)})
+    if frame.height == 0:
+        raise ValueError("cluster_purity: no rows")
+    majority = frame.group_by("cluster", "truth").len().group_by("cluster").agg(pl.col("len").max())
+    return float(majority["len"].sum() / frame.height)
+
+
+# ----------------------------------------------------------------------------------------------- artifacts
+
+
+def save_centroids(
+    path_dir: str | os.PathLike[str],
+    centroids: np.ndarray,
+    embedder_spec: Mapping[str, Any] | None,
+) -> Path:
+    """Write ``centroids.npy`` (float32) and ``centroids.json`` (embedder, dimension, k) as one directory."""
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    if centroids.ndim != 2:
+        raise ValueError(f"centroids must be (k, d), got shape {centroids.shape}")
+    from moce_model.io import atomic_write_json
+
+    meta = {
+        "k": int(centroids.shape[0]),
+        "dimension": int(centroids.shape[1]),
+        "embedder": dict(embedder_spec) if embedder_spec is not None else None,
+        "embedder_name": (embedder_spec or {}).get("model"),
+        "metric": "cosine",
+    }
+    target = Path(path_dir)
+    with atomic_dir(target) as tmp:
+        np.save(tmp / CENTROIDS_NPY, centroids, allow_pickle=False)
+        atomic_write_json(meta, tmp / CENTROIDS_JSON)
+    return target
+
+
+def load_centroids(path_dir: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    directory = Path(path_dir)
+    npy, meta_path = directory / CENTROIDS_NPY, directory / CENTROIDS_JSON
+    for required in (npy, meta_path):
+        if not required.is_file():
+            raise FileNotFoundError(f"centroids directory {directory} lacks {required.name}")
+    centroids = np.load(npy, allow_pickle=False)
+    meta = read_json(meta_path)
+    if centroids.shape != (meta["k"], meta["dimension"]):
+        raise ValueError(f"{npy}: shape {centroids.shape} disagrees with {meta_path.name} (k={meta['k']}, d={meta['dimension']})")
+    return centroids.astype(np.float32, copy=False), meta
+
+
+def read_embeddings(path_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, X)`` from the shards of ``embed_to_parquet_shards``: ids as a str array, X as (n, d) float32.
+
+    X is a read-only view of the Arrow buffer where the data is in one chunk (no copy); copy it before
+    modifying it in place.
+    """
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from moce_model.embedding import MANIFEST_NAME
+
+    directory = Path(path_dir)
+    manifest_path = directory / MANIFEST_NAME
+    if manifest_path.exists():
+        manifest = read_json(manifest_path)
+        if not manifest.get("complete", False):
+            raise ValueError(f"{directory}: embedding run is not complete (manifest says so); re-run the embedding")
+    files = sorted(str(p) for p in directory.glob("shard-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no shard-*.parquet files")
+    table = ds.dataset(files, format="parquet").to_table(columns=["id", "embedding"])
+    embedding = table.column("embedding")
+    if not pa.types.is_fixed_size_list(embedding.type):
+        raise ValueError(f"{directory}: 'embedding' has type {embedding.type}, expected a fixed-size list of float32")
+    dimension = embedding.type.list_size
+    chunk = embedding.combine_chunks() if embedding.num_chunks != 1 else embedding.chunk(0)
+    values = chunk.values
+    if chunk.offset or len(values) != len(chunk) * dimension:
+        values = values.slice(chunk.offset * dimension, len(chunk) * dimension)
+    X = values.to_numpy(zero_copy_only=True).reshape(len(chunk), dimension)
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    return ids, X
