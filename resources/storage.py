@@ -23,7 +23,14 @@ def _temp_sibling(path: Path) -> Path:
 
 
 class AtomicPolarsParquetIOManager(PolarsParquetIOManager):
-    """PolarsParquetIOManager on a local directory, with atomic writes (temp file + rename)."""
+    """PolarsParquetIOManager on a local directory, with atomic writes (temp file + rename).
+
+    Reading is overridden too: dagster-polars 0.27 passes `rechunk=` to `pl.scan_parquet`, which polars 2
+    removed.
+    """
+
+    def scan_df_from_path(self, path, context: dg.InputContext, partition_key: str | None = None) -> pl.LazyFrame:
+        return pl.scan_parquet(str(path))
 
     def write_df_to_path(self, context: dg.OutputContext, df: pl.DataFrame, path) -> None:
         target = Path(str(path))
