@@ -204,6 +204,8 @@ def _read_json_array(spec: SourceSpec) -> pl.DataFrame:
     for index, row in enumerate(data):
         if not isinstance(row, dict):
             raise ValueError(f"source {spec.name!r}: {spec.path}: element {index} is {type(row).__name__}, expected an object")
+    if not data:
+        raise _empty_dataset(spec)
     if spec.max_rows is not None:
         data = data[: spec.max_rows]
     columns = sorted({key for row in data for key in row})
@@ -226,7 +228,14 @@ def _as_text(value: Any) -> str | None:
     return _LONE_SURROGATE.sub("\ufffd", text)
 
 
+def _empty_dataset(spec: SourceSpec) -> ValueError:
+    return ValueError(f"source {spec.name!r}: {spec.path or spec.kind} yielded no rows (empty dataset)")
+
+
 def _scan_local(spec: SourceSpec) -> pl.LazyFrame:
+    with open(spec.path, "rb") as fh:
+        if not fh.read(4096).strip():
+            raise _empty_dataset(spec)
     fmt = _local_format(spec)
     if fmt == "json":
         return _read_json_array(spec).lazy()
@@ -362,7 +371,7 @@ def load_source(spec: SourceSpec | Mapping[str, Any]) -> pl.DataFrame:
         detail = _first_bad_json_line(spec.path) if spec.kind == "local" and _local_format(spec) == "jsonl" else str(err)
         raise ValueError(f"source {spec.name!r}: cannot read {spec.path or spec.name}: {detail}") from err
     if frame.height == 0:
-        raise ValueError(f"source {spec.name!r}: {spec.path or spec.kind} yielded no rows (empty dataset)")
+        raise _empty_dataset(spec)
     return frame
 
 
