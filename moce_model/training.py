@@ -464,6 +464,38 @@ def _is_main_process() -> bool:
 # Trainer
 
 
+class EpochSeededLengthGroupedSampler(torch.utils.data.Sampler):
+    """Length-grouped order (mega-batches sorted by length, less padding) drawn from seed + epoch only.
+
+    The order of an epoch must not depend on the global RNG: a resumed run rebuilds the dataloader with
+    a different RNG state, and would otherwise skip the right number of batches of a different order.
+    """
+
+    def __init__(self, lengths: Sequence[int], group_size: int, seed: int):
+        self.lengths = list(lengths)
+        self.group_size = group_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=generator))
+
+
+class EpochSeededRandomSampler(EpochSeededLengthGroupedSampler):
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(len(self.lengths), generator=generator).tolist())
+
+
 def _make_trainer_class():
     from transformers import Trainer
 
@@ -473,6 +505,15 @@ def _make_trainer_class():
         def __init__(self, *args: Any, forward_takes_cluster_ids: bool, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.forward_takes_cluster_ids = forward_takes_cluster_ids
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            lengths = [len(example["input_ids"]) for example in dataset.examples]
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            if self.args.train_sampling_strategy == "group_by_length":
+                group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+                return EpochSeededLengthGroupedSampler(lengths, group, seed)
+            return EpochSeededRandomSampler(lengths, 1, seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not self.forward_takes_cluster_ids:

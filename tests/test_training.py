@@ -1,0 +1,423 @@
+import json
+import os
+import signal
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import BPE
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from moce_model import training
+from moce_model.config import MoCEConfig
+from moce_model.training import (
+    IGNORE_INDEX,
+    InstructionCollator,
+    TrainingConfig,
+    build_dataset,
+    find_resumable_checkpoint,
+    resolve_cluster_ids,
+    tokenize_example,
+    train,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_char_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer with ChatML special tokens: real chat template, no files, no network."""
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = [c for c in string.printable if c not in specials]
+    vocab = {token: index for index, token in enumerate(specials + chars)}
+    backend = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    tokenizer = make_char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_base")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_rows(n: int) -> pl.DataFrame:
+    rows = []
+    for i in range(n):
+        a, b = i % 7, (3 * i) % 5
+        rows.append(
+            {
+                "id": f"row{i:03d}",
+                "system": "" if i % 2 else "Answer briefly.",
+                "instruction": f"Add {a} and {b}.",
+                "input": "" if i % 3 else f"numbers: {a}, {b}",
+                "response": f"{a} + {b} = {a + b}",
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+def tiny_training_config(**overrides) -> TrainingConfig:
+    values = dict(
+        lr=5e-3,
+        warmup_steps=0,
+        max_steps=6,
+        per_device_batch_size=4,
+        max_length=96,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        save_steps=2,
+        save_total_limit=3,
+        logging_steps=1,
+    )
+    values.update(overrides)
+    return TrainingConfig.demo(**values)
+
+
+def moce_config(variant: str = "moce", num_groups: int = 2) -> MoCEConfig:
+    return MoCEConfig(variant=variant, num_groups=num_groups, experts_per_group=2, top_k=1, adapter_dim=4)
+
+
+# ---------------------------------------------------------------------------------------------- tokenisation
+
+
+def test_labels_cover_only_the_response():
+    tokenizer = make_char_tokenizer()
+    example = tokenize_example(tokenizer, "Be exact.", "Add 2 and 3.", "numbers: 2, 3", "2 + 3 = 5", max_length=1000)
+    ids, labels = example["input_ids"], example["labels"]
+    assert len(ids) == len(labels) == len(example["attention_mask"])
+    first_response = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert all(label == IGNORE_INDEX for label in labels[:first_response])
+    assert labels[first_response:] == ids[first_response:]
+    prompt_text = tokenizer.decode(ids[:first_response])
+    assert prompt_text.endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>user\nAdd 2 and 3.\n\nnumbers: 2, 3<|im_end|>" in prompt_text
+    assert "<|im_start|>system\nBe exact.<|im_end|>" in prompt_text
+    assert tokenizer.decode(ids[first_response:]) == "2 + 3 = 5<|im_end|>\n"
+
+
+def test_empty_input_and_system_use_instruction_and_template_default():
+    tokenizer = make_char_tokenizer()
+    example = tokenize_example(tokenizer, "", "Say hi.", "", "hi", max_length=1000)
+    text = tokenizer.decode(example["input_ids"])
+    assert "<|im_start|>user\nSay hi.<|im_end|>" in text
+    assert "You are helpful." in text
+
+
+def test_truncation_and_rows_without_response_tokens_are_counted(tiny_base_dir):
+    tokenizer = make_char_tokenizer()
+    rows = make_rows(4).with_columns(
+        pl.when(pl.col("id") == "row000").then(pl.lit("x" * 300)).otherwise(pl.col("instruction")).alias("instruction")
+    )
+    dataset, stats = build_dataset(rows, tokenizer, max_length=80, group_ids=[0, 1, 0, 1])
+    assert stats["n_dropped_no_response"] == 1
+    assert len(dataset) == 3
+    assert all(len(example["input_ids"]) <= 80 for example in dataset.examples)
+
+
+def test_collator_pads_and_keeps_cluster_ids():
+    tokenizer = make_char_tokenizer()
+    dataset, _ = build_dataset(make_rows(3), tokenizer, max_length=200, group_ids=[1, 0, 1])
+    batch = InstructionCollator(tokenizer.pad_token_id)([dataset[0], dataset[1], dataset[2]])
+    assert batch["cluster_ids"].tolist() == [1, 0, 1]
+    lengths = [len(dataset[i]["input_ids"]) for i in range(3)]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    assert batch["attention_mask"].sum(dim=1).tolist() == lengths
+    for row, length in enumerate(lengths):
+        assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
+
+
+# ---------------------------------------------------------------------------------------------- cluster ids
+
+
+def test_missing_cluster_ids_are_listed():
+    with pytest.raises(ValueError, match=r"2 of 3 training rows have no cluster assignment.*'b'.*'c'"):
+        resolve_cluster_ids(["a", "b", "c"], {"a": 0}, "moce", num_groups=2)
+
+
+def test_cluster_count_must_match_groups():
+    with pytest.raises(ValueError, match="k=3 centroids but the model config has num_groups=2"):
+        resolve_cluster_ids(["a"], {"a": 0}, "moce", num_groups=2, num_clusters=3)
+    with pytest.raises(ValueError, match=r"cluster ids \[5\] are outside 0..1"):
+        resolve_cluster_ids(["a"], {"a": 5}, "moce", num_groups=2)
+    with pytest.raises(ValueError, match="no cluster assignments"):
+        resolve_cluster_ids(["a"], None, "cluster_only", num_groups=2)
+
+
+def test_variants_without_cluster_routing_ignore_clusters():
+    assert resolve_cluster_ids(["a", "b"], None, "pesc", num_groups=1) == [0, 0]
+    assert resolve_cluster_ids(["a", "b"], {"a": 3}, "dense_adapter", num_groups=1) == [0, 0]
+
+
+def test_train_reports_missing_cluster_ids_before_loading_the_model(tiny_base_dir, tmp_path):
+    rows = make_rows(5)
+    clusters = {row_id: 0 for row_id in rows["id"].to_list()[:3]}
+    with pytest.raises(ValueError, match="2 of 5 training rows have no cluster assignment"):
+        train(tiny_base_dir, rows, clusters, moce_config(), tiny_training_config(), tmp_path / "run")
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_cluster_ids_reach_the_model_during_training(tiny_base_dir, tmp_path, monkeypatch):
+    seen: list[list[int]] = []
+    real_build = training.build_model
+
+    def recording_build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+
+        def record(module, args, kwargs):
+            if module.training:
+                seen.append(kwargs["cluster_ids"].tolist())
+
+        model.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(training, "build_model", recording_build)
+    rows = make_rows(8)
+    clusters = {row_id: int(row_id[-1]) % 2 for row_id in rows["id"].to_list()}
+    result = train(
+        tiny_base_dir, rows, clusters, moce_config(), tiny_training_config(max_steps=2, save_steps=10), tmp_path / "run"
+    )
+    assert result.global_step == 2
+    assert len(seen) == 2
+    for batch_clusters in seen:
+        assert len(batch_clusters) == 4
+    assert sorted(sum(seen, [])) == sorted(clusters.values())
+    # expert use is counted per group: both groups received tokens
+    assert result.expert_use.shape == (2, 2)
+    assert (result.expert_use.sum(axis=1) > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_training_lowers_loss_and_writes_a_loadable_artifact(tiny_base_dir, tmp_path):
+    from moce_model.merging import load_trained
+
+    rows = make_rows(16)
+    clusters = {row_id: i % 2 for i, row_id in enumerate(rows["id"].to_list())}
+    logs = []
+    result = train(
+        tiny_base_dir,
+        rows,
+        clusters,
+        moce_config(),
+        tiny_training_config(max_steps=24, save_steps=100, lr=1e-2),
+        tmp_path / "run",
+        on_log=logs.append,
+        num_clusters=2,
+    )
+    assert result.global_step == 24
+    losses = [loss for _, loss in result.loss_history]
+    first = sum(losses[:4]) / 4
+    assert sum(losses[-4:]) / 4 < first - 0.3
+    assert [step for step, _ in result.loss_history] == list(range(1, 25))
+    assert any("loss" in record for record in logs)
+    assert result.tokens_per_second > 0 and result.peak_memory_mb > 0
+    assert result.trainable_parameters > 0
+    artifact = result.artifact_dir
+    assert artifact == tmp_path / "run" / "adapter"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "config.json", "tokenizer.json", "training.json"):
+        assert (artifact / name).is_file(), name
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+
+    reloaded = load_trained(artifact, tiny_base_dir).eval()
+    tokenizer = make_char_tokenizer()
+    dataset, _ = build_dataset(rows.head(4), tokenizer, 96, [0, 1, 0, 1])
+    batch = InstructionCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    with torch.no_grad():
+        reloaded_loss = reloaded(**batch).lm_loss
+    assert reloaded_loss < first
+
+
+def test_out_of_memory_names_the_knobs(tiny_base_dir, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    def exhausted(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train", exhausted)
+    with pytest.raises(MemoryError, match="per_device_batch_size.*max_length.*gradient_checkpointing.*qlora"):
+        train(tiny_base_dir, make_rows(4), None, moce_config("dense_adapter"), tiny_training_config(), tmp_path / "r")
+    assert not (tmp_path / "r" / "adapter").exists()
+
+
+def test_presets():
+    paper = TrainingConfig.paper()
+    assert (paper.lr, paper.lr_scheduler, paper.warmup_steps, paper.num_epochs) == (2e-4, "constant_with_warmup", 200, 1.0)
+    assert (paper.max_length, paper.optim, paper.max_grad_norm, paper.bf16, paper.qlora) == (
+        512, "paged_adamw_32bit", 0.3, True, True
+    )
+    assert (paper.lora_r, paper.lora_alpha, paper.lora_dropout) == (64, 16, 0.1)
+    assert set(paper.lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    demo = TrainingConfig.demo()
+    assert not demo.qlora and not demo.bf16 and demo.optim == "adamw_torch"
+    assert TrainingConfig.from_dict(demo.to_dict()) == demo
+    with pytest.raises(ValueError, match="unknown training config field"):
+        TrainingConfig.from_dict({"learning_rate": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(tiny_base_dir, tmp_path):
+    rows = make_rows(8)
+    run = tmp_path / "run"
+    config = tiny_training_config(max_steps=4, save_steps=2)
+    train(tiny_base_dir, rows, None, moce_config("pesc", 1), config, run)
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    weights = checkpoints / "checkpoint-4" / training.TRAINABLE_STATE_NAME
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    assert find_resumable_checkpoint(checkpoints) == checkpoints / "checkpoint-2"
+    assert not (checkpoints / "checkpoint-4").exists()
+    result = train(tiny_base_dir, rows, None, moce_config("pesc", 1), config, run)
+    assert result.resumed_from_step == 2
+    assert result.global_step == 4
+
+
+def test_interrupted_checkpoint_without_trainer_state_is_skipped(tmp_path):
+    complete = tmp_path / "checkpoint-3"
+    complete.mkdir()
+    (complete / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(complete / training.TRAINABLE_STATE_NAME))
+    partial = tmp_path / "checkpoint-6"
+    partial.mkdir()
+    save_file({"w": torch.zeros(2)}, str(partial / training.TRAINABLE_STATE_NAME))
+    assert find_resumable_checkpoint(tmp_path) == complete
+
+
+def _write_spec(path: Path, base_dir: Path, rows: pl.DataFrame, output_dir: Path, config: TrainingConfig, variant: str):
+    data = path.parent / "train.parquet"
+    rows.write_parquet(data)
+    assignments = None
+    moce = {"variant": variant, "num_groups": 2, "experts_per_group": 2, "top_k": 1, "adapter_dim": 4}
+    if variant in ("moce", "cluster_only"):
+        assignments = path.parent / "assignments.parquet"
+        ids = rows["id"].to_list()
+        pl.DataFrame({"id": ids, "cluster": [i % 2 for i in range(len(ids))], "distance": [0.1] * len(ids)}).write_parquet(
+            assignments
+        )
+    spec = {
+        "base_model_dir": str(base_dir),
+        "train_data": str(data),
+        "cluster_assignments": None if assignments is None else str(assignments),
+        "moce_config": moce,
+        "training_config": config.to_dict(),
+        "output_dir": str(output_dir),
+    }
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["HF_HUB_OFFLINE"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_sigkill_then_restart_resumes_from_last_checkpoint(tiny_base_dir, tmp_path):
+    rows = make_rows(32)
+    config = tiny_training_config(max_steps=40, save_steps=5, per_device_batch_size=8, max_length=128)
+    spec = _write_spec(tmp_path / "run.json", tiny_base_dir, rows, tmp_path / "run", config, "moce")
+    command = [sys.executable, "-m", "moce_model.train_entry", "--spec", str(spec)]
+    first_state = tmp_path / "run" / "checkpoints" / "checkpoint-5" / "trainer_state.json"
+    process = subprocess.Popen(command, env=_subprocess_env(), cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not first_state.exists():
+            assert process.poll() is None, "training exited before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.01)
+        assert process.poll() is None, "training finished before it could be killed; make the run longer"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run" / "result.json").exists()
+    assert not (tmp_path / "run" / "adapter").exists()
+    surviving = find_resumable_checkpoint(tmp_path / "run" / "checkpoints")
+    killed_at = int(surviving.name.split("-")[1])
+    assert 5 <= killed_at < 40
+
+    subprocess.run(command, env=_subprocess_env(), cwd=REPO_ROOT, check=True, timeout=300)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["resumed_from_step"] == killed_at
+    assert result["global_step"] == 40
+    final_state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-40" / "trainer_state.json").read_text())
+    assert final_state["global_step"] == 40
+    logged_steps = [entry["step"] for entry in final_state["log_history"] if "loss" in entry]
+    assert logged_steps == list(range(1, 41))
+
+    # Same data order, RNG and optimizer state: the resumed run ends where an uninterrupted one does.
+    uninterrupted = train(tiny_base_dir, rows, {r: i % 2 for i, r in enumerate(rows["id"])},
+                          moce_config(), config, tmp_path / "straight")
+    assert uninterrupted.global_step == 40
+    resumed_weights = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-40" / training.TRAINABLE_STATE_NAME)
+    straight_weights = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-40" / training.TRAINABLE_STATE_NAME)
+    assert resumed_weights.keys() == straight_weights.keys()
+    for name in resumed_weights:
+        torch.testing.assert_close(resumed_weights[name], straight_weights[name], rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_two_processes(tiny_base_dir, tmp_path):
+    rows = make_rows(16)
+    config = tiny_training_config(max_steps=None, num_epochs=1.0, per_device_batch_size=2, save_steps=100)
+    spec = _write_spec(tmp_path / "run.json", tiny_base_dir, rows, tmp_path / "run", config, "moce")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "moce_model.train_entry", "--spec", str(spec),
+    ]
+    completed = subprocess.run(
+        command, env=_subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["world_size"] == 2
+    # 16 rows / (2 per device x 2 ranks) = 4 optimizer steps in one epoch
+    assert result["global_step"] == 4
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
