@@ -67,7 +67,7 @@ def build_clustering_assets(profile: Profile) -> list:
             metadata={
                 "knee": knee,
                 "knee_reason": reason,
-                "table": dg.MetadataValue.md(md_table(curve)),
+                "elbow_table": dg.MetadataValue.md(md_table(curve)),
                 "elbow_plot": dg.MetadataValue.md(png_markdown(elbow_plot(curve, knee), "elbow curve")),
                 "sample_rows": min(config.sample_rows, len(vectors)),
             },

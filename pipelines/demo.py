@@ -30,16 +30,17 @@ def unsynced_asset_keys(defs: dg.Definitions, instance: dg.DagsterInstance) -> l
     return sorted(with_downstream & graph.materializable_asset_keys, key=lambda key: key.to_user_string())
 
 
-def step_seconds(result: dg.ExecuteInProcessResult) -> dict[str, float]:
+def step_seconds(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
     started: dict[str, float] = {}
     seconds: dict[str, float] = {}
-    for event in result.all_events:
-        if event.step_key is None:
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None or event.step_key is None:
             continue
         if event.event_type_value == "STEP_START":
-            started[event.step_key] = event.timestamp
+            started[event.step_key] = entry.timestamp
         elif event.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE") and event.step_key in started:
-            seconds[event.step_key] = event.timestamp - started[event.step_key]
+            seconds[event.step_key] = entry.timestamp - started[event.step_key]
     return seconds
 
 
@@ -62,7 +63,7 @@ def main() -> int:
         )
         total = time.perf_counter() - started
         per_group: dict[str, float] = defaultdict(float)
-        seconds = step_seconds(result)
+        seconds = step_seconds(instance, result.run_id)
         print("\nseconds per step:")
         for step, secs in sorted(seconds.items(), key=lambda item: -item[1]):
             print(f"  {secs:8.1f}  {step}")
