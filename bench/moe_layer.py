@@ -1,0 +1,209 @@
+"""Speed of the batched MoCE expert layer against the reference loop, and the train-step cost of routing.
+
+    python -m bench.moe_layer                 # everything (a few minutes on 2 CPU cores)
+    python -m bench.moe_layer --skip-train-step
+
+Section 1 times forward+backward of the routed experts (routers + adapters) with the batched implementation
+and with the reference code's loop (groups x experts, boolean masks on the flattened tokens), side by side.
+Section 2 times a LoRA + experts train step of a SmolLM2-135M-shaped model (random weights), `moce` against
+`dense_adapter`, interleaved so that machine load hits both alike, and the peak memory of each variant
+measured in its own subprocess. The last line is `speedup_paper_shape: X`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from moce_model.experts import AdapterExperts, reference_expert_forward
+
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    hidden: int
+    intermediate: int
+    groups: int
+    experts: int
+    top_k: int
+    adapter_dim: int
+    batch: int
+    seq_len: int
+
+
+DEMO = LayerShape("demo (SmolLM2-135M dims)", 576, 1536, 4, 4, 2, 16, 8, 256)
+PAPER = LayerShape("paper (LLaMA-2-7B dims)", 4096, 11008, 4, 4, 2, 64, 4, 512)
+
+
+def median_seconds(step: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def time_layer(shape: LayerShape, repeats: int, include_base_mlp: bool) -> tuple[float, float]:
+    """(batched seconds, reference seconds) for one forward+backward at `shape`."""
+    torch.manual_seed(0)
+    experts = AdapterExperts(shape.hidden, shape.groups, shape.experts, shape.adapter_dim, shape.top_k,
+                             scaling=1.0, dropout=0.0)
+    with torch.no_grad():
+        experts.adapter_up.normal_(std=0.02)
+    base_mlp = None
+    if include_base_mlp:
+        base_mlp = LlamaMLP(LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate))
+        base_mlp.requires_grad_(False)  # frozen base, as in training
+    x = torch.randn(shape.batch, shape.seq_len, shape.hidden, requires_grad=True)
+    down_input = torch.randn(shape.batch, shape.seq_len, shape.hidden, requires_grad=True)
+    group_ids = torch.arange(shape.batch) % shape.groups
+    upstream = torch.randn(shape.batch, shape.seq_len, shape.hidden)
+
+    def run(layer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            experts.zero_grad(set_to_none=True)
+            x.grad = down_input.grad = None
+            down = base_mlp(x) if base_mlp is not None else down_input
+            (layer(x, down) * upstream).sum().backward()
+
+        return step
+
+    batched = run(lambda a, b: experts(a, b, group_ids)[0])
+    reference = run(lambda a, b: reference_expert_forward(experts, a, b, group_ids))
+    # Interleave so that background load affects both implementations alike.
+    batched_times, reference_times = [], []
+    batched()
+    reference()
+    for _ in range(repeats):
+        batched_times.append(median_seconds(batched, 1, warmup=0))
+        reference_times.append(median_seconds(reference, 1, warmup=0))
+    return statistics.median(batched_times), statistics.median(reference_times)
+
+
+# ------------------------------------------------------------------------------------------ train step
+
+
+def build_trainable(variant: str, seq_len: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
+    from transformers import AutoModelForCausalLM
+
+    from moce_model.config import MoCEConfig
+    from moce_model.merging import add_lora
+    from moce_model.modeling import MoCEForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_135M))
+    config = MoCEConfig(variant=variant, num_groups=4, experts_per_group=4, top_k=2, adapter_dim=16)
+    model = add_lora(MoCEForCausalLM.from_base(base, config), r=8, alpha=16, dropout=0.05)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (4, seq_len), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
+             "cluster_ids": torch.arange(4) % 4}
+    return model, optimizer, batch
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> None:
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def peak_memory_child(variant: str, seq_len: int, steps: int) -> None:
+    """Run in a subprocess: report this process's peak RSS for `steps` train steps of one variant."""
+    model, optimizer, batch = build_trainable(variant, seq_len)
+    rss_after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for _ in range(steps):
+        train_step(model, optimizer, batch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"variant": variant, "peak_rss_mib": peak, "rss_after_build_mib": rss_after_build}))
+
+
+def measure_peak_memory(variant: str, seq_len: int, steps: int) -> dict:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.moe_layer", "--memory-child", variant, "--seq-len", str(seq_len),
+         "--steps", str(steps)],
+        capture_output=True, text=True, check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"memory measurement of {variant} failed:\n{completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def train_step_section(seq_len: int, steps: int) -> None:
+    print(f"\n## train step, LoRA r=8 + experts, SmolLM2-135M-shaped model (random weights), 4x{seq_len} tokens")
+    print("   moce: 4 groups x 4 experts, top-2, adapter 16; dense_adapter: one adapter 16, no router")
+    models = {variant: build_trainable(variant, seq_len) for variant in ("moce", "dense_adapter")}
+    for variant, (model, optimizer, batch) in models.items():
+        train_step(model, optimizer, batch)  # warm-up
+    times: dict[str, list[float]] = {variant: [] for variant in models}
+    for _ in range(steps):
+        for variant, (model, optimizer, batch) in models.items():
+            started = time.perf_counter()
+            train_step(model, optimizer, batch)
+            times[variant].append(time.perf_counter() - started)
+    del models
+    median = {variant: statistics.median(values) for variant, values in times.items()}
+    memory = {variant: measure_peak_memory(variant, seq_len, steps=2) for variant in median}
+    print(f"{'variant':<15}{'step_s (median)':>17}{'tokens/s':>10}{'peak_rss_MiB':>14}{'rss_after_build_MiB':>21}")
+    for variant in median:
+        tokens_per_second = 4 * seq_len / median[variant]
+        print(f"{variant:<15}{median[variant]:>17.3f}{tokens_per_second:>10.0f}"
+              f"{memory[variant]['peak_rss_mib']:>14.0f}{memory[variant]['rss_after_build_mib']:>21.0f}")
+    print(f"train_step_ratio_moce_over_dense_adapter: {median['moce'] / median['dense_adapter']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-train-step", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--memory-child", choices=("moce", "dense_adapter"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        peak_memory_child(args.memory_child, args.seq_len, args.steps)
+        return 0
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    print("## MoE layer forward+backward: batched (per-sequence group weights, bmm) vs reference loop "
+          "(groups x experts, boolean masks)")
+    header = f"{'shape':<27}{'timed part':<34}{'tokens':>8}{'batched_ms':>12}{'reference_ms':>14}{'speedup':>9}"
+    print(header)
+    rows = [
+        (DEMO, "experts+routers (base MLP excluded)", False, args.repeats),
+        (DEMO, "full block (base MLP + experts)", True, args.repeats),
+        (PAPER, "experts+routers (base MLP excluded)", False, max(3, args.repeats // 2)),
+    ]
+    speedups = {}
+    for shape, label, with_base, repeats in rows:
+        batched, reference = time_layer(shape, repeats, with_base)
+        speedups[(shape.name, with_base)] = reference / batched
+        print(f"{shape.name:<27}{label:<34}{shape.batch * shape.seq_len:>8}{batched * 1e3:>12.1f}"
+              f"{reference * 1e3:>14.1f}{reference / batched:>8.2f}x", flush=True)
+    print("   (paper shape: the 11008-wide base MLP runs identically in both and is excluded from the timing)")
+    if not args.skip_train_step:
+        train_step_section(args.seq_len, args.steps)
+    print(f"speedup_paper_shape: {speedups[(PAPER.name, False)]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
