@@ -103,7 +103,7 @@ def build_training_assets(profile: Profile) -> list:
             from moce_model.expert_stats import expert_use_heatmap_png
             from moce_model.plots import loss_curve_plot, png_markdown
 
-            rows = inputs["instructions"].select("id", "system", "instruction", "input", "response").collect()
+            rows = inputs["instructions"].select("id", "system", "instruction", "input", "response")
             if config.train_rows is not None and config.train_rows < rows.height:
                 rows = rows.sample(n=config.train_rows, seed=config.seed, shuffle=True)
             centroids_ref = inputs.get("kmeans_centroids")
