@@ -193,7 +193,8 @@ def find_knee(
 
 def cluster_purity(labels: Sequence[Any] | np.ndarray, truth: Sequence[Any] | np.ndarray) -> float:
     """Share of rows whose cluster's majority label equals their own label."""
-    frame = pl.DataFrame({"cluster": pl.Series(np.asarray(labels)), "truth": pl.Series(list(truth), dtype=pl.String)})
+    truth_series = truth if isinstance(truth, pl.Series) else pl.Series(np.asarray(truth), strict=False)
+    frame = pl.DataFrame({"cluster": pl.Series(np.asarray(labels)), "truth": truth_series.cast(pl.String)})
     if frame.height == 0:
         raise ValueError("cluster_purity: no rows")
     majority = frame.group_by("cluster", "truth").len().group_by("cluster").agg(pl.col("len").max())
