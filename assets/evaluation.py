@@ -13,6 +13,12 @@ from resources.storage import ArtifactStorage
 EVALUATION_CODE_VERSION = "1"
 
 
+def profile_benchmarks(profile: Profile) -> list:
+    from moce_model.evaluation.runner import demo_benchmarks, paper_benchmarks
+
+    return paper_benchmarks() if profile.benchmarks == "paper" else demo_benchmarks(seed=profile.seed)
+
+
 def build_evaluation_assets(profile: Profile) -> list:
     class EvaluationConfig(dg.Config):
         limit_per_benchmark: int | None = profile.eval_limit
@@ -40,20 +46,20 @@ def build_evaluation_assets(profile: Profile) -> list:
         def benchmark_results(
             context: dg.AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage, model: dict
         ) -> dg.Output[pl.DataFrame]:
-            from moce_model.evaluation.runner import benchmarks_for_profile, evaluate_model
+            from moce_model.evaluation.runner import evaluate_model
             from moce_model.io import atomic_write_parquet
 
             started = time.perf_counter()
             result = evaluate_model(
                 Path(model["path"]),
                 model_variant=model_name,
-                benchmarks=benchmarks_for_profile(profile.benchmarks),
+                benchmarks=profile_benchmarks(profile),
                 limit_per_benchmark=config.limit_per_benchmark,
                 batch_size=config.batch_size,
                 seed=config.seed,
             )
             items_path = storage.path_for(["benchmark_items", model_name]).with_suffix(".parquet")
-            atomic_write_parquet(result.item_clusters, items_path)
+            atomic_write_parquet(result.items, items_path)
             return dg.Output(
                 result.table,
                 metadata={
@@ -61,7 +67,11 @@ def build_evaluation_assets(profile: Profile) -> list:
                     "model_dir": dg.MetadataValue.path(model["path"]),
                     "k": model.get("k"),
                     "scores": dg.MetadataValue.md(md_table(result.table)),
-                    "items_with_clusters": dg.MetadataValue.path(str(items_path)),
+                    "items": dg.MetadataValue.path(str(items_path)),
+                    "subsets": dg.MetadataValue.json(result.notes),
+                    "lineage": dg.MetadataValue.json(
+                        {key: model.get(key) for key in ("path", "variant", "k", "adapters", "centroids", "embedder")}
+                    ),
                     "seconds": round(time.perf_counter() - started, 1),
                 },
             )
@@ -89,7 +99,7 @@ def build_evaluation_assets(profile: Profile) -> list:
         for name in model_names:
             path = storage.path_for(["benchmark_items", name]).with_suffix(".parquet")
             if path.exists():
-                items.append(pl.read_parquet(path))
+                items.append(pl.read_parquet(path).select("benchmark", "item_id", "cluster"))
         report = build_report([tables[name] for name in model_names], items)
         out_dir = profile.storage_root / "report"
         for benchmark, png in report.bar_chart_pngs.items():

@@ -59,11 +59,109 @@ def _moce_config(profile: Profile, variant: str, k: int | None, embedder: dict |
     )
 
 
-def build_training_assets(profile: Profile) -> list:
+def training_preset(profile: Profile):
     from moce_model.training import TrainingConfig
 
     preset = TrainingConfig.paper() if profile.training == "paper" else TrainingConfig.demo()
-    preset = TrainingConfig.from_dict({**preset.to_dict(), **profile.training_overrides})
+    return TrainingConfig.from_dict({**preset.to_dict(), **profile.training_overrides})
+
+
+def train_variant(
+    context: dg.AssetExecutionContext,
+    trainer: TrainerResource,
+    profile: Profile,
+    variant: str,
+    *,
+    base_model_dir: str,
+    rows: pl.DataFrame,
+    k: int | None,
+    cluster_ids: dict[str, int] | None,
+    centroids_ref: dict | None,
+    training_config,
+    run_dir: Path,
+) -> tuple[dict, dict]:
+    """Train one variant; returns (artifact reference, materialization metadata)."""
+    from moce_model.expert_stats import expert_use_heatmap_png
+    from moce_model.plots import loss_curve_plot, png_markdown
+
+    moce_config = _moce_config(profile, variant, k, centroids_ref["embedder"] if centroids_ref else None)
+    last_logged = [0.0]
+
+    def on_log(logs: dict) -> None:
+        now = time.perf_counter()
+        if now - last_logged[0] > 15:
+            last_logged[0] = now
+            context.log.info(f"{variant}: {logs}")
+
+    result = trainer.train(
+        context,
+        base_model_dir=base_model_dir,
+        train_rows=rows,
+        cluster_ids=cluster_ids,
+        num_clusters=centroids_ref["k"] if centroids_ref else None,
+        moce_config=moce_config,
+        training_config=training_config,
+        output_dir=run_dir,
+        on_log=on_log,
+    )
+    losses = pl.DataFrame(result["loss_history"], schema=["step", "loss"], orient="row")
+    metadata = {
+        **artifact_metadata(Path(result["artifact_dir"])),
+        "variant": variant,
+        "k": k,
+        "optimizer_steps": result["global_step"],
+        "resumed_from_step": result["resumed_from_step"],
+        "examples": result["n_examples"],
+        "tokens_per_second": round(result["tokens_per_second"], 1),
+        "train_seconds": round(result["train_seconds"], 1),
+        "peak_memory_mb": round(result["peak_memory_mb"], 1),
+        "trainable_parameters": result["trainable_parameters"],
+        "final_loss": float(losses["loss"][-1]) if losses.height else None,
+        "loss_curve": dg.MetadataValue.md(png_markdown(loss_curve_plot(losses), f"{variant} loss")),
+        "lineage": dg.MetadataValue.json(
+            {
+                "base_model": base_model_dir,
+                "embedder": centroids_ref["embedder"] if centroids_ref else None,
+                "k": k,
+                "centroids": centroids_ref["path"] if centroids_ref else None,
+            }
+        ),
+    }
+    if result.get("expert_use") is not None:
+        use = np.asarray(result["expert_use"], dtype=np.float64)
+        metadata["expert_use"] = dg.MetadataValue.md(
+            png_markdown(expert_use_heatmap_png(use, title=f"{variant}: expert use per group"), "expert use")
+        )
+        metadata["dead_groups"] = int(np.sum(use.sum(axis=1) == 0))
+    ref = artifact_ref(
+        result["artifact_dir"],
+        variant=variant,
+        k=k,
+        moce_config=moce_config.to_dict(),
+        centroids=centroids_ref["path"] if centroids_ref else None,
+        embedder=centroids_ref["embedder"] if centroids_ref else None,
+    )
+    return ref, metadata
+
+
+def merge_variant(adapters_ref: dict, base_model_dir: str, centroids_ref: dict | None, out_dir: Path) -> Path:
+    from moce_model.clustering import load_centroids
+    from moce_model.merging import load_trained, merge_to_directory
+
+    centroids = load_centroids(centroids_ref["path"])[0] if centroids_ref else None
+    return merge_to_directory(
+        load_trained(adapters_ref["path"], base_model_dir),
+        out_dir,
+        centroids=centroids,
+        embedder=centroids_ref["embedder"] if centroids_ref else None,
+        tokenizer_dir=base_model_dir,
+    )
+
+
+def build_training_assets(profile: Profile) -> list:
+    from moce_model.training import TrainingConfig
+
+    preset = training_preset(profile)
 
     class VariantTrainingConfig(dg.Config):
         max_steps: int | None = preset.max_steps
@@ -100,9 +198,6 @@ def build_training_assets(profile: Profile) -> list:
             storage: ArtifactStorage,
             **inputs,
         ) -> dg.Output[dict]:
-            from moce_model.expert_stats import expert_use_heatmap_png
-            from moce_model.plots import loss_curve_plot, png_markdown
-
             rows = inputs["instructions"].select("id", "system", "instruction", "input", "response")
             if config.train_rows is not None and config.train_rows < rows.height:
                 rows = rows.sample(n=config.train_rows, seed=config.seed, shuffle=True)
@@ -113,7 +208,6 @@ def build_training_assets(profile: Profile) -> list:
                 if "cluster_assignments" in inputs
                 else None
             )
-            moce_config = _moce_config(profile, variant, k, centroids_ref["embedder"] if centroids_ref else None)
             training_config = TrainingConfig.from_dict(
                 {
                     **preset.to_dict(),
@@ -124,60 +218,20 @@ def build_training_assets(profile: Profile) -> list:
                     "seed": config.seed,
                 }
             )
-            run_dir = storage.path_for(context.asset_key) / (f"k{k}" if k else "run")
-            last_logged = [0.0]
-
-            def on_log(logs: dict) -> None:
-                now = time.perf_counter()
-                if now - last_logged[0] > 15:
-                    last_logged[0] = now
-                    context.log.info(f"{variant}: {logs}")
-
-            result = trainer.train(
+            ref, metadata = train_variant(
                 context,
+                trainer,
+                profile,
+                variant,
                 base_model_dir=inputs["base_model"]["path"],
-                train_rows=rows,
+                rows=rows,
+                k=k,
                 cluster_ids=cluster_ids,
-                num_clusters=centroids_ref["k"] if centroids_ref else None,
-                moce_config=moce_config,
+                centroids_ref=centroids_ref,
                 training_config=training_config,
-                output_dir=run_dir,
-                on_log=on_log,
+                run_dir=storage.path_for(context.asset_key) / (f"k{k}" if k else "run"),
             )
-            losses = pl.DataFrame(result["loss_history"], schema=["step", "loss"], orient="row")
-            metadata = {
-                **artifact_metadata(Path(result["artifact_dir"])),
-                "variant": variant,
-                "k": k,
-                "optimizer_steps": result["global_step"],
-                "resumed_from_step": result["resumed_from_step"],
-                "examples": result["n_examples"],
-                "tokens_per_second": round(result["tokens_per_second"], 1),
-                "train_seconds": round(result["train_seconds"], 1),
-                "peak_memory_mb": round(result["peak_memory_mb"], 1),
-                "trainable_parameters": result["trainable_parameters"],
-                "final_loss": float(losses["loss"][-1]) if losses.height else None,
-                "loss_curve": dg.MetadataValue.md(png_markdown(loss_curve_plot(losses), f"{variant} loss")),
-                "lineage": dg.MetadataValue.json(
-                    {
-                        "base_model": inputs["base_model"]["path"],
-                        "embedder": centroids_ref["embedder"] if centroids_ref else None,
-                        "k": k,
-                        "centroids": centroids_ref["path"] if centroids_ref else None,
-                    }
-                ),
-            }
-            if result.get("expert_use") is not None:
-                use = np.asarray(result["expert_use"], dtype=np.float64)
-                metadata["expert_use"] = dg.MetadataValue.md(
-                    png_markdown(expert_use_heatmap_png(use, title=f"{variant}: expert use per group"),
-                                 "expert use")
-                )
-                metadata["dead_groups"] = int(np.sum(use.sum(axis=1) == 0))
-            return dg.Output(
-                artifact_ref(result["artifact_dir"], variant=variant, k=k, moce_config=moce_config.to_dict()),
-                metadata=metadata,
-            )
+            return dg.Output(ref, metadata=metadata)
 
         return moce_adapters
 
@@ -200,23 +254,21 @@ def build_training_assets(profile: Profile) -> list:
             ),
         )
         def merged_model(context: dg.AssetExecutionContext, storage: ArtifactStorage, **inputs) -> dg.Output[dict]:
-            from moce_model.clustering import load_centroids
-            from moce_model.merging import load_trained, merge_to_directory
-
-            centroids_ref = inputs.get("kmeans_centroids")
-            centroids = load_centroids(centroids_ref["path"])[0] if centroids_ref else None
-            out_dir = storage.path_for(context.asset_key)
-            trained = load_trained(inputs["adapters"]["path"], inputs["base_model"]["path"])
-            path = merge_to_directory(
-                trained,
-                out_dir,
-                centroids=centroids,
-                embedder=centroids_ref["embedder"] if centroids_ref else None,
-                tokenizer_dir=inputs["base_model"]["path"],
+            path = merge_variant(
+                inputs["adapters"],
+                inputs["base_model"]["path"],
+                inputs.get("kmeans_centroids"),
+                storage.path_for(context.asset_key),
             )
             return dg.Output(
-                artifact_ref(path, variant=variant, k=inputs["adapters"].get("k"),
-                             adapters=inputs["adapters"]["path"]),
+                artifact_ref(
+                    path,
+                    variant=variant,
+                    k=inputs["adapters"].get("k"),
+                    adapters=inputs["adapters"]["path"],
+                    centroids=inputs["adapters"].get("centroids"),
+                    embedder=inputs["adapters"].get("embedder"),
+                ),
                 metadata={
                     **artifact_metadata(path),
                     "variant": variant,

@@ -8,6 +8,7 @@ from assets.clustering import build_clustering_assets
 from assets.data import build_instruction_assets, build_raw_source_assets
 from assets.embedding import embeddings_are_unit_norm_and_complete, instruction_embeddings
 from assets.evaluation import build_evaluation_assets
+from assets.k_sweep import build_k_sweep_asset
 from assets.training import base_model, build_training_assets
 from pipelines.profiles import Profile, load_profile
 from resources.embedder import EmbedderResource
@@ -16,6 +17,8 @@ from resources.storage import ArtifactStorage, AtomicPolarsParquetIOManager, Jso
 from resources.trainer import TrainerResource
 
 DATA_HALF = dg.AssetSelection.groups("data", "embedding", "clustering")
+# The k sweep trains one model per k: run on demand (its own job), not as part of the pipeline.
+PIPELINE = dg.AssetSelection.all() - dg.AssetSelection.assets("k_sweep")
 
 
 def build_resources(profile: Profile) -> dict:
@@ -48,6 +51,7 @@ def build_definitions(profile: Profile) -> dg.Definitions:
         base_model,
         *build_training_assets(profile),
         *build_evaluation_assets(profile),
+        build_k_sweep_asset(profile),
     ]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
     assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]
@@ -56,15 +60,17 @@ def build_definitions(profile: Profile) -> dg.Definitions:
         asset_checks=checks,
         resources=build_resources(profile),
         jobs=[
-            dg.define_asset_job("demo_pipeline", selection=dg.AssetSelection.all(),
+            dg.define_asset_job("demo_pipeline", selection=PIPELINE,
                                 description="Every asset of the profile, end to end."),
+            dg.define_asset_job("k_sweep", selection=dg.AssetSelection.assets("k_sweep"),
+                                description="Train and evaluate `moce` at several k; one comparison table."),
             dg.define_asset_job("cluster_instructions", selection=DATA_HALF,
                                 description="Sources → embeddings → elbow → k-means → cluster labels."),
         ],
         sensors=[
             dg.AutomationConditionSensorDefinition(
                 "rerun_downstream_of_changes",
-                target=dg.AssetSelection.all(),
+                target=PIPELINE,
                 default_status=dg.DefaultSensorStatus.RUNNING,
                 minimum_interval_seconds=30,
             )

@@ -14,20 +14,25 @@ from dagster._core.definitions.data_version import CachingStaleStatusResolver, S
 from dagster._core.loader import LoadingContextForTest
 
 
-def unsynced_asset_keys(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[dg.AssetKey]:
+def unsynced_asset_keys(
+    defs: dg.Definitions, instance: dg.DagsterInstance, selection: dg.AssetSelection | None = None
+) -> list[dg.AssetKey]:
     """Assets that are missing or unsynced, plus everything downstream of them.
 
     The status is the one the UI shows (same resolver). Dagster marks only the direct children of a changed
     asset as unsynced (their recorded input data version differs); the grandchildren's inputs have not
     changed *yet*, but will when their parents re-run, so they are included.
     """
+    from pipelines.definitions import PIPELINE
+
     graph = defs.resolve_asset_graph()
+    in_scope = (selection or PIPELINE).resolve(graph) & graph.materializable_asset_keys
     resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
-    not_fresh = [key for key in graph.materializable_asset_keys if resolver.get_status(key) != StaleStatus.FRESH]
+    not_fresh = [key for key in in_scope if resolver.get_status(key) != StaleStatus.FRESH]
     if not not_fresh:
         return []
     with_downstream = dg.AssetSelection.assets(*not_fresh).downstream().resolve(graph)
-    return sorted(with_downstream & graph.materializable_asset_keys, key=lambda key: key.to_user_string())
+    return sorted(with_downstream & in_scope, key=lambda key: key.to_user_string())
 
 
 def step_seconds(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:

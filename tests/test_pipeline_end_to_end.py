@@ -6,7 +6,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from pipelines.definitions import build_definitions
+from pipelines.definitions import PIPELINE, build_definitions
 from pipelines.demo import unsynced_asset_keys
 from tests.pipeline_fixtures import small_profile
 from tests.tiny_models import save_tiny_llama
@@ -71,8 +71,7 @@ def materialized(tmp_path_factory):
 
 def test_every_asset_materialized_and_checks_pass(materialized):
     profile, defs, instance = materialized
-    graph = defs.resolve_asset_graph()
-    for key in graph.materializable_asset_keys:
+    for key in PIPELINE.resolve(defs.resolve_asset_graph()):
         assert instance.get_latest_materialization_event(key) is not None, key.to_user_string()
     assert unsynced_asset_keys(defs, instance) == []
     for variant in profile.variants:
@@ -112,3 +111,20 @@ def test_change_of_k_retrains_only_cluster_variants(materialized):
     assert {key: after[key] - before[key] for key in RERUN_ON_K} == {key: 1 for key in RERUN_ON_K}
     adapters = instance.get_latest_materialization_event(dg.AssetKey(["moce_adapters", "moce"]))
     assert adapters.asset_materialization.metadata["k"].value == new_k
+
+
+def test_k_sweep_puts_each_k_side_by_side(materialized):
+    profile, defs, instance = materialized
+    result = defs.resolve_job_def("k_sweep").execute_in_process(
+        instance=instance,
+        run_config=dg.RunConfig(ops={"k_sweep": {"config": {"ks": [2, 3], "max_steps": 2}}}),
+    )
+    assert result.success
+    table = pl.read_parquet(profile.storage_root / "tables" / "k_sweep.parquet")
+    assert sorted(table["k"].unique().to_list()) == [2, 3]
+    assert set(table["model_variant"]) == {"moce_k2", "moce_k3"}
+    # Same benchmarks and metrics for every k, so the rows line up in the comparison table.
+    per_k = {k: set(group.select("benchmark", "metric").rows()) for (k,), group in table.group_by("k")}
+    assert per_k[2] == per_k[3] and per_k[2]
+    comparison = instance.get_latest_materialization_event(dg.AssetKey("k_sweep")).asset_materialization
+    assert "k=2" in comparison.metadata["comparison"].value and "k=3" in comparison.metadata["comparison"].value
