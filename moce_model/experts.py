@@ -75,6 +75,10 @@ class AdapterExperts(nn.Module):
         """x, down: [B, T, H]; group_ids: [B] long. Returns (block output [B, T, H], routing decisions)."""
         batch, seq_len, hidden = down.shape
         experts, rank = self.experts_per_group, self.adapter_dim
+        out_dtype = down.dtype
+        # Experts may be kept in another precision than the (e.g. quantised) base model's activations.
+        x = x.to(self.adapter_down.dtype)
+        down = down.to(self.adapter_down.dtype)
         if self.router is not None:
             logits = torch.bmm(x, self.router[group_ids].transpose(1, 2))  # [B, T, E]
             top_logits, top_experts = logits.topk(self.top_k, dim=-1)
@@ -90,8 +94,8 @@ class AdapterExperts(nn.Module):
             hidden_act = (hidden_act.view(batch, seq_len, experts, rank) * weights.unsqueeze(-1)).view(
                 batch, seq_len, experts * rank
             )
-        out = down + self.scaling * torch.bmm(hidden_act, up_weights)
-        return out, Routing(group_ids=group_ids, logits=logits, top_experts=top_experts)
+        out = torch.baddbmm(down, hidden_act, up_weights, alpha=self.scaling)
+        return out.to(out_dtype), Routing(group_ids=group_ids, logits=logits, top_experts=top_experts)
 
 
 @dataclass
@@ -161,7 +165,8 @@ def load_balancing_loss(
         mask = torch.ones(batch, seq_len, dtype=torch.float32, device=logits.device)
     else:
         mask = token_mask.to(torch.float32)
-    group_onehot = F.one_hot(group_ids, num_groups).to(torch.float32)  # [B, G]
+    # A comparison instead of F.one_hot, which validates its input with a host sync on GPU.
+    group_onehot = (group_ids.unsqueeze(1) == torch.arange(num_groups, device=group_ids.device)).to(torch.float32)
     group_tokens = group_onehot.T @ mask.sum(dim=1)  # [G]
     group_selected = group_onehot.T @ (selected * mask.unsqueeze(-1)).sum(dim=1)  # [G, E]
     group_probs = group_onehot.T @ (probs * mask.unsqueeze(-1)).sum(dim=1)  # [G, E]
@@ -249,7 +254,8 @@ class MoCEMLP(nn.Module):
                 tokens = torch.full_like(routing.group_ids, seq_len)
             self.expert_use_counts[:, 0].index_add_(0, routing.group_ids, tokens)
             return
-        selected = F.one_hot(routing.top_experts, self.experts_per_group).sum(dim=2)  # [B, T, E]
+        experts = torch.arange(self.experts_per_group, device=routing.top_experts.device)
+        selected = (routing.top_experts.unsqueeze(-1) == experts).sum(dim=2)  # [B, T, E]
         if token_mask is not None:
             selected = selected * token_mask.to(selected.dtype).unsqueeze(-1)
         self.expert_use_counts.index_add_(0, routing.group_ids, selected.sum(dim=1))

@@ -179,3 +179,13 @@ def test_balance_loss_is_computed_within_each_group_and_ignores_padding() -> Non
     )
     group1 = load_balancing_loss(logits[1:2], choice[1:2], torch.tensor([0]), 1)
     torch.testing.assert_close(joint, (group0 + group1) / 2)
+
+
+def test_experts_kept_in_float32_accept_bfloat16_activations() -> None:
+    module = make_experts(2, 4, 2)
+    x, down = inputs()
+    group_ids = torch.tensor([0, 1, 1, 0])
+    out, _ = module(x.bfloat16(), down.bfloat16(), group_ids)
+    assert out.dtype == torch.bfloat16
+    expected, _ = module(x.bfloat16().float(), down.bfloat16().float(), group_ids)
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
