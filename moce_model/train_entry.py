@@ -75,7 +75,7 @@ def build_moce_config(values: dict[str, Any] | None, base_model_dir: str) -> Any
     values = dict(values)
     if values.get("base_config") is None:
         values["base_config"] = AutoConfig.from_pretrained(base_model_dir).to_dict()
-    return MoCEConfig(**values)
+    return MoCEConfig.from_dict(values)
 
 
 def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:

@@ -421,3 +421,21 @@ def test_torchrun_two_processes(tiny_base_dir, tmp_path):
     # 16 rows / (2 per device x 2 ranks) = 4 optimizer steps in one epoch
     assert result["global_step"] == 4
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_run_spec_errors_name_the_field(tmp_path):
+    from moce_model.train_entry import load_spec
+
+    spec = tmp_path / "run.json"
+    spec.write_text(json.dumps({"base_model_dir": "b", "train_data": "t.parquet", "output_dir": "o"}))
+    with pytest.raises(ValueError, match="'training_config' is required"):
+        load_spec(spec)
+    spec.write_text(json.dumps({"base_model_dir": "b", "train_data": "t", "training_config": {}, "output_dir": "o",
+                                "learning_rate": 1}))
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['learning_rate'\]"):
+        load_spec(spec)
+    spec.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_spec(spec)
+    with pytest.raises(FileNotFoundError, match="run spec not found"):
+        load_spec(tmp_path / "missing.json")
