@@ -35,7 +35,7 @@ def build_k_sweep_asset(profile: Profile) -> dg.AssetsDefinition:
         pool="training",
         description="Benchmark results of the `moce` variant trained at each k of `ks`, side by side.",
     )
-    def k_sweep(
+    def k_sweep_results(
         context: dg.AssetExecutionContext,
         config: KSweepConfig,
         trainer: TrainerResource,
@@ -94,4 +94,4 @@ def build_k_sweep_asset(profile: Profile) -> dg.AssetsDefinition:
                       "comparison": dg.MetadataValue.md(md_table(side_by_side, max_rows=200))},
         )
 
-    return k_sweep
+    return k_sweep_results

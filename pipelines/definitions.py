@@ -18,7 +18,7 @@ from resources.trainer import TrainerResource
 
 DATA_HALF = dg.AssetSelection.groups("data", "embedding", "clustering")
 # The k sweep trains one model per k: run on demand (its own job), not as part of the pipeline.
-PIPELINE = dg.AssetSelection.all() - dg.AssetSelection.assets("k_sweep")
+PIPELINE = dg.AssetSelection.all() - dg.AssetSelection.assets("k_sweep_results")
 
 
 def build_resources(profile: Profile) -> dict:
@@ -62,7 +62,7 @@ def build_definitions(profile: Profile) -> dg.Definitions:
         jobs=[
             dg.define_asset_job("demo_pipeline", selection=PIPELINE,
                                 description="Every asset of the profile, end to end."),
-            dg.define_asset_job("k_sweep", selection=dg.AssetSelection.assets("k_sweep"),
+            dg.define_asset_job("k_sweep", selection=dg.AssetSelection.assets("k_sweep_results"),
                                 description="Train and evaluate `moce` at several k; one comparison table."),
             dg.define_asset_job("cluster_instructions", selection=DATA_HALF,
                                 description="Sources → embeddings → elbow → k-means → cluster labels."),

@@ -103,3 +103,9 @@ def test_change_of_k_reruns_only_downstream(clustered):
     assignments = pl.read_parquet(profile.storage_root / "tables" / "cluster_assignments.parquet")
     assert assignments["cluster"].n_unique() == new_k
     assert not {key.to_user_string() for key in unsynced_asset_keys(defs, instance)} & DATA_HALF_KEYS
+
+
+def test_definitions_load_like_the_ui_loads_them():
+    from pipelines import definitions
+
+    dg.Definitions.validate_loadable(definitions.defs)

@@ -1,0 +1,128 @@
+"""The UI in a real browser: `dagster dev` on 127.0.0.1, headless Debian Chromium driven by Playwright.
+
+Materializes the clustering half of the demo profile, opens the asset graph and the elbow_curve asset page,
+checks that the assets and the elbow plot are there, and saves screenshots to docs/images/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOTS = REPO_ROOT / "docs" / "images"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def dagster_ui(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api")
+    root = tmp_path_factory.mktemp("ui")
+    home = root / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "MOCE_PROFILE": "demo",
+        "MOCE_DATA_DIR": str(root / "data"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    materialize = (
+        "import dagster as dg\n"
+        "from pipelines.definitions import defs\n"
+        "result = defs.resolve_job_def('cluster_instructions').execute_in_process(instance=dg.DagsterInstance.get())\n"
+        "assert result.success\n"
+    )
+    subprocess.run([sys.executable, "-c", materialize], cwd=REPO_ROOT, env=env, check=True, timeout=600,
+                   stdout=subprocess.DEVNULL)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=(root / "dagster_dev.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/server_info", 180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+
+
+@pytest.fixture(scope="module")
+def page(dagster_ui):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        yield page
+        browser.close()
+
+
+def _open(page, url: str) -> None:
+    page.goto(url, wait_until="networkidle", timeout=120_000)
+    welcome = page.get_by_role("button", name="Skip")
+    if welcome.count():
+        welcome.first.click()
+
+
+def test_asset_graph_shows_the_pipeline(dagster_ui, page):
+    _open(page, f"{dagster_ui}/locations/pipelines.definitions/asset-groups/clustering")
+    for name in ("elbow_curve", "selected_k", "kmeans_centroids", "cluster_assignments", "instruction_embeddings"):
+        page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "asset_graph_clustering.png"))
+
+
+def test_elbow_curve_page_shows_the_plot(dagster_ui, page):
+    _open(page, f"{dagster_ui}/assets/elbow_curve")
+    row = page.locator("tr", has_text="elbow_plot").first
+    row.wait_for(timeout=60_000)
+    row.get_by_text("[Show Markdown]").click()
+    plot = page.locator("img[src^='data:image/png']").first
+    plot.wait_for(timeout=30_000)
+    box = plot.bounding_box()
+    assert box is not None and box["width"] > 200 and box["height"] > 150
+    page.screenshot(path=str(SCREENSHOTS / "elbow_curve_asset.png"))
