@@ -35,25 +35,13 @@ def _check_k(k: int, n_rows: int) -> None:
         raise ValueError(f"k={k} is larger than the number of rows ({n_rows}); k-means needs at least k rows")
 
 
-def fit_kmeans(
-    X: np.ndarray,
-    k: int,
-    seed: int = 0,
-    niter: int = 25,
-    nredo: int = 3,
-    max_points_per_centroid: int | None = None,
-) -> np.ndarray:
-    """Spherical k-means centroids ``(k, d)`` float32, unit norm (best of ``nredo`` restarts).
+DEFAULT_RESTART_SAMPLE = 32_768
 
-    ``max_points_per_centroid=None`` trains on every row; faiss' own default (256) would silently
-    subsample to 256·k rows, which is a different fit from the one the issue asks for on the full data.
-    """
+
+def _faiss_kmeans(d: int, k: int, n: int, seed: int, niter: int, nredo: int, max_points_per_centroid: int | None):
     import faiss
 
-    X = _as_unit_float32(X)
-    n, d = X.shape
-    _check_k(k, n)
-    kmeans = faiss.Kmeans(
+    return faiss.Kmeans(
         d,
         k,
         niter=niter,
@@ -63,8 +51,41 @@ def fit_kmeans(
         verbose=False,
         max_points_per_centroid=max_points_per_centroid or (n // k + 1),
         min_points_per_centroid=1,
+        # k-means++ seeding: random seeding often merges two true clusters and splits another.
+        init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
     )
-    kmeans.train(X)
+
+
+def fit_kmeans(
+    X: np.ndarray,
+    k: int,
+    seed: int = 0,
+    niter: int = 25,
+    nredo: int = 3,
+    max_points_per_centroid: int | None = None,
+    restart_sample: int | None = DEFAULT_RESTART_SAMPLE,
+) -> np.ndarray:
+    """Spherical k-means centroids ``(k, d)`` float32, unit norm, best of ``nredo`` restarts.
+
+    With more than ``restart_sample`` rows, the restarts run on a random sample of that size (enough to
+    tell a good initialisation from a bad one: at k = 16 that is 2,048 rows per centroid), and the best
+    of them seeds ``niter`` further iterations on every row. That keeps the restarts and the full-data
+    fit while costing about one full fit instead of ``nredo``. ``restart_sample=None`` runs every restart
+    on every row. ``max_points_per_centroid=None`` trains on every row; faiss' own default (256) would
+    silently subsample to 256·k rows, a different fit from the one asked for on the full data.
+    """
+    X = _as_unit_float32(X)
+    n, d = X.shape
+    _check_k(k, n)
+    init = None
+    if nredo > 1 and restart_sample is not None and n > restart_sample >= k:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=restart_sample, replace=False))
+        restarts = _faiss_kmeans(d, k, restart_sample, seed, niter, nredo, None)
+        restarts.train(X[rows])
+        init = np.ascontiguousarray(restarts.centroids, dtype=np.float32)
+        nredo = 1
+    kmeans = _faiss_kmeans(d, k, n, seed, niter, nredo, max_points_per_centroid)
+    kmeans.train(X, init_centroids=init)
     centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
     norms = np.linalg.norm(centroids, axis=1, keepdims=True)
     return centroids / np.maximum(norms, 1e-12)

@@ -140,3 +140,12 @@ def test_plots_are_png_and_embed_in_markdown(blobs):
     assert base64.b64decode(markdown.split(",", 1)[1].rstrip(")")) == pngs[0]
     with pytest.raises(ValueError, match="same number of rows"):
         cluster_projection_plot(X, labels[:10])
+
+
+def test_restarts_on_a_sample_then_a_full_fit_find_the_same_clusters(blobs):
+    X, truth = blobs
+    sampled = fit_kmeans(X, 5, seed=0, nredo=3, restart_sample=500)
+    full = fit_kmeans(X, 5, seed=0, nredo=3, restart_sample=None)
+    assert cluster_purity(assign(X, sampled)[0], truth) > 0.99
+    # Same clusters up to order: every centroid of one fit has a near-identical partner in the other.
+    assert (sampled @ full.T).max(axis=1).min() > 0.999
