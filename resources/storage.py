@@ -84,8 +84,13 @@ class ArtifactStorage(dg.ConfigurableResource):
 
     root: str
 
-    def path_for(self, key: dg.AssetKey | str) -> Path:
-        parts = dg.AssetKey.from_user_string(key).path if isinstance(key, str) else key.path
+    def path_for(self, key: dg.AssetKey | str | list[str]) -> Path:
+        if isinstance(key, str):
+            parts = dg.AssetKey.from_user_string(key).path
+        elif isinstance(key, dg.AssetKey):
+            parts = key.path
+        else:
+            parts = list(key)
         path = Path(self.root).joinpath(*parts)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
