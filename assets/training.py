@@ -20,6 +20,10 @@ from resources.trainer import TrainerResource
 TRAINING_CODE_VERSION = "1"
 USES_CENTROIDS = ("moce", "cluster_only")
 USES_K = ("moce", "cluster_only", "random_group")
+SAMPLE_PROMPTS = [
+    "A baker has 17 trays with 6 rolls each. How many rolls are there in total?",
+    "Write a Python function `count_vowels(text)` that returns the number of vowels in text.",
+]
 
 
 @dg.asset(
@@ -260,6 +264,16 @@ def build_training_assets(profile: Profile) -> list:
                 inputs.get("kmeans_centroids"),
                 storage.path_for(context.asset_key),
             )
+            from moce_model.generate import generate
+
+            samples = generate(path, SAMPLE_PROMPTS, max_new_tokens=48)
+            sample_table = pl.DataFrame(
+                {
+                    "prompt": SAMPLE_PROMPTS,
+                    "cluster": [cluster for _, cluster in samples],
+                    "answer": [answer for answer, _ in samples],
+                }
+            )
             return dg.Output(
                 artifact_ref(
                     path,
@@ -274,6 +288,7 @@ def build_training_assets(profile: Profile) -> list:
                     "variant": variant,
                     "k": inputs["adapters"].get("k"),
                     "size_mb": round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 1),
+                    "sample_generations": dg.MetadataValue.md(md_table(sample_table)),
                 },
             )
 

@@ -64,7 +64,10 @@ def main() -> int:
         print("materializing:", ", ".join(key.to_user_string() for key in todo))
         started = time.perf_counter()
         result = defs.resolve_job_def("demo_pipeline").execute_in_process(
-            instance=instance, asset_selection=todo, raise_on_error=False
+            instance=instance,
+            asset_selection=todo,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )
         total = time.perf_counter() - started
         per_group: dict[str, float] = defaultdict(float)
