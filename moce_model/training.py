@@ -327,20 +327,17 @@ class InstructionCollator:
 # Model construction
 
 
-def _model_library() -> dict[str, Any] | None:
-    """The routed-expert model library, when present in this checkout."""
-    try:
-        from moce_model import merging, modeling
-    except ImportError:
-        return None
-    return {"modeling": modeling, "merging": merging}
-
-
 def build_model(base_model_dir: str | os.PathLike, moce_config: Any, config: TrainingConfig) -> torch.nn.Module:
-    """Base model (optionally 4-bit NF4) + routed adapter experts + LoRA; only adapters/experts/routers train."""
+    """Base model (optionally 4-bit NF4) + routed adapter experts + LoRA; only adapters/experts/routers train.
+
+    With moce_config=None the base model gets LoRA only (the plain fine-tuning baseline).
+    """
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from moce_model.base_model import check_supported_architecture
+    from moce_model.merging import add_lora
+    from moce_model.modeling import MoCEForCausalLM
 
     load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if config.bf16 else torch.float32}
     if config.qlora:
@@ -359,33 +356,25 @@ def build_model(base_model_dir: str | os.PathLike, moce_config: Any, config: Tra
     if config.qlora:
         from peft import prepare_model_for_kbit_training
 
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=config.gradient_checkpointing
-        )
-
-    library = _model_library()
-    if moce_config is None:
-        model = base
-    elif library is None:
-        raise RuntimeError("a MoCE config was given but moce_model.modeling is not available")
-    else:
-        model = library["modeling"].MoCEForCausalLM.from_base(base, moce_config)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.gradient_checkpointing)
 
     lora_targets = list(config.lora_targets)
-    if library is not None and moce_config is not None:
-        return library["merging"].add_lora(
-            model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=lora_targets
+    if moce_config is None:
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=lora_targets,
+            task_type="CAUSAL_LM",
         )
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
+        return get_peft_model(base, lora)
+    return add_lora(
+        MoCEForCausalLM.from_base(base, moce_config),
         r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
         target_modules=lora_targets,
-        task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
 
 
 def count_trainable_parameters(model: torch.nn.Module) -> int:
@@ -638,22 +627,21 @@ def _forward_takes_cluster_ids(model: torch.nn.Module) -> bool:
     return "cluster_ids" in inspect.signature(inner.forward).parameters
 
 
-def _expert_use(model: torch.nn.Module, dataset: InstructionDataset, collator: InstructionCollator) -> Any:
-    """Share of tokens per (group, expert) over (a sample of) the training data, when the library offers it."""
-    try:
-        from moce_model import expert_stats
-    except ImportError:
-        return None
-    compute = getattr(expert_stats, "expert_use_counts", None) or getattr(expert_stats, "collect_expert_use", None)
-    if compute is None:
-        return None
-    sample = [dataset[i] for i in range(min(len(dataset), 64))]
-    batches = [collator(sample[i : i + 8]) for i in range(0, len(sample), 8)]
-    model.eval()
-    with torch.no_grad():
-        counts = compute(model, batches)
-    model.train()
-    return np.asarray(counts.cpu() if torch.is_tensor(counts) else counts, dtype=np.float64)
+def _expert_use(
+    model: torch.nn.Module, dataset: InstructionDataset, collator: InstructionCollator, per_group: int = 16
+) -> np.ndarray:
+    """(groups, experts) token-routing counts on up to `per_group` training examples of every group."""
+    from moce_model.expert_stats import expert_use_counts
+
+    by_group: dict[int, list[dict[str, Any]]] = {}
+    for example in dataset.examples:
+        members = by_group.setdefault(example["cluster_ids"], [])
+        if len(members) < per_group:
+            members.append(example)
+    batches = [
+        collator(members[start : start + 8]) for members in by_group.values() for start in range(0, len(members), 8)
+    ]
+    return np.asarray(expert_use_counts(model, batches), dtype=np.float64)
 
 
 def _save_artifact(model: torch.nn.Module, tokenizer: Any, artifact_dir: Path, metadata: dict[str, Any]) -> None:
@@ -661,14 +649,12 @@ def _save_artifact(model: torch.nn.Module, tokenizer: Any, artifact_dir: Path, m
     artifact_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{artifact_dir.name}.tmp-", dir=artifact_dir.parent))
     try:
-        library = _model_library()
-        if library is not None and hasattr(library["merging"], "save_trained") and metadata.get("moce_config"):
-            library["merging"].save_trained(model, staging)
-        else:
-            from safetensors.torch import save_file
+        if metadata.get("moce_config") is not None:
+            from moce_model.merging import save_trained
 
+            save_trained(model, staging)
+        else:
             model.save_pretrained(staging)
-            save_file(trainable_state_dict(model), str(staging / TRAINABLE_STATE_NAME))
         tokenizer.save_pretrained(staging)
         (staging / "training.json").write_text(json.dumps(metadata, indent=2, default=str))
         staging.chmod(0o755)
