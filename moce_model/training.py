@@ -453,6 +453,50 @@ def find_resumable_checkpoint(checkpoints_dir: Path) -> Path | None:
     return None
 
 
+RUN_FINGERPRINT_NAME = "run_fingerprint.json"
+
+
+def run_fingerprint(
+    base_model_dir: str | os.PathLike,
+    row_ids: Sequence[str],
+    group_ids: Sequence[int],
+    moce_config: dict[str, Any] | None,
+    config: TrainingConfig,
+) -> str:
+    """Hash of everything a checkpoint's meaning depends on; a checkpoint of another run is never resumed."""
+    import hashlib
+
+    bookkeeping = ("save_steps", "save_total_limit", "logging_steps", "num_threads")
+    relevant = {k: v for k, v in config.to_dict().items() if k not in bookkeeping}
+    layout = ("variant", "num_groups", "experts_per_group", "router_top_k", "adapter_dim", "adapter_scaling",
+              "adapter_dropout", "aux_loss_coef", "random_group_seed")
+    moce = {k: v for k, v in (moce_config or {}).items() if k in layout}
+    payload = json.dumps(
+        [str(Path(base_model_dir).resolve()), list(row_ids), list(group_ids), moce, relevant], sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _discard_checkpoints_of_other_runs(output_dir: Path, fingerprint: str) -> None:
+    marker = output_dir / RUN_FINGERPRINT_NAME
+    checkpoints_dir = output_dir / CHECKPOINTS_DIRNAME
+    if marker.is_file():
+        try:
+            previous = json.loads(marker.read_text()).get("fingerprint")
+        except ValueError:
+            previous = None
+        if previous != fingerprint and checkpoints_dir.exists():
+            logger.warning("checkpoints in %s belong to a different run (data/config changed); starting over", output_dir)
+            shutil.rmtree(checkpoints_dir)
+    elif checkpoints_dir.exists():
+        logger.warning("checkpoints in %s have no run fingerprint; starting over", output_dir)
+        shutil.rmtree(checkpoints_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=output_dir, prefix=f".{RUN_FINGERPRINT_NAME}.", delete=False) as handle:
+        json.dump({"fingerprint": fingerprint}, handle)
+    os.replace(handle.name, marker)
+
+
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -703,8 +747,6 @@ def train(
     artifact_dir = output_dir / ARTIFACT_DIRNAME
     if training_config.num_threads:
         torch.set_num_threads(training_config.num_threads)
-    if not resume and checkpoints_dir.exists() and _is_main_process():
-        shutil.rmtree(checkpoints_dir)
 
     variant = getattr(moce_config, "variant", None) if moce_config is not None else None
     num_groups = int(getattr(moce_config, "num_groups", 1)) if moce_config is not None else 1
@@ -719,7 +761,16 @@ def train(
 
     set_seed(training_config.seed)
     args = _training_arguments(training_config, checkpoints_dir)
-    resume_from = find_resumable_checkpoint(checkpoints_dir) if resume else None
+    # Rank 0 cleans up (foreign or corrupt checkpoints) first; the other ranks then see the same directory.
+    with args.main_process_first(local=False, desc="checkpoint selection"):
+        if _is_main_process():
+            if not resume and checkpoints_dir.exists():
+                shutil.rmtree(checkpoints_dir)
+            fingerprint = run_fingerprint(
+                base_model_dir, train_rows["id"].to_list(), group_ids, _moce_config_dict(moce_config), training_config
+            )
+            _discard_checkpoints_of_other_runs(output_dir, fingerprint)
+        resume_from = find_resumable_checkpoint(checkpoints_dir) if resume else None
     model = build_model(base_model_dir, moce_config, training_config)
     trainable = count_trainable_parameters(model)
 

@@ -439,3 +439,18 @@ def test_run_spec_errors_name_the_field(tmp_path):
         load_spec(spec)
     with pytest.raises(FileNotFoundError, match="run spec not found"):
         load_spec(tmp_path / "missing.json")
+
+
+def test_checkpoints_of_a_different_run_are_not_resumed(tiny_base_dir, tmp_path):
+    rows = make_rows(8)
+    run = tmp_path / "run"
+    train(tiny_base_dir, rows, None, moce_config("pesc", 1), tiny_training_config(max_steps=2, save_steps=2), run)
+    assert (run / "checkpoints" / "checkpoint-2").is_dir()
+    same = train(tiny_base_dir, rows, None, moce_config("pesc", 1), tiny_training_config(max_steps=4, save_steps=2), run)
+    assert same.resumed_from_step == 0  # max_steps is part of the run: a longer run is a different run
+    again = train(tiny_base_dir, rows, None, moce_config("pesc", 1), tiny_training_config(max_steps=4, save_steps=2), run)
+    assert again.resumed_from_step == 4 and again.global_step == 4
+    other_data = train(
+        tiny_base_dir, make_rows(9), None, moce_config("pesc", 1), tiny_training_config(max_steps=4, save_steps=2), run
+    )
+    assert other_data.resumed_from_step == 0 and other_data.global_step == 4
