@@ -14,7 +14,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -175,7 +175,9 @@ def run_synthetic(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchma
         lm.render_prompt(m, routing_text=input_side_text(r["system"], r["instruction"], r["input"]))
         for m, r in zip(messages, rows)
     ]
-    completions = lm.generate(contexts, {"until": [], "max_gen_toks": spec.max_new_tokens})
+    # Training answers end with the end-of-turn token; a fenced answer is over once its block closes.
+    until = ["\n```"] if spec.domain == "python" else []
+    completions = lm.generate(contexts, {"until": until, "max_gen_toks": spec.max_new_tokens})
     if spec.domain == "python":
         programs = [extract_code(c) + "\n\n" + r["test_code"] + "\n" for c, r in zip(completions, rows)]
         correct = [res.passed for res in run_sandboxed_many(programs, CODE_TIMEOUT_S, CODE_MEMORY_MB)]
@@ -235,24 +237,33 @@ def read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]
     return rows
 
 
-HUMANEVAL_STOPS = ["```", "\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert "]
+HUMANEVAL_REQUEST = "Complete the following Python function. Answer with the whole function in one code block."
+
+
+def humaneval_program(problem: Mapping[str, str], completion: str) -> str:
+    """The program run for one HumanEval answer: the problem's prompt (imports, helper code), the model's
+    function (or, when the answer holds no definition of the entry point, the answer as its body), then
+    the problem's tests."""
+    code = extract_code(completion)
+    if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, re.MULTILINE):
+        solution = problem["prompt"] + "\n\n" + code
+    else:
+        solution = problem["prompt"] + code
+    return solution + "\n\n" + problem["test"] + f"\n\ncheck({problem['entry_point']})\n"
 
 
 def run_humaneval(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOutcome:
-    """pass@1 with greedy decoding; the function header is prefilled in the answer so that the model
-    writes the body, and the program (prompt + body + the problem's tests) runs in the sandbox."""
+    """pass@1 with greedy decoding; the model answers the prompt in a code block (chat models close the
+    block at once when the header is prefilled), and prompt + answer + tests run in the sandbox."""
     problems = read_jsonl(spec.path or humaneval_path(), ["task_id", "prompt", "test", "entry_point"])
     total = len(problems)
     problems = problems[: _resolve_count(spec.n_items, limit, default=total)]
-    contexts = []
-    for problem in problems:
-        request = f"Complete the following Python function.\n\n```python\n{problem['prompt']}```"
-        contexts.append(lm.render_prompt([{"role": "user", "content": request}],
-                                         assistant_prefix="```python\n" + problem["prompt"]))
-    completions = lm.generate(contexts, {"until": HUMANEVAL_STOPS, "max_gen_toks": spec.max_new_tokens})
-    programs = [
-        p["prompt"] + c + "\n\n" + p["test"] + f"\n\ncheck({p['entry_point']})\n" for p, c in zip(problems, completions)
+    contexts = [
+        lm.render_prompt([{"role": "user", "content": f"{HUMANEVAL_REQUEST}\n\n```python\n{p['prompt']}```"}])
+        for p in problems
     ]
+    completions = lm.generate(contexts, {"until": ["\n```"], "max_gen_toks": spec.max_new_tokens})
+    programs = [humaneval_program(p, c) for p, c in zip(problems, completions)]
     correct = [res.passed for res in run_sandboxed_many(programs, CODE_TIMEOUT_S, CODE_MEMORY_MB)]
     items = _records(lm, spec.name, contexts, completions, correct, ids=[p["task_id"] for p in problems])
     note = f"first {len(problems)} of {total} problems" if len(problems) < total else f"all {total} problems"

@@ -36,9 +36,15 @@ PAPER_LM_EVAL_TASKS: dict[str, tuple[str, int]] = {
 
 
 def run_lm_eval(lm: MoCELM, specs: Sequence[BenchmarkSpec], limit: int | None,
-                bootstrap_iters: int = 1000) -> list[BenchmarkOutcome]:
-    """Run lm-eval tasks (kinds `lm_eval` and `mbpp`), one `simple_evaluate` call per few-shot setting."""
+                bootstrap_iters: int = 1000, include_path: str | None = None) -> list[BenchmarkOutcome]:
+    """Run lm-eval tasks (kinds `lm_eval` and `mbpp`), one `simple_evaluate` call per few-shot setting.
+
+    `include_path`: a folder of extra lm-eval task YAMLs (e.g. tasks over local JSONL files).
+    """
     import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager(include_path=include_path) if include_path else None
 
     outcomes: list[BenchmarkOutcome] = []
     by_fewshot: dict[tuple[int, bool], list[BenchmarkSpec]] = {}
@@ -52,6 +58,7 @@ def run_lm_eval(lm: MoCELM, specs: Sequence[BenchmarkSpec], limit: int | None,
             model=lm, tasks=[spec.lm_eval_task for spec in group], num_fewshot=num_fewshot, limit=limit,
             apply_chat_template=lm.use_chat_template, fewshot_as_multiturn=lm.use_chat_template,
             bootstrap_iters=bootstrap_iters, log_samples=True, predict_only=predict_only,
+            task_manager=task_manager,
         )
         seconds = (time.perf_counter() - started) / len(group)
         for spec in group:
@@ -76,7 +83,8 @@ def outcome_from_lm_eval(results: Mapping[str, Any], spec: BenchmarkSpec, lm: Mo
         raise KeyError(f"lm-eval results hold no task or group {task!r}; have {sorted(results.get('results', {}))}")
     metrics = []
     for key, value in table.items():
-        if key == "alias" or "_stderr," in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+        # metric keys are "<metric>,<filter>"; other keys (alias, name, sample_len) describe the task
+        if "," not in key or "_stderr," in key or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         name, _, filter_name = key.partition(",")
         stderr = table.get(f"{name}_stderr,{filter_name}")

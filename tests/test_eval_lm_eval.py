@@ -1,0 +1,107 @@
+"""The lm-eval path: MoCELM inside `simple_evaluate` on local task files, results-dict conversion, and
+MBPP generations scored in the sandbox."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moce_model.evaluation.benchmarks import BenchmarkSpec
+from moce_model.evaluation.lm import MoCELM
+from moce_model.evaluation.lm_eval_suite import (
+    PAPER_LM_EVAL_TASKS,
+    outcome_from_lm_eval,
+    run_lm_eval,
+    score_mbpp_samples,
+)
+from moce_model.evaluation.runner import paper_benchmarks
+from tests.test_eval_fixtures import build_model, build_tokenizer
+
+# Shape of a real lm-eval 0.4 results dict (trimmed): a group (mmlu) with subtasks, and gsm8k with filters.
+RECORDED = {
+    "results": {
+        "mmlu": {"alias": "mmlu", "acc,none": 0.46, "acc_stderr,none": 0.004},
+        "mmlu_anatomy": {"alias": " - anatomy", "acc,none": 0.4, "acc_stderr,none": 0.04, "sample_len": 135},
+        "mmlu_virology": {"alias": " - virology", "acc,none": 0.5, "acc_stderr,none": 0.03, "sample_len": 166},
+        "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.14, "exact_match_stderr,strict-match": 0.0096,
+                  "exact_match,flexible-extract": 0.15, "exact_match_stderr,flexible-extract": "N/A"},
+    },
+    "groups": {"mmlu": {"alias": "mmlu", "acc,none": 0.46, "acc_stderr,none": 0.004}},
+    "group_subtasks": {"mmlu": ["mmlu_anatomy", "mmlu_virology"], "gsm8k": []},
+    "n-samples": {"mmlu_anatomy": {"original": 135, "effective": 135},
+                  "mmlu_virology": {"original": 166, "effective": 166},
+                  "gsm8k": {"original": 1319, "effective": 1319}},
+    "samples": {"gsm8k": [{"doc_id": 0, "arguments": [("Question: 1+1?\nAnswer:", {"until": ["\n"]})]}]},
+}
+
+
+def test_group_metrics_and_counts_from_a_recorded_results_dict():
+    mmlu = outcome_from_lm_eval(RECORDED, BenchmarkSpec(name="mmlu", kind="lm_eval", lm_eval_task="mmlu", num_fewshot=5))
+    assert [(m.metric, m.value, m.stderr) for m in mmlu.metrics] == [("acc", 0.46, 0.004)]
+    assert mmlu.n_items == 135 + 166
+    gsm8k = outcome_from_lm_eval(RECORDED, BenchmarkSpec(name="gsm8k", kind="lm_eval", lm_eval_task="gsm8k"))
+    assert {m.metric: (m.value, m.stderr) for m in gsm8k.metrics} == {
+        "exact_match (strict-match)": (0.14, 0.0096), "exact_match (flexible-extract)": (0.15, None)}
+    assert gsm8k.n_items == 1319
+    assert [i.item_id for i in gsm8k.items] == ["gsm8k/0"] and gsm8k.items[0].cluster is None
+    with pytest.raises(KeyError, match="hellaswag"):
+        outcome_from_lm_eval(RECORDED, BenchmarkSpec(name="hellaswag", kind="lm_eval", lm_eval_task="hellaswag"))
+
+
+def test_paper_benchmarks_name_the_papers_settings():
+    specs = {s.name: s for s in paper_benchmarks()}
+    assert {n: (s.lm_eval_task, s.num_fewshot) for n, s in specs.items() if s.lm_eval_task} == PAPER_LM_EVAL_TASKS
+    assert specs["mmlu"].num_fewshot == 5 and specs["gsm8k"].num_fewshot == 5 and specs["math"].num_fewshot == 4
+    assert specs["hellaswag"].num_fewshot == 10 and specs["humaneval"].kind == "humaneval"
+    assert specs["mbpp"].kind == "mbpp"  # generations from lm-eval, scored in the sandbox
+    from lm_eval.tasks import TaskManager
+
+    available = set(TaskManager().all_tasks)
+    assert {task for task, _ in PAPER_LM_EVAL_TASKS.values()} <= available
+
+
+def test_mbpp_generations_are_scored_in_the_sandbox(tmp_path: Path):
+    outside = tmp_path / "keep.txt"
+    outside.write_text("x")
+    doc = {"test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"], "test_setup_code": ""}
+    samples = [
+        {"doc_id": 0, "doc": doc, "arguments": [("ctx0", {})], "filtered_resps": ["def add(a, b):\n    return a + b"]},
+        {"doc_id": 1, "doc": doc, "arguments": [("ctx1", {})], "filtered_resps": ["def add(a, b):\n    return a - b"]},
+        {"doc_id": 2, "doc": doc, "arguments": [("ctx2", {})],
+         "filtered_resps": [f"import os\nos.remove({str(outside)!r})\ndef add(a, b):\n    return a + b"]},
+    ]
+    outcome = score_mbpp_samples(None, BenchmarkSpec(name="mbpp", kind="mbpp", lm_eval_task="mbpp"), samples)
+    assert [i.correct for i in outcome.items] == [True, False, False]
+    assert outcome.metrics[0].metric == "pass@1" and outcome.metrics[0].value == pytest.approx(1 / 3)
+    assert outcome.n_items == 3 and outside.exists()
+
+
+def test_simple_evaluate_runs_moce_lm_on_local_task_files(tmp_path: Path):
+    data = tmp_path / "arith.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "What is 1 + 1?", "answer": "2", "choices": ["2", "3"], "label": 0},
+        {"question": "What is 2 + 3?", "answer": "5", "choices": ["4", "5"], "label": 1},
+        {"question": "What is 3 + 3?", "answer": "6", "choices": ["6", "7"], "label": 0},
+    ]))
+    common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+              "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n")
+    (tmp_path / "local_gen.yaml").write_text(
+        "task: local_gen\n" + common + "output_type: generate_until\ndoc_to_target: \"{{answer}}\"\n"
+        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 4\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    (tmp_path / "local_mc.yaml").write_text(
+        "task: local_mc\n" + common + "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: \"{{label}}\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    tokenizer = build_tokenizer()
+    lm = MoCELM.from_objects(build_model(tokenizer), tokenizer, batch_size=4)
+    specs = [BenchmarkSpec(name="local_gen", kind="lm_eval", lm_eval_task="local_gen"),
+             BenchmarkSpec(name="local_mc", kind="lm_eval", lm_eval_task="local_mc")]
+    outcomes = {o.benchmark: o for o in run_lm_eval(lm, specs, limit=None, bootstrap_iters=10, include_path=str(tmp_path))}
+    assert outcomes["local_gen"].n_items == 3 and outcomes["local_mc"].n_items == 3
+    assert [m.metric for m in outcomes["local_mc"].metrics] == ["acc"]
+    assert outcomes["local_mc"].metrics[0].value in (0.0, 1 / 3, 2 / 3, 1.0)
+    # lm-eval rendered the prompts with MoCELM's chat template, and the items are recorded per document
+    prompts = [i.prompt for i in outcomes["local_gen"].items]
+    assert len(prompts) == 3 and all(p.startswith("<|im_start|>") for p in prompts)
