@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -126,14 +125,30 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     optimizer.zero_grad(set_to_none=True)
 
 
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status in MiB (VmRSS: now, VmHWM: peak of this process image)."""
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def peak_memory_child(variant: str, seq_len: int, steps: int) -> None:
-    """Run in a subprocess: report this process's peak RSS for `steps` train steps of one variant."""
+    """Run in a fresh subprocess: resident memory after building one variant, and its peak over train steps.
+
+    VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak.
+    """
     model, optimizer, batch = build_trainable(variant, seq_len)
-    rss_after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_after_build = _status_mib("VmRSS")
+    try:
+        open("/proc/self/clear_refs", "w").write("5")  # restart the peak counter after the build
+        peak_scope = "train steps"
+    except OSError:
+        peak_scope = "build + train steps"
     for _ in range(steps):
         train_step(model, optimizer, batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"variant": variant, "peak_rss_mib": peak, "rss_after_build_mib": rss_after_build}))
+    print(json.dumps({"variant": variant, "peak_rss_mib": _status_mib("VmHWM"), "peak_scope": peak_scope,
+                      "rss_after_build_mib": rss_after_build}))
 
 
 def measure_peak_memory(variant: str, seq_len: int, steps: int) -> dict:
@@ -150,6 +165,8 @@ def measure_peak_memory(variant: str, seq_len: int, steps: int) -> dict:
 def train_step_section(seq_len: int, steps: int) -> None:
     print(f"\n## train step, LoRA r=8 + experts, SmolLM2-135M-shaped model (random weights), 4x{seq_len} tokens")
     print("   moce: 4 groups x 4 experts, top-2, adapter 16; dense_adapter: one adapter 16, no router")
+    # Memory first, each variant in its own fresh process, before this process holds any model.
+    memory = {variant: measure_peak_memory(variant, seq_len, steps=2) for variant in ("moce", "dense_adapter")}
     models = {variant: build_trainable(variant, seq_len) for variant in ("moce", "dense_adapter")}
     for variant, (model, optimizer, batch) in models.items():
         train_step(model, optimizer, batch)  # warm-up
@@ -161,7 +178,7 @@ def train_step_section(seq_len: int, steps: int) -> None:
             times[variant].append(time.perf_counter() - started)
     del models
     median = {variant: statistics.median(values) for variant, values in times.items()}
-    memory = {variant: measure_peak_memory(variant, seq_len, steps=2) for variant in median}
+    print(f"   peak RSS measured over {memory['moce']['peak_scope']} in a fresh process per variant")
     print(f"{'variant':<15}{'step_s (median)':>17}{'tokens/s':>10}{'peak_rss_MiB':>14}{'rss_after_build_MiB':>21}")
     for variant in median:
         tokens_per_second = 4 * seq_len / median[variant]
@@ -170,12 +187,32 @@ def train_step_section(seq_len: int, steps: int) -> None:
     print(f"train_step_ratio_moce_over_dense_adapter: {median['moce'] / median['dense_adapter']:.3f}")
 
 
+def layer_section(repeats: int) -> dict[tuple[str, bool], float]:
+    print("## MoE layer forward+backward: batched (per-sequence group weights, bmm) vs reference loop "
+          "(groups x experts, boolean masks)")
+    print(f"{'shape':<27}{'timed part':<34}{'tokens':>8}{'batched_ms':>12}{'reference_ms':>14}{'speedup':>9}")
+    rows = [
+        (DEMO, "experts+routers (base MLP excluded)", False, repeats),
+        (DEMO, "full block (base MLP + experts)", True, repeats),
+        (PAPER, "experts+routers (base MLP excluded)", False, max(3, repeats // 2)),
+    ]
+    speedups = {}
+    for shape, label, with_base, shape_repeats in rows:
+        batched, reference = time_layer(shape, shape_repeats, with_base)
+        speedups[(shape.name, with_base)] = reference / batched
+        print(f"{shape.name:<27}{label:<34}{shape.batch * shape.seq_len:>8}{batched * 1e3:>12.1f}"
+              f"{reference * 1e3:>14.1f}{reference / batched:>8.2f}x", flush=True)
+    print("   (paper shape: the 11008-wide base MLP runs identically in both and is excluded from the timing)")
+    return speedups
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-train-step", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-layer", action="store_true", help="only the train-step section")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--memory-child", choices=("moce", "dense_adapter"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -183,25 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
-    print("## MoE layer forward+backward: batched (per-sequence group weights, bmm) vs reference loop "
-          "(groups x experts, boolean masks)")
-    header = f"{'shape':<27}{'timed part':<34}{'tokens':>8}{'batched_ms':>12}{'reference_ms':>14}{'speedup':>9}"
-    print(header)
-    rows = [
-        (DEMO, "experts+routers (base MLP excluded)", False, args.repeats),
-        (DEMO, "full block (base MLP + experts)", True, args.repeats),
-        (PAPER, "experts+routers (base MLP excluded)", False, max(3, args.repeats // 2)),
-    ]
-    speedups = {}
-    for shape, label, with_base, repeats in rows:
-        batched, reference = time_layer(shape, repeats, with_base)
-        speedups[(shape.name, with_base)] = reference / batched
-        print(f"{shape.name:<27}{label:<34}{shape.batch * shape.seq_len:>8}{batched * 1e3:>12.1f}"
-              f"{reference * 1e3:>14.1f}{reference / batched:>8.2f}x", flush=True)
-    print("   (paper shape: the 11008-wide base MLP runs identically in both and is excluded from the timing)")
+    speedups = {} if args.skip_layer else layer_section(args.repeats)
     if not args.skip_train_step:
         train_step_section(args.seq_len, args.steps)
-    print(f"speedup_paper_shape: {speedups[(PAPER.name, False)]:.2f}")
+    if speedups:
+        print(f"speedup_paper_shape: {speedups[(PAPER.name, False)]:.2f}")
     return 0
 
 

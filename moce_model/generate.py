@@ -70,7 +70,8 @@ def generate(
         if routes:
             extra["cluster_ids"] = torch.tensor(clusters[start : start + batch_size], dtype=torch.long)
         output = model.generate(
-            **encoded,
+            input_ids=encoded["input_ids"],
+            attention_mask=encoded["attention_mask"],
             **extra,
             max_new_tokens=max_new_tokens,
             do_sample=False,
