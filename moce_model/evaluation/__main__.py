@@ -1,0 +1,62 @@
+"""Evaluate model directories on the demo benchmarks and print the results and the time taken.
+
+    python -m moce_model.evaluation --model base=/path/to/base --model moce=/path/to/merged [--n-per-domain 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from moce_model.evaluation.report import build_report
+from moce_model.evaluation.runner import demo_benchmarks, evaluate_model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, metavar="VARIANT=DIR",
+                        help="a model directory and its variant name; repeat for several models")
+    parser.add_argument("--n-per-domain", type=int, default=8, help="held-out synthetic items per domain")
+    parser.add_argument("--humaneval-items", type=int, default=8)
+    parser.add_argument("--gsm8k", type=Path, default=None, help="GSM8K-format JSONL (default: realmix sample)")
+    parser.add_argument("--gsm8k-items", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--show-items", action="store_true", help="print every prompt's completion")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = demo_benchmarks(n_per_domain=args.n_per_domain, humaneval_items=args.humaneval_items,
+                            gsm8k_path=args.gsm8k, gsm8k_items=args.gsm8k_items, seed=args.seed)
+    tables, clusters = [], []
+    pl.Config.set_tbl_rows(100)
+    for entry in args.model:
+        variant, sep, directory = entry.partition("=")
+        if not sep or not variant or not directory:
+            parser.error(f"--model {entry!r}: expected VARIANT=DIR")
+        started = time.perf_counter()
+        result = evaluate_model(Path(directory), variant, specs, batch_size=args.batch_size, seed=args.seed)
+        print(f"{variant}: evaluated in {time.perf_counter() - started:.1f} s "
+              f"({torch.get_num_threads()} threads)", flush=True)
+        print(result.table)
+        for benchmark, note in result.notes.items():
+            print(f"  {benchmark}: {note}")
+        if args.show_items:
+            for row in result.items.iter_rows(named=True):
+                print(f"--- {row['benchmark']} {row['item_id']} correct={row['correct']} cluster={row['cluster']}\n"
+                      f"{row['completion']}")
+        tables.append(result.table)
+        clusters.append(result.item_clusters)
+    print(build_report(tables, clusters).markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
