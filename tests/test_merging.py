@@ -97,6 +97,11 @@ def test_trained_artifact_round_trip(trained, base_dir) -> None:
     ids, cluster_ids = probe()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, cluster_ids=cluster_ids).logits, expected)
+        # generate() through the peft wrapper forwards cluster_ids to every step.
+        scored = loaded.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cluster_ids=cluster_ids,
+                                 max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        last = loaded(input_ids=scored.sequences[:, :-1], cluster_ids=cluster_ids).logits[:, -1]
+        torch.testing.assert_close(scored.logits[-1], last)
 
 
 def test_merged_directory_loads_with_auto_class_and_matches_unmerged(trained, base_dir, tmp_path) -> None:

@@ -247,7 +247,7 @@ def test_gradient_checkpointing_recomputes_with_the_same_groups() -> None:
         torch.testing.assert_close(a, b)
 
 
-def test_expert_use_counts_per_group_exclude_padding() -> None:
+def test_expert_use_counts_per_group_exclude_padding(tmp_path) -> None:
     from moce_model.expert_stats import expert_use_counts, expert_use_heatmap_png, expert_use_share
 
     model = tiny_moce(groups=3)
@@ -260,5 +260,6 @@ def test_expert_use_counts_per_group_exclude_padding() -> None:
     assert counts[2].sum() == 6 * top_k * layers and counts[0].sum() == 4 * top_k * layers
     share = expert_use_share(counts)
     assert share[1].sum() == 0 and abs(share[2].sum() - 1) < 1e-9
-    png = expert_use_heatmap_png(counts)
+    png = expert_use_heatmap_png(counts, path=tmp_path / "plots" / "use.png")
     assert png.startswith(b"\x89PNG")
+    assert (tmp_path / "plots" / "use.png").read_bytes() == png
