@@ -41,10 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         variant, sep, directory = entry.partition("=")
         if not sep or not variant or not directory:
             parser.error(f"--model {entry!r}: expected VARIANT=DIR")
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = evaluate_model(Path(directory), variant, specs, batch_size=args.batch_size, seed=args.seed)
-        print(f"{variant}: evaluated in {time.perf_counter() - started:.1f} s "
-              f"({torch.get_num_threads()} threads)", flush=True)
+        # CPU time is printed too: on a shared machine wall time says more about the neighbours.
+        print(f"{variant}: evaluated in {time.perf_counter() - started:.1f} s wall, "
+              f"{time.process_time() - cpu_started:.1f} s CPU ({torch.get_num_threads()} threads)", flush=True)
         print(result.table)
         for benchmark, note in result.notes.items():
             print(f"  {benchmark}: {note}")
