@@ -164,7 +164,10 @@ def build_clustering_assets(profile: Profile) -> list:
             {"id": list(ids), "cluster": labels.astype(np.int64), "distance": distances.astype(np.float32)}
         )
         described = assignments.join(
-            instructions.select("id", "source", "domain", "instruction").collect(), on="id", how="left"
+            instructions.select("id", "source", "domain", "instruction").collect(),
+            on="id",
+            how="left",
+            maintain_order="left",
         )
         sizes = described.group_by("cluster").len().sort("cluster")
         metadata: dict = {
@@ -185,7 +188,9 @@ def build_clustering_assets(profile: Profile) -> list:
             "cluster", "source", "instruction"
         ).sort("cluster", maintain_order=True)
         metadata["examples"] = dg.MetadataValue.md(md_table(examples, max_rows=5 * kmeans_centroids["k"]))
-        png = cluster_projection_plot(vectors, labels, described["source"].to_list(), seed=0)
+        # Colour the second panel by domain where the source declares one (the demo mix has a single source).
+        truth = described.select(pl.coalesce("domain", "source"))["domain"].to_list()
+        png = cluster_projection_plot(vectors, labels, truth, seed=0)
         metadata["projection"] = dg.MetadataValue.md(png_markdown(png, "clusters in 2-D"))
         return dg.Output(assignments, metadata=metadata)
 
