@@ -360,7 +360,7 @@ def _subprocess_env() -> dict[str, str]:
 
 def test_sigkill_then_restart_resumes_from_last_checkpoint(tiny_base_dir, tmp_path):
     rows = make_rows(32)
-    config = tiny_training_config(max_steps=40, save_steps=5, per_device_batch_size=8, max_length=128)
+    config = tiny_training_config(max_steps=20, save_steps=5, per_device_batch_size=8, max_length=128)
     spec = _write_spec(tmp_path / "run.json", tiny_base_dir, rows, tmp_path / "run", config, "moce")
     command = [sys.executable, "-m", "moce_model.train_entry", "--spec", str(spec)]
     first_state = tmp_path / "run" / "checkpoints" / "checkpoint-5" / "trainer_state.json"
@@ -382,23 +382,23 @@ def test_sigkill_then_restart_resumes_from_last_checkpoint(tiny_base_dir, tmp_pa
     assert not (tmp_path / "run" / "adapter").exists()
     surviving = find_resumable_checkpoint(tmp_path / "run" / "checkpoints")
     killed_at = int(surviving.name.split("-")[1])
-    assert 5 <= killed_at < 40
+    assert 5 <= killed_at < 20
 
     subprocess.run(command, env=_subprocess_env(), cwd=REPO_ROOT, check=True, timeout=300)
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["resumed_from_step"] == killed_at
-    assert result["global_step"] == 40
-    final_state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-40" / "trainer_state.json").read_text())
-    assert final_state["global_step"] == 40
+    assert result["global_step"] == 20
+    final_state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-20" / "trainer_state.json").read_text())
+    assert final_state["global_step"] == 20
     logged_steps = [entry["step"] for entry in final_state["log_history"] if "loss" in entry]
-    assert logged_steps == list(range(1, 41))
+    assert logged_steps == list(range(1, 21))
 
     # Same data order, RNG and optimizer state: the resumed run ends where an uninterrupted one does.
     uninterrupted = train(tiny_base_dir, rows, {r: i % 2 for i, r in enumerate(rows["id"])},
                           moce_config(), config, tmp_path / "straight")
-    assert uninterrupted.global_step == 40
-    resumed_weights = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-40" / training.TRAINABLE_STATE_NAME)
-    straight_weights = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-40" / training.TRAINABLE_STATE_NAME)
+    assert uninterrupted.global_step == 20
+    resumed_weights = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-20" / training.TRAINABLE_STATE_NAME)
+    straight_weights = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-20" / training.TRAINABLE_STATE_NAME)
     assert resumed_weights.keys() == straight_weights.keys()
     for name in resumed_weights:
         torch.testing.assert_close(resumed_weights[name], straight_weights[name], rtol=1e-4, atol=1e-5)
