@@ -23,9 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", action="append", required=True, metavar="VARIANT=DIR",
                         help="a model directory and its variant name; repeat for several models")
     parser.add_argument("--n-per-domain", type=int, default=8, help="held-out synthetic items per domain")
-    parser.add_argument("--humaneval-items", type=int, default=8)
+    parser.add_argument("--humaneval-items", type=int, default=6)
     parser.add_argument("--gsm8k", type=Path, default=None, help="GSM8K-format JSONL (default: realmix sample)")
-    parser.add_argument("--gsm8k-items", type=int, default=8)
+    parser.add_argument("--gsm8k-items", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
