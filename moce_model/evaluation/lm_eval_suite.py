@@ -93,12 +93,13 @@ def outcome_from_lm_eval(results: Mapping[str, Any], spec: BenchmarkSpec, lm: Mo
     if not metrics:
         raise ValueError(f"lm-eval results for {task!r} hold no numeric metric: {sorted(table)}")
     n_items = _n_items(results, task)
-    items: list[ItemRecord] = []
-    for name in _leaf_tasks(results, task):
-        for sample in results.get("samples", {}).get(name, []):
-            context = _sample_context(sample)
-            cluster = lm.clusters_for([context])[0] if lm is not None and context is not None else None
-            items.append(ItemRecord(f"{name}/{sample['doc_id']}", context or "", "", None, cluster))
+    logged = [(name, sample) for name in _leaf_tasks(results, task) for sample in results.get("samples", {}).get(name, [])]
+    contexts = [_sample_context(sample) or "" for _, sample in logged]
+    clusters = lm.clusters_for(contexts) if lm is not None else [None] * len(contexts)  # one batched routing call
+    items = [
+        ItemRecord(f"{name}/{sample['doc_id']}", context, "", None, cluster)
+        for (name, sample), context, cluster in zip(logged, contexts, clusters)
+    ]
     return BenchmarkOutcome(spec.name, metrics, n_items, items,
                             note=f"lm-eval {task}, {spec.num_fewshot}-shot")
 
