@@ -1,7 +1,6 @@
 import json
 import os
 import signal
-import string
 import subprocess
 import sys
 import time
@@ -11,9 +10,6 @@ import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders
-from tokenizers.models import BPE
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from moce_model import training
 from moce_model.config import MoCEConfig
@@ -27,55 +23,14 @@ from moce_model.training import (
     tokenize_example,
     train,
 )
+from tests.tiny_models import make_char_tokenizer, save_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def make_char_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer with ChatML special tokens: real chat template, no files, no network."""
-    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    chars = [c for c in string.printable if c not in specials]
-    vocab = {token: index for index, token in enumerate(specials + chars)}
-    backend = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_base_dir(tmp_path_factory) -> Path:
-    tokenizer = make_char_tokenizer()
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny_base")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_base"))
 
 
 def make_rows(n: int) -> pl.DataFrame:
