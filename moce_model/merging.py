@@ -11,9 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from moce_model.config import MoCEConfig
+from moce_model.io import atomic_dir
 from moce_model.modeling import MoCEForCausalLM
 from moce_model.routing import CENTROIDS_FILE, EMBEDDER_FILE, validate_centroids
 
@@ -61,22 +59,6 @@ def add_lora(
     return peft_model
 
 
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Put the fully written `staging` directory at `target`; readers never see a partial directory."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-
-
-def _staging_dir(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-
-
 def _moce_model_of(model: PeftModel | MoCEForCausalLM) -> MoCEForCausalLM:
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     if not isinstance(inner, MoCEForCausalLM):
@@ -90,14 +72,9 @@ def save_trained(model: PeftModel, out_dir: str | Path) -> Path:
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_trained expects the peft model returned by add_lora, got {type(model).__name__}")
     out_dir = Path(out_dir)
-    staging = _staging_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         _moce_model_of(model).config.save_pretrained(staging)
-        _replace_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -154,8 +131,7 @@ def merge_to_directory(
     merged = trained.merge_and_unload(safe_merge=True) if isinstance(trained, PeftModel) else trained
     if embedder is not None:
         merged.config.embedder = dict(embedder)
-    staging = _staging_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if centroids is not None:
             np.save(staging / CENTROIDS_FILE, centroids, allow_pickle=False)
@@ -165,11 +141,6 @@ def merge_to_directory(
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        staging.chmod(0o755)
-        _replace_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -27,6 +27,8 @@ import numpy as np
 import polars as pl
 import torch
 
+from moce_model.io import atomic_dir
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -693,9 +695,7 @@ def _expert_use(
 
 def _save_artifact(model: torch.nn.Module, tokenizer: Any, artifact_dir: Path, metadata: dict[str, Any]) -> None:
     """Write the trained adapter/experts/routers + tokenizer to a staging dir, then rename into place."""
-    artifact_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{artifact_dir.name}.tmp-", dir=artifact_dir.parent))
-    try:
+    with atomic_dir(artifact_dir) as staging:
         if metadata.get("moce_config") is not None:
             from moce_model.merging import save_trained
 
@@ -704,17 +704,6 @@ def _save_artifact(model: torch.nn.Module, tokenizer: Any, artifact_dir: Path, m
             model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "training.json").write_text(json.dumps(metadata, indent=2, default=str))
-        staging.chmod(0o755)
-        if artifact_dir.exists():
-            old = artifact_dir.with_name(f".{artifact_dir.name}.old-{os.getpid()}")
-            os.replace(artifact_dir, old)
-            os.replace(staging, artifact_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, artifact_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _moce_config_dict(moce_config: Any) -> dict[str, Any] | None:
