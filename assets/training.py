@@ -114,6 +114,7 @@ def train_variant(
         "variant": variant,
         "k": k,
         "optimizer_steps": result["global_step"],
+        "processes": result.get("world_size", 1),
         "resumed_from_step": result["resumed_from_step"],
         "examples": result["n_examples"],
         "tokens_per_second": round(result["tokens_per_second"], 1),

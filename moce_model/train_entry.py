@@ -9,8 +9,8 @@ run.json:
      "moce_config": {...} | null, "training_config": {...}, "output_dir": ..., "resume": true,
      "num_clusters": 4 | null}
 
-Rank 0 writes output_dir/result.json (atomically). When the process was launched through Dagster Pipes,
-rank 0 also reports logs and an asset materialization with the run's metrics; Dagster itself is optional.
+Rank 0 writes output_dir/result.json (atomically). Nothing here needs Dagster; the pipeline launches
+`resources.pipes_train_entry`, which wraps `run` to report logs and metrics back through Dagster Pipes.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-from contextlib import nullcontext
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,28 +77,11 @@ def build_moce_config(values: dict[str, Any] | None, base_model_dir: str) -> Any
     return MoCEConfig.from_dict(values)
 
 
-def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-        temporary = handle.name
-    os.replace(temporary, path)
-
-
-def _pipes_context():
-    """Dagster Pipes context when launched by Dagster and dagster_pipes is installed, else None."""
-    try:
-        import dagster_pipes
-    except ImportError:
-        return None
-    if not dagster_pipes.PipesEnvVarParamsLoader().is_dagster_pipes_process():
-        return None
-    return dagster_pipes.open_dagster_pipes()
-
-
-def run(spec: dict[str, Any]) -> dict[str, Any]:
+def run(spec: dict[str, Any], on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train as the spec says; every rank returns the result, rank 0 also writes result.json."""
     import polars as pl
 
+    from moce_model.io import atomic_write_json
     from moce_model.training import TrainingConfig, train
 
     rank = int(os.environ.get("RANK", "0"))
@@ -112,42 +94,21 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     moce_config = build_moce_config(spec.get("moce_config"), spec["base_model_dir"])
     training_config = TrainingConfig.from_dict(spec["training_config"])
 
-    pipes = _pipes_context() if rank == 0 else None
-    with pipes if pipes is not None else nullcontext() as context:
-
-        def on_log(record: dict[str, Any]) -> None:
-            if context is not None:
-                context.log.info(json.dumps(record))
-
-        result = train(
-            spec["base_model_dir"],
-            train_rows,
-            cluster_ids,
-            moce_config,
-            training_config,
-            output_dir,
-            resume=bool(spec.get("resume", True)),
-            on_log=on_log,
-            num_clusters=num_clusters,
-        )
-        payload = result.to_json_dict()
-        payload["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
-        if rank == 0:
-            _write_json_atomically(output_dir / RESULT_NAME, payload)
-            if context is not None:
-                final_loss = result.loss_history[-1][1] if result.loss_history else None
-                context.report_asset_materialization(
-                    metadata={
-                        "steps": result.global_step,
-                        "final_loss": final_loss,
-                        "tokens_per_second": result.tokens_per_second,
-                        "peak_memory_mb": result.peak_memory_mb,
-                        "trainable_parameters": result.trainable_parameters,
-                        "train_seconds": result.train_seconds,
-                        "resumed_from_step": result.resumed_from_step,
-                        "artifact_dir": str(result.artifact_dir),
-                    }
-                )
+    result = train(
+        spec["base_model_dir"],
+        train_rows,
+        cluster_ids,
+        moce_config,
+        training_config,
+        output_dir,
+        resume=bool(spec.get("resume", True)),
+        on_log=on_log if rank == 0 else None,
+        num_clusters=num_clusters,
+    )
+    payload = result.to_json_dict()
+    payload["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank == 0:
+        atomic_write_json(payload, output_dir / RESULT_NAME)
     return payload
 
 

@@ -31,7 +31,9 @@ def unsynced_asset_keys(
     not_fresh = [key for key in in_scope if resolver.get_status(key) != StaleStatus.FRESH]
     if not not_fresh:
         return []
-    with_downstream = dg.AssetSelection.assets(*not_fresh).downstream().resolve(graph)
+    with_downstream = (
+        dg.AssetSelection.assets(*not_fresh).downstream().required_multi_asset_neighbors().resolve(graph)
+    )
     return sorted(with_downstream & in_scope, key=lambda key: key.to_user_string())
 
 

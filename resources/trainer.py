@@ -85,9 +85,9 @@ class TrainerResource(dg.ConfigurableResource):
         atomic_write_json(spec, spec_path)
         if self.launcher == "torchrun":
             command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc_per_node}",
-                       "-m", "moce_model.train_entry", "--spec", str(spec_path)]
+                       "-m", "resources.pipes_train_entry", "--spec", str(spec_path)]
         else:
-            command = ["deepspeed", f"--num_gpus={self.nproc_per_node}", "--module", "moce_model.train_entry",
+            command = ["deepspeed", f"--num_gpus={self.nproc_per_node}", "--module", "resources.pipes_train_entry",
                        "--spec", str(spec_path)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
         dg.PipesSubprocessClient(env=env, cwd=str(REPO_ROOT)).run(command=command, context=context)
