@@ -8,7 +8,7 @@ export MOCE_PROFILE ?= demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test ui install browser bench clean
+.PHONY: demo test ui install browser bench set-k k-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+$(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
+	printf 'telemetry:\n  enabled: false\n' > $@
+
+demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m pipelines.demo
 
 # The UI test drives Debian's Chromium (no browser download); installed here when we may, else it skips.
@@ -35,9 +38,20 @@ browser:
 test: $(STAMP) browser
 	$(PY) -m pytest -q
 
-ui: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
+ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+# Journey "change k": `make set-k K=5`, then `make demo` (or the UI's automation) re-runs what depends on k.
+set-k: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+	$(if $(K),,$(error give the number of clusters, e.g. make set-k K=5))
+	$(VENV)/bin/dagster asset materialize -m pipelines.definitions --select selected_k \
+		--config-json '{"ops": {"selected_k": {"config": {"k": $(K)}}}}'
+
+# Journey "k side by side": `make k-sweep KS=2,3,4,6` trains and evaluates moce at each k into one table.
+KS ?= 2,3,4,6
+k-sweep: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/dagster asset materialize -m pipelines.definitions --select k_sweep_results \
+		--config-json '{"ops": {"k_sweep_results": {"config": {"ks": [$(KS)]}}}}'
 
 bench: $(STAMP)
 	$(PY) -m bench.clustering
