@@ -1,7 +1,8 @@
 """The UI in a real browser: `dagster dev` on 127.0.0.1, headless Debian Chromium driven by Playwright.
 
 Materializes the clustering half of the demo profile, opens the asset graph and the elbow_curve asset page,
-checks that the assets and the elbow plot are there, and saves screenshots to docs/images/.
+checks that the assets and the elbow plot are there, and saves screenshots (to docs/images/ for the README
+with MOCE_UPDATE_SCREENSHOTS=1, else to the test's temp dir).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ pytestmark = pytest.mark.browser
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SCREENSHOTS = REPO_ROOT / "docs" / "images"
 
 
 def _free_port() -> int:
@@ -87,6 +87,13 @@ def dagster_ui(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    if os.environ.get("MOCE_UPDATE_SCREENSHOTS") == "1":
+        return REPO_ROOT / "docs" / "images"
+    return tmp_path_factory.mktemp("screenshots")
+
+
+@pytest.fixture(scope="module")
 def page(dagster_ui):
     from playwright.sync_api import sync_playwright
 
@@ -108,15 +115,14 @@ def _open(page, url: str) -> None:
         welcome.first.click()
 
 
-def test_asset_graph_shows_the_pipeline(dagster_ui, page):
+def test_asset_graph_shows_the_pipeline(dagster_ui, page, screenshots):
     _open(page, f"{dagster_ui}/locations/pipelines.definitions/asset-groups/clustering")
     for name in ("elbow_curve", "selected_k", "kmeans_centroids", "cluster_assignments", "instruction_embeddings"):
         page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "asset_graph_clustering.png"))
+    page.screenshot(path=str(screenshots / "asset_graph_clustering.png"))
 
 
-def test_elbow_curve_page_shows_the_plot(dagster_ui, page):
+def test_elbow_curve_page_shows_the_plot(dagster_ui, page, screenshots):
     _open(page, f"{dagster_ui}/assets/elbow_curve")
     row = page.locator("tr", has_text="elbow_plot").first
     row.wait_for(timeout=60_000)
@@ -125,4 +131,4 @@ def test_elbow_curve_page_shows_the_plot(dagster_ui, page):
     plot.wait_for(timeout=30_000)
     box = plot.bounding_box()
     assert box is not None and box["width"] > 200 and box["height"] > 150
-    page.screenshot(path=str(SCREENSHOTS / "elbow_curve_asset.png"))
+    page.screenshot(path=str(screenshots / "elbow_curve_asset.png"))
