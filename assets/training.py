@@ -12,13 +12,15 @@ import numpy as np
 import polars as pl
 
 from assets.common import RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
+from moce_model.config import CLUSTER_ROUTED_VARIANTS
 from pipelines.profiles import Profile
 from resources.model_source import BaseModelSource
 from resources.storage import ArtifactStorage
 from resources.trainer import TrainerResource
 
 TRAINING_CODE_VERSION = "1"
-USES_CENTROIDS = ("moce", "cluster_only")
+# The variants that route by cluster read the centroids; random_group needs only k (its number of groups).
+USES_CENTROIDS = CLUSTER_ROUTED_VARIANTS
 USES_K = ("moce", "cluster_only", "random_group")
 SAMPLE_PROMPTS = [
     "A baker has 17 trays with 6 rolls each. How many rolls are there in total?",

@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from moce_model.config import CLUSTER_ROUTED_VARIANTS
 from moce_model.io import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,6 @@ CHECKPOINTS_DIRNAME = "checkpoints"
 ARTIFACT_DIRNAME = "adapter"
 TRAINABLE_STATE_NAME = "trainable_state.safetensors"
 REQUIRED_COLUMNS = ("id", "system", "instruction", "input", "response")
-# Variants whose expert group comes from the instruction's k-means cluster.
-CLUSTER_ROUTED_VARIANTS = frozenset({"moce", "cluster_only"})
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_PROJECTIONS = ATTENTION_PROJECTIONS + ("gate_proj", "up_proj", "down_proj")
 
