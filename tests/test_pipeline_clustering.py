@@ -105,7 +105,15 @@ def test_change_of_k_reruns_only_downstream(clustered):
     assert not {key.to_user_string() for key in unsynced_asset_keys(defs, instance)} & DATA_HALF_KEYS
 
 
-def test_definitions_load_like_the_ui_loads_them():
-    from pipelines import definitions
+@pytest.mark.parametrize("profile_name", ["demo", "realmix", "paper"])
+def test_every_profile_loads_like_the_ui_loads_it(profile_name):
+    from pipelines.profiles import load_profile
 
-    dg.Definitions.validate_loadable(definitions.defs)
+    defs = build_definitions(load_profile(profile_name))
+    dg.Definitions.validate_loadable(defs)
+    keys = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
+    variants = {"moce", "pesc", "dense_adapter"} | (
+        {"random_group", "cluster_only"} if profile_name == "paper" else set()
+    )
+    assert {f"moce_adapters/{variant}" for variant in variants} <= keys
+    assert {"selected_k", "benchmark_report", "k_sweep_results"} <= keys
