@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import dagster as dg
+
 from pipelines.profiles import Profile
+
+
+@contextmanager
+def dagster_instance(root: Path) -> Iterator[dg.DagsterInstance]:
+    """A persistent test instance in `root/dagster_home` (the event log the tests read back)."""
+    home = root / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        yield instance
 
 
 def small_profile(data_dir: Path, **overrides) -> Profile:

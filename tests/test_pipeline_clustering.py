@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.definitions import DATA_HALF, build_definitions
 from pipelines.demo import unsynced_asset_keys
-from tests.pipeline_fixtures import small_profile
+from tests.pipeline_fixtures import dagster_instance, small_profile
 
 UPSTREAM_OF_K = ["raw/synthetic_mix", "instructions", "rejected_instructions", "instruction_embeddings"]
 DATA_HALF_KEYS = set(UPSTREAM_OF_K) | {"elbow_curve", "selected_k", "kmeans_centroids", "cluster_assignments"}
@@ -27,8 +27,7 @@ def clustered(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     profile = small_profile(root)
     defs = build_definitions(profile)
-    (root / "dagster_home").mkdir()
-    with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
+    with dagster_instance(root) as instance:
         result = defs.resolve_job_def("cluster_instructions").execute_in_process(instance=instance)
         assert result.success
         yield profile, defs, instance

@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.definitions import PIPELINE, build_definitions
 from pipelines.demo import unsynced_asset_keys
-from tests.pipeline_fixtures import small_profile
+from tests.pipeline_fixtures import dagster_instance, small_profile
 from tests.tiny_models import save_tiny_llama
 
 NEVER_RERUN_ON_K = [
@@ -62,8 +62,7 @@ def materialized(tmp_path_factory):
         eval_limit=2,
     )
     defs = build_definitions(profile)
-    (root / "dagster_home").mkdir()
-    with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
+    with dagster_instance(root) as instance:
         result = defs.resolve_job_def("demo_pipeline").execute_in_process(instance=instance)
         assert result.success
         yield profile, defs, instance

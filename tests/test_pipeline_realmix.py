@@ -9,14 +9,14 @@ import pytest
 
 from pipelines.definitions import build_definitions
 from pipelines.profiles import REALMIX_DIR, load_profile
+from tests.pipeline_fixtures import dagster_instance
 
 
 @pytest.mark.skipif(not REALMIX_DIR.is_dir(), reason="realmix samples not present")
 def test_realmix_clusters_follow_the_sources(tmp_path):
     profile = replace(load_profile("realmix"), data_dir=str(tmp_path / "store"), kmeans_restarts=1)
     defs = build_definitions(profile)
-    (tmp_path / "home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+    with dagster_instance(tmp_path) as instance:
         result = defs.resolve_job_def("cluster_instructions").execute_in_process(
             instance=instance, run_config=dg.RunConfig(ops={"selected_k": {"config": {"k": 4}}})
         )

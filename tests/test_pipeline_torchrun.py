@@ -6,7 +6,7 @@ from __future__ import annotations
 import dagster as dg
 
 from pipelines.definitions import build_definitions
-from tests.pipeline_fixtures import small_profile
+from tests.pipeline_fixtures import dagster_instance, small_profile
 from tests.tiny_models import save_tiny_llama
 
 
@@ -22,8 +22,7 @@ def test_adapters_trained_by_two_torchrun_processes(tmp_path):
                             "lora_r": 2, "lora_alpha": 4, "warmup_steps": 0},
     )
     defs = build_definitions(profile)
-    (tmp_path / "home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+    with dagster_instance(tmp_path) as instance:
         selection = dg.AssetSelection.assets(["moce_adapters", "pesc"]).upstream().required_multi_asset_neighbors()
         result = defs.resolve_job_def("demo_pipeline").execute_in_process(
             instance=instance, asset_selection=list(selection.resolve(defs.resolve_asset_graph()))
