@@ -76,19 +76,29 @@ class AdapterExperts(nn.Module):
         batch, seq_len, hidden = down.shape
         experts, rank = self.experts_per_group, self.adapter_dim
         out_dtype = down.dtype
-        # Experts may be kept in another precision than the (e.g. quantised) base model's activations.
-        x = x.to(self.adapter_down.dtype)
-        down = down.to(self.adapter_down.dtype)
+        # Experts may be kept in another precision than the (e.g. quantised) base model's activations. Under
+        # autocast (Trainer bf16=True, as in QLoRA training) the matmuls run in the autocast dtype anyway, so
+        # casting the activations up to the experts' float32 first would only add two copies.
+        device_type = down.device.type
+        if torch.is_autocast_enabled(device_type):
+            compute_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            compute_dtype = self.adapter_down.dtype
+        x = x.to(compute_dtype)
+        down = down.to(compute_dtype)
         if self.router is not None:
-            logits = torch.bmm(x, self.router[group_ids].transpose(1, 2))  # [B, T, E]
+            logits = torch.bmm(x, self.router.index_select(0, group_ids).transpose(1, 2))  # [B, T, E]
             top_logits, top_experts = logits.topk(self.top_k, dim=-1)
-            top_weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(down.dtype)
+            # logits.dtype, not down.dtype: under autocast (Trainer bf16=True) the router bmm yields bf16.
+            top_weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(logits.dtype)
             # Unselected experts get weight 0, so their outputs and gradients vanish exactly.
             weights = torch.zeros_like(logits).scatter(-1, top_experts, top_weights)
         else:
             logits = top_experts = weights = None
-        down_weights = self.adapter_down.view(self.num_groups, hidden, experts * rank)[group_ids]
-        up_weights = self.adapter_up.view(self.num_groups, experts * rank, hidden)[group_ids]
+        # index_select, not indexing: its backward is an index_add, several times faster on CPU than the
+        # accumulating index_put that indexing's backward runs.
+        down_weights = self.adapter_down.view(self.num_groups, hidden, experts * rank).index_select(0, group_ids)
+        up_weights = self.adapter_up.view(self.num_groups, experts * rank, hidden).index_select(0, group_ids)
         hidden_act = F.gelu(torch.bmm(self.dropout(down), down_weights))  # [B, T, E*r]
         if weights is not None:
             hidden_act = (hidden_act.view(batch, seq_len, experts, rank) * weights.unsqueeze(-1)).view(

@@ -189,3 +189,29 @@ def test_experts_kept_in_float32_accept_bfloat16_activations() -> None:
     assert out.dtype == torch.bfloat16
     expected, _ = module(x.bfloat16().float(), down.bfloat16().float(), group_ids)
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize(("groups", "experts", "top_k"), LAYOUTS)
+def test_float32_experts_under_bfloat16_autocast_match_the_reference(groups: int, experts: int, top_k: int) -> None:
+    """The QLoRA setting: float32 experts, Trainer bf16=True, so matmuls run under bf16 autocast."""
+    module = make_experts(groups, experts, top_k)
+    x, down = inputs()
+    group_ids = torch.arange(4) % groups
+
+    def run(fn):
+        module.zero_grad()
+        x_in = x.clone().requires_grad_(True)
+        down_in = down.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(x_in, down_in)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.float().detach(), down_in.grad, {name: p.grad.clone() for name, p in module.named_parameters()}
+
+    batched = run(lambda a, b: module(a, b, group_ids)[0])
+    reference = run(lambda a, b: reference_expert_forward(module, a, b, group_ids))
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    torch.testing.assert_close(batched[0], reference[0], atol=0.05, rtol=0.02)
+    torch.testing.assert_close(batched[1], reference[1], atol=0.05, rtol=0.02)
+    for name, grad in batched[2].items():
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, reference[2][name], atol=0.05, rtol=0.05, msg=f"gradient of {name}")

@@ -77,6 +77,19 @@ def test_routing_changes_outputs_and_trains_on_every_architecture(kind: str) -> 
     assert not torch.allclose(first, second)
 
 
+def test_float32_model_trains_under_bfloat16_autocast() -> None:
+    """Trainer bf16=True runs the forward under autocast; QLoRA keeps the experts in float32."""
+    model = tiny_moce().train()
+    ids = batch_ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids, cluster_ids=torch.tensor([0, 1, 2]))
+    assert torch.isfinite(out.loss) and out.aux_loss is not None
+    out.loss.backward()
+    experts = model.moce_blocks()[0].moce_experts
+    assert experts.router.grad.dtype == torch.float32 and experts.router.grad.abs().sum() > 0
+    assert experts.adapter_down.grad.abs().sum() > 0
+
+
 def test_from_base_keeps_the_base_weights_without_copy() -> None:
     base = tiny_base()
     weight = base.model.layers[0].mlp.gate_proj.weight
