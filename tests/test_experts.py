@@ -35,27 +35,28 @@ LAYOUTS = [
 ]
 
 
+def forward_backward(module: AdapterExperts, fn, bf16_autocast: bool = False):
+    """(output, x grad, down grad, parameter grads) of one forward+backward of `fn(x, down)`."""
+    x, down = inputs()
+    module.zero_grad()
+    x_in = x.clone().requires_grad_(True)
+    down_in = down.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+        out = fn(x_in, down_in)
+    weight = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out.float() * weight).sum().backward()
+    grads = {name: p.grad.clone() for name, p in module.named_parameters()}
+    return out.float().detach(), x_in.grad, down_in.grad, grads
+
+
 @pytest.mark.parametrize(("groups", "experts", "top_k"), LAYOUTS)
 def test_batched_equals_reference_forward_and_gradients(groups: int, experts: int, top_k: int) -> None:
     module = make_experts(groups, experts, top_k)
-    x, down = inputs()
     group_ids = torch.arange(4) % groups
-
-    def run(fn):
-        module.zero_grad()
-        x_in = x.clone().requires_grad_(True)
-        down_in = down.clone().requires_grad_(True)
-        out = fn(x_in, down_in)
-        weight = torch.linspace(-1, 1, out.numel()).view_as(out)
-        (out * weight).sum().backward()
-        grads = {name: p.grad.clone() for name, p in module.named_parameters()}
-        return out.detach(), x_in.grad, down_in.grad, grads
-
-    batched = run(lambda a, b: module(a, b, group_ids)[0])
-    reference = run(lambda a, b: reference_expert_forward(module, a, b, group_ids))
-    torch.testing.assert_close(batched[0], reference[0])
-    torch.testing.assert_close(batched[1], reference[1])
-    torch.testing.assert_close(batched[2], reference[2])
+    batched = forward_backward(module, lambda a, b: module(a, b, group_ids)[0])
+    reference = forward_backward(module, lambda a, b: reference_expert_forward(module, a, b, group_ids))
+    for got, expected in zip(batched[:3], reference[:3]):
+        torch.testing.assert_close(got, expected)
     for name in batched[3]:
         torch.testing.assert_close(batched[3][name], reference[3][name], msg=f"gradient of {name}")
 
@@ -195,23 +196,12 @@ def test_experts_kept_in_float32_accept_bfloat16_activations() -> None:
 def test_float32_experts_under_bfloat16_autocast_match_the_reference(groups: int, experts: int, top_k: int) -> None:
     """The QLoRA setting: float32 experts, Trainer bf16=True, so matmuls run under bf16 autocast."""
     module = make_experts(groups, experts, top_k)
-    x, down = inputs()
     group_ids = torch.arange(4) % groups
-
-    def run(fn):
-        module.zero_grad()
-        x_in = x.clone().requires_grad_(True)
-        down_in = down.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = fn(x_in, down_in)
-        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        return out.float().detach(), down_in.grad, {name: p.grad.clone() for name, p in module.named_parameters()}
-
-    batched = run(lambda a, b: module(a, b, group_ids)[0])
-    reference = run(lambda a, b: reference_expert_forward(module, a, b, group_ids))
+    batched = forward_backward(module, lambda a, b: module(a, b, group_ids)[0], bf16_autocast=True)
+    reference = forward_backward(module, lambda a, b: reference_expert_forward(module, a, b, group_ids), bf16_autocast=True)
     assert all(p.dtype == torch.float32 for p in module.parameters())
-    torch.testing.assert_close(batched[0], reference[0], atol=0.05, rtol=0.02)
-    torch.testing.assert_close(batched[1], reference[1], atol=0.05, rtol=0.02)
-    for name, grad in batched[2].items():
+    for got, expected in zip(batched[:3], reference[:3]):
+        torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)
+    for name, grad in batched[3].items():
         assert grad.dtype == torch.float32
-        torch.testing.assert_close(grad, reference[2][name], atol=0.05, rtol=0.05, msg=f"gradient of {name}")
+        torch.testing.assert_close(grad, reference[3][name], atol=0.05, rtol=0.05, msg=f"gradient of {name}")
