@@ -8,6 +8,9 @@ from transformers import AutoConfig, PreTrainedConfig
 
 VARIANTS = ("moce", "pesc", "dense_adapter", "random_group", "cluster_only")
 
+# Label of the tokens the LM loss ignores (the prompt, padding): torch's and transformers' default.
+IGNORE_INDEX = -100
+
 # Variants whose group is the sequence's cluster id (the caller must pass `cluster_ids`).
 CLUSTER_ROUTED_VARIANTS = ("moce", "cluster_only")
 
@@ -24,7 +27,7 @@ class MoCEConfig(PreTrainedConfig):
       - `dense_adapter`: one adapter, no router (1 group x 1 expert).
       - `cluster_only`: the cluster id picks the group, which holds a single adapter (no token routing).
       - `random_group`: like `moce`, but the group is a deterministic pseudo-random function of the
-        sequence's tokens (seeded by `random_group_seed`); `cluster_ids` are ignored.
+        sequence's prompt tokens (seeded by `random_group_seed`); `cluster_ids` are ignored.
     """
 
     model_type = "moce"

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from moce_model.config import MoCEConfig
+from moce_model.config import IGNORE_INDEX, MoCEConfig
 from moce_model.experts import AdapterExperts, MoCEMLP, RoutingContext, check_mlp
 
 # Large prime for the per-sequence hash of `random_group` (products stay inside int64).
@@ -30,13 +30,26 @@ class MoCECausalLMOutput(CausalLMOutputWithPast):
 
 
 def random_group_ids(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_groups: int, seed: int
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    num_groups: int,
+    seed: int,
+    prompt_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Deterministic pseudo-random group per sequence from its non-padding tokens (independent of padding side)."""
+    """Deterministic pseudo-random group per sequence from its prompt tokens (independent of padding side).
+
+    `prompt_mask` [B, T] marks the prompt; without it every non-padding token counts. A row whose prompt mask
+    is empty hashes all its non-padding tokens.
+    """
     if attention_mask is None:
         mask = torch.ones_like(input_ids)
     else:
         mask = attention_mask[:, -input_ids.shape[1] :].to(input_ids.dtype)
+    if prompt_mask is not None:
+        if prompt_mask.shape != input_ids.shape:
+            raise ValueError(f"prompt_mask has shape {tuple(prompt_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+        prompt = mask * prompt_mask.to(mask.dtype)
+        mask = torch.where(prompt.sum(dim=1, keepdim=True) > 0, prompt, mask)
     position = (mask.cumsum(dim=1) - 1).clamp(min=0)
     position_weight = (position * 2_654_435_761 + 97 + seed) % _HASH_PRIME + 1
     token_hash = ((input_ids + 1) % _HASH_PRIME) * position_weight % _HASH_PRIME
@@ -126,6 +139,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values,
         batch_size: int,
         device: torch.device,
+        prompt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         config = self.config
         if config.variant in ("pesc", "dense_adapter"):
@@ -137,7 +151,9 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
                 return self._random_groups
             if input_ids is None:
                 raise ValueError("variant 'random_group' hashes input_ids to pick the group; inputs_embeds alone cannot")
-            self._random_groups = random_group_ids(input_ids, attention_mask, config.num_groups, config.random_group_seed)
+            self._random_groups = random_group_ids(
+                input_ids, attention_mask, config.num_groups, config.random_group_seed, prompt_mask
+            )
             return self._random_groups
         if cluster_ids is None:
             raise ValueError(
@@ -166,14 +182,20 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        prompt_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MoCECausalLMOutput:
+        """`cluster_ids` [B] pick the groups of `moce` / `cluster_only`. `prompt_mask` [B, T] (`random_group`
+        only) marks the prompt tokens whose hash picks the group; by default the tokens labelled -100 when
+        `labels` are given (so training and generation hash the same prompt), else every token."""
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("pass input_ids or inputs_embeds")
         batch_size, seq_len = reference.shape[:2]
+        if prompt_mask is None and labels is not None and input_ids is not None and labels.shape == input_ids.shape:
+            prompt_mask = labels == IGNORE_INDEX  # training: the prompt is what the loss ignores
         group_ids = self._resolve_group_ids(
-            cluster_ids, input_ids, attention_mask, past_key_values, batch_size, reference.device
+            cluster_ids, input_ids, attention_mask, past_key_values, batch_size, reference.device, prompt_mask
         )
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= seq_len:

@@ -27,12 +27,11 @@ import numpy as np
 import polars as pl
 import torch
 
-from moce_model.config import CLUSTER_ROUTED_VARIANTS
+from moce_model.config import CLUSTER_ROUTED_VARIANTS, IGNORE_INDEX
 from moce_model.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 CHECKPOINTS_DIRNAME = "checkpoints"
 ARTIFACT_DIRNAME = "adapter"
 TRAINABLE_STATE_NAME = "trainable_state.safetensors"

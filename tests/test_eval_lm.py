@@ -113,6 +113,31 @@ def test_chat_template_registers_the_input_side_for_routing(tiny_lm: MoCELM):
     assert tiny_lm.clusters_for([rendered]) == [None]  # no router: no cluster
 
 
+def test_random_group_scoring_hashes_the_context_only():
+    from moce_model.config import MoCEConfig
+    from moce_model.modeling import MoCEForCausalLM, random_group_ids
+
+    tokenizer = build_tokenizer()
+    config = MoCEConfig(variant="random_group", num_groups=4, experts_per_group=2, top_k=1, adapter_dim=4)
+    lm = MoCELM.from_objects(MoCEForCausalLM.from_base(build_model(tokenizer), config).eval(), tokenizer,
+                             batch_size=4, max_length=256)
+    pairs = [("First context", " a long continuation"), ("Second, longer context here", " b"),
+             ("Third", " some more words"), ("Fourth context!", " d e f g")]
+    contexts = [lm.tok_encode(context) for context, _ in pairs]
+    expected = {tuple(ids): int(random_group_ids(torch.tensor([ids]), None, 4, seed=0)) for ids in contexts}
+    seen = []
+    original = lm.model.forward
+    lm.model.forward = lambda *args, **kwargs: seen.append(kwargs) or original(*args, **kwargs)
+    lm.loglikelihood_with_counts(pairs)
+    (call,) = seen
+    used = lm.model.routing_context.group_ids.tolist()
+    for row, (ids, mask) in enumerate(zip(call["input_ids"], call["prompt_mask"])):
+        context = tuple(ids[mask.bool()].tolist())
+        assert context in expected, "the prompt mask must cover exactly one request's context"
+        assert used[row] == expected[context]
+    assert len(set(used)) > 1
+
+
 def test_plain_model_dir_loads_without_router(tmp_path: Path):
     save_model_dir(tmp_path / "base")
     lm = MoCELM(pretrained=str(tmp_path / "base"), batch_size="4")

@@ -192,6 +192,38 @@ def test_random_group_is_deterministic_per_sequence_and_ignores_cluster_ids() ->
         assert torch.equal(first, moce.eval()(small, cluster_ids=expected_groups).logits)
 
 
+def test_random_group_hashes_the_same_prompt_in_training_and_generation() -> None:
+    """Training hashes the tokens the loss ignores (the prompt); generation hashes the prompt it is given."""
+    model = tiny_moce("random_group", groups=4).train()
+    prompts = [batch_ids(batch=1, seq_len=n, seed=10 + n)[0] for n in (5, 7, 9, 6, 8, 4)]
+    responses = [batch_ids(batch=1, seq_len=n, seed=40 + n)[0] for n in (3, 6, 2, 4, 5, 3)]
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):  # right padding, as the collator pads
+        whole = torch.cat([prompt, response])
+        input_ids[row, : len(whole)] = whole
+        labels[row, len(prompt) : len(whole)] = response
+        attention_mask[row, : len(whole)] = 1
+    model(input_ids, attention_mask=attention_mask, labels=labels)
+    trained_groups = model.routing_context.group_ids.clone()
+
+    prompt_width = max(len(p) for p in prompts)
+    left_padded = torch.zeros(len(prompts), prompt_width, dtype=torch.long)
+    prompt_attention = torch.zeros_like(left_padded)
+    for row, prompt in enumerate(prompts):  # left padding, as generation pads
+        left_padded[row, prompt_width - len(prompt) :] = prompt
+        prompt_attention[row, prompt_width - len(prompt) :] = 1
+    model.eval()
+    with torch.no_grad():
+        model(left_padded, attention_mask=prompt_attention)
+    assert torch.equal(model.routing_context.group_ids, trained_groups)
+    assert len(set(trained_groups.tolist())) > 1
+    # The whole sequence (prompt + response) would hash differently for some rows.
+    assert not torch.equal(random_group_ids(input_ids, attention_mask, 4, seed=0), trained_groups)
+
+
 def greedy_without_cache(model: MoCEForCausalLM, ids: torch.Tensor, cluster_ids: torch.Tensor, steps: int) -> torch.Tensor:
     for _ in range(steps):
         logits = model(ids, cluster_ids=cluster_ids, use_cache=False).logits[:, -1]

@@ -265,10 +265,17 @@ class MoCELM(LM):
                 n_targets.append(len(continuation_tokens))
             input_ids, attention_mask = self._left_pad(inputs)
             keep = max(n_targets)
+            routing = self._routing_kwargs([clusters[i] for i in batch])
+            if getattr(self.model.config, "variant", None) == "random_group":
+                # Hash the context only, as training hashes the prompt and generation the prompt it is given.
+                prompt_mask = attention_mask.clone()
+                for row, count in enumerate(n_targets):
+                    if count > 1:
+                        prompt_mask[row, -(count - 1):] = 0
+                routing["prompt_mask"] = prompt_mask
             logits = self.model(
                 input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=_position_ids(attention_mask), logits_to_keep=keep,
-                **self._routing_kwargs([clusters[i] for i in batch]),
+                position_ids=_position_ids(attention_mask), logits_to_keep=keep, **routing,
             ).logits
             log_probs = F.log_softmax(logits.float(), dim=-1)
             for row, i in enumerate(batch):
