@@ -7,6 +7,9 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export MOCE_PROFILE ?= demo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# PyTorch on CPU gets every large tensor from glibc malloc, which by default maps fresh pages for each and
+# unmaps them on free; the page faults cost 10-25% of a CPU train step (bench.moe_layer). Keep them on the heap.
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967296
 
 .PHONY: demo test ui install browser bench set-k k-sweep clean
 
