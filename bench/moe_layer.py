@@ -5,7 +5,8 @@
 
 Section 1 times forward+backward of the routed experts (routers + adapters) with the batched implementation
 and with the reference code's loop (groups x experts, boolean masks on the flattened tokens), side by side,
-in float32 and, at the paper shape, also under bf16 autocast (the paper's training precision).
+in float32 and, at the paper shape, also under bf16 autocast (the paper's training precision), after
+checking that both give the same output.
 Section 2 times a LoRA + experts train step of a SmolLM2-135M-shaped model (random weights), `moce` against
 `dense_adapter`, interleaved so that machine load hits both alike, and the peak memory of each variant
 measured in its own subprocess. The last two lines are `speedup_paper_shape_fp32: X` and
@@ -94,8 +95,15 @@ def time_layer(shape: LayerShape, repeats: int, include_base_mlp: bool, bf16_aut
 
         return step
 
-    batched = run(lambda a, b: experts(a, b, group_ids)[0])
-    reference = run(lambda a, b: reference_expert_forward(experts, a, b, group_ids))
+    batched_layer = lambda a, b: experts(a, b, group_ids)[0]  # noqa: E731
+    reference_layer = lambda a, b: reference_expert_forward(experts, a, b, group_ids)  # noqa: E731
+    # Both must do the same work, or the ratio means nothing.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+        down = base_mlp(x) if base_mlp is not None else down_input
+        tolerance = {"atol": 0.05, "rtol": 0.02} if bf16_autocast else {}
+        torch.testing.assert_close(batched_layer(x, down).float(), reference_layer(x, down).float(), **tolerance)
+    batched = run(batched_layer)
+    reference = run(reference_layer)
     # Interleave so that background load affects both implementations alike.
     batched_times, reference_times = [], []
     batched()

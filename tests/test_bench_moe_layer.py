@@ -1,0 +1,25 @@
+"""The expert-layer benchmark checks that both implementations agree before it times them."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.moe_layer import LayerShape, time_layer
+
+TINY = LayerShape("tiny", hidden=32, intermediate=64, groups=2, experts=4, top_k=2, adapter_dim=4, batch=4, seq_len=8)
+
+
+@pytest.mark.parametrize("bf16_autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("include_base_mlp", [False, True], ids=["experts", "block"])
+def test_time_layer_times_both_implementations(bf16_autocast: bool, include_base_mlp: bool) -> None:
+    batched, reference = time_layer(TINY, repeats=1, include_base_mlp=include_base_mlp, bf16_autocast=bf16_autocast)
+    assert batched > 0 and reference > 0
+
+
+def test_time_layer_refuses_implementations_that_disagree(monkeypatch) -> None:
+    import bench.moe_layer
+
+    original = bench.moe_layer.reference_expert_forward
+    monkeypatch.setattr(bench.moe_layer, "reference_expert_forward", lambda *args: original(*args) + 1e-2)
+    with pytest.raises(AssertionError):
+        time_layer(TINY, repeats=1, include_base_mlp=False)
