@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -220,6 +221,18 @@ def test_training_lowers_loss_and_writes_a_loadable_artifact(tiny_base_dir, tmp_
     with torch.no_grad():
         reloaded_loss = reloaded(**batch).lm_loss
     assert reloaded_loss < first
+
+
+def test_paper_precision_trains_on_cpu(tiny_base_dir, tmp_path):
+    """The paper's bf16 + gradient checkpointing settings (QLoRA and paged AdamW need a GPU) on the tiny model."""
+    rows = make_rows(16)
+    clusters = {row_id: i % 2 for i, row_id in enumerate(rows["id"].to_list())}
+    config = tiny_training_config(max_steps=8, save_steps=100, lr=1e-2, bf16=True, gradient_checkpointing=True)
+    result = train(tiny_base_dir, rows, clusters, moce_config(), config, tmp_path / "run", num_clusters=2)
+    losses = [loss for _, loss in result.loss_history]
+    assert result.global_step == 8 and all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert (result.artifact_dir / "adapter_model.safetensors").is_file()
 
 
 def test_out_of_memory_names_the_knobs(tiny_base_dir, tmp_path, monkeypatch):
