@@ -140,6 +140,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         batch_size: int,
         device: torch.device,
         prompt_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         config = self.config
         if config.variant in ("pesc", "dense_adapter"):
@@ -151,6 +152,8 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
                 return self._random_groups
             if input_ids is None:
                 raise ValueError("variant 'random_group' hashes input_ids to pick the group; inputs_embeds alone cannot")
+            if prompt_mask is None and labels is not None and labels.shape == input_ids.shape:
+                prompt_mask = labels == IGNORE_INDEX  # training: the prompt is what the loss ignores
             self._random_groups = random_group_ids(
                 input_ids, attention_mask, config.num_groups, config.random_group_seed, prompt_mask
             )
@@ -192,10 +195,8 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         if reference is None:
             raise ValueError("pass input_ids or inputs_embeds")
         batch_size, seq_len = reference.shape[:2]
-        if prompt_mask is None and labels is not None and input_ids is not None and labels.shape == input_ids.shape:
-            prompt_mask = labels == IGNORE_INDEX  # training: the prompt is what the loss ignores
         group_ids = self._resolve_group_ids(
-            cluster_ids, input_ids, attention_mask, past_key_values, batch_size, reference.device, prompt_mask
+            cluster_ids, input_ids, attention_mask, past_key_values, batch_size, reference.device, prompt_mask, labels
         )
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= seq_len:
