@@ -88,13 +88,15 @@ class AdapterExperts(nn.Module):
         down = down.to(compute_dtype)
         if self.router is not None:
             logits = torch.bmm(x, self.router.index_select(0, group_ids).transpose(1, 2))  # [B, T, E]
-            top_logits, top_experts = logits.topk(self.top_k, dim=-1)
-            # logits.dtype, not down.dtype: under autocast (Trainer bf16=True) the router bmm yields bf16.
-            top_weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(logits.dtype)
+            # One float32 softmax over all E logits serves both the balance loss and the top-k weights: the
+            # softmax over the selected logits alone equals the selected probabilities renormalised.
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            top_probs, top_experts = probs.topk(self.top_k, dim=-1)
+            top_weights = (top_probs / top_probs.sum(dim=-1, keepdim=True)).to(logits.dtype)
             # Unselected experts get weight 0, so their outputs and gradients vanish exactly.
             weights = torch.zeros_like(logits).scatter(-1, top_experts, top_weights)
         else:
-            logits = top_experts = weights = None
+            logits = probs = top_experts = weights = None
         # index_select, not indexing: its backward is an index_add, several times faster on CPU than the
         # accumulating index_put that indexing's backward runs.
         down_weights = self.adapter_down.view(self.num_groups, hidden, experts * rank).index_select(0, group_ids)
@@ -105,15 +107,17 @@ class AdapterExperts(nn.Module):
                 batch, seq_len, experts * rank
             )
         out = torch.baddbmm(down, hidden_act, up_weights, alpha=self.scaling)
-        return out.to(out_dtype), Routing(group_ids=group_ids, logits=logits, top_experts=top_experts)
+        return out.to(out_dtype), Routing(group_ids=group_ids, logits=logits, probs=probs, top_experts=top_experts)
 
 
 @dataclass
 class Routing:
-    """Routing decisions of one block: logits [B, T, E] and selected experts [B, T, k] (None without router)."""
+    """Routing decisions of one block: router logits [B, T, E], their float32 softmax over the group's E
+    experts, and the selected experts [B, T, k]; all None without a router."""
 
     group_ids: torch.Tensor
     logits: torch.Tensor | None
+    probs: torch.Tensor | None
     top_experts: torch.Tensor | None
 
 
@@ -154,6 +158,53 @@ def reference_expert_forward(
     return (flat_down + out).view(batch, seq_len, hidden)
 
 
+@dataclass
+class BalanceLossStatistics:
+    """What the balance loss of every block of one forward shares: built once per forward, not per layer.
+
+    `token_weights` [B, 1, T] (1 for real tokens, 0 for padding), `group_coefficients` [B, G] with
+    ``onehot(b, g) * E / (k * n_g^2 * G_present)`` folded in (n_g = real tokens of group g), so that a block's
+    loss is a handful of kernels (see `balance_loss`).
+    """
+
+    token_weights: torch.Tensor
+    group_onehot: torch.Tensor
+    group_coefficients: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, group_ids: torch.Tensor, token_mask: torch.Tensor | None, seq_len: int, num_groups: int,
+        experts_per_group: int, top_k: int,
+    ) -> "BalanceLossStatistics":
+        batch = group_ids.shape[0]
+        if token_mask is None:
+            mask = torch.ones(batch, seq_len, dtype=torch.float32, device=group_ids.device)
+        else:
+            mask = token_mask.to(torch.float32)
+        # A comparison instead of F.one_hot, which validates its input with a host sync on GPU.
+        onehot = (group_ids.unsqueeze(1) == torch.arange(num_groups, device=group_ids.device)).to(torch.float32)
+        group_tokens = onehot.T @ mask.sum(dim=1)  # [G]
+        present = (group_tokens > 0).to(torch.float32)
+        coefficients = experts_per_group * present / (top_k * group_tokens.clamp(min=1.0).square())
+        coefficients = coefficients / present.sum().clamp(min=1.0)
+        return cls(token_weights=mask.unsqueeze(1), group_onehot=onehot, group_coefficients=coefficients)
+
+
+def balance_loss(probs: torch.Tensor, top_experts: torch.Tensor, statistics: BalanceLossStatistics) -> torch.Tensor:
+    """Switch/Mixtral balance loss computed inside each group, averaged over the groups present.
+
+    Per group: ``E * sum_e f_e * P_e`` with f_e the share of top-k assignments sent to expert e (no gradient)
+    and P_e the mean router probability of e, softmax over all E logits of the group (the gradient path).
+    Equals 1 at uniform routing. Padding tokens are excluded. `probs` [B, T, E] float32, `top_experts` [B, T, k].
+    """
+    experts = probs.shape[-1]
+    selected = torch.zeros_like(probs).scatter(-1, top_experts, 1.0)
+    # Per-sequence sums of probabilities and selections over real tokens, in one batched matmul.
+    per_sequence = torch.bmm(statistics.token_weights, torch.cat([probs, selected], dim=-1)).squeeze(1)  # [B, 2E]
+    per_group = statistics.group_onehot.T @ per_sequence  # [G, 2E]
+    return (per_group[:, :experts] * per_group[:, experts:]).sum(dim=-1) @ statistics.group_coefficients
+
+
 def load_balancing_loss(
     logits: torch.Tensor,
     top_experts: torch.Tensor,
@@ -161,66 +212,82 @@ def load_balancing_loss(
     num_groups: int,
     token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Switch/Mixtral balance loss computed inside each group, averaged over the groups present.
-
-    Per group: ``E * sum_e f_e * P_e`` with f_e the share of top-k assignments sent to expert e (no gradient)
-    and P_e the mean router probability of e, softmax over all E logits of the group (the gradient path).
-    Equals 1 at uniform routing. Padding tokens (token_mask == 0) are excluded.
-    """
+    """`balance_loss` from router logits [B, T, E] alone (statistics built on the spot)."""
     batch, seq_len, experts = logits.shape
-    top_k = top_experts.shape[-1]
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    selected = torch.zeros_like(probs).scatter(-1, top_experts, 1.0)
-    if token_mask is None:
-        mask = torch.ones(batch, seq_len, dtype=torch.float32, device=logits.device)
-    else:
-        mask = token_mask.to(torch.float32)
-    # A comparison instead of F.one_hot, which validates its input with a host sync on GPU.
-    group_onehot = (group_ids.unsqueeze(1) == torch.arange(num_groups, device=group_ids.device)).to(torch.float32)
-    group_tokens = group_onehot.T @ mask.sum(dim=1)  # [G]
-    group_selected = group_onehot.T @ (selected * mask.unsqueeze(-1)).sum(dim=1)  # [G, E]
-    group_probs = group_onehot.T @ (probs * mask.unsqueeze(-1)).sum(dim=1)  # [G, E]
-    present = (group_tokens > 0).to(torch.float32)
-    denom = group_tokens.clamp(min=1.0).unsqueeze(-1)
-    share = group_selected / (denom * top_k)
-    mean_prob = group_probs / denom
-    per_group = experts * (share * mean_prob).sum(dim=-1)
-    return (per_group * present).sum() / present.sum().clamp(min=1.0)
+    statistics = BalanceLossStatistics.build(group_ids, token_mask, seq_len, num_groups, experts, top_experts.shape[-1])
+    return balance_loss(torch.softmax(logits, dim=-1, dtype=torch.float32), top_experts, statistics)
+
+
+class AuxLossInjector(torch.autograd.Function):
+    """Identity on a block's output whose backward also sends `gradient_scale` into the block's balance loss.
+
+    The loss so reaches the optimiser through the autograd graph, with no write to shared state in the forward
+    (what activation checkpointing and `torch.compile(fullgraph=True)` require); Megatron-Core's
+    `MoEAuxLossAutoScaler` does the same. The loss *value* leaves through the gradient of `probe`: backward
+    writes it into the block's slot (`slot` is one-hot over the blocks), read after backward for logging.
+    """
+
+    @staticmethod
+    def forward(ctx, output, aux_loss, gradient_scale, probe, slot):
+        ctx.save_for_backward(aux_loss, gradient_scale, slot)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        aux_loss, gradient_scale, slot = ctx.saved_tensors
+        aux_grad = gradient_scale.to(aux_loss.dtype).expand_as(aux_loss)
+        return grad_output, aux_grad, None, slot * aux_loss.detach(), None
+
+
+@dataclass
+class AuxLossRequest:
+    """Per-forward instruction to the blocks: add `gradient_scale` * their balance loss to the objective.
+
+    `gradient_scale` is a scalar tensor (aux_loss_coef / blocks * the micro-batch's share of the optimiser
+    step); `probe` [blocks] is a fresh leaf whose `.grad` holds each block's loss value after backward.
+    """
+
+    statistics: BalanceLossStatistics
+    gradient_scale: torch.Tensor
+    probe: torch.Tensor
 
 
 @dataclass
 class RoutingContext:
-    """Per-forward routing state shared by the model and its wrapped MLP blocks.
+    """Per-forward routing state shared by the model and its wrapped MLP blocks, read-only inside the blocks.
 
-    The model sets the sequences' groups and token mask before calling the wrapped LM; the blocks read them
-    and leave their routing decisions here. It outlives the forward so that activation checkpointing's
-    recomputation in backward sees the same groups.
+    The model sets the sequences' groups and token mask before calling the wrapped LM. It outlives the forward
+    so that activation checkpointing's recomputation in backward sees the same groups.
     """
 
     group_ids: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
-    compute_aux_loss: bool = False
+    aux_request: AuxLossRequest | None = None
     record_expert_use: bool = False
     forward_id: int = 0
-    aux_losses: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def begin(self, group_ids: torch.Tensor, token_mask: torch.Tensor | None, compute_aux_loss: bool) -> None:
+    def begin(
+        self, group_ids: torch.Tensor, token_mask: torch.Tensor | None, aux_request: AuxLossRequest | None = None
+    ) -> None:
         self.group_ids = group_ids
         self.token_mask = token_mask
-        self.compute_aux_loss = compute_aux_loss
+        self.aux_request = aux_request
         self.forward_id += 1
-        self.aux_losses = {}
 
     def aux_loss(self) -> torch.Tensor | None:
-        if not self.aux_losses:
+        """Mean balance loss over the blocks of the last forward, available once its backward has run."""
+        request = self.aux_request
+        if request is None or request.probe.grad is None:
             return None
-        return torch.stack(list(self.aux_losses.values())).mean()
+        return request.probe.grad.mean()
 
 
 class MoCEMLP(nn.Module):
     """Wraps an existing MLP block (kept as `base_mlp`, weights untouched) with routed adapter experts."""
 
-    def __init__(self, base_mlp: nn.Module, experts: AdapterExperts, context: RoutingContext, layer_index: int) -> None:
+    def __init__(
+        self, base_mlp: nn.Module, experts: AdapterExperts, context: RoutingContext, layer_index: int, num_layers: int
+    ) -> None:
         super().__init__()
         self.base_mlp = base_mlp
         self.moce_experts = experts
@@ -228,9 +295,16 @@ class MoCEMLP(nn.Module):
         self.experts_per_group = experts.experts_per_group
         self.layer_index = layer_index
         self.routing_context = context
+        device = experts.adapter_up.device
         self.register_buffer(
             "expert_use_counts",
-            torch.zeros(experts.num_groups, experts.experts_per_group, dtype=torch.long, device=experts.adapter_up.device),
+            torch.zeros(experts.num_groups, experts.experts_per_group, dtype=torch.long, device=device),
+            persistent=False,
+        )
+        # A tensor, not the int: compiled blocks then share one graph instead of specialising on the layer.
+        self.register_buffer(
+            "probe_slot",
+            (torch.arange(num_layers, device=device) == layer_index).to(torch.float32),
             persistent=False,
         )
         self._counted_forward_id = -1
@@ -244,14 +318,17 @@ class MoCEMLP(nn.Module):
                 "not its inner decoder"
             )
         out, routing = self.moce_experts(x, down, context.group_ids)
-        token_mask = context.token_mask if context.token_mask is not None and context.token_mask.shape[1] == x.shape[1] else None
-        if context.compute_aux_loss and routing.logits is not None:
-            context.aux_losses[self.layer_index] = load_balancing_loss(
-                routing.logits, routing.top_experts, routing.group_ids, self.num_groups, token_mask
-            )
+        request = context.aux_request
+        if request is not None and routing.probs is not None and torch.is_grad_enabled():
+            aux = balance_loss(routing.probs, routing.top_experts, request.statistics)
+            out = AuxLossInjector.apply(out, aux, request.gradient_scale, request.probe, self.probe_slot)
         if context.record_expert_use and self._counted_forward_id != context.forward_id:
-            # Recomputation under activation checkpointing re-enters with the same forward id: count once.
+            # Off the training path (evaluation only). Recomputation under activation checkpointing re-enters
+            # with the same forward id: count once.
             self._counted_forward_id = context.forward_id
+            token_mask = context.token_mask
+            if token_mask is not None and token_mask.shape[1] != x.shape[1]:
+                token_mask = None
             self._record(routing, token_mask, x.shape[1])
         return out
 

@@ -13,9 +13,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
+if TYPE_CHECKING:  # the model and training core import this module on GPU machines without polars
+    import polars as pl
 
 
 def _temp_path_next_to(path: Path) -> Path:

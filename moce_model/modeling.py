@@ -14,7 +14,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Gen
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moce_model.config import IGNORE_INDEX, MoCEConfig
-from moce_model.experts import AdapterExperts, MoCEMLP, RoutingContext, check_mlp
+from moce_model.experts import (
+    AdapterExperts,
+    AuxLossRequest,
+    BalanceLossStatistics,
+    MoCEMLP,
+    RoutingContext,
+    check_mlp,
+)
 
 # Large prime for the per-sequence hash of `random_group` (products stay inside int64).
 _HASH_PRIME = 2_147_483_629
@@ -22,11 +29,9 @@ _HASH_PRIME = 2_147_483_629
 
 @dataclass
 class MoCECausalLMOutput(CausalLMOutputWithPast):
-    """`loss` = LM loss + aux_loss_coef * aux_loss (when labels are given); `aux_loss` is the load-balancing loss
-    averaged over layers (None for variants without a router)."""
-
-    aux_loss: torch.FloatTensor | None = None
-    lm_loss: torch.FloatTensor | None = None
+    """`loss` is the LM loss. The load-balancing loss does not appear in it: in training each block feeds its
+    gradient through the autograd graph (`AuxLossInjector`), and `MoCEForCausalLM.last_aux_loss()` reads its
+    value after backward."""
 
 
 def random_group_ids(
@@ -93,6 +98,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         holders = [(name, module) for name, module in self.base.named_modules() if isinstance(getattr(module, "mlp", None), nn.Module)]
         if not holders:
             raise ValueError(f"{type(self.base).__name__} has no decoder layer with an `mlp` module to wrap")
+        num_layers = len(holders)
         for layer_index, (name, layer) in enumerate(holders):
             mlp = layer.mlp
             if isinstance(mlp, MoCEMLP):
@@ -111,7 +117,8 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
                 device=weight.device,
                 dtype=dtype,
             )
-            layer.mlp = MoCEMLP(mlp, experts, self.routing_context, layer_index)
+            layer.mlp = MoCEMLP(mlp, experts, self.routing_context, layer_index, num_layers)
+        self._num_moce_blocks = num_layers
 
     def moce_blocks(self) -> list[MoCEMLP]:
         return [module for module in self.modules() if isinstance(module, MoCEMLP)]
@@ -186,11 +193,19 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         prompt_mask: torch.Tensor | None = None,
+        aux_loss_weight: torch.Tensor | float | None = None,
         **kwargs,
     ) -> MoCECausalLMOutput:
         """`cluster_ids` [B] pick the groups of `moce` / `cluster_only`. `prompt_mask` [B, T] (`random_group`
         only) marks the prompt tokens whose hash picks the group; by default the tokens labelled -100 when
-        `labels` are given (so training and generation hash the same prompt), else every token."""
+        `labels` are given (so training and generation hash the same prompt), else every token.
+
+        In training (grad enabled, a router present) the objective is ``LM loss + aux_loss_coef * w * mean
+        balance loss over layers``, the second term through autograd. `aux_loss_weight` w is this micro-batch's
+        share of the optimiser step, so that the balance term is weighted like the LM loss whatever the
+        gradient accumulation and world size (`MoCETrainer` passes it). Default: when the Trainer passes
+        `num_items_in_batch` (the LM loss is then a sum over this micro-batch's label tokens divided by the
+        step's), the same share of label tokens; else 1."""
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("pass input_ids or inputs_embeds")
@@ -201,8 +216,12 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= seq_len:
             token_mask = attention_mask[:, -seq_len:]
-        compute_aux = self.config.has_router and (self.training or labels is not None)
-        self.routing_context.begin(group_ids, token_mask, compute_aux)
+        aux_request = None
+        if self.config.has_router and self.training and torch.is_grad_enabled():
+            aux_request = self._aux_loss_request(
+                group_ids, token_mask, seq_len, labels, kwargs.get("num_items_in_batch"), aux_loss_weight
+            )
+        self.routing_context.begin(group_ids, token_mask, aux_request)
         outputs = self.base(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -214,19 +233,44 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
-        aux_loss = self.routing_context.aux_loss() if compute_aux else None
-        loss = outputs.loss
-        if loss is not None and aux_loss is not None:
-            loss = loss + self.config.aux_loss_coef * aux_loss.to(loss.dtype)
         return MoCECausalLMOutput(
-            loss=loss,
+            loss=outputs.loss,
             logits=outputs.logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            aux_loss=aux_loss,
-            lm_loss=outputs.loss,
         )
+
+    def _aux_loss_request(
+        self,
+        group_ids: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        seq_len: int,
+        labels: torch.Tensor | None,
+        num_items_in_batch: torch.Tensor | int | None,
+        aux_loss_weight: torch.Tensor | float | None,
+    ) -> AuxLossRequest:
+        config = self.config
+        device = group_ids.device
+        if aux_loss_weight is None:
+            if num_items_in_batch is not None and labels is not None:
+                aux_loss_weight = labels[..., 1:].ne(IGNORE_INDEX).sum() / num_items_in_batch
+            else:
+                aux_loss_weight = 1.0
+        blocks = self._num_moce_blocks
+        gradient_scale = torch.as_tensor(aux_loss_weight, dtype=torch.float32, device=device) * (
+            config.aux_loss_coef / blocks
+        )
+        statistics = BalanceLossStatistics.build(
+            group_ids, token_mask, seq_len, config.num_groups, config.experts_per_group, config.router_top_k
+        )
+        probe = torch.zeros(blocks, dtype=torch.float32, device=device, requires_grad=True)
+        return AuxLossRequest(statistics=statistics, gradient_scale=gradient_scale, probe=probe)
+
+    def last_aux_loss(self) -> torch.Tensor | None:
+        """Balance loss of the last training forward, averaged over layers; None before its backward has run
+        (or for variants without a router)."""
+        return self.routing_context.aux_loss()
 
     # Expert-use statistics ------------------------------------------------------------------------------
     def set_expert_use_recording(self, enabled: bool) -> None:

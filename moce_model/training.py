@@ -21,14 +21,16 @@ import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
 import torch
 
 from moce_model.config import CLUSTER_ROUTED_VARIANTS, IGNORE_INDEX
 from moce_model.io import atomic_dir
+
+if TYPE_CHECKING:  # polars is needed for the data, not for building or stepping a model (GPU scripts)
+    import polars as pl
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class TrainingConfig:
     logging_steps: int = 1
     deepspeed: str | None = None
     gradient_checkpointing: bool = False
+    # Regional compilation: each decoder layer is compiled once (they share one graph), the rest stays eager.
+    compile: bool = False
     group_by_length: bool = True
     # torch intra-op threads; None keeps torch's default. On a CPU shared with other jobs use 1: OpenMP
     # threads spin at barriers, and an oversubscribed 2-thread step was measured 5x slower than 1 thread.
@@ -292,6 +296,8 @@ def build_dataset(
 
 
 def _check_columns(rows: pl.DataFrame) -> None:
+    import polars as pl
+
     missing = [c for c in REQUIRED_COLUMNS if c not in rows.columns]
     if missing:
         raise ValueError(f"training rows lack column(s) {missing}; required: {list(REQUIRED_COLUMNS)}")
@@ -370,14 +376,30 @@ def build_model(base_model_dir: str | os.PathLike, moce_config: Any, config: Tra
             target_modules=lora_targets,
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(base, lora)
-    return add_lora(
-        MoCEForCausalLM.from_base(base, moce_config),
-        r=config.lora_r,
-        alpha=config.lora_alpha,
-        dropout=config.lora_dropout,
-        target_modules=lora_targets,
-    )
+        model = get_peft_model(base, lora)
+    else:
+        model = add_lora(
+            MoCEForCausalLM.from_base(base, moce_config),
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            target_modules=lora_targets,
+        )
+    if config.compile:
+        compile_decoder_layers(model)
+    return model
+
+
+def compile_decoder_layers(model: torch.nn.Module, **compile_kwargs: Any) -> int:
+    """Compile every decoder layer in place (regional compilation, as transformers and accelerate recommend):
+    the layers share one graph, so compilation costs about one layer, and parameter names, peft wrappers,
+    checkpoints and gradient checkpointing (which wraps each layer's call) are unchanged. Returns the count."""
+    layers = [module for module in model.modules() if isinstance(getattr(module, "mlp", None), torch.nn.Module)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no decoder layer with an `mlp` to compile")
+    for layer in layers:
+        layer.compile(**compile_kwargs)
+    return len(layers)
 
 
 def count_trainable_parameters(model: torch.nn.Module) -> int:
@@ -469,7 +491,7 @@ def run_fingerprint(
     """Hash of everything a checkpoint's meaning depends on; a checkpoint of another run is never resumed."""
     import hashlib
 
-    bookkeeping = ("save_steps", "save_total_limit", "logging_steps", "num_threads")
+    bookkeeping = ("save_steps", "save_total_limit", "logging_steps", "num_threads", "compile")
     relevant = {k: v for k, v in config.to_dict().items() if k not in bookkeeping}
     layout = ("variant", "num_groups", "experts_per_group", "router_top_k", "adapter_dim", "adapter_scaling",
               "adapter_dropout", "aux_loss_coef", "random_group_seed")
@@ -549,6 +571,12 @@ def _make_trainer_class():
         def __init__(self, *args: Any, forward_takes_cluster_ids: bool, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.forward_takes_cluster_ids = forward_takes_cluster_ids
+            from moce_model.modeling import MoCEForCausalLM
+
+            inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self.moce_model = inner if isinstance(inner, MoCEForCausalLM) and inner.config.has_router else None
+            self._aux_loss_total: torch.Tensor | float = 0.0
+            self._aux_loss_count = 0
 
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -562,7 +590,41 @@ def _make_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not self.forward_takes_cluster_ids:
                 inputs = {k: v for k, v in inputs.items() if k != "cluster_ids"}
+            else:
+                inputs = {**inputs, "aux_loss_weight": self._aux_loss_weight(inputs, num_items_in_batch)}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _aux_loss_weight(self, inputs, num_items_in_batch) -> torch.Tensor | float:
+            """This micro-batch's share of the optimiser step, as the Trainer weights the LM loss: the balance
+            loss then has the same weight at any gradient accumulation and world size."""
+            if num_items_in_batch is None or not self.model_accepts_loss_kwargs:
+                # The Trainer divides the (mean) LM loss of each micro-batch by the accumulation steps.
+                return 1.0 / self.current_gradient_accumulation_steps
+            # The LM loss is this micro-batch's label-token sum over the step's label tokens (all ranks' when
+            # tokens are averaged across devices, and then multiplied by the process count, which DDP's
+            # gradient average undoes). Count label tokens exactly as the Trainer did.
+            labels = inputs["labels"]
+            if getattr(self, "_loss_shifts_labels", True):
+                labels = labels[..., 1:]
+            weight = labels.ne(IGNORE_INDEX).sum() / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                weight = weight * (self.accelerator.num_processes // self.get_tp_size())
+            return weight
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.moce_model is not None:
+                aux_loss = self.moce_model.last_aux_loss()
+                if aux_loss is not None:  # accumulated on the device: no host sync per micro-batch
+                    self._aux_loss_total = self._aux_loss_total + aux_loss.detach()
+                    self._aux_loss_count += 1
+            return loss
+
+        def log(self, logs, *args, **kwargs):
+            if self._aux_loss_count and "loss" in logs:
+                logs["aux_loss"] = round(float(self._aux_loss_total) / self._aux_loss_count, 4)
+                self._aux_loss_total, self._aux_loss_count = 0.0, 0
+            return super().log(logs, *args, **kwargs)
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             # The frozen base is reloaded from base_model_dir; a checkpoint needs only what training changes.

@@ -219,7 +219,7 @@ def test_training_lowers_loss_and_writes_a_loadable_artifact(tiny_base_dir, tmp_
     dataset, _ = build_dataset(rows.head(4), tokenizer, 96, [0, 1, 0, 1])
     batch = InstructionCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     with torch.no_grad():
-        reloaded_loss = reloaded(**batch).lm_loss
+        reloaded_loss = reloaded(**batch).loss
     assert reloaded_loss < first
 
 
