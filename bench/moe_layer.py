@@ -28,6 +28,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from bench.timing import elapsed_seconds
 from moce_model.experts import AdapterExperts, reference_expert_forward
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -53,18 +54,10 @@ FP32 = "fp32"
 BF16_AUTOCAST = "bf16 autocast"
 
 
-def median_seconds(step: Callable[[], None], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def time_layer(shape: LayerShape, repeats: int, include_base_mlp: bool, bf16_autocast: bool = False) -> tuple[float, float]:
+def time_layer(
+    shape: LayerShape, repeats: int, include_base_mlp: bool, bf16_autocast: bool = False,
+    device: torch.device = torch.device("cpu"),
+) -> tuple[float, float]:
     """(batched seconds, reference seconds) for one forward+backward at `shape`.
 
     Weights and inputs are float32; with `bf16_autocast` the forward runs under bf16 autocast, as the HF
@@ -72,23 +65,23 @@ def time_layer(shape: LayerShape, repeats: int, include_base_mlp: bool, bf16_aut
     """
     torch.manual_seed(0)
     experts = AdapterExperts(shape.hidden, shape.groups, shape.experts, shape.adapter_dim, shape.top_k,
-                             scaling=1.0, dropout=0.0)
+                             scaling=1.0, dropout=0.0, device=device)
     with torch.no_grad():
         experts.adapter_up.normal_(std=0.02)
     base_mlp = None
     if include_base_mlp:
-        base_mlp = LlamaMLP(LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate))
+        base_mlp = LlamaMLP(LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate)).to(device)
         base_mlp.requires_grad_(False)  # frozen base, as in training
-    x = torch.randn(shape.batch, shape.seq_len, shape.hidden, requires_grad=True)
-    down_input = torch.randn(shape.batch, shape.seq_len, shape.hidden, requires_grad=True)
-    group_ids = torch.arange(shape.batch) % shape.groups
-    upstream = torch.randn(shape.batch, shape.seq_len, shape.hidden)
+    x = torch.randn(shape.batch, shape.seq_len, shape.hidden, device=device, requires_grad=True)
+    down_input = torch.randn(shape.batch, shape.seq_len, shape.hidden, device=device, requires_grad=True)
+    group_ids = torch.arange(shape.batch, device=device) % shape.groups
+    upstream = torch.randn(shape.batch, shape.seq_len, shape.hidden, device=device)
 
     def run(layer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
         def step() -> None:
             experts.zero_grad(set_to_none=True)
             x.grad = down_input.grad = None
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
                 down = base_mlp(x) if base_mlp is not None else down_input
                 out = layer(x, down)
             (out.float() * upstream).sum().backward()
@@ -98,7 +91,7 @@ def time_layer(shape: LayerShape, repeats: int, include_base_mlp: bool, bf16_aut
     batched_layer = lambda a, b: experts(a, b, group_ids)[0]  # noqa: E731
     reference_layer = lambda a, b: reference_expert_forward(experts, a, b, group_ids)  # noqa: E731
     # Both must do the same work, or the ratio means nothing.
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
         down = base_mlp(x) if base_mlp is not None else down_input
         tolerance = {"atol": 0.05, "rtol": 0.02} if bf16_autocast else {}
         torch.testing.assert_close(batched_layer(x, down).float(), reference_layer(x, down).float(), **tolerance)
@@ -106,11 +99,12 @@ def time_layer(shape: LayerShape, repeats: int, include_base_mlp: bool, bf16_aut
     reference = run(reference_layer)
     # Interleave so that background load affects both implementations alike.
     batched_times, reference_times = [], []
-    batched()
-    reference()
+    for _ in range(2):  # warm-up (on a GPU: allocator, cuBLAS handles)
+        batched()
+        reference()
     for _ in range(repeats):
-        batched_times.append(median_seconds(batched, 1, warmup=0))
-        reference_times.append(median_seconds(reference, 1, warmup=0))
+        batched_times.append(elapsed_seconds(batched, device))
+        reference_times.append(elapsed_seconds(reference, device))
     return statistics.median(batched_times), statistics.median(reference_times)
 
 
@@ -205,7 +199,7 @@ def train_step_section(seq_len: int, steps: int) -> None:
     print(f"train_step_ratio_moce_over_dense_adapter: {median['moce'] / median['dense_adapter']:.3f}")
 
 
-def layer_section(repeats: int) -> dict[tuple[str, str, bool], float]:
+def layer_section(repeats: int, device: torch.device) -> dict[tuple[str, str, bool], float]:
     print("## MoE layer forward+backward: batched (per-sequence group weights, bmm) vs reference loop "
           "(groups x experts, boolean masks)")
     print(f"{'shape':<27}{'precision':<16}{'timed part':<34}{'tokens':>8}{'batched_ms':>12}{'reference_ms':>14}"
@@ -218,7 +212,10 @@ def layer_section(repeats: int) -> dict[tuple[str, str, bool], float]:
     ]
     speedups = {}
     for shape, precision, label, with_base, shape_repeats in rows:
-        batched, reference = time_layer(shape, shape_repeats, with_base, bf16_autocast=precision == BF16_AUTOCAST)
+        if device.type == "cuda":
+            shape_repeats = 20  # milliseconds each on a GPU
+        batched, reference = time_layer(shape, shape_repeats, with_base, bf16_autocast=precision == BF16_AUTOCAST,
+                                        device=device)
         speedups[(shape.name, precision, with_base)] = reference / batched
         print(f"{shape.name:<27}{precision:<16}{label:<34}{shape.batch * shape.seq_len:>8}{batched * 1e3:>12.1f}"
               f"{reference * 1e3:>14.1f}{reference / batched:>8.2f}x", flush=True)
@@ -235,15 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-layer", action="store_true", help="only the train-step section")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU train step is bench.train_step)")
     parser.add_argument("--memory-child", choices=("moce", "dense_adapter"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         peak_memory_child(args.memory_child, args.seq_len, args.steps)
         return 0
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
-    speedups = {} if args.skip_layer else layer_section(args.repeats)
-    if not args.skip_train_step:
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}, device {device.type}")
+    speedups = {} if args.skip_layer else layer_section(args.repeats, device)
+    if not args.skip_train_step and device.type == "cpu":
         train_step_section(args.seq_len, args.steps)
     if speedups:
         print(f"speedup_paper_shape_fp32: {speedups[(PAPER.name, FP32, False)]:.2f}")

@@ -8,7 +8,7 @@ split into groups; every token of a sequence uses the group of that sequence (it
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

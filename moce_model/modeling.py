@@ -78,6 +78,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         self.base = base_model
         self.routing_context = RoutingContext()
         self._random_groups: torch.Tensor | None = None
+        self._checked_cluster_ids: torch.Tensor | None = None
         self._inject_experts()
         self.post_init()
 
@@ -169,16 +170,21 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"variant {config.variant!r} routes by cluster: pass cluster_ids (LongTensor [batch]) to forward/generate"
             )
+        given = cluster_ids
         cluster_ids = torch.as_tensor(cluster_ids, device=device)
         if cluster_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise ValueError(f"cluster_ids must be integers, got dtype {cluster_ids.dtype}")
         cluster_ids = cluster_ids.to(torch.long).reshape(-1)
         if cluster_ids.shape[0] != batch_size:
             raise ValueError(f"cluster_ids has {cluster_ids.shape[0]} entries for a batch of {batch_size} sequences")
-        low, high = int(cluster_ids.min()), int(cluster_ids.max())
-        if low < 0 or high >= config.num_groups:
-            bad = low if low < 0 else high
-            raise ValueError(f"cluster_ids value {bad} out of range: this model has num_groups={config.num_groups}")
+        # Checking the values reads them on the host: a GPU sync, and a graph break under torch.compile. Generation
+        # passes the same tensor at every step, so it is checked once (at prefill, which runs eagerly).
+        if given is not self._checked_cluster_ids and not torch.compiler.is_compiling():
+            low, high = int(cluster_ids.min()), int(cluster_ids.max())
+            if low < 0 or high >= config.num_groups:
+                bad = low if low < 0 else high
+                raise ValueError(f"cluster_ids value {bad} out of range: this model has num_groups={config.num_groups}")
+            self._checked_cluster_ids = given if isinstance(given, torch.Tensor) else None
         return cluster_ids
 
     def forward(

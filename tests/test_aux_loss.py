@@ -30,7 +30,7 @@ def router_grads(model) -> list[torch.Tensor]:
 def test_balance_loss_gradient_equals_the_explicit_objective(gradient_checkpointing: bool) -> None:
     model = tiny_moce(groups=3).train()
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ids = batch_ids()
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0  # padding is excluded from the balance statistics

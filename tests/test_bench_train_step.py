@@ -1,0 +1,32 @@
+"""The GPU benchmarks run end to end at a tiny shape on the CPU, so that their code paths are tested in CI."""
+
+from __future__ import annotations
+
+from bench import generate, train_step
+
+
+def test_train_step_times_every_variant_and_prints_the_ratios(capsys, tmp_path) -> None:
+    assert train_step.main(["--device", "cpu", "--shape", "tiny", "--steps", "1", "--warmup", "0",
+                            "--json", str(tmp_path / "rows.json")]) == 0
+    out = capsys.readouterr().out
+    for key in ("moce_over_lora_eager", "moce_over_lora_compiled", "eager_moce_over_compiled_moce",
+                "pesc_over_moce_eager", "reference_over_moce_eager"):
+        assert f"\n{key}: " in out
+    import json
+
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert {(row["variant"], row["mode"]) for row in rows} == {
+        (variant, mode) for variant in train_step.VARIANTS for mode in ("eager", "compiled")
+    } - {("reference", "compiled")}
+    trainable = {row["variant"]: row["trainable_params"] for row in rows if row["mode"] == "eager"}
+    assert trainable["lora"] < trainable["dense_adapter"] < trainable["pesc"] < trainable["moce"]
+    assert trainable["reference"] == trainable["moce"]
+
+
+def test_generate_times_base_and_moce(capsys) -> None:
+    assert generate.main(["--device", "cpu", "--shape", "tiny", "--batches", "1,2", "--prompt-len", "8",
+                          "--new-tokens", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for cache in ("dynamic", "static"):
+        for batch in (1, 2):
+            assert f"decode_moce_over_base_{cache}_batch{batch}: " in out
