@@ -30,7 +30,7 @@ def median_seconds(step: Callable[[], object], repeats: int, device: torch.devic
     return statistics.median(elapsed_seconds(step, device) for _ in range(repeats))
 
 
-def kernel_profile(step: Callable[[], object], device: torch.device) -> dict[str, float]:
+def kernel_profile(step: Callable[[], object], device: torch.device, top: int = 0) -> dict:
     """Kernels launched and summed kernel time of one `step` on a GPU (empty on CPU): whether a step is bound by
     launches (GPU idle between small kernels) or by the kernels themselves."""
     if device.type != "cuda":
@@ -43,7 +43,12 @@ def kernel_profile(step: Callable[[], object], device: torch.device) -> dict[str
         step()
         torch.cuda.synchronize(device)
     kernels = [event for event in prof.events() if event.device_type == DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        by_name.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e3)
+    heaviest = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:top]
     return {
         "kernels": len(kernels),
         "kernel_ms": sum(event.time_range.elapsed_us() for event in kernels) / 1e3,
+        **({"top_kernels": [[name[:90], len(times), round(sum(times), 2)] for name, times in heaviest]} if top else {}),
     }

@@ -119,9 +119,11 @@ def make_batch(shape: ModelShape, variant: str, device: torch.device) -> dict:
 
 
 def measure(base, variant: str, shape: ModelShape, compiled: bool, device: torch.device, steps: int,
-            warmup: int) -> dict:
+            warmup: int, top_kernels: int = 0) -> dict:
     model = attach(base, variant, shape, compiled)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    # Fused on a GPU, as the Trainer's default optimiser there (adamw_torch_fused).
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                  fused=device.type == "cuda")
     batch = make_batch(shape, variant, device)
     autocast = device.type == "cuda"
 
@@ -141,7 +143,7 @@ def measure(base, variant: str, shape: ModelShape, compiled: bool, device: torch
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     times = [elapsed_seconds(step, device) for _ in range(steps)]
-    profile = kernel_profile(step, device)
+    profile = kernel_profile(step, device, top_kernels)
     row = {
         "variant": variant,
         "mode": "compiled" if compiled else "eager",
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
+    parser.add_argument("--top-kernels", type=int, default=0, help="list the N heaviest kernels of each row (GPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shape = SHAPES[args.shape]
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             if variant == "reference" and mode == "compiled":
                 continue  # host syncs in the loop: nothing to compile
             row = measure(base, variant, shape, mode == "compiled", device, args.steps,
-                          args.warmup + (2 if mode == "compiled" else 0))
+                          args.warmup + (2 if mode == "compiled" else 0), args.top_kernels)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -211,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['step_ms_max']:>8.1f}{row['tokens_per_s']:>8.0f}{row['first_step_s']:>9.1f}"
                   f"{row.get('kernels', float('nan')):>9.0f}{row.get('kernel_ms', float('nan')):>11.1f}"
                   f"{row.get('peak_gib', float('nan')):>10.2f}", flush=True)
+            for name, count, total_ms in row.get("top_kernels", []):
+                print(f"    {total_ms:>8.2f} ms {count:>6}x  {name}")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "shape": shape.name, "rows": rows}, indent=2))
     print(f"(median over {args.steps} steps after {args.warmup + 1} warm-up steps, eager; 2 more compiled)")

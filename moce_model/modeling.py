@@ -179,7 +179,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"cluster_ids has {cluster_ids.shape[0]} entries for a batch of {batch_size} sequences")
         # Checking the values reads them on the host: a GPU sync, and a graph break under torch.compile. Generation
         # passes the same tensor at every step, so it is checked once (at prefill, which runs eagerly).
-        if given is not self._checked_cluster_ids and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and given is not self._checked_cluster_ids:
             low, high = int(cluster_ids.min()), int(cluster_ids.max())
             if low < 0 or high >= config.num_groups:
                 bad = low if low < 0 else high
