@@ -56,7 +56,7 @@ BF16_AUTOCAST = "bf16 autocast"
 
 def time_layer(
     shape: LayerShape, repeats: int, include_base_mlp: bool, bf16_autocast: bool = False,
-    device: torch.device = torch.device("cpu"), matmul: str = "auto",
+    device: torch.device = torch.device("cpu"),
 ) -> tuple[float, float]:
     """(batched seconds, reference seconds) for one forward+backward at `shape`.
 
@@ -65,7 +65,7 @@ def time_layer(
     """
     torch.manual_seed(0)
     experts = AdapterExperts(shape.hidden, shape.groups, shape.experts, shape.adapter_dim, shape.top_k,
-                             scaling=1.0, dropout=0.0, device=device, matmul=matmul)
+                             scaling=1.0, dropout=0.0, device=device)
     with torch.no_grad():
         experts.adapter_up.normal_(std=0.02)
     base_mlp = None
@@ -206,30 +206,25 @@ def train_step_section(seq_len: int, steps: int) -> None:
 
 
 def layer_section(repeats: int, device: torch.device) -> dict[tuple[str, str, bool], float]:
-    print("## MoE layer forward+backward: batched vs reference loop (groups x experts, boolean masks)")
-    print("   matmul per_sequence: each sequence's group weights gathered, batched matmuls; all_groups: one 2-D "
-          "matmul against every group's experts, other groups weighted 0")
-    print(f"{'shape':<27}{'precision':<16}{'matmul':<14}{'timed part':<34}{'tokens':>8}{'batched_ms':>12}"
-          f"{'reference_ms':>14}{'speedup':>9}")
+    print("## MoE layer forward+backward: batched (per-sequence group weights, bmm) vs reference loop "
+          "(groups x experts, boolean masks)")
+    print(f"{'shape':<27}{'precision':<16}{'timed part':<34}{'tokens':>8}{'batched_ms':>12}{'reference_ms':>14}"
+          f"{'speedup':>9}")
     rows = [
         (DEMO, FP32, "experts+routers (base MLP excluded)", False, repeats),
         (DEMO, FP32, "full block (base MLP + experts)", True, repeats),
         (PAPER, FP32, "experts+routers (base MLP excluded)", False, max(3, repeats // 2)),
         (PAPER, BF16_AUTOCAST, "experts+routers (base MLP excluded)", False, repeats),
     ]
-    # On a GPU both implementations are timed (`auto` picks all_groups there); on a CPU, `auto`'s per_sequence.
-    matmuls = ("per_sequence", "all_groups") if device.type == "cuda" else ("per_sequence",)
     speedups = {}
     for shape, precision, label, with_base, shape_repeats in rows:
         if device.type == "cuda":
             shape_repeats = 20  # milliseconds each on a GPU
-        for matmul in matmuls:
-            batched, reference = time_layer(shape, shape_repeats, with_base,
-                                            bf16_autocast=precision == BF16_AUTOCAST, device=device, matmul=matmul)
-            if matmul == matmuls[-1]:
-                speedups[(shape.name, precision, with_base)] = reference / batched
-            print(f"{shape.name:<27}{precision:<16}{matmul:<14}{label:<34}{shape.batch * shape.seq_len:>8}"
-                  f"{batched * 1e3:>12.1f}{reference * 1e3:>14.1f}{reference / batched:>8.2f}x", flush=True)
+        batched, reference = time_layer(shape, shape_repeats, with_base, bf16_autocast=precision == BF16_AUTOCAST,
+                                        device=device)
+        speedups[(shape.name, precision, with_base)] = reference / batched
+        print(f"{shape.name:<27}{precision:<16}{label:<34}{shape.batch * shape.seq_len:>8}{batched * 1e3:>12.1f}"
+              f"{reference * 1e3:>14.1f}{reference / batched:>8.2f}x", flush=True)
     print("   (paper shape: the 11008-wide base MLP runs identically in both and is excluded from the timing)")
     print(f"   ({BF16_AUTOCAST}: float32 weights, forward under bf16 autocast, as the Trainer runs the paper's "
           "QLoRA setting with bf16=True)")

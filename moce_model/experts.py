@@ -17,21 +17,12 @@ from torch import nn
 REQUIRED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-# How a block multiplies its tokens with their groups' experts (`AdapterExperts.matmul`):
-#   per_sequence: each sequence's group weights are gathered and run as batched matmuls (minimal FLOPs).
-#   all_groups:   the tokens of the whole batch meet every group's experts in one 2-D matmul and the other
-#                 groups' outputs are weighted 0 (G times the adapter FLOPs, no gathers).
-# Measured (bench.moe_layer): on a CPU the FLOPs decide and per_sequence wins; on an H100 the batched matmuls'
-# thin shapes (N = E*r) get few thread blocks and all_groups wins. `auto` picks by device.
-EXPERT_MATMULS = ("auto", "per_sequence", "all_groups")
-
-
 class AdapterExperts(nn.Module):
     """Routers and adapter experts of one MLP block, for all groups, stored stacked.
 
-    `router` [G, E, H] (one router per group, absent when E == 1), `adapter_down` [H, G, E, r],
-    `adapter_up` [G, E, r, H]. The layouts make `[G*E, H]`, `[H, G*E*r]` and `[G*E*r, H]` free views, so
-    every expert of every group runs in one matmul, and a group's slice is one gather away.
+    `router` [G, E, H] (one router per group, absent when E == 1), `adapter_down` [G, H, E, r],
+    `adapter_up` [G, E, r, H]. The layouts make `[G, H, E*r]` and `[G, E*r, H]` free views, so a group's
+    experts run as one matmul.
     """
 
     def __init__(
@@ -45,25 +36,21 @@ class AdapterExperts(nn.Module):
         dropout: float,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        matmul: str = "auto",
     ) -> None:
         super().__init__()
-        if matmul not in EXPERT_MATMULS:
-            raise ValueError(f"expert matmul {matmul!r} is not one of {EXPERT_MATMULS}")
         self.hidden_size = hidden_size
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
         self.adapter_dim = adapter_dim
         self.top_k = top_k
         self.scaling = scaling
-        self.matmul = matmul
         factory = {"device": device, "dtype": dtype}
         if experts_per_group > 1:
             self.router = nn.Parameter(torch.empty(num_groups, experts_per_group, hidden_size, **factory))
         else:
             self.register_parameter("router", None)
         self.adapter_down = nn.Parameter(
-            torch.empty(hidden_size, num_groups, experts_per_group, adapter_dim, **factory)
+            torch.empty(num_groups, hidden_size, experts_per_group, adapter_dim, **factory)
         )
         self.adapter_up = nn.Parameter(torch.empty(num_groups, experts_per_group, adapter_dim, hidden_size, **factory))
         self.dropout = nn.Dropout(dropout)
@@ -78,25 +65,16 @@ class AdapterExperts(nn.Module):
         nn.init.uniform_(self.adapter_down, -bound, bound)
         nn.init.zeros_(self.adapter_up)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before adapter_down became [H, G, E, r] hold it as [G, H, E, r].
-        key = prefix + "adapter_down"
-        old_layout = (self.num_groups, self.hidden_size, self.experts_per_group, self.adapter_dim)
-        tensor = state_dict.get(key)
-        if tensor is not None and tuple(tensor.shape) == old_layout and old_layout != tuple(self.adapter_down.shape):
-            state_dict[key] = tensor.permute(1, 0, 2, 3).contiguous()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def extra_repr(self) -> str:
         return (
             f"groups={self.num_groups}, experts_per_group={self.experts_per_group}, top_k={self.top_k}, "
-            f"adapter_dim={self.adapter_dim}, scaling={self.scaling}, matmul={self.matmul}"
+            f"adapter_dim={self.adapter_dim}, scaling={self.scaling}"
         )
 
     def forward(self, x: torch.Tensor, down: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, "Routing"]:
         """x, down: [B, T, H]; group_ids: [B] long. Returns (block output [B, T, H], routing decisions)."""
         batch, seq_len, hidden = down.shape
-        groups, experts = self.num_groups, self.experts_per_group
+        experts, rank = self.experts_per_group, self.adapter_dim
         out_dtype = down.dtype
         # Experts may be kept in another precision than the (e.g. quantised) base model's activations. Under
         # autocast (Trainer bf16=True, as in QLoRA training) the matmuls run in the autocast dtype anyway, so
@@ -108,16 +86,8 @@ class AdapterExperts(nn.Module):
             compute_dtype = self.adapter_down.dtype
         x = x.to(compute_dtype)
         down = down.to(compute_dtype)
-        all_groups = self.matmul == "all_groups" or (self.matmul == "auto" and device_type == "cuda")
         if self.router is not None:
-            if all_groups:
-                every_logit = (x.reshape(-1, hidden) @ self.router.view(groups * experts, hidden).T).view(
-                    batch, seq_len, groups, experts
-                )
-                logits = every_logit.gather(2, group_ids.view(batch, 1, 1, 1).expand(batch, seq_len, 1, experts))
-                logits = logits.squeeze(2)  # [B, T, E]
-            else:
-                logits = torch.bmm(x, self.router.index_select(0, group_ids).transpose(1, 2))  # [B, T, E]
+            logits = torch.bmm(x, self.router.index_select(0, group_ids).transpose(1, 2))  # [B, T, E]
             # One float32 softmax over all E logits serves both the balance loss and the top-k weights: the
             # softmax over the selected logits alone equals the selected probabilities renormalised.
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
@@ -127,42 +97,17 @@ class AdapterExperts(nn.Module):
             weights = torch.zeros_like(logits).scatter(-1, top_experts, top_weights)
         else:
             logits = probs = top_experts = weights = None
-        if all_groups:
-            out = self._all_groups(down, group_ids, weights)
-        else:
-            out = self._per_sequence(down, group_ids, weights)
-        return out.to(out_dtype), Routing(group_ids=group_ids, logits=logits, probs=probs, top_experts=top_experts)
-
-    def _per_sequence(self, down: torch.Tensor, group_ids: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        batch, seq_len, hidden = down.shape
-        width = self.experts_per_group * self.adapter_dim
         # index_select, not indexing: its backward is an index_add, several times faster on CPU than the
         # accumulating index_put that indexing's backward runs.
-        down_weights = self.adapter_down.view(hidden, self.num_groups, width).transpose(0, 1).index_select(0, group_ids)
-        up_weights = self.adapter_up.view(self.num_groups, width, hidden).index_select(0, group_ids)
+        down_weights = self.adapter_down.view(self.num_groups, hidden, experts * rank).index_select(0, group_ids)
+        up_weights = self.adapter_up.view(self.num_groups, experts * rank, hidden).index_select(0, group_ids)
         hidden_act = F.gelu(torch.bmm(self.dropout(down), down_weights))  # [B, T, E*r]
         if weights is not None:
-            hidden_act = (hidden_act.view(batch, seq_len, self.experts_per_group, self.adapter_dim)
-                          * weights.unsqueeze(-1)).view(batch, seq_len, width)
-        return torch.baddbmm(down, hidden_act, up_weights, alpha=self.scaling)
-
-    def _all_groups(self, down: torch.Tensor, group_ids: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        batch, seq_len, hidden = down.shape
-        groups, experts, rank = self.num_groups, self.experts_per_group, self.adapter_dim
-        flat_down = down.reshape(-1, hidden)
-        hidden_act = F.gelu(self.dropout(flat_down) @ self.adapter_down.view(hidden, groups * experts * rank))
-        if groups > 1 or weights is not None:
-            # Weight of each (token, group, expert): the top-k weight inside the sequence's group, 0 elsewhere.
-            in_group = (group_ids.unsqueeze(1) == torch.arange(groups, device=group_ids.device)).to(hidden_act.dtype)
-            mix = in_group.view(batch, 1, groups, 1)
-            if weights is not None:
-                mix = mix * weights.view(batch, seq_len, 1, experts)
-            hidden_act = (hidden_act.view(batch, -1, groups, experts, rank) * mix.unsqueeze(-1)).view(
-                batch * seq_len, groups * experts * rank
+            hidden_act = (hidden_act.view(batch, seq_len, experts, rank) * weights.unsqueeze(-1)).view(
+                batch, seq_len, experts * rank
             )
-        out = torch.addmm(flat_down, hidden_act, self.adapter_up.view(groups * experts * rank, hidden),
-                          alpha=self.scaling)
-        return out.view(batch, seq_len, hidden)
+        out = torch.baddbmm(down, hidden_act, up_weights, alpha=self.scaling)
+        return out.to(out_dtype), Routing(group_ids=group_ids, logits=logits, probs=probs, top_experts=top_experts)
 
 
 @dataclass
@@ -207,7 +152,7 @@ def reference_expert_forward(
                 continue
             weight = (top_weights * chosen).sum(dim=-1)[rows]
             adapter_in = experts.dropout(group_down[rows])
-            adapter_out = F.gelu(adapter_in @ experts.adapter_down[:, group, expert]) @ experts.adapter_up[group, expert]
+            adapter_out = F.gelu(adapter_in @ experts.adapter_down[group, :, expert]) @ experts.adapter_up[group, expert]
             # Under autocast the adapter matmuls may return another dtype than the activations.
             group_out[rows] = (group_out[rows] + weight[:, None] * experts.scaling * adapter_out).to(group_out.dtype)
         out[in_group] = group_out

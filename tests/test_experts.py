@@ -11,13 +11,9 @@ from moce_model.experts import AdapterExperts, load_balancing_loss, reference_ex
 HIDDEN = 32
 
 
-MATMULS = ["per_sequence", "all_groups"]
-
-
-def make_experts(groups: int, experts: int, top_k: int, rank: int = 8, seed: int = 0,
-                 matmul: str = "auto") -> AdapterExperts:
+def make_experts(groups: int, experts: int, top_k: int, rank: int = 8, seed: int = 0) -> AdapterExperts:
     torch.manual_seed(seed)
-    module = AdapterExperts(HIDDEN, groups, experts, rank, top_k, scaling=0.7, dropout=0.0, matmul=matmul)
+    module = AdapterExperts(HIDDEN, groups, experts, rank, top_k, scaling=0.7, dropout=0.0)
     with torch.no_grad():
         module.adapter_up.normal_(std=0.2)  # non-zero, as after training
     return module
@@ -53,10 +49,9 @@ def forward_backward(module: AdapterExperts, fn, bf16_autocast: bool = False):
     return out.float().detach(), x_in.grad, down_in.grad, grads
 
 
-@pytest.mark.parametrize("matmul", MATMULS)
 @pytest.mark.parametrize(("groups", "experts", "top_k"), LAYOUTS)
-def test_batched_equals_reference_forward_and_gradients(groups: int, experts: int, top_k: int, matmul: str) -> None:
-    module = make_experts(groups, experts, top_k, matmul=matmul)
+def test_batched_equals_reference_forward_and_gradients(groups: int, experts: int, top_k: int) -> None:
+    module = make_experts(groups, experts, top_k)
     group_ids = torch.arange(4) % groups
     batched = forward_backward(module, lambda a, b: module(a, b, group_ids)[0])
     reference = forward_backward(module, lambda a, b: reference_expert_forward(module, a, b, group_ids))
@@ -76,25 +71,23 @@ def test_output_matches_the_formula_for_one_token() -> None:
     weights = torch.softmax(top_logits, dim=-1)  # softmax over the selected logits only
     expected = down[0, 0].clone()
     for weight, expert in zip(weights, top):
-        adapter = F.gelu(down[0, 0] @ module.adapter_down[:, group, expert]) @ module.adapter_up[group, expert]
+        adapter = F.gelu(down[0, 0] @ module.adapter_down[group, :, expert]) @ module.adapter_up[group, expert]
         expected = expected + weight * 0.7 * adapter
     torch.testing.assert_close(out[0, 0], expected)
     assert set(routing.top_experts[0, 0].tolist()) == set(top.tolist())
 
 
-@pytest.mark.parametrize("matmul", MATMULS)
-def test_routing_never_touches_another_groups_parameters(matmul: str) -> None:
-    module = make_experts(3, 4, 2, matmul=matmul)
+def test_routing_never_touches_another_groups_parameters() -> None:
+    module = make_experts(3, 4, 2)
     x, down = inputs()
     group_ids = torch.tensor([0, 2, 2, 0])  # group 1 unused
     out, routing = module(x, down, group_ids)
     aux = load_balancing_loss(routing.logits, routing.top_experts, group_ids, 3)
     (out.square().sum() + aux).backward()
     for name, param in module.named_parameters():
-        per_group = param.grad.transpose(0, 1) if name == "adapter_down" else param.grad  # [H, G, E, r]
-        assert torch.count_nonzero(per_group[1]) == 0, f"{name} of unused group 1 got a gradient"
-        assert torch.count_nonzero(per_group[0]) > 0, f"{name} of used group 0 got no gradient"
-        assert torch.count_nonzero(per_group[2]) > 0, f"{name} of used group 2 got no gradient"
+        assert torch.count_nonzero(param.grad[1]) == 0, f"{name} of unused group 1 got a gradient"
+        assert torch.count_nonzero(param.grad[0]) > 0, f"{name} of used group 0 got no gradient"
+        assert torch.count_nonzero(param.grad[2]) > 0, f"{name} of used group 2 got no gradient"
 
 
 def test_unselected_experts_get_no_gradient() -> None:
@@ -199,13 +192,10 @@ def test_experts_kept_in_float32_accept_bfloat16_activations() -> None:
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("matmul", MATMULS)
 @pytest.mark.parametrize(("groups", "experts", "top_k"), LAYOUTS)
-def test_float32_experts_under_bfloat16_autocast_match_the_reference(
-    groups: int, experts: int, top_k: int, matmul: str
-) -> None:
+def test_float32_experts_under_bfloat16_autocast_match_the_reference(groups: int, experts: int, top_k: int) -> None:
     """The QLoRA setting: float32 experts, Trainer bf16=True, so matmuls run under bf16 autocast."""
-    module = make_experts(groups, experts, top_k, matmul=matmul)
+    module = make_experts(groups, experts, top_k)
     group_ids = torch.arange(4) % groups
     batched = forward_backward(module, lambda a, b: module(a, b, group_ids)[0], bf16_autocast=True)
     reference = forward_backward(module, lambda a, b: reference_expert_forward(module, a, b, group_ids), bf16_autocast=True)
@@ -215,17 +205,3 @@ def test_float32_experts_under_bfloat16_autocast_match_the_reference(
     for name, grad in batched[3].items():
         assert grad.dtype == torch.float32
         torch.testing.assert_close(grad, reference[3][name], atol=0.05, rtol=0.05, msg=f"gradient of {name}")
-
-
-def test_checkpoints_with_the_earlier_adapter_down_layout_still_load() -> None:
-    module = make_experts(3, 4, 2)
-    state = {name: tensor.clone() for name, tensor in module.state_dict().items()}
-    state["adapter_down"] = state["adapter_down"].permute(1, 0, 2, 3).contiguous()  # the earlier [G, H, E, r]
-    reloaded = AdapterExperts(HIDDEN, 3, 4, 8, 2, scaling=0.7, dropout=0.0)
-    reloaded.load_state_dict(state)
-    torch.testing.assert_close(reloaded.adapter_down, module.adapter_down)
-
-
-def test_unknown_expert_matmul_is_refused() -> None:
-    with pytest.raises(ValueError, match="expert matmul 'grouped'"):
-        AdapterExperts(HIDDEN, 2, 2, 4, 1, scaling=1.0, dropout=0.0, matmul="grouped")

@@ -140,7 +140,7 @@ def test_dense_adapter_has_one_adapter_and_no_router() -> None:
     assert model.config.num_groups == 1 and model.config.experts_per_group == 1
     experts = model.moce_blocks()[0].moce_experts
     assert experts.router is None
-    assert experts.adapter_down.shape[:3] == (64, 1, 1)
+    assert experts.adapter_down.shape[:3] == (1, 64, 1)
     ids = batch_ids()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, model(ids, cluster_ids=torch.tensor([5, 6, 7])).logits)
