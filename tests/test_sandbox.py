@@ -514,6 +514,31 @@ time.sleep(0.3)
 
 
 @needs_bwrap
+def test_nothing_outlives_a_killed_evaluator(tag):
+    code = DISARM + f"""
+import time
+if os.fork() == 0:
+    {_tagged_sleeper(tag)}
+time.sleep(30)
+"""
+    evaluator = subprocess.Popen(
+        [sys.executable, "-c", EVALUATOR, sandbox_module.__file__], stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        evaluator.stdin.write(code)
+        evaluator.stdin.close()
+        deadline = time.monotonic() + 10
+        while not _live_processes_tagged(tag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _live_processes_tagged(tag), "the program did not start its child"
+    finally:
+        evaluator.kill()
+        evaluator.wait()
+    assert _wait_until_none_tagged(tag) == []
+
+
+@needs_bwrap
 def test_no_network_not_even_the_hosts_loopback():
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
