@@ -5,10 +5,10 @@ The boundary is the kernel's, set up by `bwrap` (Debian/Ubuntu package `bubblewr
 * namespaces: its own mount, PID, network, IPC, UTS, cgroup and user namespaces, and no further user
   namespaces inside (`--disable-userns`: a nested one would let the program mount an unbounded tmpfs);
 * a filesystem of only what the interpreter needs, read-only: /usr (and the /bin, /lib... links or
-  directories beside it) and the interpreter's own prefix. The host's /tmp, /run, /home, /root, /etc
-  and the project are not there at all, so neither their files nor the Unix sockets in them can be
+  directories beside it) and the interpreter's own prefix. The rest of the host (/tmp, /run, /home,
+  /etc, the project) is not there at all, so neither its files nor the Unix sockets in it can be
   reached (a socket on a read-only mount still accepts connections);
-* one writable place, a size-limited tmpfs on /tmp that is also the work directory, HOME and TMPDIR:
+* one writable place, a size-limited tmpfs holding the work directory (cwd, HOME, TMPDIR) and /tmp:
   the total a run can write is bounded, and nothing is written to the host's disk (output comes back
   through pipes, of which the evaluator keeps the head);
 * a fresh /proc that shows only the sandbox's processes (the evaluator, its environment and its
@@ -92,8 +92,10 @@ logger = logging.getLogger(__name__)
 # read and closed before the program starts, and it is never in argv, the environment or a file.
 # What no design can give while the harness and the program share one interpreter: a program written
 # to find the harness's own objects in memory (gc, frames) can still find the nonce and the verdict
-# descriptor, exactly as it can defeat the tests appended to it. A pass is therefore as trustworthy as
-# in-process tests are; the sandbox's guarantees are about the host, not about the score.
+# descriptor, exactly as it can defeat the tests appended to it. Moving the verdict to another process
+# does not help: that process could learn that the program finished only from the program itself,
+# which can then say so early. A pass is therefore as trustworthy as in-process tests are; the
+# sandbox's guarantees are about the host, not about the score.
 #
 # Runs in the sandboxed interpreter before the program: reads the nonce and the source, applies the
 # limits, installs the audit hook (unless told not to), runs the program, then writes the verdict.
@@ -312,10 +314,7 @@ def _probe(bwrap: str | None, euid: int) -> tuple[_Isolation, str | None]:
         if setpriv is None:
             return _Isolation(None), "setpriv (package util-linux) was not found; as root it drops to uid 65534"
     isolation = _Isolation(bwrap=bwrap, setpriv=setpriv)
-    try:
-        result = _execute(isolation, "pass", timeout_s=20.0, memory_mb=256, disk_mb=1, audit_hook=False)
-    except OSError as exc:
-        return isolation, f"could not start {bwrap}: {exc}"
+    result = _execute(isolation, "pass", timeout_s=20.0, memory_mb=256, disk_mb=1, audit_hook=False)
     if result.status != "passed":
         said = " / ".join(result.stderr.strip().splitlines()[-3:]) or "no message"
         return isolation, f"{bwrap} could not run a trivial program ({result.status}): {said}"
@@ -358,10 +357,14 @@ def _execute(
                 argv = _bwrap_command(isolation, python, disk_mb) + ["-I", "-S", "-c", _PRELUDE, *harness_args]
                 env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
                 cwd = "/"
-            process = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True, pass_fds=(program_fd, verdict_write),
-            )
+            try:
+                process = subprocess.Popen(
+                    argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, start_new_session=True, pass_fds=(program_fd, verdict_write),
+                )
+            except OSError as exc:
+                return SandboxResult(False, "error", None, "", f"sandbox: could not start {argv[0]}: {exc}",
+                                     time.monotonic() - started)
             # The evaluator keeps only the read end: once the run is over, nothing can write a verdict.
             os.close(verdict_write)
             verdict_write = -1
