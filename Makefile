@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # unmaps them on free; the page faults cost 10-25% of a CPU train step (bench.moe_layer). Keep them on the heap.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967296
 
-.PHONY: demo test ui install browser bench set-k k-sweep clean
+.PHONY: demo test ui install browser sandbox bench set-k k-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
 	printf 'telemetry:\n  enabled: false\n' > $@
 
-demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml sandbox
 	$(PY) -m pipelines.demo
 
 # The UI test drives Debian's Chromium (no browser download); installed here when we may, else it skips.
@@ -38,10 +38,17 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium is not installed: the browser test will be skipped"
 
-test: $(STAMP) browser
+# Generated code is evaluated under bubblewrap; installed here when we may. Without it, evaluating code refuses
+# to run (README, Security) and the tests of the sandbox are skipped.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } || \
+		echo "bubblewrap is not installed: evaluating generated code will refuse to run (README, Security)"
+
+test: $(STAMP) browser sandbox
 	$(PY) -m pytest -q
 
-ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml sandbox
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 # Journey "change k": `make set-k K=5`, then `make demo` (or the UI's automation) re-runs what depends on k.
@@ -52,7 +59,7 @@ set-k: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
 # Journey "k side by side": `make k-sweep KS=2,3,4,6` trains and evaluates moce at each k into one table.
 KS ?= 2,3,4,6
-k-sweep: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+k-sweep: $(STAMP) $(DAGSTER_HOME)/dagster.yaml sandbox
 	$(VENV)/bin/dagster asset materialize -m pipelines.definitions --select k_sweep_results \
 		--config-json '{"ops": {"k_sweep_results": {"config": {"ks": [$(KS)]}}}}'
 

@@ -1,28 +1,51 @@
-"""Run untrusted, model-generated Python in a contained subprocess.
+"""Run untrusted, model-generated Python inside an OS sandbox (bubblewrap).
 
-Layers of containment, each covering a gap of the others:
+The boundary is the kernel's, set up by `bwrap` (Debian/Ubuntu package `bubblewrap`, >= 0.8):
 
-* a fresh interpreter (`python -I -S`: isolated, no site-packages) in its own session, with a fresh
-  temporary directory as cwd, HOME and TMPDIR and a minimal environment;
-* resource limits (address space, CPU seconds, file size, no core dumps, process count) set by the
-  child itself before the program runs. They are not set in a `preexec_fn`: that hook runs Python
-  between fork and exec, which can deadlock in a threaded parent (torch, or our own thread pool);
-* an audit hook installed before the program runs that ends the process at once (so the program cannot
-  catch it and carry on) on: process creation (fork, exec, spawn, system, subprocess), signals to other
-  processes, native code (ctypes), sockets, and any write, delete, rename or permission change outside
-  the temporary directory;
-* a wall-clock timeout after which the whole process group is killed, and a kill of the group after
-  every run so that no child process outlives its program.
+* namespaces: its own mount, PID, network, IPC, UTS, cgroup and user namespaces, and no further user
+  namespaces inside (`--disable-userns`: a nested one would let the program mount an unbounded tmpfs);
+* a filesystem of only what the interpreter needs, read-only: /usr (and the /bin, /lib... links or
+  directories beside it) and the interpreter's own prefix. The rest of the host (/tmp, /run, /home,
+  /etc, the project) is not there at all, so neither its files nor the Unix sockets in it can be
+  reached (a socket on a read-only mount still accepts connections);
+* one writable place, a size-limited tmpfs holding the work directory (cwd, HOME, TMPDIR) and /tmp:
+  the total a run can write is bounded, and nothing is written to the host's disk (output comes back
+  through pipes, of which the evaluator keeps the head);
+* a fresh /proc that shows only the sandbox's processes (the evaluator, its environment and its
+  process are out of sight and out of reach of kill/pidfd), a minimal /dev, no network but a private
+  loopback, a new session (no terminal to inject input into), no capabilities, and an empty
+  environment apart from PATH, HOME, TMPDIR and LANG;
+* resource limits set by the harness before the program runs: address space, CPU seconds, file size,
+  no core dumps, and a process count that binds because the sandbox runs as an unprivileged user in its
+  own user namespace (a limit that root would ignore);
+* a wall-clock timeout after which the outermost bwrap process is killed; bwrap's `--die-with-parent`
+  and the end of the PID namespace take every process of the run with it, setsid'ed ones included.
 
-The RLIMIT_NPROC limit does not bind root, which is why the audit hook blocks process creation too.
-This contains accidents and careless code (infinite loops, fork bombs, `rm -rf`, memory blow-ups); it is
-not a security boundary against code written to escape an interpreter.
+As root, two bwrap layers are used. `bwrap` run by root maps the sandbox user to host uid 0, for whom
+the kernel ignores RLIMIT_NPROC, and bwrap started directly as an unprivileged user cannot reach an
+interpreter under a directory only root may enter (pyenv under /root). So an outer, privileged bwrap
+assembles the read-only view with traversable directories, `setpriv` drops to uid/gid 65534 (nobody),
+and the inner, unprivileged bwrap builds the sandbox above from that view.
+
+Where bwrap is missing or cannot create its namespaces, `run_sandboxed` refuses (SandboxUnavailableError,
+saying how to enable it) unless MOCE_ALLOW_UNSANDBOXED_CODE=1 opts in to the in-process layers alone: a
+fresh `python -I -S` in its own session and temp directory, the same limits, an audit hook, a kill of the
+process group. Those layers contain careless code but not code written to escape (the audit hook can be
+switched off from inside, root ignores the process limit, nothing hides the host). The audit hook is also
+installed inside bwrap, where it turns common mistakes (fork, subprocess, sockets, writes outside the
+work dir) into a clear "forbidden" status; the boundary does not depend on it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hmac
+import logging
 import os
 import secrets
+import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,120 +59,173 @@ from typing import Literal
 
 SandboxStatus = Literal["passed", "failed", "timeout", "memory", "forbidden", "error"]
 
+ALLOW_UNSANDBOXED_ENV = "MOCE_ALLOW_UNSANDBOXED_CODE"
+BWRAP_ENV = "MOCE_BWRAP"
+SANDBOX_UID = 65534  # "nobody": what the sandbox runs as when the evaluator is root
+
 _MEMORY_EXIT_CODE = 85
 _FORBIDDEN_EXIT_CODE = 86
 _EARLY_EXIT_CODE = 87
 _OUTPUT_LIMIT_BYTES = 64 * 1024
 _MAX_FILE_BYTES = 16 * 1024 * 1024
+# Tasks, threads included, of the sandbox user in the run's user namespace; bwrap's own init and the
+# interpreter are two of them. Together with the address-space limit this bounds a run's memory at
+# about _MAX_PROCESSES * memory_mb + disk_mb.
+_MAX_PROCESSES = 16
+_NONCE_BYTES = 32
+# One size-limited tmpfs holds both the work directory (cwd, HOME, TMPDIR) and /tmp, so that the bound
+# is on their total. /tmp is kept apart from the work directory because the audit hook allows writes in
+# the latter only, and host paths under /tmp must not look like paths inside it.
+_SANDBOX_DISK = "/sandbox"
+_SANDBOX_WORKDIR = "/sandbox/work"
+_SANDBOX_TMP = "/sandbox/tmp"
+# Directories next to /usr that a distribution may have as links into it (merged /usr) or as real ones.
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
-# Runs in the child before the program. Reads the program, applies the limits, installs the audit hook,
-# then executes the program; prints a per-run token on normal completion so that a program which exits
-# early (sys.exit(0) before its tests) is not mistaken for a pass.
+logger = logging.getLogger(__name__)
+
+# The success signal. A run passes only when the evaluator reads, from a pipe of its own, the per-run
+# nonce that the harness writes after the program has run to its end. The program cannot forge it by
+# printing (stdout and stderr are not read for it), by exiting early in any way (sys.exit, os._exit, a
+# signal, exec, killing its parent: the nonce is written only after `exec` of the program returns), or
+# by reading it from where it came from: the nonce arrives with the source on a descriptor that is
+# read and closed before the program starts, and it is never in argv, the environment or a file.
+# What no design can give while the harness and the program share one interpreter: a program written
+# to find the harness's own objects in memory (gc, frames) can still find the nonce and the verdict
+# descriptor, exactly as it can defeat the tests appended to it. Moving the verdict to another process
+# does not help: that process could learn that the program finished only from the program itself,
+# which can then say so early. A pass is therefore as trustworthy as in-process tests are; the
+# sandbox's guarantees are about the host, not about the score.
+#
+# Runs in the sandboxed interpreter before the program: reads the nonce and the source, applies the
+# limits, installs the audit hook (unless told not to), runs the program, then writes the verdict.
+# Everything lives in function scopes so that the program, which runs as `__main__`, does not see the
+# harness's state among its module's globals.
 _PRELUDE = r'''
-import os, sys, resource
-_program_path, _workdir, _token = sys.argv[1], sys.argv[2], sys.argv[3]
-_memory_bytes, _cpu_seconds, _file_bytes = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-_audited = sys.argv[7] == "audit"
-with open(_program_path, encoding="utf-8") as _f:
-    _source = _f.read()
-_code = compile(_source, "<program>", "exec")
-resource.setrlimit(resource.RLIMIT_AS, (_memory_bytes, _memory_bytes))
-resource.setrlimit(resource.RLIMIT_CPU, (_cpu_seconds, _cpu_seconds))
-resource.setrlimit(resource.RLIMIT_FSIZE, (_file_bytes, _file_bytes))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-
-_realpath, _join, _isabs, _fspath = os.path.realpath, os.path.join, os.path.isabs, os.fspath
-_write, _exit = os.write, os._exit
-_readlink = os.readlink
-_root = _realpath(_workdir)
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-_PROCESS_EVENTS = frozenset({
-    "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen",
-    "os.kill", "os.killpg", "signal.pthread_kill", "pty.spawn", "os.startfile",
-})
-_NETWORK_EVENTS = frozenset({
-    "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
-    "socket.gethostbyname", "socket.gethostbyaddr", "urllib.Request", "http.client.connect",
-})
-_BLOCKED_MODULES = frozenset({"ctypes", "_ctypes", "cffi"})
-# event -> positions of path arguments, and the position of their dir_fd argument (or None).
-_PATH_EVENTS = {
-    "os.remove": ((0,), 1), "os.rmdir": ((0,), 1), "os.mkdir": ((0,), 2),
-    "os.rename": ((0, 1), None), "os.link": ((0, 1), None), "os.symlink": ((1,), 2),
-    "os.truncate": ((0,), None), "os.chmod": ((0,), 2), "os.chown": ((0,), 3), "os.lchown": ((0,), None),
-    "os.chflags": ((0,), None), "os.lchflags": ((0,), None), "os.lchmod": ((0,), None),
-    "os.utime": ((0,), 3), "os.setxattr": ((0,), None), "os.removexattr": ((0,), None),
-    "os.mkfifo": ((0,), 2), "os.mknod": ((0,), 3),
-    "shutil.rmtree": ((0,), 1), "shutil.copyfile": ((1,), None), "shutil.copymode": ((1,), None),
-    "shutil.copystat": ((1,), None), "shutil.move": ((0, 1), None), "shutil.chown": ((0,), None),
-}
-_in_hook = False
-
-def _forbid(what):
-    _write(2, ("sandbox: forbidden operation: " + what + "\n").encode("utf-8", "replace"))
-    _exit(%(forbidden)d)
-
-def _inside_workdir(path, dir_fd=None):
-    if isinstance(path, int):
-        return True  # an already-open descriptor: its opening was checked
-    path = _fspath(path)
-    if isinstance(path, bytes):
-        path = path.decode("utf-8", "surrogateescape")
-    if not _isabs(path) and dir_fd is not None and dir_fd >= 0:
-        path = _join(_readlink("/proc/self/fd/%%d" %% dir_fd), path)
-    resolved = _realpath(path)
-    return resolved == _root or resolved.startswith(_root + os.sep)
-
-def _audit(event, args):
-    global _in_hook
-    if _in_hook:
-        return
-    _in_hook = True
+def _harness():
+    import os, sys, resource
+    program_fd, verdict_fd = int(sys.argv[1]), int(sys.argv[2])
+    memory_bytes, cpu_seconds, file_bytes, max_processes = (int(value) for value in sys.argv[3:7])
+    audited = sys.argv[7] == "audit"
+    chunks = []
+    while True:
+        chunk = os.read(program_fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(program_fd)
+    data = b"".join(chunks)
+    nonce, source = data[:%(nonce_bytes)d], data[%(nonce_bytes)d:].decode("utf-8", "surrogatepass")
+    del data, chunks
+    os.set_inheritable(verdict_fd, False)  # a program it execs does not get the verdict descriptor
+    code = compile(source, "<program>", "exec")
+    del source
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
+    if audited:
+        _install_audit_hook(os.path.realpath(os.getcwd()))
+    write, exit_now = os.write, os._exit
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     try:
-        if event in _PROCESS_EVENTS:
-            _forbid(event)
-        elif event in _NETWORK_EVENTS:
-            _forbid(event)
-        elif event == "import" and args[0] in _BLOCKED_MODULES:
-            _forbid("import " + args[0])
-        elif event.startswith("ctypes."):
-            _forbid(event)
-        elif event == "open":
-            path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & _WRITE_FLAGS)
-            if writing and path is not None and not _inside_workdir(path):
-                _forbid("open %%r for writing" %% (path,))
-        elif event in _PATH_EVENTS:
-            positions, dir_fd_position = _PATH_EVENTS[event]
-            dir_fd = args[dir_fd_position] if dir_fd_position is not None and len(args) > dir_fd_position else None
-            for position in positions:
-                if position < len(args) and not _inside_workdir(args[position], dir_fd if isinstance(dir_fd, int) else None):
-                    _forbid("%%s %%r" %% (event, args[position]))
-    finally:
-        _in_hook = False
+        exec(code, namespace)
+    except MemoryError:
+        exit_now(%(memory)d)
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            write(2, b"sandbox: program exited before it finished\n")
+            exit_now(%(early_exit)d)
+        raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    write(verdict_fd, nonce)
+    os.close(verdict_fd)
 
-import _posixsubprocess
-def _no_fork_exec(*args, **kwargs):
-    _forbid("_posixsubprocess.fork_exec")
-if _audited:
-    _posixsubprocess.fork_exec = _no_fork_exec
-    sys.addaudithook(_audit)
-del resource, _f
-_globals = {"__name__": "__main__", "__builtins__": __builtins__}
-try:
-    exec(_code, _globals)
-except MemoryError:
-    _exit(%(memory)d)
-except SystemExit as exc:
-    if exc.code in (None, 0):
-        _write(2, b"sandbox: program exited before it finished\n")
-        _exit(%(early_exit)d)
-    raise
-sys.stdout.flush()
-_write(1, ("\n" + _token + "\n").encode())
-''' % {"forbidden": _FORBIDDEN_EXIT_CODE, "memory": _MEMORY_EXIT_CODE, "early_exit": _EARLY_EXIT_CODE}
+def _install_audit_hook(root):
+    import os, sys
+    realpath, join, isabs, fspath = os.path.realpath, os.path.join, os.path.isabs, os.fspath
+    write, exit_now, readlink, sep = os.write, os._exit, os.readlink, os.sep
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+    process_events = frozenset({
+        "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen",
+        "os.kill", "os.killpg", "signal.pthread_kill", "pty.spawn", "os.startfile",
+    })
+    network_events = frozenset({
+        "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
+        "socket.gethostbyname", "socket.gethostbyaddr", "urllib.Request", "http.client.connect",
+    })
+    blocked_modules = frozenset({"ctypes", "_ctypes", "cffi"})
+    # event -> positions of path arguments, and the position of their dir_fd argument (or None).
+    path_events = {
+        "os.remove": ((0,), 1), "os.rmdir": ((0,), 1), "os.mkdir": ((0,), 2),
+        "os.rename": ((0, 1), None), "os.link": ((0, 1), None), "os.symlink": ((1,), 2),
+        "os.truncate": ((0,), None), "os.chmod": ((0,), 2), "os.chown": ((0,), 3), "os.lchown": ((0,), None),
+        "os.chflags": ((0,), None), "os.lchflags": ((0,), None), "os.lchmod": ((0,), None),
+        "os.utime": ((0,), 3), "os.setxattr": ((0,), None), "os.removexattr": ((0,), None),
+        "os.mkfifo": ((0,), 2), "os.mknod": ((0,), 3),
+        "shutil.rmtree": ((0,), 1), "shutil.copyfile": ((1,), None), "shutil.copymode": ((1,), None),
+        "shutil.copystat": ((1,), None), "shutil.move": ((0, 1), None), "shutil.chown": ((0,), None),
+    }
+    in_hook = [False]
+
+    def forbid(what):
+        write(2, ("sandbox: forbidden operation: " + what + "\n").encode("utf-8", "replace"))
+        exit_now(%(forbidden)d)
+
+    def inside_workdir(path, dir_fd=None):
+        if isinstance(path, int):
+            return True  # an already-open descriptor: its opening was checked
+        path = fspath(path)
+        if isinstance(path, bytes):
+            path = path.decode("utf-8", "surrogateescape")
+        if not isabs(path) and dir_fd is not None and dir_fd >= 0:
+            path = join(readlink("/proc/self/fd/%%d" %% dir_fd), path)
+        resolved = realpath(path)
+        return resolved == root or resolved.startswith(root + sep)
+
+    def audit(event, args):
+        if in_hook[0]:
+            return
+        in_hook[0] = True
+        try:
+            if event in process_events or event in network_events or event.startswith("ctypes."):
+                forbid(event)
+            elif event == "import" and args[0] in blocked_modules:
+                forbid("import " + args[0])
+            elif event == "open":
+                path, mode, flags = args
+                writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                    isinstance(flags, int) and flags & write_flags)
+                if writing and path is not None and not inside_workdir(path):
+                    forbid("open %%r for writing" %% (path,))
+            elif event in path_events:
+                positions, dir_fd_position = path_events[event]
+                dir_fd = None
+                if dir_fd_position is not None and len(args) > dir_fd_position:
+                    dir_fd = args[dir_fd_position] if isinstance(args[dir_fd_position], int) else None
+                for position in positions:
+                    if position < len(args) and not inside_workdir(args[position], dir_fd):
+                        forbid("%%s %%r" %% (event, args[position]))
+        finally:
+            in_hook[0] = False
+
+    import _posixsubprocess
+
+    def no_fork_exec(*args, **kwargs):
+        forbid("_posixsubprocess.fork_exec")
+
+    _posixsubprocess.fork_exec = no_fork_exec
+    sys.addaudithook(audit)
+
+_harness()
+''' % {"forbidden": _FORBIDDEN_EXIT_CODE, "memory": _MEMORY_EXIT_CODE, "early_exit": _EARLY_EXIT_CODE,
+       "nonce_bytes": _NONCE_BYTES}
+
+
+class SandboxUnavailableError(RuntimeError):
+    """No OS sandbox can run generated code here, and running it without one was not allowed."""
 
 
 @dataclass(frozen=True)
@@ -162,72 +238,277 @@ class SandboxResult:
     seconds: float
 
 
-def run_sandboxed(
-    code: str, timeout_s: float = 5.0, memory_mb: int = 512, *, audit_hook: bool = True
-) -> SandboxResult:
-    """Run `code` as a Python program in a contained subprocess; it passes when it runs to its end.
+@dataclass(frozen=True)
+class _Isolation:
+    """How programs are run: under bwrap (with setpriv when the evaluator is root) or, opted in, without."""
 
-    `timeout_s` bounds wall-clock time (the whole process group is killed when it expires), `memory_mb`
-    the address space of the interpreter running the program (the interpreter itself needs ~30 MB).
-    `audit_hook=False` leaves out the audit layer; it exists so that the other layers can be tested on
-    their own, never turn it off to score completions.
+    bwrap: str | None
+    setpriv: str | None = None
+
+
+def run_sandboxed(
+    code: str, timeout_s: float = 5.0, memory_mb: int = 512, *, disk_mb: int = 64, audit_hook: bool = True
+) -> SandboxResult:
+    """Run `code` as a Python program in the sandbox; it passes when it runs to its end.
+
+    `timeout_s` bounds wall-clock time (the whole sandbox is killed when it expires), `memory_mb` the
+    address space of each process of the program (the interpreter itself needs ~30 MB), `disk_mb` the
+    total it may write. `audit_hook=False` leaves out the in-process audit layer; it exists so that the
+    other layers can be tested on their own, never turn it off to score completions.
+    Raises SandboxUnavailableError when no OS sandbox is available and MOCE_ALLOW_UNSANDBOXED_CODE=1 is
+    not set.
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if memory_mb < 64:
         raise ValueError(f"memory_mb must be >= 64 (the interpreter needs some), got {memory_mb}")
-    token = "sandbox-finished-" + secrets.token_hex(16)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="moce-sandbox-") as outer:
-        outer_dir = Path(outer)
-        workdir = outer_dir / "work"
-        workdir.mkdir()
-        program_path = outer_dir / "program.py"
-        program_path.write_text(code, encoding="utf-8")
-        argv = [
-            sys.executable, "-I", "-S", "-c", _PRELUDE,
-            str(program_path), str(workdir), token,
-            str(memory_mb * 1024 * 1024), str(max(1, int(timeout_s + 1.0))), str(_MAX_FILE_BYTES),
-            "audit" if audit_hook else "no-audit",
-        ]
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8"}
-        with open(outer_dir / "stdout", "wb") as stdout_file, open(outer_dir / "stderr", "wb") as stderr_file:
-            try:
-                process = subprocess.Popen(
-                    argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=stdout_file,
-                    stderr=stderr_file, start_new_session=True, close_fds=True,
-                )
-            except OSError as exc:
-                return SandboxResult(False, "error", None, "", f"sandbox: could not start: {exc}",
-                                     time.monotonic() - started)
-            timed_out = False
-            try:
-                returncode = process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(process.pid)
-                returncode = process.wait()
-            # Also after a normal exit: a program may have left a process behind in its group.
-            _kill_group(process.pid)
-        stdout = _read_head(outer_dir / "stdout")
-        stderr = _read_head(outer_dir / "stderr")
-    finished = stdout.rstrip("\n").endswith(token)
-    if finished:
-        stdout = stdout.rstrip("\n")[: -len(token)].removesuffix("\n")
-    status = _status(returncode, timed_out, finished, stderr)
-    return SandboxResult(status == "passed", status, returncode, stdout, stderr, time.monotonic() - started)
+    if disk_mb < 1:
+        raise ValueError(f"disk_mb must be >= 1, got {disk_mb}")
+    return _execute(_isolation(), code, timeout_s, memory_mb, disk_mb, audit_hook)
 
 
 def run_sandboxed_many(
     codes: Sequence[str], timeout_s: float = 5.0, memory_mb: int = 512, max_workers: int = 2
 ) -> list[SandboxResult]:
     """`run_sandboxed` over many programs, a few at a time, results in input order."""
+    _isolation()  # refuse before starting any
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         return list(pool.map(lambda code: run_sandboxed(code, timeout_s, memory_mb), codes))
 
 
+def sandbox_problem() -> str | None:
+    """Why no OS sandbox can be used here (None when bwrap works); checked once per process and bwrap path."""
+    return _probe(_bwrap_path(), os.geteuid())[1]
+
+
+def _bwrap_path() -> str | None:
+    return os.environ.get(BWRAP_ENV) or shutil.which("bwrap", path=_search_path())
+
+
+def _isolation() -> _Isolation:
+    isolation, problem = _probe(_bwrap_path(), os.geteuid())
+    if problem is None:
+        return isolation
+    if os.environ.get(ALLOW_UNSANDBOXED_ENV) == "1":
+        _warn_unsandboxed(problem)
+        return _Isolation(bwrap=None)
+    raise SandboxUnavailableError(
+        f"refusing to run model-generated code: no OS sandbox ({problem}). Install bubblewrap >= 0.8 "
+        "(Debian/Ubuntu: `apt-get install bubblewrap`; `make test` and `make demo` do it when run as root "
+        f"with apt) on a kernel that allows user namespaces, or point {BWRAP_ENV} at a bwrap binary. To run "
+        f"generated code with only the in-process safeguards, which do not stop code written to escape, set "
+        f"{ALLOW_UNSANDBOXED_ENV}=1."
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(bwrap: str | None, euid: int) -> tuple[_Isolation, str | None]:
+    """Runs a trivial program through the full sandbox; a failure names what is missing or what bwrap said."""
+    if bwrap is None:
+        return _Isolation(None), "bwrap (package bubblewrap) was not found on PATH"
+    if not os.access(bwrap, os.X_OK):
+        return _Isolation(None), f"{BWRAP_ENV}={bwrap} is not an executable file"
+    setpriv = None
+    if euid == 0:
+        setpriv = shutil.which("setpriv", path=_search_path())
+        if setpriv is None:
+            return _Isolation(None), "setpriv (package util-linux) was not found; as root it drops to uid 65534"
+    isolation = _Isolation(bwrap=bwrap, setpriv=setpriv)
+    result = _execute(isolation, "pass", timeout_s=20.0, memory_mb=256, disk_mb=1, audit_hook=False)
+    if result.status != "passed":
+        said = " / ".join(result.stderr.strip().splitlines()[-3:]) or "no message"
+        return isolation, f"{bwrap} could not run a trivial program ({result.status}): {said}"
+    return isolation, None
+
+
+_warned_unsandboxed = False
+
+
+def _warn_unsandboxed(problem: str) -> None:
+    global _warned_unsandboxed
+    if not _warned_unsandboxed:
+        _warned_unsandboxed = True
+        logger.warning("%s=1: running model-generated code WITHOUT an OS sandbox (%s)", ALLOW_UNSANDBOXED_ENV, problem)
+
+
+def _execute(
+    isolation: _Isolation, code: str, timeout_s: float, memory_mb: int, disk_mb: int, audit_hook: bool
+) -> SandboxResult:
+    nonce = secrets.token_bytes(_NONCE_BYTES)
+    started = time.monotonic()
+    program_fd = os.memfd_create("moce-sandbox-program", os.MFD_CLOEXEC)
+    verdict_read, verdict_write = os.pipe2(os.O_CLOEXEC)
+    try:
+        os.write(program_fd, nonce + code.encode("utf-8", "surrogatepass"))
+        os.lseek(program_fd, 0, os.SEEK_SET)
+        harness_args = [
+            str(program_fd), str(verdict_write),
+            str(memory_mb * 1024 * 1024), str(max(1, int(timeout_s + 1.0))), str(_MAX_FILE_BYTES),
+            str(_MAX_PROCESSES), "audit" if audit_hook else "no-audit",
+        ]
+        python = os.path.realpath(sys.executable)
+        with contextlib.ExitStack() as cleanup:
+            if isolation.bwrap is None:
+                scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="moce-sandbox-"))
+                argv = [python, "-I", "-S", "-c", _PRELUDE, *harness_args]
+                env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"}
+                cwd = scratch
+            else:
+                argv = _bwrap_command(isolation, python, disk_mb) + ["-I", "-S", "-c", _PRELUDE, *harness_args]
+                env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+                cwd = "/"
+            try:
+                process = subprocess.Popen(
+                    argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, start_new_session=True, pass_fds=(program_fd, verdict_write),
+                )
+            except OSError as exc:
+                return SandboxResult(False, "error", None, "", f"sandbox: could not start {argv[0]}: {exc}",
+                                     time.monotonic() - started)
+            # The evaluator keeps only the read end: once the run is over, nothing can write a verdict.
+            os.close(verdict_write)
+            verdict_write = -1
+            os.close(program_fd)
+            program_fd = -1
+            returncode, timed_out, stdout, stderr = _supervise(process, timeout_s)
+        os.set_blocking(verdict_read, False)
+        try:
+            verdict = os.read(verdict_read, _NONCE_BYTES + 1)
+        except BlockingIOError:
+            verdict = b""
+    finally:
+        for fd in (program_fd, verdict_write, verdict_read):
+            if fd >= 0:
+                os.close(fd)
+    finished = hmac.compare_digest(verdict, nonce)
+    status = _status(returncode, timed_out, finished, stderr)
+    return SandboxResult(status == "passed", status, returncode, stdout, stderr, time.monotonic() - started)
+
+
+def _supervise(process: subprocess.Popen, timeout_s: float) -> tuple[int, bool, str, str]:
+    """Waits for the run while keeping the head of its output; kills it all at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    heads = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
+    exited = os.pidfd_open(process.pid)
+    timed_out = False
+    ended = False
+    # Once the process has ended or been killed, its pipes are read for at most this long: under bwrap
+    # they close with it (the PID namespace ends), without bwrap a process that left the group may
+    # hold them open.
+    grace_until: float | None = None
+    with selectors.DefaultSelector() as selector:
+        for fd in heads:
+            selector.register(fd, selectors.EVENT_READ)
+        selector.register(exited, selectors.EVENT_READ)
+        try:
+            while not ended or len(selector.get_map()) > 0:
+                now = time.monotonic()
+                if grace_until is None and now >= deadline:
+                    timed_out = True
+                    _kill(process)
+                    grace_until = now + 1.0
+                if grace_until is not None and now >= grace_until:
+                    break
+                for key, _ in selector.select((grace_until if grace_until is not None else deadline) - now):
+                    if key.fd == exited:
+                        selector.unregister(exited)
+                        ended = True
+                        _kill(process)  # whatever it left behind in its group
+                        grace_until = min(grace_until or float("inf"), time.monotonic() + 1.0)
+                        continue
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        selector.unregister(key.fd)
+                    elif len(heads[key.fd]) < _OUTPUT_LIMIT_BYTES:
+                        heads[key.fd] += chunk[: _OUTPUT_LIMIT_BYTES - len(heads[key.fd])]
+        finally:
+            os.close(exited)
+    returncode = process.wait()
+    stdout_head, stderr_head = heads[process.stdout.fileno()], heads[process.stderr.fileno()]
+    process.stdout.close()
+    process.stderr.close()
+    return returncode, timed_out, stdout_head.decode("utf-8", "replace"), stderr_head.decode("utf-8", "replace")
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """SIGKILL to the run's process group (it leads its own session). Under bwrap that is bwrap itself,
+    and its --die-with-parent and PID namespace end everything inside."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _bwrap_command(isolation: _Isolation, python: str, disk_mb: int) -> list[str]:
+    extra = _outside_system_dirs([sys.base_prefix, sys.base_exec_prefix, str(Path(python).parent.parent)])
+    inner = [
+        isolation.bwrap,
+        "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+        "--cap-drop", "ALL",
+        *_read_only_view(extra),
+        "--proc", "/proc", "--dev", "/dev",
+        "--size", str(disk_mb * 1024 * 1024), "--tmpfs", _SANDBOX_DISK,
+        "--dir", _SANDBOX_WORKDIR, "--dir", _SANDBOX_TMP, "--symlink", _SANDBOX_TMP, "/tmp",
+        "--chdir", _SANDBOX_WORKDIR,
+        "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", _SANDBOX_WORKDIR,
+        "--setenv", "TMPDIR", _SANDBOX_WORKDIR, "--setenv", "LANG", "C.UTF-8",
+        # Last: the root and /dev are tmpfs mounts bwrap made writable for its own set-up; left so, they
+        # would be unbounded places to write.
+        "--remount-ro", "/dev", "--remount-ro", "/",
+        python,
+    ]
+    if isolation.setpriv is None:
+        return inner
+    tools = _outside_system_dirs([str(Path(isolation.bwrap).parent), str(Path(isolation.setpriv).parent)])
+    outer = [
+        isolation.bwrap,
+        "--unshare-pid", "--die-with-parent", "--cap-drop", "ALL", "--cap-add", "CAP_SETUID",
+        "--cap-add", "CAP_SETGID",
+        *_read_only_view(_outside_system_dirs(extra + tools)),
+        # The inner bwrap mounts its own /proc, which the kernel allows in a user namespace only where a
+        # procfs is already fully visible: the host's, not one with bwrap's read-only overlays.
+        "--bind", "/proc", "/proc", "--dev", "/dev",
+        "--dir", "/tmp",  # where the inner bwrap assembles its root
+        isolation.setpriv, f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups",
+        "--inh-caps=-all",
+    ]
+    return outer + inner
+
+
+def _read_only_view(extra: list[str]) -> list[str]:
+    args: list[str] = []
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    made = set()
+    for path in extra:
+        # Directories on the way are created traversable: a privileged bwrap would make them 0700.
+        for parent in reversed(Path(path).parents):
+            if str(parent) != "/" and str(parent) not in made:
+                made.add(str(parent))
+                args += ["--perms", "0755", "--dir", str(parent)]
+        args += ["--ro-bind", path, path]
+    return args
+
+
+def _outside_system_dirs(paths: list[str]) -> list[str]:
+    """The real paths among `paths` not already inside /usr & co. or inside each other, shortest first."""
+    kept: list[str] = []
+    for path in sorted({os.path.realpath(p) for p in paths}, key=len):
+        covered = [*(os.path.realpath(d) for d in _SYSTEM_DIRS if os.path.isdir(d)), *kept]
+        if not any(path == root or path.startswith(root.rstrip("/") + "/") for root in covered):
+            kept.append(path)
+    return kept
+
+
+def _search_path() -> str:
+    return os.pathsep.join([os.environ.get("PATH", ""), "/usr/bin", "/bin", "/usr/sbin", "/sbin"])
+
+
 def _status(returncode: int, timed_out: bool, finished: bool, stderr: str) -> SandboxStatus:
-    if timed_out or returncode == -signal.SIGXCPU:
+    if timed_out or returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
         return "timeout"
     if returncode == _FORBIDDEN_EXIT_CODE and "sandbox: forbidden operation" in stderr:
         return "forbidden"
@@ -236,15 +517,3 @@ def _status(returncode: int, timed_out: bool, finished: bool, stderr: str) -> Sa
     if returncode == 0 and finished:
         return "passed"
     return "failed"
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _read_head(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return handle.read(_OUTPUT_LIMIT_BYTES).decode("utf-8", "replace")
