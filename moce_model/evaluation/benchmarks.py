@@ -162,7 +162,7 @@ def _mean_metric(metric: str, values: Sequence[float]) -> MetricValue:
 def run_synthetic(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOutcome:
     """Held-out items of one synthetic domain: generation (answer match, or python tests in the sandbox)
     and the held-out loss (mean per-token NLL of the reference response, end-of-turn marker included)."""
-    from moce_model.embedding import input_side_text
+    from moce_model.routing import routing_text
     from moce_model.synthetic import generate_synthetic
     from moce_model.training import chat_messages
 
@@ -172,7 +172,7 @@ def run_synthetic(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchma
     rows = generate_synthetic(n, seed=spec.seed, split="heldout", domains=[spec.domain]).to_dicts()
     messages = [chat_messages(r["system"], r["instruction"], r["input"]) for r in rows]
     contexts = [
-        lm.render_prompt(m, routing_text=input_side_text(r["system"], r["instruction"], r["input"]))
+        lm.render_prompt(m, routing_text=routing_text(r["system"], r["instruction"], r["input"]))
         for m, r in zip(messages, rows)
     ]
     # Training answers end with the end-of-turn token; a fenced answer is over once its block closes.
