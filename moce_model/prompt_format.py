@@ -134,7 +134,9 @@ class HumanAssistantFormat(PromptFormat):
             role, content = message["role"], message["content"]
             if role == "system":
                 if index != 0:
-                    raise ValueError(f"prompt format 'human_assistant': a system message must come first (it is #{index})")
+                    raise ValueError(
+                        f"prompt format 'human_assistant': a system message must come first (it is #{index})"
+                    )
                 if content:
                     parts.append(f"### System:\n{content}\n")
             elif role == "user":

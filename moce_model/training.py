@@ -1,8 +1,8 @@
 """Fine-tuning of a base causal LM with LoRA + routed adapter experts, on CPU or GPU, resumable.
 
 The HF Trainer runs the loop (DDP under torchrun, DeepSpeed when a config is given). This module adds what
-the pipeline needs around it: tokenisation in the experiment's prompt format with loss on the response only, per-sequence
-cluster ids carried through the batch, checkpoints that survive SIGKILL (the last *valid* one is resumed,
+the pipeline needs around it: tokenisation in the experiment's prompt format with loss on the response
+only, per-sequence cluster ids carried through the batch, checkpoints that survive SIGKILL (the last *valid* one is resumed,
 a corrupt one is skipped), an atomically published final artifact and clear errors for bad input and OOM.
 """
 

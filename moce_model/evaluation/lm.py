@@ -423,7 +423,9 @@ class MoCELM(HFLM):
                 whole = self.tok_encode(context + continuation)
                 context_tokens = self.tok_encode(context)
                 if whole[: len(context_tokens)] != context_tokens:
-                    raise ValueError(f"the tokens of context {context[-40:]!r} are not a prefix of context + continuation")
+                    raise ValueError(
+                        f"the tokens of context {context[-40:]!r} are not a prefix of context + continuation"
+                    )
                 continuation_tokens = whole[len(context_tokens):]
             if not continuation_tokens:
                 raise ValueError(f"empty continuation after tokenisation for context {context[-80:]!r}")

@@ -147,7 +147,9 @@ def outcome_from_lm_eval(results: Mapping[str, Any], spec: BenchmarkSpec, lm: Mo
                             note=f"lm-eval {task}, {spec.num_fewshot}-shot")
 
 
-def score_code_samples(lm: MoCELM | None, spec: BenchmarkSpec, samples: Sequence[Mapping[str, Any]]) -> BenchmarkOutcome:
+def score_code_samples(
+    lm: MoCELM | None, spec: BenchmarkSpec, samples: Sequence[Mapping[str, Any]]
+) -> BenchmarkOutcome:
     """pass@1 of lm-eval's code generations, each document's program (`code_program`) run in the sandbox."""
     programs, contexts, completions = [], [], []
     for sample in samples:
