@@ -40,9 +40,10 @@ def instruction_embeddings(
     embedder: EmbedderResource,
     storage: ArtifactStorage,
 ) -> dg.Output[dict]:
-    from moce_model.embedding import embed_to_parquet_shards, input_side_text_expr
+    from moce_model.embedding import embed_to_parquet_shards, routing_texts
 
-    frame = instructions.select("id", input_side_text_expr().alias("text")).collect()
+    rows = instructions.select("id", "system", "instruction", "input").collect()
+    frame = rows.select("id").with_columns(routing_texts(rows))
     spec = embedder.spec()
     out_dir = storage.path_for(context.asset_key) / _fingerprint(frame["id"], spec)
     started = time.perf_counter()

@@ -10,7 +10,7 @@ from assets.common import RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifa
 from pipelines.profiles import Profile
 from resources.storage import ArtifactStorage
 
-EVALUATION_CODE_VERSION = "1"
+EVALUATION_CODE_VERSION = "2"
 
 
 def profile_benchmarks(profile: Profile) -> list:
@@ -20,6 +20,11 @@ def profile_benchmarks(profile: Profile) -> list:
         return paper_benchmarks()
     # Decoding dominates on 2 CPU cores: small subsets keep four models within minutes (n_items says so).
     return demo_benchmarks(n_per_domain=8, humaneval_items=4, gsm8k_items=4, seed=profile.seed)
+
+
+def evaluation_settings(profile: Profile) -> dict:
+    """The experiment's evaluation device, dtype and prompt format (the one its models were trained with)."""
+    return {"device": profile.eval_device, "dtype": profile.eval_dtype, "prompt_format": profile.prompt_format}
 
 
 def build_evaluation_assets(profile: Profile) -> list:
@@ -60,6 +65,7 @@ def build_evaluation_assets(profile: Profile) -> list:
                 limit_per_benchmark=config.limit_per_benchmark,
                 batch_size=config.batch_size,
                 seed=config.seed,
+                **evaluation_settings(profile),
             )
             items_path = storage.path_for(["benchmark_items", model_name]).with_suffix(".parquet")
             atomic_write_parquet(result.items, items_path)
@@ -68,6 +74,7 @@ def build_evaluation_assets(profile: Profile) -> list:
                 metadata={
                     "model_variant": model_name,
                     "model_dir": dg.MetadataValue.path(model["path"]),
+                    "evaluated_with": dg.MetadataValue.json(evaluation_settings(profile)),
                     "k": model.get("k"),
                     "scores": dg.MetadataValue.md(md_table(result.table)),
                     "items": dg.MetadataValue.path(str(items_path)),

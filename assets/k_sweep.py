@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 
 from assets.common import md_table
-from assets.evaluation import profile_benchmarks
+from assets.evaluation import evaluation_settings, profile_benchmarks
 from assets.training import merge_variant, train_variant, training_preset
 from pipelines.profiles import Profile
 from resources.storage import ArtifactStorage
@@ -82,6 +82,7 @@ def build_k_sweep_asset(profile: Profile) -> dg.AssetsDefinition:
                 benchmarks=profile_benchmarks(profile),
                 limit_per_benchmark=config.limit_per_benchmark,
                 seed=config.seed,
+                **evaluation_settings(profile),
             )
             tables.append(result.table.with_columns(pl.lit(k).alias("k")))
             context.log.info(f"k={k}: done in {time.perf_counter() - started:.0f} s")

@@ -69,7 +69,9 @@ def training_preset(profile: Profile):
     from moce_model.training import TrainingConfig
 
     preset = TrainingConfig.paper() if profile.training == "paper" else TrainingConfig.demo()
-    return TrainingConfig.from_dict({**preset.to_dict(), **profile.training_overrides})
+    return TrainingConfig.from_dict(
+        {**preset.to_dict(), "prompt_format": profile.prompt_format, **profile.training_overrides}
+    )
 
 
 def train_variant(
@@ -269,7 +271,7 @@ def build_training_assets(profile: Profile) -> list:
             )
             from moce_model.generate import generate
 
-            samples = generate(path, SAMPLE_PROMPTS, max_new_tokens=48)
+            samples = generate(path, SAMPLE_PROMPTS, max_new_tokens=48, prompt_format_name=profile.prompt_format)
             sample_table = pl.DataFrame(
                 {
                     "prompt": SAMPLE_PROMPTS,

@@ -1,7 +1,7 @@
 """Sentence embeddings of the *input side* of instructions, written as resumable Parquet shards.
 
-Only system + instruction + input are embedded, never the response: at inference time the router sees
-only the prompt, so the clusters must be defined on what the prompt looks like.
+Only system + instruction + input are embedded (`moce_model.routing.routing_text`), never the response: at
+inference time the router sees only the prompt, so the clusters must be defined on what the prompt looks like.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 
 from moce_model.io import atomic_write_arrow_parquet, atomic_write_json, read_json
+from moce_model.routing import routing_text
 
 EmbedderKind = Literal["sentence-transformers", "instructor", "e5"]
 EMBEDDER_KINDS: tuple[str, ...] = ("sentence-transformers", "instructor", "e5")
@@ -76,18 +77,17 @@ class EmbedderSpec:
 # ------------------------------------------------------------------------------------------- input side text
 
 
-def input_side_text(system: str | None, instruction: str | None, input: str | None) -> str:
-    """The text that is embedded: the non-empty parts of system, instruction and input, one per line."""
-    return "\n".join(part.strip() for part in (system, instruction, input) if part and part.strip())
+def routing_texts(instructions: pl.DataFrame) -> pl.Series:
+    """`routing_text` of every row of a frame with `system`, `instruction` and `input` columns (nulls allowed).
 
-
-def input_side_text_expr(system: str = "system", instruction: str = "instruction", input: str = "input") -> pl.Expr:
-    """``input_side_text`` as a polars expression over the named columns (vectorised)."""
-    parts = [
-        pl.when(pl.col(c).is_not_null() & (pl.col(c).str.strip_chars() != "")).then(pl.col(c).str.strip_chars())
-        for c in (system, instruction, input)
-    ]
-    return pl.concat_str(parts, separator="\n", ignore_nulls=True).fill_null("").alias("text")
+    Each row goes through the one Python function that also builds the routing text of training rows,
+    prompts and benchmark items (about a second per million rows), so the texts cannot drift apart.
+    """
+    missing = [c for c in ("system", "instruction", "input") if c not in instructions.columns]
+    if missing:
+        raise ValueError(f"routing_texts: the frame lacks column(s) {missing}; it has {instructions.columns}")
+    rows = instructions.select("system", "instruction", "input").iter_rows()
+    return pl.Series("text", [routing_text(*row) for row in rows], dtype=pl.String)
 
 
 # ---------------------------------------------------------------------------------------------------- model

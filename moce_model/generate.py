@@ -15,16 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moce_model.modeling import MoCEForCausalLM
-from moce_model.routing import ClusterRouter, load_model_router
-
-
-def format_prompt(tokenizer: Any, text: str) -> str:
-    """The prompt as the model saw it in training: the chat template's user turn when there is one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-    return text
+from moce_model.prompt_format import AUTO, PROMPT_FORMATS, make_prompt_format
+from moce_model.routing import ClusterRouter, load_model_router, routing_text
 
 
 @torch.no_grad()
@@ -36,9 +28,12 @@ def generate(
     model: torch.nn.Module | None = None,
     tokenizer: Any | None = None,
     batch_size: int = 8,
+    prompt_format_name: str = AUTO,
 ) -> list[tuple[str, int | None]]:
-    """Greedy answers to `texts` (the input side of each request) with each text routed to its cluster.
+    """Greedy answers to `texts` (the instruction of each request) with each text routed to its cluster.
 
+    Each text is asked in the prompt format the model was trained with (`prompt_format_name`, see
+    `moce_model.prompt_format`) and routed by its routing text, as training rows were.
     Returns (answer, cluster) per text; cluster is None for variants that do not route by cluster.
     `model`/`tokenizer`/`router` may be passed in to avoid reloading them from `model_dir`.
     """
@@ -55,17 +50,17 @@ def generate(
             router = load_model_router(model_dir)
         if router is None:
             raise FileNotFoundError(f"{model_dir}: the {model.config.variant!r} model needs centroids.npy to route")
-        clusters = [int(c) for c in router.assign(texts)]
+        clusters = [int(c) for c in router.assign([routing_text("", text, "") for text in texts])]
+    fmt = make_prompt_format(prompt_format_name, tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     answers: list[tuple[str, int | None]] = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        prompts = [format_prompt(tokenizer, text) for text in chunk]
-        # A chat template already holds the special tokens; a bare prompt gets the tokenizer's own.
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not has_template)
+        prompts = [fmt.prompt("", text, "") for text in chunk]
+        # The rendered prompts hold their special tokens (BOS included), as in training.
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         extra = {}
         if routes:
             extra["cluster_ids"] = torch.tensor(clusters[start : start + batch_size], dtype=torch.long)
@@ -87,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Answer prompts with a merged MoCE model, routed by cluster.")
     parser.add_argument("--model", required=True, help="merged model directory")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--prompt-format", default=AUTO, choices=[AUTO, *PROMPT_FORMATS],
+        help="the experiment's prompt format (default: the tokenizer's chat template, else human_assistant)",
+    )
     parser.add_argument("prompts", nargs="+", help="prompt text(s): the input side of each request")
     args = parser.parse_args(argv)
     model_dir = Path(args.model)
@@ -95,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     variant = getattr(model.config, "variant", None)
     for prompt, (answer, cluster) in zip(
-        args.prompts, generate(model_dir, args.prompts, args.max_new_tokens, model=model)
+        args.prompts, generate(model_dir, args.prompts, args.max_new_tokens, model=model,
+                               prompt_format_name=args.prompt_format)
     ):
         if cluster is not None:
             route = f"cluster {cluster} -> expert group {cluster}"

@@ -78,7 +78,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         self.base = base_model
         self.routing_context = RoutingContext()
         self._random_groups: torch.Tensor | None = None
-        self._checked_cluster_ids: torch.Tensor | None = None
+        self._checked_group_tensor: torch.Tensor | None = None
         self._inject_experts()
         self.post_init()
 
@@ -149,8 +149,11 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         device: torch.device,
         prompt_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        group_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         config = self.config
+        if group_ids is not None:
+            return self._checked_groups(group_ids, batch_size, device, "group_ids")
         if config.variant in ("pesc", "dense_adapter"):
             return torch.zeros(batch_size, dtype=torch.long, device=device)
         if config.variant == "random_group":
@@ -170,22 +173,25 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"variant {config.variant!r} routes by cluster: pass cluster_ids (LongTensor [batch]) to forward/generate"
             )
-        given = cluster_ids
-        cluster_ids = torch.as_tensor(cluster_ids, device=device)
-        if cluster_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise ValueError(f"cluster_ids must be integers, got dtype {cluster_ids.dtype}")
-        cluster_ids = cluster_ids.to(torch.long).reshape(-1)
-        if cluster_ids.shape[0] != batch_size:
-            raise ValueError(f"cluster_ids has {cluster_ids.shape[0]} entries for a batch of {batch_size} sequences")
+        return self._checked_groups(cluster_ids, batch_size, device, "cluster_ids")
+
+    def _checked_groups(self, groups, batch_size: int, device: torch.device, name: str) -> torch.Tensor:
+        given = groups
+        groups = torch.as_tensor(groups, device=device)
+        if groups.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise ValueError(f"{name} must be integers, got dtype {groups.dtype}")
+        groups = groups.to(torch.long).reshape(-1)
+        if groups.shape[0] != batch_size:
+            raise ValueError(f"{name} has {groups.shape[0]} entries for a batch of {batch_size} sequences")
         # Checking the values reads them on the host: a GPU sync, and a graph break under torch.compile. Generation
         # passes the same tensor at every step, so it is checked once (at prefill, which runs eagerly).
-        if not torch.compiler.is_compiling() and given is not self._checked_cluster_ids:
-            low, high = int(cluster_ids.min()), int(cluster_ids.max())
-            if low < 0 or high >= config.num_groups:
+        if not torch.compiler.is_compiling() and given is not self._checked_group_tensor:
+            low, high = int(groups.min()), int(groups.max())
+            if low < 0 or high >= self.config.num_groups:
                 bad = low if low < 0 else high
-                raise ValueError(f"cluster_ids value {bad} out of range: this model has num_groups={config.num_groups}")
-            self._checked_cluster_ids = given if isinstance(given, torch.Tensor) else None
-        return cluster_ids
+                raise ValueError(f"{name} value {bad} out of range: this model has num_groups={self.config.num_groups}")
+            self._checked_group_tensor = given if isinstance(given, torch.Tensor) else None
+        return groups
 
     def forward(
         self,
@@ -199,12 +205,15 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         prompt_mask: torch.Tensor | None = None,
+        group_ids: torch.LongTensor | None = None,
         aux_loss_weight: torch.Tensor | float | None = None,
         **kwargs,
     ) -> MoCECausalLMOutput:
         """`cluster_ids` [B] pick the groups of `moce` / `cluster_only`. `prompt_mask` [B, T] (`random_group`
         only) marks the prompt tokens whose hash picks the group; by default the tokens labelled -100 when
         `labels` are given (so training and generation hash the same prompt), else every token.
+        `group_ids` [B]: each sequence's group, already resolved by the caller (evaluation resolves every
+        request's group before batching); it overrides the variant's own choice.
 
         In training (grad enabled, a router present) the objective is ``LM loss + aux_loss_coef * w * mean
         balance loss over layers``, the second term through autograd. `aux_loss_weight` w is this micro-batch's
@@ -217,7 +226,8 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass input_ids or inputs_embeds")
         batch_size, seq_len = reference.shape[:2]
         group_ids = self._resolve_group_ids(
-            cluster_ids, input_ids, attention_mask, past_key_values, batch_size, reference.device, prompt_mask, labels
+            cluster_ids, input_ids, attention_mask, past_key_values, batch_size, reference.device, prompt_mask, labels,
+            group_ids,
         )
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= seq_len:

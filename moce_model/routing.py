@@ -1,6 +1,8 @@
 """Stage 1 of MoCE routing: raw text -> expert group, by the nearest k-means centroid of its embedding.
 
-Only the input side of a request (system + instruction + input, i.e. the prompt) is embedded, as in training.
+Only the input side of a request (system + instruction + input) is embedded, built by `routing_text`: the
+same function makes the texts the centroids are fit on, the texts of training rows, of generation prompts
+and of benchmark items, so an item is routed on exactly what the clusters were defined on.
 """
 
 from __future__ import annotations
@@ -14,6 +16,15 @@ import numpy as np
 
 CENTROIDS_FILE = "centroids.npy"
 EMBEDDER_FILE = "embedder.json"
+
+
+def routing_text(system: str | None, instruction: str | None, input: str | None) -> str:
+    """The text the router embeds: the non-empty parts of system, instruction and input, stripped, one per line.
+
+    Never the response, never a prompt format's markup, never few-shot examples: at inference the router
+    sees only the request itself.
+    """
+    return "\n".join(part.strip() for part in (system, instruction, input) if part and part.strip())
 
 
 class TextEncoder(Protocol):

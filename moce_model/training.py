@@ -1,8 +1,8 @@
 """Fine-tuning of a base causal LM with LoRA + routed adapter experts, on CPU or GPU, resumable.
 
 The HF Trainer runs the loop (DDP under torchrun, DeepSpeed when a config is given). This module adds what
-the pipeline needs around it: chat-template tokenisation with loss on the response only, per-sequence
-cluster ids carried through the batch, checkpoints that survive SIGKILL (the last *valid* one is resumed,
+the pipeline needs around it: tokenisation in the experiment's prompt format with loss on the response
+only, per-sequence cluster ids carried through the batch, checkpoints that survive SIGKILL (the last *valid* one is resumed,
 a corrupt one is skipped), an atomically published final artifact and clear errors for bad input and OOM.
 """
 
@@ -28,6 +28,7 @@ import torch
 
 from moce_model.config import CLUSTER_ROUTED_VARIANTS, IGNORE_INDEX
 from moce_model.io import atomic_dir
+from moce_model.prompt_format import PromptFormat, make_prompt_format, tokenize_example
 
 if TYPE_CHECKING:  # polars is needed for the data, not for building or stepping a model (GPU scripts)
     import polars as pl
@@ -71,6 +72,9 @@ class TrainingConfig:
     # Regional compilation: each decoder layer is compiled once (they share one graph), the rest stays eager.
     compile: bool = False
     group_by_length: bool = True
+    # How rows become text (moce_model.prompt_format): `auto` is the tokenizer's chat template when it has
+    # one, else the reference code's `human_assistant` format. Generation and evaluation must use the same.
+    prompt_format: str = "auto"
     # torch intra-op threads; None keeps torch's default. On a CPU shared with other jobs use 1: OpenMP
     # threads spin at barriers, and an oversubscribed 2-thread step was measured 5x slower than 1 thread.
     num_threads: int | None = None
@@ -169,47 +173,7 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tokenisation
-
-
-def chat_messages(system: str, instruction: str, input_text: str) -> list[dict[str, str]]:
-    """Prompt messages for one instruction; an empty system lets the template apply its default."""
-    user = instruction if not input_text else f"{instruction}\n\n{input_text}"
-    messages = []
-    if system:
-        messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": user})
-    return messages
-
-
-def _template_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
-    )
-    return list(encoded["input_ids"])
-
-
-def tokenize_example(
-    tokenizer: Any, system: str, instruction: str, input_text: str, response: str, max_length: int
-) -> dict[str, list[int]]:
-    """input_ids/attention_mask/labels for one example; labels are IGNORE_INDEX outside the response.
-
-    The response span is everything the template emits after the generation prompt (the response text and
-    the end-of-turn marker), so the model learns to answer and to stop. Sequences are cut at max_length.
-    """
-    prompt_messages = chat_messages(system, instruction, input_text)
-    prompt_ids = _template_ids(tokenizer, prompt_messages, add_generation_prompt=True)
-    full_ids = _template_ids(
-        tokenizer, prompt_messages + [{"role": "assistant", "content": response}], add_generation_prompt=False
-    )
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(
-            "the chat template does not render the prompt as a prefix of the full conversation; "
-            "cannot separate response tokens from prompt tokens"
-        )
-    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids) :]
-    full_ids, labels = full_ids[:max_length], labels[:max_length]
-    return {"input_ids": full_ids, "attention_mask": [1] * len(full_ids), "labels": labels}
+# Tokenisation: `moce_model.prompt_format.tokenize_example` renders each row in the experiment's prompt format.
 
 
 def resolve_cluster_ids(
@@ -265,18 +229,19 @@ class InstructionDataset(torch.utils.data.Dataset):
 
 def build_dataset(
     rows: pl.DataFrame,
-    tokenizer: Any,
+    fmt: PromptFormat,
     max_length: int,
     group_ids: Sequence[int],
 ) -> tuple[InstructionDataset, dict[str, int]]:
-    """Tokenise rows; rows whose response is cut away entirely by max_length are dropped and counted."""
+    """Tokenise rows in the prompt format `fmt`; rows whose response is cut away entirely by max_length are
+    dropped and counted."""
     _check_columns(rows)
     examples = []
     n_truncated = 0
     dropped: list[str] = []
     for row, group in zip(rows.iter_rows(named=True), group_ids):
         untruncated = tokenize_example(
-            tokenizer, row["system"] or "", row["instruction"], row["input"] or "", row["response"], 10**9
+            fmt, row["system"] or "", row["instruction"], row["input"] or "", row["response"], 10**9
         )
         if len(untruncated["input_ids"]) > max_length:
             n_truncated += 1
@@ -808,7 +773,8 @@ def train(
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset, token_stats = build_dataset(train_rows, tokenizer, training_config.max_length, group_ids)
+    fmt = make_prompt_format(training_config.prompt_format, tokenizer)
+    dataset, token_stats = build_dataset(train_rows, fmt, training_config.max_length, group_ids)
     collator = InstructionCollator(tokenizer.pad_token_id)
 
     set_seed(training_config.seed)
@@ -891,6 +857,7 @@ def train(
                 "base_model_dir": str(base_model_dir),
                 "moce_config": _moce_config_dict(moce_config),
                 "training_config": training_config.to_dict(),
+                "prompt_format": fmt.name,
                 "global_step": result.global_step,
                 "n_examples": result.n_examples,
             },

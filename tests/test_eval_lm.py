@@ -1,4 +1,5 @@
-"""MoCELM: batched scoring/generation equals one-at-a-time, and cluster routing reaches the model."""
+"""MoCELM (an lm-eval HFLM): batched scoring/generation equals one-at-a-time, and each request's group
+reaches the model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from moce_model.evaluation.lm import MoCELM, cut_at_stop, input_side_text
+from moce_model.evaluation.lm import MoCELM
 from tests.test_eval_fixtures import MINILM_SPEC, build_model, build_tokenizer, save_model_dir, save_routed_model_dir
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_loglikelihood_matches_an_unpadded_forward(tiny_lm: MoCELM):
 
 
 def test_trailing_whitespace_moves_to_the_continuation_only_when_asked(tiny_lm: MoCELM):
-    context = tiny_lm.render_prompt([{"role": "user", "content": "hi"}])
+    context = tiny_lm.render_prompt("", "hi")
     assert context.endswith("\n")
     (moved_lp, moved_n, _), = tiny_lm.loglikelihood_with_counts([(context, "ok")])
     (kept_lp, kept_n, _), = tiny_lm.loglikelihood_with_counts([(context, "ok")], move_trailing_whitespace=False)
@@ -69,7 +70,7 @@ def test_loglikelihood_rolling_sums_every_token_once(tiny_lm: MoCELM):
 
 
 def test_batched_greedy_generation_equals_one_at_a_time(tiny_lm: MoCELM):
-    contexts = [tiny_lm.render_prompt([{"role": "user", "content": q}])
+    contexts = [tiny_lm.render_prompt("", q)
                 for q in ["What is 1 + 1?", "Write a long Python function please", "hi", "Reverse: a b c"]]
     kwargs = {"until": [], "max_gen_toks": 12}
     batched = tiny_lm.generate(contexts, kwargs)
@@ -89,14 +90,13 @@ def test_batched_greedy_generation_equals_one_at_a_time(tiny_lm: MoCELM):
 
 
 def test_generate_until_cuts_at_stop_sequences(tiny_lm: MoCELM):
-    context = tiny_lm.render_prompt([{"role": "user", "content": "say something"}])
+    context = tiny_lm.render_prompt("", "say something")
     free = tiny_lm.generate([context], {"until": [], "max_gen_toks": 16})[0]
     assert len(free) >= 4
     stop = free[2:4]
     requests = [Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 16}), 0)]
     (cut,) = tiny_lm.generate_until(requests)
     assert cut == free[: free.index(stop)]
-    assert cut_at_stop("abc```def\ndef", ["\ndef", "```"]) == "abc"
 
 
 def test_sampling_is_refused(tiny_lm: MoCELM):
@@ -104,45 +104,55 @@ def test_sampling_is_refused(tiny_lm: MoCELM):
         tiny_lm.generate(["x"], {"until": [], "do_sample": True, "temperature": 0.7})
 
 
-def test_chat_template_registers_the_input_side_for_routing(tiny_lm: MoCELM):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
-                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
-    rendered = tiny_lm.apply_chat_template(messages)
-    assert rendered.endswith("<|im_start|>assistant\n")
-    assert tiny_lm._routing_text[rendered] == "Be brief.\nQ1\nQ2" == input_side_text(messages)
+def test_render_prompt_remembers_the_items_routing_text(tiny_lm: MoCELM):
+    rendered = tiny_lm.render_prompt("Be brief.", "Q2", " the input ", fewshot=[("Q1", "A1")])
+    assert rendered.endswith("<|im_start|>user\nQ2\n\n the input <|im_end|>\n<|im_start|>assistant\n")
+    assert "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>" in rendered
+    assert rendered.index("Be brief.") < rendered.index("Q1")
+    # the item's own input side, exactly as the centroids were fit: no exemplar, no answer, no markup
+    assert tiny_lm._routing_text[rendered] == "Be brief.\nQ2\nthe input"
     assert tiny_lm.clusters_for([rendered]) == [None]  # no router: no cluster
 
 
-def test_random_group_scoring_hashes_the_context_only():
+def test_random_group_scores_each_request_with_the_hash_of_its_context():
     from moce_model.config import MoCEConfig
     from moce_model.modeling import MoCEForCausalLM, random_group_ids
 
     tokenizer = build_tokenizer()
     config = MoCEConfig(variant="random_group", num_groups=4, experts_per_group=2, top_k=1, adapter_dim=4)
-    lm = MoCELM.from_objects(MoCEForCausalLM.from_base(build_model(tokenizer), config).eval(), tokenizer,
-                             batch_size=4, max_length=256)
+    model = MoCEForCausalLM.from_base(build_model(tokenizer), config).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for block in model.moce_blocks():
+            block.moce_experts.adapter_up.normal_(std=0.5)  # non-zero experts: the group changes the output
+    lm = MoCELM.from_objects(model, tokenizer, batch_size=4, max_length=256)
     pairs = [("First context", " a long continuation"), ("Second, longer context here", " b"),
-             ("Third", " some more words"), ("Fourth context!", " d e f g")]
-    contexts = [lm.tok_encode(context) for context, _ in pairs]
-    expected = {tuple(ids): int(random_group_ids(torch.tensor([ids]), None, 4, seed=0)) for ids in contexts}
+             ("Third", " some more words"), ("Fourth context!", " d e f g"), ("Fifth", " e")]
+    expected = [int(random_group_ids(torch.tensor([lm.tok_encode(c)]), None, 4, seed=0)) for c, _ in pairs]
+    assert len(set(expected)) > 1
     seen = []
     original = lm.model.forward
-    lm.model.forward = lambda *args, **kwargs: seen.append(kwargs) or original(*args, **kwargs)
-    lm.loglikelihood_with_counts(pairs)
-    (call,) = seen
-    used = lm.model.routing_context.group_ids.tolist()
-    for row, (ids, mask) in enumerate(zip(call["input_ids"], call["prompt_mask"])):
-        context = tuple(ids[mask.bool()].tolist())
-        assert context in expected, "the prompt mask must cover exactly one request's context"
-        assert used[row] == expected[context]
-    assert len(set(used)) > 1
+    lm.model.forward = lambda *args, **kwargs: seen.append(kwargs["group_ids"].tolist()) or original(*args, **kwargs)
+    scored = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    assert all(len(set(groups)) == 1 for groups in seen), "a batch must not mix groups"
+    lm.model.forward = original
+    for (context, continuation), group, (logprob, _) in zip(pairs, expected, scored):
+        whole = lm.tok_encode(context + continuation)
+        n_context = len(lm.tok_encode(context))
+        with torch.inference_mode():
+            # the model's own choice when it sees the context alone: what training and generation hash
+            logits = model(input_ids=torch.tensor([whole]),
+                           prompt_mask=torch.tensor([[1] * n_context + [0] * (len(whole) - n_context)])).logits[0]
+        log_probs = torch.log_softmax(logits, -1)
+        assert logprob == pytest.approx(float(sum(log_probs[i - 1, whole[i]] for i in range(n_context, len(whole)))),
+                                        abs=1e-4)
 
 
 def test_plain_model_dir_loads_without_router(tmp_path: Path):
     save_model_dir(tmp_path / "base")
     lm = MoCELM(pretrained=str(tmp_path / "base"), batch_size="4")
-    assert lm.router is None and lm.use_chat_template
-    assert lm.generate([lm.render_prompt([{"role": "user", "content": "hi"}])], {"until": [], "max_gen_toks": 3})
+    assert lm.router is None and lm.prompt_format.name == "chat_template" and lm.batch_size == 4
+    assert lm.generate([lm.render_prompt("", "hi")], {"until": [], "max_gen_toks": 3})
     with pytest.raises(FileNotFoundError, match="config.json"):
         MoCELM(pretrained=str(tmp_path / "missing"))
 
@@ -160,7 +170,7 @@ def test_moce_dir_routes_each_request_by_its_input_side(routed_model_dir: Path):
     assert lm.router is not None
     questions = ["Implement a Python function to reverse a string.", "Sam has 3 apples and buys 4 more. How many?",
                  "Write Python code that returns the maximum of a list.", "How many apples are 5 plus 9 apples?"]
-    contexts = [lm.render_prompt([{"role": "user", "content": q}]) for q in questions]
+    contexts = [lm.render_prompt("", q) for q in questions]
     assert lm.clusters_for(contexts) == [0, 1, 0, 1]
 
     # what the model is given equals running it directly with those cluster ids, and the group matters
@@ -193,9 +203,25 @@ def test_router_embeds_the_routing_text_not_the_template(routed_model_dir: Path)
             return real_router.assign(texts)
 
     lm.router = Recording()
-    context = lm.render_prompt([{"role": "user", "content": "Write a Python function."}],
-                               assistant_prefix="```python\n", routing_text="Write a Python function.")
+    context = lm.render_prompt("", "Write a Python function.", assistant_prefix="```python\n")
     assert lm.clusters_for([context, context]) == [0, 0]
     lm.clusters_for([context])  # cached: embedded once
     assert seen == [["Write a Python function."]]
     assert json.loads((routed_model_dir / "embedder.json").read_text())["model"] == MINILM_SPEC["model"]
+
+
+def test_batch_size_auto_runs_each_group_with_its_clusters(routed_model_dir: Path):
+    """HFLM's batch-size search calls the model too: it runs with a group, like every other call."""
+    lm = MoCELM(pretrained=str(routed_model_dir), batch_size="auto", max_batch_size=4, max_length=96)
+    fixed = MoCELM(pretrained=str(routed_model_dir), router=lm.router, batch_size=2, max_length=96)
+    questions = ["Implement a Python function to reverse a string.", "Sam has 3 apples and buys 4 more. How many?"]
+    contexts = [lm.render_prompt("", q) for q in questions]
+    assert [fixed.render_prompt("", q) for q in questions] == contexts
+    scored = lm.loglikelihood_with_counts([(c, " 7") for c in contexts])
+    expected = fixed.loglikelihood_with_counts([(c, " 7") for c in contexts])
+    assert [logprob for logprob, _, _ in scored] == pytest.approx([logprob for logprob, _, _ in expected], abs=1e-4)
+    kwargs = {"until": [], "max_gen_toks": 4}
+    assert lm.generate(contexts, kwargs) == fixed.generate(contexts, kwargs)
+    rolling = [Instance("loglikelihood_rolling", {}, (c,), i) for i, c in enumerate(contexts)]
+    assert lm.loglikelihood_rolling(rolling) == pytest.approx(fixed.loglikelihood_rolling(rolling), abs=1e-3)
+    assert lm.batch_size == "auto"

@@ -1,8 +1,9 @@
-"""The lm-eval path: MoCELM inside `simple_evaluate` on local task files, results-dict conversion, and
-MBPP generations scored in the sandbox."""
+"""The lm-eval path: MoCELM inside `simple_evaluate` on local task files, requests routed by their own
+documents, results-dict conversion, and code generations scored in the sandbox."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -12,12 +13,13 @@ from moce_model.evaluation.benchmarks import BenchmarkSpec
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.lm_eval_suite import (
     PAPER_LM_EVAL_TASKS,
+    code_program,
     outcome_from_lm_eval,
     run_lm_eval,
-    score_mbpp_samples,
+    score_code_samples,
 )
 from moce_model.evaluation.runner import paper_benchmarks
-from tests.test_eval_fixtures import build_model, build_tokenizer
+from tests.test_eval_fixtures import build_model, build_tokenizer, save_routed_model_dir
 
 # Shape of a real lm-eval 0.4 results dict (trimmed): a group (mmlu) with subtasks, and gsm8k with filters.
 RECORDED = {
@@ -54,8 +56,12 @@ def test_paper_benchmarks_name_the_papers_settings():
     specs = {s.name: s for s in paper_benchmarks()}
     assert {n: (s.lm_eval_task, s.num_fewshot) for n, s in specs.items() if s.lm_eval_task} == PAPER_LM_EVAL_TASKS
     assert specs["mmlu"].num_fewshot == 5 and specs["gsm8k"].num_fewshot == 5 and specs["math"].num_fewshot == 4
-    assert specs["hellaswag"].num_fewshot == 10 and specs["humaneval"].kind == "humaneval"
-    assert specs["mbpp"].kind == "mbpp"  # generations from lm-eval, scored in the sandbox
+    assert specs["hellaswag"].num_fewshot == 10
+    # HumanEval and MBPP as lm-eval defines them, their generations run in the sandbox; HumanEval is the
+    # plain 0-shot completion (no prompt format), as published numbers are measured
+    assert specs["humaneval"].kind == specs["mbpp"].kind == "lm_eval_code"
+    assert (specs["humaneval"].lm_eval_task, specs["humaneval"].num_fewshot) == ("humaneval", 0)
+    assert specs["humaneval"].completion and not specs["mbpp"].completion and not specs["mmlu"].completion
     from lm_eval.tasks import TaskManager
 
     available = set(TaskManager().all_tasks)
@@ -67,15 +73,28 @@ def test_mbpp_generations_are_scored_in_the_sandbox(tmp_path: Path):
     outside.write_text("x")
     doc = {"test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"], "test_setup_code": ""}
     samples = [
-        {"doc_id": 0, "doc": doc, "arguments": [("ctx0", {})], "filtered_resps": ["def add(a, b):\n    return a + b"]},
-        {"doc_id": 1, "doc": doc, "arguments": [("ctx1", {})], "filtered_resps": ["def add(a, b):\n    return a - b"]},
+        {"doc_id": 0, "doc": doc, "arguments": [("ctx0", {})], "resps": [["def add(a, b):\n    return a + b"]]},
+        {"doc_id": 1, "doc": doc, "arguments": [("ctx1", {})], "resps": [["def add(a, b):\n    return a - b"]]},
         {"doc_id": 2, "doc": doc, "arguments": [("ctx2", {})],
-         "filtered_resps": [f"import os\nos.remove({str(outside)!r})\ndef add(a, b):\n    return a + b"]},
+         "resps": [[f"import os\nos.remove({str(outside)!r})\ndef add(a, b):\n    return a + b"]]},
     ]
-    outcome = score_mbpp_samples(None, BenchmarkSpec(name="mbpp", kind="mbpp", lm_eval_task="mbpp"), samples)
+    outcome = score_code_samples(None, BenchmarkSpec(name="mbpp", kind="lm_eval_code", lm_eval_task="mbpp"), samples)
     assert [i.correct for i in outcome.items] == [True, False, False]
     assert outcome.metrics[0].metric == "pass@1" and outcome.metrics[0].value == pytest.approx(1 / 3)
     assert outcome.n_items == 3 and outside.exists()
+
+
+def test_humaneval_completions_are_the_body_after_the_prompt():
+    doc = {"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n",
+           "test": "def check(f):\n    assert f(2, 3) == 5\n", "entry_point": "add"}
+    samples = [{"doc_id": i, "doc": doc, "arguments": [(doc["prompt"], {})], "resps": [[body]]}
+               for i, body in enumerate(["    return a + b\n", "    return a * b\n"])]
+    outcome = score_code_samples(None, BenchmarkSpec(name="humaneval", kind="lm_eval_code", lm_eval_task="humaneval",
+                                                     completion=True), samples)
+    assert [i.correct for i in outcome.items] == [True, False]
+    assert code_program(doc, "    return a + b\n", "x").startswith(doc["prompt"] + "    return a + b")
+    with pytest.raises(ValueError, match="humaneval/7.*has \\['text'\\]"):
+        code_program({"text": "?"}, "", "humaneval/7")
 
 
 def test_simple_evaluate_runs_moce_lm_on_local_task_files(tmp_path: Path):
@@ -102,6 +121,88 @@ def test_simple_evaluate_runs_moce_lm_on_local_task_files(tmp_path: Path):
     assert outcomes["local_gen"].n_items == 3 and outcomes["local_mc"].n_items == 3
     assert [m.metric for m in outcomes["local_mc"].metrics] == ["acc"]
     assert outcomes["local_mc"].metrics[0].value in (0.0, 1 / 3, 2 / 3, 1.0)
-    # lm-eval rendered the prompts with MoCELM's chat template, and the items are recorded per document
+    # lm-eval rendered the prompts in MoCELM's prompt format, and the items are recorded per document
     prompts = [i.prompt for i in outcomes["local_gen"].items]
     assert len(prompts) == 3 and all(p.startswith("<|im_start|>") for p in prompts)
+
+
+# ------------------------------------------------------------------------------ routing by the document
+
+PYTHON_ITEM = "Write a Python function that reverses a string."
+APPLES_ITEM = "Sam has 3 apples and buys 4 more. How many apples does he have?"
+# Long arithmetic exemplars, as in GSM8K's 5-shot prompt: routed by the whole context, every item would
+# follow them (and the encoder's 256-token cut would drop the item itself).
+EXEMPLARS = [
+    {"question": f"A farmer picks {n} baskets of apples with {n + 3} apples in each basket and sells {n} apples "
+                 f"at the market. How many apples does the farmer have left after the market closes?",
+     "answer": f"EXEMPLAR_ANSWER_{n}: {n} * {n + 3} - {n} = {n * (n + 2)} apples", "choices": ["1", "2"], "label": 0}
+    for n in range(3, 8)
+]
+
+
+def test_lm_eval_requests_are_routed_by_their_own_document(tmp_path: Path):
+    """Two items after the same five exemplars route to different groups, and nothing the router embeds holds
+    an exemplar, an exemplar's answer, or the prompt format's markup."""
+    for split, rows in {"train": EXEMPLARS, "test": [
+        {"question": PYTHON_ITEM, "answer": "def r(s): return s[::-1]", "choices": ["yes", "no"], "label": 0},
+        {"question": APPLES_ITEM, "answer": "7", "choices": ["7", "8"], "label": 0},
+    ]}.items():
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {tmp_path / 'train.jsonl'}\n"
+              f"    test: {tmp_path / 'test.jsonl'}\nfewshot_split: train\ntest_split: test\n"
+              "fewshot_config:\n  sampler: first_n\n"
+              "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n")
+    (tmp_path / "fewshot_gen.yaml").write_text(
+        "task: fewshot_gen\n" + common + "output_type: generate_until\ndoc_to_target: \" {{answer}}\"\n"
+        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 3\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    (tmp_path / "fewshot_mc.yaml").write_text(
+        "task: fewshot_mc\n" + common + "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: \"{{label}}\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+
+    lm = MoCELM(pretrained=str(save_routed_model_dir(tmp_path / "merged")), batch_size=4)
+    embedded: list[str] = []
+    real_router = lm.router
+
+    class Recording:
+        def assign(self, texts):
+            embedded.extend(texts)
+            return real_router.assign(texts)
+
+    lm.router = Recording()
+    calls: list[tuple[str, list[int]]] = []
+    forward = lm.model.forward
+
+    @functools.wraps(forward)  # generate() checks the keyword arguments against forward's signature
+    def recording_forward(*args, **kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids.shape[1] > 1:  # not a decoding step
+            for row, cluster in zip(input_ids, kwargs["cluster_ids"].tolist()):
+                calls.append((lm.tokenizer.decode(row), cluster))
+        return forward(*args, **kwargs)
+
+    lm.model.forward = recording_forward
+    specs = [BenchmarkSpec(name=name, kind="lm_eval", lm_eval_task=name, num_fewshot=5)
+             for name in ("fewshot_gen", "fewshot_mc")]
+    outcomes = run_lm_eval(lm, specs, limit=None, bootstrap_iters=10, include_path=str(tmp_path))
+
+    # both items were asked after all five exemplars, in the prompt format
+    assert {o.benchmark: o.n_items for o in outcomes} == {"fewshot_gen": 2, "fewshot_mc": 2}
+    prompts = [item.prompt for o in outcomes for item in o.items]
+    assert all(all(e["question"] in p for e in EXEMPLARS) and "<|im_start|>assistant" in p for p in prompts)
+    assert all(e["answer"] in item.prompt for item in outcomes[0].items for e in EXEMPLARS)
+    # the router saw each document's zero-shot prompt, nothing else
+    assert set(embedded) == {f"Question: {PYTHON_ITEM}\nAnswer:", f"Question: {APPLES_ITEM}\nAnswer:"}
+    assert not any("EXEMPLAR" in text or "farmer" in text or "<|im_start|>" in text for text in embedded)
+    # and the two items went to different groups, in every model call
+    by_item = {PYTHON_ITEM: set(), APPLES_ITEM: set()}
+    for text, cluster in calls:
+        for item in by_item:
+            if item in text:
+                by_item[item].add(cluster)
+    assert by_item == {PYTHON_ITEM: {0}, APPLES_ITEM: {1}}
+    assert {o.benchmark: [i.cluster for i in o.items] for o in outcomes} == {
+        "fewshot_gen": [0, 1], "fewshot_mc": [0, 1]}
+    # routed by its whole context, the python item would have followed the exemplars
+    python_context = next(p for p in prompts if PYTHON_ITEM in p)
+    assert int(real_router.assign([python_context])[0]) == 1

@@ -193,6 +193,24 @@ def test_random_group_is_deterministic_per_sequence_and_ignores_cluster_ids() ->
         assert torch.equal(first, moce.eval()(small, cluster_ids=expected_groups).logits)
 
 
+def test_group_ids_given_by_the_caller_override_every_variants_own_choice() -> None:
+    """Evaluation resolves each request's group before batching and passes it as `group_ids`."""
+    ids = batch_ids()
+    groups = torch.tensor([2, 0, 1])
+    random_group = tiny_moce("random_group", groups=3)
+    moce = MoCEForCausalLM.from_base(tiny_base(), MoCEConfig(variant="moce", num_groups=3, experts_per_group=4, top_k=2, adapter_dim=8))
+    moce.load_state_dict(random_group.state_dict())
+    with torch.no_grad():
+        expected = moce.eval()(ids, cluster_ids=groups).logits
+        assert torch.equal(random_group(ids, group_ids=groups).logits, expected)
+        assert torch.equal(moce(ids, cluster_ids=torch.tensor([0, 0, 0]), group_ids=groups).logits, expected)
+        assert not torch.equal(random_group(ids).logits, expected)  # its own hash picks other groups here
+        with pytest.raises(ValueError, match="group_ids value 3 out of range"):
+            random_group(ids, group_ids=torch.tensor([0, 1, 3]))
+        with pytest.raises(ValueError, match="group_ids has 2 entries for a batch of 3"):
+            moce(ids, group_ids=torch.tensor([0, 1]))
+
+
 def test_random_group_hashes_the_same_prompt_in_training_and_generation() -> None:
     """Training hashes the tokens the loss ignores (the prompt); generation hashes the prompt it is given."""
     model = tiny_moce("random_group", groups=4).train()

@@ -24,6 +24,7 @@ from moce_model.training import (
     tokenize_example,
     train,
 )
+from moce_model.prompt_format import make_prompt_format
 from tests.tiny_models import make_char_tokenizer, save_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +76,13 @@ def moce_config(variant: str = "moce", num_groups: int = 2) -> MoCEConfig:
 # ---------------------------------------------------------------------------------------------- tokenisation
 
 
+def chat_format():
+    return make_prompt_format("chat_template", make_char_tokenizer())
+
+
 def test_labels_cover_only_the_response():
     tokenizer = make_char_tokenizer()
-    example = tokenize_example(tokenizer, "Be exact.", "Add 2 and 3.", "numbers: 2, 3", "2 + 3 = 5", max_length=1000)
+    example = tokenize_example(chat_format(), "Be exact.", "Add 2 and 3.", "numbers: 2, 3", "2 + 3 = 5", max_length=1000)
     ids, labels = example["input_ids"], example["labels"]
     assert len(ids) == len(labels) == len(example["attention_mask"])
     first_response = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
@@ -92,18 +97,17 @@ def test_labels_cover_only_the_response():
 
 def test_empty_input_and_system_use_instruction_and_template_default():
     tokenizer = make_char_tokenizer()
-    example = tokenize_example(tokenizer, "", "Say hi.", "", "hi", max_length=1000)
+    example = tokenize_example(chat_format(), "", "Say hi.", "", "hi", max_length=1000)
     text = tokenizer.decode(example["input_ids"])
     assert "<|im_start|>user\nSay hi.<|im_end|>" in text
     assert "You are helpful." in text
 
 
 def test_truncation_and_rows_without_response_tokens_are_counted(tiny_base_dir):
-    tokenizer = make_char_tokenizer()
     rows = make_rows(4).with_columns(
         pl.when(pl.col("id") == "row000").then(pl.lit("x" * 300)).otherwise(pl.col("instruction")).alias("instruction")
     )
-    dataset, stats = build_dataset(rows, tokenizer, max_length=80, group_ids=[0, 1, 0, 1])
+    dataset, stats = build_dataset(rows, chat_format(), max_length=80, group_ids=[0, 1, 0, 1])
     assert stats["n_dropped_no_response"] == 1
     assert len(dataset) == 3
     assert all(len(example["input_ids"]) <= 80 for example in dataset.examples)
@@ -111,7 +115,7 @@ def test_truncation_and_rows_without_response_tokens_are_counted(tiny_base_dir):
 
 def test_collator_pads_and_keeps_cluster_ids():
     tokenizer = make_char_tokenizer()
-    dataset, _ = build_dataset(make_rows(3), tokenizer, max_length=200, group_ids=[1, 0, 1])
+    dataset, _ = build_dataset(make_rows(3), chat_format(), max_length=200, group_ids=[1, 0, 1])
     batch = InstructionCollator(tokenizer.pad_token_id)([dataset[0], dataset[1], dataset[2]])
     assert batch["cluster_ids"].tolist() == [1, 0, 1]
     lengths = [len(dataset[i]["input_ids"]) for i in range(3)]
@@ -216,7 +220,7 @@ def test_training_lowers_loss_and_writes_a_loadable_artifact(tiny_base_dir, tmp_
 
     reloaded = load_trained(artifact, tiny_base_dir).eval()
     tokenizer = make_char_tokenizer()
-    dataset, _ = build_dataset(rows.head(4), tokenizer, 96, [0, 1, 0, 1])
+    dataset, _ = build_dataset(rows.head(4), make_prompt_format("auto", tokenizer), 96, [0, 1, 0, 1])
     batch = InstructionCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     with torch.no_grad():
         reloaded_loss = reloaded(**batch).loss

@@ -1,6 +1,7 @@
 """Evaluate model directories on the demo benchmarks and print the results and the time taken.
 
     python -m moce_model.evaluation --model base=/path/to/base --model moce=/path/to/merged [--n-per-domain 8]
+        [--prompt-format auto|chat_template|human_assistant] [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from moce_model.evaluation.report import build_report
 from moce_model.evaluation.runner import demo_benchmarks, evaluate_model
+from moce_model.prompt_format import AUTO, PROMPT_FORMATS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,6 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-format", default=AUTO, choices=[AUTO, *PROMPT_FORMATS],
+                        help="the prompt format the models were trained with")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--show-items", action="store_true", help="print every prompt's completion")
     args = parser.parse_args(argv)
     if args.threads:
@@ -42,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep or not variant or not directory:
             parser.error(f"--model {entry!r}: expected VARIANT=DIR")
         started, cpu_started = time.perf_counter(), time.process_time()
-        result = evaluate_model(Path(directory), variant, specs, batch_size=args.batch_size, seed=args.seed)
+        result = evaluate_model(Path(directory), variant, specs, batch_size=args.batch_size, seed=args.seed,
+                                device=args.device, dtype=args.dtype, prompt_format=args.prompt_format)
         # CPU time is printed too: on a shared machine wall time says more about the neighbours.
         print(f"{variant}: evaluated in {time.perf_counter() - started:.1f} s wall, "
               f"{time.process_time() - cpu_started:.1f} s CPU ({torch.get_num_threads()} threads)", flush=True)

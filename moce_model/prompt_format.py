@@ -1,0 +1,185 @@
+"""Prompt formats: how an instruction (system, instruction, input) and its response become the model's text.
+
+An experiment uses one format for everything: training labels, generation and evaluation all render prompts
+through the same `PromptFormat`, so a model is always asked in the form it was trained on.
+
+- `chat_template`: the tokenizer's own chat template (instruct models such as SmolLM2-Instruct).
+- `human_assistant`: the reference code's format for base models without a chat template (LLaMA-2-7B):
+  ``{bos}### System:\\n{system}\\n### Human:\\n{instruction}\\n{input}\\n### Assistant:\\n{response}{eos}``.
+  As in the reference code, the system block is left out when there is no system prompt (and the input line
+  when there is no input); unlike it, the text is tokenised without adding a second BOS.
+- `auto`: `chat_template` when the tokenizer has one, else `human_assistant`.
+
+Formats render text, special tokens included; it is always tokenised with ``add_special_tokens=False``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+from moce_model.config import IGNORE_INDEX
+
+Message = dict[str, str]
+AUTO = "auto"
+
+
+class PromptFormat(ABC):
+    """A prompt format bound to a tokenizer. Subclasses define how messages are rendered."""
+
+    name: str
+    # Between an instruction and its input inside the user turn.
+    input_separator: str
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    @abstractmethod
+    def render(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> str:
+        """A conversation (system / user / assistant messages) as text.
+
+        `add_generation_prompt` ends with the header of the assistant's answer; `continue_final_message`
+        leaves a final assistant message open (no end-of-turn marker) so the model continues it.
+        """
+
+    def messages(self, system: str | None, instruction: str, input: str | None) -> list[Message]:
+        """One item's prompt as messages: an optional system turn, then one user turn."""
+        user = f"{instruction}{self.input_separator}{input}" if input else instruction
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+    def prompt(self, system: str | None, instruction: str, input: str | None) -> str:
+        """Everything before the response: what the model is given to answer the item."""
+        return self.render(self.messages(system, instruction, input), add_generation_prompt=True)
+
+    def completion(self, system: str | None, instruction: str, input: str | None, response: str) -> str:
+        """What follows `prompt(...)` when `response` answers it, end-of-turn marker included (what training
+        teaches, so the model learns to answer and to stop)."""
+        messages = self.messages(system, instruction, input)
+        prompt = self.render(messages, add_generation_prompt=True)
+        full = self.render(messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise ValueError(
+                f"prompt format {self.name!r} does not render the prompt as a prefix of the answered conversation; "
+                "cannot separate the response from the prompt"
+            )
+        return full[len(prompt) :]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of rendered text (it already holds its special tokens)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def tokenize(
+        self, system: str | None, instruction: str, input: str | None, response: str
+    ) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one example; labels are IGNORE_INDEX on the prompt, so the loss is on the
+        response and its end-of-turn marker only."""
+        prompt = self.prompt(system, instruction, input)
+        prompt_ids = self.encode(prompt)
+        full_ids = self.encode(prompt + self.completion(system, instruction, input, response))
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(
+                f"prompt format {self.name!r}: the tokens of the prompt are not a prefix of the tokens of prompt + "
+                f"response (the tokenizer merges across the boundary at {prompt[-20:]!r}); cannot label the response"
+            )
+        return full_ids, [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids) :]
+
+
+class ChatTemplateFormat(PromptFormat):
+    """The tokenizer's own chat template; an empty system prompt lets the template apply its default."""
+
+    name = "chat_template"
+    input_separator = "\n\n"
+
+    def __init__(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"prompt format 'chat_template': the tokenizer {_tokenizer_name(tokenizer)} has no chat template; "
+                f"use 'human_assistant' (or 'auto', which picks it for tokenizers without a template)"
+            )
+        super().__init__(tokenizer)
+
+    def render(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> str:
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+
+
+class HumanAssistantFormat(PromptFormat):
+    """The reference code's `### System / ### Human / ### Assistant` format, for base models."""
+
+    name = "human_assistant"
+    input_separator = "\n"
+
+    def __init__(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "eos_token", None):
+            raise ValueError(
+                f"prompt format 'human_assistant' ends every response with the EOS token, but the tokenizer "
+                f"{_tokenizer_name(tokenizer)} has none"
+            )
+        super().__init__(tokenizer)
+
+    def render(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> str:
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message exclude each other")
+        parts = [self.tokenizer.bos_token or ""]
+        for index, message in enumerate(messages):
+            role, content = message["role"], message["content"]
+            if role == "system":
+                if index != 0:
+                    raise ValueError(
+                        f"prompt format 'human_assistant': a system message must come first (it is #{index})"
+                    )
+                if content:
+                    parts.append(f"### System:\n{content}\n")
+            elif role == "user":
+                parts.append(f"### Human:\n{content}\n")
+            elif role == "assistant":
+                parts.append(f"### Assistant:\n{content}")
+                if not (continue_final_message and index == len(messages) - 1):
+                    parts.append(self.tokenizer.eos_token)
+            else:
+                raise ValueError(f"prompt format 'human_assistant': unknown message role {role!r} (message #{index})")
+        if add_generation_prompt:
+            parts.append("### Assistant:\n")
+        return "".join(parts)
+
+
+PROMPT_FORMATS: dict[str, type[PromptFormat]] = {
+    ChatTemplateFormat.name: ChatTemplateFormat,
+    HumanAssistantFormat.name: HumanAssistantFormat,
+}
+
+
+def resolve_prompt_format_name(name: str, tokenizer: Any) -> str:
+    """The concrete format `name` stands for with this tokenizer (`auto` picks by the chat template)."""
+    if name == AUTO:
+        return ChatTemplateFormat.name if getattr(tokenizer, "chat_template", None) else HumanAssistantFormat.name
+    if name not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {name!r}; known: {[AUTO, *PROMPT_FORMATS]}")
+    return name
+
+
+def make_prompt_format(name: str, tokenizer: Any) -> PromptFormat:
+    """The named prompt format (or `auto`) bound to `tokenizer`."""
+    return PROMPT_FORMATS[resolve_prompt_format_name(name, tokenizer)](tokenizer)
+
+
+def tokenize_example(
+    fmt: PromptFormat, system: str | None, instruction: str, input: str | None, response: str, max_length: int
+) -> dict[str, list[int]]:
+    """input_ids / attention_mask / labels of one training example in `fmt`, cut at max_length."""
+    input_ids, labels = fmt.tokenize(system, instruction, input, response)
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    return repr(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)

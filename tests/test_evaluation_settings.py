@@ -1,0 +1,55 @@
+"""The experiment's evaluation device, dtype and prompt format reach the lm-eval model of every benchmark asset."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import torch
+
+import moce_model.evaluation.runner as runner
+from assets.evaluation import build_evaluation_assets, evaluation_settings
+from assets.training import training_preset
+from pipelines.profiles import load_profile
+from resources.storage import ArtifactStorage
+from tests.pipeline_fixtures import small_profile
+from tests.test_eval_fixtures import save_model_dir
+
+
+def test_profiles_name_device_dtype_and_prompt_format():
+    paper, demo = load_profile("paper"), load_profile("demo")
+    assert evaluation_settings(paper) == {"device": "cuda", "dtype": "bfloat16", "prompt_format": "human_assistant"}
+    assert evaluation_settings(demo) == {"device": "cpu", "dtype": "float32", "prompt_format": "auto"}
+    # training renders rows in the same format
+    assert training_preset(paper).prompt_format == "human_assistant"
+    assert training_preset(demo).prompt_format == "auto"
+
+
+def test_benchmark_results_evaluate_in_the_profiles_dtype_and_format(tmp_path: Path, monkeypatch):
+    model_dir = save_model_dir(tmp_path / "base")  # its tokenizer has a chat template; the profile names another
+    profile = small_profile(tmp_path, eval_dtype="bfloat16", prompt_format="human_assistant")
+    (asset,) = [a for a in build_evaluation_assets(profile) if a.key.to_user_string() == "benchmark_results/base"]
+
+    built: list[runner.MoCELM] = []
+
+    class RecordingLM(runner.MoCELM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(runner, "MoCELM", RecordingLM)
+    config_class = inspect.signature(asset.op.compute_fn.decorated_fn).parameters["config"].annotation
+    output = asset(context=dg.build_asset_context(), config=config_class(limit_per_benchmark=1),
+                   storage=ArtifactStorage(root=str(tmp_path / "store")), model={"path": str(model_dir)})
+
+    (lm,) = built
+    assert next(lm.model.parameters()).dtype == torch.bfloat16 and lm.device.type == "cpu"
+    assert lm.prompt_format.name == "human_assistant"
+    assert output.metadata["evaluated_with"].data == evaluation_settings(profile)
+    items = pl.read_parquet(tmp_path / "store" / "benchmark_items" / "base.parquet")
+    synthetic = items.filter(pl.col("benchmark").str.starts_with("synthetic_"))
+    assert synthetic.height == 4
+    assert all("### Human:\n" in p and p.endswith("### Assistant:\n") for p in synthetic["prompt"])
+    assert output.value.filter(pl.col("metric") == "heldout_loss")["value"].is_finite().all()
