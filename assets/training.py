@@ -159,7 +159,7 @@ def merge_variant(adapters_ref: dict, base_model_dir: str, centroids_ref: dict |
 
     centroids = load_centroids(centroids_ref["path"])[0] if centroids_ref else None
     return merge_to_directory(
-        load_trained(adapters_ref["path"], base_model_dir),
+        load_trained(adapters_ref["path"], base_model_dir, dequantize=True),
         out_dir,
         centroids=centroids,
         embedder=centroids_ref["embedder"] if centroids_ref else None,
@@ -306,9 +306,12 @@ def build_training_assets(profile: Profile) -> list:
         def merged_equals_unmerged(merged_model: dict, adapters: dict, base_model: dict) -> dg.AssetCheckResult:
             from moce_model.merging import compare_merged_to_unmerged
 
-            max_abs_diff = compare_merged_to_unmerged(merged_model["path"], adapters["path"], base_model["path"])
+            max_abs_diff, tolerance = compare_merged_to_unmerged(
+                merged_model["path"], adapters["path"], base_model["path"]
+            )
             return dg.AssetCheckResult(
-                passed=bool(max_abs_diff < 1e-3), metadata={"max_abs_logit_diff": float(max_abs_diff)}
+                passed=bool(max_abs_diff < tolerance),
+                metadata={"max_abs_logit_diff": float(max_abs_diff), "tolerance": float(tolerance)},
             )
 
         return [merged_model, merged_equals_unmerged]

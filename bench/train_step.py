@@ -119,13 +119,12 @@ def make_batch(shape: ModelShape, variant: str, device: torch.device) -> dict:
 
 
 def measure(base, variant: str, shape: ModelShape, compiled: bool, device: torch.device, steps: int,
-            warmup: int, top_kernels: int = 0) -> dict:
+            warmup: int, top_kernels: int = 0, autocast: bool = True) -> dict:
     model = attach(base, variant, shape, compiled)
     # Fused on a GPU, as the Trainer's default optimiser there (adamw_torch_fused).
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                   fused=device.type == "cuda")
     batch = make_batch(shape, variant, device)
-    autocast = device.type == "cuda"
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -179,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
     parser.add_argument("--top-kernels", type=int, default=0, help="list the N heaviest kernels of each row (GPU)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="bf16: frozen base in bf16, trainable weights in fp32, bf16 autocast (the Trainer's "
+                             "bf16=True); fp32: everything fp32; auto: bf16 on a GPU, fp32 on a CPU")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shape = SHAPES[args.shape]
@@ -189,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}; {shape.name}, {shape.batch}x{shape.seq_len} tokens, "
-          f"base {dtype}, autocast bf16: {device.type == 'cuda'}", flush=True)
+          f"base {dtype}, autocast bf16: {bf16}", flush=True)
     started = time.perf_counter()
     base = build_base(shape, device, dtype)
     print(f"base built in {time.perf_counter() - started:.1f} s", flush=True)
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             if variant == "reference" and mode == "compiled":
                 continue  # host syncs in the loop: nothing to compile
             row = measure(base, variant, shape, mode == "compiled", device, args.steps,
-                          args.warmup + (2 if mode == "compiled" else 0), args.top_kernels)
+                          args.warmup + (2 if mode == "compiled" else 0), args.top_kernels, autocast=bf16)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -78,20 +78,48 @@ def save_trained(model: PeftModel, out_dir: str | Path) -> Path:
     return out_dir
 
 
+TRAINING_RECORD_FILE = "training.json"
+
+
+def trained_with_qlora(trained_dir: str | Path) -> bool:
+    """Whether the artifact was trained on an NF4-quantised base (its `training.json` says so)."""
+    record = Path(trained_dir) / TRAINING_RECORD_FILE
+    if not record.is_file():
+        return False
+    try:
+        training_config = json.loads(record.read_text()).get("training_config") or {}
+    except ValueError as error:
+        raise ValueError(f"{record}: invalid JSON: {error}") from error
+    return bool(training_config.get("qlora", False))
+
+
 def load_trained(
     trained_dir: str | Path,
     base_model_dir: str | Path,
     is_trainable: bool = False,
     dtype: torch.dtype | None = None,
+    dequantize: bool = False,
 ) -> PeftModel:
-    """Rebuild the unmerged trained model: base model from `base_model_dir`, experts + LoRA from `trained_dir`."""
+    """Rebuild the unmerged trained model: base model from `base_model_dir`, experts + LoRA from `trained_dir`.
+
+    An artifact trained with QLoRA gets the base it was trained on, NF4 with bf16 compute; with `dequantize`
+    its weights are turned into the bf16 matrices that NF4 forward actually multiplied with, which is what a
+    merge must fold LoRA into (a full-precision reload of the base would be another model than the trained one).
+    """
     trained_dir = Path(trained_dir)
     for name in (CONFIG_FILE, "adapter_config.json", "adapter_model.safetensors"):
         if not (trained_dir / name).is_file():
             raise FileNotFoundError(f"{trained_dir}: not a trained MoCE artifact (missing {name})")
     moce_config = MoCEConfig.from_pretrained(trained_dir)
-    load_kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-    base = AutoModelForCausalLM.from_pretrained(base_model_dir, **load_kwargs)
+    if trained_with_qlora(trained_dir):
+        from moce_model.training import load_base_model
+
+        base = load_base_model(base_model_dir, bf16=True, qlora=True)
+        if dequantize:
+            base = base.dequantize()
+    else:
+        load_kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+        base = AutoModelForCausalLM.from_pretrained(base_model_dir, **load_kwargs)
     trained_type = (moce_config.base_config or {}).get("model_type")
     if trained_type is not None and trained_type != base.config.model_type:
         raise ValueError(
@@ -167,13 +195,24 @@ def max_logit_difference(
 
 def compare_merged_to_unmerged(
     merged_dir: str | Path, trained_dir: str | Path, base_model_dir: str | Path, seq_len: int = 16
-) -> float:
-    """Max absolute logit difference between a merged directory and its unmerged artifact, on a probe batch
-    that visits every group."""
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+) -> tuple[float, float]:
+    """(max absolute logit difference, tolerance) between a merged directory and the model as it was trained
+    (for QLoRA: the NF4 base, LoRA and experts unmerged), on a probe batch that visits every group, on the GPU
+    when there is one. The tolerance is 1e-3 in float32; a bf16 merge rounds every merged weight to bf16, so
+    there it is 3% of the largest logit."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     unmerged = load_trained(trained_dir, base_model_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    if not trained_with_qlora(trained_dir):  # a quantised model is placed on its device when it is loaded
+        unmerged.to(device)
+    merged.to(device)
     config = _moce_model_of(unmerged).config
     groups = config.num_groups
-    input_ids = probe_batch(config.vocab_size, batch_size=max(2, groups), seq_len=seq_len)
-    cluster_ids = torch.arange(input_ids.shape[0]) % groups
-    return max_logit_difference(merged, unmerged, input_ids, cluster_ids)
+    input_ids = probe_batch(config.vocab_size, batch_size=max(2, groups), seq_len=seq_len).to(device)
+    cluster_ids = torch.arange(input_ids.shape[0], device=device) % groups
+    difference = max_logit_difference(merged, unmerged, input_ids, cluster_ids)
+    if merged.dtype == torch.float32:
+        return difference, 1e-3
+    with torch.no_grad():
+        scale = float(unmerged.eval()(input_ids=input_ids, cluster_ids=cluster_ids).logits.float().abs().max())
+    return difference, 0.03 * scale

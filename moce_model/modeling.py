@@ -89,6 +89,10 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         moce_config.__dict__.pop("wrapped_config", None)
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             setattr(moce_config, key, getattr(base_model.config, key, None))
+        # post_init() initialises every module not flagged as loaded; modules swapped in after loading (e.g. the
+        # nn.Linear layers that dequantize() puts in place of NF4 ones) would otherwise get random weights.
+        for module in base_model.modules():
+            module._is_hf_initialized = True
         model = cls(moce_config, base_model=base_model)
         if getattr(base_model, "generation_config", None) is not None:
             model.generation_config = GenerationConfig.from_dict(base_model.generation_config.to_dict())

@@ -301,31 +301,43 @@ class InstructionCollator:
 # Model construction
 
 
-def build_model(base_model_dir: str | os.PathLike, moce_config: Any, config: TrainingConfig) -> torch.nn.Module:
-    """Base model (optionally 4-bit NF4) + routed adapter experts + LoRA; only adapters/experts/routers train.
-
-    With moce_config=None the base model gets LoRA only (the plain fine-tuning baseline).
-    """
-    from peft import LoraConfig, get_peft_model
+def load_base_model(base_model_dir: str | os.PathLike, *, bf16: bool, qlora: bool) -> torch.nn.Module:
+    """The frozen base as training runs it: float32 or bf16 weights, or QLoRA's NF4 (double quantisation,
+    bf16 compute). bitsandbytes' NF4 also runs on a CPU, so QLoRA code paths are testable without a GPU."""
     from transformers import AutoModelForCausalLM
 
-    from moce_model.base_model import check_supported_architecture
-    from moce_model.merging import add_lora
-    from moce_model.modeling import MoCEForCausalLM
+    load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 or qlora else torch.float32}
+    if qlora:
+        import importlib.util
 
-    load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if config.bf16 else torch.float32}
-    if config.qlora:
-        if not torch.cuda.is_available():
-            raise RuntimeError("qlora=True needs a CUDA GPU (bitsandbytes NF4); set qlora=False on CPU")
         from transformers import BitsAndBytesConfig
 
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise RuntimeError("qlora=True needs bitsandbytes: pip install 'bitsandbytes==0.50.*'")
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    base = AutoModelForCausalLM.from_pretrained(base_model_dir, **load_kwargs)
+        # One process per GPU under torchrun/deepspeed: each loads its own copy on its own device.
+        device = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
+        load_kwargs["device_map"] = {"": device}
+    return AutoModelForCausalLM.from_pretrained(base_model_dir, **load_kwargs)
+
+
+def build_model(base_model_dir: str | os.PathLike, moce_config: Any, config: TrainingConfig) -> torch.nn.Module:
+    """Base model (optionally 4-bit NF4) + routed adapter experts + LoRA; only adapters/experts/routers train.
+
+    With moce_config=None the base model gets LoRA only (the plain fine-tuning baseline).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from moce_model.base_model import check_supported_architecture
+    from moce_model.merging import add_lora
+    from moce_model.modeling import MoCEForCausalLM
+
+    base = load_base_model(base_model_dir, bf16=config.bf16, qlora=config.qlora)
     check_supported_architecture(base)
     if config.qlora:
         from peft import prepare_model_for_kbit_training
@@ -343,8 +355,11 @@ def build_model(base_model_dir: str | os.PathLike, moce_config: Any, config: Tra
         )
         model = get_peft_model(base, lora)
     else:
+        moce = MoCEForCausalLM.from_base(base, moce_config)
+        for block in moce.moce_blocks():
+            block.moce_experts.float()  # trainable weights stay float32 (bf16 autocast computes in bf16)
         model = add_lora(
-            MoCEForCausalLM.from_base(base, moce_config),
+            moce,
             r=config.lora_r,
             alpha=config.lora_alpha,
             dropout=config.lora_dropout,
@@ -759,6 +774,11 @@ def train(
     """
     from transformers import AutoTokenizer, set_seed
 
+    if training_config.optim.startswith("paged_") and not torch.cuda.is_available():
+        raise ValueError(
+            f"optim={training_config.optim!r} pages the optimiser state through CUDA unified memory and needs a GPU; "
+            "on a CPU use optim='adamw_torch'"
+        )
     output_dir = Path(output_dir)
     checkpoints_dir = output_dir / CHECKPOINTS_DIRNAME
     artifact_dir = output_dir / ARTIFACT_DIRNAME

@@ -128,7 +128,8 @@ def test_merged_directory_loads_with_auto_class_and_matches_unmerged(trained, ba
         got = merged(input_ids=ids, cluster_ids=cluster_ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("w3") == 10
-    assert compare_merged_to_unmerged(out, directory, base_dir) < 1e-4
+    difference, tolerance = compare_merged_to_unmerged(out, directory, base_dir)
+    assert difference < 1e-4 and tolerance == 1e-3
 
 
 def test_merge_rejects_centroids_of_another_k_and_leaves_nothing(trained, base_dir, tmp_path) -> None:

@@ -91,6 +91,19 @@ def test_float32_model_trains_under_bfloat16_autocast() -> None:
     assert experts.adapter_down.grad.abs().sum() > 0
 
 
+def test_from_base_keeps_weights_of_modules_swapped_in_after_loading() -> None:
+    """dequantize() replaces NF4 layers by new nn.Linear modules; wrapping must not re-initialise them."""
+    base = tiny_base()
+    layer = base.model.layers[0].self_attn
+    swapped = nn.Linear(layer.q_proj.in_features, layer.q_proj.out_features, bias=False)
+    with torch.no_grad():
+        swapped.weight.copy_(layer.q_proj.weight)
+    layer.q_proj = swapped
+    expected = swapped.weight.detach().clone()
+    MoCEForCausalLM.from_base(base, MoCEConfig(num_groups=2, experts_per_group=2, top_k=1, adapter_dim=4))
+    assert torch.equal(swapped.weight, expected)
+
+
 def test_from_base_keeps_the_base_weights_without_copy() -> None:
     base = tiny_base()
     weight = base.model.layers[0].mlp.gate_proj.weight
