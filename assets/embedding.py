@@ -48,15 +48,18 @@ def instruction_embeddings(
     out_dir = storage.path_for(context.asset_key) / _fingerprint(frame["id"], spec)
     started = time.perf_counter()
     model = embedder.load()
-    summary = embed_to_parquet_shards(
-        ids=frame["id"],
-        texts=frame["text"],
-        embedder=model,
-        out_dir=out_dir,
-        shard_rows=embedder.shard_rows,
-        batch_size=embedder.batch_size,
-        log=context.log.info,
-    )
+    try:
+        summary = embed_to_parquet_shards(
+            ids=frame["id"],
+            texts=frame["text"],
+            embedder=model,
+            out_dir=out_dir,
+            shard_rows=embedder.shard_rows,
+            batch_size=embedder.batch_size,
+            log=context.log.info,
+        )
+    finally:
+        model.close()
     seconds = time.perf_counter() - started
     return dg.Output(
         artifact_ref(out_dir, rows=frame.height, dimension=model.dimension, embedder=spec),

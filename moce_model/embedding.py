@@ -122,10 +122,14 @@ def _device(device: str | None) -> str:
 class Embedder:
     """A loaded encoder: ``encode(texts) -> (n, d) float32``, rows L2-normalised."""
 
-    def __init__(self, spec: EmbedderSpec, model: Any, device: str) -> None:
+    def __init__(self, spec: EmbedderSpec, model: Any, device: str, devices: Sequence[str] = ()) -> None:
         self.spec = spec
         self.model = model
         self.device = device
+        # Several devices (e.g. 8 GPUs for a million rows): sentence-transformers' pool of one process per
+        # device, started on the first encode and stopped by close().
+        self.devices = list(devices)
+        self._pool: dict | None = None
         dimension = model.get_embedding_dimension()
         if dimension is None:
             dimension = int(model.encode(["probe"], convert_to_numpy=True).shape[1])
@@ -138,6 +142,8 @@ class Embedder:
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dimension), dtype=np.float32)
+        if self.devices and self._pool is None:
+            self._pool = self.model.start_multi_process_pool(target_devices=self.devices)
         vectors = self.model.encode(
             list(texts),
             prompt=self.spec.prompt,
@@ -145,8 +151,14 @@ class Embedder:
             convert_to_numpy=True,
             normalize_embeddings=False,
             show_progress_bar=False,
+            **({"pool": self._pool} if self._pool is not None else {}),
         )
         return l2_normalise(np.asarray(vectors, dtype=np.float32))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self.model.stop_multi_process_pool(self._pool)
+            self._pool = None
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
@@ -158,8 +170,11 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     return vectors / norms
 
 
-def load_embedder(spec: EmbedderSpec | Mapping[str, Any], device: str | None = None) -> Embedder:
-    """Load the encoder on ``device`` (default: cuda when available, else cpu)."""
+def load_embedder(
+    spec: EmbedderSpec | Mapping[str, Any], device: str | None = None, devices: Sequence[str] = ()
+) -> Embedder:
+    """Load the encoder on ``device`` (default: cuda when available, else cpu); with ``devices``, encoding
+    runs in one worker process per listed device."""
     if not isinstance(spec, EmbedderSpec):
         spec = EmbedderSpec.from_dict(spec)
     from sentence_transformers import SentenceTransformer
@@ -180,7 +195,7 @@ def load_embedder(spec: EmbedderSpec | Mapping[str, Any], device: str | None = N
         # INSTRUCTOR embeds [instruction, text] with the instruction tokens excluded from mean pooling:
         # the instruction is passed as the prompt and the pooling layer told to skip the prompt tokens.
         model.set_pooling_include_prompt(False)
-    return Embedder(spec, model, resolved_device)
+    return Embedder(spec, model, resolved_device, devices)
 
 
 # ------------------------------------------------------------------------------------------- sharded output

@@ -37,7 +37,13 @@ def build_resources(profile: Profile) -> dict:
         "model_source": BaseModelSource(
             kind=profile.base_model["kind"], model_id=profile.base_model.get("model_id", "")
         ),
-        "trainer": TrainerResource(launcher=profile.launcher, nproc_per_node=profile.nproc_per_node),
+        "trainer": TrainerResource(
+            launcher=profile.launcher,
+            nproc_per_node=profile.nproc_per_node,
+            nnodes=profile.nnodes,
+            node_rank=profile.node_rank,
+            rdzv_endpoint=profile.rdzv_endpoint,
+        ),
     }
 
 

@@ -44,6 +44,10 @@ class Profile:
     training: str = "demo"
     launcher: str = "in_process"
     nproc_per_node: int = 1
+    # Several nodes: MOCE_NNODES, and node rank / rendezvous from the environment unless set here.
+    nnodes: int = int(os.environ.get("MOCE_NNODES", "1"))
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = os.environ.get("MOCE_RDZV_ENDPOINT")
     train_rows: int | None = None
     benchmarks: str = "demo"
     eval_limit: int | None = None

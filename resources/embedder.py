@@ -15,6 +15,8 @@ class EmbedderResource(dg.ConfigurableResource):
     batch_size: int = 64
     shard_rows: int = 2048
     device: str | None = None
+    # e.g. ["cuda:0", ..., "cuda:7"]: one encoding process per device.
+    devices: list[str] = []
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -27,4 +29,4 @@ class EmbedderResource(dg.ConfigurableResource):
     def load(self):
         from moce_model.embedding import load_embedder
 
-        return load_embedder(self.spec(), device=self.device)
+        return load_embedder(self.spec(), device=self.device, devices=self.devices)

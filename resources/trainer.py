@@ -18,6 +18,11 @@ class TrainerResource(dg.ConfigurableResource):
 
     launcher: str = "in_process"
     nproc_per_node: int = 1
+    # Several nodes: each node runs the same asset with its own node_rank; torchrun's c10d rendezvous at
+    # rdzv_endpoint (host:port) joins them. Unset values come from the environment (Slurm, Kubernetes jobs).
+    nnodes: int = 1
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = None
     deepspeed_config: str = str(REPO_ROOT / "configs" / "zero2.json")
 
     def train(
@@ -55,6 +60,37 @@ class TrainerResource(dg.ConfigurableResource):
             context, base_model_dir, train_rows, cluster_ids, num_clusters, moce_config, training_config, output_dir
         )
 
+    def resolved_node_rank(self) -> int:
+        if self.node_rank is not None:
+            return self.node_rank
+        for variable in ("NODE_RANK", "SLURM_NODEID", "GROUP_RANK"):
+            if os.environ.get(variable, "").isdigit():
+                return int(os.environ[variable])
+        return 0
+
+    def resolved_rdzv_endpoint(self) -> str:
+        if self.rdzv_endpoint:
+            return self.rdzv_endpoint
+        if os.environ.get("MASTER_ADDR"):
+            return f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '29500')}"
+        raise ValueError(
+            f"TrainerResource.nnodes={self.nnodes} needs a rendezvous endpoint: set rdzv_endpoint (host:port of "
+            "node 0) or MASTER_ADDR/MASTER_PORT"
+        )
+
+    def launch_command(self, spec_path: Path) -> list[str]:
+        """The launcher's command line. On one node `deepspeed` runs DeepSpeed's own launcher; across nodes every
+        launcher goes through torchrun (no ssh between nodes), and the Trainer starts DeepSpeed's engine itself
+        from the training config's `deepspeed` file."""
+        entry = ["resources.pipes_train_entry", "--spec", str(spec_path)]
+        if self.launcher == "deepspeed" and self.nnodes == 1:
+            return ["deepspeed", f"--num_gpus={self.nproc_per_node}", "--module", *entry]
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc_per_node}"]
+        if self.nnodes > 1:
+            command += [f"--nnodes={self.nnodes}", f"--node_rank={self.resolved_node_rank()}",
+                        "--rdzv_backend=c10d", f"--rdzv_endpoint={self.resolved_rdzv_endpoint()}"]
+        return [*command, "-m", *entry]
+
     def _train_in_subprocesses(
         self, context, base_model_dir, train_rows, cluster_ids, num_clusters, moce_config, training_config, output_dir
     ) -> dict[str, Any]:
@@ -83,12 +119,7 @@ class TrainerResource(dg.ConfigurableResource):
         }
         spec_path = output_dir / "run_spec.json"
         atomic_write_json(spec, spec_path)
-        if self.launcher == "torchrun":
-            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc_per_node}",
-                       "-m", "resources.pipes_train_entry", "--spec", str(spec_path)]
-        else:
-            command = ["deepspeed", f"--num_gpus={self.nproc_per_node}", "--module", "resources.pipes_train_entry",
-                       "--spec", str(spec_path)]
+        command = self.launch_command(spec_path)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
         dg.PipesSubprocessClient(env=env, cwd=str(REPO_ROOT)).run(command=command, context=context)
         return json.loads((output_dir / "result.json").read_text())

@@ -174,3 +174,18 @@ def test_bad_inputs(tmp_path):
         embed_to_parquet_shards(["a", "b", "c"], ["x", "y"], CountingEmbedder(), tmp_path / "e")
     with pytest.raises(ValueError, match="not unique"):
         embed_to_parquet_shards(["a", "a"], ["x", "y"], CountingEmbedder(), tmp_path / "e")
+
+
+def test_one_process_per_device_gives_the_same_vectors(minilm):
+    """What embeds a million rows on 8 GPUs (devices cuda:0..7), here with two CPU worker processes."""
+    from moce_model.embedding import load_embedder
+
+    texts = [f"Compute {i} plus {2 * i}." if i % 2 else f"Write a poem about topic {i}." for i in range(24)]
+    pooled = load_embedder(minilm.spec, device="cpu", devices=["cpu", "cpu"])
+    try:
+        vectors = pooled.encode(texts, batch_size=4)
+        assert pooled._pool is not None and len(pooled._pool["processes"]) == 2
+    finally:
+        pooled.close()
+    assert pooled._pool is None
+    np.testing.assert_allclose(vectors, minilm.encode(texts), atol=1e-5)
