@@ -94,6 +94,13 @@ def _realmix() -> Profile:
     )
 
 
+def _paper_gpus() -> int:
+    value = os.environ.get("MOCE_NPROC_PER_NODE", "8")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MOCE_NPROC_PER_NODE={value!r}: expected the number of GPUs per node (a positive integer)")
+    return int(value)
+
+
 def _paper() -> Profile:
     return Profile(
         name="paper",
@@ -112,8 +119,9 @@ def _paper() -> Profile:
         adapter_dim=64,
         pesc_experts=16,
         training="paper",
-        launcher="deepspeed",
-        nproc_per_node=8,
+        # One GPU trains in this process; several go through DeepSpeed ZeRO-2 (one node) or torchrun (nodes).
+        launcher="in_process" if _paper_gpus() == 1 and int(os.environ.get("MOCE_NNODES", "1")) == 1 else "deepspeed",
+        nproc_per_node=_paper_gpus(),
         benchmarks="paper",
         prompt_format="human_assistant",  # LLaMA-2-7B base has no chat template
         eval_device="cuda",
