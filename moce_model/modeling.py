@@ -7,6 +7,7 @@ Importing this module registers the `moce` model type with `AutoConfig` and `Aut
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Gen
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moce_model.config import IGNORE_INDEX, MoCEConfig
+from moce_model.routing import CENTROIDS_FILE
 from moce_model.experts import (
     AdapterExperts,
     AuxLossRequest,
@@ -77,7 +79,9 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
             base_model = AutoModelForCausalLM.from_config(config.wrapped_config)
         self.base = base_model
         self.routing_context = RoutingContext()
-        self._random_groups: torch.Tensor | None = None
+        self._prompt_groups: torch.Tensor | None = None
+        self._prompt_router_dir: Path | None = None
+        self._loaded_prompt_router = None
         self._checked_group_tensor: torch.Tensor | None = None
         self._inject_experts()
         self.post_init()
@@ -161,23 +165,52 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         if config.variant in ("pesc", "dense_adapter"):
             return torch.zeros(batch_size, dtype=torch.long, device=device)
         if config.variant == "random_group":
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-            # Decoding steps see only new tokens: keep the groups hashed from the full prompt.
-            if past_length > 0 and self._random_groups is not None and self._random_groups.shape[0] == batch_size:
-                return self._random_groups
             if input_ids is None:
                 raise ValueError("variant 'random_group' hashes input_ids to pick the group; inputs_embeds alone cannot")
             if prompt_mask is None and labels is not None and labels.shape == input_ids.shape:
                 prompt_mask = labels == IGNORE_INDEX  # training: the prompt is what the loss ignores
-            self._random_groups = random_group_ids(
+            return self._groups_of_prompt(past_key_values, batch_size, lambda: random_group_ids(
                 input_ids, attention_mask, config.num_groups, config.random_group_seed, prompt_mask
-            )
-            return self._random_groups
+            ))
         if cluster_ids is None:
-            raise ValueError(
-                f"variant {config.variant!r} routes by cluster: pass cluster_ids (LongTensor [batch]) to forward/generate"
-            )
+            router = self._prompt_router()
+            if router is None or input_ids is None:
+                raise ValueError(
+                    f"variant {config.variant!r} routes by cluster: pass cluster_ids (LongTensor [batch]) to "
+                    "forward/generate, or load the model from a merged directory with centroids.npy and "
+                    "embedder.json, which routes input_ids by itself"
+                )
+            return self._groups_of_prompt(past_key_values, batch_size, lambda: torch.as_tensor(
+                router.assign_token_ids(input_ids, attention_mask), dtype=torch.long, device=device
+            ))
         return self._checked_groups(cluster_ids, batch_size, device, "cluster_ids")
+
+    def _groups_of_prompt(self, past_key_values, batch_size: int, compute) -> torch.Tensor:
+        """Groups read off the prompt (`compute()`) at prefill, kept for the decoding steps, which see only the
+        new tokens."""
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length > 0 and self._prompt_groups is not None and self._prompt_groups.shape[0] == batch_size:
+            return self._prompt_groups
+        self._prompt_groups = compute()
+        return self._prompt_groups
+
+    def _prompt_router(self):
+        """The directory's stage-1 router (embedder + centroids), loaded when first needed."""
+        if self._prompt_router_dir is not None and self._loaded_prompt_router is None:
+            from moce_model.routing import PromptRouter
+
+            self._loaded_prompt_router = PromptRouter.from_model_dir(self._prompt_router_dir)
+        return self._loaded_prompt_router
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Also remembers the directory, so that a merged model with centroids routes `input_ids` by itself
+        (`generate(input_ids)` and `transformers.pipeline` need no cluster ids)."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        directory = Path(str(pretrained_model_name_or_path))
+        if model.config.routes_by_cluster and (directory / CENTROIDS_FILE).is_file():
+            model._prompt_router_dir = directory
+        return model
 
     def _checked_groups(self, groups, batch_size: int, device: torch.device, name: str) -> torch.Tensor:
         given = groups

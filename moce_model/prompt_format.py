@@ -15,14 +15,18 @@ Formats render text, special tokens included; it is always tokenised with ``add_
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
 from moce_model.config import IGNORE_INDEX
+from moce_model.routing import routing_text
 
 Message = dict[str, str]
 AUTO = "auto"
+# Placeholders (Unicode private-use characters) rendered in place of a request's parts to learn a format's markup.
+_SYSTEM_MARK, _USER_MARK = "\ue000system\ue000", "\ue000user\ue000"
 
 
 class PromptFormat(ABC):
@@ -66,6 +70,21 @@ class PromptFormat(ABC):
                 "cannot separate the response from the prompt"
             )
         return full[len(prompt) :]
+
+    def request_text(self, prompt: str) -> str | None:
+        """The routing text (system + user turn) of a prompt this format rendered, None when `prompt` is not
+        one: what a model that routes by itself embeds when it is handed a rendered prompt."""
+        # Without a system turn first: a template's default system prompt is markup, not part of the request.
+        for messages in (
+            [{"role": "user", "content": _USER_MARK}],
+            [{"role": "system", "content": _SYSTEM_MARK}, {"role": "user", "content": _USER_MARK}],
+        ):
+            markup = self.render(messages, add_generation_prompt=True)
+            pattern = re.escape(markup).replace(re.escape(_SYSTEM_MARK), "(?P<system>.*?)")
+            match = re.fullmatch(pattern.replace(re.escape(_USER_MARK), "(?P<user>.*)"), prompt, flags=re.DOTALL)
+            if match:
+                return routing_text(match.groupdict().get("system"), match["user"], None)
+        return None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of rendered text (it already holds its special tokens)."""

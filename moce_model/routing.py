@@ -110,3 +110,53 @@ def load_model_router(model_dir: str | Path) -> ClusterRouter | None:
     from moce_model.embedding import load_embedder
 
     return ClusterRouter.from_model_dir(model_dir, load_embedder)
+
+
+class PromptRouter:
+    """Stage 1 for a model handed token ids only (`generate(input_ids)`, `transformers.pipeline`): decode each
+    prompt, take its request (system + user turn) out of the prompt format's markup when it is in one (else the
+    whole text is the request), embed it and pick the nearest centroid."""
+
+    def __init__(self, tokenizer: Any, router: ClusterRouter) -> None:
+        from moce_model.prompt_format import PROMPT_FORMATS
+
+        self.tokenizer = tokenizer
+        self.router = router
+        self.formats = []
+        for format_class in PROMPT_FORMATS.values():
+            try:
+                self.formats.append(format_class(tokenizer))
+            except ValueError:  # e.g. chat_template for a tokenizer without one
+                continue
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "PromptRouter | None":
+        router = load_model_router(model_dir)
+        if router is None:
+            return None
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(model_dir), router)
+
+    def request_text(self, prompt: str) -> str | None:
+        """The request inside a rendered prompt, or None when no prompt format of this tokenizer rendered it."""
+        for prompt_format in self.formats:
+            request = prompt_format.request_text(prompt)
+            if request is not None:
+                return request
+        return None
+
+    def assign_token_ids(self, input_ids: Any, attention_mask: Any | None = None) -> np.ndarray:
+        """Cluster of each row of `input_ids` [B, T] (padding, where `attention_mask` is 0, left out)."""
+        texts = []
+        for row, ids in enumerate(input_ids.tolist()):
+            if attention_mask is not None:
+                ids = [token for token, keep in zip(ids, attention_mask[row].tolist()) if keep]
+            prompt = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            text = self.request_text(prompt)
+            if text is None:  # plain text (e.g. a text-generation pipeline without a template): all of it
+                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if not text:
+                raise ValueError(f"prompt {row} of the batch is empty: nothing to route by")
+            texts.append(text)
+        return self.router.assign(texts)
