@@ -822,6 +822,10 @@ def train(
         callbacks=[_log_relay(on_log)] if on_log is not None else None,
         forward_takes_cluster_ids=_forward_takes_cluster_ids(model),
     )
+    if on_log is not None:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # the caller shows the records: print each once, not twice
     resumed_from_step = 0
     if resume_from is not None:
         resumed_from_step = _checkpoint_step(resume_from) or 0

@@ -188,7 +188,7 @@ def test_cluster_ids_reach_the_model_during_training(tiny_base_dir, tmp_path, mo
 # ---------------------------------------------------------------------------------------------- training
 
 
-def test_training_lowers_loss_and_writes_a_loadable_artifact(tiny_base_dir, tmp_path):
+def test_training_lowers_loss_and_writes_a_loadable_artifact(tiny_base_dir, tmp_path, capsys):
     from moce_model.merging import load_trained
 
     rows = make_rows(16)
@@ -210,6 +210,8 @@ def test_training_lowers_loss_and_writes_a_loadable_artifact(tiny_base_dir, tmp_
     assert sum(losses[-4:]) / 4 < first - 0.3
     assert [step for step, _ in result.loss_history] == list(range(1, 25))
     assert any("loss" in record for record in logs)
+    assert sum("aux_loss" in record for record in logs) == 24  # the balance loss of every step, via the probe
+    assert "'loss'" not in capsys.readouterr().out  # records reach on_log, and are not printed a second time
     assert result.tokens_per_second > 0 and result.peak_memory_mb > 0
     assert result.trainable_parameters > 0
     artifact = result.artifact_dir
