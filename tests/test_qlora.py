@@ -28,8 +28,9 @@ from tests.tiny_models import save_tiny_llama  # noqa: E402
 
 def rehearsal_config(**overrides) -> TrainingConfig:
     # The paper's preset at toy scale; paged AdamW needs CUDA, so plain AdamW on a CPU.
+    # Compilation is left out: it costs a minute of CI per model and is covered by the benchmark tests.
     values = dict(max_steps=4, per_device_batch_size=2, grad_accum=2, max_length=96, lora_r=4, lora_alpha=8,
-                  warmup_steps=1, save_steps=100, logging_steps=1, lr=5e-3)
+                  warmup_steps=1, save_steps=100, logging_steps=1, lr=5e-3, compile=False)
     if not torch.cuda.is_available():
         values["optim"] = "adamw_torch"
     values.update(overrides)

@@ -260,9 +260,10 @@ def test_presets():
         512, "paged_adamw_32bit", 0.3, True, True
     )
     assert (paper.lora_r, paper.lora_alpha, paper.lora_dropout) == (64, 16, 0.1)
+    assert paper.compile and paper.gradient_checkpointing
     assert set(paper.lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     demo = TrainingConfig.demo()
-    assert not demo.qlora and not demo.bf16 and demo.optim == "adamw_torch"
+    assert not demo.qlora and not demo.bf16 and not demo.compile and demo.optim == "adamw_torch"
     assert TrainingConfig.from_dict(demo.to_dict()) == demo
     with pytest.raises(ValueError, match="unknown training config field"):
         TrainingConfig.from_dict({"learning_rate": 1.0})
