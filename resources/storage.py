@@ -18,6 +18,7 @@ import polars as pl
 from dagster_polars import PolarsParquetIOManager
 
 from moce_model.io import atomic_path, atomic_write_text
+from resources.run_process import record_run_process
 
 
 def _unreadable(context: dg.InputContext, path: Any, error: Exception) -> ValueError:
@@ -32,6 +33,10 @@ class AtomicPolarsParquetIOManager(PolarsParquetIOManager):
     Reading is overridden too: dagster-polars 0.27 passes `rechunk=` to `pl.scan_parquet`, which polars 2
     removed.
     """
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        super().setup_for_execution(context)
+        record_run_process(context)
 
     def scan_df_from_path(self, path, context: dg.InputContext, partition_key: str | None = None) -> pl.LazyFrame:
         frame = pl.scan_parquet(str(path))
@@ -62,6 +67,9 @@ class JsonIOManager(dg.ConfigurableIOManager):
     """Stores small JSON-serialisable outputs (k, artifact references) as `<base_dir>/<asset key>.json`."""
 
     base_dir: str
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        record_run_process(context)
 
     def _path(self, key: dg.AssetKey) -> Path:
         return Path(self.base_dir).joinpath(*key.path).with_suffix(".json")
