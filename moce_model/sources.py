@@ -205,7 +205,7 @@ def _a(kind: str) -> str:
 
 
 def _read_utf8(spec: SourceSpec) -> str:
-    data = open(spec.path, "rb").read()
+    data = Path(spec.path).read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
