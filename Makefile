@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # unmaps them on free; the page faults cost 10-25% of a CPU train step (bench.moe_layer). Keep them on the heap.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967296
 
-.PHONY: demo test ui install browser sandbox bench set-k k-sweep clean
+.PHONY: demo test ui install instance browser sandbox bench set-k k-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-$(DAGSTER_HOME)/dagster.yaml:
-	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\n' > $@
+# dagster.yaml: telemetry off, run monitoring on (pipelines/instance.py); rewritten each time, keeping other settings.
+instance: $(STAMP)
+	@mkdir -p $(DAGSTER_HOME)
+	@$(PY) -m pipelines.instance $(DAGSTER_HOME)
 
-demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml sandbox
+demo: $(STAMP) instance sandbox
 	$(PY) -m pipelines.demo
 
 # The UI test drives Debian's Chromium (no browser download); installed here when we may, else it skips.
@@ -48,18 +49,18 @@ sandbox:
 test: $(STAMP) browser sandbox
 	$(PY) -m pytest -q
 
-ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml sandbox
+ui: $(STAMP) instance sandbox
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 # Journey "change k": `make set-k K=5`, then `make demo` (or the UI's automation) re-runs what depends on k.
-set-k: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+set-k: $(STAMP) instance
 	$(if $(K),,$(error give the number of clusters, e.g. make set-k K=5))
 	$(VENV)/bin/dagster asset materialize -m pipelines.definitions --select selected_k \
 		--config-json '{"ops": {"selected_k": {"config": {"k": $(K)}}}}'
 
 # Journey "k side by side": `make k-sweep KS=2,3,4,6` trains and evaluates moce at each k into one table.
 KS ?= 2,3,4,6
-k-sweep: $(STAMP) $(DAGSTER_HOME)/dagster.yaml sandbox
+k-sweep: $(STAMP) instance sandbox
 	$(VENV)/bin/dagster asset materialize -m pipelines.definitions --select k_sweep_results \
 		--config-json '{"ops": {"k_sweep_results": {"config": {"ks": [$(KS)]}}}}'
 

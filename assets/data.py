@@ -10,7 +10,7 @@ import polars as pl
 from assets.common import md_table
 from pipelines.profiles import Profile
 
-DATA_CODE_VERSION = "1"
+DATA_CODE_VERSION = "2"
 
 
 def _source_kinds(spec: dict[str, Any]) -> set[str]:
@@ -34,11 +34,15 @@ def build_raw_source_assets(profile: Profile) -> list[dg.AssetsDefinition]:
             from moce_model.sources import SourceSpec, load_source
 
             frame = load_source(SourceSpec.from_dict(spec))
-            context.log.info(f"raw/{spec['name']}: {frame.height} rows")
+            with_problems = int(frame["problem"].is_not_null().sum())
+            context.log.info(
+                f"raw/{spec['name']}: {frame.height} rows, {with_problems} with a mapped value that is not text"
+            )
             return dg.Output(
                 frame,
                 metadata={
                     "rows": frame.height,
+                    "rows_with_wrong_types": with_problems,
                     "domains": dg.MetadataValue.json(
                         frame.group_by("domain").len().sort("domain").to_dicts() if "domain" in frame.columns else []
                     ),
@@ -89,11 +93,26 @@ def build_instruction_assets(profile: Profile) -> dg.AssetsDefinition:
         n_in = sum(frame.height for frame in frames)
         if kept.height + rejected.height != n_in:
             raise RuntimeError(f"row accounting broken: {n_in} in, {kept.height} kept, {rejected.height} rejected")
-        if kept.height == 0:
-            raise ValueError(f"no valid instructions among {n_in} rows; see rejected_instructions")
-        per_source = kept.group_by("source").len().sort("source")
         per_reason = rejected.group_by(["source", "reason"]).len().sort(["source", "reason"])
         context.log.info(f"instructions: {kept.height} kept, {rejected.height} rejected of {n_in}")
+        # The rejected rows are stored first, so they are on disk (replacing any earlier table) even when no
+        # row is valid and the step fails below.
+        yield dg.Output(
+            rejected,
+            output_name="rejected_instructions",
+            metadata={
+                "rows": rejected.height,
+                "per_source_and_reason": dg.MetadataValue.md(md_table(per_reason)),
+            },
+        )
+        if kept.height == 0:
+            counts = rejected.group_by("reason").len().sort("reason").iter_rows()
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in counts)
+            raise ValueError(
+                f"no valid instructions among {n_in} rows ({reasons}); every row is in rejected_instructions "
+                f"with its reason and detail"
+            )
+        per_source = kept.group_by("source").len().sort("source")
         yield dg.Output(
             kept,
             output_name="instructions",
@@ -103,16 +122,6 @@ def build_instruction_assets(profile: Profile) -> dg.AssetsDefinition:
                 "rows_in": n_in,
                 "rows_rejected": rejected.height,
                 "per_source": dg.MetadataValue.md(md_table(per_source)),
-            },
-        )
-        yield dg.Output(
-            rejected,
-            output_name="rejected_instructions",
-            metadata={
-                "rows": rejected.height,
-                "per_source_and_reason": dg.MetadataValue.md(
-                    md_table(per_reason)
-                ),
             },
         )
 

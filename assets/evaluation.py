@@ -109,7 +109,13 @@ def build_evaluation_assets(profile: Profile) -> list:
         for name in model_names:
             path = storage.path_for(["benchmark_items", name]).with_suffix(".parquet")
             if path.exists():
-                items.append(pl.read_parquet(path).select("benchmark", "item_id", "cluster"))
+                try:
+                    items.append(pl.read_parquet(path).select("benchmark", "item_id", "cluster"))
+                except (pl.exceptions.PolarsError, OSError) as error:
+                    raise ValueError(
+                        f"{path}: benchmark items unreadable ({type(error).__name__}: {error}); "
+                        f"re-materialize benchmark_results/{name}"
+                    ) from error
         report = build_report([tables[name] for name in model_names], items)
         out_dir = profile.storage_root / "report"
         for benchmark, png in report.bar_chart_pngs.items():

@@ -21,11 +21,67 @@ CENTROIDS_NPY = "centroids.npy"
 CENTROIDS_JSON = "centroids.json"
 
 
+# Two embeddings closer than this cosine distance are one point: identical texts embedded in different batches
+# differ by float rounding only (~1e-7), different texts by far more (~1e-3 for a one-character change).
+DISTINCT_TOLERANCE = 1e-5
+# Distinct points are first looked for in a sample of this many rows; all rows are searched only if it falls short.
+DISTINCT_SAMPLE = 32_768
+
+
 def _as_unit_float32(X: np.ndarray) -> np.ndarray:
     X = np.ascontiguousarray(X, dtype=np.float32)
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
         raise ValueError(f"expected a non-empty (n, d) array of embeddings, got shape {X.shape}")
+    not_finite = np.flatnonzero(~np.isfinite(X).all(axis=1))
+    if len(not_finite):
+        raise ValueError(
+            f"{len(not_finite)} of {X.shape[0]} embedding rows are not finite (NaN or inf), rows "
+            f"{not_finite[:10].tolist()}{' ...' if len(not_finite) > 10 else ''}: re-embed them before clustering"
+        )
     return X
+
+
+def count_distinct_points(X: np.ndarray, limit: int, tolerance: float = DISTINCT_TOLERANCE) -> int:
+    """How many rows of unit vectors ``X`` lie more than ``tolerance`` (cosine distance) apart, counted up to
+    ``limit``.
+
+    Farthest-point traversal: start from row 0, repeatedly take the row farthest from every point taken so far,
+    stop when that row is within ``tolerance`` of one of them. ``limit`` passes over ``X`` at most.
+    """
+    nearest = 1.0 - X @ X[0]
+    count = 1
+    while count < limit:
+        farthest = int(np.argmax(nearest))
+        if nearest[farthest] <= tolerance:
+            break
+        count += 1
+        np.minimum(nearest, 1.0 - X @ X[farthest], out=nearest)
+    return count
+
+
+def require_distinct_points(X: np.ndarray, k: int, what: str, seed: int = 0) -> None:
+    """Fail clearly when ``X`` has fewer than ``k`` distinct points: k-means would split identical points on
+    float noise and report clusters (and an elbow) that mean nothing."""
+    n = X.shape[0]
+    found = 0
+    if n > DISTINCT_SAMPLE:
+        # A sample's distinct points are distinct in the whole set too: usually the sample alone settles it.
+        rows = np.random.default_rng(seed).choice(n, size=DISTINCT_SAMPLE, replace=False)
+        found = count_distinct_points(X[rows], k)
+    if found < k:
+        found = count_distinct_points(X, k)
+    if found >= k:
+        return
+    if found == 1:
+        raise ValueError(
+            f"{what}: all {n} embeddings are the same point (the input sides are identical, or differ only in "
+            f"what is not embedded): there is nothing to cluster into k={k} groups"
+        )
+    raise ValueError(
+        f"{what}: only {found} distinct embeddings among {n} rows, fewer than k={k}: k-means cannot make more "
+        f"clusters than there are distinct points (it would split identical points on float noise); use k <= "
+        f"{found} or more varied instructions"
+    )
 
 
 def _check_k(k: int, n_rows: int) -> None:
@@ -77,6 +133,7 @@ def fit_kmeans(
     X = _as_unit_float32(X)
     n, d = X.shape
     _check_k(k, n)
+    require_distinct_points(X, k, f"k-means with k={k}", seed=seed)
     init = None
     if nredo > 1 and restart_sample is not None and n > restart_sample >= k:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=restart_sample, replace=False))
@@ -106,7 +163,8 @@ def assign(X: np.ndarray, centroids: np.ndarray, batch: int = 65_536) -> tuple[n
     for start in range(0, X.shape[0], batch):
         similarity, nearest = index.search(X[start:start + batch], 1)
         labels[start:start + batch] = nearest[:, 0]
-        distances[start:start + batch] = 1.0 - similarity[:, 0]
+        # 1 - x.c of unit vectors is >= 0; float rounding can make it -1e-7.
+        distances[start:start + batch] = np.maximum(1.0 - similarity[:, 0], 0.0)
     return labels, distances
 
 
@@ -160,6 +218,7 @@ def elbow_sweep(
     sample = X if n <= sample_size else X[np.sort(rng.choice(n, size=sample_size, replace=False))]
     _check_k(ks[-1], sample.shape[0])
     _check_k(ks[0], sample.shape[0])
+    require_distinct_points(sample, ks[-1], f"elbow sweep over k={ks[0]}..{ks[-1]}", seed=seed)
     n_sil = min(silhouette_sample, sample.shape[0])
     sil_rows = np.sort(rng.choice(sample.shape[0], size=n_sil, replace=False)) if n_sil >= 3 else None
     sil_distances = None
@@ -256,23 +315,39 @@ def load_centroids(path_dir: str | os.PathLike[str]) -> tuple[np.ndarray, dict[s
     for required in (npy, meta_path):
         if not required.is_file():
             raise FileNotFoundError(f"centroids directory {directory} lacks {required.name}")
-    centroids = np.load(npy, allow_pickle=False)
-    meta = read_json(meta_path)
-    if centroids.shape != (meta["k"], meta["dimension"]):
-        raise ValueError(f"{npy}: shape {centroids.shape} disagrees with {meta_path.name} (k={meta['k']}, d={meta['dimension']})")
-    return centroids.astype(np.float32, copy=False), meta
+    from moce_model.routing import validate_centroids
+
+    try:
+        raw = np.load(npy, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(
+            f"{npy}: unreadable ({type(error).__name__}: {error}); re-materialize kmeans_centroids"
+        ) from error
+    try:
+        meta = read_json(meta_path)
+        k, dimension = int(meta["k"]), int(meta["dimension"])
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{meta_path}: unreadable or incomplete ({type(error).__name__}: {error}); re-materialize kmeans_centroids"
+        ) from error
+    centroids = validate_centroids(raw, source=str(npy))
+    if centroids.shape != (k, dimension):
+        raise ValueError(f"{npy}: shape {centroids.shape} disagrees with {meta_path.name} (k={k}, d={dimension})")
+    return centroids, meta
 
 
-def read_embeddings(path_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+def read_embeddings(path_dir: str | os.PathLike[str], check_values: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, X)`` from the shards of ``embed_to_parquet_shards``: ids as a str array, X as (n, d) float32.
 
     X is a read-only view of the Arrow buffer where the data is in one chunk (no copy); copy it before
-    modifying it in place.
+    modifying it in place. With ``check_values`` every row must be finite and unit norm; the error names the
+    rows' ids and shard files (re-running the embedding asset embeds damaged shards again).
     """
     import pyarrow as pa
     import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
 
-    from moce_model.embedding import MANIFEST_NAME
+    from moce_model.embedding import MANIFEST_NAME, bad_embedding_rows, embedding_value_problem
 
     directory = Path(path_dir)
     manifest_path = directory / MANIFEST_NAME
@@ -283,7 +358,13 @@ def read_embeddings(path_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.nd
     files = sorted(str(p) for p in directory.glob("shard-*.parquet"))
     if not files:
         raise FileNotFoundError(f"{directory}: no shard-*.parquet files")
-    table = ds.dataset(files, format="parquet").to_table(columns=["id", "embedding"])
+    try:
+        table = ds.dataset(files, format="parquet").to_table(columns=["id", "embedding"])
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(
+            f"{directory}: a shard is unreadable ({type(error).__name__}: {error}); re-run the embedding, which "
+            f"embeds damaged shards again"
+        ) from error
     embedding = table.column("embedding")
     if not pa.types.is_fixed_size_list(embedding.type):
         raise ValueError(f"{directory}: 'embedding' has type {embedding.type}, expected a fixed-size list of float32")
@@ -294,4 +375,16 @@ def read_embeddings(path_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.nd
         values = values.slice(chunk.offset * dimension, len(chunk) * dimension)
     X = values.to_numpy(zero_copy_only=True).reshape(len(chunk), dimension)
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    if check_values:
+        problem = embedding_value_problem(X, ids)
+        if problem is not None:
+            not_finite, off_norm = bad_embedding_rows(X)
+            bad = not_finite | off_norm
+            ends = np.cumsum([pq.ParquetFile(f).metadata.num_rows for f in files])
+            shards = sorted({Path(files[int(np.searchsorted(ends, row, side="right"))]).name
+                             for row in np.flatnonzero(bad)})
+            raise ValueError(
+                f"{directory}: {problem} (in {', '.join(shards)}); re-run the embedding, which embeds damaged "
+                f"shards again"
+            )
     return ids, X

@@ -6,13 +6,14 @@ from functools import cached_property
 
 from transformers import AutoConfig, PreTrainedConfig
 
+from moce_model.routing import CLUSTER_ROUTED_VARIANTS
+
 VARIANTS = ("moce", "pesc", "dense_adapter", "random_group", "cluster_only")
 
 # Label of the tokens the LM loss ignores (the prompt, padding): torch's and transformers' default.
 IGNORE_INDEX = -100
 
-# Variants whose group is the sequence's cluster id (the caller must pass `cluster_ids`).
-CLUSTER_ROUTED_VARIANTS = ("moce", "cluster_only")
+__all__ = ["CLUSTER_ROUTED_VARIANTS", "IGNORE_INDEX", "VARIANTS", "MoCEConfig"]
 
 
 class MoCEConfig(PreTrainedConfig):

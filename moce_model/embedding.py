@@ -209,22 +209,55 @@ def _ids_digest(ids: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def _shard_is_complete(path: Path, expected_ids: list[str], dimension: int) -> bool:
+UNIT_NORM_TOLERANCE = 1e-3
+
+
+def bad_embedding_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks of the rows of (n, d) embeddings that are not finite, and of the finite rows that are not
+    unit norm within `UNIT_NORM_TOLERANCE`."""
+    finite = np.isfinite(vectors).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], vectors, 0.0), axis=1)
+    return ~finite, finite & (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+
+
+def embedding_value_problem(vectors: np.ndarray, ids: Sequence[str] | None = None) -> str | None:
+    """Why (n, d) embeddings are unusable: rows not finite, or not unit norm within `UNIT_NORM_TOLERANCE`.
+
+    None when every row is fine; otherwise the count and the first few offending rows (by id where given).
+    """
+    not_finite, off_norm = bad_embedding_rows(vectors)
+    problems = []
+    kinds = ((not_finite, "not finite (NaN or inf)"), (off_norm, f"not unit norm (|norm - 1| > {UNIT_NORM_TOLERANCE})"))
+    for mask, what in kinds:
+        rows = np.flatnonzero(mask)
+        if len(rows):
+            named = [ids[i] for i in rows[:5]] if ids is not None else rows[:5].tolist()
+            label = "ids" if ids is not None else "rows"
+            problems.append(f"{len(rows)} row(s) {what}, {label} {named}{' ...' if len(rows) > 5 else ''}")
+    return "; ".join(problems) or None
+
+
+def _shard_problem(path: Path, expected_ids: list[str], dimension: int) -> str | None:
+    """Why a finished shard cannot be reused, or None. Checks the ids, the type and the values themselves."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not path.is_file():
-        return False
+        return "missing"
     try:
         parquet = pq.ParquetFile(path)
         if parquet.metadata.num_rows != len(expected_ids):
-            return False
+            return f"{parquet.metadata.num_rows} rows, expected {len(expected_ids)}"
         embedding_type = parquet.schema_arrow.field("embedding").type
         if not (pa.types.is_fixed_size_list(embedding_type) and embedding_type.list_size == dimension):
-            return False
-        return parquet.read(columns=["id"]).column("id").to_pylist() == expected_ids
-    except Exception:  # an unreadable shard is simply redone
-        return False
+            return f"embedding type {embedding_type}, expected fixed_size_list<float>[{dimension}]"
+        table = parquet.read(columns=["id", "embedding"])
+        if table.column("id").to_pylist() != expected_ids:
+            return "ids differ from this shard's instructions"
+        values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    except Exception as error:  # pyarrow raises several error types for unreadable files
+        return f"unreadable ({type(error).__name__}: {error})"
+    return embedding_value_problem(np.asarray(values, dtype=np.float32).reshape(-1, dimension), expected_ids)
 
 
 def _texts_slice(texts: pl.Series | pl.LazyFrame | Sequence[str], start: int, stop: int) -> list[str]:
@@ -254,7 +287,8 @@ def embed_to_parquet_shards(
 
     ``texts`` is a Series, a list, or a one-column LazyFrame (sliced per shard, so all texts need not be in
     memory at once). Shards are written atomically and recorded in ``manifest.json``; a re-run skips every
-    shard that already holds exactly its ids, so a killed run resumes from the last finished shard.
+    shard that already holds exactly its ids with finite, unit-norm vectors of the right dimension, so a killed
+    run resumes from the last finished shard, and a damaged shard is embedded again (and logged).
     Returns a summary (rows, dimension, shards, shards_reused, shards_written, seconds).
     """
     import pyarrow as pa
@@ -291,7 +325,7 @@ def embed_to_parquet_shards(
     atomic_write_json({**plan, "complete": False, "shards": []}, manifest_path)
 
     started = time.perf_counter()
-    reused = written = 0
+    reused = written = repaired = 0
     embedded_rows = 0
     shards: list[dict[str, Any]] = []
     for index in range(n_shards):
@@ -299,12 +333,19 @@ def embed_to_parquet_shards(
         shard_ids = id_list[start:stop]
         path = out / SHARD_PATTERN.format(index=index)
         shards.append({"file": path.name, "rows": stop - start})
-        if _shard_is_complete(path, shard_ids, embedder.dimension):
+        problem = _shard_problem(path, shard_ids, embedder.dimension)
+        if problem is None:
             reused += 1
             continue
+        if problem != "missing":
+            repaired += 1
+            say(f"{path.name}: {problem}; embedding it again")
         vectors = embedder.encode(_texts_slice(texts, start, stop), batch_size=batch_size)
         if vectors.shape != (stop - start, embedder.dimension):
             raise RuntimeError(f"encoder returned shape {vectors.shape} for shard {index} ({stop - start} texts)")
+        bad_values = embedding_value_problem(np.asarray(vectors, dtype=np.float32), shard_ids)
+        if bad_values is not None:
+            raise RuntimeError(f"encoder output for shard {index} is unusable: {bad_values}")
         flat = pa.array(vectors.reshape(-1), type=pa.float32())
         table = pa.table({
             "id": pa.array(shard_ids, type=pa.string()),
@@ -328,6 +369,7 @@ def embed_to_parquet_shards(
         "shards": n_shards,
         "shards_reused": reused,
         "shards_written": written,
+        "shards_repaired": repaired,
         "rows_embedded": embedded_rows,
         "seconds": round(seconds, 3),
     }

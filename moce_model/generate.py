@@ -16,7 +16,40 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moce_model.modeling import MoCEForCausalLM
 from moce_model.prompt_format import AUTO, PROMPT_FORMATS, make_prompt_format
-from moce_model.routing import ClusterRouter, load_model_router, routing_text
+from moce_model.routing import CENTROIDS_FILE, ClusterRouter, check_routing_files, load_model_router, routing_text
+
+
+def check_prompts(texts: Sequence[str]) -> list[str]:
+    """The prompts as a list; a prompt that is not a string, or is empty or only whitespace, is an error: there
+    is nothing to route and nothing to answer."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of prompts, not one string")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no prompts given")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"prompt {index} is {type(text).__name__}, not str")
+        if not text.strip():
+            raise ValueError(f"prompt {index} is empty or only whitespace: there is nothing to answer")
+    return texts
+
+
+def load_model(model_dir: str | Path) -> torch.nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(model_dir)`, with the routing files checked first and a load
+    error (a truncated or damaged weights file, an unreadable config) reported with the directory."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
+    if (model_dir / CENTROIDS_FILE).is_file():
+        check_routing_files(model_dir)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir)
+    except Exception as err:  # transformers and safetensors raise many error types for a damaged directory
+        files = ", ".join(sorted(p.name for p in model_dir.glob("*.safetensors"))) or "no *.safetensors"
+        raise ValueError(
+            f"{model_dir}: cannot load the model ({type(err).__name__}: {err}); weights: {files}"
+        ) from err
 
 
 @torch.no_grad()
@@ -37,9 +70,9 @@ def generate(
     Returns (answer, cluster) per text; cluster is None for variants that do not route by cluster.
     `model`/`tokenizer`/`router` may be passed in to avoid reloading them from `model_dir`.
     """
-    texts = list(texts)
+    texts = check_prompts(texts)
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = load_model(model_dir)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model.eval()
@@ -50,6 +83,11 @@ def generate(
             router = load_model_router(model_dir)
         if router is None:
             raise FileNotFoundError(f"{model_dir}: the {model.config.variant!r} model needs centroids.npy to route")
+        if router.num_clusters != model.config.num_groups:
+            raise ValueError(
+                f"the router has {router.num_clusters} clusters but the {model.config.variant!r} model in {model_dir} "
+                f"has num_groups={model.config.num_groups}: each cluster must be one trained expert group"
+            )
         clusters = [int(c) for c in router.assign([routing_text("", text, "") for text in texts])]
     fmt = make_prompt_format(prompt_format_name, tokenizer)
     if tokenizer.pad_token is None:
@@ -91,7 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         parser.error(f"{model_dir}: not a model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    try:
+        check_prompts(args.prompts)
+    except ValueError as err:
+        parser.error(str(err))
+    model = load_model(model_dir)
     variant = getattr(model.config, "variant", None)
     for prompt, (answer, cluster) in zip(
         args.prompts, generate(model_dir, args.prompts, args.max_new_tokens, model=model,

@@ -11,8 +11,11 @@ from collections.abc import Sequence
 import polars as pl
 
 INSTRUCTION_COLUMNS: tuple[str, ...] = ("id", "source", "system", "instruction", "input", "response", "domain", "n_chars")
-REJECTED_COLUMNS: tuple[str, ...] = (*INSTRUCTION_COLUMNS, "reason")
-REJECTION_REASONS: tuple[str, ...] = ("empty_instruction", "empty_response", "bad_encoding", "too_long", "duplicate")
+# `detail` says more where the reason alone does not (for `wrong_type`: the file, row, column and type).
+REJECTED_COLUMNS: tuple[str, ...] = (*INSTRUCTION_COLUMNS, "reason", "detail")
+REJECTION_REASONS: tuple[str, ...] = (
+    "wrong_type", "empty_instruction", "empty_response", "bad_encoding", "too_long", "duplicate"
+)
 TEXT_FIELDS: tuple[str, ...] = ("system", "instruction", "input", "response")
 
 # U+FFFD marks text that was decoded with replacement; C0 control characters other than tab/newline/CR
@@ -48,12 +51,13 @@ def _union(frames: Sequence[pl.DataFrame | pl.LazyFrame]) -> pl.DataFrame:
         if missing:
             raise ValueError(f"normalise_instructions: frame {index} lacks column(s) {missing}; it has {names}")
     columns = [
-        *(pl.col(c).cast(pl.String).fill_null("") if c in TEXT_FIELDS else pl.col(c).cast(pl.String) for c in (*TEXT_FIELDS, "domain", "source")),
+        *(pl.col(c).cast(pl.String).fill_null("") if c in TEXT_FIELDS else pl.col(c).cast(pl.String)
+          for c in (*TEXT_FIELDS, "domain", "source", "problem")),
     ]
     selected = []
     for frame in lazy:
         names = frame.collect_schema().names()
-        for optional in ("system", "input", "domain"):
+        for optional in ("system", "input", "domain", "problem"):
             if optional not in names:
                 frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias(optional))
         selected.append(frame.select(columns))
@@ -67,7 +71,9 @@ def normalise_instructions(
     """Union raw frames into ``instructions`` (``INSTRUCTION_COLUMNS``) and ``rejected`` (+ ``reason``).
 
     A row's reason is the first that applies, in the order of ``REJECTION_REASONS``; of several identical
-    valid rows the first is kept and the others are ``duplicate``. Columns such as ``answer`` and
+    valid rows the first is kept and the others are ``duplicate``. A raw row with a ``problem`` (a mapped value
+    that was not text, see `moce_model.sources`) is ``wrong_type``, with the problem as its ``detail``.
+    Columns such as ``answer`` and
     ``test_code`` are eval-only and are not carried into either output.
     """
     if max_chars < 1:
@@ -81,7 +87,8 @@ def normalise_instructions(
     ids = _blake2b_hex(with_text.select(joined).to_series())
     bad_encoding = pl.any_horizontal([pl.col(c).str.contains(_BAD_TEXT_PATTERN) for c in TEXT_FIELDS])
     reason = (
-        pl.when(pl.col("instruction").str.strip_chars() == "").then(pl.lit("empty_instruction"))
+        pl.when(pl.col("problem").is_not_null()).then(pl.lit("wrong_type"))
+        .when(pl.col("instruction").str.strip_chars() == "").then(pl.lit("empty_instruction"))
         .when(pl.col("response").str.strip_chars() == "").then(pl.lit("empty_response"))
         .when(bad_encoding).then(pl.lit("bad_encoding"))
         .when(pl.col("n_chars") > max_chars).then(pl.lit("too_long"))
@@ -92,7 +99,8 @@ def normalise_instructions(
     valid = pl.col("reason").is_null()
     repeated = valid & ~pl.when(valid).then(pl.col("id")).is_first_distinct()
     checked = checked.with_columns(
-        pl.when(repeated).then(pl.lit("duplicate")).otherwise(pl.col("reason")).alias("reason")
+        pl.when(repeated).then(pl.lit("duplicate")).otherwise(pl.col("reason")).alias("reason"),
+        pl.col("problem").alias("detail"),
     )
     instructions = checked.filter(pl.col("reason").is_null()).select(INSTRUCTION_COLUMNS)
     rejected = checked.filter(pl.col("reason").is_not_null()).select(REJECTED_COLUMNS)

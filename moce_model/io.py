@@ -2,6 +2,8 @@
 
 A temp file (or directory) is written next to the target, so the final ``os.replace`` stays on one
 filesystem and is atomic; a crash leaves at most a stray ``.tmp-*`` entry, never a half-written artifact.
+Temp names carry the writer's process id, and the next write of the same target removes the entries that a
+process no longer alive left behind (a killed merge of a 7B model would otherwise leave gigabytes behind).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,9 +22,49 @@ if TYPE_CHECKING:  # the model and training core import this module on GPU machi
     import polars as pl
 
 
+def _temp_prefix(kind: str, path: Path) -> str:
+    return f".{kind}-{path.name}-{os.getpid()}-"
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temp and set-aside entries of ``path`` left by writers that are no longer running.
+
+    Only names this module makes are touched (``.tmp-<name>-<pid>-<8 chars>``, ``.old-...``), and only where
+    that process is gone, so a concurrent writer's work in progress is left alone. Returns what was removed.
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    # mkstemp/mkdtemp add exactly 8 characters from this alphabet; anchoring on them keeps the name of another
+    # target that merely starts with this one (``model`` vs ``model-2``) from matching.
+    pattern = re.compile(rf"\.(?:tmp|old)-{re.escape(target.name)}-(\d+)-[a-z0-9_]{{8}}")
+    removed = []
+    for entry in target.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is None or _process_is_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def _temp_path_next_to(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix("tmp", path), dir=path.parent)
     os.close(fd)
     return Path(tmp)
 
@@ -96,7 +139,8 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix("tmp", target), dir=target.parent))
     # mkdtemp creates 0700; the published directory gets the usual permissions.
     umask = os.umask(0)
     os.umask(umask)
@@ -105,7 +149,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         old: Path | None = None
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix("old", target), dir=target.parent))
             os.rmdir(old)
             os.replace(target, old)
         os.replace(tmp, target)

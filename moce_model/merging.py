@@ -66,15 +66,24 @@ def _moce_model_of(model: PeftModel | MoCEForCausalLM) -> MoCEForCausalLM:
     return inner
 
 
+def write_trained(model: PeftModel, directory: str | Path) -> Path:
+    """Write the files of the unmerged trained artifact into `directory` (not atomically: for a caller that
+    stages a larger artifact itself). See `save_trained`."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"save_trained expects the peft model returned by add_lora, got {type(model).__name__}")
+    model.save_pretrained(directory, safe_serialization=True)
+    _moce_model_of(model).config.save_pretrained(directory)
+    return Path(directory)
+
+
 def save_trained(model: PeftModel, out_dir: str | Path) -> Path:
     """Write the unmerged trained artifact: `adapter_config.json`, `adapter_model.safetensors` (LoRA + experts +
-    routers) and the MoCE `config.json`. The base weights are not copied."""
+    routers) and the MoCE `config.json`, atomically. The base weights are not copied."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_trained expects the peft model returned by add_lora, got {type(model).__name__}")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
-        _moce_model_of(model).config.save_pretrained(staging)
+        write_trained(model, staging)
     return out_dir
 
 

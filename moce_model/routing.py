@@ -16,6 +16,10 @@ import numpy as np
 
 CENTROIDS_FILE = "centroids.npy"
 EMBEDDER_FILE = "embedder.json"
+MODEL_CONFIG_FILE = "config.json"
+# Variants whose group is the sequence's cluster id (the caller must pass `cluster_ids`). Defined here, not in
+# `moce_model.config`, so that checking a model directory's routing files does not import transformers.
+CLUSTER_ROUTED_VARIANTS = ("moce", "cluster_only")
 
 
 def routing_text(system: str | None, instruction: str | None, input: str | None) -> str:
@@ -85,22 +89,80 @@ class ClusterRouter:
     def from_model_dir(
         cls, model_dir: str | Path, encoder_factory: Callable[[Mapping[str, Any]], TextEncoder]
     ) -> "ClusterRouter":
-        """Router of a merged model directory: `centroids.npy` + the embedder reference in `embedder.json`."""
+        """Router of a merged model directory: `centroids.npy` + the embedder reference in `embedder.json`.
+
+        The directory is checked first (`check_routing_files`): the centroids readable and finite, as many as
+        the model's groups, the embedder reference present, the same as the one in `config.json`, and giving
+        vectors of the centroids' dimension. Each error names the file.
+        """
         model_dir = Path(model_dir)
-        centroids_path = model_dir / CENTROIDS_FILE
+        centroids, spec = check_routing_files(model_dir)
         embedder_path = model_dir / EMBEDDER_FILE
-        if not centroids_path.is_file():
-            raise FileNotFoundError(f"{centroids_path}: missing; this model directory cannot route by cluster")
-        if not embedder_path.is_file():
-            raise FileNotFoundError(f"{embedder_path}: missing; the embedder reference is needed to route")
-        centroids = validate_centroids(np.load(centroids_path, allow_pickle=False), source=str(centroids_path))
         try:
-            spec = json.loads(embedder_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{embedder_path}: invalid JSON: {err}") from err
-        if not isinstance(spec, dict):
-            raise ValueError(f"{embedder_path}: expected a JSON object, got {type(spec).__name__}")
-        return cls(encoder_factory(spec), centroids)
+            encoder = encoder_factory(spec)
+        except ValueError as err:
+            raise ValueError(f"{embedder_path}: {err}") from err
+        dimension = getattr(encoder, "dimension", None)
+        if dimension is not None and int(dimension) != centroids.shape[1]:
+            raise ValueError(
+                f"{embedder_path}: the embedder {spec['model']!r} gives {int(dimension)}-d vectors but "
+                f"{model_dir / CENTROIDS_FILE} holds {centroids.shape[1]}-d centroids; the directory mixes artifacts "
+                f"of different runs"
+            )
+        return cls(encoder, centroids)
+
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: unreadable JSON ({type(err).__name__}: {err})") from err
+
+
+def check_routing_files(model_dir: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The centroids and embedder reference of a model directory, checked against each other and the config.
+
+    Raises FileNotFoundError for a missing file and ValueError, naming the file, for an unreadable or
+    inconsistent one: centroids not a finite [k, d] float array; `config.json` of a cluster-routed variant whose
+    `num_groups` differs from k (prompts would reach groups that were never trained, or fail for some clusters);
+    `embedder.json` not an object with a non-empty `model`, or different from the embedder in `config.json`.
+    """
+    model_dir = Path(model_dir)
+    centroids_path = model_dir / CENTROIDS_FILE
+    embedder_path = model_dir / EMBEDDER_FILE
+    if not centroids_path.is_file():
+        raise FileNotFoundError(f"{centroids_path}: missing; this model directory cannot route by cluster")
+    if not embedder_path.is_file():
+        raise FileNotFoundError(f"{embedder_path}: missing; the embedder reference is needed to route")
+    try:
+        raw_centroids = np.load(centroids_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{centroids_path}: unreadable ({type(err).__name__}: {err})") from err
+    centroids = validate_centroids(raw_centroids, source=str(centroids_path))
+    spec = _read_json_file(embedder_path)
+    if not isinstance(spec, dict):
+        raise ValueError(f"{embedder_path}: expected a JSON object, got {type(spec).__name__}")
+    if not isinstance(spec.get("model"), str) or not spec["model"].strip():
+        raise ValueError(
+            f"{embedder_path}: the embedder reference needs a non-empty 'model', got {spec.get('model')!r}"
+        )
+    config_path = model_dir / MODEL_CONFIG_FILE
+    if config_path.is_file():
+        config = _read_json_file(config_path)
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+        variant, groups = config.get("variant"), config.get("num_groups")
+        if variant in CLUSTER_ROUTED_VARIANTS and groups != centroids.shape[0]:
+            raise ValueError(
+                f"{centroids_path} holds k={centroids.shape[0]} centroids but {config_path} says the {variant!r} "
+                f"model has num_groups={groups}: every cluster must be one trained expert group; merge the model "
+                f"again with the centroids it was trained with"
+            )
+        if config.get("embedder") is not None and config["embedder"] != spec:
+            raise ValueError(
+                f"{embedder_path} names embedder {spec} but {config_path} was trained with {config['embedder']}"
+            )
+    return centroids, spec
 
 
 def load_model_router(model_dir: str | Path) -> ClusterRouter | None:

@@ -2,11 +2,17 @@
 
 Every loader returns a polars frame in the *raw* shape::
 
-    system, instruction, input, response (String, never null), domain (String, nullable), source (String)
+    system, instruction, input, response (String, never null), domain (String, nullable), source (String),
+    problem (String, nullable)
 
 (the synthetic source also carries its eval-only ``answer`` and ``test_code`` columns). Specs are plain data
 (``SourceSpec.from_dict``) and are validated, and their files' schemas checked, before any row is loaded,
 so a bad spec fails with a message naming the file, field and value, before anything is written.
+
+A mapped field must hold text. A row whose mapped value is a number, list, object or boolean is kept (with the
+value's JSON spelling, so nothing is lost) and ``problem`` says where and what; `normalise_instructions`
+rejects such rows as ``wrong_type`` instead of training on stringified values. Local files are read by
+content: Parquet by its magic bytes; JSON as an array of objects or as JSON Lines, told apart by the text.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import polars as pl
 
 SourceKind = Literal["hf", "local", "synthetic"]
 SOURCE_KINDS: tuple[str, ...] = ("hf", "local", "synthetic")
-RAW_COLUMNS: tuple[str, ...] = ("system", "instruction", "input", "response", "domain", "source")
+# `problem`: why a row cannot be used as read (a mapped value that is not text), null when it can.
+PROBLEM_COLUMN = "problem"
+RAW_COLUMNS: tuple[str, ...] = ("system", "instruction", "input", "response", "domain", "source", PROBLEM_COLUMN)
 MAPPABLE_FIELDS: tuple[str, ...] = ("system", "instruction", "input", "response", "domain")
 REQUIRED_FIELDS: tuple[str, ...] = ("instruction", "response")
 LOCAL_FORMATS: tuple[str, ...] = ("json", "jsonl", "parquet")
@@ -152,80 +160,204 @@ class SourceSpec:
 
 # ---------------------------------------------------------------------------------------------- local files
 
-
-def _local_format(spec: SourceSpec) -> str:
-    if spec.format:
-        return spec.format
-    suffix = Path(spec.path).suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix == ".parquet":
-        return "parquet"
-    if suffix == ".json":
-        with open(spec.path, "rb") as fh:
-            head = fh.read(4096).lstrip()
-        return "json" if head.startswith(b"[") else "jsonl"
-    raise ValueError(
-        f"source {spec.name!r}: cannot tell the format of {spec.path} from its suffix {suffix!r}; "
-        f"set 'format' to one of {list(LOCAL_FORMATS)}"
-    )
-
-
-def _first_bad_json_line(path: str) -> str:
-    """Locate a syntax error in a JSONL file: only called once polars has refused the file."""
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        try:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as err:
-                    return f"line {number}: invalid JSON ({err.msg} at column {err.colno})"
-                if not isinstance(value, dict):
-                    return f"line {number}: expected a JSON object, got {type(value).__name__}"
-        except UnicodeDecodeError as err:
-            return f"not valid UTF-8 ({err})"
-    return "could not be parsed"
-
-
-def _read_json_array(spec: SourceSpec) -> pl.DataFrame:
-    try:
-        with open(spec.path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"source {spec.name!r}: malformed JSON in {spec.path}: line {err.lineno}, column {err.colno}: {err.msg}"
-        ) from err
-    except UnicodeDecodeError as err:
-        raise ValueError(f"source {spec.name!r}: {spec.path} is not valid UTF-8 ({err})") from err
-    if not isinstance(data, list):
-        raise ValueError(f"source {spec.name!r}: {spec.path} must hold a JSON array of objects, got {type(data).__name__}")
-    for index, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise ValueError(f"source {spec.name!r}: {spec.path}: element {index} is {type(row).__name__}, expected an object")
-    if not data:
-        raise _empty_dataset(spec)
-    if spec.max_rows is not None:
-        data = data[: spec.max_rows]
-    columns = sorted({key for row in data for key in row})
-    # Strings are what the raw shape needs; reading every column as text avoids type inference surprises.
-    return pl.DataFrame(
-        {c: [_as_text(row.get(c)) for row in data] for c in columns},
-        schema={c: pl.String for c in columns},
-    )
-
-
+_PARQUET_MAGIC = b"PAR1"
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _as_text(value: Any) -> str | None:
+def _local_format(spec: SourceSpec) -> str:
+    """``parquet`` or ``json`` (a JSON array, JSON Lines or one object: told apart by `_json_records`).
+
+    Decided by the content, not the suffix: a Parquet file starts with its magic bytes, JSON with ``[`` or ``{``.
+    An explicit ``format`` wins; ``json`` and ``jsonl`` both mean "JSON text, layout read from the content".
+    """
+    if spec.format:
+        return "parquet" if spec.format == "parquet" else "json"
+    with open(spec.path, "rb") as fh:
+        head = fh.read(4096)
+    if head.startswith(_PARQUET_MAGIC):
+        return "parquet"
+    first = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+    if first in (b"[", b"{"):
+        return "json"
+    raise ValueError(
+        f"source {spec.name!r}: cannot tell the format of {spec.path}: it is not Parquet (no PAR1 magic) and not "
+        f"JSON (it starts with {first.decode('latin-1')!r}, not '[' or '{{'); set 'format' to one of "
+        f"{list(LOCAL_FORMATS)}"
+    )
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
     if value is None:
-        return None
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        return "null"
+    return "string"
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[:1] in "aeiou" else "a ") + kind
+
+
+def _read_utf8(spec: SourceSpec) -> str:
+    data = Path(spec.path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"source {spec.name!r}: {spec.path} is not valid UTF-8: line {line}, byte offset {err.start} ({err.reason})"
+        ) from err
+    return text.removeprefix("\ufeff")
+
+
+def _lists_of_objects(document: dict[str, Any]) -> str:
+    keys = [key for key, value in document.items()
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value)]
+    if not keys:
+        return ""
+    return "; the rows may be the list in " + ", ".join(f"{key!r} ({len(document[key])} object(s))" for key in keys)
+
+
+def _json_records(spec: SourceSpec) -> tuple[list[tuple[str, dict[str, Any]]], str]:
+    """Rows of a JSON file as (location, object) pairs, and the layout found: ``JSON array`` or ``JSON Lines``.
+
+    The layout is read from the content: ``[`` starts a JSON array of objects; otherwise every non-empty line
+    must be one object (JSON Lines). One object spread over several lines (a pretty-printed document, often
+    ``{"data": [...]}``) is not a list of rows and is refused with its keys named, rather than read as one row.
+    """
+    text = _read_utf8(spec)
+    where = f"source {spec.name!r}: {spec.path}"
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{where}: detected a JSON array (it starts with '['), but it is not valid JSON: "
+                f"line {err.lineno}, column {err.colno}: {err.msg}"
+            ) from err
+        for index, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{where}: detected a JSON array; element {index} is {_a(_json_kind(row))}, expected an object"
+                )
+        if spec.max_rows is not None:
+            data = data[: spec.max_rows]
+        return [(f"element {index}", row) for index, row in enumerate(data)], "JSON array"
+
+    # JSON Lines. Split on "\n" only: str.splitlines would also split inside strings holding U+2028 and the like.
+    lines = text.split("\n")
+    records: list[tuple[str, dict[str, Any]]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            if not records:
+                raise _not_json_lines(where, text, number, err) from err
+            raise ValueError(
+                f"{where}: detected JSON Lines (one object per line); line {number}: invalid JSON "
+                f"({err.msg} at column {err.colno})"
+            ) from err
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"{where}: detected JSON Lines (one object per line); line {number} is {_a(_json_kind(value))}, "
+                f"expected an object"
+            )
+        records.append((f"line {number}", value))
+        if spec.max_rows is not None and len(records) >= spec.max_rows:
+            break
+    return records, "JSON Lines"
+
+
+def _not_json_lines(where: str, text: str, number: int, line_error: json.JSONDecodeError) -> ValueError:
+    """The first line is not a JSON object: say whether the file is one multi-line JSON document instead."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        return ValueError(
+            f"{where}: neither JSON Lines (line {number}: {line_error.msg} at column {line_error.colno}) nor one "
+            f"JSON document (line {err.lineno}, column {err.colno}: {err.msg})"
+        )
+    keys = list(document)[:10] if isinstance(document, dict) else []
+    return ValueError(
+        f"{where}: detected a single JSON {_json_kind(document)} spread over several lines (keys {keys}), not rows: "
+        f"expected a JSON array of objects or JSON Lines (one object per line)"
+        f"{_lists_of_objects(document) if isinstance(document, dict) else ''}"
+    )
+
+
+def _as_text(value: str) -> str:
     # JSON may escape lone surrogates, which UTF-8 cannot hold: mark them with U+FFFD so that the row is
     # rejected as bad_encoding later instead of failing the whole file here.
-    return _LONE_SURROGATE.sub("\ufffd", text)
+    return _LONE_SURROGATE.sub("\ufffd", value)
+
+
+def _read_json_rows(spec: SourceSpec) -> pl.DataFrame:
+    """The columns the spec maps, as text, plus ``problem``: where a mapped value was not text.
+
+    A value that is not a string (a number, list, object or boolean) is never turned into training text: the
+    row keeps its JSON spelling, so the rejected row shows what was there, and ``problem`` names the file,
+    line (or array element), column and type; `normalise_instructions` rejects it as ``wrong_type``.
+    """
+    records, layout = _json_records(spec)
+    if not records:
+        raise _empty_dataset(spec)
+    available = list(dict.fromkeys(key for _, row in records for key in row))
+    wanted = {column: target for target, column in spec.mapping.items()}
+    for target, column in spec.mapping.items():
+        if column not in available:
+            if len(records) == 1 and _lists_of_objects(records[0][1]):
+                # One line, one object, without the mapped columns but holding a list of objects: a JSON
+                # document wrapping the rows (``{"data": [...]}``), not a one-row JSON Lines file.
+                raise ValueError(
+                    f"source {spec.name!r}: {spec.path}: detected a single JSON object (keys {available[:10]}) "
+                    f"without the mapped column {column!r}, not rows: expected a JSON array of objects or JSON "
+                    f"Lines (one object per line){_lists_of_objects(records[0][1])}"
+                )
+            raise ValueError(
+                f"source {spec.name!r}: mapped field {target!r} -> column {column!r} not found in {spec.path} "
+                f"({layout}); available columns: {available}"
+            )
+    if spec.conversations is not None and spec.conversations not in available:
+        raise ValueError(
+            f"source {spec.name!r}: conversations column {spec.conversations!r} not found in {spec.path} "
+            f"({layout}); available columns: {available}"
+        )
+    texts: dict[str, list[str | None]] = {column: [] for column in wanted}
+    problems: list[str | None] = []
+    for location, row in records:
+        found = []
+        for column, target in wanted.items():
+            value = row.get(column)
+            if value is None or isinstance(value, str):
+                texts[column].append(None if value is None else _as_text(value))
+                continue
+            texts[column].append(_as_text(json.dumps(value, ensure_ascii=False)))
+            found.append(
+                f"{spec.path} {location}: column {column!r} (mapped to {target!r}) holds {_a(_json_kind(value))}, "
+                f"expected text"
+            )
+        problems.append("; ".join(found) if found else None)
+    columns = {column: pl.Series(column, values, dtype=pl.String) for column, values in texts.items()}
+    if spec.conversations is not None:
+        try:
+            turns = [row.get(spec.conversations) for _, row in records]
+            columns[spec.conversations] = pl.Series(spec.conversations, turns)
+        except (pl.exceptions.PolarsError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"source {spec.name!r}: conversations column {spec.conversations!r} in {spec.path} is not a list of "
+                f"{{from, value}} objects in every row: {err}"
+            ) from err
+    columns[PROBLEM_COLUMN] = pl.Series(PROBLEM_COLUMN, problems, dtype=pl.String)
+    return pl.DataFrame(columns)
 
 
 def _empty_dataset(spec: SourceSpec) -> ValueError:
@@ -236,23 +368,13 @@ def _scan_local(spec: SourceSpec) -> pl.LazyFrame:
     with open(spec.path, "rb") as fh:
         if not fh.read(4096).strip():
             raise _empty_dataset(spec)
-    fmt = _local_format(spec)
-    if fmt == "json":
-        return _read_json_array(spec).lazy()
-    if fmt == "parquet":
-        try:
-            frame = pl.scan_parquet(spec.path)
-            frame.collect_schema()
-        except Exception as err:  # polars raises several error types for unreadable files
-            raise ValueError(f"source {spec.name!r}: malformed Parquet file {spec.path}: {err}") from err
-    else:
-        try:
-            frame = pl.scan_ndjson(spec.path, infer_schema_length=None)
-            frame.collect_schema()
-        except Exception as err:
-            raise ValueError(
-                f"source {spec.name!r}: malformed JSONL file {spec.path}: {_first_bad_json_line(spec.path)}"
-            ) from err
+    if _local_format(spec) == "json":
+        return _read_json_rows(spec).lazy()
+    try:
+        frame = pl.scan_parquet(spec.path)
+        frame.collect_schema()
+    except Exception as err:  # polars raises several error types for unreadable files
+        raise ValueError(f"source {spec.name!r}: malformed Parquet file {spec.path}: {err}") from err
     if spec.max_rows is not None:
         frame = frame.head(spec.max_rows)
     return frame
@@ -307,36 +429,83 @@ def _turn_value(column: str, role: str) -> pl.Expr:
     )
 
 
+_TEXT_DTYPES = (pl.String, pl.Null, pl.Categorical, pl.Enum)
+
+
+def _describe_dtype(dtype: pl.DataType) -> str:
+    if dtype.is_numeric():
+        return f"number ({dtype})"
+    if dtype == pl.Boolean:
+        return "boolean"
+    if isinstance(dtype, (pl.List, pl.Array)):
+        return f"list ({dtype})"
+    if isinstance(dtype, pl.Struct):
+        return f"object ({dtype})"
+    return str(dtype)
+
+
+def _as_checked_text(
+    spec: SourceSpec, target: str, column: str, expr: pl.Expr, dtype: pl.DataType
+) -> tuple[pl.Expr, pl.Expr | None]:
+    """The field as text, and (for a column that is not text) the per-row problem of a non-null value.
+
+    A typed column (Parquet, an HF dataset) has one type for every row; where that is not text, each row that
+    holds a value is flagged, with the value's JSON spelling kept in the field for the rejected table.
+    """
+    if isinstance(dtype, _TEXT_DTYPES):
+        return expr.cast(pl.String), None
+    encoded = (
+        pl.struct(expr.alias("v")).struct.json_encode().str.strip_prefix('{"v":').str.strip_suffix("}")
+    )
+    where = spec.path or spec.name
+    problem = pl.when(expr.is_not_null()).then(
+        pl.format(
+            f"{where} row {{}}: column {column!r} (mapped to {target!r}) holds {_a(_describe_dtype(dtype))}, "
+            f"expected text",
+            pl.int_range(pl.len()),
+        )
+    )
+    return pl.when(expr.is_not_null()).then(encoded).otherwise(pl.lit(None, dtype=pl.String)), problem
+
+
 def _to_raw_shape(spec: SourceSpec, frame: pl.LazyFrame) -> pl.LazyFrame:
     schema = frame.collect_schema()
-    available = list(schema.names())
+    available = [name for name in schema.names() if name != PROBLEM_COLUMN]
     where = spec.path or spec.name
-    exprs: dict[str, pl.Expr] = {}
+    exprs: dict[str, tuple[str, pl.Expr]] = {}
     if spec.conversations is not None:
         if spec.conversations not in schema:
             raise ValueError(
                 f"source {spec.name!r}: conversations column {spec.conversations!r} not found in {where}; "
                 f"available columns: {available}"
             )
-        exprs["system"] = _turn_value(spec.conversations, "system")
-        exprs["instruction"] = _turn_value(spec.conversations, "human")
-        exprs["response"] = _turn_value(spec.conversations, "gpt")
+        for target, role in (("system", "system"), ("instruction", "human"), ("response", "gpt")):
+            exprs[target] = (spec.conversations, _turn_value(spec.conversations, role))
     for target, column in spec.mapping.items():
         if column not in schema:
             raise ValueError(
                 f"source {spec.name!r}: mapped field {target!r} -> column {column!r} not found in {where}; "
                 f"available columns: {available}"
             )
-        exprs[target] = pl.col(column)
-    text_fields = [f for f in MAPPABLE_FIELDS if f != "domain"]
+        exprs[target] = (column, pl.col(column))
+    dtypes = frame.select([expr.alias(target) for target, (_, expr) in exprs.items()]).collect_schema()
+    texts: dict[str, pl.Expr] = {}
+    problems: list[pl.Expr] = [pl.col(PROBLEM_COLUMN)] if PROBLEM_COLUMN in schema else []
+    for target, (column, expr) in exprs.items():
+        texts[target], problem = _as_checked_text(spec, target, column, expr, dtypes[target])
+        if problem is not None:
+            problems.append(problem)
     columns = [
-        (exprs[f].cast(pl.String) if f in exprs else pl.lit(None, dtype=pl.String)).fill_null("").alias(f)
-        for f in text_fields
+        (texts[f] if f in texts else pl.lit(None, dtype=pl.String)).fill_null("").alias(f)
+        for f in MAPPABLE_FIELDS if f != "domain"
     ]
     domain_label = pl.lit(spec.domain, dtype=pl.String)
-    domain = exprs["domain"].cast(pl.String).fill_null(domain_label) if "domain" in exprs else domain_label
+    domain = texts["domain"].fill_null(domain_label) if "domain" in texts else domain_label
     columns.append(domain.alias("domain"))
     columns.append(pl.lit(spec.name, dtype=pl.String).alias("source"))
+    problem = pl.concat_str(problems, separator="; ", ignore_nulls=True) if problems else pl.lit(None, dtype=pl.String)
+    # concat_str of all-null parts gives "" with ignore_nulls: keep null for rows without a problem.
+    columns.append(pl.when(problem == "").then(None).otherwise(problem).cast(pl.String).alias(PROBLEM_COLUMN))
     return frame.select(columns)
 
 
@@ -354,9 +523,9 @@ def scan_source(spec: SourceSpec | Mapping[str, Any]) -> pl.LazyFrame:
         frame = generate_synthetic(spec.n_per_domain, seed=spec.seed, split="train")
         if spec.max_rows is not None:
             frame = frame.head(spec.max_rows)
-        return frame.with_columns(pl.lit(spec.name, dtype=pl.String).alias("source")).select(
-            *RAW_COLUMNS, "answer", "test_code"
-        ).lazy()
+        return frame.with_columns(
+            pl.lit(spec.name, dtype=pl.String).alias("source"), pl.lit(None, dtype=pl.String).alias(PROBLEM_COLUMN)
+        ).select(*RAW_COLUMNS, "answer", "test_code").lazy()
     frame = _scan_local(spec) if spec.kind == "local" else _scan_hf(spec)
     return _to_raw_shape(spec, frame)
 
@@ -368,8 +537,7 @@ def load_source(spec: SourceSpec | Mapping[str, Any]) -> pl.DataFrame:
     try:
         frame = scan_source(spec).collect()
     except pl.exceptions.PolarsError as err:
-        detail = _first_bad_json_line(spec.path) if spec.kind == "local" and _local_format(spec) == "jsonl" else str(err)
-        raise ValueError(f"source {spec.name!r}: cannot read {spec.path or spec.name}: {detail}") from err
+        raise ValueError(f"source {spec.name!r}: cannot read {spec.path or spec.name}: {err}") from err
     if frame.height == 0:
         raise _empty_dataset(spec)
     return frame

@@ -57,7 +57,13 @@ def read_cluster_assignments(path: str | os.PathLike) -> tuple[dict[str, int], i
     """id → cluster from a cluster_assignments parquet, and the number of distinct clusters."""
     import polars as pl
 
-    frame = pl.read_parquet(path, columns=["id", "cluster"])
+    try:
+        frame = pl.read_parquet(path, columns=["id", "cluster"])
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise ValueError(
+            f"{path}: cluster assignments unreadable ({type(error).__name__}: {error}); re-materialize "
+            f"cluster_assignments"
+        ) from error
     if frame["id"].is_duplicated().any():
         raise ValueError(f"{path}: duplicate ids in cluster assignments")
     mapping = dict(zip(frame["id"].to_list(), (int(c) for c in frame["cluster"].to_list())))

@@ -430,16 +430,16 @@ def checkpoint_problem(checkpoint_dir: Path) -> str | None:
                     reader.get_tensor(key)
         except Exception as error:  # safetensors raises its own error types for truncated/garbled files
             return f"{tensor_file.name} unreadable: {error}"
-    for torch_file in ("optimizer.pt", "scheduler.pt"):
-        path = checkpoint_dir / torch_file
-        if path.exists():
-            try:
-                with zipfile.ZipFile(path) as archive:
-                    bad = archive.testzip()
-            except (OSError, zipfile.BadZipFile) as error:
-                return f"{torch_file} unreadable: {error}"
-            if bad is not None:
-                return f"{torch_file} has a corrupt member {bad}"
+    # Every torch.save file the Trainer reads back on resume (optimizer, scheduler, RNG states, training args) is
+    # a zip archive: a damaged one would fail the resumed run every time instead of falling back.
+    for path in sorted([*checkpoint_dir.glob("*.pt"), *checkpoint_dir.glob("*.pth"), *checkpoint_dir.glob("*.bin")]):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile) as error:
+            return f"{path.name} unreadable: {error}"
+        if bad is not None:
+            return f"{path.name} has a corrupt member {bad}"
     return None
 
 
@@ -458,6 +458,21 @@ def find_resumable_checkpoint(checkpoints_dir: Path) -> Path | None:
         if _is_main_process():
             shutil.rmtree(candidate, ignore_errors=True)
     return None
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep: int | None) -> list[Path]:
+    """Remove all but the `keep` newest checkpoints (the Trainer's `save_total_limit`), returning the removed.
+
+    The Trainer rotates only after a save; a run killed between a save and its rotation, then resumed with
+    nothing left to train, would otherwise keep one checkpoint too many.
+    """
+    if not keep or not checkpoints_dir.is_dir():
+        return []
+    ordered = sorted((p for p in checkpoints_dir.iterdir() if _checkpoint_step(p) is not None), key=_checkpoint_step)
+    removed = ordered[: max(len(ordered) - keep, 0)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 RUN_FINGERPRINT_NAME = "run_fingerprint.json"
@@ -739,9 +754,9 @@ def _save_artifact(model: torch.nn.Module, tokenizer: Any, artifact_dir: Path, m
     """Write the trained adapter/experts/routers + tokenizer to a staging dir, then rename into place."""
     with atomic_dir(artifact_dir) as staging:
         if metadata.get("moce_config") is not None:
-            from moce_model.merging import save_trained
+            from moce_model.merging import write_trained
 
-            save_trained(model, staging)
+            write_trained(model, staging)
         else:
             model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -837,8 +852,18 @@ def train(
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     cpu_started = time.process_time()
+    # Resumed at exactly max_steps (killed after the last checkpoint, before the artifact was written), the
+    # Trainer would take one step more than max_steps; the run is complete, so its last state is loaded instead.
+    finished = resume_from is not None and bool(training_config.max_steps) \
+        and resumed_from_step >= training_config.max_steps
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        if finished:
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(resume_from))
+            trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     except BaseException as error:
         if _is_out_of_memory(error):
             raise MemoryError(
@@ -851,7 +876,10 @@ def train(
     # CPU time of all threads: on a shared machine wall time depends on the neighbours, this does not.
     cpu_seconds = time.process_time() - cpu_started
 
-    tokens_this_run = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    tokens_before = (
+        trainer.state.num_input_tokens_seen if finished else getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    )
+    tokens_this_run = trainer.state.num_input_tokens_seen - tokens_before
     loss_history = [
         (int(entry["step"]), float(entry["loss"]))
         for entry in trainer.state.log_history
@@ -875,6 +903,7 @@ def train(
         **token_stats,
     )
     if trainer.is_world_process_zero():
+        prune_checkpoints(checkpoints_dir, training_config.save_total_limit)
         _save_artifact(
             unwrapped,
             tokenizer,

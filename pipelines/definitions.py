@@ -10,6 +10,7 @@ from assets.embedding import embeddings_are_unit_norm_and_complete, instruction_
 from assets.evaluation import build_evaluation_assets
 from assets.k_sweep import build_k_sweep_asset
 from assets.training import base_model, build_training_assets
+from pipelines.instance import fail_runs_of_killed_processes
 from pipelines.profiles import Profile, load_profile
 from resources.embedder import EmbedderResource
 from resources.model_source import BaseModelSource
@@ -79,7 +80,8 @@ def build_definitions(profile: Profile) -> dg.Definitions:
                 target=PIPELINE,
                 default_status=dg.DefaultSensorStatus.RUNNING,
                 minimum_interval_seconds=30,
-            )
+            ),
+            fail_runs_of_killed_processes,
         ],
     )
 

@@ -53,10 +53,13 @@ def step_seconds(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
 
 def main() -> int:
     from pipelines.definitions import defs
+    from pipelines.instance import fail_runs_of_dead_processes
     from pipelines.profiles import load_profile
 
     profile = load_profile()
     instance = dg.DagsterInstance.get()
+    for run_id in fail_runs_of_dead_processes(instance):
+        print(f"run {run_id} was left STARTED by a process that is gone (killed?): marked failed")
     graph = defs.resolve_asset_graph()
     todo = unsynced_asset_keys(defs, instance)
     print(f"profile={profile.name} DAGSTER_HOME={instance.root_directory}")

@@ -1,15 +1,15 @@
 """Where artifacts live, and the two IO managers the pipeline uses.
 
 Tables go through dagster-polars (Parquet); everything else (an int, a small dict that points at an artifact
-directory) is stored as JSON. Nothing is pickled. Both write to a temporary file and rename it into place, so a
-crash never leaves a half-written output that a downstream asset could read.
+directory) is stored as JSON. Nothing is pickled. Both write through `moce_model.io.atomic_path` (a temporary
+file renamed into place), so a crash never leaves a half-written output that a downstream asset could read,
+and a stored output that has been damaged since is reported with its asset and file rather than as a bare
+decoder error.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,14 @@ import dagster as dg
 import polars as pl
 from dagster_polars import PolarsParquetIOManager
 
+from moce_model.io import atomic_path, atomic_write_text
+from resources.run_process import record_run_process
 
-def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+def _unreadable(context: dg.InputContext, path: Any, error: Exception) -> ValueError:
+    key = context.asset_key.to_user_string() if context.has_asset_key else "the upstream output"
+    return ValueError(f"stored output of {key} at {path} is unreadable ({type(error).__name__}: {error}); "
+                      f"re-materialize {key}")
 
 
 class AtomicPolarsParquetIOManager(PolarsParquetIOManager):
@@ -29,28 +34,33 @@ class AtomicPolarsParquetIOManager(PolarsParquetIOManager):
     removed.
     """
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        super().setup_for_execution(context)
+        record_run_process(context)
+
     def scan_df_from_path(self, path, context: dg.InputContext, partition_key: str | None = None) -> pl.LazyFrame:
-        return pl.scan_parquet(str(path))
+        frame = pl.scan_parquet(str(path))
+        if Path(str(path)).exists():
+            # Reads the footer only: a truncated or overwritten file fails here, named, not later in the asset.
+            try:
+                frame.collect_schema()
+            except Exception as error:  # polars raises several error types for damaged files
+                raise _unreadable(context, path, error) from error
+        return frame
+
+    def load_from_path(self, context: dg.InputContext, path):
+        try:
+            return super().load_from_path(context, path)
+        except pl.exceptions.PolarsError as error:  # damaged pages, found when an eager input is collected
+            raise _unreadable(context, path, error) from error
 
     def write_df_to_path(self, context: dg.OutputContext, df: pl.DataFrame, path) -> None:
-        target = Path(str(path))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = _temp_sibling(target)
-        try:
+        with atomic_path(str(path)) as temp:
             super().write_df_to_path(context, df, type(path)(str(temp)))
-            os.replace(temp, target)
-        finally:
-            temp.unlink(missing_ok=True)
 
     def sink_df_to_path(self, context: dg.OutputContext, df: pl.LazyFrame, path) -> None:
-        target = Path(str(path))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = _temp_sibling(target)
-        try:
+        with atomic_path(str(path)) as temp:
             super().sink_df_to_path(context, df, type(path)(str(temp)))
-            os.replace(temp, target)
-        finally:
-            temp.unlink(missing_ok=True)
 
 
 class JsonIOManager(dg.ConfigurableIOManager):
@@ -58,17 +68,16 @@ class JsonIOManager(dg.ConfigurableIOManager):
 
     base_dir: str
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        record_run_process(context)
+
     def _path(self, key: dg.AssetKey) -> Path:
         return Path(self.base_dir).joinpath(*key.path).with_suffix(".json")
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
-        path = self._path(context.asset_key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = _temp_sibling(path)
-        temp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-        os.replace(temp, path)
+        atomic_write_text(json.dumps(obj, indent=2, sort_keys=True), self._path(context.asset_key))
 
     def load_input(self, context: dg.InputContext) -> Any:
         path = self._path(context.asset_key)
@@ -76,7 +85,10 @@ class JsonIOManager(dg.ConfigurableIOManager):
             raise FileNotFoundError(
                 f"{path} does not exist: materialize {context.asset_key.to_user_string()} first"
             )
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, OSError) as error:
+            raise _unreadable(context, path, error) from error
 
 
 class ArtifactStorage(dg.ConfigurableResource):

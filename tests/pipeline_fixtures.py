@@ -8,15 +8,17 @@ from pathlib import Path
 
 import dagster as dg
 
+from pipelines.instance import INSTANCE_SETTINGS
 from pipelines.profiles import Profile
 
 
 @contextmanager
 def dagster_instance(root: Path) -> Iterator[dg.DagsterInstance]:
-    """A persistent test instance in `root/dagster_home` (the event log the tests read back)."""
+    """A persistent test instance in `root/dagster_home` (the event log the tests read back), with the
+    project's instance settings (`pipelines.instance`)."""
     home = root / "dagster_home"
     home.mkdir()
-    with dg.instance_for_test(temp_dir=str(home)) as instance:
+    with dg.instance_for_test(temp_dir=str(home), overrides=INSTANCE_SETTINGS) as instance:
         yield instance
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.instance import write_instance_config
+
 pytestmark = pytest.mark.browser
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +52,7 @@ def dagster_ui(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     home = root / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    write_instance_config(home)  # the dagster.yaml `make ui` writes
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),

@@ -37,7 +37,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from moce_model.prompt_format import AUTO, make_prompt_format
-from moce_model.routing import routing_text
+from moce_model.routing import CENTROIDS_FILE, check_routing_files, routing_text
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -111,6 +111,8 @@ class MoCELM(HFLM):
             model_dir = Path(pretrained)
             if not (model_dir / "config.json").is_file():
                 raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
+            if (model_dir / CENTROIDS_FILE).is_file():
+                check_routing_files(model_dir)  # before loading the weights: a mixed-up directory fails at once
             pretrained = str(model_dir)
         else:
             pretrained = pretrained.to(device)
@@ -126,6 +128,13 @@ class MoCELM(HFLM):
             router = load_router(model_dir, self.model)
         if router is None and getattr(self.model.config, "routes_by_cluster", False):
             raise ValueError(f"the {self.variant!r} model routes by cluster: give it a router (centroids + embedder)")
+        clusters = getattr(router, "num_clusters", None)
+        if clusters is not None and getattr(self.model.config, "routes_by_cluster", False) \
+                and clusters != self.model.config.num_groups:
+            raise ValueError(
+                f"the router has {clusters} clusters but the {self.variant!r} model has "
+                f"num_groups={self.model.config.num_groups}: each cluster must be one trained expert group"
+            )
         self.router = router
         # lm-eval tasks by name, for routing requests by their documents (`use_tasks`).
         self.tasks: dict[str, Any] = {}
