@@ -10,6 +10,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from moce_model.evaluation.stats import (
+    average_difference,
     average_estimate,
     mean_estimate,
     minimum_detectable_difference,
@@ -197,10 +198,53 @@ def test_average_over_benchmarks_weights_each_benchmark_once():
     assert estimate.value == pytest.approx(2.0) and estimate.n == 500
     expected_se = math.sqrt(0.1**2 + 0.1**2) / 2
     assert estimate.stderr == pytest.approx(expected_se)
-    assert estimate.ci_low == pytest.approx(2.0 - Z * expected_se, abs=0.01)
-    assert estimate.ci_high == pytest.approx(2.0 + Z * expected_se, abs=0.01)
-    constant = average_estimate([[1.0, 1.0], [0.0]])
-    assert (constant.value, constant.ci_low, constant.ci_high) == (0.5, 0.5, 0.5)
+    assert (estimate.ci_low, estimate.ci_high) == pytest.approx((2.0 - Z * expected_se, 2.0 + Z * expected_se))
+    assert average_estimate([[1.0, 1.0], [2.0]]).ci_low is None  # a continuous benchmark of one item: no variance
+
+
+def test_average_of_proportions_covers_the_true_average():
+    rng = np.random.default_rng(5)
+    for sizes, proportions in [((32, 4, 8), (0.3, 0.5, 0.2)), ((200, 200, 16, 16), (0.2, 0.05, 0.0, 0.1))]:
+        truth = np.mean(proportions)
+        hits = 0
+        for _ in range(2_000):
+            samples = [(rng.random(n) < p).astype(float) for n, p in zip(sizes, proportions)]
+            estimate = average_estimate(samples)
+            hits += estimate.ci_low <= truth <= estimate.ci_high
+        assert 0.93 <= hits / 2_000 <= 0.985, (sizes, hits / 2_000)
+
+
+def test_average_difference_of_one_benchmark_is_bonett_price():
+    a, b = np.array([1.0] * 6 + [0.0] * 26), np.zeros(32)
+    single, average = paired_difference(a, b), average_difference([a], [b])
+    assert (average.difference, average.ci_low, average.ci_high) == pytest.approx(
+        (single.difference, single.ci_low, single.ci_high))
+    # the same MDD up to n versus n + 2 in the standard error
+    assert average.mdd == pytest.approx(single.mdd * math.sqrt(32 / 34), rel=1e-6)
+
+
+def test_average_difference_is_not_significant_when_no_benchmark_comes_close():
+    # 4 of 32 won (exact McNemar p = 0.125) and 1 of 4 won: a bootstrap over these items excluded 0.
+    a = [np.array([1.0] * 4 + [0.0] * 28), np.array([1.0, 0.0, 0.0, 0.0])]
+    b = [np.zeros(32), np.zeros(4)]
+    result = average_difference(a, b)
+    assert result.difference == pytest.approx((4 / 32 + 1 / 4) / 2)
+    assert result.ci_low < 0 < result.ci_high and not result.significant
+    # Twice as many wins everywhere is a real difference.
+    strong = average_difference([np.array([1.0] * 12 + [0.0] * 20), np.array([1.0, 1.0, 1.0, 0.0])], b)
+    assert strong.significant
+
+
+def test_average_difference_covers_the_true_difference():
+    rng = np.random.default_rng(6)
+    sizes, won, lost = (32, 8, 8), (0.2, 0.2, 0.2), (0.1, 0.2, 0.05)
+    truth = np.mean(np.subtract(won, lost))
+    hits = 0
+    for _ in range(2_000):
+        cells = [rng.choice(3, size=n, p=[w, l, 1 - w - l]) for n, w, l in zip(sizes, won, lost)]
+        result = average_difference([(c == 0).astype(float) for c in cells], [(c == 1).astype(float) for c in cells])
+        hits += result.ci_low <= truth <= result.ci_high
+    assert 0.93 <= hits / 2_000 <= 0.99
 
 
 def test_bad_input_is_rejected():
@@ -212,3 +256,5 @@ def test_bad_input_is_rejected():
         paired_difference([1.0, 0.0], [1.0])
     with pytest.raises(ValueError, match="at least one benchmark"):
         average_estimate([])
+    with pytest.raises(ValueError, match="same benchmarks"):
+        average_difference([[1.0]], [])

@@ -15,11 +15,18 @@ Every interval is a two-sided 95% interval. Which method, and why:
   McNemar test gives p = 0.125). Neither scipy nor numpy provides it, so it is written out here.
 - A paired difference of continuous scores: the BCa bootstrap of the mean per-item difference. Resampling
   items with both models' scores together (the paired bootstrap) is the same as resampling the differences.
-- The average over benchmarks (the paper's headline number): a stratified bootstrap, items resampled within
-  each benchmark (scipy resamples each sample on its own), percentile interval.
+- The average over benchmarks (the paper's headline number), and the paired difference of two models'
+  averages: each benchmark's mean is independent of the others, so the average's variance is the sum of the
+  benchmarks' variances over B². 0/1 benchmarks enter with the adjusted estimates of Price and Bonett (2004,
+  "An improved confidence interval for a linear function of binomial proportions": 2/B successes and 4/B
+  trials added to each), paired 0/1 differences with the Bonett–Price adjustment scaled the same way (1/B to
+  each discordant cell, 2/B to n), which is Bonett–Price itself at B = 1. A stratified bootstrap was the first
+  choice, but with a benchmark of 4 items and one discordant item it excluded 0 where no component came close:
+  resampling a few 0/1 items understates their variance.
 
-`stderr` is always the standard error of the mean over items, s / sqrt(n) with s the sample standard deviation
-(ddof = 1), which is also what lm-eval reports; None when n < 2.
+`stderr` of a mean over items is s / sqrt(n) with s the sample standard deviation (ddof = 1), which is also
+what lm-eval reports (None when n < 2); of an average over benchmarks, the standard error of the combined
+estimate.
 """
 
 from __future__ import annotations
@@ -152,33 +159,69 @@ def _bonett_price(won: int, lost: int, n: int) -> tuple[float, float, float]:
     return max(centre - half_width, -1.0), min(centre + half_width, 1.0), sd
 
 
-def average_estimate(per_benchmark_scores: Sequence[Sequence[float] | np.ndarray],
-                     seed: int = BOOTSTRAP_SEED) -> Estimate:
+def average_estimate(per_benchmark_scores: Sequence[Sequence[float] | np.ndarray]) -> Estimate:
     """Unweighted mean over benchmarks of each benchmark's mean score (each benchmark counts once, whatever
-    its n), with a stratified bootstrap interval: items are resampled within each benchmark.
-
-    Also used for the paired difference of two models' averages: pass per-item differences."""
+    its n), with its 95% interval (see the module docstring); `n` is the number of items in all."""
     samples = [_as_scores(s) for s in per_benchmark_scores]
     if not samples:
         raise ValueError("an average over benchmarks needs at least one benchmark")
-    means = np.array([s.mean() for s in samples])
-    value = float(means.mean())
-    variances = [s.var(ddof=1) / s.size if s.size > 1 else math.nan for s in samples]
-    stderr = math.sqrt(sum(variances)) / len(samples) if all(math.isfinite(v) for v in variances) else None
-    n = sum(s.size for s in samples)
-    if all(np.ptp(s) == 0 for s in samples):
-        return Estimate(value, n, stderr, value, value, "none (no spread in any benchmark)")
-    samples = [s if s.size > 1 else np.repeat(s, 2) for s in samples]  # one-item benchmarks resample to themselves
-    low, high = _bootstrap(tuple(samples), _mean_of_means, seed, method="percentile")
-    return Estimate(value, n, stderr, low, high, "stratified bootstrap")
+    weight = 1 / len(samples)
+    components = []
+    for sample in samples:
+        if is_binary(sample):
+            # Price & Bonett (2004): add 2/B successes and 4/B trials to each of B proportions.
+            adjusted_n = sample.size + 4 * weight
+            adjusted = (sample.sum() + 2 * weight) / adjusted_n
+            components.append((adjusted, adjusted * (1 - adjusted) / adjusted_n))
+        else:
+            components.append((sample.mean(), sample.var(ddof=1) / sample.size if sample.size > 1 else math.nan))
+    return _combined(float(np.mean([s.mean() for s in samples])), sum(s.size for s in samples), components,
+                     "adjusted wald (price-bonett)")
+
+
+def average_difference(per_benchmark_a: Sequence[Sequence[float] | np.ndarray],
+                       per_benchmark_b: Sequence[Sequence[float] | np.ndarray]) -> PairedDifference:
+    """Difference of two models' averages over benchmarks, paired on items within each benchmark
+    (per_benchmark_a[j][i] and per_benchmark_b[j][i] score the same item), with its 95% interval and MDD."""
+    if len(per_benchmark_a) != len(per_benchmark_b) or not per_benchmark_a:
+        raise ValueError("an average difference needs the same benchmarks, at least one, for both models")
+    weight = 1 / len(per_benchmark_a)
+    raw, components, n = [], [], 0
+    for a, b in zip(per_benchmark_a, per_benchmark_b):
+        first, second = _as_scores(a), _as_scores(b)
+        if first.shape != second.shape:
+            raise ValueError(f"paired scores need one score per item from both models, got {first.size} and {second.size}")
+        differences = first - second
+        raw.append(differences.mean())
+        n += differences.size
+        if is_binary(first) and is_binary(second):
+            # Bonett–Price with its adjustment scaled by 1/B, as Price & Bonett scale theirs for B proportions.
+            adjusted_n = differences.size + 2 * weight
+            won = (((first == 1) & (second == 0)).sum() + weight) / adjusted_n
+            lost = (((first == 0) & (second == 1)).sum() + weight) / adjusted_n
+            components.append((won - lost, (won + lost - (won - lost) ** 2) / adjusted_n))
+        else:
+            variance = differences.var(ddof=1) / differences.size if differences.size > 1 else math.nan
+            components.append((differences.mean(), variance))
+    estimate = _combined(float(np.mean(raw)), n, components, "adjusted wald (bonett-price)")
+    if estimate.ci_low is None or estimate.ci_high is None or estimate.stderr is None:
+        raise ValueError("a paired average difference needs at least two items in every continuous benchmark")
+    mdd = (_Z_HALF_ALPHA + _Z_POWER) * estimate.stderr if estimate.stderr > 0 else None
+    return PairedDifference(n, estimate.value, estimate.stderr, estimate.ci_low, estimate.ci_high, mdd, estimate.method)
+
+
+def _combined(value: float, n: int, components: list[tuple[float, float]], method: str) -> Estimate:
+    """An unweighted mean of B independent estimates (centre, variance): centre ± z · sqrt(Σ variance) / B."""
+    variances = [variance for _, variance in components]
+    if not all(math.isfinite(v) for v in variances):
+        return Estimate(value, n, None, None, None, "none (a benchmark with one item)")
+    centre = float(np.mean([c for c, _ in components]))
+    stderr = math.sqrt(sum(variances)) / len(components)
+    return Estimate(value, n, stderr, centre - _Z_HALF_ALPHA * stderr, centre + _Z_HALF_ALPHA * stderr, method)
 
 
 def _mean_of_first(sample: np.ndarray, axis: int = -1) -> np.ndarray:
     return sample.mean(axis=axis)
-
-
-def _mean_of_means(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.mean([sample.mean(axis=axis) for sample in samples], axis=0)
 
 
 def _bootstrap(samples: tuple[np.ndarray, ...], statistic, seed: int, method: str) -> tuple[float, float]:
