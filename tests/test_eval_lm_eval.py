@@ -57,6 +57,10 @@ def test_per_document_scores_come_from_the_logged_samples_of_each_filter_and_sub
 
     results = {
         **RECORDED,
+        "results": {**RECORDED["results"],
+                    "gsm8k": {**RECORDED["results"]["gsm8k"], "exact_match,strict-match": 1 / 3,
+                              "exact_match,flexible-extract": 2 / 3}},
+        "groups": {"mmlu": {"alias": "mmlu", "acc,none": 2 / 3, "acc_stderr,none": 0.3}},
         "n-samples": {**RECORDED["n-samples"], "gsm8k": {"original": 1319, "effective": 3}},
         "samples": {
             "gsm8k": [logged(i, "strict-match", s) for i, s in enumerate([1.0, 0.0, 0.0])]
@@ -74,6 +78,11 @@ def test_per_document_scores_come_from_the_logged_samples_of_each_filter_and_sub
     assert [i.item_id for i in gsm8k.items] == ["gsm8k/0", "gsm8k/1", "gsm8k/2"]  # one record per document
     mmlu = outcome_from_lm_eval(results, BenchmarkSpec(name="mmlu", kind="lm_eval", lm_eval_task="mmlu"))
     assert mmlu.metrics[0].item_ids == ("mmlu_anatomy/0", "mmlu_virology/0", "mmlu_virology/1")
+    # A metric that is not the mean of its per-document values (corpus-level) keeps its aggregate only.
+    corpus_level = {**results, "results": {**results["results"], "gsm8k": {
+        **results["results"]["gsm8k"], "exact_match,strict-match": 0.14}}}
+    assert outcome_from_lm_eval(corpus_level, BenchmarkSpec(name="gsm8k", kind="lm_eval", lm_eval_task="gsm8k")
+                                ).metrics[0].item_scores == ()
     # Without logged per-document scores a metric keeps its aggregate and stderr only.
     assert outcome_from_lm_eval(RECORDED, BenchmarkSpec(name="gsm8k", kind="lm_eval", lm_eval_task="gsm8k")
                                 ).metrics[0].item_scores == ()

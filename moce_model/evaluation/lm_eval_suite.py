@@ -8,6 +8,7 @@ Code generation tasks are scored in our sandbox, never by lm-eval's `code_eval` 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -93,7 +94,9 @@ def outcome_from_lm_eval(results: Mapping[str, Any], spec: BenchmarkSpec, lm: Mo
         metric = name if filter_name in ("", "none") else f"{name} ({filter_name})"
         stderr = float(stderr) if isinstance(stderr, (int, float)) else None
         item_ids, item_scores = _sample_scores(results, task, name, filter_name)
-        if item_scores:
+        # Per-document scores describe the metric only when it aggregates by the mean (acc, exact_match); a
+        # corpus-level metric (bleu, perplexity) keeps its aggregate and lm-eval's stderr alone.
+        if item_scores and math.isclose(sum(item_scores) / len(item_scores), float(value), rel_tol=1e-6, abs_tol=1e-9):
             metrics.append(MetricValue(metric, float(value), stderr, len(item_scores), item_ids, item_scores))
         else:
             metrics.append(MetricValue(metric, float(value), stderr))
