@@ -1,4 +1,5 @@
-"""merged_model/<variant> (and base_model) → benchmark_results/<model> → benchmark_report."""
+"""merged_model/<variant> (and base_model) → benchmark_results/<model> + benchmark_item_scores/<model> →
+benchmark_report."""
 
 import time
 from pathlib import Path
@@ -18,8 +19,13 @@ def profile_benchmarks(profile: Profile) -> list:
 
     if profile.benchmarks == "paper":
         return paper_benchmarks()
-    # Decoding dominates on 2 CPU cores: small subsets keep four models within minutes (n_items says so).
-    return demo_benchmarks(n_per_domain=8, humaneval_items=4, gsm8k_items=4, seed=profile.seed)
+    return demo_benchmarks(
+        n_per_domain=profile.eval_generation_items_per_domain,
+        n_loss_per_domain=profile.eval_loss_items_per_domain,
+        humaneval_items=profile.eval_humaneval_items,
+        gsm8k_items=profile.eval_gsm8k_items,
+        seed=profile.seed,
+    )
 
 
 def evaluation_settings(profile: Profile) -> dict:
@@ -37,23 +43,40 @@ def build_evaluation_assets(profile: Profile) -> list:
     def results_asset(model_name: str) -> dg.AssetsDefinition:
         upstream = dg.AssetIn(key="base_model") if model_name == "base" else dg.AssetIn(key=["merged_model", model_name])
 
-        @dg.asset(
-            key=["benchmark_results", model_name],
+        @dg.multi_asset(
+            name=f"evaluate_{model_name}",
             ins={"model": upstream},
-            group_name="evaluation",
-            kinds={"lm_eval", "parquet"},
-            code_version=EVALUATION_CODE_VERSION,
-            io_manager_key="parquet_io_manager",
-            automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
+            outs={
+                "results": dg.AssetOut(
+                    key=["benchmark_results", model_name],
+                    group_name="evaluation",
+                    kinds={"lm_eval", "parquet"},
+                    code_version=EVALUATION_CODE_VERSION,
+                    io_manager_key="parquet_io_manager",
+                    automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
+                    description=(
+                        f"Benchmark scores of `{model_name}`, each with n, stderr and 95% interval; every prompt "
+                        "is routed to its cluster's expert group (embed the input side, nearest centroid) by the "
+                        "same lm-eval model class for every model."
+                    ),
+                ),
+                "item_scores": dg.AssetOut(
+                    key=["benchmark_item_scores", model_name],
+                    group_name="evaluation",
+                    kinds={"parquet"},
+                    code_version=EVALUATION_CODE_VERSION,
+                    io_manager_key="parquet_io_manager",
+                    automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
+                    description=(
+                        f"Every item's score of `{model_name}` per benchmark and metric, with the cluster that "
+                        "answered it: what the intervals and the paired differences between models are computed from."
+                    ),
+                ),
+            },
             pool="evaluation",
-            description=(
-                f"Benchmark scores of `{model_name}`; every prompt is routed to its cluster's expert group "
-                "(embed the input side, nearest centroid) by the same lm-eval model class for every model."
-            ),
         )
-        def benchmark_results(
-            context: dg.AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage, model: dict
-        ) -> dg.Output[pl.DataFrame]:
+        def evaluate(context: dg.AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage,
+                     model: dict):
             from moce_model.evaluation.runner import evaluate_model
             from moce_model.io import atomic_write_parquet
 
@@ -67,16 +90,18 @@ def build_evaluation_assets(profile: Profile) -> list:
                 seed=config.seed,
                 **evaluation_settings(profile),
             )
+            # Prompts and completions, for reading what the model answered (not an input of any asset).
             items_path = storage.path_for(["benchmark_items", model_name]).with_suffix(".parquet")
             atomic_write_parquet(result.items, items_path)
-            return dg.Output(
+            yield dg.Output(
                 result.table,
+                output_name="results",
                 metadata={
                     "model_variant": model_name,
                     "model_dir": dg.MetadataValue.path(model["path"]),
                     "evaluated_with": dg.MetadataValue.json(evaluation_settings(profile)),
                     "k": model.get("k"),
-                    "scores": dg.MetadataValue.md(md_table(result.table)),
+                    "scores": dg.MetadataValue.md(md_table(result.table.drop("ci_method"))),
                     "items": dg.MetadataValue.path(str(items_path)),
                     "subsets": dg.MetadataValue.json(result.notes),
                     "lineage": dg.MetadataValue.json(
@@ -85,45 +110,54 @@ def build_evaluation_assets(profile: Profile) -> list:
                     "seconds": round(time.perf_counter() - started, 1),
                 },
             )
+            per_metric = result.item_scores.group_by("benchmark", "metric", maintain_order=True).agg(
+                pl.len().alias("items"), pl.col("score").mean().alias("mean"))
+            yield dg.Output(
+                result.item_scores,
+                output_name="item_scores",
+                metadata={"rows": result.item_scores.height, "per_metric": dg.MetadataValue.md(md_table(per_metric))},
+            )
 
-        return benchmark_results
+        return evaluate
 
     model_names = ["base", *profile.variants]
     result_assets = [results_asset(name) for name in model_names]
 
     @dg.asset(
-        ins={name: dg.AssetIn(key=["benchmark_results", name]) for name in model_names},
+        ins={
+            **{name: dg.AssetIn(key=["benchmark_results", name]) for name in model_names},
+            **{f"{name}_item_scores": dg.AssetIn(key=["benchmark_item_scores", name]) for name in model_names},
+        },
         group_name="evaluation",
         kinds={"markdown", "matplotlib"},
         code_version=EVALUATION_CODE_VERSION,
         io_manager_key="json_io_manager",
         automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
-        description="Every model side by side: table, deltas against pesc and base, bars, prompts per cluster.",
+        description=(
+            "Every model side by side with 95% intervals; differences against pesc and base paired on items, with "
+            "their interval and minimum detectable difference; the average over benchmarks; bars with error bars; "
+            "prompts per cluster."
+        ),
     )
-    def benchmark_report(context: dg.AssetExecutionContext, storage: ArtifactStorage, **tables: pl.DataFrame):
+    def benchmark_report(context: dg.AssetExecutionContext, **inputs: pl.DataFrame):
         from moce_model.evaluation.report import build_report
-        from moce_model.io import atomic_write_bytes, atomic_write_text
+        from moce_model.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
         from moce_model.plots import png_markdown
 
-        items = []
-        for name in model_names:
-            path = storage.path_for(["benchmark_items", name]).with_suffix(".parquet")
-            if path.exists():
-                try:
-                    items.append(pl.read_parquet(path).select("benchmark", "item_id", "cluster"))
-                except (pl.exceptions.PolarsError, OSError) as error:
-                    raise ValueError(
-                        f"{path}: benchmark items unreadable ({type(error).__name__}: {error}); "
-                        f"re-materialize benchmark_results/{name}"
-                    ) from error
-        report = build_report([tables[name] for name in model_names], items)
+        report = build_report([inputs[name] for name in model_names],
+                              [inputs[f"{name}_item_scores"] for name in model_names])
         out_dir = profile.storage_root / "report"
         for benchmark, png in report.bar_chart_pngs.items():
             atomic_write_bytes(png, out_dir / f"{benchmark}.png")
         atomic_write_text(report.markdown, out_dir / "benchmark_report.md")
+        # The paired differences and the averages as tables, for analysis beyond the markdown.
+        atomic_write_parquet(report.differences, out_dir / "paired_differences.parquet")
+        atomic_write_parquet(report.paper_average, out_dir / "paper_average.parquet")
         metadata = {
             **artifact_metadata(out_dir / "benchmark_report.md"),
             "comparison": dg.MetadataValue.md(report.markdown),
+            "significant_differences": int(report.differences["significant"].sum()),
+            "compared": report.differences.height,
         }
         for benchmark, png in list(report.bar_chart_pngs.items())[:12]:
             metadata[f"bars_{benchmark}"] = dg.MetadataValue.md(png_markdown(png, benchmark))

@@ -58,6 +58,13 @@ class Profile:
     # Where and in which dtype the models are evaluated.
     eval_device: str = "cpu"
     eval_dtype: str = "float32"
+    # Demo benchmark sizes. The held-out loss is one forward pass per item, so it gets enough items for small
+    # differences to show; generation costs tens of decoding steps per item, so its subsets are sized to keep
+    # the evaluation of the demo's four models within 4 minutes on 2 CPU cores (README, "Results of the demo").
+    eval_loss_items_per_domain: int = 200
+    eval_generation_items_per_domain: int = 8
+    eval_humaneval_items: int | None = 4
+    eval_gsm8k_items: int | None = 4
     training_overrides: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
 

@@ -24,6 +24,7 @@ from moce_model.evaluation.benchmarks import (
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.runner import (
     ITEM_CLUSTERS_SCHEMA,
+    ITEM_SCORES_SCHEMA,
     RESULTS_SCHEMA,
     demo_benchmarks,
     evaluate_model,
@@ -121,6 +122,29 @@ def test_synthetic_benchmark_scores_reference_answers_as_correct():
         assert all(item.correct for item in outcome.items)
 
 
+def test_synthetic_loss_is_scored_per_item_on_more_items_than_generation():
+    rows = generate_synthetic(5, seed=0, split="heldout", domains=["units"]).to_dicts()
+    # Only the first two items are generated (the scripted model fails on any other prompt).
+    lm = ScriptedLM({row["instruction"] + ("\n\n" + row["input"] if row["input"] else ""): row["response"]
+                     for row in rows[:2]})
+    spec = BenchmarkSpec(name="synthetic_units", kind="synthetic", domain="units", n_items=2, n_loss_items=5)
+    outcome = run_benchmark(lm, spec, limit=None)
+    exact, loss = outcome.metrics
+    assert (exact.metric, exact.n_items, exact.item_ids) == ("exact_match", 2, ("synthetic_units/0", "synthetic_units/1"))
+    assert exact.item_scores == (1.0, 1.0)
+    assert loss.metric == "heldout_loss" and loss.n_items == 5 and loss.item_ids[:2] == exact.item_ids
+    assert loss.value == pytest.approx(sum(loss.item_scores) / 5) and loss.stderr > 0
+    # An item's loss is the mean per-token NLL of its reference answer, as scored on its own.
+    context = outcome.items[4].prompt
+    row = rows[4]
+    ((logprob, count, _),) = lm.loglikelihood_with_counts(
+        [(context, lm.render_continuation(row["system"], row["instruction"], row["input"], row["response"]))],
+        move_trailing_whitespace=False)
+    assert loss.item_scores[4] == pytest.approx(-logprob / count, rel=1e-5)
+    assert outcome.n_items == 5 and [i.correct for i in outcome.items] == [True, True, None, None, None]
+    assert outcome.items[4].completion == ""
+
+
 def test_gsm8k_task_on_a_local_file_with_few_shot(tmp_path: Path):
     rows = [{"question": f"Tom has {n} apples and buys {n} more. How many now?", "answer": f"{n}+{n}={2*n}\n#### {2*n}"}
             for n in range(1, 5)]
@@ -173,6 +197,16 @@ def test_evaluate_model_table_has_the_design_schema(tmp_path: Path):
     assert table["model_variant"].unique().to_list() == ["base"]
     assert table["n_items"].to_list() == [2, 2, 2, 2, 2, 1]
     assert (table["seconds"] > 0).all() and table["value"].is_finite().all()
+    # Every row carries its 95% interval: Wilson for 0/1 scores, a bootstrap for the loss.
+    assert (table["ci_low"] <= table["value"]).all() and (table["value"] <= table["ci_high"]).all()
+    methods = dict(zip(table["metric"], table["ci_method"]))
+    assert methods["exact_match"] == "wilson" and methods["heldout_loss"] == "bootstrap BCa"
+    scores = result.item_scores
+    assert scores.schema == pl.Schema(ITEM_SCORES_SCHEMA)
+    per_metric = scores.group_by("benchmark", "metric").agg(pl.len(), pl.col("score").mean())
+    joined = table.join(per_metric, on=["benchmark", "metric"])
+    assert joined.height == table.height and (joined["len"] == joined["n_items"]).all()
+    assert ((joined["score"] - joined["value"]).abs() < 1e-9).all()
     assert result.item_clusters.schema == pl.Schema(ITEM_CLUSTERS_SCHEMA)
     assert result.item_clusters.height == 2 + 2 + 2 + 1 and result.item_clusters["cluster"].null_count() == 7
     assert result.notes["humaneval"] == "first 2 of 164 problems"

@@ -52,6 +52,44 @@ def test_group_metrics_and_counts_from_a_recorded_results_dict():
         outcome_from_lm_eval(RECORDED, BenchmarkSpec(name="hellaswag", kind="lm_eval", lm_eval_task="hellaswag"))
 
 
+def test_per_document_scores_come_from_the_logged_samples_of_each_filter_and_subtask():
+    def logged(doc_id: int, filter_name: str, score: float) -> dict:
+        return {"doc_id": doc_id, "filter": filter_name, "metrics": ["exact_match"], "exact_match": score,
+                "arguments": [(f"question {doc_id}", {})]}
+
+    results = {
+        **RECORDED,
+        "results": {**RECORDED["results"],
+                    "gsm8k": {**RECORDED["results"]["gsm8k"], "exact_match,strict-match": 1 / 3,
+                              "exact_match,flexible-extract": 2 / 3}},
+        "groups": {"mmlu": {"alias": "mmlu", "acc,none": 2 / 3, "acc_stderr,none": 0.3}},
+        "n-samples": {**RECORDED["n-samples"], "gsm8k": {"original": 1319, "effective": 3}},
+        "samples": {
+            "gsm8k": [logged(i, "strict-match", s) for i, s in enumerate([1.0, 0.0, 0.0])]
+                     + [logged(i, "flexible-extract", s) for i, s in enumerate([1.0, 1.0, 0.0])],
+            "mmlu_anatomy": [{"doc_id": 0, "filter": "none", "acc": 1.0, "arguments": [("a0", {})]}],
+            "mmlu_virology": [{"doc_id": 0, "filter": "none", "acc": 0.0, "arguments": [("v0", {})]},
+                              {"doc_id": 1, "filter": "none", "acc": 1.0, "arguments": [("v1", {})]}],
+        },
+    }
+    gsm8k = outcome_from_lm_eval(results, BenchmarkSpec(name="gsm8k", kind="lm_eval", lm_eval_task="gsm8k"))
+    strict, flexible = gsm8k.metrics
+    assert strict.item_ids == ("gsm8k/0", "gsm8k/1", "gsm8k/2") and strict.item_scores == (1.0, 0.0, 0.0)
+    assert flexible.item_scores == (1.0, 1.0, 0.0) and flexible.n_items == 3
+    assert strict.stderr == 0.0096  # lm-eval's own stderr is kept
+    assert [i.item_id for i in gsm8k.items] == ["gsm8k/0", "gsm8k/1", "gsm8k/2"]  # one record per document
+    mmlu = outcome_from_lm_eval(results, BenchmarkSpec(name="mmlu", kind="lm_eval", lm_eval_task="mmlu"))
+    assert mmlu.metrics[0].item_ids == ("mmlu_anatomy/0", "mmlu_virology/0", "mmlu_virology/1")
+    # A metric that is not the mean of its per-document values (corpus-level) keeps its aggregate only.
+    corpus_level = {**results, "results": {**results["results"], "gsm8k": {
+        **results["results"]["gsm8k"], "exact_match,strict-match": 0.14}}}
+    assert outcome_from_lm_eval(corpus_level, BenchmarkSpec(name="gsm8k", kind="lm_eval", lm_eval_task="gsm8k")
+                                ).metrics[0].item_scores == ()
+    # Without logged per-document scores a metric keeps its aggregate and stderr only.
+    assert outcome_from_lm_eval(RECORDED, BenchmarkSpec(name="gsm8k", kind="lm_eval", lm_eval_task="gsm8k")
+                                ).metrics[0].item_scores == ()
+
+
 def test_paper_benchmarks_name_the_papers_settings():
     specs = {s.name: s for s in paper_benchmarks()}
     assert {n: (s.lm_eval_task, s.num_fewshot) for n, s in specs.items() if s.lm_eval_task} == PAPER_LM_EVAL_TASKS
@@ -120,7 +158,10 @@ def test_simple_evaluate_runs_moce_lm_on_local_task_files(tmp_path: Path):
     outcomes = {o.benchmark: o for o in run_lm_eval(lm, specs, limit=None, bootstrap_iters=10, include_path=str(tmp_path))}
     assert outcomes["local_gen"].n_items == 3 and outcomes["local_mc"].n_items == 3
     assert [m.metric for m in outcomes["local_mc"].metrics] == ["acc"]
-    assert outcomes["local_mc"].metrics[0].value in (0.0, 1 / 3, 2 / 3, 1.0)
+    accuracy = outcomes["local_mc"].metrics[0]
+    assert accuracy.value in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert accuracy.item_ids == ("local_mc/0", "local_mc/1", "local_mc/2")
+    assert sum(accuracy.item_scores) / 3 == pytest.approx(accuracy.value)
     # lm-eval rendered the prompts in MoCELM's prompt format, and the items are recorded per document
     prompts = [i.prompt for i in outcomes["local_gen"].items]
     assert len(prompts) == 3 and all(p.startswith("<|im_start|>") for p in prompts)

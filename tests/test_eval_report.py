@@ -1,80 +1,179 @@
-"""The comparison report: variants as columns, deltas against pesc and base, one chart per benchmark,
-prompts per cluster."""
+"""The comparison report: every score with n and interval, differences paired on items with their interval and
+verdict, the average over benchmarks, charts, prompts per cluster. Built from constructed per-item scores whose
+answers are known, through the same functions the pipeline uses."""
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pytest
 
-from moce_model.evaluation.report import build_report, cluster_distribution
-from moce_model.evaluation.runner import ITEM_CLUSTERS_SCHEMA, RESULTS_SCHEMA
+from moce_model.evaluation.benchmarks import BenchmarkOutcome, MetricValue, item_metric
+from moce_model.evaluation.report import build_report, cluster_distribution, comparisons
+from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, item_scores_table, results_table
+
+N_LOSS, N_EXACT = 200, 32
+RNG = np.random.default_rng(0)
+PESC_LOSS = RNG.uniform(0.5, 2.0, N_LOSS)
+LOSS_IDS = [f"synthetic_arithmetic/{i}" for i in range(N_LOSS)]
+EXACT_IDS = LOSS_IDS[:N_EXACT]
 
 
-def _table(variant: str, values: dict[tuple[str, str], float]) -> pl.DataFrame:
-    return pl.DataFrame(
-        [{"model_variant": variant, "benchmark": b, "metric": m, "value": v, "n_items": 10,
-          "stderr": 0.05 if m != "heldout_loss" else None, "seconds": 3.0} for (b, m), v in values.items()],
-        schema=RESULTS_SCHEMA,
-    )
+def _outcomes(exact: list[float], loss: np.ndarray, python: list[float]) -> list[BenchmarkOutcome]:
+    return [
+        BenchmarkOutcome("synthetic_arithmetic", [item_metric("exact_match", EXACT_IDS, exact),
+                                                  item_metric("heldout_loss", LOSS_IDS, list(loss))], N_LOSS),
+        BenchmarkOutcome("synthetic_python", [item_metric("pass@1", [f"py/{i}" for i in range(len(python))], python)],
+                         len(python)),
+    ]
 
 
-def _clusters(benchmark: str, clusters: list[int | None]) -> pl.DataFrame:
-    return pl.DataFrame([{"benchmark": benchmark, "item_id": f"{benchmark}/{i}", "cluster": c}
-                         for i, c in enumerate(clusters)], schema=ITEM_CLUSTERS_SCHEMA)
+def _variant(name: str, exact: list[float], loss: np.ndarray, python: list[float]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    outcomes = _outcomes(exact, loss, python)
+    return results_table(name, outcomes), item_scores_table(name, outcomes)
 
 
-TABLES = [
-    _table("moce", {("synthetic_arithmetic", "exact_match"): 0.6, ("synthetic_arithmetic", "heldout_loss"): 0.8,
-                    ("humaneval", "pass@1"): 0.1}),
-    _table("base", {("synthetic_arithmetic", "exact_match"): 0.1, ("synthetic_arithmetic", "heldout_loss"): 1.5,
-                    ("humaneval", "pass@1"): 0.1}),
-    _table("pesc", {("synthetic_arithmetic", "exact_match"): 0.5, ("synthetic_arithmetic", "heldout_loss"): 0.9,
-                    ("humaneval", "pass@1"): 0.0}),
-]
+# pesc gets items 0-7 right; moce the same plus 8-11 (4 more wins, no losses: not significant at n = 32) and a
+# held-out loss lower by 0.1 on every item (± 0.05 noise: significant); base is 6 wins behind pesc (significant).
+PESC = _variant("pesc", [1.0] * 8 + [0.0] * 24, PESC_LOSS, [1.0, 0.0, 1.0, 0.0])
+MOCE = _variant("moce", [1.0] * 12 + [0.0] * 20, PESC_LOSS - 0.1 + RNG.normal(0, 0.05, N_LOSS), [1.0, 1.0, 1.0, 0.0])
+BASE = _variant("base", [1.0] * 2 + [0.0] * 30, PESC_LOSS + 1.0 + RNG.normal(0, 0.3, N_LOSS), [0.0, 0.0, 1.0, 0.0])
+ALL = [MOCE, BASE, PESC]
 
 
-def test_comparison_has_variants_as_columns_and_deltas():
-    report = build_report(TABLES, [_clusters("humaneval", [None, None])])
-    comparison = report.comparison
-    assert comparison.columns[:5] == ["benchmark", "metric", "base", "pesc", "moce"]
+def _report(variants=ALL):
+    return build_report([table for table, _ in variants], [scores for _, scores in variants])
+
+
+def _difference(report, metric: str, variant: str, reference: str) -> dict:
+    rows = report.differences.filter((pl.col("metric") == metric) & (pl.col("variant") == variant)
+                                     & (pl.col("reference") == reference))
+    assert rows.height == 1, (metric, variant, reference)
+    return rows.row(0, named=True)
+
+
+def test_comparison_has_variants_as_columns_with_value_interval_and_n():
+    comparison = _report().comparison
+    assert comparison.columns[:3] == ["benchmark", "metric", "base"]
+    assert [c for c in comparison.columns if c in ("base", "pesc", "moce")] == ["base", "pesc", "moce"]
     row = comparison.filter(pl.col("metric") == "exact_match").row(0, named=True)
-    assert row["delta_moce_vs_pesc"] == pytest.approx(0.1)
-    assert row["delta_moce_vs_base"] == pytest.approx(0.5)
-    assert row["delta_pesc_vs_base"] == pytest.approx(0.4)
-    assert "delta_base_vs_pesc" in comparison.columns
+    assert row["moce"] == pytest.approx(12 / 32) and row["n_items_moce"] == N_EXACT
+    assert row["moce_ci_low"] < 12 / 32 < row["moce_ci_high"]
     loss = comparison.filter(pl.col("metric") == "heldout_loss").row(0, named=True)
-    assert loss["delta_moce_vs_base"] == pytest.approx(-0.7)
-    assert comparison.height == 3
+    assert loss["n_items_pesc"] == N_LOSS and loss["pesc_ci_low"] < loss["pesc"] < loss["pesc_ci_high"]
 
 
-def test_markdown_charts_and_missing_reference_variants():
-    report = build_report(TABLES, [])
-    assert "| benchmark | metric | base | pesc | moce |" in report.markdown
-    assert "| synthetic_arithmetic | exact_match | 0.100 | 0.500 | 0.600 | 10 |" in report.markdown
-    assert "+0.100" in report.markdown and "lower is better" in report.markdown
-    assert set(report.bar_chart_pngs) == {"synthetic_arithmetic", "humaneval"}
+def test_paired_differences_intervals_and_verdicts():
+    report = _report()
+    loss = _difference(report, "heldout_loss", "moce", "pesc")
+    assert loss["n_items"] == N_LOSS and loss["difference"] == pytest.approx(-0.1, abs=0.01)
+    assert loss["ci_high"] < 0 and loss["significant"] and loss["verdict"] == "moce better"
+    assert loss["method"] == "paired bootstrap BCa"
+    # The paired interval is narrow (per-item noise 0.05) although the losses themselves spread over 0.5-2.0.
+    assert loss["ci_high"] - loss["ci_low"] < 0.03
+    assert loss["mdd"] == pytest.approx(2.8016 * 0.05 / np.sqrt(N_LOSS), rel=0.15)
+
+    four_wins = _difference(report, "exact_match", "moce", "pesc")
+    assert four_wins["difference"] == pytest.approx(4 / 32) and four_wins["method"] == "bonett-price"
+    assert four_wins["ci_low"] < 0 < four_wins["ci_high"] and not four_wins["significant"]
+    assert four_wins["verdict"] == "no significant difference"
+    six_wins = _difference(report, "exact_match", "pesc", "base")
+    assert six_wins["ci_low"] > 0 and six_wins["verdict"] == "pesc better"
+    assert _difference(report, "heldout_loss", "moce", "base")["verdict"] == "moce better"
+    assert report.differences.filter((pl.col("variant") == "base")).height == 0  # no mirrored base − pesc
+
+
+def test_markdown_bolds_only_significant_differences_and_says_no_significant_difference():
+    markdown = _report().markdown
+    lines = {line.split(" | ")[2] + " " + line.split(" | ")[1]: line for line in markdown.splitlines()
+             if line.startswith("| synthetic_") and " − " in line}
+    not_significant = lines["moce − pesc exact_match"]
+    assert "no significant difference" in not_significant and "**" not in not_significant
+    assert "| 32 |" in not_significant and "+0.125 [" in not_significant
+    significant = lines["moce − pesc heldout_loss (lower is better)"]
+    assert "**-0.1" in significant and "moce better" in significant and "| 200 |" in significant
+    assert "Wilson" in markdown and "MDD" in markdown and "(z₀.₉₇₅ + z₀.₈) · s_d / √n" in markdown
+    # Each score cell: value [low, high]; the n column.
+    assert "| synthetic_arithmetic | exact_match | 32 | 0.062 [" in markdown
+
+
+def test_each_variant_is_compared_with_pesc_and_base_without_mirrored_pairs():
+    assert comparisons(["base", "dense_adapter", "pesc", "moce"]) == [
+        ("dense_adapter", "pesc"), ("moce", "pesc"), ("dense_adapter", "base"), ("pesc", "base"), ("moce", "base")]
+    assert comparisons(["moce"]) == []
+    only_moce = _report([MOCE])
+    assert only_moce.differences.height == 0 and "## Paired differences" not in only_moce.markdown
+
+
+def test_pairs_use_only_items_both_models_answered():
+    fewer_table, fewer_scores = _variant("pesc", [1.0] * 8 + [0.0] * 24, PESC_LOSS, [1.0, 0.0, 1.0, 0.0])
+    fewer_scores = fewer_scores.filter(~pl.col("item_id").is_in(LOSS_IDS[150:]))
+    report = build_report([MOCE[0], fewer_table], [MOCE[1], fewer_scores])
+    assert _difference(report, "heldout_loss", "moce", "pesc")["n_items"] == 150
+    no_scores = build_report([MOCE[0], PESC[0]], [])
+    row = _difference(no_scores, "heldout_loss", "moce", "pesc")
+    assert row["verdict"] == "no per-item scores: not compared" and row["ci_low"] is None
+
+
+def test_paper_average_is_the_mean_over_benchmarks_with_interval_and_paired_difference():
+    average = _report().paper_average
+    assert average["benchmarks"][0] == "synthetic_arithmetic exact_match, synthetic_python pass@1"
+    models = {row["variant"]: row for row in average.filter(pl.col("reference").is_null()).iter_rows(named=True)}
+    assert models["moce"]["value"] == pytest.approx((12 / 32 + 3 / 4) / 2)
+    assert models["pesc"]["value"] == pytest.approx((8 / 32 + 2 / 4) / 2)
+    assert models["moce"]["n_items"] == N_EXACT + 4 and models["moce"]["n_benchmarks"] == 2
+    assert models["moce"]["ci_low"] < models["moce"]["value"] < models["moce"]["ci_high"]
+    difference = average.filter((pl.col("variant") == "moce") & (pl.col("reference") == "pesc")).row(0, named=True)
+    assert difference["value"] == pytest.approx(models["moce"]["value"] - models["pesc"]["value"])
+    # Neither benchmark's moce − pesc difference is significant, and neither is their average's.
+    assert difference["ci_low"] < 0 < difference["ci_high"] and not difference["significant"]
+    assert difference["mdd"] > difference["value"]
+    assert "## Paper average" in _report().markdown
+
+
+def test_paper_average_leaves_out_losses_and_benchmarks_without_item_scores():
+    aggregate_only = BenchmarkOutcome("mmlu", [MetricValue("acc", 0.4, 0.01)], 1000)
+    tables = [pl.concat([table, results_table(name, [aggregate_only])])
+              for (table, _), name in zip(ALL, ["moce", "base", "pesc"])]
+    report = build_report(tables, [scores for _, scores in ALL])
+    assert "mmlu" not in report.paper_average["benchmarks"][0]
+    mmlu = report.comparison.filter(pl.col("benchmark") == "mmlu").row(0, named=True)
+    assert mmlu["moce_ci_low"] == pytest.approx(0.4 - 1.96 * 0.01, abs=1e-4)  # lm-eval's stderr, normal interval
+    assert _difference(report, "acc", "moce", "pesc")["verdict"] == "no per-item scores: not compared"
+
+
+def test_charts_have_error_bars_and_cluster_distribution_comes_from_item_scores():
+    report = _report()
+    assert set(report.bar_chart_pngs) == {"synthetic_arithmetic", "synthetic_python"}
     assert all(png.startswith(b"\x89PNG") for png in report.bar_chart_pngs.values())
-    only_moce = build_report(TABLES[:1], [])
-    assert not [c for c in only_moce.comparison.columns if c.startswith("delta_")]
+    routed = MOCE[1].with_columns(
+        pl.when(pl.col("benchmark") == "synthetic_python").then(0).otherwise(1).cast(pl.Int64).alias("cluster"))
+    with_clusters = build_report([MOCE[0], PESC[0]], [routed, PESC[1]])
+    assert with_clusters.cluster_distribution.rows() == [("synthetic_arithmetic", 1, N_LOSS, 1.0),
+                                                         ("synthetic_python", 0, 4, 1.0)]
+    assert "| synthetic_python | 0 | 4 | 100% |" in with_clusters.markdown
 
 
 def test_cluster_distribution_counts_each_prompt_once_and_skips_unrouted_models():
-    routed_moce = _clusters("synthetic_python", [0, 0, 0, 1])
-    routed_ablation = _clusters("synthetic_python", [0, 0, 0, 1])  # same router, same prompts
-    base = _clusters("synthetic_python", [None] * 4)
+    def clusters(values):
+        return pl.DataFrame([{"benchmark": "synthetic_python", "item_id": f"p/{i}", "cluster": c}
+                             for i, c in enumerate(values)], schema={"benchmark": pl.String, "item_id": pl.String,
+                                                                     "cluster": pl.Int64})
+
+    routed_moce, routed_ablation, base = clusters([0, 0, 0, 1]), clusters([0, 0, 0, 1]), clusters([None] * 4)
     distribution = cluster_distribution(pl.concat([routed_moce, routed_ablation, base]))
     assert distribution.rows() == [("synthetic_python", 0, 3, 0.75), ("synthetic_python", 1, 1, 0.25)]
-    report = build_report(TABLES, [routed_moce, base])
-    assert "| synthetic_python | 0 | 3 | 75% |" in report.markdown
-    conflicting = _clusters("synthetic_python", [1, 0, 0, 1])
     with pytest.raises(ValueError, match="different clusters"):
-        cluster_distribution(pl.concat([routed_moce, conflicting]))
+        cluster_distribution(pl.concat([routed_moce, clusters([1, 0, 0, 1])]))
 
 
 def test_bad_tables_are_rejected():
     with pytest.raises(ValueError, match="at least one"):
         build_report([], [])
     with pytest.raises(ValueError, match="missing column"):
-        build_report([TABLES[0].drop("stderr")], [])
+        build_report([MOCE[0].drop("ci_low")], [])
     with pytest.raises(ValueError, match="more than one row"):
-        build_report([TABLES[0], TABLES[0]], [])
+        build_report([MOCE[0], MOCE[0]], [])
+    with pytest.raises(ValueError, match="more than one score"):
+        build_report([MOCE[0]], [MOCE[1], MOCE[1]])
+    assert pl.Schema(ITEM_SCORES_SCHEMA) == MOCE[1].schema

@@ -30,7 +30,8 @@ def test_profiles_name_device_dtype_and_prompt_format():
 def test_benchmark_results_evaluate_in_the_profiles_dtype_and_format(tmp_path: Path, monkeypatch):
     model_dir = save_model_dir(tmp_path / "base")  # its tokenizer has a chat template; the profile names another
     profile = small_profile(tmp_path, eval_dtype="bfloat16", prompt_format="human_assistant")
-    (asset,) = [a for a in build_evaluation_assets(profile) if a.key.to_user_string() == "benchmark_results/base"]
+    (asset,) = [a for a in build_evaluation_assets(profile)
+                if dg.AssetKey(["benchmark_results", "base"]) in a.keys]
 
     built: list[runner.MoCELM] = []
 
@@ -41,8 +42,9 @@ def test_benchmark_results_evaluate_in_the_profiles_dtype_and_format(tmp_path: P
 
     monkeypatch.setattr(runner, "MoCELM", RecordingLM)
     config_class = inspect.signature(asset.op.compute_fn.decorated_fn).parameters["config"].annotation
-    output = asset(context=dg.build_asset_context(), config=config_class(limit_per_benchmark=1),
-                   storage=ArtifactStorage(root=str(tmp_path / "store")), model={"path": str(model_dir)})
+    outputs = asset(context=dg.build_asset_context(), config=config_class(limit_per_benchmark=1),
+                    storage=ArtifactStorage(root=str(tmp_path / "store")), model={"path": str(model_dir)})
+    (output,) = [o for o in outputs if o.output_name == "results"]  # beside it: the per-item scores
 
     (lm,) = built
     assert next(lm.model.parameters()).dtype == torch.bfloat16 and lm.device.type == "cpu"

@@ -25,6 +25,9 @@ NEVER_RERUN_ON_K = [
     "benchmark_results/pesc",
     "benchmark_results/dense_adapter",
     "benchmark_results/base",
+    "benchmark_item_scores/pesc",
+    "benchmark_item_scores/dense_adapter",
+    "benchmark_item_scores/base",
 ]
 RERUN_ON_K = [
     "kmeans_centroids",
@@ -32,6 +35,7 @@ RERUN_ON_K = [
     "moce_adapters/moce",
     "merged_model/moce",
     "benchmark_results/moce",
+    "benchmark_item_scores/moce",
     "benchmark_report",
 ]
 
@@ -78,8 +82,14 @@ def test_every_asset_materialized_and_checks_pass(materialized):
         record = instance.event_log_storage.get_latest_asset_check_execution_by_key([check_key])[check_key]
         assert record.event.dagster_event.event_specific_data.passed, variant
     results = pl.read_parquet(profile.storage_root / "tables" / "benchmark_results" / "moce.parquet")
-    assert results.columns == ["model_variant", "benchmark", "metric", "value", "n_items", "stderr", "seconds"]
-    assert (profile.storage_root / "report" / "benchmark_report.md").exists()
+    assert results.columns == ["model_variant", "benchmark", "metric", "value", "n_items", "stderr", "ci_low",
+                               "ci_high", "ci_method", "seconds"]
+    scores = pl.read_parquet(profile.storage_root / "tables" / "benchmark_item_scores" / "moce.parquet")
+    per_metric = scores.group_by("benchmark", "metric").len()
+    assert results.join(per_metric, on=["benchmark", "metric"]).select((pl.col("len") == pl.col("n_items")).all()).item()
+    report = (profile.storage_root / "report" / "benchmark_report.md").read_text()
+    assert "## Paired differences" in report and "## Paper average" in report
+    assert pl.read_parquet(profile.storage_root / "report" / "paired_differences.parquet").height > 0
 
 
 def test_change_of_k_retrains_only_cluster_variants(materialized):

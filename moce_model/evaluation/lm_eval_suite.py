@@ -13,6 +13,7 @@ produces the generations with `predict_only`, and each document's program runs h
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,8 +26,8 @@ from moce_model.evaluation.benchmarks import (
     BenchmarkSpec,
     ItemRecord,
     MetricValue,
-    _mean_metric,
     humaneval_program,
+    item_metric,
 )
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.sandbox import run_sandboxed_many
@@ -116,7 +117,9 @@ def outcome_from_lm_eval(results: Mapping[str, Any], spec: BenchmarkSpec, lm: Mo
     """One benchmark's metrics from lm-eval's results dict (a task or a group such as mmlu).
 
     Metric keys look like 'acc,none' / 'exact_match,strict-match'; the filter name is kept when it is
-    not 'none'. n_items is the number of evaluated documents (summed over a group's subtasks).
+    not 'none'. n_items is the number of evaluated documents (summed over a group's subtasks). With logged
+    samples (`log_samples=True`) each metric also carries its per-document scores, which lm-eval logs under the
+    metric's name in every sample of that filter; lm-eval's own stderr is kept as the metric's stderr.
     """
     task = spec.lm_eval_task or spec.name
     table = dict(results.get("groups", {})).get(task) or results.get("results", {}).get(task)
@@ -130,18 +133,28 @@ def outcome_from_lm_eval(results: Mapping[str, Any], spec: BenchmarkSpec, lm: Mo
         name, _, filter_name = key.partition(",")
         stderr = table.get(f"{name}_stderr,{filter_name}")
         metric = name if filter_name in ("", "none") else f"{name} ({filter_name})"
-        metrics.append(MetricValue(metric, float(value), float(stderr) if isinstance(stderr, (int, float)) else None))
+        stderr = float(stderr) if isinstance(stderr, (int, float)) else None
+        item_ids, item_scores = _sample_scores(results, task, name, filter_name)
+        # Per-document scores describe the metric only when it aggregates by the mean (acc, exact_match); a
+        # corpus-level metric (bleu, perplexity) keeps its aggregate and lm-eval's stderr alone.
+        if item_scores and math.isclose(sum(item_scores) / len(item_scores), float(value), rel_tol=1e-6, abs_tol=1e-9):
+            metrics.append(MetricValue(metric, float(value), stderr, len(item_scores), item_ids, item_scores))
+        else:
+            metrics.append(MetricValue(metric, float(value), stderr))
     if not metrics:
         raise ValueError(f"lm-eval results for {task!r} hold no numeric metric: {sorted(table)}")
     n_items = _n_items(results, task)
-    logged = [(name, sample) for name in _leaf_tasks(results, task) for sample in results.get("samples", {}).get(name, [])]
-    contexts = [_sample_context(sample) or "" for _, sample in logged]
+    logged: dict[str, tuple[str, Mapping[str, Any]]] = {}
+    for name in _leaf_tasks(results, task):
+        for sample in results.get("samples", {}).get(name, []):
+            logged.setdefault(f"{name}/{sample['doc_id']}", (name, sample))  # a task logs each document once per filter
+    contexts = [_sample_context(sample) or "" for _, sample in logged.values()]
     # Each item's cluster as its requests were routed: by its own document.
-    clusters = (lm.clusters_for_documents([(name, sample["doc"]) for name, sample in logged]) if lm is not None
-                else [None] * len(contexts))
+    clusters = (lm.clusters_for_documents([(name, sample["doc"]) for name, sample in logged.values()])
+                if lm is not None else [None] * len(contexts))
     items = [
-        ItemRecord(f"{name}/{sample['doc_id']}", context, "", None, cluster)
-        for (name, sample), context, cluster in zip(logged, contexts, clusters)
+        ItemRecord(item_id, context, "", None, cluster)
+        for item_id, context, cluster in zip(logged, contexts, clusters)
     ]
     return BenchmarkOutcome(spec.name, metrics, n_items, items,
                             note=f"lm-eval {task}, {spec.num_fewshot}-shot")
@@ -160,11 +173,9 @@ def score_code_samples(
     correct = [r.passed for r in run_sandboxed_many(programs, CODE_TIMEOUT_S, CODE_MEMORY_MB)]
     clusters = (lm.clusters_for_documents([(spec.lm_eval_task, s["doc"]) for s in samples]) if lm is not None
                 else [None] * len(samples))
-    items = [
-        ItemRecord(f"{spec.lm_eval_task}/{s['doc_id']}", p, c, k, cl)
-        for s, p, c, k, cl in zip(samples, contexts, completions, correct, clusters)
-    ]
-    return BenchmarkOutcome(spec.name, [_mean_metric("pass@1", [float(c) for c in correct])], len(samples), items,
+    ids = [f"{spec.lm_eval_task}/{s['doc_id']}" for s in samples]
+    items = [ItemRecord(i, p, c, k, cl) for i, p, c, k, cl in zip(ids, contexts, completions, correct, clusters)]
+    return BenchmarkOutcome(spec.name, [item_metric("pass@1", ids, [float(c) for c in correct])], len(samples), items,
                             note=f"lm-eval {spec.lm_eval_task} generations, {spec.num_fewshot}-shot, sandboxed")
 
 
@@ -180,6 +191,25 @@ def code_program(doc: Mapping[str, Any], completion: str, where: str) -> str:
         f"{where}: a code task's document needs HumanEval's prompt/test/entry_point or MBPP's test_list; "
         f"it has {sorted(doc)}"
     )
+
+
+def _sample_scores(results: Mapping[str, Any], task: str, metric: str, filter_name: str
+                   ) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """(item ids, scores) of `metric` under `filter_name` from the logged samples of `task`'s leaf tasks; empty
+    unless every leaf task logged a numeric score for every one of its documents."""
+    ids: list[str] = []
+    scores: list[float] = []
+    for leaf in _leaf_tasks(results, task):
+        samples = [s for s in results.get("samples", {}).get(leaf, []) if s.get("filter", "none") == filter_name]
+        if not samples:
+            return (), ()
+        for sample in samples:
+            score = sample.get(metric)
+            if not isinstance(score, (int, float)):  # bool counts: some tasks score a document True/False
+                return (), ()
+            ids.append(f"{leaf}/{sample['doc_id']}")
+            scores.append(float(score))
+    return tuple(ids), tuple(scores)
 
 
 def _n_items(results: Mapping[str, Any], task: str) -> int:

@@ -1,5 +1,10 @@
-"""The comparison report over all evaluated variants: markdown table with deltas, a bar chart per
-benchmark, and the distribution of each benchmark's prompts over the clusters (expert groups)."""
+"""The comparison report over all evaluated variants: every score with its n and 95% interval, the differences
+between models paired on items (with their interval and minimum detectable difference), the average over
+benchmarks that the paper reports as its headline, a bar chart with error bars per benchmark, and the
+distribution of each benchmark's prompts over the clusters (expert groups).
+
+How each interval is computed is explained in `moce_model.evaluation.stats`.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +12,54 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
-from moce_model.evaluation.runner import ITEM_CLUSTERS_SCHEMA, RESULTS_SCHEMA
+from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, RESULTS_SCHEMA
+from moce_model.evaluation.stats import ALPHA, POWER, average_difference, average_estimate, paired_difference
 
+# Every variant is compared with these, in this order; a reference is not compared with an earlier one
+# (`pesc − base` is reported, its mirror `base − pesc` is not).
 REFERENCE_VARIANTS: tuple[str, ...] = ("pesc", "base")
 VARIANT_ORDER: tuple[str, ...] = ("base", "dense_adapter", "pesc", "moce")
 LOWER_IS_BETTER: frozenset[str] = frozenset({"heldout_loss"})
+
+DIFFERENCES_SCHEMA: dict[str, pl.DataType] = {
+    "benchmark": pl.String(), "metric": pl.String(), "variant": pl.String(), "reference": pl.String(),
+    "n_items": pl.Int64(), "difference": pl.Float64(), "stderr": pl.Float64(), "ci_low": pl.Float64(),
+    "ci_high": pl.Float64(), "significant": pl.Boolean(), "mdd": pl.Float64(), "method": pl.String(),
+    "verdict": pl.String(),
+}
+AVERAGE_SCHEMA: dict[str, pl.DataType] = {
+    "variant": pl.String(), "reference": pl.String(), "n_benchmarks": pl.Int64(), "n_items": pl.Int64(),
+    "value": pl.Float64(), "stderr": pl.Float64(), "ci_low": pl.Float64(), "ci_high": pl.Float64(),
+    "significant": pl.Boolean(), "mdd": pl.Float64(), "method": pl.String(), "benchmarks": pl.String(),
+}
+
+METHODS_NOTE = (
+    "Each cell is the mean over the benchmark's n items and its 95% interval [low, high]: the Wilson score "
+    "interval for 0/1 scores (exact match, pass@1), a BCa bootstrap over items for the held-out loss (the mean "
+    "over items of each reference answer's mean per-token NLL), value ± 1.96 · stderr for an lm-eval metric "
+    "without per-item scores."
+)
 
 
 @dataclass(frozen=True)
 class Report:
     markdown: str
     comparison: pl.DataFrame
+    differences: pl.DataFrame
+    paper_average: pl.DataFrame
     bar_chart_pngs: dict[str, bytes]
     cluster_distribution: pl.DataFrame
 
 
-def build_report(tables: Sequence[pl.DataFrame], item_clusters: Sequence[pl.DataFrame]) -> Report:
-    """Join per-variant results tables (DESIGN.md schema) and item clusters into the comparison report.
+def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFrame] = ()) -> Report:
+    """Join per-variant results tables (RESULTS_SCHEMA) and per-item scores (ITEM_SCORES_SCHEMA).
 
-    `comparison` has one row per (benchmark, metric), one column per variant (value), n_items per variant,
-    and `delta_<metric-variant>_vs_<ref>` columns against `pesc` and `base` where present.
+    `comparison`: one row per (benchmark, metric), per variant its value, interval and n. `differences`: every
+    variant against each reference variant present, paired on the items both answered. `paper_average`: each
+    variant's mean over benchmarks and its difference from the references.
     """
     if not tables:
         raise ValueError("build_report needs at least one results table")
@@ -40,17 +71,16 @@ def build_report(tables: Sequence[pl.DataFrame], item_clusters: Sequence[pl.Data
     repeated = results.group_by("model_variant", "benchmark", "metric").len().filter(pl.col("len") > 1)
     if repeated.height:
         raise ValueError(f"more than one row for (variant, benchmark, metric): {repeated.drop('len').rows()[:5]}")
+    scores = _concat_scores(item_scores)
     variants = _ordered_variants(results["model_variant"].unique().to_list())
     comparison = _comparison(results, variants)
-    clusters = (
-        pl.concat([c.select(list(ITEM_CLUSTERS_SCHEMA)).cast(ITEM_CLUSTERS_SCHEMA) for c in item_clusters])
-        if item_clusters else pl.DataFrame(schema=ITEM_CLUSTERS_SCHEMA)
-    )
-    distribution = cluster_distribution(clusters)
+    differences = paired_differences(results, scores, variants)
+    average = paper_average(results, scores, variants)
+    distribution = cluster_distribution(scores)
     charts = {benchmark: _bar_chart(results, benchmark, variants)
               for benchmark in results["benchmark"].unique(maintain_order=True).to_list()}
-    markdown = _markdown(results, comparison, variants, distribution)
-    return Report(markdown, comparison, charts, distribution)
+    markdown = _markdown(results, comparison, differences, average, variants, distribution)
+    return Report(markdown, comparison, differences, average, charts, distribution)
 
 
 def cluster_distribution(item_clusters: pl.DataFrame) -> pl.DataFrame:
@@ -72,31 +102,150 @@ def cluster_distribution(item_clusters: pl.DataFrame) -> pl.DataFrame:
     ).sort("benchmark", "cluster")
 
 
+def comparisons(variants: Sequence[str]) -> list[tuple[str, str]]:
+    """(variant, reference) pairs: every variant against each reference present, no mirrored pair."""
+    pairs = []
+    for reference in REFERENCE_VARIANTS:
+        if reference not in variants:
+            continue
+        for variant in variants:
+            if variant == reference:
+                continue
+            if variant in REFERENCE_VARIANTS and REFERENCE_VARIANTS.index(variant) > REFERENCE_VARIANTS.index(reference):
+                continue
+            pairs.append((variant, reference))
+    return pairs
+
+
+def paired_differences(results: pl.DataFrame, scores: pl.DataFrame, variants: Sequence[str]) -> pl.DataFrame:
+    """variant − reference per (benchmark, metric), on the items both answered (DIFFERENCES_SCHEMA)."""
+    rows = []
+    metrics = results.select("benchmark", "metric").unique(maintain_order=True).rows()
+    for variant, reference in comparisons(variants):
+        for benchmark, metric in metrics:
+            have = results.filter((pl.col("benchmark") == benchmark) & (pl.col("metric") == metric))["model_variant"]
+            if variant not in have or reference not in have:
+                continue
+            a, b = _paired_scores(scores, benchmark, metric, variant, reference)
+            row = {"benchmark": benchmark, "metric": metric, "variant": variant, "reference": reference,
+                   "n_items": len(a)}
+            if len(a) == 0:
+                rows.append({**row, "verdict": "no per-item scores: not compared"})
+                continue
+            if len(a) < 2 and not _binary(a, b):
+                rows.append({**row, "difference": float(a[0] - b[0]), "verdict": "one item: not compared"})
+                continue
+            result = paired_difference(a, b)
+            rows.append({**row, "difference": result.difference, "stderr": result.stderr, "ci_low": result.ci_low,
+                         "ci_high": result.ci_high, "significant": result.significant, "mdd": result.mdd,
+                         "method": result.method,
+                         "verdict": _verdict(result.significant, result.difference, metric, variant, reference)})
+    return pl.DataFrame(rows, schema=DIFFERENCES_SCHEMA)
+
+
+def headline_metrics(results: pl.DataFrame) -> dict[str, str]:
+    """benchmark -> the score the paper would average: the benchmark's first metric that is not a loss."""
+    chosen: dict[str, str] = {}
+    for benchmark, metric in results.select("benchmark", "metric").unique(maintain_order=True).rows():
+        if metric not in LOWER_IS_BETTER:
+            chosen.setdefault(benchmark, metric)
+    return chosen
+
+
+def paper_average(results: pl.DataFrame, scores: pl.DataFrame, variants: Sequence[str]) -> pl.DataFrame:
+    """Each variant's unweighted mean over benchmarks of their headline score, with its interval, and each
+    variant's difference from the references, paired on items within each benchmark (intervals: see
+    `stats.average_estimate` and `stats.average_difference`). Only benchmarks scored for every variant with
+    per-item scores on the same items take part, so that all averages are over the same benchmarks and items."""
+    headline = headline_metrics(results)
+    included = []
+    for benchmark, metric in headline.items():
+        per_variant = [_scores_of(scores, benchmark, metric, v) for v in variants]
+        ids = [set(s) for s in per_variant]
+        if all(ids) and all(i == ids[0] for i in ids):
+            included.append((benchmark, metric, sorted(ids[0])))
+    rows = []
+    if not included:
+        return pl.DataFrame(rows, schema=AVERAGE_SCHEMA)
+
+    def per_benchmark(variant: str) -> list[np.ndarray]:
+        arrays = []
+        for benchmark, metric, ids in included:
+            by_id = _scores_of(scores, benchmark, metric, variant)
+            arrays.append(np.array([by_id[i] for i in ids]))
+        return arrays
+
+    common = {"n_benchmarks": len(included), "n_items": sum(len(ids) for _, _, ids in included),
+              "benchmarks": ", ".join(f"{benchmark} {metric}" for benchmark, metric, _ in included)}
+    for variant in variants:
+        estimate = average_estimate(per_benchmark(variant))
+        rows.append({"variant": variant, **common, "value": estimate.value, "stderr": estimate.stderr,
+                     "ci_low": estimate.ci_low, "ci_high": estimate.ci_high, "method": estimate.method})
+    for variant, reference in comparisons(variants):
+        difference = average_difference(per_benchmark(variant), per_benchmark(reference))
+        rows.append({"variant": variant, "reference": reference, **common, "value": difference.difference,
+                     "stderr": difference.stderr, "ci_low": difference.ci_low, "ci_high": difference.ci_high,
+                     "significant": difference.significant, "mdd": difference.mdd, "method": difference.method})
+    return pl.DataFrame(rows, schema=AVERAGE_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _concat_scores(item_scores: Sequence[pl.DataFrame]) -> pl.DataFrame:
+    frames = []
+    for index, frame in enumerate(item_scores):
+        missing = [c for c in ITEM_SCORES_SCHEMA if c not in frame.columns]
+        if missing:
+            raise ValueError(f"item scores {index}: missing column(s) {missing}")
+        frames.append(frame.select(list(ITEM_SCORES_SCHEMA)).cast(ITEM_SCORES_SCHEMA))
+    scores = pl.concat(frames) if frames else pl.DataFrame(schema=ITEM_SCORES_SCHEMA)
+    repeated = scores.group_by("model_variant", "benchmark", "metric", "item_id").len().filter(pl.col("len") > 1)
+    if repeated.height:
+        raise ValueError(f"more than one score for (variant, benchmark, metric, item): {repeated.drop('len').rows()[:5]}")
+    return scores
+
+
+def _scores_of(scores: pl.DataFrame, benchmark: str, metric: str, variant: str) -> dict[str, float]:
+    rows = scores.filter((pl.col("benchmark") == benchmark) & (pl.col("metric") == metric)
+                         & (pl.col("model_variant") == variant))
+    return dict(zip(rows["item_id"].to_list(), rows["score"].to_list()))
+
+
+def _paired_scores(scores: pl.DataFrame, benchmark: str, metric: str, variant: str, reference: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    first = _scores_of(scores, benchmark, metric, variant)
+    second = _scores_of(scores, benchmark, metric, reference)
+    common = sorted(set(first) & set(second))
+    return np.array([first[i] for i in common]), np.array([second[i] for i in common])
+
+
+def _binary(*arrays: np.ndarray) -> bool:
+    return all(np.isin(a, (0.0, 1.0)).all() for a in arrays)
+
+
+def _verdict(significant: bool, difference: float, metric: str, variant: str, reference: str) -> str:
+    if not significant:
+        return "no significant difference"
+    variant_better = difference < 0 if metric in LOWER_IS_BETTER else difference > 0
+    return f"{variant} better" if variant_better else f"{reference} better"
+
+
 def _ordered_variants(variants: list[str]) -> list[str]:
     known = [v for v in VARIANT_ORDER if v in variants]
     return known + sorted(v for v in variants if v not in VARIANT_ORDER)
 
 
 def _comparison(results: pl.DataFrame, variants: list[str]) -> pl.DataFrame:
-    wide = results.pivot(on="model_variant", index=["benchmark", "metric"], values="value")
-    items = results.pivot(on="model_variant", index=["benchmark", "metric"], values="n_items")
-    items = items.rename({v: f"n_items_{v}" for v in variants})
-    comparison = wide.join(items, on=["benchmark", "metric"], how="left")
-    for column in variants:
-        if column not in comparison.columns:
-            comparison = comparison.with_columns(pl.lit(None, pl.Float64).alias(column))
-    for reference in REFERENCE_VARIANTS:
-        if reference not in variants:
-            continue
-        for variant in variants:
-            if variant != reference:
-                comparison = comparison.with_columns(
-                    (pl.col(variant) - pl.col(reference)).alias(f"delta_{variant}_vs_{reference}")
-                )
-    order = results.select("benchmark", "metric").unique(maintain_order=True)
-    return order.join(comparison, on=["benchmark", "metric"], how="left").select(
-        ["benchmark", "metric", *variants, *[c for c in comparison.columns if c.startswith(("delta_", "n_items_"))]]
-    )
+    keys = ["benchmark", "metric"]
+    comparison = results.select(keys).unique(maintain_order=True)
+    for variant in variants:
+        rows = results.filter(pl.col("model_variant") == variant).select(
+            *keys, pl.col("value").alias(variant), pl.col("ci_low").alias(f"{variant}_ci_low"),
+            pl.col("ci_high").alias(f"{variant}_ci_high"), pl.col("n_items").alias(f"n_items_{variant}"),
+        )
+        comparison = comparison.join(rows, on=keys, how="left", maintain_order="left")
+    return comparison
 
 
 def _format(value: float | None, signed: bool = False) -> str:
@@ -105,21 +254,69 @@ def _format(value: float | None, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
-def _markdown(results: pl.DataFrame, comparison: pl.DataFrame, variants: list[str],
-              distribution: pl.DataFrame) -> str:
-    lines = ["## Benchmark comparison", ""]
-    header = ["benchmark", "metric", *variants, "n_items"]
-    deltas = [c for c in comparison.columns if c.startswith("delta_")]
-    header += [c.removeprefix("delta_").replace("_vs_", " vs ") for c in deltas]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
+def _with_interval(value: float | None, low: float | None, high: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    if low is None or high is None:
+        return f"{_format(value, signed)} (no interval)"
+    return f"{_format(value, signed)} [{_format(low, signed)}, {_format(high, signed)}]"
+
+
+def _metric_label(metric: str) -> str:
+    return metric + (" (lower is better)" if metric in LOWER_IS_BETTER else "")
+
+
+def _markdown(results: pl.DataFrame, comparison: pl.DataFrame, differences: pl.DataFrame, average: pl.DataFrame,
+              variants: list[str], distribution: pl.DataFrame) -> str:
+    lines = ["## Benchmark comparison", "", METHODS_NOTE, ""]
+    header = ["benchmark", "metric", "n", *variants]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in comparison.iter_rows(named=True):
         counts = sorted({row[f"n_items_{v}"] for v in variants if row.get(f"n_items_{v}") is not None})
-        cells = [row["benchmark"], row["metric"] + (" (lower is better)" if row["metric"] in LOWER_IS_BETTER else "")]
-        cells += [_format(row[v]) for v in variants]
-        cells.append("/".join(str(c) for c in counts))
-        cells += [_format(row[d], signed=True) for d in deltas]
+        cells = [row["benchmark"], _metric_label(row["metric"]), "/".join(str(c) for c in counts)]
+        cells += [_with_interval(row[v], row[f"{v}_ci_low"], row[f"{v}_ci_high"]) for v in variants]
         lines.append("| " + " | ".join(cells) + " |")
+
+    if differences.height:
+        lines += [
+            "", "## Paired differences", "",
+            "variant − reference on the same items, with its 95% interval; **bold** only where the interval "
+            "excludes 0 (for the held-out loss a negative difference means the variant is better). Intervals: "
+            "Bonett–Price for paired 0/1 scores, BCa bootstrap of the per-item differences otherwise. MDD is the "
+            f"minimum detectable difference of the comparison at its n: (z₀.₉₇₅ + z₀.₈) · s_d / √n, the true "
+            f"difference a two-sided test at α = {ALPHA:.2f} finds with {POWER:.0%} power, with s_d the standard "
+            "deviation of the per-item differences (for 0/1 scores the Bonett–Price adjusted one).", "",
+            "| benchmark | metric | comparison | n | difference [95% CI] | MDD | verdict |", "|---|---|---|---|---|---|---|",
+        ]
+        for row in differences.iter_rows(named=True):
+            cell = _with_interval(row["difference"], row["ci_low"], row["ci_high"], signed=True)
+            if row["significant"]:
+                cell = f"**{cell}**"
+            lines.append(f"| {row['benchmark']} | {_metric_label(row['metric'])} | {row['variant']} − "
+                         f"{row['reference']} | {row['n_items']} | {cell} | {_format(row['mdd'])} | {row['verdict']} |")
+
+    lines += ["", "## Paper average", ""]
+    if average.height:
+        first = average.row(0, named=True)
+        lines += [
+            f"The paper's headline number is the mean over its benchmarks. Here: the unweighted mean over the "
+            f"{first['n_benchmarks']} benchmarks scored for every model ({first['benchmarks']}; {first['n_items']} "
+            "items), each benchmark counted once. 95% interval: the benchmarks' variances add up (they share no "
+            "items), with the Price–Bonett adjustment for proportions and Bonett–Price for paired 0/1 "
+            "differences; differences are paired on items within each benchmark.", "",
+            "| model | average [95% CI] |", "|---|---|",
+        ]
+        for row in average.filter(pl.col("reference").is_null()).iter_rows(named=True):
+            lines.append(f"| {row['variant']} | {_with_interval(row['value'], row['ci_low'], row['ci_high'])} |")
+        lines += ["", "| comparison | difference [95% CI] | MDD | verdict |", "|---|---|---|---|"]
+        for row in average.filter(pl.col("reference").is_not_null()).iter_rows(named=True):
+            cell = _with_interval(row["value"], row["ci_low"], row["ci_high"], signed=True)
+            verdict = _verdict(row["significant"], row["value"], "average", row["variant"], row["reference"])
+            lines.append(f"| {row['variant']} − {row['reference']} | {f'**{cell}**' if row['significant'] else cell} "
+                         f"| {_format(row['mdd'])} | {verdict} |")
+    else:
+        lines.append("No benchmark has per-item scores for every model: no average.")
+
     seconds = results.group_by("model_variant", "benchmark").agg(pl.col("seconds").first()).group_by(
         "model_variant").agg(pl.col("seconds").sum())
     lines += ["", "Evaluation time: " + ", ".join(
@@ -133,6 +330,7 @@ def _markdown(results: pl.DataFrame, comparison: pl.DataFrame, variants: list[st
 
 
 def _bar_chart(results: pl.DataFrame, benchmark: str, variants: list[str]) -> bytes:
+    """One panel per metric: each variant's value with its 95% interval as the error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,15 +340,20 @@ def _bar_chart(results: pl.DataFrame, benchmark: str, variants: list[str]) -> by
     metrics = rows["metric"].unique(maintain_order=True).to_list()
     figure, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 3), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
-        values, errors = [], []
+        values, below, above, counts = [], [], [], set()
         for variant in variants:
             match = rows.filter((pl.col("metric") == metric) & (pl.col("model_variant") == variant))
-            values.append(match["value"][0] if match.height else float("nan"))
-            stderr = match["stderr"][0] if match.height else None
-            errors.append(stderr if stderr is not None else 0.0)
-        axis.bar(variants, values, yerr=errors, color=[f"C{i}" for i in range(len(variants))], capsize=3)
-        axis.set_title(f"{benchmark}: {metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER else ""),
-                       fontsize=9)
+            row = match.row(0, named=True) if match.height else None
+            value = row["value"] if row else float("nan")
+            values.append(value)
+            has_interval = row is not None and row["ci_low"] is not None and row["ci_high"] is not None
+            below.append(value - row["ci_low"] if has_interval else 0.0)
+            above.append(row["ci_high"] - value if has_interval else 0.0)
+            if row:
+                counts.add(row["n_items"])
+        axis.bar(variants, values, yerr=[below, above], color=[f"C{i}" for i in range(len(variants))], capsize=3)
+        n = "/".join(str(c) for c in sorted(counts))
+        axis.set_title(f"{benchmark}: {_metric_label(metric)}\nn = {n}, 95% interval", fontsize=8)
         axis.tick_params(axis="x", labelrotation=20, labelsize=8)
     figure.tight_layout()
     buffer = io.BytesIO()

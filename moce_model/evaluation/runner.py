@@ -24,6 +24,8 @@ from moce_model.evaluation.lm_eval_suite import (
     run_lm_eval,
 )
 
+# One row per (variant, benchmark, metric): the mean over n_items items, its standard error and 95% interval
+# (ci_method names how the interval was computed, see moce_model.evaluation.stats).
 RESULTS_SCHEMA: dict[str, pl.DataType] = {
     "model_variant": pl.String(),
     "benchmark": pl.String(),
@@ -31,7 +33,20 @@ RESULTS_SCHEMA: dict[str, pl.DataType] = {
     "value": pl.Float64(),
     "n_items": pl.Int64(),
     "stderr": pl.Float64(),
+    "ci_low": pl.Float64(),
+    "ci_high": pl.Float64(),
+    "ci_method": pl.String(),
     "seconds": pl.Float64(),
+}
+# One row per (variant, benchmark, metric, item): the item's score, and the expert group (cluster) that answered
+# it (null for models without a cluster router). Differences between models are paired on item_id.
+ITEM_SCORES_SCHEMA: dict[str, pl.DataType] = {
+    "model_variant": pl.String(),
+    "benchmark": pl.String(),
+    "metric": pl.String(),
+    "item_id": pl.String(),
+    "score": pl.Float64(),
+    "cluster": pl.Int64(),
 }
 ITEM_CLUSTERS_SCHEMA: dict[str, pl.DataType] = {"benchmark": pl.String(), "item_id": pl.String(), "cluster": pl.Int64()}
 ITEMS_SCHEMA: dict[str, pl.DataType] = {
@@ -45,14 +60,20 @@ DEFAULT_GSM8K_PATH = Path("/work/shared/data/realmix/gsm8k_test_first100.jsonl")
 
 @dataclass
 class EvalResult:
-    """`table`: one row per (variant, benchmark, metric) in the DESIGN.md schema; `item_clusters`: the expert
-    group (cluster) that answered each prompt, null for models without a router; `items`: per-item prompt,
-    completion and correctness for inspection; `notes`: how each benchmark was subset."""
+    """`table`: one row per (variant, benchmark, metric) with n, stderr and 95% interval (RESULTS_SCHEMA);
+    `item_scores`: every item's score per metric, with the cluster that answered it (ITEM_SCORES_SCHEMA);
+    `items`: per-item prompt, completion and correctness for inspection; `notes`: how each benchmark was
+    subset."""
 
     table: pl.DataFrame
-    item_clusters: pl.DataFrame
+    item_scores: pl.DataFrame
     items: pl.DataFrame
     notes: dict[str, str]
+
+    @property
+    def item_clusters(self) -> pl.DataFrame:
+        """benchmark, item_id, cluster: which expert group answered each prompt (ITEM_CLUSTERS_SCHEMA)."""
+        return self.items.select(list(ITEM_CLUSTERS_SCHEMA)).cast(ITEM_CLUSTERS_SCHEMA)
 
 
 def demo_benchmarks(
@@ -62,17 +83,19 @@ def demo_benchmarks(
     gsm8k_path: str | Path | None = None,
     gsm8k_items: int | None = 6,
     seed: int = 0,
+    n_loss_per_domain: int | None = None,
 ) -> list[BenchmarkSpec]:
     """The offline demo set: `synthetic_<domain>` per domain, a HumanEval subset, and a GSM8K-format file
     when `gsm8k_path` is given (or the realmix sample exists).
 
-    Sizes and token budgets fit four SmolLM2-135M models on a 2-core CPU: the reference answers of the
-    synthetic domains take ~20-30 tokens (python ~40), a greedy HumanEval body rarely needs more than 96.
-    Subsets are named in each benchmark's note and counted in n_items.
+    `n_per_domain` held-out items of each domain are answered by generation; the held-out loss is measured on
+    the first `n_loss_per_domain` (default: the same items), one forward pass each. Token budgets fit
+    SmolLM2-135M: the reference answers of the synthetic domains take ~20-30 tokens (python ~40), a greedy
+    HumanEval body rarely needs more than 96. Subsets are named in each benchmark's note and counted in n_items.
     """
     specs = [
         BenchmarkSpec(name=f"synthetic_{domain}", kind="synthetic", domain=domain, n_items=n_per_domain,
-                      max_new_tokens=80 if domain == "python" else 40, seed=seed)
+                      n_loss_items=n_loss_per_domain, max_new_tokens=80 if domain == "python" else 40, seed=seed)
         for domain in domains
     ]
     specs.append(BenchmarkSpec(name="humaneval", kind="humaneval", n_items=humaneval_items, max_new_tokens=96))
@@ -173,10 +196,7 @@ def evaluate_model(
     share = load_seconds / max(len(outcomes), 1)
     return EvalResult(
         table=results_table(model_variant, outcomes, extra_seconds=share),
-        item_clusters=pl.DataFrame(
-            [{"benchmark": o.benchmark, "item_id": i.item_id, "cluster": i.cluster} for o in outcomes for i in o.items],
-            schema=ITEM_CLUSTERS_SCHEMA,
-        ),
+        item_scores=item_scores_table(model_variant, outcomes),
         items=pl.DataFrame(
             [{"benchmark": o.benchmark, "item_id": i.item_id, "prompt": i.prompt, "completion": i.completion,
               "correct": i.correct, "cluster": i.cluster} for o in outcomes for i in o.items],
@@ -187,16 +207,53 @@ def evaluate_model(
 
 
 def results_table(model_variant: str, outcomes: Sequence[BenchmarkOutcome], extra_seconds: float = 0.0) -> pl.DataFrame:
-    rows = [
-        {"model_variant": model_variant, "benchmark": o.benchmark, "metric": m.metric, "value": m.value,
-         "n_items": o.n_items, "stderr": m.stderr, "seconds": o.seconds + extra_seconds}
-        for o in outcomes for m in o.metrics
-    ]
+    """One row per metric: its value, n, stderr and 95% interval.
+
+    The interval comes from the metric's per-item scores when it has them (Wilson for 0/1 scores, BCa
+    bootstrap otherwise); a metric known only as an aggregate with a standard error (lm-eval without logged
+    samples) gets value ± 1.96 stderr; one with neither gets none, and the report says so.
+    """
+    from moce_model.evaluation.stats import mean_estimate, normal_interval
+
+    rows = []
+    for outcome in outcomes:
+        for metric in outcome.metrics:
+            n_items = metric.n_items if metric.n_items is not None else outcome.n_items
+            stderr, (ci_low, ci_high), ci_method = metric.stderr, normal_interval(metric.value, metric.stderr), None
+            if metric.item_scores:
+                estimate = mean_estimate(metric.item_scores)
+                if abs(estimate.value - metric.value) > 1e-6 * max(1.0, abs(metric.value)):
+                    raise ValueError(f"{outcome.benchmark} {metric.metric}: value {metric.value} is not the mean "
+                                     f"of its {len(metric.item_scores)} item scores ({estimate.value})")
+                # lm-eval's own stderr is kept where it gave one; it is the same s / sqrt(n) for a mean.
+                stderr = metric.stderr if metric.stderr is not None else estimate.stderr
+                ci_low, ci_high, ci_method = estimate.ci_low, estimate.ci_high, estimate.method
+            elif ci_low is not None:
+                ci_method = "normal (stderr)"
+            rows.append({
+                "model_variant": model_variant, "benchmark": outcome.benchmark, "metric": metric.metric,
+                "value": metric.value, "n_items": n_items, "stderr": stderr, "ci_low": ci_low, "ci_high": ci_high,
+                "ci_method": ci_method, "seconds": outcome.seconds + extra_seconds,
+            })
     table = pl.DataFrame(rows, schema=RESULTS_SCHEMA)
     duplicated = table.group_by("benchmark", "metric").len().filter(pl.col("len") > 1)
     if duplicated.height:
         raise ValueError(f"results hold more than one row for {duplicated.select('benchmark', 'metric').rows()}")
     return table
+
+
+def item_scores_table(model_variant: str, outcomes: Sequence[BenchmarkOutcome]) -> pl.DataFrame:
+    """Every item's score per metric, with the cluster (expert group) that answered the item."""
+    rows = []
+    for outcome in outcomes:
+        clusters = {item.item_id: item.cluster for item in outcome.items}
+        for metric in outcome.metrics:
+            rows.extend(
+                {"model_variant": model_variant, "benchmark": outcome.benchmark, "metric": metric.metric,
+                 "item_id": item_id, "score": score, "cluster": clusters.get(item_id)}
+                for item_id, score in zip(metric.item_ids, metric.item_scores)
+            )
+    return pl.DataFrame(rows, schema=ITEM_SCORES_SCHEMA)
 
 
 def model_provenance(model_dir: Path | str) -> dict[str, object]:
