@@ -58,13 +58,15 @@ class Profile:
     # Where and in which dtype the models are evaluated.
     eval_device: str = "cpu"
     eval_dtype: str = "float32"
-    # Demo benchmark sizes. The held-out loss is one forward pass per item, so it gets enough items for small
-    # differences to show; generation costs tens of decoding steps per item, so its subsets are sized to keep
-    # the evaluation of the demo's four models within 4 minutes on 2 CPU cores (README, "Results of the demo").
+    # Demo benchmark sizes. The held-out loss gets 200 items per domain, enough for paired differences of a
+    # few hundredths to show (the report gives each comparison's minimum detectable difference). It is not
+    # cheap on this CPU: one forward pass over ~70 tokens per item, ~0.25 s of one core for SmolLM2-135M in
+    # fp32, so 800 items cost each model ~3.5 core-minutes (README, "Results of the demo"). Generation costs
+    # ~0.75 core-seconds per synthetic item and ~2 per HumanEval / GSM8K item, so those subsets stay small.
     eval_loss_items_per_domain: int = 200
-    eval_generation_items_per_domain: int = 8
-    eval_humaneval_items: int | None = 4
-    eval_gsm8k_items: int | None = 4
+    eval_generation_items_per_domain: int = 16
+    eval_humaneval_items: int | None = 8
+    eval_gsm8k_items: int | None = 8
     training_overrides: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
 
