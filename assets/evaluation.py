@@ -161,6 +161,10 @@ def build_evaluation_assets(profile: Profile) -> list:
         }
         for benchmark, png in list(report.bar_chart_pngs.items())[:12]:
             metadata[f"bars_{benchmark}"] = dg.MetadataValue.md(png_markdown(png, benchmark))
+        if report.differences_chart_png is not None:
+            atomic_write_bytes(report.differences_chart_png, out_dir / "paired_differences.png")
+            metadata["paired_differences"] = dg.MetadataValue.md(
+                png_markdown(report.differences_chart_png, "paired differences"))
         return dg.Output(artifact_ref(out_dir, report=str(out_dir / "benchmark_report.md")), metadata=metadata)
 
     return [*result_assets, benchmark_report]

@@ -146,6 +146,8 @@ def test_charts_have_error_bars_and_cluster_distribution_comes_from_item_scores(
     report = _report()
     assert set(report.bar_chart_pngs) == {"synthetic_arithmetic", "synthetic_python"}
     assert all(png.startswith(b"\x89PNG") for png in report.bar_chart_pngs.values())
+    assert report.differences_chart_png.startswith(b"\x89PNG")
+    assert build_report([MOCE[0], PESC[0]], []).differences_chart_png is None  # nothing paired, no chart
     routed = MOCE[1].with_columns(
         pl.when(pl.col("benchmark") == "synthetic_python").then(0).otherwise(1).cast(pl.Int64).alias("cluster"))
     with_clusters = build_report([MOCE[0], PESC[0]], [routed, PESC[1]])

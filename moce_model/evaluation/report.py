@@ -52,6 +52,7 @@ class Report:
     paper_average: pl.DataFrame
     bar_chart_pngs: dict[str, bytes]
     cluster_distribution: pl.DataFrame
+    differences_chart_png: bytes | None = None
 
 
 def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFrame] = ()) -> Report:
@@ -80,7 +81,7 @@ def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFr
     charts = {benchmark: _bar_chart(results, benchmark, variants)
               for benchmark in results["benchmark"].unique(maintain_order=True).to_list()}
     markdown = _markdown(results, comparison, differences, average, variants, distribution)
-    return Report(markdown, comparison, differences, average, charts, distribution)
+    return Report(markdown, comparison, differences, average, charts, distribution, _differences_chart(differences))
 
 
 def cluster_distribution(item_clusters: pl.DataFrame) -> pl.DataFrame:
@@ -358,5 +359,40 @@ def _bar_chart(results: pl.DataFrame, benchmark: str, variants: list[str]) -> by
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _differences_chart(differences: pl.DataFrame) -> bytes | None:
+    """One panel per metric: every paired difference with its 95% interval, a line at 0; the differences
+    whose interval excludes 0 in colour, the others grey."""
+    compared = differences.filter(pl.col("ci_low").is_not_null())
+    if compared.height == 0:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = compared["metric"].unique(maintain_order=True).to_list()
+    heights = [compared.filter(pl.col("metric") == m).height for m in metrics]
+    figure, axes = plt.subplots(len(metrics), 1, figsize=(9, 0.28 * sum(heights) + 1.2 * len(metrics)),
+                                gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for axis, metric in zip(axes[:, 0], metrics):
+        rows = compared.filter(pl.col("metric") == metric).sort("variant", "reference", "benchmark", descending=True)
+        positions = list(range(rows.height))
+        for position, row in zip(positions, rows.iter_rows(named=True)):
+            colour = "C3" if row["significant"] else "0.6"
+            axis.errorbar(row["difference"], position, xerr=[[row["difference"] - row["ci_low"]],
+                                                             [row["ci_high"] - row["difference"]]],
+                          fmt="o", color=colour, capsize=2, markersize=3)
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_yticks(positions, [f"{r['variant']} − {r['reference']}  {r['benchmark']} (n={r['n_items']})"
+                                    for r in rows.iter_rows(named=True)], fontsize=7)
+        axis.set_title(f"{_metric_label(metric)}: paired difference, 95% interval (red: excludes 0)", fontsize=8)
+        axis.tick_params(axis="x", labelsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")  # long row labels
     plt.close(figure)
     return buffer.getvalue()
