@@ -31,9 +31,14 @@ def expert_use_counts(model: torch.nn.Module, batches: Iterable[Mapping[str, Any
     model.eval()
     moce.reset_expert_use()
     moce.set_expert_use_recording(True)
+    # A QLoRA model is placed on its GPU when it is loaded; the batches come from the CPU collator.
+    device = next(model.parameters()).device
     try:
         for batch in batches:
-            model(**{key: value for key, value in batch.items() if key != "labels"})
+            # No KV cache: counting needs none, and a cache passed to compiled decoder layers specialises them
+            # per layer index (a recompile per layer).
+            model(use_cache=False, **{key: value.to(device) if isinstance(value, torch.Tensor) else value
+                                      for key, value in batch.items() if key != "labels"})
         counts = moce.expert_use_counts().numpy().astype(np.int64)
     finally:
         moce.set_expert_use_recording(previous)

@@ -280,13 +280,19 @@ def _check_columns(rows: pl.DataFrame) -> None:
 
 
 class InstructionCollator:
-    """Pads a batch to its longest sequence and keeps the per-sequence `cluster_ids`."""
+    """Pads a batch to its longest sequence (rounded up to `pad_to_multiple_of` when given) and keeps the
+    per-sequence `cluster_ids`."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive number of tokens, got {pad_to_multiple_of}")
         self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
 
         def pad(key: str, value: int) -> torch.Tensor:
             return torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features], dtype=torch.long)
@@ -368,8 +374,18 @@ def build_model(base_model_dir: str | os.PathLike, moce_config: Any, config: Tra
             target_modules=lora_targets,
         )
     if config.compile:
-        compile_decoder_layers(model)
+        # Static shapes: on CUDA (torch 2.11, QLoRA, bf16) the first recompile with dynamic sequence lengths
+        # failed in AOTAutograd's partitioner ("Node ... was invalid, but is output") at the second step. The
+        # collator pads to `compiled_length_bucket` instead, so a run sees a handful of shapes.
+        compile_decoder_layers(model, dynamic=False)
     return model
+
+
+def compiled_length_bucket(max_length: int) -> int:
+    """Sequence lengths a compiled run pads to a multiple of: a quarter of max_length (rounded up to 8), so at
+    most four lengths, times two batch sizes (full and the epoch's last), stay within dynamo's recompile limit
+    of 8 while a short batch is not padded to max_length."""
+    return max(8, -(-max_length // 4 // 8) * 8)
 
 
 def compile_decoder_layers(model: torch.nn.Module, **compile_kwargs: Any) -> int:
@@ -812,7 +828,10 @@ def train(
         tokenizer.pad_token = tokenizer.eos_token
     fmt = make_prompt_format(training_config.prompt_format, tokenizer)
     dataset, token_stats = build_dataset(train_rows, fmt, training_config.max_length, group_ids)
-    collator = InstructionCollator(tokenizer.pad_token_id)
+    collator = InstructionCollator(
+        tokenizer.pad_token_id,
+        pad_to_multiple_of=compiled_length_bucket(training_config.max_length) if training_config.compile else None,
+    )
 
     set_seed(training_config.seed)
     args = _training_arguments(training_config, checkpoints_dir)

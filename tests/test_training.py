@@ -429,3 +429,22 @@ def test_checkpoints_of_a_different_run_are_not_resumed(tiny_base_dir, tmp_path)
         tiny_base_dir, make_rows(9), None, moce_config("pesc", 1), tiny_training_config(max_steps=4, save_steps=2), run
     )
     assert other_data.resumed_from_step == 0 and other_data.global_step == 4
+
+
+def test_compiled_runs_pad_batches_to_a_few_lengths() -> None:
+    """Compiled layers see static shapes (see build_model): every batch width is a multiple of a quarter of
+    max_length, so a whole run has at most four widths, and the padding is masked out of attention and loss."""
+    from moce_model.training import InstructionCollator, compiled_length_bucket
+
+    assert compiled_length_bucket(512) == 128 and compiled_length_bucket(96) == 24 and compiled_length_bucket(10) == 8
+    collator = InstructionCollator(pad_token_id=0, pad_to_multiple_of=compiled_length_bucket(512))
+    widths = set()
+    for length in range(1, 513, 7):
+        batch = collator([{"input_ids": [5] * length, "attention_mask": [1] * length, "labels": [5] * length,
+                           "cluster_ids": 1}])
+        widths.add(batch["input_ids"].shape[1])
+        assert int(batch["attention_mask"].sum()) == length
+        assert int((batch["labels"] != -100).sum()) == length
+    assert widths == {128, 256, 384, 512}
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        InstructionCollator(pad_token_id=0, pad_to_multiple_of=0)
