@@ -69,7 +69,7 @@ def build_k_sweep_asset(profile: Profile) -> dg.AssetsDefinition:
                 "moce",
                 base_model_dir=base_model["path"],
                 rows=rows,
-                k=k,
+                num_clusters=k,
                 cluster_ids=dict(zip(ids.tolist(), labels.astype(np.int64).tolist())),
                 centroids_ref=centroids_ref,
                 training_config=training_config,

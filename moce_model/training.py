@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moce_model.config import CLUSTER_ROUTED_VARIANTS, IGNORE_INDEX
+from moce_model.config import IGNORE_INDEX, MoCEConfig
 from moce_model.io import atomic_dir
 from moce_model.prompt_format import PromptFormat, make_prompt_format, tokenize_example
 
@@ -181,24 +181,22 @@ class TrainResult:
 def resolve_cluster_ids(
     row_ids: Sequence[str],
     cluster_ids: Mapping[str, int] | None,
-    variant: str,
-    num_groups: int,
+    moce_config: MoCEConfig | None,
     num_clusters: int | None = None,
 ) -> list[int]:
-    """Per-row expert group: the row's cluster for cluster-routed variants, 0 for the others.
+    """Per-row `cluster_ids` of the batch: the row's cluster for variants that route by cluster, 0 for the others
+    (they have one group, or the model hashes the prompt itself).
 
-    Errors name the missing ids (with a count) and any mismatch between the number of clusters and the
-    number of expert groups.
+    `num_clusters` (the clustering's k) is checked against the model's groups; errors name the missing ids
+    (with a count) and cluster ids outside the model's groups.
     """
-    if variant not in CLUSTER_ROUTED_VARIANTS:
+    if moce_config is None or not moce_config.needs_centroids:
         return [0] * len(row_ids)
     if cluster_ids is None:
-        raise ValueError(f"variant {variant!r} routes by cluster but no cluster assignments were given")
-    if num_clusters is not None and num_clusters != num_groups:
-        raise ValueError(
-            f"the clustering has k={num_clusters} centroids but the model config has num_groups={num_groups}; "
-            "set num_groups to the selected k"
-        )
+        raise ValueError(f"variant {moce_config.variant!r} routes by cluster but no cluster assignments were given")
+    if num_clusters is not None:
+        moce_config.check_num_clusters(num_clusters, where="training")
+    num_groups = moce_config.num_groups
     missing = [row_id for row_id in row_ids if row_id not in cluster_ids]
     if missing:
         shown = ", ".join(repr(m) for m in missing[:10])
@@ -802,10 +800,8 @@ def train(
     if training_config.num_threads:
         torch.set_num_threads(training_config.num_threads)
 
-    variant = getattr(moce_config, "variant", None) if moce_config is not None else None
-    num_groups = int(getattr(moce_config, "num_groups", 1)) if moce_config is not None else 1
     _check_columns(train_rows)
-    group_ids = resolve_cluster_ids(train_rows["id"].to_list(), cluster_ids, variant or "", num_groups, num_clusters)
+    group_ids = resolve_cluster_ids(train_rows["id"].to_list(), cluster_ids, moce_config, num_clusters)
 
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     if tokenizer.pad_token_id is None:

@@ -128,23 +128,30 @@ def test_collator_pads_and_keeps_cluster_ids():
 # ---------------------------------------------------------------------------------------------- cluster ids
 
 
+def layout(variant: str, num_clusters: int | None = 2) -> MoCEConfig:
+    return MoCEConfig(variant=variant, num_clusters=num_clusters, experts_per_group=2, top_k=1, adapter_dim=4)
+
+
 def test_missing_cluster_ids_are_listed():
     with pytest.raises(ValueError, match=r"2 of 3 training rows have no cluster assignment.*'b'.*'c'"):
-        resolve_cluster_ids(["a", "b", "c"], {"a": 0}, "moce", num_groups=2)
+        resolve_cluster_ids(["a", "b", "c"], {"a": 0}, layout("moce"))
 
 
 def test_cluster_count_must_match_groups():
-    with pytest.raises(ValueError, match="k=3 centroids but the model config has num_groups=2"):
-        resolve_cluster_ids(["a"], {"a": 0}, "moce", num_groups=2, num_clusters=3)
+    with pytest.raises(ValueError, match="training: the clustering has k=3 clusters but the 'moce' model has num_groups=2"):
+        resolve_cluster_ids(["a"], {"a": 0}, layout("moce"), num_clusters=3)
     with pytest.raises(ValueError, match=r"cluster ids \[5\] are outside 0..1"):
-        resolve_cluster_ids(["a"], {"a": 5}, "moce", num_groups=2)
+        resolve_cluster_ids(["a"], {"a": 5}, layout("moce"))
     with pytest.raises(ValueError, match="no cluster assignments"):
-        resolve_cluster_ids(["a"], None, "cluster_only", num_groups=2)
+        resolve_cluster_ids(["a"], None, layout("cluster_only"))
 
 
 def test_variants_without_cluster_routing_ignore_clusters():
-    assert resolve_cluster_ids(["a", "b"], None, "pesc", num_groups=1) == [0, 0]
-    assert resolve_cluster_ids(["a", "b"], {"a": 3}, "dense_adapter", num_groups=1) == [0, 0]
+    assert resolve_cluster_ids(["a", "b"], None, layout("pesc", None)) == [0, 0]
+    assert resolve_cluster_ids(["a", "b"], {"a": 3}, layout("dense_adapter", None), num_clusters=5) == [0, 0]
+    # random_group hashes the prompt in the model; k only sizes its groups.
+    assert resolve_cluster_ids(["a", "b"], None, layout("random_group", 3), num_clusters=3) == [0, 0]
+    assert resolve_cluster_ids(["a"], None, None) == [0]
 
 
 def test_train_reports_missing_cluster_ids_before_loading_the_model(tiny_base_dir, tmp_path):
