@@ -176,7 +176,7 @@ def test_cluster_ids_reach_the_model_during_training(tiny_base_dir, tmp_path, mo
         model.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
         return model
 
-    monkeypatch.setattr(training, "build_model", recording_build)
+    monkeypatch.setattr(training.trainer, "build_model", recording_build)  # where train() looks it up
     rows = make_rows(8)
     clusters = {row_id: int(row_id[-1]) % 2 for row_id in rows["id"].to_list()}
     result = train(
