@@ -67,9 +67,8 @@ def _moce_config(profile: Profile, variant: str, num_clusters: int | None, embed
 def training_preset(profile: Profile):
     from moce_model.training import TrainingConfig
 
-    preset = TrainingConfig.paper() if profile.training == "paper" else TrainingConfig.demo()
-    return TrainingConfig.from_dict(
-        {**preset.to_dict(), "prompt_format": profile.prompt_format, **profile.training_overrides}
+    return TrainingConfig.preset(profile.training).with_overrides(
+        {"prompt_format": profile.prompt_format, **profile.training_overrides}
     )
 
 
@@ -172,18 +171,23 @@ def merge_variant(adapters_ref: dict, base_model_dir: str, centroids_ref: dict |
 
 
 def build_training_assets(profile: Profile) -> list:
-    from moce_model.training import TrainingConfig
-
     preset = training_preset(profile)
 
     class VariantTrainingConfig(dg.Config):
+        """The launchpad's knobs: the TrainingConfig fields tuned most often, under the same names, applied
+        over the experiment's training config."""
+
         max_steps: int | None = preset.max_steps
-        learning_rate: float = preset.lr
+        lr: float = preset.lr
         per_device_batch_size: int = preset.per_device_batch_size
         max_length: int = preset.max_length
+        seed: int = preset.seed
         train_rows: int | None = profile.train_rows
         """Train on a seeded sample of this many instructions (None: all)."""
-        seed: int = preset.seed
+
+        def training_overrides(self) -> dict:
+            fields = ("max_steps", "lr", "per_device_batch_size", "max_length", "seed")
+            return {name: getattr(self, name) for name in fields}
 
     def training_asset(variant: str) -> dg.AssetsDefinition:
         ins = {"base_model": dg.AssetIn(), "instructions": dg.AssetIn()}
@@ -223,16 +227,7 @@ def build_training_assets(profile: Profile) -> list:
                 if "cluster_assignments" in inputs
                 else None
             )
-            training_config = TrainingConfig.from_dict(
-                {
-                    **preset.to_dict(),
-                    "max_steps": config.max_steps,
-                    "lr": config.learning_rate,
-                    "per_device_batch_size": config.per_device_batch_size,
-                    "max_length": config.max_length,
-                    "seed": config.seed,
-                }
-            )
+            training_config = preset.with_overrides(config.training_overrides())
             ref, metadata = train_variant(
                 context,
                 trainer,

@@ -276,6 +276,39 @@ def test_presets():
         TrainingConfig.from_dict({"learning_rate": 1.0})
 
 
+def test_named_presets_and_overrides():
+    assert TrainingConfig.preset("paper") == TrainingConfig.paper()
+    assert TrainingConfig.preset("demo") == TrainingConfig.demo()
+    with pytest.raises(ValueError, match=r"training preset 'huge' is not one of \['demo', 'paper'\]"):
+        TrainingConfig.preset("huge")
+    paper = TrainingConfig.paper()
+    tuned = paper.with_overrides({"max_steps": 10, "lr": 1, "lora_targets": ["q_proj", "v_proj"]})
+    assert (tuned.max_steps, tuned.lr, tuned.lora_targets) == (10, 1.0, ("q_proj", "v_proj"))
+    assert isinstance(tuned.lr, float)
+    assert tuned.qlora and tuned.optim == paper.optim  # what is not overridden keeps the preset's value
+    assert paper.max_steps is None  # the preset itself is not changed
+    assert paper.with_overrides({}) == paper and paper.with_overrides(None) == paper
+    assert TrainingConfig.demo(max_steps=None).max_steps is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"learning_rate": 1e-4}, r"unknown training config field 'learning_rate' \(did you mean 'lr'\?\)"),
+        ({"max_stpes": 5}, r"unknown training config field 'max_stpes' \(did you mean 'max_steps'\?\)"),
+        ({"zzz": 5}, r"unknown training config field 'zzz'; known fields: \['bf16'"),
+        ({"lr": "fast"}, r"training config field 'lr': expected float, got 'fast' \(str\)"),
+        ({"max_steps": 2.5}, r"training config field 'max_steps': expected int or None, got 2.5"),
+        ({"qlora": "yes"}, r"training config field 'qlora': expected bool, got 'yes'"),
+        ({"per_device_batch_size": True}, r"field 'per_device_batch_size': expected int, got True \(bool\)"),
+        ({"lora_targets": "q_proj"}, r"field 'lora_targets': expected a list of str, got 'q_proj'"),
+    ],
+)
+def test_overrides_are_validated_naming_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingConfig.demo().with_overrides(overrides)
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
