@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moce_model.io import atomic_write_json
 from moce_model.training.config import TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -138,10 +138,7 @@ def discard_checkpoints_of_other_runs(output_dir: Path, fingerprint: str) -> Non
     elif checkpoints_dir.exists():
         logger.warning("checkpoints in %s have no run fingerprint; starting over", output_dir)
         shutil.rmtree(checkpoints_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=output_dir, prefix=f".{RUN_FINGERPRINT_NAME}.", delete=False) as handle:
-        json.dump({"fingerprint": fingerprint}, handle)
-    os.replace(handle.name, marker)
+    atomic_write_json({"fingerprint": fingerprint}, marker)
 
 
 def is_main_process() -> bool:
