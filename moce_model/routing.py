@@ -218,7 +218,7 @@ class PromptRouter:
             prompt = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             text = self.request_text(prompt)
             if text is None:  # plain text (e.g. a text-generation pipeline without a template): all of it
-                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                text = routing_text(None, self.tokenizer.decode(ids, skip_special_tokens=True), None)
             if not text:
                 raise ValueError(f"prompt {row} of the batch is empty: nothing to route by")
             texts.append(text)
