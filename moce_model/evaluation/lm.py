@@ -130,13 +130,13 @@ class MoCELM(HFLM):
         self.model_dir = model_dir
         self.prompt_format = make_prompt_format(prompt_format, self.tokenizer)
         self.variant: str | None = getattr(self.model.config, "variant", None)
+        clusters = getattr(router, "num_clusters", None)
+        if clusters is not None and _needs_centroids(self.model):  # a router of the caller's, not the directory's
+            self.model.config.check_num_clusters(clusters, where="MoCELM router")
         if router is None and model_dir is not None:
-            router = load_router(model_dir, self.model)
+            router = load_router(model_dir, self.model)  # checked against config.json by check_routing_files
         if router is None and _needs_centroids(self.model):
             raise ValueError(f"the {self.variant!r} model routes by cluster: give it a router (centroids + embedder)")
-        clusters = getattr(router, "num_clusters", None)
-        if clusters is not None and _needs_centroids(self.model):
-            self.model.config.check_num_clusters(clusters, where="MoCELM router")
         # Groups chosen by a hash of the prompt tokens (no router, no clustering): resolved per request here.
         self.hashes_prompt = isinstance(self.model.config, MoCEConfig) \
             and self.model.config.group_choice is GroupChoice.HASH
