@@ -8,6 +8,7 @@ those questions (`config.needs_centroids`, `config.token_routing`, ...) instead 
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -53,9 +54,13 @@ class VariantSemantics:
                 f"variant {self.name!r} has one expert group per cluster ({self.group_choice.value} routing): "
                 "it needs num_clusters (the selected k)"
             )
-        if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
+        try:
+            count = operator.index(num_clusters)  # numpy integers too
+        except TypeError:
+            count = None
+        if isinstance(num_clusters, bool) or count is None or count < 1:
             raise ValueError(f"num_clusters must be a positive int, got {num_clusters!r}")
-        return num_clusters
+        return count
 
 
 _SEMANTICS = (

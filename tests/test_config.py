@@ -57,6 +57,15 @@ def test_per_cluster_variants_need_k(variant):
         MoCEConfig(variant=variant, num_clusters=0)
 
 
+def test_num_clusters_may_be_a_numpy_integer():
+    import numpy as np
+
+    config = MoCEConfig(variant="moce", num_clusters=np.int64(4))
+    assert config.num_groups == 4 and type(config.num_groups) is int
+    with pytest.raises(ValueError, match="num_clusters must be a positive int, got 2.5"):
+        MoCEConfig(variant="moce", num_clusters=2.5)
+
+
 def test_single_group_variants_ignore_k():
     assert MoCEConfig(variant="pesc", num_clusters=None).num_groups == 1
     assert MoCEConfig(variant="pesc", num_clusters=9).num_groups == 1
