@@ -46,13 +46,9 @@ def build_k_sweep_asset(profile: Profile) -> dg.AssetsDefinition:
     ) -> dg.Output[pl.DataFrame]:
         from moce_model.clustering import assign, fit_kmeans, read_embeddings, save_centroids
         from moce_model.evaluation.runner import evaluate_model
-        from moce_model.training import TrainingConfig
-
         ids, vectors = read_embeddings(instruction_embeddings["path"])
         rows = instructions.select("id", "system", "instruction", "input", "response")
-        training_config = TrainingConfig.from_dict(
-            {**preset.to_dict(), "max_steps": config.max_steps, "seed": config.seed}
-        )
+        training_config = preset.with_overrides({"max_steps": config.max_steps, "seed": config.seed})
         tables = []
         for k in sorted(set(config.ks)):
             started = time.perf_counter()
@@ -69,7 +65,7 @@ def build_k_sweep_asset(profile: Profile) -> dg.AssetsDefinition:
                 "moce",
                 base_model_dir=base_model["path"],
                 rows=rows,
-                k=k,
+                num_clusters=k,
                 cluster_ids=dict(zip(ids.tolist(), labels.astype(np.int64).tolist())),
                 centroids_ref=centroids_ref,
                 training_config=training_config,

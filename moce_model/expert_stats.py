@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moce_model.io import atomic_write_bytes
 from moce_model.modeling import MoCEForCausalLM
 
 
@@ -83,9 +84,5 @@ def expert_use_heatmap_png(
     plt.close(figure)
     png = buffer.getvalue()
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.tmp")
-        partial.write_bytes(png)
-        partial.replace(path)
+        atomic_write_bytes(png, path)
     return png
