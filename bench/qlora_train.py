@@ -77,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     step_seconds: dict[str, float] = {}
     for variant in [v for v in args.variants.split(",") if v]:
         # `lora`: LoRA alone on the quantised base (no experts), the baseline the MoCE step is compared with.
-        moce = None if variant == "lora" else MoCEConfig(
-            variant=variant, num_groups=4, experts_per_group=4 if variant == "moce" else 16, router_top_k=2,
-            adapter_dim=64)
+        moce = None if variant == "lora" else MoCEConfig.for_variant(
+            variant, num_clusters=4, experts_per_group=4, single_group_experts=16, router_top_k=2, adapter_dim=64)
         routed = moce is not None and moce.num_groups > 1
         clusters = {row_id: i % 4 for i, row_id in enumerate(rows["id"].to_list())} if routed else None
         stamps: list[float] = []
