@@ -11,7 +11,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import md_table
+from assets.common import HEAVY_STEP_TAG, md_table
 from assets.evaluation import evaluation_settings, profile_benchmarks
 from assets.training import merge_variant, train_variant, training_preset
 from pipelines.profiles import Profile
@@ -32,7 +32,7 @@ def build_k_sweep_asset(profile: Profile) -> dg.AssetsDefinition:
         group_name="evaluation",
         kinds={"faiss", "pytorch", "lm_eval"},
         io_manager_key="parquet_io_manager",
-        pool="training",
+        op_tags=HEAVY_STEP_TAG,
         description="Benchmark results of the `moce` variant trained at each k of `ks`, side by side.",
     )
     def k_sweep_results(

@@ -12,7 +12,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
+from assets.common import HEAVY_STEP_TAG, RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
 from moce_model.config import variant_semantics
 from pipelines.profiles import Profile
 from resources.model_source import BaseModelSource
@@ -31,6 +31,7 @@ SAMPLE_PROMPTS = [
     kinds={"pytorch", "safetensors"},
     code_version=TRAINING_CODE_VERSION,
     io_manager_key="json_io_manager",
+    op_tags=HEAVY_STEP_TAG,
     description="The dense base model as a local safetensors checkpoint + tokenizer.",
 )
 def base_model(
@@ -90,15 +91,17 @@ def train_variant(
     clustering's k (None for the variants that do not depend on it), recorded as `k` in metadata and refs."""
     from moce_model.expert_stats import expert_use_heatmap_png
     from moce_model.plots import loss_curve_plot, png_markdown
+    from moce_model.training import training_progress
 
     moce_config = _moce_config(profile, variant, num_clusters, centroids_ref["embedder"] if centroids_ref else None)
     last_logged = [0.0]
+    started = time.perf_counter()
 
     def on_log(logs: dict) -> None:
         now = time.perf_counter()
         if now - last_logged[0] > 15:
             last_logged[0] = now
-            context.log.info(f"{variant}: {logs}")
+            context.log.info(f"{variant}: {training_progress(logs, now - started)}")
 
     result = trainer.train(
         context,
@@ -207,7 +210,7 @@ def build_training_assets(profile: Profile) -> list:
             code_version=TRAINING_CODE_VERSION,
             io_manager_key="json_io_manager",
             automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
-            pool="training",
+            op_tags=HEAVY_STEP_TAG,
             description=f"LoRA + routed adapter experts of the `{variant}` variant trained on the instructions.",
         )
         def moce_adapters(
@@ -256,6 +259,7 @@ def build_training_assets(profile: Profile) -> list:
             group_name="training",
             kinds={"pytorch", "safetensors"},
             code_version=TRAINING_CODE_VERSION,
+            op_tags=HEAVY_STEP_TAG,
             io_manager_key="json_io_manager",
             automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
             description=(

@@ -34,7 +34,7 @@ from moce_model.training.model import (
     trainable_state_dict,
 )
 from moce_model.training.samplers import EpochSeededLengthGroupedSampler, EpochSeededRandomSampler
-from moce_model.training.trainer import ARTIFACT_DIRNAME, OOM_HINT, TrainResult, train
+from moce_model.training.trainer import ARTIFACT_DIRNAME, OOM_HINT, TrainResult, train, training_progress
 
 __all__ = [
     "ALL_PROJECTIONS",
@@ -65,5 +65,6 @@ __all__ = [
     "run_fingerprint",
     "tokenize_example",
     "train",
+    "training_progress",
     "trainable_state_dict",
 ]

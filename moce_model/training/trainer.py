@@ -238,9 +238,38 @@ def _log_relay(on_log: Callable[[dict[str, Any]], None]):
     class LogRelay(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and state.is_world_process_zero:
-                on_log({"step": state.global_step, **logs})
+                on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
 
     return LogRelay()
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def training_progress(logs: Mapping[str, Any], elapsed_seconds: float) -> str:
+    """One line for a person watching a run: step of max, loss, and the time left at the pace so far
+    (`logs` as the log relay passes them: the Trainer's record with `step` and `max_steps`)."""
+    step, max_steps = int(logs.get("step") or 0), int(logs.get("max_steps") or 0)
+    parts = [f"step {step}/{max_steps}" if max_steps else f"step {step}"]
+    for key in ("loss", "aux_loss", "grad_norm", "learning_rate"):
+        if key in logs:
+            value = logs[key]
+            parts.append(f"{key} {float(value):.4g}" if _is_number(value) else f"{key} {value}")
+    parts.append(f"elapsed {_clock(elapsed_seconds)}")
+    if max_steps and 0 < step < max_steps:
+        parts.append(f"ETA {_clock(elapsed_seconds / step * (max_steps - step))}")
+    return ", ".join(parts)
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 OOM_HINT = (
