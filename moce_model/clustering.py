@@ -6,9 +6,11 @@ Distances are cosine distances ``1 - x·c`` with unit-norm centroids. ``inertia`
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -393,3 +395,90 @@ def read_embeddings(path_dir: str | os.PathLike[str], check_values: bool = True)
                 f"shards again"
             )
     return ids, X
+
+
+# ------------------------------------------------------------------------------------------ adaptive clustering
+
+CLUSTER_STATE_NPZ = "cluster_state.npz"
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """What an incremental update needs besides the centroids: every cluster's sum of member vectors and count,
+    and the ids already counted. The centroid of a cluster is its normalised sum, so updating with new rows gives
+    exactly the spherical mean over old and new members, as a refit's last assignment step would."""
+
+    sums: np.ndarray  # (k, d) float64
+    counts: np.ndarray  # (k,) int64
+    ids: np.ndarray  # (n,) str: rows already in the sums
+
+    @property
+    def centroids(self) -> np.ndarray:
+        norms = np.linalg.norm(self.sums, axis=1, keepdims=True)
+        return (self.sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    @classmethod
+    def from_assignment(cls, ids: Sequence[str], X: np.ndarray, centroids: np.ndarray) -> ClusterState:
+        labels, _ = assign(X, centroids)
+        X = _as_unit_float32(X).astype(np.float64)
+        k = centroids.shape[0]
+        sums = np.zeros((k, X.shape[1]), dtype=np.float64)
+        np.add.at(sums, labels, X)
+        return cls(sums, np.bincount(labels, minlength=k).astype(np.int64), np.asarray(list(ids), dtype=str))
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        from moce_model.io import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        np.savez(buffer, sums=self.sums, counts=self.counts, ids=self.ids)
+        path = Path(directory) / CLUSTER_STATE_NPZ
+        atomic_write_bytes(buffer.getvalue(), path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> ClusterState:
+        path = Path(directory) / CLUSTER_STATE_NPZ
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                state = cls(data["sums"], data["counts"], data["ids"])
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"{path}: unreadable cluster state ({type(error).__name__}: {error})") from error
+        if state.sums.ndim != 2 or state.counts.shape != (state.sums.shape[0],) or int(state.counts.sum()) != len(state.ids):
+            raise ValueError(f"{path}: sums {state.sums.shape}, counts {state.counts.shape} and {len(state.ids)} ids "
+                             "do not fit together")
+        return state
+
+
+@dataclass(frozen=True)
+class CentroidUpdate:
+    state: ClusterState
+    drift: np.ndarray  # (k,) cosine distance between each centroid before and after
+    new_rows: np.ndarray  # (k,) new rows assigned to each cluster
+    dropped_ids: int  # ids of the state that are no longer in the data (they stay counted)
+
+
+def update_centroids(state: ClusterState, ids: Sequence[str], X: np.ndarray) -> CentroidUpdate:
+    """Mini-batch spherical k-means step for the rows of (`ids`, `X`) the state has not counted: each is assigned
+    to its nearest current centroid and added to that cluster's sum (Sculley 2010's per-centre learning rate
+    1/count, applied to the batch at once). Rows counted before are not moved between clusters; a refit does
+    that. Written here rather than with scikit-learn's MiniBatchKMeans because its running counts live in a
+    private attribute that cannot be saved without pickle."""
+    ids = np.asarray(list(ids), dtype=str)
+    if len(ids) != X.shape[0]:
+        raise ValueError(f"{len(ids)} ids for {X.shape[0]} embeddings")
+    if X.shape[1] != state.sums.shape[1]:
+        raise ValueError(f"embeddings of dimension {X.shape[1]} do not match the clustering's {state.sums.shape[1]}")
+    seen = np.isin(ids, state.ids)
+    before = state.centroids
+    k = before.shape[0]
+    new_rows = np.zeros(k, dtype=np.int64)
+    sums, counts = state.sums.copy(), state.counts.copy()
+    if (~seen).any():
+        fresh = _as_unit_float32(X[~seen])
+        labels, _ = assign(fresh, before)
+        np.add.at(sums, labels, fresh.astype(np.float64))
+        new_rows = np.bincount(labels, minlength=k).astype(np.int64)
+        counts += new_rows
+    updated = ClusterState(sums, counts, np.concatenate([state.ids, ids[~seen]]))
+    drift = np.maximum(1.0 - np.einsum("kd,kd->k", before, updated.centroids), 0.0)
+    return CentroidUpdate(updated, drift, new_rows, int((~np.isin(state.ids, ids)).sum()))
