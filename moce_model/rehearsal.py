@@ -215,7 +215,8 @@ def write_source_mirrors(datasets_dir: Path, seed: int = 0, rows_per_source: int
     makers = {"slimorca": _slimorca_rows, "metamathqa": _metamathqa_rows,
               "magicoder_oss": _magicoder_oss_rows, "magicoder_evol": _magicoder_evol_rows}
     if set(makers) != set(PAPER_SOURCE_NAMES.values()):
-        raise RuntimeError(f"rehearsal sources {sorted(makers)} do not match the paper's {sorted(PAPER_SOURCE_NAMES.values())}")
+        raise RuntimeError(
+            f"rehearsal sources {sorted(makers)} do not match the paper's {sorted(PAPER_SOURCE_NAMES.values())}")
     for offset, (source, make) in enumerate(makers.items()):
         rows = make(random.Random(seed * 1000 + offset), rows_per_source)
         path = datasets_dir / source / SOURCE_FILES[source]
@@ -318,7 +319,8 @@ def _mbpp_docs(start: int, n: int) -> list[dict[str, Any]]:
             "task_id": task_id,
             "text": f"Write a function to multiply a number by {a}.",
             "code": f"def times_{a}(x):\n    return x * {a}",
-            "test_list": [f"assert times_{a}(1) == {a}", f"assert times_{a}(3) == {3 * a}", f"assert times_{a}(0) == 0"],
+            "test_list": [f"assert times_{a}(1) == {a}", f"assert times_{a}(3) == {3 * a}",
+                          f"assert times_{a}(0) == 0"],
             "test_setup_code": "",
             "challenge_test_list": [],
         })
@@ -435,7 +437,8 @@ def write_lm_eval_tasks(tasks_dir: Path, seed: int = 0) -> dict[str, int]:
 
     # ARC-Challenge: 25-shot from train.
     configs.append(_task(
-        "arc_challenge", files("arc_challenge", {"train": _arc_docs(rng, 25, "train"), "test": _arc_docs(rng, 4, "test")}),
+        "arc_challenge",
+        files("arc_challenge", {"train": _arc_docs(rng, 25, "train"), "test": _arc_docs(rng, 4, "test")}),
         fewshot_split="train", test_split="test", output_type="multiple_choice",
         doc_to_text="Question: {{question}}\nAnswer:", doc_to_choice="{{choices.text}}",
         doc_to_target="{{choices.label.index(answerKey)}}", fewshot_config={"sampler": "first_n"},

@@ -22,8 +22,9 @@ import torch
 
 from moce_model.evaluation.lm_eval_suite import PAPER_LM_EVAL_TASKS
 from moce_model.rehearsal import (
-    RehearsalFixtures,
+    FIXTURE_VERSION,
     build_rehearsal_fixtures,
+    ensure_rehearsal_fixtures,
     lm_eval_test_documents,
     write_lm_eval_tasks,
     write_source_mirrors,
@@ -175,7 +176,8 @@ def test_few_shot_items_are_routed_by_their_own_document(rehearsal):
     data = fixtures.lm_eval_tasks_dir / "data"
 
     def mmlu_text(subject: str, d: dict) -> str:
-        description = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        topic = subject.replace("_", " ")
+        description = f"The following are multiple choice questions (with answers) about {topic}.\n\n"
         choices = "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", d["choices"]))
         return routing_text(description, f"{d['question'].strip()}{choices}\nAnswer:", "")
 
@@ -223,8 +225,11 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_fixture_layout(rehearsal):
+def test_existing_fixtures_are_reused_and_rebuilt_only_when_stale(rehearsal):
     _, fixtures, _, _ = rehearsal
-    assert isinstance(fixtures, RehearsalFixtures)
+    weights = fixtures.base_model_dir / "model.safetensors"
+    built_at = weights.stat().st_mtime_ns
+    assert ensure_rehearsal_fixtures(fixtures.root).root == fixtures.root
+    assert weights.stat().st_mtime_ns == built_at
     manifest = json.loads(fixtures.manifest_path.read_text())
-    assert manifest["root"] == str(fixtures.root)
+    assert manifest["root"] == str(fixtures.root) and manifest["version"] == FIXTURE_VERSION

@@ -229,7 +229,8 @@ def test_hf_source_reads_a_local_mirror_with_the_presets_mapping(tmp_path):
     assert by_dir["domain"].to_list() == ["math"] * 3 and by_dir["problem"].null_count() == 3
     assert by_file.equals(by_dir.head(2))
     with pytest.raises(ValueError, match="mirror of 'meta-math/MetaMathQA' not found"):
-        SourceSpec.from_dict({"name": "mm", "kind": "hf", "path": "meta-math/MetaMathQA", "mirror": str(tmp_path / "x")})
+        SourceSpec.from_dict({"name": "mm", "kind": "hf", "path": "meta-math/MetaMathQA",
+                              "mirror": str(tmp_path / "x")})
     with pytest.raises(ValueError, match="'mirror' is a local copy of an hf dataset"):
         SourceSpec(name="l", kind="local", path=str(mirror_dir / "MetaMathQA-395K.json"), mapping={
             "instruction": "query", "response": "response"}, mirror=str(mirror_dir)).validate()
