@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from assets.common import RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
+from assets.common import HEAVY_STEP_TAG, RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
 from pipelines.profiles import Profile
 from resources.storage import ArtifactStorage
 
@@ -76,7 +76,7 @@ def build_evaluation_assets(profile: Profile) -> list:
                     ),
                 ),
             },
-            pool="evaluation",
+            op_tags=HEAVY_STEP_TAG,
         )
         def evaluate(context: dg.AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage,
                      model: dict):

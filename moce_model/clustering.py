@@ -59,53 +59,58 @@ def count_distinct_points(X: np.ndarray, limit: int, tolerance: float = DISTINCT
     return count
 
 
-def require_distinct_points(X: np.ndarray, k: int, what: str, seed: int = 0) -> None:
-    """Fail clearly when ``X`` has fewer than ``k`` distinct points: k-means would split identical points on
-    float noise and report clusters (and an elbow) that mean nothing."""
+def require_distinct_points(X: np.ndarray, num_clusters: int, what: str, seed: int = 0) -> None:
+    """Fail clearly when ``X`` has fewer than ``num_clusters`` distinct points: k-means would split identical
+    points on float noise and report clusters (and an elbow) that mean nothing."""
     n = X.shape[0]
     found = 0
     if n > DISTINCT_SAMPLE:
         # A sample's distinct points are distinct in the whole set too: usually the sample alone settles it.
         rows = np.random.default_rng(seed).choice(n, size=DISTINCT_SAMPLE, replace=False)
-        found = count_distinct_points(X[rows], k)
-    if found < k:
-        found = count_distinct_points(X, k)
-    if found >= k:
+        found = count_distinct_points(X[rows], num_clusters)
+    if found < num_clusters:
+        found = count_distinct_points(X, num_clusters)
+    if found >= num_clusters:
         return
     if found == 1:
         raise ValueError(
             f"{what}: all {n} embeddings are the same point (the input sides are identical, or differ only in "
-            f"what is not embedded): there is nothing to cluster into k={k} groups"
+            f"what is not embedded): there is nothing to cluster into k={num_clusters} groups"
         )
     raise ValueError(
-        f"{what}: only {found} distinct embeddings among {n} rows, fewer than k={k}: k-means cannot make more "
-        f"clusters than there are distinct points (it would split identical points on float noise); use k <= "
+        f"{what}: only {found} distinct embeddings among {n} rows, fewer than k={num_clusters}: k-means cannot "
+        f"make more clusters than there are distinct points (it would split identical points on float noise); "
+        f"use k <= "
         f"{found} or more varied instructions"
     )
 
 
-def _check_k(k: int, n_rows: int) -> None:
-    if k < 2:
-        raise ValueError(f"k must be >= 2, got k={k}")
-    if k > n_rows:
-        raise ValueError(f"k={k} is larger than the number of rows ({n_rows}); k-means needs at least k rows")
+def _check_num_clusters(num_clusters: int, n_rows: int) -> None:
+    if num_clusters < 2:
+        raise ValueError(f"k must be >= 2, got k={num_clusters}")
+    if num_clusters > n_rows:
+        raise ValueError(
+            f"k={num_clusters} is larger than the number of rows ({n_rows}); k-means needs at least k rows"
+        )
 
 
 DEFAULT_RESTART_SAMPLE = 32_768
 
 
-def _faiss_kmeans(d: int, k: int, n: int, seed: int, niter: int, nredo: int, max_points_per_centroid: int | None):
+def _faiss_kmeans(
+    d: int, num_clusters: int, n: int, seed: int, niter: int, nredo: int, max_points_per_centroid: int | None
+):
     import faiss
 
     return faiss.Kmeans(
         d,
-        k,
+        num_clusters,
         niter=niter,
         nredo=nredo,
         spherical=True,
         seed=seed,
         verbose=False,
-        max_points_per_centroid=max_points_per_centroid or (n // k + 1),
+        max_points_per_centroid=max_points_per_centroid or (n // num_clusters + 1),
         min_points_per_centroid=1,
         # k-means++ seeding: random seeding often merges two true clusters and splits another.
         init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
@@ -114,7 +119,7 @@ def _faiss_kmeans(d: int, k: int, n: int, seed: int, niter: int, nredo: int, max
 
 def fit_kmeans(
     X: np.ndarray,
-    k: int,
+    num_clusters: int,
     seed: int = 0,
     niter: int = 25,
     nredo: int = 3,
@@ -132,16 +137,16 @@ def fit_kmeans(
     """
     X = _as_unit_float32(X)
     n, d = X.shape
-    _check_k(k, n)
-    require_distinct_points(X, k, f"k-means with k={k}", seed=seed)
+    _check_num_clusters(num_clusters, n)
+    require_distinct_points(X, num_clusters, f"k-means with k={num_clusters}", seed=seed)
     init = None
-    if nredo > 1 and restart_sample is not None and n > restart_sample >= k:
+    if nredo > 1 and restart_sample is not None and n > restart_sample >= num_clusters:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=restart_sample, replace=False))
-        restarts = _faiss_kmeans(d, k, restart_sample, seed, niter, nredo, None)
+        restarts = _faiss_kmeans(d, num_clusters, restart_sample, seed, niter, nredo, None)
         restarts.train(X[rows])
         init = np.ascontiguousarray(restarts.centroids, dtype=np.float32)
         nredo = 1
-    kmeans = _faiss_kmeans(d, k, n, seed, niter, nredo, max_points_per_centroid)
+    kmeans = _faiss_kmeans(d, num_clusters, n, seed, niter, nredo, max_points_per_centroid)
     kmeans.train(X, init_centroids=init)
     centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
     norms = np.linalg.norm(centroids, axis=1, keepdims=True)
@@ -216,8 +221,8 @@ def elbow_sweep(
     rng = np.random.default_rng(seed)
     n = X.shape[0]
     sample = X if n <= sample_size else X[np.sort(rng.choice(n, size=sample_size, replace=False))]
-    _check_k(ks[-1], sample.shape[0])
-    _check_k(ks[0], sample.shape[0])
+    _check_num_clusters(ks[-1], sample.shape[0])
+    _check_num_clusters(ks[0], sample.shape[0])
     require_distinct_points(sample, ks[-1], f"elbow sweep over k={ks[0]}..{ks[-1]}", seed=seed)
     n_sil = min(silhouette_sample, sample.shape[0])
     sil_rows = np.sort(rng.choice(sample.shape[0], size=n_sil, replace=False)) if n_sil >= 3 else None

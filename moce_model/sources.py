@@ -55,7 +55,8 @@ _CONVERSATION_FORMATS = ("slimorca", "sharegpt", "conversations")
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
 
 REALMIX_DIR_ENV = "MOCE_REALMIX_DIR"
-DEFAULT_REALMIX_DIR = Path("/work/shared/data/realmix")
+# The samples live beside the checkout (../shared/data/realmix), not in it: they are data, not code.
+DEFAULT_REALMIX_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "realmix"
 
 
 @dataclass(frozen=True)
