@@ -18,7 +18,10 @@ def profile_benchmarks(profile: Profile) -> list:
     from moce_model.evaluation.runner import demo_benchmarks, paper_benchmarks
 
     if profile.benchmarks == "paper":
-        return paper_benchmarks()
+        return paper_benchmarks(lm_eval_tasks_dir=profile.lm_eval_tasks_dir)
+    if profile.lm_eval_tasks_dir is not None:
+        raise ValueError(f"profile {profile.name!r}: lm_eval_tasks_dir stands in for the paper benchmarks' tasks; "
+                         f"it needs benchmarks='paper', not {profile.benchmarks!r}")
     return demo_benchmarks(
         n_per_domain=profile.eval_generation_items_per_domain,
         n_loss_per_domain=profile.eval_loss_items_per_domain,

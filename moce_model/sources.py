@@ -31,6 +31,9 @@ SourceKind = Literal["hf", "local", "synthetic"]
 SOURCE_KINDS: tuple[str, ...] = ("hf", "local", "synthetic")
 # `problem`: why a row cannot be used as read (a mapped value that is not text), null when it can.
 PROBLEM_COLUMN = "problem"
+# The JSON reader's problems travel under a name no dataset uses until the raw shape is built: `problem` is a
+# data column of real datasets (Magicoder-OSS-Instruct's instruction).
+_READ_PROBLEMS = "__moce_read_problems__"
 RAW_COLUMNS: tuple[str, ...] = ("system", "instruction", "input", "response", "domain", "source", PROBLEM_COLUMN)
 MAPPABLE_FIELDS: tuple[str, ...] = ("system", "instruction", "input", "response", "domain")
 REQUIRED_FIELDS: tuple[str, ...] = ("instruction", "response")
@@ -64,6 +67,10 @@ class SourceSpec:
     ``data_files``), a file for ``local``, unused for ``synthetic``. ``mapping`` maps raw fields
     (system/instruction/input/response/domain) to the source's column names. ``domain`` is a fixed label
     for every row (a mapped ``domain`` column wins where it is not null).
+
+    ``mirror`` (hf only): a local copy of the dataset ``path`` names, read by ``datasets`` instead of the Hub
+    with ``path``'s built-in mapping: a directory as ``huggingface-cli download --repo-type dataset`` leaves
+    it (its data files, or the configs its README declares), or one JSON/JSONL/Parquet file.
     """
 
     name: str
@@ -80,6 +87,7 @@ class SourceSpec:
     config_name: str | None = None
     streaming: bool = False
     n_per_domain: int = 150
+    mirror: str | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SourceSpec:
@@ -146,6 +154,16 @@ class SourceSpec:
                 raise ValueError(
                     f"{where}: mapping lacks required field(s) {missing} (file/dataset {self.path!r}); "
                     f"mapping given: {self.mapping}"
+                )
+        if self.mirror is not None:
+            if self.kind != "hf":
+                raise ValueError(f"{where}: 'mirror' is a local copy of an hf dataset; kind {self.kind!r} has none")
+            if not Path(self.mirror).exists():
+                raise ValueError(f"{where}: mirror of {self.path!r} not found: {self.mirror}")
+            if Path(self.mirror).is_file() and _mirror_builder(self.mirror) is None:
+                raise ValueError(
+                    f"{where}: mirror file {self.mirror} is not .json, .jsonl or .parquet; "
+                    f"give one of those or the dataset's directory"
                 )
         if self.kind == "hf" and self.format is not None:
             raise ValueError(
@@ -357,7 +375,7 @@ def _read_json_rows(spec: SourceSpec) -> pl.DataFrame:
                 f"source {spec.name!r}: conversations column {spec.conversations!r} in {spec.path} is not a list of "
                 f"{{from, value}} objects in every row: {err}"
             ) from err
-    columns[PROBLEM_COLUMN] = pl.Series(PROBLEM_COLUMN, problems, dtype=pl.String)
+    columns[_READ_PROBLEMS] = pl.Series(_READ_PROBLEMS, problems, dtype=pl.String)
     return pl.DataFrame(columns)
 
 
@@ -384,6 +402,12 @@ def _scan_local(spec: SourceSpec) -> pl.LazyFrame:
 # ---------------------------------------------------------------------------------------------- HF datasets
 
 
+def _mirror_builder(path: str) -> str | None:
+    """The `datasets` builder of one mirrored data file, by its suffix (None: not a data file)."""
+    suffix = Path(path).suffix.lower()
+    return {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(suffix)
+
+
 def _load_hf_arrow(spec: SourceSpec):  # -> pyarrow.Table
     import datasets
     import pyarrow as pa
@@ -393,19 +417,28 @@ def _load_hf_arrow(spec: SourceSpec):  # -> pyarrow.Table
         kwargs["name"] = spec.config_name
     if spec.data_files is not None:
         kwargs["data_files"] = spec.data_files
+    location = spec.path
+    if spec.mirror is not None:
+        # The same loader as for the Hub, pointed at the local copy: a directory is read as `datasets` reads a
+        # dataset repository (README configs, else its data files); a single file through its builder.
+        location = spec.mirror
+        if Path(spec.mirror).is_file():
+            location = _mirror_builder(spec.mirror) or spec.mirror
+            kwargs["data_files"] = {spec.split: spec.mirror}
     try:
         if spec.streaming:
-            stream = datasets.load_dataset(spec.path, streaming=True, **kwargs)
+            stream = datasets.load_dataset(location, streaming=True, **kwargs)
             if spec.max_rows is not None:
                 stream = stream.take(spec.max_rows)
             batches = list(stream.with_format("arrow").iter(batch_size=10_000))
             if not batches:
                 return pa.table({})
             return pa.concat_tables(batches)
-        dataset = datasets.load_dataset(spec.path, **kwargs)
+        dataset = datasets.load_dataset(location, **kwargs)
     except Exception as err:
         raise ValueError(
             f"source {spec.name!r}: cannot load hf dataset {spec.path!r} (split {spec.split!r}"
+            f"{', mirror ' + repr(spec.mirror) if spec.mirror else ''}"
             f"{', data_files ' + repr(spec.data_files) if spec.data_files else ''}): {type(err).__name__}: {err}"
         ) from err
     formatted = dataset.with_format("arrow")
@@ -471,7 +504,7 @@ def _as_checked_text(
 
 def _to_raw_shape(spec: SourceSpec, frame: pl.LazyFrame) -> pl.LazyFrame:
     schema = frame.collect_schema()
-    available = [name for name in schema.names() if name != PROBLEM_COLUMN]
+    available = [name for name in schema.names() if name != _READ_PROBLEMS]
     where = spec.path or spec.name
     exprs: dict[str, tuple[str, pl.Expr]] = {}
     if spec.conversations is not None:
@@ -491,7 +524,7 @@ def _to_raw_shape(spec: SourceSpec, frame: pl.LazyFrame) -> pl.LazyFrame:
         exprs[target] = (column, pl.col(column))
     dtypes = frame.select([expr.alias(target) for target, (_, expr) in exprs.items()]).collect_schema()
     texts: dict[str, pl.Expr] = {}
-    problems: list[pl.Expr] = [pl.col(PROBLEM_COLUMN)] if PROBLEM_COLUMN in schema else []
+    problems: list[pl.Expr] = [pl.col(_READ_PROBLEMS)] if _READ_PROBLEMS in schema else []
     for target, (column, expr) in exprs.items():
         texts[target], problem = _as_checked_text(spec, target, column, expr, dtypes[target])
         if problem is not None:
@@ -571,15 +604,24 @@ def realmix_sources(directory: str | os.PathLike[str] | None = None) -> list[Sou
     ]
 
 
-def paper_sources(max_rows: int | None = None) -> list[SourceSpec]:
-    """The paper's four HF datasets (about 1M rows in all), with their built-in field mappings."""
-    names = {
-        "Open-Orca/SlimOrca": "slimorca",
-        "meta-math/MetaMathQA": "metamathqa",
-        "ise-uiuc/Magicoder-OSS-Instruct-75K": "magicoder_oss",
-        "ise-uiuc/Magicoder-Evol-Instruct-110K": "magicoder_evol",
-    }
+PAPER_SOURCE_NAMES: dict[str, str] = {
+    "Open-Orca/SlimOrca": "slimorca",
+    "meta-math/MetaMathQA": "metamathqa",
+    "ise-uiuc/Magicoder-OSS-Instruct-75K": "magicoder_oss",
+    "ise-uiuc/Magicoder-Evol-Instruct-110K": "magicoder_evol",
+}
+
+
+def paper_sources(max_rows: int | None = None, mirror_dir: str | os.PathLike[str] | None = None) -> list[SourceSpec]:
+    """The paper's four HF datasets (about 1M rows in all), with their built-in field mappings.
+
+    `mirror_dir`: a folder holding a local copy of each dataset in a subfolder named after its source
+    (`slimorca/`, `metamathqa/`, ...): read from there instead of the Hub, with the same mappings.
+    """
     return [
-        SourceSpec.from_dict({"name": short, "kind": "hf", "path": dataset_id, "max_rows": max_rows})
-        for dataset_id, short in names.items()
+        SourceSpec.from_dict({
+            "name": short, "kind": "hf", "path": dataset_id, "max_rows": max_rows,
+            **({"mirror": str(Path(mirror_dir) / short)} if mirror_dir is not None else {}),
+        })
+        for dataset_id, short in PAPER_SOURCE_NAMES.items()
     ]

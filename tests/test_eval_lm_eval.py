@@ -247,3 +247,21 @@ def test_lm_eval_requests_are_routed_by_their_own_document(tmp_path: Path):
     # routed by its whole context, the python item would have followed the exemplars
     python_context = next(p for p in prompts if PYTHON_ITEM in p)
     assert int(real_router.assign([python_context])[0]) == 1
+
+
+def test_a_task_folder_stands_in_for_lm_eval_s_own_tasks(tmp_path: Path):
+    """Paper benchmarks pointed at a task folder take their tasks from it alone; a task it lacks is named."""
+    specs = paper_benchmarks(lm_eval_tasks_dir=tmp_path)
+    assert {s.lm_eval_tasks_dir for s in specs} == {str(tmp_path)}
+    assert [(s.name, s.lm_eval_task, s.num_fewshot, s.kind) for s in specs] == [
+        (s.name, s.lm_eval_task, s.num_fewshot, s.kind) for s in paper_benchmarks()]
+    (tmp_path / "gsm8k.yaml").write_text(
+        f"task: gsm8k\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'x.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n")
+    gsm8k = next(s for s in specs if s.name == "gsm8k")
+    mmlu = next(s for s in specs if s.name == "mmlu")
+    with pytest.raises(ValueError, match=r"lm-eval task\(s\) \['mmlu'\] not defined in the task folder"):
+        run_lm_eval(None, [gsm8k, mmlu], limit=None)
+    with pytest.raises(ValueError, match="lm-eval task folder not found"):
+        run_lm_eval(None, [BenchmarkSpec(name="g", kind="lm_eval", lm_eval_task="gsm8k",
+                                         lm_eval_tasks_dir=str(tmp_path / "absent"))], limit=None)

@@ -195,6 +195,51 @@ def test_hf_presets_map_the_paper_schemas(tmp_path, dataset_id, row):
     mapping = preset["mapping"]
     assert frame["instruction"][0] == row[mapping["instruction"]]
     assert frame["response"][0] == row[mapping["response"]]
+    # Magicoder-OSS names its instruction column `problem`: data, not the raw shape's problem marker.
+    assert frame["problem"].null_count() == frame.height
+
+
+def test_a_data_column_named_problem_is_not_taken_for_a_problem_marker(tmp_path):
+    """Magicoder-OSS's instruction column is called `problem`, like the raw shape's problem marker."""
+    mapping = HF_PRESETS["ise-uiuc/Magicoder-OSS-Instruct-75K"]["mapping"]
+    hf_path = _write_jsonl(tmp_path / "hf.jsonl", [{"problem": "Write a sort.", "solution": "sorted(x)"}])
+    hf = load_source({"name": "oss", "kind": "hf", "path": "json", "data_files": str(hf_path), "mapping": mapping})
+    assert hf.select("instruction", "response", "problem").rows() == [("Write a sort.", "sorted(x)", None)]
+    local_path = _write_jsonl(tmp_path / "local.jsonl", [{"problem": "Write a sort.", "solution": "sorted(x)"},
+                                                         {"problem": "Write a max.", "solution": 7}])
+    local = load_source({"name": "oss", "kind": "local", "path": str(local_path), "mapping": mapping})
+    assert local["instruction"].to_list() == ["Write a sort.", "Write a max."]
+    assert local["problem"][0] is None
+    assert "column 'solution' (mapped to 'response') holds a number" in local["problem"][1]
+
+
+def test_hf_source_reads_a_local_mirror_with_the_presets_mapping(tmp_path):
+    """A mirrored copy of a Hub dataset (a directory, or one file) is read through `datasets` with the mapping
+    of the dataset id, so users with mirrored datasets keep the paper's specs."""
+    mirror_dir = tmp_path / "MetaMathQA"
+    mirror_dir.mkdir()
+    rows = [{"query": f"What is {i} + 1?", "response": f"The answer is: {i + 1}", "type": "GSM_AnsAug",
+             "original_question": "q"} for i in range(3)]
+    (mirror_dir / "MetaMathQA-395K.json").write_text(json.dumps(rows))  # one JSON array, as on the Hub
+    by_dir = load_source({"name": "mm", "kind": "hf", "path": "meta-math/MetaMathQA", "mirror": str(mirror_dir)})
+    by_file = load_source({"name": "mm", "kind": "hf", "path": "meta-math/MetaMathQA",
+                           "mirror": str(mirror_dir / "MetaMathQA-395K.json"), "max_rows": 2})
+    _check_raw_shape(by_dir)
+    assert by_dir["instruction"].to_list() == [r["query"] for r in rows]
+    assert by_dir["domain"].to_list() == ["math"] * 3 and by_dir["problem"].null_count() == 3
+    assert by_file.equals(by_dir.head(2))
+    with pytest.raises(ValueError, match="mirror of 'meta-math/MetaMathQA' not found"):
+        SourceSpec.from_dict({"name": "mm", "kind": "hf", "path": "meta-math/MetaMathQA",
+                              "mirror": str(tmp_path / "x")})
+    with pytest.raises(ValueError, match="'mirror' is a local copy of an hf dataset"):
+        SourceSpec(name="l", kind="local", path=str(mirror_dir / "MetaMathQA-395K.json"), mapping={
+            "instruction": "query", "response": "response"}, mirror=str(mirror_dir)).validate()
+    names = ("slimorca", "metamathqa", "magicoder_oss", "magicoder_evol")
+    for name in names:
+        (tmp_path / "mirrors" / name).mkdir(parents=True)
+    specs = paper_sources(mirror_dir=tmp_path / "mirrors")
+    assert [(s.path, s.mirror) for s in specs] == [(s.path, str(tmp_path / "mirrors" / name))
+                                                   for s, name in zip(paper_sources(), names)]
 
 
 def test_hf_missing_column_is_named(tmp_path):

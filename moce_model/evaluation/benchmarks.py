@@ -42,7 +42,9 @@ class BenchmarkSpec:
     `num_fewshot` for few-shot examples (earlier turns in the prompt format).
     lm_eval: lm-eval task `lm_eval_task` with `num_fewshot`; lm_eval_code: an lm-eval code task (HumanEval,
     MBPP) whose generations run in the sandbox. `completion`: the task's prompt is the start of the answer
-    (HumanEval), so lm-eval runs it as a plain completion, without the prompt format.
+    (HumanEval), so lm-eval runs it as a plain completion, without the prompt format. `lm_eval_tasks_dir`: a
+    folder of lm-eval task YAMLs that define `lm_eval_task` in place of lm-eval's own (Hub) tasks: an offline
+    mirror, or the paper rehearsal's local tasks; None uses lm-eval's registry.
     """
 
     name: str
@@ -57,6 +59,7 @@ class BenchmarkSpec:
     seed: int = 0
     lm_eval_task: str | None = None
     completion: bool = False
+    lm_eval_tasks_dir: str | None = None
 
 
 @dataclass(frozen=True)

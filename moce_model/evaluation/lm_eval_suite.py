@@ -58,19 +58,25 @@ def run_lm_eval(lm: MoCELM, specs: Sequence[BenchmarkSpec], limit: int | None,
     `include_path`: a folder of extra lm-eval task YAMLs (e.g. tasks over local JSONL files).
     """
     import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    task_manager = TaskManager(include_path=include_path) if include_path else TaskManager()
 
     outcomes: list[BenchmarkOutcome] = []
-    settings: dict[tuple[int, bool, bool], list[BenchmarkSpec]] = {}
+    settings: dict[tuple[int, bool, bool, str | None], list[BenchmarkSpec]] = {}
     for spec in specs:
         if spec.kind not in LM_EVAL_KINDS or not spec.lm_eval_task:
             raise ValueError(f"benchmark {spec.name!r}: not an lm-eval task (kind {spec.kind!r})")
-        settings.setdefault((spec.num_fewshot, spec.kind == "lm_eval_code", spec.completion), []).append(spec)
-    for (num_fewshot, sandboxed, completion), group in settings.items():
+        key = (spec.num_fewshot, spec.kind == "lm_eval_code", spec.completion, spec.lm_eval_tasks_dir)
+        settings.setdefault(key, []).append(spec)
+    task_managers: dict[str | None, Any] = {}
+    for (num_fewshot, sandboxed, completion, tasks_dir), group in settings.items():
         started = time.perf_counter()
+        if tasks_dir not in task_managers:
+            task_managers[tasks_dir] = _task_manager(tasks_dir, include_path)
+        task_manager = task_managers[tasks_dir]
         names = [spec.lm_eval_task for spec in group]
+        missing = sorted(set(names) - set(task_manager.all_tasks))
+        if missing:
+            where = f"the task folder {tasks_dir}" if tasks_dir else "lm-eval's registry"
+            raise ValueError(f"lm-eval task(s) {missing} not defined in {where}")
         with _code_task_modules_loadable(sandboxed):
             loaded = task_manager.load(names)
         lm.use_tasks(loaded["tasks"])
@@ -92,6 +98,19 @@ def run_lm_eval(lm: MoCELM, specs: Sequence[BenchmarkSpec], limit: int | None,
             outcome.seconds = seconds
             outcomes.append(outcome)
     return outcomes
+
+
+def _task_manager(tasks_dir: str | None, include_path: str | None):
+    """lm-eval's task index: a benchmark's own task folder alone when it names one, so that its local tasks
+    stand in for the Hub tasks of the same name (and the thousands of registry YAMLs are not indexed); else
+    lm-eval's registry, plus `include_path`."""
+    from lm_eval.tasks import TaskManager
+
+    if tasks_dir is not None:
+        if not os.path.isdir(tasks_dir):
+            raise ValueError(f"lm-eval task folder not found: {tasks_dir}")
+        return TaskManager(include_path=tasks_dir, include_defaults=False)
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
 
 
 @contextlib.contextmanager

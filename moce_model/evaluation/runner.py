@@ -132,13 +132,18 @@ def demo_benchmarks(
     return specs
 
 
-def paper_benchmarks() -> list[BenchmarkSpec]:
+def paper_benchmarks(lm_eval_tasks_dir: str | Path | None = None) -> list[BenchmarkSpec]:
     """The paper's table through lm-eval's own tasks: MMLU 5-shot, GSM8K 5-shot, MATH 4-shot, HellaSwag 10-shot,
-    ARC-Challenge 25-shot, MBPP 3-shot and HumanEval 0-shot completion (both run in the sandbox)."""
+    ARC-Challenge 25-shot, MBPP 3-shot and HumanEval 0-shot completion (both run in the sandbox).
+
+    `lm_eval_tasks_dir`: a folder whose task YAMLs define the same task names (an offline mirror, or the paper
+    rehearsal's toy tasks); they are run instead of lm-eval's Hub tasks, with the same settings.
+    """
+    tasks_dir = str(lm_eval_tasks_dir) if lm_eval_tasks_dir is not None else None
     return [
         BenchmarkSpec(name=name, kind="lm_eval_code" if name in PAPER_CODE_BENCHMARKS else "lm_eval",
                       lm_eval_task=task, num_fewshot=shots, max_new_tokens=512,
-                      completion=name in PAPER_COMPLETION_BENCHMARKS)
+                      completion=name in PAPER_COMPLETION_BENCHMARKS, lm_eval_tasks_dir=tasks_dir)
         for name, (task, shots) in PAPER_LM_EVAL_TASKS.items()
     ]
 
