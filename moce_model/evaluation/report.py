@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from moce_model.evaluation.benchmarks import ROUTING_METRICS
 from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, RESULTS_SCHEMA
 from moce_model.evaluation.stats import ALPHA, POWER, average_difference, average_estimate, paired_difference
 
@@ -22,7 +23,7 @@ from moce_model.evaluation.stats import ALPHA, POWER, average_difference, averag
 # (`pesc − base` is reported, its mirror `base − pesc` is not).
 REFERENCE_VARIANTS: tuple[str, ...] = ("pesc", "base")
 VARIANT_ORDER: tuple[str, ...] = ("base", "dense_adapter", "pesc", "moce")
-LOWER_IS_BETTER: frozenset[str] = frozenset({"heldout_loss"})
+LOWER_IS_BETTER: frozenset[str] = frozenset({"heldout_loss", "heldout_loss_of_parts"})
 
 DIFFERENCES_SCHEMA: dict[str, pl.DataType] = {
     "benchmark": pl.String(), "metric": pl.String(), "variant": pl.String(), "reference": pl.String(),
@@ -148,7 +149,7 @@ def headline_metrics(results: pl.DataFrame) -> dict[str, str]:
     """benchmark -> the score the paper would average: the benchmark's first metric that is not a loss."""
     chosen: dict[str, str] = {}
     for benchmark, metric in results.select("benchmark", "metric").unique(maintain_order=True).rows():
-        if metric not in LOWER_IS_BETTER:
+        if metric not in LOWER_IS_BETTER and metric not in ROUTING_METRICS:
             chosen.setdefault(benchmark, metric)
     return chosen
 
@@ -228,6 +229,8 @@ def _binary(*arrays: np.ndarray) -> bool:
 def _verdict(significant: bool, difference: float, metric: str, variant: str, reference: str) -> str:
     if not significant:
         return "no significant difference"
+    if metric in ROUTING_METRICS:  # where prompts went: a difference, not a better model
+        return f"{variant} higher" if difference > 0 else f"{reference} higher"
     variant_better = difference < 0 if metric in LOWER_IS_BETTER else difference > 0
     return f"{variant} better" if variant_better else f"{reference} better"
 

@@ -107,8 +107,11 @@ def demo_benchmarks(
     gsm8k_items: int | None = 6,
     seed: int = 0,
     n_loss_per_domain: int | None = None,
+    blends: Sequence[str] = (),
+    n_blend_items: int = 50,
 ) -> list[BenchmarkSpec]:
-    """The offline demo set: `synthetic_<domain>` per domain, a HumanEval subset, and a GSM8K-format file
+    """The offline demo set: `synthetic_<domain>` per domain, `blended_<first>_<second>` for each "first+second"
+    of `blends` (prompts that need two domains, `n_blend_items` each), a HumanEval subset, and a GSM8K-format file
     when `gsm8k_path` is given (or `default_gsm8k_path()` finds one).
 
     `n_per_domain` held-out items of each domain are answered by generation; the held-out loss is measured on
@@ -121,6 +124,8 @@ def demo_benchmarks(
                       n_loss_items=n_loss_per_domain, max_new_tokens=80 if domain == "python" else 40, seed=seed)
         for domain in domains
     ]
+    specs += [BenchmarkSpec(name=f"blended_{pair.replace('+', '_')}", kind="blended", domain=pair,
+                            n_loss_items=n_blend_items, seed=seed) for pair in blends]
     specs.append(BenchmarkSpec(name="humaneval", kind="humaneval", n_items=humaneval_items, max_new_tokens=96))
     if gsm8k_path is None:
         gsm8k_path = default_gsm8k_path()
@@ -197,7 +202,7 @@ def evaluate_model(
     specs = [
         dataclasses.replace(
             spec,
-            seed=seed if spec.kind == "synthetic" else spec.seed,
+            seed=seed if spec.kind in ("synthetic", "blended") else spec.seed,
             max_new_tokens=min(spec.max_new_tokens, max_new_tokens) if max_new_tokens else spec.max_new_tokens,
         )
         for spec in specs
