@@ -82,6 +82,14 @@ class SourceSpec:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SourceSpec:
+        spec = cls(**cls.normalised(raw))
+        spec.validate()
+        return spec
+
+    @classmethod
+    def normalised(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """The spec's keys with aliases replaced and an HF dataset's built-in mapping filled in; unknown keys,
+        a bad name or kind are errors. The values' types are checked where the spec is built."""
         raw = dict(raw)
         for alias, key in _KEY_ALIASES.items():
             if alias in raw:
@@ -114,14 +122,14 @@ class SourceSpec:
             raw = {**preset, **raw}
         elif kind == "hf" and raw.get("domain") is None and str(raw.get("path", "")) in HF_PRESETS:
             raw["domain"] = HF_PRESETS[str(raw["path"])]["domain"]
-        spec = cls(**raw)
-        spec.validate()
-        return spec
+        return raw
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def validate(self) -> None:
+    def validate(self, check_files: bool = True) -> None:
+        """`check_files=False` leaves a local file's existence to loading time (an experiment file may name
+        data that only the machine running it has)."""
         where = f"source {self.name!r}"
         if self.kind not in SOURCE_KINDS:
             raise ValueError(f"{where}: unknown kind {self.kind!r}; expected one of {list(SOURCE_KINDS)}")
@@ -154,7 +162,7 @@ class SourceSpec:
         if self.kind == "local":
             if self.format is not None and self.format not in LOCAL_FORMATS:
                 raise ValueError(f"{where}: unknown format {self.format!r}; expected one of {list(LOCAL_FORMATS)}")
-            if not Path(self.path).is_file():
+            if check_files and not Path(self.path).is_file():
                 raise ValueError(f"{where}: file not found: {self.path}")
 
 
