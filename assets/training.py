@@ -14,7 +14,7 @@ import polars as pl
 
 from assets.common import RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
 from moce_model.config import CLUSTER_ROUTED_VARIANTS
-from pipelines.profiles import Profile
+from moce_model.experiment import Experiment
 from resources.model_source import BaseModelSource
 from resources.storage import ArtifactStorage
 from resources.trainer import TrainerResource
@@ -53,32 +53,24 @@ def base_model(
     )
 
 
-def _moce_config(profile: Profile, variant: str, k: int | None, embedder: dict | None):
+def _moce_config(experiment: Experiment, variant: str, k: int | None, embedder: dict | None):
     from moce_model.config import MoCEConfig
 
+    experts = experiment.experts
     return MoCEConfig(
         variant=variant,
         num_groups=k if variant in USES_K else 1,
-        experts_per_group=profile.pesc_experts if variant == "pesc" else profile.experts_per_group,
-        top_k=profile.top_k,
-        adapter_dim=profile.adapter_dim,
+        experts_per_group=experts.pesc_experts if variant == "pesc" else experts.experts_per_group,
+        top_k=experts.top_k,
+        adapter_dim=experts.adapter_dim,
         embedder=embedder if variant in USES_CENTROIDS else None,
-    )
-
-
-def training_preset(profile: Profile):
-    from moce_model.training import TrainingConfig
-
-    preset = TrainingConfig.paper() if profile.training == "paper" else TrainingConfig.demo()
-    return TrainingConfig.from_dict(
-        {**preset.to_dict(), "prompt_format": profile.prompt_format, **profile.training_overrides}
     )
 
 
 def train_variant(
     context: dg.AssetExecutionContext,
     trainer: TrainerResource,
-    profile: Profile,
+    experiment: Experiment,
     variant: str,
     *,
     base_model_dir: str,
@@ -93,7 +85,7 @@ def train_variant(
     from moce_model.expert_stats import expert_use_heatmap_png
     from moce_model.plots import loss_curve_plot, png_markdown
 
-    moce_config = _moce_config(profile, variant, k, centroids_ref["embedder"] if centroids_ref else None)
+    moce_config = _moce_config(experiment, variant, k, centroids_ref["embedder"] if centroids_ref else None)
     last_logged = [0.0]
 
     def on_log(logs: dict) -> None:
@@ -172,17 +164,17 @@ def merge_variant(adapters_ref: dict, base_model_dir: str, centroids_ref: dict |
     )
 
 
-def build_training_assets(profile: Profile) -> list:
+def build_training_assets(experiment: Experiment) -> list:
     from moce_model.training import TrainingConfig
 
-    preset = training_preset(profile)
+    preset = experiment.training_config()
 
     class VariantTrainingConfig(dg.Config):
         max_steps: int | None = preset.max_steps
         learning_rate: float = preset.lr
         per_device_batch_size: int = preset.per_device_batch_size
         max_length: int = preset.max_length
-        train_rows: int | None = profile.train_rows
+        train_rows: int | None = experiment.training.train_rows
         """Train on a seeded sample of this many instructions (None: all)."""
         seed: int = preset.seed
 
@@ -235,7 +227,7 @@ def build_training_assets(profile: Profile) -> list:
             ref, metadata = train_variant(
                 context,
                 trainer,
-                profile,
+                experiment,
                 variant,
                 base_model_dir=inputs["base_model"]["path"],
                 rows=rows,
@@ -276,7 +268,7 @@ def build_training_assets(profile: Profile) -> list:
             )
             from moce_model.generate import generate
 
-            samples = generate(path, SAMPLE_PROMPTS, max_new_tokens=48, prompt_format_name=profile.prompt_format)
+            samples = generate(path, SAMPLE_PROMPTS, max_new_tokens=48, prompt_format_name=experiment.base_model.prompt_format)
             sample_table = pl.DataFrame(
                 {
                     "prompt": SAMPLE_PROMPTS,
@@ -322,7 +314,7 @@ def build_training_assets(profile: Profile) -> list:
         return [merged_model, merged_equals_unmerged]
 
     built: list = []
-    for variant in profile.variants:
+    for variant in experiment.variants:
         built.append(training_asset(variant))
         built.extend(merged_asset(variant))
     return built
