@@ -131,7 +131,7 @@ def materialize_unsynced(
     if dry_run:
         return True
     started = time.perf_counter()
-    result = defs.get_job_def("demo_pipeline").execute_in_process(
+    result = defs.resolve_job_def("demo_pipeline").execute_in_process(
         instance=instance,
         asset_selection=todo,
         raise_on_error=False,
