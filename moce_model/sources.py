@@ -18,7 +18,6 @@ content: Parquet by its magic bytes; JSON as an array of objects or as JSON Line
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -50,9 +49,6 @@ _KEY_ALIASES = {"fields": "mapping", "dataset": "path"}
 # For hf sources, these ``format`` values mean: a ShareGPT ``conversations`` column.
 _CONVERSATION_FORMATS = ("slimorca", "sharegpt", "conversations")
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
-
-REALMIX_DIR_ENV = "MOCE_REALMIX_DIR"
-DEFAULT_REALMIX_DIR = Path("/work/shared/data/realmix")
 
 
 @dataclass(frozen=True)
@@ -549,44 +545,3 @@ def load_source(spec: SourceSpec | Mapping[str, Any]) -> pl.DataFrame:
     if frame.height == 0:
         raise _empty_dataset(spec)
     return frame
-
-
-# ------------------------------------------------------------------------------------------------ profiles
-
-
-def demo_sources(n_per_domain: int = 150, seed: int = 0) -> list[SourceSpec]:
-    return [SourceSpec(name="synthetic", kind="synthetic", n_per_domain=n_per_domain, seed=seed)]
-
-
-def realmix_dir() -> Path:
-    return Path(os.environ.get(REALMIX_DIR_ENV, DEFAULT_REALMIX_DIR))
-
-
-def realmix_sources(directory: str | os.PathLike[str] | None = None) -> list[SourceSpec]:
-    """The four real samples (GSM8K train sample and three GPTeacher subsets), one source each."""
-    root = Path(directory) if directory is not None else realmix_dir()
-    gpteacher = {"instruction": "instruction", "input": "input", "response": "response"}
-    return [
-        SourceSpec(name="gsm8k", kind="local", path=str(root / "gsm8k_train_sample.jsonl"),
-                   mapping={"instruction": "question", "response": "answer"}, domain="math"),
-        SourceSpec(name="gpteacher_codegen", kind="local", path=str(root / "gpteacher_codegen_sample.json"),
-                   mapping=dict(gpteacher), domain="code"),
-        SourceSpec(name="gpteacher_roleplay", kind="local", path=str(root / "gpteacher_roleplay_sample.json"),
-                   mapping=dict(gpteacher), domain="roleplay"),
-        SourceSpec(name="gpteacher_toolformer", kind="local", path=str(root / "gpteacher_toolformer_sample.json"),
-                   mapping=dict(gpteacher), domain="toolformer"),
-    ]
-
-
-def paper_sources(max_rows: int | None = None) -> list[SourceSpec]:
-    """The paper's four HF datasets (about 1M rows in all), with their built-in field mappings."""
-    names = {
-        "Open-Orca/SlimOrca": "slimorca",
-        "meta-math/MetaMathQA": "metamathqa",
-        "ise-uiuc/Magicoder-OSS-Instruct-75K": "magicoder_oss",
-        "ise-uiuc/Magicoder-Evol-Instruct-110K": "magicoder_evol",
-    }
-    return [
-        SourceSpec.from_dict({"name": short, "kind": "hf", "path": dataset_id, "max_rows": max_rows})
-        for dataset_id, short in names.items()
-    ]

@@ -4,17 +4,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from moce_model.sources import (
-    HF_PRESETS,
-    RAW_COLUMNS,
-    SourceSpec,
-    demo_sources,
-    load_source,
-    paper_sources,
-    realmix_dir,
-    realmix_sources,
-    scan_source,
-)
+from moce_model.experiment import load_experiment
+from moce_model.sources import HF_PRESETS, RAW_COLUMNS, SourceSpec, load_source, scan_source
+
+REALMIX_SOURCES = load_experiment("realmix").sources
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -205,11 +198,12 @@ def test_hf_missing_column_is_named(tmp_path):
         load_source(spec)
 
 
-def test_paper_and_demo_lists():
-    specs = paper_sources(max_rows=1000)
+def test_paper_and_demo_experiments_sources():
+    specs = load_experiment("paper").sources
     assert [s.path for s in specs] == list(HF_PRESETS)
-    assert all(s.kind == "hf" and s.max_rows == 1000 for s in specs)
-    demo = demo_sources(n_per_domain=5)
+    assert all(s.kind == "hf" and (s.mapping or s.conversations) and s.domain for s in specs)  # presets filled in
+    demo = [SourceSpec(name=spec.name, kind=spec.kind, n_per_domain=5, seed=spec.seed)
+            for spec in load_experiment("demo").sources]
     frame = load_source(demo[0])
     assert frame.height == 20 and {"answer", "test_code"} <= set(frame.columns)
     assert scan_source(demo[0]).collect().equals(frame)
@@ -218,9 +212,9 @@ def test_paper_and_demo_lists():
 # --------------------------------------------------------------------------------------- the real samples
 
 
-@pytest.mark.skipif(not realmix_dir().is_dir(), reason="realmix samples not present")
+@pytest.mark.skipif(not Path(REALMIX_SOURCES[0].path).is_file(), reason="realmix samples not present")
 def test_realmix_samples_load():
-    frames = {spec.name: load_source(spec) for spec in realmix_sources()}
+    frames = {spec.name: load_source(spec) for spec in REALMIX_SOURCES}
     assert set(frames) == {"gsm8k", "gpteacher_codegen", "gpteacher_roleplay", "gpteacher_toolformer"}
     for name, frame in frames.items():
         _check_raw_shape(frame)
