@@ -82,6 +82,15 @@ def test_a_new_experiment_file_runs_the_data_half_through_moce_run(tmp_path, cle
     assert moce(["run", "--experiment", str(path), "--select", DATA_HALF]) == 0
     assert "nothing to run" in capsys.readouterr().out
 
+    # A new k makes exactly the clustering downstream of it stale.
+    knee = instance.get_latest_materialization_event(dg.AssetKey("selected_k")).asset_materialization
+    new_k = 3 if knee.metadata["k"].value != 3 else 4
+    assert moce(["set-k", str(new_k), "--experiment", str(path)]) == 0
+    assert moce(["run", "--experiment", str(path), "--select", DATA_HALF, "--dry-run"]) == 0
+    planned = capsys.readouterr().out.split("to materialize:")[1].split("explore")[0].split("\n")
+    assert [line.split()[0] for line in planned if line.strip()] == ["cluster_assignments", "kmeans_centroids"]
+    assert any("kmeans_centroids" in line and "input selected_k has a new data version" in line for line in planned)
+
 
 @pytest.mark.parametrize(
     ("change", "expected"),
@@ -192,3 +201,38 @@ def test_demo_experiment_keeps_the_demo_scale(clean_env):
     assert demo.storage_root == EXPERIMENTS_DIR.parents[1] / ".moce_data" / "demo"
     clean_env.setenv("MOCE_DATA_DIR", "/tmp/moce-elsewhere")
     assert load_experiment("demo").storage_root == Path("/tmp/moce-elsewhere")
+
+
+def test_moce_generate_answers_with_a_model_directory_and_says_where_it_routed(tmp_path, clean_env, capsys):
+    from tests.test_eval_fixtures import save_routed_model_dir
+
+    model = save_routed_model_dir(tmp_path / "merged")
+    assert moce(["generate", "--model", str(model), "--max-new-tokens", "4", "What is 12 plus 7 apples?"]) == 0
+    assert "### routed: cluster 1 -> expert group 1" in capsys.readouterr().out
+
+
+def test_moce_generate_and_eval_say_when_the_experiment_has_no_trained_model(tmp_path, clean_env):
+    path = _write(tmp_path / "mine.yaml", _my_experiment())
+    with pytest.raises(SystemExit, match=r"no model at .*merged_model/moce: train it first"):
+        moce(["generate", "--experiment", str(path), "hello"])
+    with pytest.raises(SystemExit, match=r"no trained model in .*merged_model: run `moce run` first"):
+        moce(["eval", "--experiment", str(path)])
+
+
+def test_moce_eval_evaluates_with_the_experiments_sizes(tmp_path, clean_env, capsys):
+    from tests.test_eval_fixtures import save_model_dir
+
+    model = save_model_dir(tmp_path / "base")
+    sizes = {"loss_items_per_domain": 1, "generation_items_per_domain": 1, "humaneval_items": 1, "gsm8k_items": 1}
+    path = _write(tmp_path / "mine.yaml", _my_experiment(evaluation=sizes))
+    assert moce(["eval", "--experiment", str(path), "--model", f"base={model}", "--", "--threads", "1"]) == 0
+    output = capsys.readouterr().out
+    assert "base: evaluated in" in output
+    assert "synthetic_arithmetic" in output and "humaneval" in output
+
+
+def test_moce_sweep_refuses_a_bad_list_of_k(clean_env):
+    with pytest.raises(SystemExit, match="expected numbers separated by commas"):
+        moce(["sweep", "--ks", "2,x"])
+    with pytest.raises(SystemExit, match="every k must be at least 2"):
+        moce(["sweep", "--ks", "1,3"])
