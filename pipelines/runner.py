@@ -116,10 +116,12 @@ def materialize_unsynced(
     selection: dg.AssetSelection | None = None,
     *,
     dry_run: bool = False,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> bool:
     """Materialize `unsynced_asset_keys` in one run, printing what runs, why, and the seconds per step and asset
-    group. Returns whether everything succeeded (True when there was nothing to do)."""
+    group (to `out`, default: the current sys.stdout). Returns whether everything succeeded (True when there was
+    nothing to do)."""
+    out = out or sys.stdout
     todo = unsynced_asset_keys(defs, instance, selection)
     if not todo:
         print("every asset is up to date (same code and data versions): nothing to run", file=out)
