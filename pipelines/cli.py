@@ -11,17 +11,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moce_model.experiment import (
-    EXPERIMENT_ENV,
-    PROFILE_ENV,
-    REPO_ROOT,
-    Experiment,
-    ExperimentError,
-    experiment_path,
-    load_experiment,
-    selected_experiment,
-)
+if TYPE_CHECKING:
+    from moce_model.experiment import Experiment
+
+# The library (and torch with it) is imported only once a command runs, so that `moce --help` answers at once.
 
 EPILOG = """\
 examples:
@@ -43,6 +38,8 @@ goes to <storage_root>/dagster_home unless DAGSTER_HOME is set.
 def _select_experiment(name: str | None) -> Experiment:
     """Load the experiment and make it the one the Definitions (and any `dagster` process started from here)
     load: they read MOCE_EXPERIMENT."""
+    from moce_model.experiment import EXPERIMENT_ENV, PROFILE_ENV, experiment_path, load_experiment, selected_experiment
+
     chosen = name or selected_experiment()
     experiment = load_experiment(chosen)
     os.environ[EXPERIMENT_ENV] = str(experiment_path(chosen))
@@ -79,6 +76,8 @@ def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
 
     instance = _instance(experiment)
     print(f"experiment={experiment.name} storage={experiment.storage_root} DAGSTER_HOME={instance.root_directory}")
+    if experiment.description:
+        print(experiment.description)
     selection = dg.AssetSelection.from_string(args.select) if args.select else None
     ok = materialize_unsynced(_definitions(experiment), instance, selection, dry_run=args.dry_run)
     report = experiment.storage_root / "report" / "benchmark_report.md"
@@ -172,6 +171,8 @@ def cmd_eval(args: argparse.Namespace, experiment: Experiment) -> int:
 
 
 def cmd_ui(args: argparse.Namespace, experiment: Experiment) -> int:
+    from moce_model.experiment import REPO_ROOT
+
     _instance(experiment)
     os.chdir(REPO_ROOT)
     command = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port), "-w", "workspace.yaml"]
@@ -246,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "evaluation_args", None) and args.evaluation_args[0] == "--":
         args.evaluation_args = args.evaluation_args[1:]
+    from moce_model.experiment import ExperimentError
+
     try:
         experiment = _select_experiment(args.experiment)
     except ExperimentError as err:

@@ -85,7 +85,9 @@ def unsynced_asset_keys(
     from pipelines.definitions import PIPELINE
 
     graph = defs.resolve_asset_graph()
-    in_scope = (selection or PIPELINE).required_multi_asset_neighbors().resolve(graph)
+    # The k sweep is not part of the pipeline (it runs on demand: `moce sweep`), whatever the selection says.
+    scope = PIPELINE if selection is None else selection & PIPELINE
+    in_scope = scope.required_multi_asset_neighbors().resolve(graph)
     not_fresh = stale_reasons(defs, instance, in_scope)
     if not not_fresh:
         return []
