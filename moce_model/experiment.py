@@ -20,6 +20,7 @@ This module does not import Dagster: the pipeline's assets and the `moce` comman
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import typing
@@ -172,6 +173,7 @@ class Experts(_Section):
         return self
 
 
+@functools.cache
 def _training_overrides_model() -> type[BaseModel]:
     """A schema of every TrainingConfig field, all optional, so overrides are type-checked by name."""
     from moce_model.training import TrainingConfig
@@ -384,8 +386,6 @@ def _describe(error: ValidationError, file: Path, variables: dict[tuple, str]) -
     lines = [f"{file}: {error.error_count()} problem(s) in the experiment file:"]
     for problem in error.errors(include_url=False):
         loc = tuple(problem["loc"])
-        # A `list[...]` of dataclasses adds the dataclass's name to the path; the file does not have it.
-        loc = tuple(part for part in loc if part != "SourceSpec")
         key, value, kind = _dotted(loc), problem.get("input"), problem["type"]
         if kind == "missing":
             line = f"  {key}: required, but missing"
