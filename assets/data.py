@@ -31,7 +31,7 @@ def build_raw_source_assets(experiment: Experiment) -> list[dg.AssetsDefinition]
             group_name="data",
             kinds=_source_kinds(spec),
             # The spec (path, mapping, ...) is part of the definition: pointing a source at another file makes
-            # it stale. `instructions` has a content data version, so an unchanged result re-runs nothing else.
+            # it stale, so `moce run` reads the new file.
             code_version=f"{DATA_CODE_VERSION}+{_spec_digest(spec)}",
             io_manager_key="parquet_io_manager",
             description=f"Raw `{spec.kind}` source `{spec.name}` mapped to the common instruction fields.",
