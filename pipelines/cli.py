@@ -74,12 +74,21 @@ def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
 
     from pipelines.runner import materialize_unsynced
 
+    defs = _definitions(experiment)
+    selection = None
+    if args.select:
+        try:
+            selection = dg.AssetSelection.from_string(args.select)
+            selected = selection.resolve(defs.resolve_asset_graph())
+        except Exception as err:  # Dagster raises several error types for a bad selection string
+            raise SystemExit(f"moce run: --select {args.select!r}: {err}") from None
+        if not selected:
+            raise SystemExit(f"moce run: --select {args.select!r} selects no asset of experiment {experiment.name!r}")
     instance = _instance(experiment)
     print(f"experiment={experiment.name} storage={experiment.storage_root} DAGSTER_HOME={instance.root_directory}")
     if experiment.description:
         print(experiment.description)
-    selection = dg.AssetSelection.from_string(args.select) if args.select else None
-    ok = materialize_unsynced(_definitions(experiment), instance, selection, dry_run=args.dry_run)
+    ok = materialize_unsynced(defs, instance, selection, dry_run=args.dry_run)
     report = experiment.storage_root / "report" / "benchmark_report.md"
     if ok and report.exists():
         print(f"\nbenchmark report: {report}")

@@ -231,6 +231,13 @@ def test_moce_eval_evaluates_with_the_experiments_sizes(tmp_path, clean_env, cap
     assert "synthetic_arithmetic" in output and "humaneval" in output
 
 
+@pytest.mark.parametrize("selection", ["grp:data", "key:nonesuch"])
+def test_moce_run_refuses_a_selection_that_is_invalid_or_empty(tmp_path, clean_env, selection):
+    path = _write(tmp_path / "mine.yaml", _my_experiment())
+    with pytest.raises(SystemExit, match=f"--select '{selection}'"):
+        moce(["run", "--experiment", str(path), "--select", selection, "--dry-run"])
+
+
 def test_moce_sweep_refuses_a_bad_list_of_k(clean_env):
     with pytest.raises(SystemExit, match="expected numbers separated by commas"):
         moce(["sweep", "--ks", "2,x"])
