@@ -22,7 +22,9 @@ def clean_env(monkeypatch):
     """The selection variables as a user without any would have them; restored afterwards (the `moce`
     command sets MOCE_EXPERIMENT and DAGSTER_HOME for the processes it starts)."""
     for name in ("MOCE_EXPERIMENT", "MOCE_PROFILE", "MOCE_DATA_DIR", "DAGSTER_HOME"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first: monkeypatch restores only what it recorded, and deleting an unset variable records nothing.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
