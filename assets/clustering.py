@@ -25,6 +25,10 @@ def build_clustering_assets(experiment: Experiment) -> list:
         silhouette_sample_rows: int = settings.silhouette_sample_rows
         seed: int = experiment.seed
 
+    class DriftCheckConfig(dg.Config):
+        drift_warning: float = 0.05
+        """Warn when a centroid moved by more than this cosine distance in one incremental update."""
+
     class SelectedKConfig(dg.Config):
         k: int | None = settings.k
         """Override the knee of the elbow curve with this k (None: use the knee)."""
@@ -33,6 +37,9 @@ def build_clustering_assets(experiment: Experiment) -> list:
         iterations: int = settings.iterations
         restarts: int = settings.restarts
         seed: int = experiment.seed
+        incremental: bool = False
+        """Adaptive clustering: keep the last centroids at this k and add only the new instructions to them
+        (mini-batch spherical k-means step) instead of refitting on all rows."""
 
     @dg.asset(
         group_name="clustering",
@@ -120,27 +127,73 @@ def build_clustering_assets(experiment: Experiment) -> list:
         instruction_embeddings: dict,
         storage: ArtifactStorage,
     ) -> dg.Output[dict]:
-        from moce_model.clustering import fit_kmeans, read_embeddings, save_centroids
-
-        _, vectors = read_embeddings(instruction_embeddings["path"])
-        started = time.perf_counter()
-        centroids = fit_kmeans(
-            vectors, selected_k, seed=config.seed, niter=config.iterations, nredo=config.restarts
+        from moce_model.clustering import (
+            ClusterState,
+            fit_kmeans,
+            load_centroids,
+            read_embeddings,
+            save_centroids,
+            update_centroids,
         )
-        seconds = time.perf_counter() - started
+
+        ids, vectors = read_embeddings(instruction_embeddings["path"])
+        embedder = instruction_embeddings["embedder"]
         out_dir = storage.path_for(context.asset_key) / f"k{selected_k}"
-        save_centroids(out_dir, centroids, instruction_embeddings["embedder"])
+        previous = None
+        if config.incremental and (out_dir / "cluster_state.npz").is_file():
+            _, meta = load_centroids(out_dir)
+            if meta.get("embedder") == embedder:
+                previous = ClusterState.load(out_dir)
+            else:
+                context.log.warning(f"incremental: the last centroids at k={selected_k} were fit on embeddings of "
+                                    f"{meta.get('embedder')}, these are of {embedder}; refitting")
+        started = time.perf_counter()
+        if previous is not None:
+            update = update_centroids(previous, ids, vectors)
+            state, drift, new_rows = update.state, update.drift, update.new_rows
+        else:
+            centroids = fit_kmeans(
+                vectors, selected_k, seed=config.seed, niter=config.iterations, nredo=config.restarts
+            )
+            state = ClusterState.from_assignment(ids, vectors, centroids)
+            drift, new_rows = np.zeros(selected_k), state.counts
+        seconds = time.perf_counter() - started
+        centroids = state.centroids
+        save_centroids(out_dir, centroids, embedder)
+        state.save(out_dir)
+        mode = "incremental update" if previous is not None else "fit"
+        drift_table = pl.DataFrame({"cluster": list(range(selected_k)), "new_rows": new_rows.tolist(),
+                                    "members": state.counts.tolist(), "drift": drift.tolist()})
         return dg.Output(
-            artifact_ref(out_dir, k=selected_k, dimension=int(centroids.shape[1]),
-                         embedder=instruction_embeddings["embedder"]),
+            artifact_ref(out_dir, k=selected_k, dimension=int(centroids.shape[1]), embedder=embedder,
+                         mode=mode, drift=[float(d) for d in drift]),
             metadata={
                 **artifact_metadata(out_dir),
                 "k": selected_k,
                 "dimension": int(centroids.shape[1]),
-                "rows_fitted": len(vectors),
+                "mode": mode,
+                "rows_fitted": len(vectors) if previous is None else int(new_rows.sum()),
                 "fit_seconds": round(seconds, 3),
-                "embedder": dg.MetadataValue.json(instruction_embeddings["embedder"]),
+                "max_drift": float(drift.max()),
+                "drift_by_cluster": dg.MetadataValue.md(md_table(drift_table)),
+                "embedder": dg.MetadataValue.json(embedder),
             },
+        )
+
+    @dg.asset_check(
+        asset=kmeans_centroids,
+        description="Warns when an incremental update moved a centroid by more than `drift_warning` (cosine "
+                    "distance): the clusters the experts were trained on have shifted; consider a refit and retraining.",
+    )
+    def centroid_drift_below_threshold(config: DriftCheckConfig, kmeans_centroids: dict) -> dg.AssetCheckResult:
+        drift = [float(d) for d in kmeans_centroids.get("drift", [])]
+        drifted = {cluster: round(d, 4) for cluster, d in enumerate(drift) if d > config.drift_warning}
+        return dg.AssetCheckResult(
+            passed=not drifted,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=(f"centroids moved more than {config.drift_warning}: {drifted}" if drifted
+                         else f"no centroid moved more than {config.drift_warning}"),
+            metadata={"max_drift": max(drift, default=0.0), "drifted_clusters": dg.MetadataValue.json(drifted)},
         )
 
     @dg.asset(
@@ -230,5 +283,5 @@ def build_clustering_assets(experiment: Experiment) -> list:
             },
         )
 
-    return [elbow_curve, selected_k, kmeans_centroids, cluster_assignments,
+    return [elbow_curve, selected_k, kmeans_centroids, centroid_drift_below_threshold, cluster_assignments,
             every_instruction_clustered_and_no_tiny_cluster]

@@ -8,6 +8,10 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
+# Steps that load a model or encoder and keep every core busy. The executor (pipelines/definitions.py) runs at most
+# MOCE_HEAVY_STEPS of them at once: two trainings sharing 2 cores were measured 5x slower than one after the other.
+HEAVY_STEP_TAG = {"moce/compute": "heavy"}
+
 # Re-run an asset when an upstream asset's *data version* changed (not merely re-materialized): a new k gives
 # `selected_k` a new data version, so exactly the assets downstream of it re-run; a re-materialization that
 # produced the same data changes nothing. `will_be_requested` lets one tick request the whole downstream chain.

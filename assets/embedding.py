@@ -9,7 +9,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import artifact_metadata, artifact_ref
+from assets.common import HEAVY_STEP_TAG, artifact_metadata, artifact_ref
 from resources.embedder import EmbedderResource
 from resources.storage import ArtifactStorage
 
@@ -27,6 +27,7 @@ def _fingerprint(ids: pl.Series, spec: dict) -> str:
 @dg.asset(
     group_name="embedding",
     kinds={"sentence_transformers", "parquet"},
+    op_tags=HEAVY_STEP_TAG,
     code_version=EMBEDDING_CODE_VERSION,
     io_manager_key="json_io_manager",
     description=(

@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from assets.common import RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
+from assets.common import HEAVY_STEP_TAG, RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
 from moce_model.experiment import Experiment
 from resources.storage import ArtifactStorage
 
@@ -54,7 +54,7 @@ def build_evaluation_assets(experiment: Experiment) -> list:
                     ),
                 ),
             },
-            pool="evaluation",
+            op_tags=HEAVY_STEP_TAG,
         )
         def evaluate(context: dg.AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage,
                      model: dict):

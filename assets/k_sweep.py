@@ -11,7 +11,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import md_table
+from assets.common import HEAVY_STEP_TAG, md_table
 from assets.training import merge_variant, train_variant
 from moce_model.experiment import Experiment
 from resources.storage import ArtifactStorage
@@ -31,7 +31,7 @@ def build_k_sweep_asset(experiment: Experiment) -> dg.AssetsDefinition:
         group_name="evaluation",
         kinds={"faiss", "pytorch", "lm_eval"},
         io_manager_key="parquet_io_manager",
-        pool="training",
+        op_tags=HEAVY_STEP_TAG,
         description="Benchmark results of the `moce` variant trained at each k of `ks`, side by side.",
     )
     def k_sweep_results(
@@ -45,13 +45,9 @@ def build_k_sweep_asset(experiment: Experiment) -> dg.AssetsDefinition:
     ) -> dg.Output[pl.DataFrame]:
         from moce_model.clustering import assign, fit_kmeans, read_embeddings, save_centroids
         from moce_model.evaluation.runner import evaluate_model
-        from moce_model.training import TrainingConfig
-
         ids, vectors = read_embeddings(instruction_embeddings["path"])
         rows = instructions.select("id", "system", "instruction", "input", "response")
-        training_config = TrainingConfig.from_dict(
-            {**preset.to_dict(), "max_steps": config.max_steps, "seed": config.seed}
-        )
+        training_config = preset.with_overrides({"max_steps": config.max_steps, "seed": config.seed})
         tables = []
         for k in sorted(set(config.ks)):
             started = time.perf_counter()
@@ -68,7 +64,7 @@ def build_k_sweep_asset(experiment: Experiment) -> dg.AssetsDefinition:
                 "moce",
                 base_model_dir=base_model["path"],
                 rows=rows,
-                k=k,
+                num_clusters=k,
                 cluster_ids=dict(zip(ids.tolist(), labels.astype(np.int64).tolist())),
                 centroids_ref=centroids_ref,
                 training_config=training_config,

@@ -12,17 +12,14 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
-from moce_model.config import CLUSTER_ROUTED_VARIANTS
+from assets.common import HEAVY_STEP_TAG, RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
+from moce_model.config import variant_semantics
 from moce_model.experiment import Experiment
 from resources.model_source import BaseModelSource
 from resources.storage import ArtifactStorage
 from resources.trainer import TrainerResource
 
 TRAINING_CODE_VERSION = "1"
-# The variants that route by cluster read the centroids; random_group needs only k (its number of groups).
-USES_CENTROIDS = CLUSTER_ROUTED_VARIANTS
-USES_K = ("moce", "cluster_only", "random_group")
 SAMPLE_PROMPTS = [
     "A baker has 17 trays with 6 rolls each. How many rolls are there in total?",
     "Write a Python function `count_vowels(text)` that returns the number of vowels in text.",
@@ -34,6 +31,7 @@ SAMPLE_PROMPTS = [
     kinds={"pytorch", "safetensors"},
     code_version=TRAINING_CODE_VERSION,
     io_manager_key="json_io_manager",
+    op_tags=HEAVY_STEP_TAG,
     description="The dense base model as a local safetensors checkpoint + tokenizer.",
 )
 def base_model(
@@ -53,17 +51,18 @@ def base_model(
     )
 
 
-def _moce_config(experiment: Experiment, variant: str, k: int | None, embedder: dict | None):
+def _moce_config(experiment: Experiment, variant: str, num_clusters: int | None, embedder: dict | None):
     from moce_model.config import MoCEConfig
 
     experts = experiment.experts
-    return MoCEConfig(
-        variant=variant,
-        num_groups=k if variant in USES_K else 1,
-        experts_per_group=experts.pesc_experts if variant == "pesc" else experts.experts_per_group,
-        top_k=experts.top_k,
+    return MoCEConfig.for_variant(
+        variant,
+        num_clusters=num_clusters,
+        experts_per_group=experts.experts_per_group,
+        single_group_experts=experts.pesc_experts,
+        router_top_k=experts.top_k,
         adapter_dim=experts.adapter_dim,
-        embedder=embedder if variant in USES_CENTROIDS else None,
+        embedder=embedder,
     )
 
 
@@ -75,31 +74,34 @@ def train_variant(
     *,
     base_model_dir: str,
     rows: pl.DataFrame,
-    k: int | None,
+    num_clusters: int | None,
     cluster_ids: dict[str, int] | None,
     centroids_ref: dict | None,
     training_config,
     run_dir: Path,
 ) -> tuple[dict, dict]:
-    """Train one variant; returns (artifact reference, materialization metadata)."""
+    """Train one variant; returns (artifact reference, materialization metadata). `num_clusters` is the
+    clustering's k (None for the variants that do not depend on it), recorded as `k` in metadata and refs."""
     from moce_model.expert_stats import expert_use_heatmap_png
     from moce_model.plots import loss_curve_plot, png_markdown
+    from moce_model.training import training_progress
 
-    moce_config = _moce_config(experiment, variant, k, centroids_ref["embedder"] if centroids_ref else None)
+    moce_config = _moce_config(experiment, variant, num_clusters, centroids_ref["embedder"] if centroids_ref else None)
     last_logged = [0.0]
+    started = time.perf_counter()
 
     def on_log(logs: dict) -> None:
         now = time.perf_counter()
         if now - last_logged[0] > 15:
             last_logged[0] = now
-            context.log.info(f"{variant}: {logs}")
+            context.log.info(f"{variant}: {training_progress(logs, now - started)}")
 
     result = trainer.train(
         context,
         base_model_dir=base_model_dir,
         train_rows=rows,
         cluster_ids=cluster_ids,
-        num_clusters=centroids_ref["k"] if centroids_ref else None,
+        num_clusters=num_clusters if centroids_ref else None,
         moce_config=moce_config,
         training_config=training_config,
         output_dir=run_dir,
@@ -109,7 +111,7 @@ def train_variant(
     metadata = {
         **artifact_metadata(Path(result["artifact_dir"])),
         "variant": variant,
-        "k": k,
+        "k": num_clusters,
         "optimizer_steps": result["global_step"],
         "processes": result.get("world_size", 1),
         "resumed_from_step": result["resumed_from_step"],
@@ -124,7 +126,7 @@ def train_variant(
             {
                 "base_model": base_model_dir,
                 "embedder": centroids_ref["embedder"] if centroids_ref else None,
-                "k": k,
+                "k": num_clusters,
                 "centroids": centroids_ref["path"] if centroids_ref else None,
             }
         ),
@@ -138,7 +140,7 @@ def train_variant(
     ref = artifact_ref(
         result["artifact_dir"],
         variant=variant,
-        k=k,
+        k=num_clusters,
         moce_config=moce_config.to_dict(),
         centroids=centroids_ref["path"] if centroids_ref else None,
         embedder=centroids_ref["embedder"] if centroids_ref else None,
@@ -165,25 +167,32 @@ def merge_variant(adapters_ref: dict, base_model_dir: str, centroids_ref: dict |
 
 
 def build_training_assets(experiment: Experiment) -> list:
-    from moce_model.training import TrainingConfig
-
     preset = experiment.training_config()
 
     class VariantTrainingConfig(dg.Config):
+        """The launchpad's knobs: the TrainingConfig fields tuned most often, under the same names, applied
+        over the experiment's training config."""
+
         max_steps: int | None = preset.max_steps
-        learning_rate: float = preset.lr
+        lr: float = preset.lr
         per_device_batch_size: int = preset.per_device_batch_size
         max_length: int = preset.max_length
+        seed: int = preset.seed
         train_rows: int | None = experiment.training.train_rows
         """Train on a seeded sample of this many instructions (None: all)."""
-        seed: int = preset.seed
+
+        def training_overrides(self) -> dict:
+            fields = ("max_steps", "lr", "per_device_batch_size", "max_length", "seed")
+            return {name: getattr(self, name) for name in fields}
 
     def training_asset(variant: str) -> dg.AssetsDefinition:
         ins = {"base_model": dg.AssetIn(), "instructions": dg.AssetIn()}
-        if variant in USES_CENTROIDS:
+        semantics = variant_semantics(variant)
+        # The variants that route by cluster read the centroids; random_group needs only k (its number of groups).
+        if semantics.needs_centroids:
             ins["cluster_assignments"] = dg.AssetIn()
             ins["kmeans_centroids"] = dg.AssetIn()
-        elif variant in USES_K:
+        elif semantics.needs_num_clusters:
             ins["selected_k"] = dg.AssetIn()
 
         @dg.asset(
@@ -194,7 +203,7 @@ def build_training_assets(experiment: Experiment) -> list:
             code_version=TRAINING_CODE_VERSION,
             io_manager_key="json_io_manager",
             automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
-            pool="training",
+            op_tags=HEAVY_STEP_TAG,
             description=f"LoRA + routed adapter experts of the `{variant}` variant trained on the instructions.",
         )
         def moce_adapters(
@@ -208,22 +217,13 @@ def build_training_assets(experiment: Experiment) -> list:
             if config.train_rows is not None and config.train_rows < rows.height:
                 rows = rows.sample(n=config.train_rows, seed=config.seed, shuffle=True)
             centroids_ref = inputs.get("kmeans_centroids")
-            k = centroids_ref["k"] if centroids_ref else inputs.get("selected_k")
+            num_clusters = centroids_ref["k"] if centroids_ref else inputs.get("selected_k")
             cluster_ids = (
                 dict(inputs["cluster_assignments"].select("id", "cluster").iter_rows())
                 if "cluster_assignments" in inputs
                 else None
             )
-            training_config = TrainingConfig.from_dict(
-                {
-                    **preset.to_dict(),
-                    "max_steps": config.max_steps,
-                    "lr": config.learning_rate,
-                    "per_device_batch_size": config.per_device_batch_size,
-                    "max_length": config.max_length,
-                    "seed": config.seed,
-                }
-            )
+            training_config = preset.with_overrides(config.training_overrides())
             ref, metadata = train_variant(
                 context,
                 trainer,
@@ -231,11 +231,11 @@ def build_training_assets(experiment: Experiment) -> list:
                 variant,
                 base_model_dir=inputs["base_model"]["path"],
                 rows=rows,
-                k=k,
+                num_clusters=num_clusters,
                 cluster_ids=cluster_ids,
                 centroids_ref=centroids_ref,
                 training_config=training_config,
-                run_dir=storage.path_for(context.asset_key) / (f"k{k}" if k else "run"),
+                run_dir=storage.path_for(context.asset_key) / (f"k{num_clusters}" if num_clusters else "run"),
             )
             return dg.Output(ref, metadata=metadata)
 
@@ -243,7 +243,7 @@ def build_training_assets(experiment: Experiment) -> list:
 
     def merged_asset(variant: str) -> dg.AssetsDefinition:
         ins = {"adapters": dg.AssetIn(key=["moce_adapters", variant]), "base_model": dg.AssetIn()}
-        if variant in USES_CENTROIDS:
+        if variant_semantics(variant).needs_centroids:
             ins["kmeans_centroids"] = dg.AssetIn()
 
         @dg.asset(
@@ -252,6 +252,7 @@ def build_training_assets(experiment: Experiment) -> list:
             group_name="training",
             kinds={"pytorch", "safetensors"},
             code_version=TRAINING_CODE_VERSION,
+            op_tags=HEAVY_STEP_TAG,
             io_manager_key="json_io_manager",
             automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
             description=(

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant in ("base", "moce"):
                 model = base if variant == "base" else attach_experts(base, shape.adapter_dim)
                 times[variant] = time_generation(model, batch, args.prompt_len, args.new_tokens, cache, device,
-                                                 args.repeats, shape.base["vocab_size"], routed=variant == "moce")
+                                                 args.repeats, shape.base["vocab_size"],
+                                                 routed=isinstance(model, MoCEForCausalLM))
                 detach_experts(base)
                 torch._dynamo.reset()
             ratios[(cache, batch)] = times["moce"] / times["base"]

@@ -6,9 +6,11 @@ Distances are cosine distances ``1 - x·c`` with unit-norm centroids. ``inertia`
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,53 +61,58 @@ def count_distinct_points(X: np.ndarray, limit: int, tolerance: float = DISTINCT
     return count
 
 
-def require_distinct_points(X: np.ndarray, k: int, what: str, seed: int = 0) -> None:
-    """Fail clearly when ``X`` has fewer than ``k`` distinct points: k-means would split identical points on
-    float noise and report clusters (and an elbow) that mean nothing."""
+def require_distinct_points(X: np.ndarray, num_clusters: int, what: str, seed: int = 0) -> None:
+    """Fail clearly when ``X`` has fewer than ``num_clusters`` distinct points: k-means would split identical
+    points on float noise and report clusters (and an elbow) that mean nothing."""
     n = X.shape[0]
     found = 0
     if n > DISTINCT_SAMPLE:
         # A sample's distinct points are distinct in the whole set too: usually the sample alone settles it.
         rows = np.random.default_rng(seed).choice(n, size=DISTINCT_SAMPLE, replace=False)
-        found = count_distinct_points(X[rows], k)
-    if found < k:
-        found = count_distinct_points(X, k)
-    if found >= k:
+        found = count_distinct_points(X[rows], num_clusters)
+    if found < num_clusters:
+        found = count_distinct_points(X, num_clusters)
+    if found >= num_clusters:
         return
     if found == 1:
         raise ValueError(
             f"{what}: all {n} embeddings are the same point (the input sides are identical, or differ only in "
-            f"what is not embedded): there is nothing to cluster into k={k} groups"
+            f"what is not embedded): there is nothing to cluster into k={num_clusters} groups"
         )
     raise ValueError(
-        f"{what}: only {found} distinct embeddings among {n} rows, fewer than k={k}: k-means cannot make more "
-        f"clusters than there are distinct points (it would split identical points on float noise); use k <= "
+        f"{what}: only {found} distinct embeddings among {n} rows, fewer than k={num_clusters}: k-means cannot "
+        f"make more clusters than there are distinct points (it would split identical points on float noise); "
+        f"use k <= "
         f"{found} or more varied instructions"
     )
 
 
-def _check_k(k: int, n_rows: int) -> None:
-    if k < 2:
-        raise ValueError(f"k must be >= 2, got k={k}")
-    if k > n_rows:
-        raise ValueError(f"k={k} is larger than the number of rows ({n_rows}); k-means needs at least k rows")
+def _check_num_clusters(num_clusters: int, n_rows: int) -> None:
+    if num_clusters < 2:
+        raise ValueError(f"k must be >= 2, got k={num_clusters}")
+    if num_clusters > n_rows:
+        raise ValueError(
+            f"k={num_clusters} is larger than the number of rows ({n_rows}); k-means needs at least k rows"
+        )
 
 
 DEFAULT_RESTART_SAMPLE = 32_768
 
 
-def _faiss_kmeans(d: int, k: int, n: int, seed: int, niter: int, nredo: int, max_points_per_centroid: int | None):
+def _faiss_kmeans(
+    d: int, num_clusters: int, n: int, seed: int, niter: int, nredo: int, max_points_per_centroid: int | None
+):
     import faiss
 
     return faiss.Kmeans(
         d,
-        k,
+        num_clusters,
         niter=niter,
         nredo=nredo,
         spherical=True,
         seed=seed,
         verbose=False,
-        max_points_per_centroid=max_points_per_centroid or (n // k + 1),
+        max_points_per_centroid=max_points_per_centroid or (n // num_clusters + 1),
         min_points_per_centroid=1,
         # k-means++ seeding: random seeding often merges two true clusters and splits another.
         init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
@@ -114,7 +121,7 @@ def _faiss_kmeans(d: int, k: int, n: int, seed: int, niter: int, nredo: int, max
 
 def fit_kmeans(
     X: np.ndarray,
-    k: int,
+    num_clusters: int,
     seed: int = 0,
     niter: int = 25,
     nredo: int = 3,
@@ -132,16 +139,16 @@ def fit_kmeans(
     """
     X = _as_unit_float32(X)
     n, d = X.shape
-    _check_k(k, n)
-    require_distinct_points(X, k, f"k-means with k={k}", seed=seed)
+    _check_num_clusters(num_clusters, n)
+    require_distinct_points(X, num_clusters, f"k-means with k={num_clusters}", seed=seed)
     init = None
-    if nredo > 1 and restart_sample is not None and n > restart_sample >= k:
+    if nredo > 1 and restart_sample is not None and n > restart_sample >= num_clusters:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=restart_sample, replace=False))
-        restarts = _faiss_kmeans(d, k, restart_sample, seed, niter, nredo, None)
+        restarts = _faiss_kmeans(d, num_clusters, restart_sample, seed, niter, nredo, None)
         restarts.train(X[rows])
         init = np.ascontiguousarray(restarts.centroids, dtype=np.float32)
         nredo = 1
-    kmeans = _faiss_kmeans(d, k, n, seed, niter, nredo, max_points_per_centroid)
+    kmeans = _faiss_kmeans(d, num_clusters, n, seed, niter, nredo, max_points_per_centroid)
     kmeans.train(X, init_centroids=init)
     centroids = np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
     norms = np.linalg.norm(centroids, axis=1, keepdims=True)
@@ -216,8 +223,8 @@ def elbow_sweep(
     rng = np.random.default_rng(seed)
     n = X.shape[0]
     sample = X if n <= sample_size else X[np.sort(rng.choice(n, size=sample_size, replace=False))]
-    _check_k(ks[-1], sample.shape[0])
-    _check_k(ks[0], sample.shape[0])
+    _check_num_clusters(ks[-1], sample.shape[0])
+    _check_num_clusters(ks[0], sample.shape[0])
     require_distinct_points(sample, ks[-1], f"elbow sweep over k={ks[0]}..{ks[-1]}", seed=seed)
     n_sil = min(silhouette_sample, sample.shape[0])
     sil_rows = np.sort(rng.choice(sample.shape[0], size=n_sil, replace=False)) if n_sil >= 3 else None
@@ -388,3 +395,90 @@ def read_embeddings(path_dir: str | os.PathLike[str], check_values: bool = True)
                 f"shards again"
             )
     return ids, X
+
+
+# ------------------------------------------------------------------------------------------ adaptive clustering
+
+CLUSTER_STATE_NPZ = "cluster_state.npz"
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """What an incremental update needs besides the centroids: every cluster's sum of member vectors and count,
+    and the ids already counted. The centroid of a cluster is its normalised sum, so updating with new rows gives
+    exactly the spherical mean over old and new members, as a refit's last assignment step would."""
+
+    sums: np.ndarray  # (k, d) float64
+    counts: np.ndarray  # (k,) int64
+    ids: np.ndarray  # (n,) str: rows already in the sums
+
+    @property
+    def centroids(self) -> np.ndarray:
+        norms = np.linalg.norm(self.sums, axis=1, keepdims=True)
+        return (self.sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    @classmethod
+    def from_assignment(cls, ids: Sequence[str], X: np.ndarray, centroids: np.ndarray) -> ClusterState:
+        labels, _ = assign(X, centroids)
+        X = _as_unit_float32(X).astype(np.float64)
+        k = centroids.shape[0]
+        sums = np.zeros((k, X.shape[1]), dtype=np.float64)
+        np.add.at(sums, labels, X)
+        return cls(sums, np.bincount(labels, minlength=k).astype(np.int64), np.asarray(list(ids), dtype=str))
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        from moce_model.io import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        np.savez(buffer, sums=self.sums, counts=self.counts, ids=self.ids)
+        path = Path(directory) / CLUSTER_STATE_NPZ
+        atomic_write_bytes(buffer.getvalue(), path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> ClusterState:
+        path = Path(directory) / CLUSTER_STATE_NPZ
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                state = cls(data["sums"], data["counts"], data["ids"])
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"{path}: unreadable cluster state ({type(error).__name__}: {error})") from error
+        if state.sums.ndim != 2 or state.counts.shape != (state.sums.shape[0],) or int(state.counts.sum()) != len(state.ids):
+            raise ValueError(f"{path}: sums {state.sums.shape}, counts {state.counts.shape} and {len(state.ids)} ids "
+                             "do not fit together")
+        return state
+
+
+@dataclass(frozen=True)
+class CentroidUpdate:
+    state: ClusterState
+    drift: np.ndarray  # (k,) cosine distance between each centroid before and after
+    new_rows: np.ndarray  # (k,) new rows assigned to each cluster
+    dropped_ids: int  # ids of the state that are no longer in the data (they stay counted)
+
+
+def update_centroids(state: ClusterState, ids: Sequence[str], X: np.ndarray) -> CentroidUpdate:
+    """Mini-batch spherical k-means step for the rows of (`ids`, `X`) the state has not counted: each is assigned
+    to its nearest current centroid and added to that cluster's sum (Sculley 2010's per-centre learning rate
+    1/count, applied to the batch at once). Rows counted before are not moved between clusters; a refit does
+    that. Written here rather than with scikit-learn's MiniBatchKMeans because its running counts live in a
+    private attribute that cannot be saved without pickle."""
+    ids = np.asarray(list(ids), dtype=str)
+    if len(ids) != X.shape[0]:
+        raise ValueError(f"{len(ids)} ids for {X.shape[0]} embeddings")
+    if X.shape[1] != state.sums.shape[1]:
+        raise ValueError(f"embeddings of dimension {X.shape[1]} do not match the clustering's {state.sums.shape[1]}")
+    seen = np.isin(ids, state.ids)
+    before = state.centroids
+    k = before.shape[0]
+    new_rows = np.zeros(k, dtype=np.int64)
+    sums, counts = state.sums.copy(), state.counts.copy()
+    if (~seen).any():
+        fresh = _as_unit_float32(X[~seen])
+        labels, _ = assign(fresh, before)
+        np.add.at(sums, labels, fresh.astype(np.float64))
+        new_rows = np.bincount(labels, minlength=k).astype(np.int64)
+        counts += new_rows
+    updated = ClusterState(sums, counts, np.concatenate([state.ids, ids[~seen]]))
+    drift = np.maximum(1.0 - np.einsum("kd,kd->k", before, updated.centroids), 0.0)
+    return CentroidUpdate(updated, drift, new_rows, int((~np.isin(state.ids, ids)).sum()))

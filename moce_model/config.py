@@ -1,34 +1,131 @@
-"""Configuration of a MoCE model: a wrapped causal LM plus routed adapter experts in every MLP block."""
+"""Configuration of a MoCE model: a wrapped causal LM plus routed adapter experts in every MLP block.
+
+What each variant means is decided here and nowhere else: `variant_semantics(name)` says how the variant
+picks a sequence's expert group and whether a router picks experts per token, and every other module asks
+those questions (`config.needs_centroids`, `config.token_routing`, ...) instead of comparing variant names.
+"""
 
 from __future__ import annotations
 
+import enum
+import operator
+from dataclasses import dataclass
 from functools import cached_property
 
 from transformers import AutoConfig, PreTrainedConfig
 
-from moce_model.routing import CLUSTER_ROUTED_VARIANTS
-
-VARIANTS = ("moce", "pesc", "dense_adapter", "random_group", "cluster_only")
-
 # Label of the tokens the LM loss ignores (the prompt, padding): torch's and transformers' default.
 IGNORE_INDEX = -100
 
-__all__ = ["CLUSTER_ROUTED_VARIANTS", "IGNORE_INDEX", "VARIANTS", "MoCEConfig"]
+
+class GroupChoice(str, enum.Enum):
+    """How a sequence's expert group is chosen (stage 1)."""
+
+    CLUSTER = "cluster"  # the k-means cluster of its routing text: the caller or the directory's router gives it
+    HASH = "hash"  # a seeded hash of its prompt tokens (the random-group ablation): no clustering needed
+    SINGLE = "single"  # there is one group, every sequence uses it
+
+
+@dataclass(frozen=True)
+class VariantSemantics:
+    name: str
+    group_choice: GroupChoice
+    # Whether a router picks the top-k experts of the group for each token (stage 2); without it each group
+    # holds one adapter that every token of the sequence goes through.
+    token_routing: bool
+    description: str
+
+    @property
+    def needs_centroids(self) -> bool:
+        """Trained on cluster assignments and routed by the centroids (+ embedder) at inference."""
+        return self.group_choice is GroupChoice.CLUSTER
+
+    @property
+    def needs_num_clusters(self) -> bool:
+        """Has one expert group per cluster, so its size depends on k (but not necessarily on the centroids)."""
+        return self.group_choice is not GroupChoice.SINGLE
+
+    def num_groups(self, num_clusters: int | None) -> int:
+        """Expert groups of this variant for a clustering into `num_clusters` clusters: one per cluster, or one."""
+        if not self.needs_num_clusters:
+            return 1
+        if num_clusters is None:
+            raise ValueError(
+                f"variant {self.name!r} has one expert group per cluster ({self.group_choice.value} routing): "
+                "it needs num_clusters (the selected k)"
+            )
+        try:
+            count = operator.index(num_clusters)  # numpy integers too
+        except TypeError:
+            count = None
+        if isinstance(num_clusters, bool) or count is None or count < 1:
+            raise ValueError(f"num_clusters must be a positive int, got {num_clusters!r}")
+        return count
+
+
+_SEMANTICS = (
+    VariantSemantics("moce", GroupChoice.CLUSTER, True,
+                     "the prompt's nearest k-means centroid picks the group, its router the experts of each token"),
+    VariantSemantics("pesc", GroupChoice.SINGLE, True,
+                     "one group for every prompt, its router picks the experts of each token"),
+    VariantSemantics("dense_adapter", GroupChoice.SINGLE, False,
+                     "one adapter for every prompt and token (no routing)"),
+    VariantSemantics("random_group", GroupChoice.HASH, True,
+                     "a hash of the prompt tokens picks the group (ablation), its router the experts of each token"),
+    VariantSemantics("cluster_only", GroupChoice.CLUSTER, False,
+                     "the prompt's nearest k-means centroid picks the group, which holds one adapter (ablation)"),
+)
+VARIANT_SEMANTICS: dict[str, VariantSemantics] = {semantics.name: semantics for semantics in _SEMANTICS}
+VARIANTS: tuple[str, ...] = tuple(VARIANT_SEMANTICS)
+
+
+def variant_semantics(variant: str) -> VariantSemantics:
+    try:
+        return VARIANT_SEMANTICS[variant]
+    except (KeyError, TypeError):
+        raise ValueError(f"variant {variant!r} is not one of {VARIANTS}") from None
+
+
+def check_clusters_match_groups(variant: str, num_groups: int, num_clusters: int, where: str) -> None:
+    """A clustering into `num_clusters` clusters routes a `variant` model with `num_groups` groups only when
+    every cluster is one trained group. The one check of k against a model, wherever the two meet (training
+    rows, merge, a router attached to a model); `where` names what was being put together."""
+    if variant_semantics(variant).needs_centroids and num_clusters != num_groups:
+        raise ValueError(
+            f"{where}: the clustering has k={num_clusters} clusters but the {variant!r} model has "
+            f"num_groups={num_groups}: every cluster must be one trained expert group; train (or merge) with "
+            "the centroids of the same clustering"
+        )
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "VARIANTS",
+    "VARIANT_SEMANTICS",
+    "GroupChoice",
+    "MoCEConfig",
+    "VariantSemantics",
+    "check_clusters_match_groups",
+    "variant_semantics",
+]
 
 
 class MoCEConfig(PreTrainedConfig):
     """Wrapped model config (`base_config`, a dict with its `model_type`) plus the expert layout.
 
-    Variants, all from this one config:
-      - `moce`: `num_groups` groups x `experts_per_group` experts; the cluster id picks the group,
-        the group's router picks the `router_top_k` experts per token
-        (`top_k=` is accepted as an alias when constructing).
+    Variants, all from this one config (`VARIANT_SEMANTICS` above):
+      - `moce`: one group per cluster x `experts_per_group` experts; the cluster id picks the group, the
+        group's router picks the `router_top_k` experts per token (`top_k=` is accepted as an alias).
       - `pesc`: one group of `experts_per_group` experts with token top-k routing; it never depends on the
-        number of clusters, so `num_groups` is forced to 1.
+        number of clusters.
       - `dense_adapter`: one adapter, no router (1 group x 1 expert).
       - `cluster_only`: the cluster id picks the group, which holds a single adapter (no token routing).
       - `random_group`: like `moce`, but the group is a deterministic pseudo-random function of the
         sequence's prompt tokens (seeded by `random_group_seed`); `cluster_ids` are ignored.
+
+    The number of groups is derived from the variant and the clustering: pass `num_clusters=k` (the selected
+    k) and `num_groups` becomes k for the variants with one group per cluster and 1 for the others. A stored
+    config (config.json) carries `num_groups`, which is then the k it was trained with.
     """
 
     model_type = "moce"
@@ -50,11 +147,9 @@ class MoCEConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if "top_k" in kwargs:
             self.router_top_k = kwargs.pop("top_k")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"MoCEConfig.variant={self.variant!r} is not one of {VARIANTS}")
-        if self.variant in ("pesc", "dense_adapter"):
-            self.num_groups = 1
-        if self.variant in ("dense_adapter", "cluster_only"):
+        semantics = variant_semantics(self.variant)
+        self.num_groups = semantics.num_groups(kwargs.pop("num_clusters", self.num_groups))
+        if not semantics.token_routing:
             self.experts_per_group = 1
             self.router_top_k = 1
         for field_name in ("num_groups", "experts_per_group", "router_top_k", "adapter_dim"):
@@ -80,13 +175,59 @@ class MoCEConfig(PreTrainedConfig):
                 kwargs.setdefault(key, self.base_config.get(key))
         super().__post_init__(**kwargs)
 
-    @property
-    def has_router(self) -> bool:
-        return self.experts_per_group > 1
+    @classmethod
+    def for_variant(
+        cls,
+        variant: str,
+        *,
+        num_clusters: int | None,
+        experts_per_group: int,
+        single_group_experts: int | None = None,
+        embedder: dict | None = None,
+        **layout,
+    ) -> MoCEConfig:
+        """The config of `variant` in an experiment whose clustering has `num_clusters` clusters (None where the
+        variant does not depend on k). A single routed group (`pesc`) holds `single_group_experts` experts when
+        given, so that the baseline can match the grouped model's expert count; the embedder reference is kept
+        only by variants that route by cluster (the others never embed a prompt)."""
+        semantics = variant_semantics(variant)
+        if semantics.group_choice is GroupChoice.SINGLE and single_group_experts is not None:
+            experts_per_group = single_group_experts
+        return cls(
+            variant=variant,
+            num_clusters=num_clusters if semantics.needs_num_clusters else None,
+            experts_per_group=experts_per_group,
+            embedder=dict(embedder) if embedder is not None and semantics.needs_centroids else None,
+            **layout,
+        )
 
     @property
-    def routes_by_cluster(self) -> bool:
-        return self.variant in CLUSTER_ROUTED_VARIANTS
+    def semantics(self) -> VariantSemantics:
+        return variant_semantics(self.variant)
+
+    @property
+    def group_choice(self) -> GroupChoice:
+        return self.semantics.group_choice
+
+    @property
+    def token_routing(self) -> bool:
+        return self.semantics.token_routing
+
+    @property
+    def needs_centroids(self) -> bool:
+        return self.semantics.needs_centroids
+
+    @property
+    def needs_num_clusters(self) -> bool:
+        return self.semantics.needs_num_clusters
+
+    @property
+    def has_router(self) -> bool:
+        """Whether the layers hold routers (and the load-balancing loss applies): more than one expert per group."""
+        return self.experts_per_group > 1
+
+    def check_num_clusters(self, num_clusters: int, where: str) -> None:
+        check_clusters_match_groups(self.variant, self.num_groups, num_clusters, where)
 
     @cached_property
     def wrapped_config(self) -> PreTrainedConfig:

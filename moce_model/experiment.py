@@ -20,7 +20,6 @@ This module does not import Dagster: the pipeline's assets and the `moce` comman
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import typing
@@ -39,7 +38,6 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     ValidationInfo,
-    create_model,
     field_validator,
     model_validator,
 )
@@ -173,16 +171,6 @@ class Experts(_Section):
         return self
 
 
-@functools.cache
-def _training_overrides_model() -> type[BaseModel]:
-    """A schema of every TrainingConfig field, all optional, so overrides are type-checked by name."""
-    from moce_model.training import TrainingConfig
-
-    hints = typing.get_type_hints(TrainingConfig)
-    fields = {name: (hints[name], None) for name in TrainingConfig.__dataclass_fields__}
-    return create_model("TrainingOverrides", __config__=ConfigDict(extra="forbid"), **fields)
-
-
 class Training(_Section):
     # `demo` (CPU, fp32, 40 steps) or `paper` (QLoRA NF4, bf16, paged AdamW, 1 epoch): moce_model.training.
     preset: Literal["demo", "paper"] = "demo"
@@ -193,11 +181,14 @@ class Training(_Section):
 
     @field_validator("overrides")
     @classmethod
-    def _known_fields_of_the_right_type(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+    def _known_fields_of_the_right_type(cls, overrides: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from moce_model.training import TrainingConfig
+
         if "prompt_format" in overrides:
             raise ValueError("set the prompt format once, as base_model.prompt_format, not as a training override")
-        checked = _training_overrides_model().model_validate(overrides)
-        return checked.model_dump(include=set(overrides))
+        # TrainingConfig checks each name and type (and suggests the field meant by a misspelt one).
+        TrainingConfig.preset(info.data.get("preset", "demo")).with_overrides(overrides)
+        return overrides
 
 
 class Launcher(_Section):
@@ -286,9 +277,8 @@ class Experiment(_Section):
         """The preset with this experiment's prompt format and overrides (a moce_model.training.TrainingConfig)."""
         from moce_model.training import TrainingConfig
 
-        preset = TrainingConfig.paper() if self.training.preset == "paper" else TrainingConfig.demo()
-        return TrainingConfig.from_dict(
-            {**preset.to_dict(), "prompt_format": self.base_model.prompt_format, **self.training.overrides}
+        return TrainingConfig.preset(self.training.preset).with_overrides(
+            {"prompt_format": self.base_model.prompt_format, **self.training.overrides}
         )
 
     def benchmark_specs(self) -> list:

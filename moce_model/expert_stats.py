@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moce_model.io import atomic_write_bytes
 from moce_model.modeling import MoCEForCausalLM
 
 
@@ -31,9 +32,14 @@ def expert_use_counts(model: torch.nn.Module, batches: Iterable[Mapping[str, Any
     model.eval()
     moce.reset_expert_use()
     moce.set_expert_use_recording(True)
+    # A QLoRA model is placed on its GPU when it is loaded; the batches come from the CPU collator.
+    device = next(model.parameters()).device
     try:
         for batch in batches:
-            model(**{key: value for key, value in batch.items() if key != "labels"})
+            # No KV cache: counting needs none, and a cache passed to compiled decoder layers specialises them
+            # per layer index (a recompile per layer).
+            model(use_cache=False, **{key: value.to(device) if isinstance(value, torch.Tensor) else value
+                                      for key, value in batch.items() if key != "labels"})
         counts = moce.expert_use_counts().numpy().astype(np.int64)
     finally:
         moce.set_expert_use_recording(previous)
@@ -78,9 +84,5 @@ def expert_use_heatmap_png(
     plt.close(figure)
     png = buffer.getvalue()
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.tmp")
-        partial.write_bytes(png)
-        partial.replace(path)
+        atomic_write_bytes(png, path)
     return png

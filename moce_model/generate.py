@@ -76,18 +76,14 @@ def generate(
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model.eval()
-    routes = isinstance(model, MoCEForCausalLM) and model.config.routes_by_cluster
+    routes = isinstance(model, MoCEForCausalLM) and model.config.needs_centroids
     clusters: list[int | None] = [None] * len(texts)
     if routes:
         if router is None:
             router = load_model_router(model_dir)
         if router is None:
             raise FileNotFoundError(f"{model_dir}: the {model.config.variant!r} model needs centroids.npy to route")
-        if router.num_clusters != model.config.num_groups:
-            raise ValueError(
-                f"the router has {router.num_clusters} clusters but the {model.config.variant!r} model in {model_dir} "
-                f"has num_groups={model.config.num_groups}: each cluster must be one trained expert group"
-            )
+        model.config.check_num_clusters(router.num_clusters, where=f"the router of {model_dir}")
         clusters = [int(c) for c in router.assign([routing_text("", text, "") for text in texts])]
     fmt = make_prompt_format(prompt_format_name, tokenizer)
     if tokenizer.pad_token is None:

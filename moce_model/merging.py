@@ -159,12 +159,8 @@ def merge_to_directory(
     config = moce_model.config
     if centroids is not None:
         centroids = validate_centroids(centroids, source="centroids")
-        if config.routes_by_cluster and centroids.shape[0] != config.num_groups:
-            raise ValueError(
-                f"centroids have k={centroids.shape[0]} rows but the {config.variant!r} model was trained with "
-                f"num_groups={config.num_groups}"
-            )
-    elif config.routes_by_cluster:
+        config.check_num_clusters(centroids.shape[0], where="merge_to_directory")
+    elif config.needs_centroids:
         raise ValueError(f"variant {config.variant!r} routes by cluster: merge_to_directory needs its centroids")
     merged = trained.merge_and_unload(safe_merge=True) if isinstance(trained, PeftModel) else trained
     if embedder is not None:
@@ -188,12 +184,10 @@ def model_card(config: MoCEConfig, centroids: np.ndarray | None, embedder: dict 
     """The merged directory's README: what the model is, what it was trained with and how to load it."""
     base = (config.base_config or {}).get("_name_or_path") or (config.base_config or {}).get("model_type", "?")
     layout = (f"{config.num_groups} group(s) x {config.experts_per_group} adapter expert(s) of dim "
-              f"{config.adapter_dim} in every MLP block, token top-{config.router_top_k} inside the group")
-    routing = {
-        "moce": "the prompt's nearest k-means centroid picks the group",
-        "cluster_only": "the prompt's nearest k-means centroid picks the group (one adapter per group)",
-        "random_group": "a hash of the prompt tokens picks the group (ablation)",
-    }.get(config.variant, "one group for every prompt")
+              f"{config.adapter_dim} in every MLP block")
+    if config.token_routing:
+        layout += f", token top-{config.router_top_k} inside the group"
+    routing = config.semantics.description
     lines = [
         f"# MoCE model: `{config.variant}`",
         "",
@@ -202,7 +196,7 @@ def model_card(config: MoCEConfig, centroids: np.ndarray | None, embedder: dict 
         "",
         f"- base model: `{base}`",
         f"- experts: {layout}",
-        f"- sequence-level routing: {routing}",
+        f"- routing: {routing}",
     ]
     if centroids is not None:
         lines.append(f"- clusters: k = {centroids.shape[0]} centroids of dimension {centroids.shape[1]} "

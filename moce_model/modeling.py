@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from moce_model.config import IGNORE_INDEX, MoCEConfig
+from moce_model.config import IGNORE_INDEX, GroupChoice, MoCEConfig
 from moce_model.routing import CENTROIDS_FILE
 from moce_model.experts import (
     AdapterExperts,
@@ -162,11 +162,13 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         config = self.config
         if group_ids is not None:
             return self._checked_groups(group_ids, batch_size, device, "group_ids")
-        if config.variant in ("pesc", "dense_adapter"):
+        if config.group_choice is GroupChoice.SINGLE:
             return torch.zeros(batch_size, dtype=torch.long, device=device)
-        if config.variant == "random_group":
+        if config.group_choice is GroupChoice.HASH:
             if input_ids is None:
-                raise ValueError("variant 'random_group' hashes input_ids to pick the group; inputs_embeds alone cannot")
+                raise ValueError(
+                    f"variant {config.variant!r} hashes input_ids to pick the group; inputs_embeds alone cannot"
+                )
             if prompt_mask is None and labels is not None and labels.shape == input_ids.shape:
                 prompt_mask = labels == IGNORE_INDEX  # training: the prompt is what the loss ignores
             return self._groups_of_prompt(past_key_values, batch_size, lambda: random_group_ids(
@@ -208,7 +210,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         (`generate(input_ids)` and `transformers.pipeline` need no cluster ids)."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         directory = Path(str(pretrained_model_name_or_path))
-        if model.config.routes_by_cluster and (directory / CENTROIDS_FILE).is_file():
+        if model.config.needs_centroids and (directory / CENTROIDS_FILE).is_file():
             model._prompt_router_dir = directory
         return model
 

@@ -17,9 +17,6 @@ import numpy as np
 CENTROIDS_FILE = "centroids.npy"
 EMBEDDER_FILE = "embedder.json"
 MODEL_CONFIG_FILE = "config.json"
-# Variants whose group is the sequence's cluster id (the caller must pass `cluster_ids`). Defined here, not in
-# `moce_model.config`, so that checking a model directory's routing files does not import transformers.
-CLUSTER_ROUTED_VARIANTS = ("moce", "cluster_only")
 
 
 def routing_text(system: str | None, instruction: str | None, input: str | None) -> str:
@@ -151,13 +148,17 @@ def check_routing_files(model_dir: str | Path) -> tuple[np.ndarray, dict[str, An
         config = _read_json_file(config_path)
         if not isinstance(config, dict):
             raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-        variant, groups = config.get("variant"), config.get("num_groups")
-        if variant in CLUSTER_ROUTED_VARIANTS and groups != centroids.shape[0]:
-            raise ValueError(
-                f"{centroids_path} holds k={centroids.shape[0]} centroids but {config_path} says the {variant!r} "
-                f"model has num_groups={groups}: every cluster must be one trained expert group; merge the model "
-                f"again with the centroids it was trained with"
-            )
+        from moce_model.config import MoCEConfig, check_clusters_match_groups
+
+        if config.get("model_type") == MoCEConfig.model_type:
+
+            try:
+                check_clusters_match_groups(
+                    config.get("variant"), config.get("num_groups"), centroids.shape[0],
+                    where=f"{centroids_path} with {config_path}",
+                )
+            except ValueError as err:
+                raise ValueError(f"{err}; merge the model again with the centroids it was trained with") from err
         if config.get("embedder") is not None and config["embedder"] != spec:
             raise ValueError(
                 f"{embedder_path} names embedder {spec} but {config_path} was trained with {config['embedder']}"
@@ -217,7 +218,7 @@ class PromptRouter:
             prompt = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             text = self.request_text(prompt)
             if text is None:  # plain text (e.g. a text-generation pipeline without a template): all of it
-                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                text = routing_text(None, self.tokenizer.decode(ids, skip_special_tokens=True), None)
             if not text:
                 raise ValueError(f"prompt {row} of the batch is empty: nothing to route by")
             texts.append(text)

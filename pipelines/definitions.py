@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import dagster as dg
 
 from assets.clustering import build_clustering_assets
+from assets.common import HEAVY_STEP_TAG
 from assets.data import build_instruction_assets, build_raw_source_assets
 from assets.embedding import embeddings_are_unit_norm_and_complete, instruction_embeddings
 from assets.evaluation import build_evaluation_assets
@@ -19,6 +23,23 @@ from resources.storage import ArtifactStorage, AtomicPolarsParquetIOManager, Jso
 from resources.trainer import TrainerResource
 
 DATA_HALF = dg.AssetSelection.groups("data", "embedding", "clustering")
+
+
+def heavy_step_limit() -> int:
+    """How many heavy steps (assets tagged HEAVY_STEP_TAG) one run executes at once: MOCE_HEAVY_STEPS, default 1
+    (a 2-core machine; a machine with one GPU per training can raise it)."""
+    value = os.environ.get("MOCE_HEAVY_STEPS", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MOCE_HEAVY_STEPS={value!r}: expected how many heavy steps may run at once (a positive integer)")
+    return int(value)
+
+
+def executor() -> dg.ExecutorDefinition:
+    """Dagster's multiprocess executor with the heavy steps limited; light steps (tables, plots) run beside them."""
+    key, value = next(iter(HEAVY_STEP_TAG.items()))
+    return dg.multiprocess_executor.configured(
+        {"tag_concurrency_limits": [{"key": key, "value": value, "limit": heavy_step_limit()}]}
+    )
 # The k sweep trains one model per k: run on demand (its own job), not as part of the pipeline.
 PIPELINE = dg.AssetSelection.all() - dg.AssetSelection.assets("k_sweep_results")
 
@@ -66,6 +87,7 @@ def build_definitions(experiment: Experiment) -> dg.Definitions:
         assets=assets,
         asset_checks=checks,
         resources=build_resources(experiment),
+        executor=executor(),
         jobs=[
             dg.define_asset_job("demo_pipeline", selection=PIPELINE,
                                 description="Every asset of the experiment, end to end."),
@@ -86,4 +108,7 @@ def build_definitions(experiment: Experiment) -> dg.Definitions:
     )
 
 
+# `warnings.warn` (transformers and torch deprecations, peft notices) as records of the `py.warnings` logger, which
+# the instance's python_logs sends to the event log.
+logging.captureWarnings(True)
 defs = build_definitions(load_experiment())

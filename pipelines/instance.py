@@ -39,6 +39,13 @@ INSTANCE_SETTINGS: dict[str, Any] = {
         "max_resume_run_attempts": 0,
     },
 }
+# Warnings that libraries log (transformers, peft, lm-eval, ...) reach each step's Dagster event log, not only
+# the terminal; `warnings.warn` messages go through logging's `py.warnings` (pipelines/definitions.py).
+INSTANCE_SETTINGS["python_logs"] = {
+    "python_log_level": "WARNING",
+    "managed_python_loggers": ["moce_model", "transformers", "peft", "accelerate", "sentence_transformers",
+                               "lm-eval", "lm_eval", "bitsandbytes", "torch", "py.warnings"],
+}
 IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 

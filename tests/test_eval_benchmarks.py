@@ -26,6 +26,7 @@ from moce_model.evaluation.runner import (
     ITEM_CLUSTERS_SCHEMA,
     ITEM_SCORES_SCHEMA,
     RESULTS_SCHEMA,
+    default_gsm8k_path,
     demo_benchmarks,
     evaluate_model,
     model_provenance,
@@ -35,7 +36,7 @@ from moce_model.evaluation.sandbox import run_sandboxed
 from moce_model.synthetic import generate_synthetic
 from tests.test_eval_fixtures import build_model, build_tokenizer, save_model_dir, save_routed_model_dir
 
-REALMIX_GSM8K = Path("/work/shared/data/realmix/gsm8k_test_first100.jsonl")
+REALMIX_GSM8K = default_gsm8k_path() or Path("realmix-gsm8k-sample-not-found")
 
 
 class ScriptedLM(MoCELM):
@@ -232,3 +233,23 @@ def test_benchmark_names_resolve_and_bad_ones_are_rejected():
         resolve_benchmarks(["nope"])
     with pytest.raises(ValueError, match="unique"):
         resolve_benchmarks(["humaneval", "humaneval"])
+
+
+def test_the_gsm8k_file_comes_from_the_environment_or_next_to_the_checkout(tmp_path, monkeypatch):
+    sample = tmp_path / "realmix" / "gsm8k_test_first100.jsonl"
+    sample.parent.mkdir()
+    monkeypatch.delenv("MOCE_GSM8K_PATH", raising=False)
+    monkeypatch.setenv("MOCE_REALMIX_DIR", str(sample.parent))
+    assert default_gsm8k_path() is None  # no sample: the demo leaves GSM8K out
+    assert "gsm8k" not in [spec.name for spec in demo_benchmarks()]
+    sample.write_text(json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n")
+    assert default_gsm8k_path() == sample
+    assert [spec.path for spec in demo_benchmarks() if spec.name == "gsm8k"] == [str(sample)]
+    own = tmp_path / "mine.jsonl"
+    monkeypatch.setenv("MOCE_GSM8K_PATH", str(own))
+    with pytest.raises(FileNotFoundError, match=r"MOCE_GSM8K_PATH=.*mine\.jsonl.*no such file"):
+        default_gsm8k_path()
+    own.write_text(sample.read_text())
+    assert default_gsm8k_path() == own
+    with pytest.raises(FileNotFoundError, match=r"gsm8k_path=.*absent\.jsonl.*no such file"):
+        demo_benchmarks(gsm8k_path=tmp_path / "absent.jsonl")

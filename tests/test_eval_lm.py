@@ -148,6 +148,26 @@ def test_random_group_scores_each_request_with_the_hash_of_its_context():
                                         abs=1e-4)
 
 
+def test_a_router_of_another_k_is_refused():
+    from moce_model.config import MoCEConfig
+    from moce_model.modeling import MoCEForCausalLM
+
+    class ThreeClusters:
+        num_clusters = 3
+
+        def assign(self, texts):
+            return np.zeros(len(texts), dtype=np.int64)
+
+    tokenizer = build_tokenizer()
+    config = MoCEConfig(variant="moce", num_clusters=2, experts_per_group=2, top_k=1, adapter_dim=4)
+    model = MoCEForCausalLM.from_base(build_model(tokenizer), config).eval()
+    with pytest.raises(ValueError, match="MoCELM router: the clustering has k=3 clusters but the 'moce' model has "
+                                         "num_groups=2"):
+        MoCELM.from_objects(model, tokenizer, router=ThreeClusters())
+    with pytest.raises(ValueError, match="routes by cluster: give it a router"):
+        MoCELM.from_objects(model, tokenizer)
+
+
 def test_plain_model_dir_loads_without_router(tmp_path: Path):
     save_model_dir(tmp_path / "base")
     lm = MoCELM(pretrained=str(tmp_path / "base"), batch_size="4")

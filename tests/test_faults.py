@@ -388,8 +388,8 @@ def edit_json(path: Path, **changes) -> None:
     [
         ("garbage_centroids", r"centroids\.npy: unreadable"),
         ("nan_centroid", r"centroids\.npy: centroid row 1 is not finite"),
-        ("three_centroids", r"centroids\.npy holds k=3 centroids but .*config\.json says the 'moce' model has "
-                            r"num_groups=2"),
+        ("three_centroids", r"centroids\.npy with .*config\.json: the clustering has k=3 clusters but the 'moce' "
+                            r"model has num_groups=2"),
         ("no_embedder_model", r"embedder\.json: the embedder reference needs a non-empty 'model'"),
         ("other_embedder", r"embedder\.json names embedder .*other-encoder.* but .*config\.json was trained with"),
         ("no_embedder_file", r"embedder\.json: missing"),

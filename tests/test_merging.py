@@ -134,7 +134,7 @@ def test_merged_directory_loads_with_auto_class_and_matches_unmerged(trained, ba
 
 def test_merge_rejects_centroids_of_another_k_and_leaves_nothing(trained, base_dir, tmp_path) -> None:
     directory, _ = trained
-    with pytest.raises(ValueError, match="k=2 rows but the 'moce' model was trained with num_groups=3"):
+    with pytest.raises(ValueError, match="merge_to_directory: the clustering has k=2 clusters but the 'moce' model has num_groups=3"):
         merge_to_directory(load_trained(directory, base_dir), tmp_path / "merged", centroids=np.ones((2, 8)))
     with pytest.raises(ValueError, match="needs its centroids"):
         merge_to_directory(load_trained(directory, base_dir), tmp_path / "merged")

@@ -128,23 +128,30 @@ def test_collator_pads_and_keeps_cluster_ids():
 # ---------------------------------------------------------------------------------------------- cluster ids
 
 
+def layout(variant: str, num_clusters: int | None = 2) -> MoCEConfig:
+    return MoCEConfig(variant=variant, num_clusters=num_clusters, experts_per_group=2, top_k=1, adapter_dim=4)
+
+
 def test_missing_cluster_ids_are_listed():
     with pytest.raises(ValueError, match=r"2 of 3 training rows have no cluster assignment.*'b'.*'c'"):
-        resolve_cluster_ids(["a", "b", "c"], {"a": 0}, "moce", num_groups=2)
+        resolve_cluster_ids(["a", "b", "c"], {"a": 0}, layout("moce"))
 
 
 def test_cluster_count_must_match_groups():
-    with pytest.raises(ValueError, match="k=3 centroids but the model config has num_groups=2"):
-        resolve_cluster_ids(["a"], {"a": 0}, "moce", num_groups=2, num_clusters=3)
+    with pytest.raises(ValueError, match="training: the clustering has k=3 clusters but the 'moce' model has num_groups=2"):
+        resolve_cluster_ids(["a"], {"a": 0}, layout("moce"), num_clusters=3)
     with pytest.raises(ValueError, match=r"cluster ids \[5\] are outside 0..1"):
-        resolve_cluster_ids(["a"], {"a": 5}, "moce", num_groups=2)
+        resolve_cluster_ids(["a"], {"a": 5}, layout("moce"))
     with pytest.raises(ValueError, match="no cluster assignments"):
-        resolve_cluster_ids(["a"], None, "cluster_only", num_groups=2)
+        resolve_cluster_ids(["a"], None, layout("cluster_only"))
 
 
 def test_variants_without_cluster_routing_ignore_clusters():
-    assert resolve_cluster_ids(["a", "b"], None, "pesc", num_groups=1) == [0, 0]
-    assert resolve_cluster_ids(["a", "b"], {"a": 3}, "dense_adapter", num_groups=1) == [0, 0]
+    assert resolve_cluster_ids(["a", "b"], None, layout("pesc", None)) == [0, 0]
+    assert resolve_cluster_ids(["a", "b"], {"a": 3}, layout("dense_adapter", None), num_clusters=5) == [0, 0]
+    # random_group hashes the prompt in the model; k only sizes its groups.
+    assert resolve_cluster_ids(["a", "b"], None, layout("random_group", 3), num_clusters=3) == [0, 0]
+    assert resolve_cluster_ids(["a"], None, None) == [0]
 
 
 def test_train_reports_missing_cluster_ids_before_loading_the_model(tiny_base_dir, tmp_path):
@@ -169,7 +176,7 @@ def test_cluster_ids_reach_the_model_during_training(tiny_base_dir, tmp_path, mo
         model.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
         return model
 
-    monkeypatch.setattr(training, "build_model", recording_build)
+    monkeypatch.setattr(training.trainer, "build_model", recording_build)  # where train() looks it up
     rows = make_rows(8)
     clusters = {row_id: int(row_id[-1]) % 2 for row_id in rows["id"].to_list()}
     result = train(
@@ -267,6 +274,39 @@ def test_presets():
     assert TrainingConfig.from_dict(demo.to_dict()) == demo
     with pytest.raises(ValueError, match="unknown training config field"):
         TrainingConfig.from_dict({"learning_rate": 1.0})
+
+
+def test_named_presets_and_overrides():
+    assert TrainingConfig.preset("paper") == TrainingConfig.paper()
+    assert TrainingConfig.preset("demo") == TrainingConfig.demo()
+    with pytest.raises(ValueError, match=r"training preset 'huge' is not one of \['demo', 'paper'\]"):
+        TrainingConfig.preset("huge")
+    paper = TrainingConfig.paper()
+    tuned = paper.with_overrides({"max_steps": 10, "lr": 1, "lora_targets": ["q_proj", "v_proj"]})
+    assert (tuned.max_steps, tuned.lr, tuned.lora_targets) == (10, 1.0, ("q_proj", "v_proj"))
+    assert isinstance(tuned.lr, float)
+    assert tuned.qlora and tuned.optim == paper.optim  # what is not overridden keeps the preset's value
+    assert paper.max_steps is None  # the preset itself is not changed
+    assert paper.with_overrides({}) == paper and paper.with_overrides(None) == paper
+    assert TrainingConfig.demo(max_steps=None).max_steps is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"learning_rate": 1e-4}, r"unknown training config field 'learning_rate' \(did you mean 'lr'\?\)"),
+        ({"max_stpes": 5}, r"unknown training config field 'max_stpes' \(did you mean 'max_steps'\?\)"),
+        ({"zzz": 5}, r"unknown training config field 'zzz'; known fields: \['bf16'"),
+        ({"lr": "fast"}, r"training config field 'lr': expected float, got 'fast' \(str\)"),
+        ({"max_steps": 2.5}, r"training config field 'max_steps': expected int or None, got 2.5"),
+        ({"qlora": "yes"}, r"training config field 'qlora': expected bool, got 'yes'"),
+        ({"per_device_batch_size": True}, r"field 'per_device_batch_size': expected int, got True \(bool\)"),
+        ({"lora_targets": "q_proj"}, r"field 'lora_targets': expected a list of str, got 'q_proj'"),
+    ],
+)
+def test_overrides_are_validated_naming_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingConfig.demo().with_overrides(overrides)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -429,3 +469,22 @@ def test_checkpoints_of_a_different_run_are_not_resumed(tiny_base_dir, tmp_path)
         tiny_base_dir, make_rows(9), None, moce_config("pesc", 1), tiny_training_config(max_steps=4, save_steps=2), run
     )
     assert other_data.resumed_from_step == 0 and other_data.global_step == 4
+
+
+def test_compiled_runs_pad_batches_to_a_few_lengths() -> None:
+    """Compiled layers see static shapes (see build_model): every batch width is a multiple of a quarter of
+    max_length, so a whole run has at most four widths, and the padding is masked out of attention and loss."""
+    from moce_model.training import InstructionCollator, compiled_length_bucket
+
+    assert compiled_length_bucket(512) == 128 and compiled_length_bucket(96) == 24 and compiled_length_bucket(10) == 8
+    collator = InstructionCollator(pad_token_id=0, pad_to_multiple_of=compiled_length_bucket(512))
+    widths = set()
+    for length in range(1, 513, 7):
+        batch = collator([{"input_ids": [5] * length, "attention_mask": [1] * length, "labels": [5] * length,
+                           "cluster_ids": 1}])
+        widths.add(batch["input_ids"].shape[1])
+        assert int(batch["attention_mask"].sum()) == length
+        assert int((batch["labels"] != -100).sum()) == length
+    assert widths == {128, 256, 384, 512}
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        InstructionCollator(pad_token_id=0, pad_to_multiple_of=0)

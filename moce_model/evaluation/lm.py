@@ -36,6 +36,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from moce_model.config import GroupChoice, MoCEConfig
 from moce_model.prompt_format import AUTO, make_prompt_format
 from moce_model.routing import CENTROIDS_FILE, check_routing_files, routing_text
 
@@ -47,9 +48,14 @@ class SequenceRouter(Protocol):
     def assign(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+def _needs_centroids(model: torch.nn.Module) -> bool:
+    """Whether the model is a MoCE model routed by cluster (a plain causal LM never is)."""
+    return isinstance(model.config, MoCEConfig) and model.config.needs_centroids
+
+
 def load_router(model_dir: Path, model: torch.nn.Module) -> SequenceRouter | None:
     """The directory's cluster router when the model routes by cluster, else None (base model, pesc...)."""
-    if not getattr(model.config, "routes_by_cluster", False):
+    if not _needs_centroids(model):
         return None
     from moce_model.routing import load_model_router
 
@@ -124,17 +130,16 @@ class MoCELM(HFLM):
         self.model_dir = model_dir
         self.prompt_format = make_prompt_format(prompt_format, self.tokenizer)
         self.variant: str | None = getattr(self.model.config, "variant", None)
-        if router is None and model_dir is not None:
-            router = load_router(model_dir, self.model)
-        if router is None and getattr(self.model.config, "routes_by_cluster", False):
-            raise ValueError(f"the {self.variant!r} model routes by cluster: give it a router (centroids + embedder)")
         clusters = getattr(router, "num_clusters", None)
-        if clusters is not None and getattr(self.model.config, "routes_by_cluster", False) \
-                and clusters != self.model.config.num_groups:
-            raise ValueError(
-                f"the router has {clusters} clusters but the {self.variant!r} model has "
-                f"num_groups={self.model.config.num_groups}: each cluster must be one trained expert group"
-            )
+        if clusters is not None and _needs_centroids(self.model):  # a router of the caller's, not the directory's
+            self.model.config.check_num_clusters(clusters, where="MoCELM router")
+        if router is None and model_dir is not None:
+            router = load_router(model_dir, self.model)  # checked against config.json by check_routing_files
+        if router is None and _needs_centroids(self.model):
+            raise ValueError(f"the {self.variant!r} model routes by cluster: give it a router (centroids + embedder)")
+        # Groups chosen by a hash of the prompt tokens (no router, no clustering): resolved per request here.
+        self.hashes_prompt = isinstance(self.model.config, MoCEConfig) \
+            and self.model.config.group_choice is GroupChoice.HASH
         self.router = router
         # lm-eval tasks by name, for routing requests by their documents (`use_tasks`).
         self.tasks: dict[str, Any] = {}
@@ -284,9 +289,9 @@ class MoCELM(HFLM):
     @property
     def routes(self) -> bool:
         """Whether requests go to different expert groups (by cluster or by the random_group hash)."""
-        return self.router is not None or self.variant == "random_group"
+        return self.router is not None or self.hashes_prompt
 
-    def _random_group(self, context_tokens: Sequence[int]) -> int:
+    def _hashed_group(self, context_tokens: Sequence[int]) -> int:
         from moce_model.modeling import random_group_ids
 
         config = self.model.config
@@ -295,8 +300,8 @@ class MoCELM(HFLM):
 
     def _groups(self, requests: Sequence[Instance], context_tokens: Callable[[Instance], Sequence[int]]
                 ) -> list[int | None]:
-        if self.variant == "random_group":
-            return [self._random_group(context_tokens(request)) for request in requests]
+        if self.hashes_prompt:
+            return [self._hashed_group(context_tokens(request)) for request in requests]
         if self.router is None:
             return [None] * len(requests)
         return self.clusters_for_texts([self.routing_text_of(request) for request in requests])
@@ -304,7 +309,7 @@ class MoCELM(HFLM):
     def _routing_kwargs(self, batch_size: int) -> dict[str, torch.Tensor]:
         if self._active_group is None:
             return {}
-        key = "group_ids" if self.variant == "random_group" else "cluster_ids"
+        key = "group_ids" if self.hashes_prompt else "cluster_ids"
         return {key: torch.full((batch_size,), self._active_group, dtype=torch.long, device=self.device)}
 
     @contextlib.contextmanager
@@ -439,8 +444,8 @@ class MoCELM(HFLM):
             if not continuation_tokens:
                 raise ValueError(f"empty continuation after tokenisation for context {context[-80:]!r}")
             encoded.append(((context, continuation), context_tokens, continuation_tokens))
-        if self.variant == "random_group":
-            groups = [self._random_group(context_tokens) for _, context_tokens, _ in encoded]
+        if self.hashes_prompt:
+            groups = [self._hashed_group(context_tokens) for _, context_tokens, _ in encoded]
         else:
             groups = self.clusters_for([context for context, _ in pairs])
         scored = self._by_group(encoded, groups,

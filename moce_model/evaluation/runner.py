@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,7 +56,29 @@ ITEMS_SCHEMA: dict[str, pl.DataType] = {
 }
 
 DEMO_DOMAINS: tuple[str, ...] = ("arithmetic", "python", "text", "units")
-DEFAULT_GSM8K_PATH = Path("/work/shared/data/realmix/gsm8k_test_first100.jsonl")
+# The demo's GSM8K-format file: the first 100 test questions, in the realmix samples beside the checkout.
+GSM8K_SAMPLE_NAME = "gsm8k_test_first100.jsonl"
+GSM8K_PATH_ENV = "MOCE_GSM8K_PATH"
+REALMIX_DIR_ENV = "MOCE_REALMIX_DIR"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_gsm8k_path() -> Path | None:
+    """The GSM8K-format file of the demo benchmarks: `$MOCE_GSM8K_PATH` when set (then it must exist), else the
+    realmix sample in `$MOCE_REALMIX_DIR` (default `<repo>/../shared/data/realmix`) when it is there, else None
+    (the demo then leaves GSM8K out: the file is not part of the repository)."""
+    explicit = os.environ.get(GSM8K_PATH_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{GSM8K_PATH_ENV}={explicit!r}: no such file; point it at a GSM8K-format JSONL (question, answer "
+                "ending in '#### N') or unset it"
+            )
+        return path
+    realmix_dir = Path(os.environ.get(REALMIX_DIR_ENV) or _REPO_ROOT.parent / "shared" / "data" / "realmix")
+    sample = realmix_dir / GSM8K_SAMPLE_NAME
+    return sample if sample.is_file() else None
 
 
 @dataclass
@@ -86,7 +109,7 @@ def demo_benchmarks(
     n_loss_per_domain: int | None = None,
 ) -> list[BenchmarkSpec]:
     """The offline demo set: `synthetic_<domain>` per domain, a HumanEval subset, and a GSM8K-format file
-    when `gsm8k_path` is given (or the realmix sample exists).
+    when `gsm8k_path` is given (or `default_gsm8k_path()` finds one).
 
     `n_per_domain` held-out items of each domain are answered by generation; the held-out loss is measured on
     the first `n_loss_per_domain` (default: the same items), one forward pass each. Token budgets fit
@@ -99,8 +122,10 @@ def demo_benchmarks(
         for domain in domains
     ]
     specs.append(BenchmarkSpec(name="humaneval", kind="humaneval", n_items=humaneval_items, max_new_tokens=96))
-    if gsm8k_path is None and DEFAULT_GSM8K_PATH.is_file():
-        gsm8k_path = DEFAULT_GSM8K_PATH
+    if gsm8k_path is None:
+        gsm8k_path = default_gsm8k_path()
+    elif not Path(gsm8k_path).is_file():
+        raise FileNotFoundError(f"gsm8k_path={str(gsm8k_path)!r}: no such file (a GSM8K-format JSONL is expected)")
     if gsm8k_path is not None:
         specs.append(BenchmarkSpec(name="gsm8k", kind="gsm8k", path=str(gsm8k_path), n_items=gsm8k_items,
                                    max_new_tokens=96))
