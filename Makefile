@@ -3,15 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export DAGSTER_HOME := $(CURDIR)/.dagster_home
-export MOCE_PROFILE ?= demo
+MOCE := $(VENV)/bin/moce
+# `make demo EXPERIMENT=realmix` (a name in configs/experiments/ or a path); default: $$MOCE_EXPERIMENT, else demo.
+EXPERIMENT ?=
+EXPERIMENT_ARG := $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # PyTorch on CPU gets every large tensor from glibc malloc, which by default maps fresh pages for each and
 # unmaps them on free; the page faults cost 10-25% of a CPU train step (bench.moe_layer). Keep them on the heap.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967296
 
-.PHONY: demo test ui install instance browser sandbox bench set-k k-sweep clean
+.PHONY: rehearsal demo test ui install browser sandbox bench set-k k-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +27,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# dagster.yaml: telemetry off, run monitoring on (pipelines/instance.py); rewritten each time, keeping other settings.
-instance: $(STAMP)
-	@mkdir -p $(DAGSTER_HOME)
-	@$(PY) -m pipelines.instance $(DAGSTER_HOME)
-
-demo: $(STAMP) instance sandbox
-	$(PY) -m pipelines.demo
+# `moce` keeps each experiment's Dagster instance in <storage_root>/dagster_home (DAGSTER_HOME wins when set) and
+# writes its dagster.yaml (telemetry off, run monitoring on: pipelines/instance.py) before each command.
+demo: $(STAMP) sandbox
+	$(MOCE) run $(EXPERIMENT_ARG)
 
 # The UI test drives Debian's Chromium (no browser download); installed here when we may, else it skips.
 browser:
@@ -49,24 +48,29 @@ sandbox:
 test: $(STAMP) browser sandbox
 	$(PY) -m pytest -q
 
-ui: $(STAMP) instance sandbox
-	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+ui: $(STAMP) sandbox
+	$(MOCE) ui $(EXPERIMENT_ARG)
 
 # Journey "change k": `make set-k K=5`, then `make demo` (or the UI's automation) re-runs what depends on k.
-set-k: $(STAMP) instance
+set-k: $(STAMP)
 	$(if $(K),,$(error give the number of clusters, e.g. make set-k K=5))
-	$(VENV)/bin/dagster asset materialize -m pipelines.definitions --select selected_k \
-		--config-json '{"ops": {"selected_k": {"config": {"k": $(K)}}}}'
+	$(MOCE) set-k $(K) $(EXPERIMENT_ARG)
+
+# The paper experiment's code paths at toy scale, offline: build its inputs, then run it (configs/experiments/
+# paper-rehearsal.yaml; QLoRA, bf16, paged AdamW and torchrun where CUDA is).
+MOCE_REHEARSAL_DIR ?= $(CURDIR)/.moce_data/paper-rehearsal-fixtures
+rehearsal: $(STAMP) sandbox
+	$(PY) -m moce_model.rehearsal $(MOCE_REHEARSAL_DIR)
+	MOCE_REHEARSAL_DIR=$(MOCE_REHEARSAL_DIR) $(MOCE) run --experiment paper-rehearsal
 
 # Journey "k side by side": `make k-sweep KS=2,3,4,6` trains and evaluates moce at each k into one table.
 KS ?= 2,3,4,6
-k-sweep: $(STAMP) instance sandbox
-	$(VENV)/bin/dagster asset materialize -m pipelines.definitions --select k_sweep_results \
-		--config-json '{"ops": {"k_sweep_results": {"config": {"ks": [$(KS)]}}}}'
+k-sweep: $(STAMP) sandbox
+	$(MOCE) sweep --ks $(KS) $(EXPERIMENT_ARG)
 
 bench: $(STAMP)
 	$(PY) -m bench.clustering
 	$(PY) -m bench.moe_layer
 
 clean:
-	rm -rf $(DAGSTER_HOME) .moce_data
+	rm -rf .moce_data .dagster_home

@@ -8,33 +8,35 @@ import numpy as np
 import polars as pl
 
 from assets.common import RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
-from pipelines.profiles import Profile
+from moce_model.experiment import Experiment
 from resources.storage import ArtifactStorage
 
 CLUSTERING_CODE_VERSION = "1"
 TINY_CLUSTER_SHARE = 0.01
 
 
-def build_clustering_assets(profile: Profile) -> list:
+def build_clustering_assets(experiment: Experiment) -> list:
+    settings = experiment.clustering
+
     class ElbowConfig(dg.Config):
-        k_min: int = profile.k_min
-        k_max: int = profile.k_max
-        sample_rows: int = profile.elbow_sample_rows
-        silhouette_sample_rows: int = profile.silhouette_sample_rows
-        seed: int = profile.seed
+        k_min: int = settings.k_min
+        k_max: int = settings.k_max
+        sample_rows: int = settings.elbow_sample_rows
+        silhouette_sample_rows: int = settings.silhouette_sample_rows
+        seed: int = experiment.seed
 
     class DriftCheckConfig(dg.Config):
         drift_warning: float = 0.05
         """Warn when a centroid moved by more than this cosine distance in one incremental update."""
 
     class SelectedKConfig(dg.Config):
-        k: int | None = None
+        k: int | None = settings.k
         """Override the knee of the elbow curve with this k (None: use the knee)."""
 
     class KMeansConfig(dg.Config):
-        iterations: int = profile.kmeans_iterations
-        restarts: int = profile.kmeans_restarts
-        seed: int = profile.seed
+        iterations: int = settings.iterations
+        restarts: int = settings.restarts
+        seed: int = experiment.seed
         incremental: bool = False
         """Adaptive clustering: keep the last centroids at this k and add only the new instructions to them
         (mini-batch spherical k-means step) instead of refitting on all rows."""
@@ -65,8 +67,8 @@ def build_clustering_assets(profile: Profile) -> list:
             sample_size=config.sample_rows,
             seed=config.seed,
             silhouette_sample=config.silhouette_sample_rows,
-            niter=profile.kmeans_iterations,
-            nredo=profile.kmeans_restarts,
+            niter=settings.iterations,
+            nredo=settings.restarts,
         )
         knee, reason = find_knee(curve["k"].to_list(), curve["inertia"].to_list(), curve["silhouette"].to_list())
         return dg.Output(
@@ -83,7 +85,8 @@ def build_clustering_assets(profile: Profile) -> list:
     @dg.asset(
         group_name="clustering",
         kinds={"python"},
-        code_version=CLUSTERING_CODE_VERSION,
+        # A k fixed in the experiment file is part of the definition: editing it makes selected_k stale.
+        code_version=CLUSTERING_CODE_VERSION + ("" if settings.k is None else f"+k{settings.k}"),
         io_manager_key="json_io_manager",
         description=(
             "The number of clusters k (= expert groups): the knee of the elbow curve, or the `k` config "

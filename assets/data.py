@@ -2,41 +2,48 @@
 
 
 import hashlib
-from typing import Any
+import json
 
 import dagster as dg
 import polars as pl
 
 from assets.common import md_table
-from pipelines.profiles import Profile
+from moce_model.experiment import Experiment
+from moce_model.sources import SourceSpec
 
 DATA_CODE_VERSION = "2"
 
 
-def _source_kinds(spec: dict[str, Any]) -> set[str]:
-    return {"polars", "parquet"} | ({"huggingface"} if spec["kind"] == "hf" else set())
+def _source_kinds(spec: SourceSpec) -> set[str]:
+    return {"polars", "parquet"} | ({"huggingface"} if spec.kind == "hf" else set())
 
 
-def build_raw_source_assets(profile: Profile) -> list[dg.AssetsDefinition]:
+def _spec_digest(spec: SourceSpec) -> str:
+    return hashlib.blake2b(json.dumps(spec.to_dict(), sort_keys=True).encode(), digest_size=6).hexdigest()
+
+
+def build_raw_source_assets(experiment: Experiment) -> list[dg.AssetsDefinition]:
     """One `raw/<name>` asset per configured source, so lineage shows each dataset."""
 
-    def make(spec: dict[str, Any]) -> dg.AssetsDefinition:
+    def make(spec: SourceSpec) -> dg.AssetsDefinition:
         @dg.asset(
-            key=["raw", spec["name"]],
+            key=["raw", spec.name],
             group_name="data",
             kinds=_source_kinds(spec),
-            code_version=DATA_CODE_VERSION,
+            # The spec (path, mapping, ...) is part of the definition: pointing a source at another file makes
+            # it stale, so `moce run` reads the new file.
+            code_version=f"{DATA_CODE_VERSION}+{_spec_digest(spec)}",
             io_manager_key="parquet_io_manager",
-            description=f"Raw `{spec['kind']}` source `{spec['name']}` mapped to the common instruction fields.",
-            metadata={"source_spec": dg.MetadataValue.json(spec)},
+            description=f"Raw `{spec.kind}` source `{spec.name}` mapped to the common instruction fields.",
+            metadata={"source_spec": dg.MetadataValue.json(spec.to_dict())},
         )
         def raw_source(context: dg.AssetExecutionContext) -> dg.Output[pl.DataFrame]:
-            from moce_model.sources import SourceSpec, load_source
+            from moce_model.sources import load_source
 
-            frame = load_source(SourceSpec.from_dict(spec))
+            frame = load_source(spec)
             with_problems = int(frame["problem"].is_not_null().sum())
             context.log.info(
-                f"raw/{spec['name']}: {frame.height} rows, {with_problems} with a mapped value that is not text"
+                f"raw/{spec.name}: {frame.height} rows, {with_problems} with a mapped value that is not text"
             )
             return dg.Output(
                 frame,
@@ -52,7 +59,7 @@ def build_raw_source_assets(profile: Profile) -> list[dg.AssetsDefinition]:
 
         return raw_source
 
-    return [make(spec) for spec in profile.sources]
+    return [make(spec) for spec in experiment.sources]
 
 
 def content_data_version(ids: pl.Series) -> dg.DataVersion:
@@ -63,8 +70,8 @@ def content_data_version(ids: pl.Series) -> dg.DataVersion:
     return dg.DataVersion(digest.hexdigest())
 
 
-def build_instruction_assets(profile: Profile) -> dg.AssetsDefinition:
-    raw_keys = {spec["name"]: dg.AssetKey(["raw", spec["name"]]) for spec in profile.sources}
+def build_instruction_assets(experiment: Experiment) -> dg.AssetsDefinition:
+    raw_keys = {spec.name: dg.AssetKey(["raw", spec.name]) for spec in experiment.sources}
 
     @dg.multi_asset(
         ins={name: dg.AssetIn(key=key) for name, key in raw_keys.items()},
@@ -89,7 +96,7 @@ def build_instruction_assets(profile: Profile) -> dg.AssetsDefinition:
         from moce_model.instructions import normalise_instructions
 
         frames = [raw_frames[name] for name in raw_keys]
-        kept, rejected = normalise_instructions(frames, max_chars=profile.max_chars)
+        kept, rejected = normalise_instructions(frames, max_chars=experiment.max_instruction_chars)
         n_in = sum(frame.height for frame in frames)
         if kept.height + rejected.height != n_in:
             raise RuntimeError(f"row accounting broken: {n_in} in, {kept.height} kept, {rejected.height} rejected")

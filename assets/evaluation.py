@@ -8,40 +8,18 @@ import dagster as dg
 import polars as pl
 
 from assets.common import HEAVY_STEP_TAG, RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
-from pipelines.profiles import Profile
+from moce_model.experiment import Experiment
 from resources.storage import ArtifactStorage
 
 EVALUATION_CODE_VERSION = "2"
 
 
-def profile_benchmarks(profile: Profile) -> list:
-    from moce_model.evaluation.runner import demo_benchmarks, paper_benchmarks
-
-    if profile.benchmarks == "paper":
-        return paper_benchmarks(lm_eval_tasks_dir=profile.lm_eval_tasks_dir)
-    if profile.lm_eval_tasks_dir is not None:
-        raise ValueError(f"profile {profile.name!r}: lm_eval_tasks_dir stands in for the paper benchmarks' tasks; "
-                         f"it needs benchmarks='paper', not {profile.benchmarks!r}")
-    return demo_benchmarks(
-        n_per_domain=profile.eval_generation_items_per_domain,
-        n_loss_per_domain=profile.eval_loss_items_per_domain,
-        humaneval_items=profile.eval_humaneval_items,
-        gsm8k_items=profile.eval_gsm8k_items,
-        seed=profile.seed,
-    )
-
-
-def evaluation_settings(profile: Profile) -> dict:
-    """The experiment's evaluation device, dtype and prompt format (the one its models were trained with)."""
-    return {"device": profile.eval_device, "dtype": profile.eval_dtype, "prompt_format": profile.prompt_format}
-
-
-def build_evaluation_assets(profile: Profile) -> list:
+def build_evaluation_assets(experiment: Experiment) -> list:
     class EvaluationConfig(dg.Config):
-        limit_per_benchmark: int | None = profile.eval_limit
-        """Evaluate at most this many items per benchmark (None: the profile's default subset)."""
+        limit_per_benchmark: int | None = experiment.evaluation.limit_per_benchmark
+        """Evaluate at most this many items per benchmark (None: the experiment's benchmark sizes)."""
         batch_size: int = 16
-        seed: int = profile.seed
+        seed: int = experiment.seed
 
     def results_asset(model_name: str) -> dg.AssetsDefinition:
         upstream = dg.AssetIn(key="base_model") if model_name == "base" else dg.AssetIn(key=["merged_model", model_name])
@@ -87,11 +65,11 @@ def build_evaluation_assets(profile: Profile) -> list:
             result = evaluate_model(
                 Path(model["path"]),
                 model_variant=model_name,
-                benchmarks=profile_benchmarks(profile),
+                benchmarks=experiment.benchmark_specs(),
                 limit_per_benchmark=config.limit_per_benchmark,
                 batch_size=config.batch_size,
                 seed=config.seed,
-                **evaluation_settings(profile),
+                **experiment.evaluation_settings(),
             )
             # Prompts and completions, for reading what the model answered (not an input of any asset).
             items_path = storage.path_for(["benchmark_items", model_name]).with_suffix(".parquet")
@@ -102,7 +80,7 @@ def build_evaluation_assets(profile: Profile) -> list:
                 metadata={
                     "model_variant": model_name,
                     "model_dir": dg.MetadataValue.path(model["path"]),
-                    "evaluated_with": dg.MetadataValue.json(evaluation_settings(profile)),
+                    "evaluated_with": dg.MetadataValue.json(experiment.evaluation_settings()),
                     "k": model.get("k"),
                     "scores": dg.MetadataValue.md(md_table(result.table.drop("ci_method"))),
                     "items": dg.MetadataValue.path(str(items_path)),
@@ -123,7 +101,7 @@ def build_evaluation_assets(profile: Profile) -> list:
 
         return evaluate
 
-    model_names = ["base", *profile.variants]
+    model_names = ["base", *experiment.variants]
     result_assets = [results_asset(name) for name in model_names]
 
     @dg.asset(
@@ -149,7 +127,7 @@ def build_evaluation_assets(profile: Profile) -> list:
 
         report = build_report([inputs[name] for name in model_names],
                               [inputs[f"{name}_item_scores"] for name in model_names])
-        out_dir = profile.storage_root / "report"
+        out_dir = experiment.storage_root / "report"
         for benchmark, png in report.bar_chart_pngs.items():
             atomic_write_bytes(png, out_dir / f"{benchmark}.png")
         atomic_write_text(report.markdown, out_dir / "benchmark_report.md")

@@ -12,21 +12,20 @@ import numpy as np
 import polars as pl
 
 from assets.common import HEAVY_STEP_TAG, md_table
-from assets.evaluation import evaluation_settings, profile_benchmarks
-from assets.training import merge_variant, train_variant, training_preset
-from pipelines.profiles import Profile
+from assets.training import merge_variant, train_variant
+from moce_model.experiment import Experiment
 from resources.storage import ArtifactStorage
 from resources.trainer import TrainerResource
 
 
-def build_k_sweep_asset(profile: Profile) -> dg.AssetsDefinition:
-    preset = training_preset(profile)
+def build_k_sweep_asset(experiment: Experiment) -> dg.AssetsDefinition:
+    preset = experiment.training_config()
 
     class KSweepConfig(dg.Config):
         ks: list[int] = [2, 3, 4, 6]
         max_steps: int | None = preset.max_steps
-        limit_per_benchmark: int | None = profile.eval_limit
-        seed: int = profile.seed
+        limit_per_benchmark: int | None = experiment.evaluation.limit_per_benchmark
+        seed: int = experiment.seed
 
     @dg.asset(
         group_name="evaluation",
@@ -53,15 +52,15 @@ def build_k_sweep_asset(profile: Profile) -> dg.AssetsDefinition:
         for k in sorted(set(config.ks)):
             started = time.perf_counter()
             sweep_dir = storage.path_for(context.asset_key) / f"k{k}"
-            centroids = fit_kmeans(vectors, k, seed=config.seed, niter=profile.kmeans_iterations,
-                                   nredo=profile.kmeans_restarts)
+            centroids = fit_kmeans(vectors, k, seed=config.seed, niter=experiment.clustering.iterations,
+                                   nredo=experiment.clustering.restarts)
             labels, _ = assign(vectors, centroids)
             centroids_dir = save_centroids(sweep_dir / "centroids", centroids, instruction_embeddings["embedder"])
             centroids_ref = {"path": str(centroids_dir), "k": k, "embedder": instruction_embeddings["embedder"]}
             adapters_ref, _ = train_variant(
                 context,
                 trainer,
-                profile,
+                experiment,
                 "moce",
                 base_model_dir=base_model["path"],
                 rows=rows,
@@ -75,10 +74,10 @@ def build_k_sweep_asset(profile: Profile) -> dg.AssetsDefinition:
             result = evaluate_model(
                 merged_dir,
                 model_variant=f"moce_k{k}",
-                benchmarks=profile_benchmarks(profile),
+                benchmarks=experiment.benchmark_specs(),
                 limit_per_benchmark=config.limit_per_benchmark,
                 seed=config.seed,
-                **evaluation_settings(profile),
+                **experiment.evaluation_settings(),
             )
             tables.append(result.table.with_columns(pl.lit(k).alias("k")))
             context.log.info(f"k={k}: done in {time.perf_counter() - started:.0f} s")

@@ -14,7 +14,7 @@ import polars as pl
 
 from assets.common import HEAVY_STEP_TAG, RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
 from moce_model.config import variant_semantics
-from pipelines.profiles import Profile
+from moce_model.experiment import Experiment
 from resources.model_source import BaseModelSource
 from resources.storage import ArtifactStorage
 from resources.trainer import TrainerResource
@@ -51,32 +51,25 @@ def base_model(
     )
 
 
-def _moce_config(profile: Profile, variant: str, num_clusters: int | None, embedder: dict | None):
+def _moce_config(experiment: Experiment, variant: str, num_clusters: int | None, embedder: dict | None):
     from moce_model.config import MoCEConfig
 
+    experts = experiment.experts
     return MoCEConfig.for_variant(
         variant,
         num_clusters=num_clusters,
-        experts_per_group=profile.experts_per_group,
-        single_group_experts=profile.pesc_experts,
-        router_top_k=profile.top_k,
-        adapter_dim=profile.adapter_dim,
+        experts_per_group=experts.experts_per_group,
+        single_group_experts=experts.pesc_experts,
+        router_top_k=experts.top_k,
+        adapter_dim=experts.adapter_dim,
         embedder=embedder,
-    )
-
-
-def training_preset(profile: Profile):
-    from moce_model.training import TrainingConfig
-
-    return TrainingConfig.preset(profile.training).with_overrides(
-        {"prompt_format": profile.prompt_format, **profile.training_overrides}
     )
 
 
 def train_variant(
     context: dg.AssetExecutionContext,
     trainer: TrainerResource,
-    profile: Profile,
+    experiment: Experiment,
     variant: str,
     *,
     base_model_dir: str,
@@ -93,7 +86,7 @@ def train_variant(
     from moce_model.plots import loss_curve_plot, png_markdown
     from moce_model.training import training_progress
 
-    moce_config = _moce_config(profile, variant, num_clusters, centroids_ref["embedder"] if centroids_ref else None)
+    moce_config = _moce_config(experiment, variant, num_clusters, centroids_ref["embedder"] if centroids_ref else None)
     last_logged = [0.0]
     started = time.perf_counter()
 
@@ -173,8 +166,8 @@ def merge_variant(adapters_ref: dict, base_model_dir: str, centroids_ref: dict |
     )
 
 
-def build_training_assets(profile: Profile) -> list:
-    preset = training_preset(profile)
+def build_training_assets(experiment: Experiment) -> list:
+    preset = experiment.training_config()
 
     class VariantTrainingConfig(dg.Config):
         """The launchpad's knobs: the TrainingConfig fields tuned most often, under the same names, applied
@@ -185,7 +178,7 @@ def build_training_assets(profile: Profile) -> list:
         per_device_batch_size: int = preset.per_device_batch_size
         max_length: int = preset.max_length
         seed: int = preset.seed
-        train_rows: int | None = profile.train_rows
+        train_rows: int | None = experiment.training.train_rows
         """Train on a seeded sample of this many instructions (None: all)."""
 
         def training_overrides(self) -> dict:
@@ -234,7 +227,7 @@ def build_training_assets(profile: Profile) -> list:
             ref, metadata = train_variant(
                 context,
                 trainer,
-                profile,
+                experiment,
                 variant,
                 base_model_dir=inputs["base_model"]["path"],
                 rows=rows,
@@ -276,7 +269,7 @@ def build_training_assets(profile: Profile) -> list:
             )
             from moce_model.generate import generate
 
-            samples = generate(path, SAMPLE_PROMPTS, max_new_tokens=48, prompt_format_name=profile.prompt_format)
+            samples = generate(path, SAMPLE_PROMPTS, max_new_tokens=48, prompt_format_name=experiment.base_model.prompt_format)
             sample_table = pl.DataFrame(
                 {
                     "prompt": SAMPLE_PROMPTS,
@@ -322,7 +315,7 @@ def build_training_assets(profile: Profile) -> list:
         return [merged_model, merged_equals_unmerged]
 
     built: list = []
-    for variant in profile.variants:
+    for variant in experiment.variants:
         built.append(training_asset(variant))
         built.extend(merged_asset(variant))
     return built

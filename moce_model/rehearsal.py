@@ -8,7 +8,7 @@
   pipeline takes the path of a base model without a chat template (the `human_assistant` prompt format).
 - ``datasets/<source>/<file>``: the paper's four Hub datasets in their own files' names and column schemas
   (SlimOrca's ShareGPT ``conversations`` JSONL, MetaMathQA's JSON array, Magicoder OSS and Evol JSONL), laid
-  out as a local mirror that `moce_model.sources.paper_sources(mirror_dir=...)` reads through `datasets`.
+  out as local mirrors (`mirror:` of each source in configs/experiments/paper-rehearsal.yaml) read through `datasets`.
 - ``lm_eval_tasks/``: lm-eval task YAMLs over local JSONL files that carry the names of the paper's tasks
   (``mmlu`` and ``minerva_math`` as groups of subtasks, ``gsm8k``, ``hellaswag``, ``arc_challenge``, ``mbpp``,
   ``humaneval``) with their datasets' fields and enough few-shot documents for the paper's shot counts, so
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from moce_model.io import atomic_dir
-from moce_model.sources import PAPER_SOURCE_NAMES
 
 FIXTURE_VERSION = "1"
 MANIFEST_NAME = "rehearsal_fixtures.json"
@@ -214,9 +213,11 @@ def write_source_mirrors(datasets_dir: Path, seed: int = 0, rows_per_source: int
     """Each paper dataset as a mirror directory holding its file, in the Hub file's layout."""
     makers = {"slimorca": _slimorca_rows, "metamathqa": _metamathqa_rows,
               "magicoder_oss": _magicoder_oss_rows, "magicoder_evol": _magicoder_evol_rows}
-    if set(makers) != set(PAPER_SOURCE_NAMES.values()):
-        raise RuntimeError(
-            f"rehearsal sources {sorted(makers)} do not match the paper's {sorted(PAPER_SOURCE_NAMES.values())}")
+    from moce_model.experiment import load_experiment
+
+    paper = sorted(source.name for source in load_experiment("paper").sources)
+    if sorted(makers) != paper:
+        raise RuntimeError(f"rehearsal sources {sorted(makers)} do not match the paper experiment's {paper}")
     for offset, (source, make) in enumerate(makers.items()):
         rows = make(random.Random(seed * 1000 + offset), rows_per_source)
         path = datasets_dir / source / SOURCE_FILES[source]

@@ -18,7 +18,6 @@ content: Parquet by its magic bytes; JSON as an array of objects or as JSON Line
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -54,10 +53,6 @@ _KEY_ALIASES = {"fields": "mapping", "dataset": "path"}
 _CONVERSATION_FORMATS = ("slimorca", "sharegpt", "conversations")
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
 
-REALMIX_DIR_ENV = "MOCE_REALMIX_DIR"
-# The samples live beside the checkout (../shared/data/realmix), not in it: they are data, not code.
-DEFAULT_REALMIX_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "realmix"
-
 
 @dataclass(frozen=True)
 class SourceSpec:
@@ -91,6 +86,14 @@ class SourceSpec:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SourceSpec:
+        spec = cls(**cls.normalised(raw))
+        spec.validate()
+        return spec
+
+    @classmethod
+    def normalised(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """The spec's keys with aliases replaced and an HF dataset's built-in mapping filled in; unknown keys,
+        a bad name or kind are errors. The values' types are checked where the spec is built."""
         raw = dict(raw)
         for alias, key in _KEY_ALIASES.items():
             if alias in raw:
@@ -123,14 +126,14 @@ class SourceSpec:
             raw = {**preset, **raw}
         elif kind == "hf" and raw.get("domain") is None and str(raw.get("path", "")) in HF_PRESETS:
             raw["domain"] = HF_PRESETS[str(raw["path"])]["domain"]
-        spec = cls(**raw)
-        spec.validate()
-        return spec
+        return raw
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def validate(self) -> None:
+    def validate(self, check_files: bool = True) -> None:
+        """`check_files=False` leaves a local file's existence to loading time (an experiment file may name
+        data that only the machine running it has)."""
         where = f"source {self.name!r}"
         if self.kind not in SOURCE_KINDS:
             raise ValueError(f"{where}: unknown kind {self.kind!r}; expected one of {list(SOURCE_KINDS)}")
@@ -158,9 +161,9 @@ class SourceSpec:
         if self.mirror is not None:
             if self.kind != "hf":
                 raise ValueError(f"{where}: 'mirror' is a local copy of an hf dataset; kind {self.kind!r} has none")
-            if not Path(self.mirror).exists():
+            if check_files and not Path(self.mirror).exists():
                 raise ValueError(f"{where}: mirror of {self.path!r} not found: {self.mirror}")
-            if Path(self.mirror).is_file() and _mirror_builder(self.mirror) is None:
+            if check_files and Path(self.mirror).is_file() and _mirror_builder(self.mirror) is None:
                 raise ValueError(
                     f"{where}: mirror file {self.mirror} is not .json, .jsonl or .parquet; "
                     f"give one of those or the dataset's directory"
@@ -173,7 +176,7 @@ class SourceSpec:
         if self.kind == "local":
             if self.format is not None and self.format not in LOCAL_FORMATS:
                 raise ValueError(f"{where}: unknown format {self.format!r}; expected one of {list(LOCAL_FORMATS)}")
-            if not Path(self.path).is_file():
+            if check_files and not Path(self.path).is_file():
                 raise ValueError(f"{where}: file not found: {self.path}")
 
 
@@ -575,53 +578,3 @@ def load_source(spec: SourceSpec | Mapping[str, Any]) -> pl.DataFrame:
     if frame.height == 0:
         raise _empty_dataset(spec)
     return frame
-
-
-# ------------------------------------------------------------------------------------------------ profiles
-
-
-def demo_sources(n_per_domain: int = 150, seed: int = 0) -> list[SourceSpec]:
-    return [SourceSpec(name="synthetic", kind="synthetic", n_per_domain=n_per_domain, seed=seed)]
-
-
-def realmix_dir() -> Path:
-    return Path(os.environ.get(REALMIX_DIR_ENV, DEFAULT_REALMIX_DIR))
-
-
-def realmix_sources(directory: str | os.PathLike[str] | None = None) -> list[SourceSpec]:
-    """The four real samples (GSM8K train sample and three GPTeacher subsets), one source each."""
-    root = Path(directory) if directory is not None else realmix_dir()
-    gpteacher = {"instruction": "instruction", "input": "input", "response": "response"}
-    return [
-        SourceSpec(name="gsm8k", kind="local", path=str(root / "gsm8k_train_sample.jsonl"),
-                   mapping={"instruction": "question", "response": "answer"}, domain="math"),
-        SourceSpec(name="gpteacher_codegen", kind="local", path=str(root / "gpteacher_codegen_sample.json"),
-                   mapping=dict(gpteacher), domain="code"),
-        SourceSpec(name="gpteacher_roleplay", kind="local", path=str(root / "gpteacher_roleplay_sample.json"),
-                   mapping=dict(gpteacher), domain="roleplay"),
-        SourceSpec(name="gpteacher_toolformer", kind="local", path=str(root / "gpteacher_toolformer_sample.json"),
-                   mapping=dict(gpteacher), domain="toolformer"),
-    ]
-
-
-PAPER_SOURCE_NAMES: dict[str, str] = {
-    "Open-Orca/SlimOrca": "slimorca",
-    "meta-math/MetaMathQA": "metamathqa",
-    "ise-uiuc/Magicoder-OSS-Instruct-75K": "magicoder_oss",
-    "ise-uiuc/Magicoder-Evol-Instruct-110K": "magicoder_evol",
-}
-
-
-def paper_sources(max_rows: int | None = None, mirror_dir: str | os.PathLike[str] | None = None) -> list[SourceSpec]:
-    """The paper's four HF datasets (about 1M rows in all), with their built-in field mappings.
-
-    `mirror_dir`: a folder holding a local copy of each dataset in a subfolder named after its source
-    (`slimorca/`, `metamathqa/`, ...): read from there instead of the Hub, with the same mappings.
-    """
-    return [
-        SourceSpec.from_dict({
-            "name": short, "kind": "hf", "path": dataset_id, "max_rows": max_rows,
-            **({"mirror": str(Path(mirror_dir) / short)} if mirror_dir is not None else {}),
-        })
-        for dataset_id, short in PAPER_SOURCE_NAMES.items()
-    ]

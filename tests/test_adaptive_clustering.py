@@ -66,11 +66,11 @@ def test_incremental_kmeans_asset_adds_only_new_instructions_and_checks_drift(tm
     import dagster as dg
 
     from pipelines.definitions import build_definitions
-    from tests.pipeline_fixtures import dagster_instance, small_profile
+    from tests.pipeline_fixtures import dagster_instance, small_experiment
 
     def run(n_per_domain: int, incremental: bool, instance) -> dg.ExecuteInProcessResult:
         source = {"name": "synthetic_mix", "kind": "synthetic", "n_per_domain": n_per_domain, "seed": 0}
-        defs = build_definitions(small_profile(tmp_path, sources=[source]))
+        defs = build_definitions(small_experiment(tmp_path, sources=[source]))
         result = defs.resolve_job_def("cluster_instructions").execute_in_process(
             instance=instance,
             run_config={"ops": {"selected_k": {"config": {"k": 4}},

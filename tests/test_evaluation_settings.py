@@ -10,27 +10,27 @@ import polars as pl
 import torch
 
 import moce_model.evaluation.runner as runner
-from assets.evaluation import build_evaluation_assets, evaluation_settings
-from assets.training import training_preset
-from pipelines.profiles import load_profile
+from assets.evaluation import build_evaluation_assets
+from moce_model.experiment import load_experiment
 from resources.storage import ArtifactStorage
-from tests.pipeline_fixtures import small_profile
+from tests.pipeline_fixtures import small_experiment
 from tests.test_eval_fixtures import save_model_dir
 
 
-def test_profiles_name_device_dtype_and_prompt_format():
-    paper, demo = load_profile("paper"), load_profile("demo")
-    assert evaluation_settings(paper) == {"device": "cuda", "dtype": "bfloat16", "prompt_format": "human_assistant"}
-    assert evaluation_settings(demo) == {"device": "cpu", "dtype": "float32", "prompt_format": "auto"}
+def test_experiments_name_device_dtype_and_prompt_format():
+    paper, demo = load_experiment("paper"), load_experiment("demo")
+    assert paper.evaluation_settings() == {"device": "cuda", "dtype": "bfloat16", "prompt_format": "human_assistant"}
+    assert demo.evaluation_settings() == {"device": "cpu", "dtype": "float32", "prompt_format": "auto"}
     # training renders rows in the same format
-    assert training_preset(paper).prompt_format == "human_assistant"
-    assert training_preset(demo).prompt_format == "auto"
+    assert paper.training_config().prompt_format == "human_assistant"
+    assert demo.training_config().prompt_format == "auto"
 
 
-def test_benchmark_results_evaluate_in_the_profiles_dtype_and_format(tmp_path: Path, monkeypatch):
-    model_dir = save_model_dir(tmp_path / "base")  # its tokenizer has a chat template; the profile names another
-    profile = small_profile(tmp_path, eval_dtype="bfloat16", prompt_format="human_assistant")
-    (asset,) = [a for a in build_evaluation_assets(profile)
+def test_benchmark_results_evaluate_in_the_experiments_dtype_and_format(tmp_path: Path, monkeypatch):
+    model_dir = save_model_dir(tmp_path / "base")  # its tokenizer has a chat template; the experiment names another
+    experiment = small_experiment(tmp_path, evaluation={"dtype": "bfloat16"},
+                                  base_model={"prompt_format": "human_assistant"})
+    (asset,) = [a for a in build_evaluation_assets(experiment)
                 if dg.AssetKey(["benchmark_results", "base"]) in a.keys]
 
     built: list[runner.MoCELM] = []
@@ -49,7 +49,7 @@ def test_benchmark_results_evaluate_in_the_profiles_dtype_and_format(tmp_path: P
     (lm,) = built
     assert next(lm.model.parameters()).dtype == torch.bfloat16 and lm.device.type == "cpu"
     assert lm.prompt_format.name == "human_assistant"
-    assert output.metadata["evaluated_with"].data == evaluation_settings(profile)
+    assert output.metadata["evaluated_with"].data == experiment.evaluation_settings()
     items = pl.read_parquet(tmp_path / "store" / "benchmark_items" / "base.parquet")
     synthetic = items.filter(pl.col("benchmark").str.starts_with("synthetic_"))
     assert synthetic.height == 4

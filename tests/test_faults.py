@@ -572,27 +572,27 @@ def test_json_errors_say_which_layout_was_detected_and_where(tmp_path, content, 
     assert str(path) in str(error.value)
 
 
-def materialize_data_assets(profile, instance):
+def materialize_data_assets(experiment, instance):
     from assets.data import build_instruction_assets, build_raw_source_assets
     from pipelines.definitions import build_resources
 
-    assets = [*build_raw_source_assets(profile), build_instruction_assets(profile)]
-    return dg.materialize(assets, resources=build_resources(profile), instance=instance, raise_on_error=False)
+    assets = [*build_raw_source_assets(experiment), build_instruction_assets(experiment)]
+    return dg.materialize(assets, resources=build_resources(experiment), instance=instance, raise_on_error=False)
 
 
 def test_rejected_rows_are_written_even_when_none_is_valid_then_the_run_fails(tmp_path):
-    from tests.pipeline_fixtures import dagster_instance, small_profile
+    from tests.pipeline_fixtures import dagster_instance, small_experiment
 
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"q": "What is 2 + 2?", "a": "4"}) + "\n" + json.dumps({"q": " ", "a": "x"}) + "\n")
-    profile = small_profile(tmp_path, sources=[source(data)])
-    rejected_path = profile.storage_root / "tables" / "rejected_instructions.parquet"
+    experiment = small_experiment(tmp_path, sources=[source(data)])
+    rejected_path = experiment.storage_root / "tables" / "rejected_instructions.parquet"
     with dagster_instance(tmp_path) as instance:
-        assert materialize_data_assets(profile, instance).success
+        assert materialize_data_assets(experiment, instance).success
         assert pl.read_parquet(rejected_path)["reason"].to_list() == ["empty_instruction"]
 
         data.write_text(json.dumps({"q": "Sum?", "a": 4}) + "\n" + json.dumps({"q": "", "a": "x"}) + "\n")
-        result = materialize_data_assets(profile, instance)
+        result = materialize_data_assets(experiment, instance)
         assert not result.success
         error = str(result.get_step_failure_events()[0].step_failure_data.error)
         assert "no valid instructions among 2 rows (empty_instruction: 1, wrong_type: 1)" in error

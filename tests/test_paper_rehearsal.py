@@ -8,7 +8,6 @@ the local tasks with their document counts, and each few-shot item routed by its
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -20,7 +19,9 @@ import polars as pl
 import pytest
 import torch
 
+from moce_model.config import VARIANTS as ALL_VARIANTS
 from moce_model.evaluation.lm_eval_suite import PAPER_LM_EVAL_TASKS
+from moce_model.experiment import load_experiment
 from moce_model.rehearsal import (
     FIXTURE_VERSION,
     build_rehearsal_fixtures,
@@ -30,9 +31,9 @@ from moce_model.rehearsal import (
     write_source_mirrors,
 )
 from pipelines.definitions import PIPELINE, build_definitions
-from pipelines.profiles import ALL_VARIANTS, REHEARSAL_DIR_ENV, load_profile
 from tests.pipeline_fixtures import dagster_instance
 
+REHEARSAL_DIR_ENV = "MOCE_REHEARSAL_DIR"
 PAPER_SOURCES = {"slimorca", "metamathqa", "magicoder_oss", "magicoder_evol"}
 CLUSTER_ROUTED = ("moce", "cluster_only")
 
@@ -65,7 +66,7 @@ def rehearsal(tmp_path_factory):
         fixtures = build_rehearsal_fixtures(root / "fixtures")
         fixture_seconds = time.perf_counter() - started
         patch.setenv(REHEARSAL_DIR_ENV, str(fixtures.root))
-        profile = dataclasses.replace(load_profile("paper-rehearsal"), data_dir=str(root / "store"))
+        profile = load_experiment("paper-rehearsal").model_copy(update={"storage_root": root / "store"})
         defs = build_definitions(profile)
         with dagster_instance(root) as instance:
             started = time.perf_counter()
@@ -81,15 +82,17 @@ def _table(profile, *parts: str) -> pl.DataFrame:
 
 
 def test_rehearsal_profile_takes_the_paper_paths(rehearsal):
-    profile, fixtures, _, _ = rehearsal
-    paper = load_profile("paper")
-    assert profile.variants == ALL_VARIANTS == paper.variants
-    assert [(s["name"], s["kind"], s["path"], s["mapping"], s["conversations"]) for s in profile.sources] == [
-        (s["name"], s["kind"], s["path"], s["mapping"], s["conversations"]) for s in paper.sources]
-    assert all(Path(s["mirror"]).parent == fixtures.datasets_dir for s in profile.sources)
-    assert profile.embedder["kind"] == paper.embedder["kind"] == "instructor"
-    assert profile.base_model["kind"] == "hub" and profile.prompt_format == "human_assistant"
-    assert profile.training == "paper" and profile.benchmarks == "paper"
+    experiment, fixtures, _, _ = rehearsal
+    paper = load_experiment("paper")
+    assert tuple(experiment.variants) == ALL_VARIANTS and experiment.variants == paper.variants
+    assert [(s.name, s.kind, s.path, s.mapping, s.conversations) for s in experiment.sources] == [
+        (s.name, s.kind, s.path, s.mapping, s.conversations) for s in paper.sources]
+    assert all(Path(s.mirror).parent == fixtures.datasets_dir for s in experiment.sources)
+    assert experiment.embedder.kind == paper.embedder.kind == "instructor"
+    assert experiment.base_model.kind == "hub" and experiment.base_model.prompt_format == "human_assistant"
+    assert experiment.training.preset == paper.training.preset == "paper"
+    assert experiment.evaluation.benchmarks == "paper"
+    assert Path(experiment.evaluation.lm_eval_tasks_dir) == fixtures.lm_eval_tasks_dir
 
 
 def test_every_variant_is_trained_merged_and_checked(rehearsal):

@@ -6,9 +6,10 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from moce_model.experiment import EXPERIMENTS_DIR
 from pipelines.definitions import DATA_HALF, build_definitions
-from pipelines.demo import unsynced_asset_keys
-from tests.pipeline_fixtures import dagster_instance, small_profile
+from pipelines.runner import unsynced_asset_keys
+from tests.pipeline_fixtures import dagster_instance, small_experiment
 
 UPSTREAM_OF_K = ["raw/synthetic_mix", "instructions", "rejected_instructions", "instruction_embeddings"]
 DATA_HALF_KEYS = set(UPSTREAM_OF_K) | {"elbow_curve", "selected_k", "kmeans_centroids", "cluster_assignments"}
@@ -25,17 +26,17 @@ def _materialization_counts(instance: dg.DagsterInstance, keys: list[str]) -> di
 @pytest.fixture(scope="module")
 def clustered(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    profile = small_profile(root)
-    defs = build_definitions(profile)
+    experiment = small_experiment(root)
+    defs = build_definitions(experiment)
     with dagster_instance(root) as instance:
         result = defs.resolve_job_def("cluster_instructions").execute_in_process(instance=instance)
         assert result.success
-        yield profile, defs, instance
+        yield experiment, defs, instance
 
 
 def test_data_half_materializes_with_contracts(clustered):
-    profile, defs, instance = clustered
-    tables = profile.storage_root / "tables"
+    experiment, defs, instance = clustered
+    tables = experiment.storage_root / "tables"
     instructions = pl.read_parquet(tables / "instructions.parquet")
     assert {"id", "source", "system", "instruction", "input", "response", "domain", "n_chars"} <= set(
         instructions.columns
@@ -66,7 +67,7 @@ def test_checks_pass(clustered):
 
 
 def test_change_of_k_reruns_only_downstream(clustered):
-    profile, defs, instance = clustered
+    experiment, defs, instance = clustered
     # First automation tick: establishes the cursor; nothing has changed yet, so nothing is requested.
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=DATA_HALF)
     assert tick.total_requested == 0
@@ -99,20 +100,19 @@ def test_change_of_k_reruns_only_downstream(clustered):
         assert after[key] == before[key], f"{key} re-materialized on a change of k"
     assert after["kmeans_centroids"] == before["kmeans_centroids"] + 1
     assert after["cluster_assignments"] == before["cluster_assignments"] + 1
-    assignments = pl.read_parquet(profile.storage_root / "tables" / "cluster_assignments.parquet")
+    assignments = pl.read_parquet(experiment.storage_root / "tables" / "cluster_assignments.parquet")
     assert assignments["cluster"].n_unique() == new_k
     assert not {key.to_user_string() for key in unsynced_asset_keys(defs, instance)} & DATA_HALF_KEYS
 
 
-@pytest.mark.parametrize("profile_name", ["demo", "realmix", "paper"])
-def test_every_profile_loads_like_the_ui_loads_it(profile_name):
-    from pipelines.profiles import load_profile
+@pytest.mark.parametrize("experiment_name", sorted(path.stem for path in EXPERIMENTS_DIR.glob("*.yaml")))
+def test_every_experiment_loads_like_the_ui_loads_it(experiment_name):
+    from moce_model.experiment import load_experiment
 
-    defs = build_definitions(load_profile(profile_name))
+    experiment = load_experiment(experiment_name)
+    defs = build_definitions(experiment)
     dg.Definitions.validate_loadable(defs)
     keys = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
-    variants = {"moce", "pesc", "dense_adapter"} | (
-        {"random_group", "cluster_only"} if profile_name == "paper" else set()
-    )
-    assert {f"moce_adapters/{variant}" for variant in variants} <= keys
+    assert {f"moce_adapters/{variant}" for variant in experiment.variants} <= keys
+    assert {f"raw/{source.name}" for source in experiment.sources} <= keys
     assert {"selected_k", "benchmark_report", "k_sweep_results"} <= keys

@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 
 from pipelines.definitions import PIPELINE, build_definitions
-from pipelines.demo import unsynced_asset_keys
-from tests.pipeline_fixtures import dagster_instance, small_profile
+from pipelines.runner import unsynced_asset_keys
+from tests.pipeline_fixtures import dagster_instance, small_experiment
 from tests.tiny_models import save_tiny_llama
 
 NEVER_RERUN_ON_K = [
@@ -51,10 +51,10 @@ def _counts(instance: dg.DagsterInstance, keys: list[str]) -> dict[str, int]:
 def materialized(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     save_tiny_llama(root / "tiny_base")
-    profile = small_profile(
+    experiment = small_experiment(
         root,
         sources=[{"name": "synthetic_mix", "kind": "synthetic", "n_per_domain": 24, "seed": 0}],
-        training_overrides={
+        training={"overrides": {
             "max_steps": 3,
             "per_device_batch_size": 4,
             "max_length": 96,
@@ -62,38 +62,38 @@ def materialized(tmp_path_factory):
             "lora_r": 2,
             "lora_alpha": 4,
             "warmup_steps": 0,
-        },
-        eval_limit=2,
+        }},
+        evaluation={"limit_per_benchmark": 2},
     )
-    defs = build_definitions(profile)
+    defs = build_definitions(experiment)
     with dagster_instance(root) as instance:
         result = defs.resolve_job_def("demo_pipeline").execute_in_process(instance=instance)
         assert result.success
-        yield profile, defs, instance
+        yield experiment, defs, instance
 
 
 def test_every_asset_materialized_and_checks_pass(materialized):
-    profile, defs, instance = materialized
+    experiment, defs, instance = materialized
     for key in PIPELINE.resolve(defs.resolve_asset_graph()):
         assert instance.get_latest_materialization_event(key) is not None, key.to_user_string()
     assert unsynced_asset_keys(defs, instance) == []
-    for variant in profile.variants:
+    for variant in experiment.variants:
         check_key = dg.AssetCheckKey(dg.AssetKey(["merged_model", variant]), "merged_equals_unmerged")
         record = instance.event_log_storage.get_latest_asset_check_execution_by_key([check_key])[check_key]
         assert record.event.dagster_event.event_specific_data.passed, variant
-    results = pl.read_parquet(profile.storage_root / "tables" / "benchmark_results" / "moce.parquet")
+    results = pl.read_parquet(experiment.storage_root / "tables" / "benchmark_results" / "moce.parquet")
     assert results.columns == ["model_variant", "benchmark", "metric", "value", "n_items", "stderr", "ci_low",
                                "ci_high", "ci_method", "seconds"]
-    scores = pl.read_parquet(profile.storage_root / "tables" / "benchmark_item_scores" / "moce.parquet")
+    scores = pl.read_parquet(experiment.storage_root / "tables" / "benchmark_item_scores" / "moce.parquet")
     per_metric = scores.group_by("benchmark", "metric").len()
     assert results.join(per_metric, on=["benchmark", "metric"]).select((pl.col("len") == pl.col("n_items")).all()).item()
-    report = (profile.storage_root / "report" / "benchmark_report.md").read_text()
+    report = (experiment.storage_root / "report" / "benchmark_report.md").read_text()
     assert "## Paired differences" in report and "## Paper average" in report
-    assert pl.read_parquet(profile.storage_root / "report" / "paired_differences.parquet").height > 0
+    assert pl.read_parquet(experiment.storage_root / "report" / "paired_differences.parquet").height > 0
 
 
 def test_change_of_k_retrains_only_cluster_variants(materialized):
-    profile, defs, instance = materialized
+    experiment, defs, instance = materialized
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert tick.total_requested == 0
     before = _counts(instance, NEVER_RERUN_ON_K + RERUN_ON_K)
@@ -123,13 +123,13 @@ def test_change_of_k_retrains_only_cluster_variants(materialized):
 
 
 def test_k_sweep_puts_each_k_side_by_side(materialized):
-    profile, defs, instance = materialized
+    experiment, defs, instance = materialized
     result = defs.resolve_job_def("k_sweep").execute_in_process(
         instance=instance,
         run_config=dg.RunConfig(ops={"k_sweep_results": {"config": {"ks": [2, 3], "max_steps": 2}}}),
     )
     assert result.success
-    table = pl.read_parquet(profile.storage_root / "tables" / "k_sweep_results.parquet")
+    table = pl.read_parquet(experiment.storage_root / "tables" / "k_sweep_results.parquet")
     assert sorted(table["k"].unique().to_list()) == [2, 3]
     assert set(table["model_variant"]) == {"moce_k2", "moce_k3"}
     # Same benchmarks and metrics for every k, so the rows line up in the comparison table.

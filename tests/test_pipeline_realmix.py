@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from pathlib import Path
 
 import dagster as dg
 import pytest
 
+from moce_model.experiment import load_experiment
 from pipelines.definitions import build_definitions
-from pipelines.profiles import REALMIX_DIR, load_profile
 from tests.pipeline_fixtures import dagster_instance
 
+REALMIX = load_experiment("realmix")
 
-@pytest.mark.skipif(not REALMIX_DIR.is_dir(), reason="realmix samples not present")
+
+@pytest.mark.skipif(not Path(REALMIX.sources[0].path).is_file(), reason="realmix samples not present")
 def test_realmix_clusters_follow_the_sources(tmp_path):
-    profile = replace(load_profile("realmix"), data_dir=str(tmp_path / "store"), kmeans_restarts=1)
-    defs = build_definitions(profile)
+    experiment = REALMIX.model_copy(update={
+        "storage_root": tmp_path / "store",
+        "clustering": REALMIX.clustering.model_copy(update={"restarts": 1}),
+    })
+    defs = build_definitions(experiment)
     with dagster_instance(tmp_path) as instance:
         result = defs.resolve_job_def("cluster_instructions").execute_in_process(
             instance=instance, run_config=dg.RunConfig(ops={"selected_k": {"config": {"k": 4}}})

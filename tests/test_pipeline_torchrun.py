@@ -6,22 +6,21 @@ from __future__ import annotations
 import dagster as dg
 
 from pipelines.definitions import build_definitions
-from tests.pipeline_fixtures import dagster_instance, small_profile
+from tests.pipeline_fixtures import dagster_instance, small_experiment
 from tests.tiny_models import save_tiny_llama
 
 
 def test_adapters_trained_by_two_torchrun_processes(tmp_path):
     save_tiny_llama(tmp_path / "tiny_base")
-    profile = small_profile(
+    experiment = small_experiment(
         tmp_path,
         sources=[{"name": "synthetic_mix", "kind": "synthetic", "n_per_domain": 8, "seed": 0}],
-        variants=("pesc",),
-        launcher="torchrun",
-        nproc_per_node=2,
-        training_overrides={"max_steps": 2, "per_device_batch_size": 2, "max_length": 96, "save_steps": 1,
-                            "lora_r": 2, "lora_alpha": 4, "warmup_steps": 0},
+        variants=["pesc"],
+        launcher={"kind": "torchrun", "nproc_per_node": 2},
+        training={"overrides": {"max_steps": 2, "per_device_batch_size": 2, "max_length": 96, "save_steps": 1,
+                                "lora_r": 2, "lora_alpha": 4, "warmup_steps": 0}},
     )
-    defs = build_definitions(profile)
+    defs = build_definitions(experiment)
     with dagster_instance(tmp_path) as instance:
         selection = dg.AssetSelection.assets(["moce_adapters", "pesc"]).upstream().required_multi_asset_neighbors()
         result = defs.resolve_job_def("demo_pipeline").execute_in_process(

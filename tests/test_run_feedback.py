@@ -21,14 +21,18 @@ def test_library_warnings_and_python_warnings_reach_the_event_log() -> None:
         warnings.warn("a deprecation notice", FutureWarning, stacklevel=1)
         return 1
 
-    logging.captureWarnings(True)
-    try:
-        with dg.instance_for_test(overrides=INSTANCE_SETTINGS) as instance:
-            result = dg.materialize([noisy], instance=instance)
-            assert result.success
-            messages = [record.user_message for record in instance.all_logs(result.run_id)]
-    finally:
-        logging.captureWarnings(False)
+    # pytest records warnings itself; route them as a Dagster process does (pipelines.definitions at import)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        logging.captureWarnings(False)  # an earlier import may have captured them under another test's hooks
+        logging.captureWarnings(True)
+        try:
+            with dg.instance_for_test(overrides=INSTANCE_SETTINGS) as instance:
+                result = dg.materialize([noisy], instance=instance)
+                assert result.success
+                messages = [record.user_message for record in instance.all_logs(result.run_id)]
+        finally:
+            logging.captureWarnings(False)
     assert any("library says: weights not initialised" in m for m in messages)
     assert any("a deprecation notice" in m for m in messages)
     assert not any("below the level" in m for m in messages)

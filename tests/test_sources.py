@@ -4,17 +4,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from moce_model.sources import (
-    HF_PRESETS,
-    RAW_COLUMNS,
-    SourceSpec,
-    demo_sources,
-    load_source,
-    paper_sources,
-    realmix_dir,
-    realmix_sources,
-    scan_source,
-)
+from moce_model.experiment import load_experiment
+from moce_model.sources import HF_PRESETS, RAW_COLUMNS, SourceSpec, load_source, scan_source
+
+REALMIX_SOURCES = load_experiment("realmix").sources
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -213,7 +206,7 @@ def test_a_data_column_named_problem_is_not_taken_for_a_problem_marker(tmp_path)
     assert "column 'solution' (mapped to 'response') holds a number" in local["problem"][1]
 
 
-def test_hf_source_reads_a_local_mirror_with_the_presets_mapping(tmp_path):
+def test_hf_source_reads_a_local_mirror_with_the_presets_mapping(tmp_path, monkeypatch):
     """A mirrored copy of a Hub dataset (a directory, or one file) is read through `datasets` with the mapping
     of the dataset id, so users with mirrored datasets keep the paper's specs."""
     mirror_dir = tmp_path / "MetaMathQA"
@@ -234,12 +227,11 @@ def test_hf_source_reads_a_local_mirror_with_the_presets_mapping(tmp_path):
     with pytest.raises(ValueError, match="'mirror' is a local copy of an hf dataset"):
         SourceSpec(name="l", kind="local", path=str(mirror_dir / "MetaMathQA-395K.json"), mapping={
             "instruction": "query", "response": "response"}, mirror=str(mirror_dir)).validate()
-    names = ("slimorca", "metamathqa", "magicoder_oss", "magicoder_evol")
-    for name in names:
-        (tmp_path / "mirrors" / name).mkdir(parents=True)
-    specs = paper_sources(mirror_dir=tmp_path / "mirrors")
-    assert [(s.path, s.mirror) for s in specs] == [(s.path, str(tmp_path / "mirrors" / name))
-                                                   for s, name in zip(paper_sources(), names)]
+    # the rehearsal experiment reads the paper experiment's four datasets from mirrors, with the same ids
+    monkeypatch.setenv("MOCE_REHEARSAL_DIR", str(tmp_path / "fixtures"))
+    rehearsal, paper = load_experiment("paper-rehearsal").sources, load_experiment("paper").sources
+    assert [(s.name, s.path) for s in rehearsal] == [(s.name, s.path) for s in paper]
+    assert [s.mirror for s in rehearsal] == [str(tmp_path / "fixtures" / "datasets" / s.name) for s in paper]
 
 
 def test_hf_missing_column_is_named(tmp_path):
@@ -250,11 +242,12 @@ def test_hf_missing_column_is_named(tmp_path):
         load_source(spec)
 
 
-def test_paper_and_demo_lists():
-    specs = paper_sources(max_rows=1000)
+def test_paper_and_demo_experiments_sources():
+    specs = load_experiment("paper").sources
     assert [s.path for s in specs] == list(HF_PRESETS)
-    assert all(s.kind == "hf" and s.max_rows == 1000 for s in specs)
-    demo = demo_sources(n_per_domain=5)
+    assert all(s.kind == "hf" and (s.mapping or s.conversations) and s.domain for s in specs)  # presets filled in
+    demo = [SourceSpec(name=spec.name, kind=spec.kind, n_per_domain=5, seed=spec.seed)
+            for spec in load_experiment("demo").sources]
     frame = load_source(demo[0])
     assert frame.height == 20 and {"answer", "test_code"} <= set(frame.columns)
     assert scan_source(demo[0]).collect().equals(frame)
@@ -263,9 +256,9 @@ def test_paper_and_demo_lists():
 # --------------------------------------------------------------------------------------- the real samples
 
 
-@pytest.mark.skipif(not realmix_dir().is_dir(), reason="realmix samples not present")
+@pytest.mark.skipif(not Path(REALMIX_SOURCES[0].path).is_file(), reason="realmix samples not present")
 def test_realmix_samples_load():
-    frames = {spec.name: load_source(spec) for spec in realmix_sources()}
+    frames = {spec.name: load_source(spec) for spec in REALMIX_SOURCES}
     assert set(frames) == {"gsm8k", "gpteacher_codegen", "gpteacher_roleplay", "gpteacher_toolformer"}
     for name, frame in frames.items():
         _check_raw_shape(frame)

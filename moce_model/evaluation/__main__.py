@@ -21,6 +21,15 @@ from moce_model.evaluation.runner import demo_benchmarks, evaluate_model
 from moce_model.prompt_format import AUTO, PROMPT_FORMATS
 
 
+def _count_or_all(text: str) -> int | None:
+    if text == "all":
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a positive number of items or 'all'")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="VARIANT=DIR",
@@ -29,9 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="held-out synthetic items per domain answered by generation")
     parser.add_argument("--n-loss-per-domain", type=int, default=None,
                         help="held-out synthetic items per domain scored by held-out loss (default: --n-per-domain)")
-    parser.add_argument("--humaneval-items", type=int, default=6)
+    parser.add_argument("--humaneval-items", type=_count_or_all, default=6, help="a number or 'all'")
     parser.add_argument("--gsm8k", type=Path, default=None, help="GSM8K-format JSONL (default: realmix sample)")
-    parser.add_argument("--gsm8k-items", type=int, default=6)
+    parser.add_argument("--gsm8k-items", type=_count_or_all, default=6, help="a number or 'all'")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

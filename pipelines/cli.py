@@ -1,0 +1,270 @@
+"""The `moce` command: run an experiment's pipeline, change k, compare k, use and evaluate the trained models.
+
+Every command takes `--experiment NAME|PATH` (default: $MOCE_EXPERIMENT, else `demo`). A name is a file in
+configs/experiments/; a path is any experiment file (copy configs/experiments/demo.yaml to start your own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moce_model.experiment import Experiment
+
+# The library (and torch with it) is imported only once a command runs, so that `moce --help` answers at once.
+
+EPILOG = """\
+examples:
+  moce run                                  the demo, end to end (what `make demo` does)
+  moce run --experiment my_data.yaml        your own experiment file (start from configs/experiments/demo.yaml)
+  moce run --select 'group:data or group:embedding or group:clustering'
+                                            only the data half: sources -> embeddings -> clusters
+  moce set-k 5 && moce run                  use 5 clusters; re-runs only what depends on k
+  moce sweep --ks 2,3,4,6                   train and evaluate `moce` at each k, one comparison table
+  moce generate "What is 17 * 6?"           answer with the trained `moce` model, routed by cluster
+  moce eval                                 evaluate the trained models on the demo benchmarks
+  moce ui                                   the Dagster UI on http://127.0.0.1:3000
+
+Artifacts go to the experiment's storage_root (.moce_data/<experiment> by default); Dagster's run history
+goes to <storage_root>/dagster_home unless DAGSTER_HOME is set.
+"""
+
+
+def _select_experiment(name: str | None) -> Experiment:
+    """Load the experiment and make it the one the Definitions (and any `dagster` process started from here)
+    load: they read MOCE_EXPERIMENT."""
+    from moce_model.experiment import EXPERIMENT_ENV, PROFILE_ENV, experiment_path, load_experiment, selected_experiment
+
+    chosen = name or selected_experiment()
+    experiment = load_experiment(chosen)
+    os.environ[EXPERIMENT_ENV] = str(experiment_path(chosen))
+    os.environ.pop(PROFILE_ENV, None)
+    return experiment
+
+
+def _instance(experiment: Experiment):
+    """The experiment's persistent Dagster instance: one per experiment, so that one experiment's history
+    never makes another's assets look fresh. DAGSTER_HOME, when set, wins."""
+    import dagster as dg
+
+    from pipelines.instance import fail_runs_of_dead_processes, write_instance_config
+
+    home = Path(os.environ.get("DAGSTER_HOME") or experiment.storage_root / "dagster_home")
+    os.environ["DAGSTER_HOME"] = str(home)
+    write_instance_config(home)
+    instance = dg.DagsterInstance.get()
+    for run_id in fail_runs_of_dead_processes(instance):
+        print(f"run {run_id} was left STARTED by a process that is gone (killed?): marked failed")
+    return instance
+
+
+def _definitions(experiment: Experiment):
+    from pipelines.definitions import build_definitions
+
+    return build_definitions(experiment)
+
+
+def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
+    import dagster as dg
+
+    from pipelines.runner import materialize_unsynced
+
+    defs = _definitions(experiment)
+    selection = None
+    if args.select:
+        try:
+            selection = dg.AssetSelection.from_string(args.select)
+            selected = selection.resolve(defs.resolve_asset_graph())
+        except Exception as err:  # Dagster raises several error types for a bad selection string
+            raise SystemExit(f"moce run: --select {args.select!r}: {err}") from None
+        if not selected:
+            raise SystemExit(f"moce run: --select {args.select!r} selects no asset of experiment {experiment.name!r}")
+    instance = _instance(experiment)
+    print(f"experiment={experiment.name} storage={experiment.storage_root} DAGSTER_HOME={instance.root_directory}")
+    if experiment.description:
+        print(experiment.description)
+    ok = materialize_unsynced(defs, instance, selection, dry_run=args.dry_run)
+    report = experiment.storage_root / "report" / "benchmark_report.md"
+    if ok and report.exists():
+        print(f"\nbenchmark report: {report}")
+    print("explore the lineage, plots and metadata: moce ui  (then open http://127.0.0.1:3000)")
+    return 0 if ok else 1
+
+
+def cmd_set_k(args: argparse.Namespace, experiment: Experiment) -> int:
+    import dagster as dg
+
+    if args.k < 2:
+        raise SystemExit(f"moce set-k: k={args.k}: need at least 2 clusters")
+    instance = _instance(experiment)
+    result = _definitions(experiment).resolve_job_def("demo_pipeline").execute_in_process(
+        instance=instance,
+        asset_selection=[dg.AssetKey("selected_k")],
+        run_config={"ops": {"selected_k": {"config": {"k": args.k}}}},
+        raise_on_error=False,
+    )
+    if not result.success:
+        print("selected_k FAILED; see the errors above (is the data half materialized? `moce run`)", file=sys.stderr)
+        return 1
+    print(f"selected_k = {args.k}. `moce run` now re-runs what depends on k (and nothing else). To keep this k "
+          f"when the elbow curve is recomputed, set clustering.k in the experiment file.")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, experiment: Experiment) -> int:
+    try:
+        ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
+    except ValueError:
+        raise SystemExit(f"moce sweep: --ks {args.ks!r}: expected numbers separated by commas, e.g. 2,3,4") from None
+    if not ks or min(ks) < 2:
+        raise SystemExit(f"moce sweep: --ks {args.ks!r}: every k must be at least 2")
+    config: dict = {"ks": ks}
+    if args.max_steps is not None:
+        config["max_steps"] = args.max_steps
+    instance = _instance(experiment)
+    result = _definitions(experiment).resolve_job_def("k_sweep").execute_in_process(
+        instance=instance, run_config={"ops": {"k_sweep_results": {"config": config}}}, raise_on_error=False
+    )
+    if not result.success:
+        print("the sweep FAILED; see the errors above (it needs the data half and base_model: `moce run`)",
+              file=sys.stderr)
+        return 1
+    print(f"k sweep table: {experiment.storage_root / 'tables' / 'k_sweep_results.parquet'} "
+          f"(side by side in the metadata of k_sweep_results in `moce ui`)")
+    return 0
+
+
+def _merged_model_dir(experiment: Experiment, variant: str) -> Path:
+    return experiment.storage_root / "artifacts" / "merged_model" / variant
+
+
+def cmd_generate(args: argparse.Namespace, experiment: Experiment) -> int:
+    from moce_model.generate import main as generate_main
+
+    model = args.model or _merged_model_dir(experiment, args.variant)
+    if not Path(model).is_dir():
+        raise SystemExit(f"moce generate: no model at {model}: train it first (`moce run`) or give --model DIR")
+    return generate_main(["--model", str(model), "--max-new-tokens", str(args.max_new_tokens),
+                          "--prompt-format", experiment.base_model.prompt_format, *args.prompts])
+
+
+def cmd_eval(args: argparse.Namespace, experiment: Experiment) -> int:
+    from moce_model.evaluation.__main__ import main as evaluate_main
+
+    if experiment.evaluation.benchmarks != "demo":
+        raise SystemExit(f"moce eval runs the demo benchmarks; experiment {experiment.name!r} uses "
+                         f"{experiment.evaluation.benchmarks!r} ones: materialize benchmark_results with `moce run`")
+    models = args.model or [f"{variant}={_merged_model_dir(experiment, variant)}" for variant in experiment.variants
+                            if _merged_model_dir(experiment, variant).is_dir()]
+    if not models:
+        raise SystemExit(f"moce eval: no trained model in {experiment.storage_root / 'artifacts' / 'merged_model'}: "
+                         f"run `moce run` first or give --model VARIANT=DIR")
+    settings = experiment.evaluation
+
+    def count(value: int | None) -> str:
+        return "all" if value is None else str(value)
+
+    argv = ["--n-per-domain", str(settings.generation_items_per_domain),
+            "--n-loss-per-domain", str(settings.loss_items_per_domain),
+            "--humaneval-items", count(settings.humaneval_items), "--gsm8k-items", count(settings.gsm8k_items),
+            "--seed", str(experiment.seed), "--prompt-format", experiment.base_model.prompt_format,
+            "--device", settings.device, "--dtype", settings.dtype]
+    for model in models:
+        argv += ["--model", model]
+    return evaluate_main([*argv, *(["--show-items"] if args.show_items else []), *args.evaluation_args])
+
+
+def cmd_ui(args: argparse.Namespace, experiment: Experiment) -> int:
+    from moce_model.experiment import REPO_ROOT
+
+    _instance(experiment)
+    os.chdir(REPO_ROOT)
+    command = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port), "-w", "workspace.yaml"]
+    print(f"experiment={experiment.name} DAGSTER_HOME={os.environ['DAGSTER_HOME']}: {' '.join(command[2:])}")
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--experiment", "-e", metavar="NAME|PATH",
+                        help="experiment name in configs/experiments/ or path of an experiment file "
+                             "(default: $MOCE_EXPERIMENT, else demo)")
+    parser = argparse.ArgumentParser(prog="moce", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", parents=[common], help="materialize what is missing or stale",
+                              description="Materialize every asset of the experiment that is missing or stale (new "
+                                          "code, new inputs), and everything downstream of it. Nothing changed: "
+                                          "nothing runs.")
+    run.add_argument("--select", metavar="SELECTION",
+                     help="only these assets, in Dagster's selection syntax, e.g. 'group:clustering', "
+                          "'key:selected_k+' (it and downstream), 'group:data or group:embedding or group:clustering'")
+    run.add_argument("--dry-run", action="store_true", help="print what would run and why, run nothing")
+    run.set_defaults(handler=cmd_run)
+
+    set_k = commands.add_parser("set-k", parents=[common], help="choose the number of clusters k",
+                                description="Materialize selected_k with this k instead of the elbow's knee; then "
+                                            "`moce run` re-runs exactly what depends on k.")
+    set_k.add_argument("k", type=int, help="number of clusters (= expert groups), at least 2")
+    set_k.set_defaults(handler=cmd_set_k)
+
+    sweep = commands.add_parser("sweep", parents=[common], help="train and evaluate `moce` at several k",
+                                description="For each k: fit the centroids, train and merge `moce`, evaluate; one "
+                                            "table with every benchmark at every k (asset k_sweep_results).")
+    sweep.add_argument("--ks", required=True, help="the k values, comma separated, e.g. 2,3,4,6")
+    sweep.add_argument("--max-steps", type=int, default=None, help="training steps per k (default: the experiment's)")
+    sweep.set_defaults(handler=cmd_sweep)
+
+    generate = commands.add_parser("generate", parents=[common], help="answer prompts with a trained model",
+                                   description="Answer prompts with a merged model; prints the cluster / expert "
+                                               "group each prompt was routed to.")
+    generate.add_argument("prompts", nargs="+", metavar="PROMPT", help="the request text(s)")
+    generate.add_argument("--variant", default="moce", help="which of the experiment's models (default: moce)")
+    generate.add_argument("--model", default=None, metavar="DIR", help="a merged model directory instead")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.set_defaults(handler=cmd_generate)
+
+    evaluate = commands.add_parser("eval", parents=[common], help="evaluate models on the demo benchmarks",
+                                   description="Evaluate model directories on the experiment's demo benchmarks, with "
+                                               "its sizes, prompt format, device and dtype; prints scores with "
+                                               "intervals and the paired comparison.")
+    evaluate.add_argument("--model", action="append", metavar="VARIANT=DIR",
+                          help="a model and its name; repeat for several (default: every trained variant)")
+    evaluate.add_argument("--show-items", action="store_true", help="print every prompt's completion")
+    evaluate.add_argument("evaluation_args", nargs=argparse.REMAINDER,
+                          help="after --: options of python -m moce_model.evaluation, e.g. -- --threads 1")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    ui = commands.add_parser("ui", parents=[common], help="open the Dagster UI (dagster dev)",
+                             description="Start `dagster dev` on the experiment's instance: the asset graph, "
+                                         "lineage, plots and metadata of everything `moce run` materialized.")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(handler=cmd_ui)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "evaluation_args", None) and args.evaluation_args[0] == "--":
+        args.evaluation_args = args.evaluation_args[1:]
+    from moce_model.experiment import ExperimentError
+
+    try:
+        experiment = _select_experiment(args.experiment)
+    except ExperimentError as err:
+        print(f"moce {args.command}: {err}", file=sys.stderr)
+        return 2
+    return args.handler(args, experiment)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

