@@ -295,6 +295,7 @@ class MoCEMLP(nn.Module):
         self.experts_per_group = experts.experts_per_group
         self.layer_index = layer_index
         self.routing_context = context
+        self.num_layers = num_layers
         device = experts.adapter_up.device
         self.register_buffer(
             "expert_use_counts",
@@ -302,11 +303,16 @@ class MoCEMLP(nn.Module):
             persistent=False,
         )
         # A tensor, not the int: compiled blocks then share one graph instead of specialising on the layer.
-        self.register_buffer(
-            "probe_slot",
-            (torch.arange(num_layers, device=device) == layer_index).to(torch.float32),
-            persistent=False,
-        )
+        self.register_buffer("probe_slot", torch.zeros(num_layers, dtype=torch.float32, device=device), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Fill the non-persistent buffers. `from_pretrained` builds the model on the meta device and materialises
+        buffers that are not in the checkpoint uninitialised, so it calls this after loading."""
+        self.expert_use_counts.zero_()
+        layers = torch.arange(self.num_layers, device=self.probe_slot.device)
+        self.probe_slot.copy_((layers == self.layer_index).to(torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context = self.routing_context

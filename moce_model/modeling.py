@@ -209,6 +209,8 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         """Also remembers the directory, so that a merged model with centroids routes `input_ids` by itself
         (`generate(input_ids)` and `transformers.pipeline` need no cluster ids)."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        for block in model.moce_blocks():
+            block.reset_buffers()
         directory = Path(str(pretrained_model_name_or_path))
         if model.config.needs_centroids and (directory / CENTROIDS_FILE).is_file():
             model._prompt_router_dir = directory
