@@ -240,3 +240,18 @@ def test_a_lone_token_gets_unit_weights() -> None:
     token = torch.randn(2, 1, 5, generator=torch.Generator().manual_seed(3))
     weights = adaptive_clustering_token_weights(token, torch.tensor([[2], [0]]), None, 4)
     torch.testing.assert_close(weights, torch.ones(2, 1, 5))
+
+
+def test_run_fingerprint_tells_the_routers_apart_and_keeps_older_runs(tmp_path) -> None:
+    from moce_model.training import TrainingConfig, run_fingerprint
+
+    def fingerprint(moce_config: dict) -> str:
+        return run_fingerprint(tmp_path, ["a", "b"], [0, 1], moce_config, TrainingConfig.demo())
+
+    linear = MoCEConfig(variant="pesc", experts_per_group=4, top_k=2).to_dict()
+    adaptive = MoCEConfig(variant="pesc", experts_per_group=4, top_k=2, token_router="ac").to_dict()
+    # A checkpoint of a linear-router run must never be resumed as an AC run, nor the other way round.
+    assert fingerprint(linear) != fingerprint(adaptive)
+    # Runs fingerprinted before the setting existed (no token_router key) keep their fingerprint.
+    before = {key: value for key, value in linear.items() if key != "token_router"}
+    assert fingerprint(linear) == fingerprint(before)
