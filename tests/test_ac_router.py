@@ -213,6 +213,7 @@ def test_merged_model_reloads_as_ac_and_gives_the_same_logits(variant: str, tmp_
     out = merge_to_directory(model, tmp_path / "merged", centroids=centroids)
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert merged.config.token_router == "ac"
+    assert "adaptive-clustering (AC) router" in (out / "README.md").read_text()
     with torch.no_grad():
         got = merged(ids, cluster_ids=clusters).logits
         as_linear = AutoModelForCausalLM.from_pretrained(out, token_router="linear").eval()(ids, cluster_ids=clusters).logits
@@ -255,3 +256,21 @@ def test_run_fingerprint_tells_the_routers_apart_and_keeps_older_runs(tmp_path) 
     # Runs fingerprinted before the setting existed (no token_router key) keep their fingerprint.
     before = {key: value for key, value in linear.items() if key != "token_router"}
     assert fingerprint(linear) == fingerprint(before)
+
+
+def test_cached_generation_prefills_adaptively() -> None:
+    """The prompt's prefill is a full forward (AC routing over the prompt); decode steps then see their new token
+    only (unit weights, see test_a_lone_token_gets_unit_weights), which generation must get through."""
+    model = tiny_moce(token_router="ac")
+    model.generation_config.pad_token_id = 0
+    ids = batch_ids(batch=3, seq_len=6)
+    clusters = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        scored = model.generate(ids, attention_mask=torch.ones_like(ids), cluster_ids=clusters, max_new_tokens=4,
+                                do_sample=False, return_dict_in_generate=True, output_logits=True)
+        full_forward = model(ids, cluster_ids=clusters).logits[:, -1]
+        linear = tiny_moce()
+        as_linear = linear(ids, cluster_ids=clusters).logits[:, -1]
+    assert scored.sequences.shape == (3, 10)
+    torch.testing.assert_close(scored.logits[0], full_forward)
+    assert not torch.allclose(full_forward, as_linear)  # the prefill did route adaptively
