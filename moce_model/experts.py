@@ -384,6 +384,7 @@ class MoCEMLP(nn.Module):
         self.register_buffer(
             "previous_top_expert_slot", torch.zeros(1, dtype=torch.long, device=device), persistent=False
         )
+        self.register_buffer("is_first_block", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
         self.reset_buffers()
 
     @torch.no_grad()
@@ -395,6 +396,7 @@ class MoCEMLP(nn.Module):
         self.probe_slot.copy_((layers == self.layer_index).to(torch.float32))
         self.own_top_expert_slot.fill_(self.layer_index)
         self.previous_top_expert_slot.fill_(max(self.layer_index - 1, 0))
+        self.is_first_block.fill_(self.layer_index == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context = self.routing_context
@@ -406,12 +408,16 @@ class MoCEMLP(nn.Module):
             )
         slots = context.top_expert_slots
         feature_weights = None
-        if slots is not None and self.layer_index > 0:
-            # The first MoE block has no previous assignments and routes with the plain router, as in the paper.
+        if slots is not None:
             previous_top_expert = slots.index_select(0, self.previous_top_expert_slot).squeeze(0)
             feature_weights = adaptive_clustering_token_weights(
                 x, previous_top_expert, self._mask_of(context.token_mask, x.shape[1]), self.experts_per_group
             )
+            # The first MoE block has no previous assignments and routes with the plain router, as in the paper.
+            # A tensor condition, not `layer_index > 0`: torch.compile treats int attributes as constants, so
+            # regionally compiled layers would recompile per layer (its weights, computed from an unused row,
+            # are discarded).
+            feature_weights = torch.where(self.is_first_block, torch.ones_like(feature_weights), feature_weights)
         out, routing = self.moce_experts(x, down, context.group_ids, feature_weights)
         if slots is not None:
             # How the previous block's assignments reach the next block. HF's decoder loop passes only the hidden

@@ -274,3 +274,30 @@ def test_cached_generation_prefills_adaptively() -> None:
     assert scored.sequences.shape == (3, 10)
     torch.testing.assert_close(scored.logits[0], full_forward)
     assert not torch.allclose(full_forward, as_linear)  # the prefill did route adaptively
+
+
+def test_regionally_compiled_layers_share_one_graph_and_match_eager(monkeypatch) -> None:
+    """Training's `compile: true` compiles each decoder layer in place; the AC router must not specialise the
+    graph on the layer (a recompile per layer would exhaust dynamo's limit on a 30-layer model)."""
+    from moce_model.training.model import compile_decoder_layers
+
+    ids = batch_ids()
+    mask = torch.ones_like(ids)
+    mask[2, -3:] = 0
+
+    def loss_and_grads(model):
+        model.train()
+        out = model(ids, attention_mask=mask, labels=ids, cluster_ids=torch.tensor([0, 1, 2]), use_cache=False)
+        out.loss.backward()
+        return out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    eager_logits, eager_grads = loss_and_grads(tiny_moce(token_router="ac"))
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    model = tiny_moce(token_router="ac")
+    assert compile_decoder_layers(model, fullgraph=True, backend="aot_eager") == 2
+    logits, grads = loss_and_grads(model)
+    torch.testing.assert_close(logits, eager_logits)
+    assert len(grads) == len(eager_grads)
+    for got, expected in zip(grads, eager_grads):
+        torch.testing.assert_close(got, expected)
