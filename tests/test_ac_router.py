@@ -276,7 +276,7 @@ def test_cached_generation_prefills_adaptively() -> None:
     assert not torch.allclose(full_forward, as_linear)  # the prefill did route adaptively
 
 
-def test_regionally_compiled_layers_share_one_graph_and_match_eager(monkeypatch) -> None:
+def test_regionally_compiled_layers_share_one_graph_and_match_eager() -> None:
     """Training's `compile: true` compiles each decoder layer in place; the AC router must not specialise the
     graph on the layer (a recompile per layer would exhaust dynamo's limit on a 30-layer model)."""
     from moce_model.training.model import compile_decoder_layers
@@ -293,10 +293,10 @@ def test_regionally_compiled_layers_share_one_graph_and_match_eager(monkeypatch)
 
     eager_logits, eager_grads = loss_and_grads(tiny_moce(token_router="ac"))
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     model = tiny_moce(token_router="ac")
     assert compile_decoder_layers(model, fullgraph=True, backend="aot_eager") == 2
-    logits, grads = loss_and_grads(model)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        logits, grads = loss_and_grads(model)
     torch.testing.assert_close(logits, eager_logits)
     assert len(grads) == len(eager_grads)
     for got, expected in zip(grads, eager_grads):
