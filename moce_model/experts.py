@@ -377,7 +377,9 @@ class MoCEMLP(nn.Module):
             persistent=False,
         )
         # A tensor, not the int: compiled blocks then share one graph instead of specialising on the layer.
-        self.register_buffer("probe_slot", torch.zeros(num_layers, dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer(
+            "probe_slot", torch.zeros(num_layers, dtype=torch.float32, device=device), persistent=False
+        )
         # Rows of `RoutingContext.top_expert_slots` this block writes and reads (AC router), tensors for the
         # same reason.
         self.register_buffer("own_top_expert_slot", torch.zeros(1, dtype=torch.long, device=device), persistent=False)

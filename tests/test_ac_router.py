@@ -216,7 +216,8 @@ def test_merged_model_reloads_as_ac_and_gives_the_same_logits(variant: str, tmp_
     assert "adaptive-clustering (AC) router" in (out / "README.md").read_text()
     with torch.no_grad():
         got = merged(ids, cluster_ids=clusters).logits
-        as_linear = AutoModelForCausalLM.from_pretrained(out, token_router="linear").eval()(ids, cluster_ids=clusters).logits
+        reloaded_as_linear = AutoModelForCausalLM.from_pretrained(out, token_router="linear").eval()
+        as_linear = reloaded_as_linear(ids, cluster_ids=clusters).logits
     torch.testing.assert_close(got, expected)
     # The reload really routes adaptively: the same weights under the linear router give other logits.
     assert not torch.allclose(as_linear, expected)
