@@ -129,9 +129,10 @@ AC_WEIGHT_CEILING = 10.0
 def adaptive_clustering_feature_weights(
     tokens: torch.Tensor, previous_top_expert: torch.Tensor, token_mask: torch.Tensor | None, experts_per_group: int
 ) -> torch.Tensor:
-    """Per-expert feature weights of the Adaptive Clustering router (Nielsen et al., ICLR 2025, Sec. 3: the
-    diagonal M_k of expert k, whose entries are inversely proportional to the dispersion of k's cluster along each
-    feature, the optimal weights of the clustering objective with feature weights).
+    """Per-expert feature weights of the Adaptive Clustering router (Nielsen et al., ICLR 2025, arXiv 2502.15315):
+    the diagonal M_k of expert k, whose entries are inversely proportional to the dispersion of k's cluster along
+    each feature, the optimal weights of the clustering objective with feature weights. Equation numbers are not
+    cited here: the definitions below follow the authors' public code, which is what the paper's results ran.
 
     `tokens` [B, T, H]: this block's router inputs; `previous_top_expert` [B, T]: the expert (within the
     sequence's group) that the previous MoE block ranked first for each token, the cluster labels; `token_mask`
