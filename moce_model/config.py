@@ -210,10 +210,13 @@ class MoCEConfig(PreTrainedConfig):
         """The config of `variant` in an experiment whose clustering has `num_clusters` clusters (None where the
         variant does not depend on k). A single routed group (`pesc`) holds `single_group_experts` experts when
         given, so that the baseline can match the grouped model's expert count; the embedder reference is kept
-        only by variants that route by cluster (the others never embed a prompt)."""
+        only by variants that route by cluster (the others never embed a prompt), and a `token_router` only by
+        variants that route tokens (so one experiment-wide setting serves the variants without a router too)."""
         semantics = variant_semantics(variant)
         if semantics.group_choice is GroupChoice.SINGLE and single_group_experts is not None:
             experts_per_group = single_group_experts
+        if not semantics.token_routing:
+            layout.pop("token_router", None)
         return cls(
             variant=variant,
             num_clusters=num_clusters if semantics.needs_num_clusters else None,

@@ -234,6 +234,11 @@ def test_config_round_trip_and_clear_errors(tmp_path) -> None:
         MoCEConfig(token_router="cosine")
     with pytest.raises(ValueError, match="'dense_adapter' with experts_per_group=1 has no token router"):
         MoCEConfig(variant="dense_adapter", token_router="ac")
+    # An experiment-wide setting through for_variant: the variants without a token router leave it out.
+    for variant in ("moce", "pesc", "random_group", "dense_adapter", "cluster_only"):
+        built = MoCEConfig.for_variant(variant, num_clusters=3, experts_per_group=4, router_top_k=2,
+                                       token_router="ac")
+        assert built.adaptive_clustering_router == built.token_routing
 
 
 def test_a_lone_token_gets_unit_weights() -> None:
