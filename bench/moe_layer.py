@@ -281,6 +281,8 @@ def train_step_section(seq_len: int, steps: int, token_router: str = "linear") -
         print(f"{variant:<15}{median[variant]:>17.3f}{tokens_per_second:>10.0f}"
               f"{memory[variant]['peak_rss_mib']:>14.0f}{memory[variant]['rss_after_build_mib']:>21.0f}")
     print(f"train_step_ratio_moce_over_dense_adapter: {median['moce'] / median['dense_adapter']:.3f}")
+    if "moce" + AC_SUFFIX in median:
+        print(f"train_step_ratio_moce_ac_over_moce: {median['moce' + AC_SUFFIX] / median['moce']:.3f}")
 
 
 def layer_section(repeats: int, device: torch.device) -> dict[tuple[str, str, bool], float]:
