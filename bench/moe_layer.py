@@ -2,6 +2,7 @@
 
     python -m bench.moe_layer                 # everything (a few minutes on 2 CPU cores)
     python -m bench.moe_layer --skip-train-step
+    python -m bench.moe_layer --token-router ac   # also the AC router's cost beside the linear router's
 
 Section 1 times forward+backward of the routed experts (routers + adapters) with the batched implementation
 and with the reference code's loop (groups x experts, boolean masks on the flattened tokens), side by side,
@@ -11,6 +12,9 @@ Section 2 times a LoRA + experts train step of a SmolLM2-135M-shaped model (rand
 `dense_adapter`, interleaved so that machine load hits both alike, and the peak memory of each variant
 measured in its own subprocess. The last two lines are `speedup_paper_shape_fp32: X` and
 `speedup_paper_shape: X` (bf16 autocast).
+With `--token-router ac`, section 1 also times the batched layer with the AC router (feature weights from the
+previous block's assignments, then the linear router) against the linear router, and section 2 adds a
+`moce+ac` train step.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from bench.timing import elapsed_seconds
-from moce_model.experts import AdapterExperts, reference_expert_forward
+from moce_model.experts import AdapterExperts, adaptive_clustering_token_weights, reference_expert_forward
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
@@ -114,10 +118,77 @@ def time_layer(
     return statistics.median(batched_times), statistics.median(reference_times)
 
 
+def time_token_routers(
+    shape: LayerShape, repeats: int, bf16_autocast: bool = False, device: torch.device = torch.device("cpu"),
+) -> tuple[float, float]:
+    """(linear seconds, AC seconds) for one forward+backward of the batched experts + routers at `shape`.
+
+    The AC side includes what a block adds: the feature weights from the previous block's top-1 experts (here
+    a fixed random assignment, which costs the same as a real one) and the scaled router input.
+    """
+    torch.manual_seed(0)
+    experts = AdapterExperts(shape.hidden, shape.groups, shape.experts, shape.adapter_dim, shape.top_k,
+                             scaling=1.0, dropout=0.0, device=device)
+    with torch.no_grad():
+        experts.adapter_up.normal_(std=0.02)
+    x = torch.randn(shape.batch, shape.seq_len, shape.hidden, device=device, requires_grad=True)
+    down = torch.randn(shape.batch, shape.seq_len, shape.hidden, device=device, requires_grad=True)
+    group_ids = torch.arange(shape.batch, device=device) % shape.groups
+    previous_top_expert = torch.randint(0, shape.experts, (shape.batch, shape.seq_len), device=device)
+    token_mask = torch.ones(shape.batch, shape.seq_len, device=device)
+    upstream = torch.randn(shape.batch, shape.seq_len, shape.hidden, device=device)
+
+    def linear_layer() -> torch.Tensor:
+        return experts(x, down, group_ids)[0]
+
+    def ac_layer() -> torch.Tensor:
+        weights = adaptive_clustering_token_weights(x, previous_top_expert, token_mask, shape.experts)
+        return experts(x, down, group_ids, weights)[0]
+
+    def run(layer: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            experts.zero_grad(set_to_none=True)
+            x.grad = down.grad = None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+                out = layer()
+            (out.float() * upstream).sum().backward()
+
+        return step
+
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+        # The two must route differently, or the AC side did not take effect and the comparison is void.
+        if torch.equal(linear_layer(), ac_layer()):
+            raise AssertionError("the AC router gave the linear router's output: its feature weights had no effect")
+    linear, adaptive = run(linear_layer), run(ac_layer)
+    linear_times, ac_times = [], []
+    for _ in range(2):
+        linear()
+        adaptive()
+    for _ in range(repeats):
+        linear_times.append(elapsed_seconds(linear, device))
+        ac_times.append(elapsed_seconds(adaptive, device))
+    return statistics.median(linear_times), statistics.median(ac_times)
+
+
+def token_router_section(repeats: int, device: torch.device) -> None:
+    print("\n## token router cost, batched experts+routers forward+backward: linear vs AC (feature weights from "
+          "the previous block's assignments)")
+    print(f"{'shape':<27}{'precision':<16}{'tokens':>8}{'linear_ms':>11}{'ac_ms':>9}{'ac/linear':>11}")
+    for shape, precision in ((DEMO, FP32), (PAPER, FP32), (PAPER, BF16_AUTOCAST)):
+        shape_repeats = 20 if device.type == "cuda" else repeats
+        linear, adaptive = time_token_routers(shape, shape_repeats, precision == BF16_AUTOCAST, device)
+        print(f"{shape.name:<27}{precision:<16}{shape.batch * shape.seq_len:>8}{linear * 1e3:>11.1f}"
+              f"{adaptive * 1e3:>9.1f}{adaptive / linear:>10.2f}x", flush=True)
+
+
 # ------------------------------------------------------------------------------------------ train step
 
 
-def build_trainable(variant: str, seq_len: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
+AC_SUFFIX = "+ac"
+
+
+def build_trainable(label: str, seq_len: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
+    """`label`: a variant name, with `+ac` for its AC-router form (`moce+ac`)."""
     from transformers import AutoModelForCausalLM
 
     from moce_model.config import MoCEConfig
@@ -126,7 +197,10 @@ def build_trainable(variant: str, seq_len: int) -> tuple[torch.nn.Module, torch.
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_135M))
-    config = MoCEConfig(variant=variant, num_groups=4, experts_per_group=4, top_k=2, adapter_dim=16)
+    variant = label.removesuffix(AC_SUFFIX)
+    token_router = "ac" if label.endswith(AC_SUFFIX) else "linear"
+    config = MoCEConfig(variant=variant, num_groups=4, experts_per_group=4, top_k=2, adapter_dim=16,
+                        token_router=token_router)
     model = add_lora(MoCEForCausalLM.from_base(base, config), r=8, alpha=16, dropout=0.05)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -180,12 +254,16 @@ def measure_peak_memory(variant: str, seq_len: int, steps: int) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def train_step_section(seq_len: int, steps: int) -> None:
+def train_step_section(seq_len: int, steps: int, token_router: str = "linear") -> None:
     print(f"\n## train step, LoRA r=8 + experts, SmolLM2-135M-shaped model (random weights), 4x{seq_len} tokens")
     print("   moce: 4 groups x 4 experts, top-2, adapter 16; dense_adapter: one adapter 16, no router")
+    labels = ["moce", "dense_adapter"]
+    if token_router == "ac":
+        print("   moce+ac: moce with the AC router")
+        labels.insert(1, "moce" + AC_SUFFIX)
     # Memory first, each variant in its own fresh process, before this process holds any model.
-    memory = {variant: measure_peak_memory(variant, seq_len, steps=2) for variant in ("moce", "dense_adapter")}
-    models = {variant: build_trainable(variant, seq_len) for variant in ("moce", "dense_adapter")}
+    memory = {label: measure_peak_memory(label, seq_len, steps=2) for label in labels}
+    models = {label: build_trainable(label, seq_len) for label in labels}
     for variant, (model, optimizer, batch) in models.items():
         train_step(model, optimizer, batch)  # warm-up
     times: dict[str, list[float]] = {variant: [] for variant in models}
@@ -203,6 +281,8 @@ def train_step_section(seq_len: int, steps: int) -> None:
         print(f"{variant:<15}{median[variant]:>17.3f}{tokens_per_second:>10.0f}"
               f"{memory[variant]['peak_rss_mib']:>14.0f}{memory[variant]['rss_after_build_mib']:>21.0f}")
     print(f"train_step_ratio_moce_over_dense_adapter: {median['moce'] / median['dense_adapter']:.3f}")
+    if "moce" + AC_SUFFIX in median:
+        print(f"train_step_ratio_moce_ac_over_moce: {median['moce' + AC_SUFFIX] / median['moce']:.3f}")
 
 
 def layer_section(repeats: int, device: torch.device) -> dict[tuple[str, str, bool], float]:
@@ -239,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU train step is bench.train_step)")
-    parser.add_argument("--memory-child", choices=("moce", "dense_adapter"), help=argparse.SUPPRESS)
+    parser.add_argument("--token-router", choices=("linear", "ac"), default="linear",
+                        help="ac: also time the AC router beside the linear one (layer and train step)")
+    parser.add_argument("--memory-child", choices=("moce", "moce" + AC_SUFFIX, "dense_adapter"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         peak_memory_child(args.memory_child, args.seq_len, args.steps)
@@ -249,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, device {device.type}")
     speedups = {} if args.skip_layer else layer_section(args.repeats, device)
+    if not args.skip_layer and args.token_router == "ac":
+        token_router_section(args.repeats, device)
     if not args.skip_train_step and device.type == "cpu":
-        train_step_section(args.seq_len, args.steps)
+        train_step_section(args.seq_len, args.steps, args.token_router)
     if speedups:
         print(f"speedup_paper_shape_fp32: {speedups[(PAPER.name, FP32, False)]:.2f}")
         # The paper trains with bf16 compute, so the paper shape's headline figure is at that precision.

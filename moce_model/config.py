@@ -78,6 +78,14 @@ _SEMANTICS = (
 VARIANT_SEMANTICS: dict[str, VariantSemantics] = {semantics.name: semantics for semantics in _SEMANTICS}
 VARIANTS: tuple[str, ...] = tuple(VARIANT_SEMANTICS)
 
+# How a group's router scores a token against the group's experts (stage 2):
+#   - `linear`: logits = x W_g^T (PESC's router);
+#   - `ac`: the Adaptive Clustering router of Nielsen et al., "Tight Clusters Make Specialized Experts" (ICLR
+#     2025): the token is scaled feature by feature by the weights of the expert the previous MoE layer sent
+#     it to, weights that grow as that expert's tokens cluster more tightly along the feature, and then scored
+#     by the same linear router (see `moce_model.experts.adaptive_clustering_feature_weights`).
+TOKEN_ROUTERS: tuple[str, ...] = ("linear", "ac")
+
 
 def variant_semantics(variant: str) -> VariantSemantics:
     try:
@@ -100,6 +108,7 @@ def check_clusters_match_groups(variant: str, num_groups: int, num_clusters: int
 
 __all__ = [
     "IGNORE_INDEX",
+    "TOKEN_ROUTERS",
     "VARIANTS",
     "VARIANT_SEMANTICS",
     "GroupChoice",
@@ -123,6 +132,9 @@ class MoCEConfig(PreTrainedConfig):
       - `random_group`: like `moce`, but the group is a deterministic pseudo-random function of the
         sequence's prompt tokens (seeded by `random_group_seed`); `cluster_ids` are ignored.
 
+    `token_router` (one of `TOKEN_ROUTERS`) picks how a group's router scores tokens in every variant with
+    token routing: `linear` (default) or `ac` (adaptive clustering, `adaptive_clustering_router`).
+
     The number of groups is derived from the variant and the clustering: pass `num_clusters=k` (the selected
     k) and `num_groups` becomes k for the variants with one group per cluster and 1 for the others. A stored
     config (config.json) carries `num_groups`, which is then the k it was trained with.
@@ -141,6 +153,7 @@ class MoCEConfig(PreTrainedConfig):
     adapter_dropout: float = 0.0
     aux_loss_coef: float = 0.01
     random_group_seed: int = 0
+    token_router: str = "linear"
     embedder: dict | None = None
     tie_word_embeddings: bool = False
 
@@ -159,6 +172,14 @@ class MoCEConfig(PreTrainedConfig):
         if self.router_top_k > self.experts_per_group:
             raise ValueError(
                 f"MoCEConfig.router_top_k={self.router_top_k} exceeds experts_per_group={self.experts_per_group}"
+            )
+        if self.token_router not in TOKEN_ROUTERS:
+            raise ValueError(f"MoCEConfig.token_router must be one of {TOKEN_ROUTERS}, got {self.token_router!r}")
+        if self.token_router != "linear" and self.experts_per_group < 2:
+            raise ValueError(
+                f"MoCEConfig.token_router={self.token_router!r} scores tokens against the experts of a group, but "
+                f"variant {self.variant!r} with experts_per_group={self.experts_per_group} has no token router: "
+                "use it with a token-routing variant (moce, pesc, random_group) and experts_per_group >= 2"
             )
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise ValueError(f"MoCEConfig.adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
@@ -189,10 +210,13 @@ class MoCEConfig(PreTrainedConfig):
         """The config of `variant` in an experiment whose clustering has `num_clusters` clusters (None where the
         variant does not depend on k). A single routed group (`pesc`) holds `single_group_experts` experts when
         given, so that the baseline can match the grouped model's expert count; the embedder reference is kept
-        only by variants that route by cluster (the others never embed a prompt)."""
+        only by variants that route by cluster (the others never embed a prompt), and a `token_router` only by
+        variants that route tokens (so one experiment-wide setting serves the variants without a router too)."""
         semantics = variant_semantics(variant)
         if semantics.group_choice is GroupChoice.SINGLE and single_group_experts is not None:
             experts_per_group = single_group_experts
+        if not semantics.token_routing:
+            layout.pop("token_router", None)
         return cls(
             variant=variant,
             num_clusters=num_clusters if semantics.needs_num_clusters else None,
@@ -225,6 +249,12 @@ class MoCEConfig(PreTrainedConfig):
     def has_router(self) -> bool:
         """Whether the layers hold routers (and the load-balancing loss applies): more than one expert per group."""
         return self.experts_per_group > 1
+
+    @property
+    def adaptive_clustering_router(self) -> bool:
+        """Whether the routers score tokens in the adaptive-clustering space (`token_router: ac`): each MoE block
+        then needs the previous block's top-1 expert of every token."""
+        return self.token_router == "ac"
 
     def check_num_clusters(self, num_clusters: int, where: str) -> None:
         check_clusters_match_groups(self.variant, self.num_groups, num_clusters, where)

@@ -71,8 +71,12 @@ class AdapterExperts(nn.Module):
             f"adapter_dim={self.adapter_dim}, scaling={self.scaling}"
         )
 
-    def forward(self, x: torch.Tensor, down: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, "Routing"]:
-        """x, down: [B, T, H]; group_ids: [B] long. Returns (block output [B, T, H], routing decisions)."""
+    def forward(
+        self, x: torch.Tensor, down: torch.Tensor, group_ids: torch.Tensor,
+        router_feature_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, "Routing"]:
+        """x, down: [B, T, H]; group_ids: [B] long. `router_feature_weights` [B, T, H] (AC router): each token's
+        feature weights, applied to the router's input only. Returns (block output [B, T, H], routing decisions)."""
         batch, seq_len, hidden = down.shape
         experts, rank = self.experts_per_group, self.adapter_dim
         out_dtype = down.dtype
@@ -87,7 +91,11 @@ class AdapterExperts(nn.Module):
         x = x.to(compute_dtype)
         down = down.to(compute_dtype)
         if self.router is not None:
-            logits = torch.bmm(x, self.router.index_select(0, group_ids).transpose(1, 2))  # [B, T, E]
+            router_input = x
+            if router_feature_weights is not None:
+                # AC router: score the token in its previous expert's transformed space, x M_k (M_k diagonal).
+                router_input = x * router_feature_weights.to(compute_dtype)
+            logits = torch.bmm(router_input, self.router.index_select(0, group_ids).transpose(1, 2))  # [B, T, E]
             # One float32 softmax over all E logits serves both the balance loss and the top-k weights: the
             # softmax over the selected logits alone equals the selected probabilities renormalised.
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
@@ -108,6 +116,69 @@ class AdapterExperts(nn.Module):
             )
         out = torch.baddbmm(down, hidden_act, up_weights, alpha=self.scaling)
         return out.to(out_dtype), Routing(group_ids=group_ids, logits=logits, probs=probs, top_experts=top_experts)
+
+
+# Constants of the AC router's reference implementation (Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts,
+# language-modeling/custom_gates.py, `COSAGate_Balance.compute_W_var` with `--use-var --mad`, the setting of its
+# ACMoE training scripts): the dispersion floor before inverting, and the ceiling of a weight as a multiple of
+# the mean weight (one nearly constant feature would otherwise dominate the routing score).
+AC_DISPERSION_FLOOR = 1e-4
+AC_WEIGHT_CEILING = 10.0
+
+
+def adaptive_clustering_feature_weights(
+    tokens: torch.Tensor, previous_top_expert: torch.Tensor, token_mask: torch.Tensor | None, experts_per_group: int
+) -> torch.Tensor:
+    """Per-expert feature weights of the Adaptive Clustering router (Nielsen et al., ICLR 2025, arXiv 2502.15315):
+    the diagonal M_k of expert k, whose entries are inversely proportional to the dispersion of k's cluster along
+    each feature, the optimal weights of the clustering objective with feature weights. Equation numbers are not
+    cited here: the definitions below follow the authors' public code, which is what the paper's results ran.
+
+    `tokens` [B, T, H]: this block's router inputs; `previous_top_expert` [B, T]: the expert (within the
+    sequence's group) that the previous MoE block ranked first for each token, the cluster labels; `token_mask`
+    [B, T] (1 real, 0 padding) or None. Returns float32 [B, E, H].
+
+    As in the reference code: the dispersion s_kq of expert k along feature q is the mean absolute deviation of
+    the tokens labelled k from their mean (more robust than the variance), m_kq = 1 / (s_kq + 1e-4), clipped at
+    10x the mean weight, then each feature divided by its mean over the experts, so the weights say which expert
+    is tight along a feature *relative to the others*. Differences, each for a reason:
+      - Statistics per sequence, over its real tokens, instead of over every token of the micro-batch: a
+        sequence then routes the same whatever it is batched with (evaluation batches by length, training by
+        size), and padding never enters. The sequence's tokens share one expert group anyway.
+      - Means (clip and normalisation) over the experts that hold tokens; an expert without tokens gets weight
+        1 (no token carries its label, so it scales nobody: the reference gave it 1e4 before clipping, which
+        raised the clip ceiling of every other expert).
+    The statistics are computed from detached tokens (the reference runs them under no_grad): the gradient
+    reaches the router and the tokens through x * m, not through the weights.
+    """
+    tokens = tokens.detach().to(torch.float32)
+    experts = torch.arange(experts_per_group, device=tokens.device)
+    assigned = (previous_top_expert.unsqueeze(-1) == experts).to(torch.float32)  # [B, T, E]
+    members = assigned if token_mask is None else assigned * token_mask.to(torch.float32).unsqueeze(-1)
+    counts = members.sum(dim=1).unsqueeze(-1)  # [B, E, 1]
+    present = (counts > 0).to(torch.float32)
+    per_member = counts.clamp(min=1.0)
+    centres = torch.bmm(members.transpose(1, 2), tokens) / per_member  # [B, E, H]
+    # Each token's distance to its own expert's centre: the one-hot product picks the centre exactly.
+    deviations = (tokens - torch.bmm(assigned, centres)).abs()
+    dispersion = torch.bmm(members.transpose(1, 2), deviations) / per_member  # [B, E, H]: mean absolute deviation
+    weights = 1.0 / (dispersion + AC_DISPERSION_FLOOR)
+    hidden = tokens.shape[-1]
+    mean_weight = (weights * present).sum(dim=(1, 2)) / (present.sum(dim=(1, 2)) * hidden).clamp(min=1.0)  # [B]
+    weights = torch.minimum(weights, AC_WEIGHT_CEILING * mean_weight.view(-1, 1, 1))
+    feature_means = (weights * present).sum(dim=1, keepdim=True) / present.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return torch.where(present > 0, weights / feature_means.clamp(min=torch.finfo(torch.float32).tiny), 1.0)
+
+
+def adaptive_clustering_token_weights(
+    tokens: torch.Tensor, previous_top_expert: torch.Tensor, token_mask: torch.Tensor | None, experts_per_group: int
+) -> torch.Tensor:
+    """Each token's AC feature weights [B, T, H] float32: the row M_{k*} of its previous expert k* (the AC router
+    scores x M_{k*} against every expert of the group)."""
+    weights = adaptive_clustering_feature_weights(tokens, previous_top_expert, token_mask, experts_per_group)
+    experts = torch.arange(experts_per_group, device=tokens.device)
+    assigned = (previous_top_expert.unsqueeze(-1) == experts).to(torch.float32)
+    return torch.bmm(assigned, weights)
 
 
 @dataclass
@@ -265,14 +336,18 @@ class RoutingContext:
     token_mask: torch.Tensor | None = None
     aux_request: AuxLossRequest | None = None
     record_expert_use: bool = False
+    # AC router only: [blocks, B, T] long, row l = the top-1 expert of every token in block l (see MoCEMLP).
+    top_expert_slots: torch.Tensor | None = None
 
     def begin(
-        self, group_ids: torch.Tensor, token_mask: torch.Tensor | None, aux_request: AuxLossRequest | None = None
+        self, group_ids: torch.Tensor, token_mask: torch.Tensor | None, aux_request: AuxLossRequest | None = None,
+        top_expert_slots: torch.Tensor | None = None,
     ) -> None:
         # No per-forward counter here: compiled decoding would recompile for every new value of an int.
         self.group_ids = group_ids
         self.token_mask = token_mask
         self.aux_request = aux_request
+        self.top_expert_slots = top_expert_slots
 
     def aux_loss(self) -> torch.Tensor | None:
         """Mean balance loss over the blocks of the last forward, available once its backward has run."""
@@ -295,6 +370,7 @@ class MoCEMLP(nn.Module):
         self.experts_per_group = experts.experts_per_group
         self.layer_index = layer_index
         self.routing_context = context
+        self.num_layers = num_layers
         device = experts.adapter_up.device
         self.register_buffer(
             "expert_use_counts",
@@ -303,10 +379,27 @@ class MoCEMLP(nn.Module):
         )
         # A tensor, not the int: compiled blocks then share one graph instead of specialising on the layer.
         self.register_buffer(
-            "probe_slot",
-            (torch.arange(num_layers, device=device) == layer_index).to(torch.float32),
-            persistent=False,
+            "probe_slot", torch.zeros(num_layers, dtype=torch.float32, device=device), persistent=False
         )
+        # Rows of `RoutingContext.top_expert_slots` this block writes and reads (AC router), tensors for the
+        # same reason.
+        self.register_buffer("own_top_expert_slot", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer(
+            "previous_top_expert_slot", torch.zeros(1, dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer("is_first_block", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Fill the non-persistent buffers. `from_pretrained` builds the model on the meta device and materialises
+        buffers that are not in the checkpoint uninitialised, so it calls this after loading."""
+        self.expert_use_counts.zero_()
+        layers = torch.arange(self.num_layers, device=self.probe_slot.device)
+        self.probe_slot.copy_((layers == self.layer_index).to(torch.float32))
+        self.own_top_expert_slot.fill_(self.layer_index)
+        self.previous_top_expert_slot.fill_(max(self.layer_index - 1, 0))
+        self.is_first_block.fill_(self.layer_index == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context = self.routing_context
@@ -316,7 +409,31 @@ class MoCEMLP(nn.Module):
                 f"MoCEMLP of layer {self.layer_index} called without routing state: call the MoCE model, "
                 "not its inner decoder"
             )
-        out, routing = self.moce_experts(x, down, context.group_ids)
+        slots = context.top_expert_slots
+        feature_weights = None
+        if slots is not None:
+            previous_top_expert = slots.index_select(0, self.previous_top_expert_slot).squeeze(0)
+            feature_weights = adaptive_clustering_token_weights(
+                x, previous_top_expert, self._mask_of(context.token_mask, x.shape[1]), self.experts_per_group
+            )
+            # The first MoE block has no previous assignments and routes with the plain router, as in the paper.
+            # A tensor condition, not `layer_index > 0`: torch.compile treats int attributes as constants, so
+            # regionally compiled layers would recompile per layer (its weights, computed from an unused row,
+            # are discarded).
+            feature_weights = torch.where(self.is_first_block, torch.ones_like(feature_weights), feature_weights)
+        out, routing = self.moce_experts(x, down, context.group_ids, feature_weights)
+        if slots is not None:
+            # How the previous block's assignments reach the next block. HF's decoder loop passes only the hidden
+            # states from layer to layer, so a block cannot return them without forking the model's forward; and
+            # recomputing them inside the next block would need the previous block's input. So every block writes
+            # its top-1 experts into its own row of a tensor the model allocates per forward, and reads the
+            # previous row. This is a tensor write, not Python state: torch.compile functionalises it like a
+            # BatchNorm statistics update (fullgraph holds), and it is idempotent under activation checkpointing:
+            # the recomputation writes the same values into the same row and reads a row that nothing after the
+            # first forward changes (recomputation runs from the last block back, each rewriting identical
+            # values). index_select above copies the row, so no saved tensor aliases the buffer that later
+            # blocks write into.
+            slots.index_copy_(0, self.own_top_expert_slot, routing.top_experts[..., 0].unsqueeze(0))
         request = context.aux_request
         if request is not None and routing.probs is not None and torch.is_grad_enabled():
             aux = balance_loss(routing.probs, routing.top_experts, request.statistics)
@@ -328,6 +445,12 @@ class MoCEMLP(nn.Module):
                 token_mask = None
             self._record(routing, token_mask, x.shape[1])
         return out
+
+    @staticmethod
+    def _mask_of(token_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+        if token_mask is not None and token_mask.shape[1] != seq_len:
+            return None
+        return token_mask
 
     @torch.no_grad()
     def _record(self, routing: Routing, token_mask: torch.Tensor | None, seq_len: int) -> None:

@@ -187,6 +187,8 @@ def model_card(config: MoCEConfig, centroids: np.ndarray | None, embedder: dict 
               f"{config.adapter_dim} in every MLP block")
     if config.token_routing:
         layout += f", token top-{config.router_top_k} inside the group"
+        if config.adaptive_clustering_router:
+            layout += " by the adaptive-clustering (AC) router (Nielsen et al., ICLR 2025)"
     routing = config.semantics.description
     lines = [
         f"# MoCE model: `{config.variant}`",

@@ -209,6 +209,8 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         """Also remembers the directory, so that a merged model with centroids routes `input_ids` by itself
         (`generate(input_ids)` and `transformers.pipeline` need no cluster ids)."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        for block in model.moce_blocks():
+            block.reset_buffers()
         directory = Path(str(pretrained_model_name_or_path))
         if model.config.needs_centroids and (directory / CENTROIDS_FILE).is_file():
             model._prompt_router_dir = directory
@@ -276,7 +278,13 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
             aux_request = self._aux_loss_request(
                 group_ids, token_mask, seq_len, labels, kwargs.get("num_items_in_batch"), aux_loss_weight
             )
-        self.routing_context.begin(group_ids, token_mask, aux_request)
+        top_expert_slots = None
+        if self.config.adaptive_clustering_router:
+            # Filled block by block in this forward; see MoCEMLP.forward for why a tensor carries them.
+            top_expert_slots = torch.zeros(
+                self._num_moce_blocks, batch_size, seq_len, dtype=torch.long, device=reference.device
+            )
+        self.routing_context.begin(group_ids, token_mask, aux_request, top_expert_slots)
         outputs = self.base(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -72,15 +72,21 @@ def test_no_balance_loss_without_gradients_or_outside_training() -> None:
     assert all(block.moce_experts.router.grad is not None for block in model.moce_blocks())
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_block_compiles_as_one_graph_under_checkpointing_and_matches_eager(variant: str) -> None:
+ROUTER_CASES = [(variant, "linear") for variant in VARIANTS] + [("moce", "ac"), ("pesc", "ac")]
+
+
+@pytest.mark.parametrize(("variant", "token_router"), ROUTER_CASES)
+def test_block_compiles_as_one_graph_under_checkpointing_and_matches_eager(variant: str, token_router: str) -> None:
     """fullgraph=True fails on any graph break, e.g. a write to shared state inside the checkpointed region."""
     torch._dynamo.reset()
-    model = tiny_moce(variant).train()
+    model = tiny_moce(variant, token_router=token_router).train()
     ids = batch_ids()
     model(ids, labels=ids, cluster_ids=torch.tensor([0, 1, 2]))  # sets the routing state of this forward
-    block = model.moce_blocks()[0]
+    # The AC router's first block routes plainly: the second one reads the first one's assignments.
+    block_index = 1 if token_router == "ac" else 0
+    block = model.moce_blocks()[block_index]
     params = [p for p in block.moce_experts.parameters()]
+    slots = model.routing_context.top_expert_slots
 
     def run(fn):
         torch.manual_seed(0)
@@ -90,9 +96,15 @@ def test_block_compiles_as_one_graph_under_checkpointing_and_matches_eager(varia
         request = model.routing_context.aux_request
         if request is not None:
             request.probe.grad = None
+        if slots is not None:
+            slots[block_index].fill_(-1)
         out = fn(x)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         aux = None if request is None else request.probe.grad.clone()
+        if slots is not None:
+            # The block's top-1 experts reach its row of the slots in the compiled graph too.
+            assert (slots[block_index] >= 0).all()
+            aux = (aux, slots.clone())
         return out.detach(), x.grad, [p.grad.clone() for p in params], aux
 
     def checkpointed(x):
@@ -106,6 +118,11 @@ def test_block_compiles_as_one_graph_under_checkpointing_and_matches_eager(varia
         torch.testing.assert_close(got, expected)
     if variant in ("dense_adapter", "cluster_only"):
         assert eager[3] is None  # no router, no balance loss
+    elif token_router == "ac":
+        (eager_aux, eager_slots), (compiled_aux, compiled_slots) = eager[3], compiled[3]
+        assert eager_aux[1] > 0 and eager_aux[0] == 0  # block 1's slot of the probe holds its loss value
+        torch.testing.assert_close(compiled_aux, eager_aux)
+        assert torch.equal(compiled_slots, eager_slots)
     else:
         assert eager[3][0] > 0 and eager[3][1] == 0  # block 0's slot of the probe holds its loss value
         torch.testing.assert_close(compiled[3], eager[3])

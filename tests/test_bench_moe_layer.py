@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from bench.moe_layer import LayerShape, time_layer
+from bench.moe_layer import LayerShape, time_layer, time_token_routers
 
 TINY = LayerShape("tiny", hidden=32, intermediate=64, groups=2, experts=4, top_k=2, adapter_dim=4, batch=4, seq_len=8)
 
@@ -23,3 +24,17 @@ def test_time_layer_refuses_implementations_that_disagree(monkeypatch) -> None:
     monkeypatch.setattr(bench.moe_layer, "reference_expert_forward", lambda *args: original(*args) + 1e-2)
     with pytest.raises(AssertionError):
         time_layer(TINY, repeats=1, include_base_mlp=False)
+
+
+@pytest.mark.parametrize("bf16_autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_time_token_routers_times_linear_and_ac(bf16_autocast: bool) -> None:
+    linear, adaptive = time_token_routers(TINY, repeats=1, bf16_autocast=bf16_autocast)
+    assert linear > 0 and adaptive > 0
+
+
+def test_time_token_routers_refuses_an_ac_side_without_effect(monkeypatch) -> None:
+    import bench.moe_layer
+
+    monkeypatch.setattr(bench.moe_layer, "adaptive_clustering_token_weights", lambda x, *args: torch.ones_like(x))
+    with pytest.raises(AssertionError, match="had no effect"):
+        time_token_routers(TINY, repeats=1)

@@ -152,3 +152,15 @@ def test_merge_replaces_an_existing_directory_and_works_without_lora(tmp_path, b
     assert not (target / "centroids.npy").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
     assert AutoModelForCausalLM.from_pretrained(target).config.variant == "pesc"
+
+
+def test_reloaded_model_has_its_bookkeeping_buffers_filled(tmp_path, base_dir) -> None:
+    """The non-persistent buffers (balance-loss probe slot, expert-use counts) are not in the checkpoint; a
+    reload used to leave them uninitialised memory."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = MoCEForCausalLM.from_base(base, MoCEConfig(variant="pesc", experts_per_group=4, top_k=2, adapter_dim=8))
+    merged = AutoModelForCausalLM.from_pretrained(merge_to_directory(model, tmp_path / "merged"))
+    blocks = merged.moce_blocks()
+    for index, block in enumerate(blocks):
+        assert torch.equal(block.probe_slot, (torch.arange(len(blocks)) == index).to(torch.float32))
+        assert torch.equal(block.expert_use_counts, torch.zeros(1, 4, dtype=torch.long))

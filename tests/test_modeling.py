@@ -342,21 +342,22 @@ def test_expert_use_counts_per_group_exclude_padding(tmp_path) -> None:
     assert (tmp_path / "plots" / "use.png").read_bytes() == png
 
 
-def test_cached_decoding_compiles_once_without_graph_breaks(monkeypatch) -> None:
+@pytest.mark.parametrize("token_router", ["linear", "ac"])
+def test_cached_decoding_compiles_once_without_graph_breaks(token_router: str) -> None:
     """transformers compiles the decode step for a static cache (on GPUs); nothing in the routing may recompile
     per token (e.g. a per-forward counter) or break the graph (e.g. reading cluster ids on the host)."""
     from transformers import CompileConfig
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    model = tiny_moce()
+    model = tiny_moce(token_router=token_router)
     ids = batch_ids(batch=2, seq_len=6)
     compile_config = CompileConfig(fullgraph=True, dynamic=False, backend="aot_eager")
     compile_config._compile_all_devices = True  # what a GPU gets by default, forced on the CPU
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
                   pad_token_id=0, cache_implementation="static", compile_config=compile_config,
                   cluster_ids=torch.tensor([0, 2]))
-    with torch.no_grad():
+    # config.patch, not monkeypatch: undoing monkeypatch on dynamo's config module deletes the setting.
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         compiled = model.generate(ids, **kwargs)
         again = model.generate(ids, **kwargs)
         eager = model.generate(ids, **{**kwargs, "disable_compile": True})

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moce_model.config import MoCEConfig
 from moce_model.io import atomic_write_json
 from moce_model.training.config import TrainingConfig
 
@@ -101,6 +102,7 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int | None) -> list[Path]:
 
 
 RUN_FINGERPRINT_NAME = "run_fingerprint.json"
+LAYOUT_KEYS_ADDED_LATER = ("token_router",)
 
 
 def run_fingerprint(
@@ -116,8 +118,13 @@ def run_fingerprint(
     bookkeeping = ("save_steps", "save_total_limit", "logging_steps", "num_threads", "compile")
     relevant = {k: v for k, v in config.to_dict().items() if k not in bookkeeping}
     layout = ("variant", "num_groups", "experts_per_group", "router_top_k", "adapter_dim", "adapter_scaling",
-              "adapter_dropout", "aux_loss_coef", "random_group_seed")
+              "adapter_dropout", "aux_loss_coef", "random_group_seed", "token_router")
     moce = {k: v for k, v in (moce_config or {}).items() if k in layout}
+    # Settings added after runs were fingerprinted count only away from their default, so that those runs'
+    # checkpoints (which used the default) still resume.
+    for key in LAYOUT_KEYS_ADDED_LATER:
+        if moce.get(key) == getattr(MoCEConfig, key):
+            moce.pop(key)
     payload = json.dumps(
         [str(Path(base_model_dir).resolve()), list(row_ids), list(group_ids), moce, relevant], sort_keys=True, default=str
     )
