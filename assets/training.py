@@ -62,6 +62,7 @@ def _moce_config(experiment: Experiment, variant: str, num_clusters: int | None,
         single_group_experts=experts.pesc_experts,
         router_top_k=experts.top_k,
         adapter_dim=experts.adapter_dim,
+        token_router=experts.token_router,
         embedder=embedder,
     )
 

@@ -163,6 +163,9 @@ class Experts(_Section):
     top_k: PositiveInt = 2
     adapter_dim: PositiveInt = 16
     pesc_experts: PositiveInt = 8
+    # How a group's router scores tokens: `linear` (the paper's), or `ac`, the Adaptive Clustering router of
+    # Nielsen et al. (ICLR 2025), which scales features by how tightly the previous layer's experts cluster.
+    token_router: Literal["linear", "ac"] = "linear"
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> Experts:

@@ -108,9 +108,13 @@ def test_a_new_experiment_file_runs_the_data_half_through_moce_run(tmp_path, cle
         ({"training": {"overrides": {"max_stepz": 3}}},
          ["training.overrides = {'max_stepz': 3}", "unknown training config field 'max_stepz'", "'max_steps'"]),
         ({"training": {"overrides": {"lr": "fast"}}}, ["training.overrides = {'lr': 'fast'}", "'lr'"]),
+        ({"experts": {"token_router": "mlp"}}, ["experts.token_router = 'mlp'", "'linear' or 'ac'"]),
+        ({"evaluation": {"blends": ["arithmetic+poetry"]}}, ["evaluation.blends", "'arithmetic+poetry'"]),
+        ({"when_cuda": {"evaluation": {"dtype": "float8"}}}, ["evaluation.dtype = 'float8'"]),
     ],
     ids=["unknown_key", "wrong_type", "bad_enum", "bad_variant", "bad_source_kind", "source_wrong_type",
-         "unknown_training_field", "training_field_wrong_type"],
+         "unknown_training_field", "training_field_wrong_type", "bad_token_router", "bad_blend",
+         "bad_value_for_gpus_caught_on_a_cpu"],
 )
 def test_malformed_experiment_names_file_key_and_value(tmp_path, clean_env, change, expected):
     path = _write(tmp_path / "bad.yaml", _my_experiment(**change))
@@ -246,3 +250,12 @@ def test_moce_sweep_refuses_a_bad_list_of_k(clean_env):
         moce(["sweep", "--ks", "2,x"])
     with pytest.raises(SystemExit, match="every k must be at least 2"):
         moce(["sweep", "--ks", "1,3"])
+
+
+def test_the_token_router_of_the_experiment_reaches_every_variant_with_token_routing(tmp_path, clean_env):
+    from assets.training import _moce_config
+
+    experiment = load_experiment(_write(tmp_path / "ac.yaml", _my_experiment(experts={"token_router": "ac"})))
+    assert _moce_config(experiment, "moce", 3, None).token_router == "ac"
+    assert _moce_config(experiment, "pesc", None, None).token_router == "ac"
+    assert _moce_config(experiment, "dense_adapter", None, None).token_router == "linear"  # one expert: no router
