@@ -265,14 +265,18 @@ class RoutingContext:
     token_mask: torch.Tensor | None = None
     aux_request: AuxLossRequest | None = None
     record_expert_use: bool = False
+    # The tokens that count in the expert-use statistics ([B, T], 1 = counted); None: every token.
+    counted_tokens: torch.Tensor | None = None
 
     def begin(
-        self, group_ids: torch.Tensor, token_mask: torch.Tensor | None, aux_request: AuxLossRequest | None = None
+        self, group_ids: torch.Tensor, token_mask: torch.Tensor | None, aux_request: AuxLossRequest | None = None,
+        counted_tokens: torch.Tensor | None = None,
     ) -> None:
         # No per-forward counter here: compiled decoding would recompile for every new value of an int.
         self.group_ids = group_ids
         self.token_mask = token_mask
         self.aux_request = aux_request
+        self.counted_tokens = counted_tokens if counted_tokens is not None else token_mask
 
     def aux_loss(self) -> torch.Tensor | None:
         """Mean balance loss over the blocks of the last forward, available once its backward has run."""
@@ -323,7 +327,7 @@ class MoCEMLP(nn.Module):
             out = AuxLossInjector.apply(out, aux, request.gradient_scale, request.probe, self.probe_slot)
         if context.record_expert_use and not self.training:
             # Evaluation only: in training, activation checkpointing re-runs the forward and would count twice.
-            token_mask = context.token_mask
+            token_mask = context.counted_tokens
             if token_mask is not None and token_mask.shape[1] != x.shape[1]:
                 token_mask = None
             self._record(routing, token_mask, x.shape[1])

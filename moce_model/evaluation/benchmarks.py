@@ -90,6 +90,9 @@ class BenchmarkOutcome:
     items: list[ItemRecord] = field(default_factory=list)
     seconds: float = 0.0
     note: str = ""
+    # [layers, groups, experts]: how many of the benchmark's tokens each expert was among the top-k of
+    # (None for a model without experts).
+    expert_use: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------- scoring

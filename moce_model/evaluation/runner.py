@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -48,6 +49,22 @@ ITEM_SCORES_SCHEMA: dict[str, pl.DataType] = {
     "score": pl.Float64(),
     "cluster": pl.Int64(),
 }
+# One row per (variant, benchmark, layer, group, expert) for the groups that received tokens of the benchmark:
+# `assignments` is how many of the group's tokens had the expert among their top-k, `group_tokens` how many
+# tokens the group processed at that layer (every token picks top_k experts: the assignments of a (layer,
+# group) add up to top_k · group_tokens), `share` = assignments / their sum over the group's experts (sums to 1).
+# `n_items`: the benchmark's prompts, whose tokens (prompt, scored reference, generated) were counted.
+EXPERT_USE_SCHEMA: dict[str, pl.DataType] = {
+    "model_variant": pl.String(),
+    "benchmark": pl.String(),
+    "layer": pl.Int64(),
+    "group": pl.Int64(),
+    "expert": pl.Int64(),
+    "assignments": pl.Int64(),
+    "group_tokens": pl.Int64(),
+    "share": pl.Float64(),
+    "n_items": pl.Int64(),
+}
 ITEM_CLUSTERS_SCHEMA: dict[str, pl.DataType] = {"benchmark": pl.String(), "item_id": pl.String(), "cluster": pl.Int64()}
 ITEMS_SCHEMA: dict[str, pl.DataType] = {
     "benchmark": pl.String(), "item_id": pl.String(), "prompt": pl.String(), "completion": pl.String(),
@@ -63,12 +80,14 @@ class EvalResult:
     """`table`: one row per (variant, benchmark, metric) with n, stderr and 95% interval (RESULTS_SCHEMA);
     `item_scores`: every item's score per metric, with the cluster that answered it (ITEM_SCORES_SCHEMA);
     `items`: per-item prompt, completion and correctness for inspection; `notes`: how each benchmark was
-    subset."""
+    subset; `expert_use`: the share of each benchmark's tokens per expert, group and layer, counted while the
+    benchmark ran (EXPERT_USE_SCHEMA; empty for a model without experts)."""
 
     table: pl.DataFrame
     item_scores: pl.DataFrame
     items: pl.DataFrame
     notes: dict[str, str]
+    expert_use: pl.DataFrame = dataclasses.field(default_factory=lambda: pl.DataFrame(schema=EXPERT_USE_SCHEMA))
 
     @property
     def item_clusters(self) -> pl.DataFrame:
@@ -189,7 +208,10 @@ def evaluate_model(
     lm_eval_specs = [s for s in specs if s.kind in LM_EVAL_KINDS]
     for spec in specs:
         if spec.kind not in LM_EVAL_KINDS:
-            outcomes.append(run_benchmark(lm, spec, limit_per_benchmark))
+            with lm.counting_expert_use(spec.name):
+                outcome = run_benchmark(lm, spec, limit_per_benchmark)
+            outcome.expert_use = lm.take_expert_use().get(spec.name)
+            outcomes.append(outcome)
     if lm_eval_specs:
         outcomes.extend(run_lm_eval(lm, lm_eval_specs, limit_per_benchmark))
     # Loading is shared by all benchmarks; spread it so the seconds column adds up to the whole evaluation.
@@ -203,7 +225,36 @@ def evaluate_model(
             schema=ITEMS_SCHEMA,
         ),
         notes={o.benchmark: o.note for o in outcomes},
+        expert_use=expert_use_table(model_variant, outcomes, top_k=getattr(lm.model.config, "router_top_k", 1)),
     )
+
+
+def expert_use_table(model_variant: str, outcomes: Sequence[BenchmarkOutcome], top_k: int) -> pl.DataFrame:
+    """The expert use counted while each benchmark ran, as rows of EXPERT_USE_SCHEMA (groups without tokens
+    of the benchmark left out). `top_k`: experts per token (1 for a model without a router)."""
+    rows = []
+    for outcome in outcomes:
+        if outcome.expert_use is None:
+            continue
+        counts = np.asarray(outcome.expert_use, dtype=np.int64)
+        if counts.ndim != 3:
+            raise ValueError(f"{outcome.benchmark}: expert use must be (layers, groups, experts), got {counts.shape}")
+        experts = counts.shape[2]
+        per_token = min(top_k, experts)
+        for layer, group in zip(*np.nonzero(counts.sum(axis=2))):
+            assigned = counts[layer, group]
+            total = int(assigned.sum())
+            if total % per_token:
+                raise ValueError(f"{outcome.benchmark} layer {layer} group {group}: {total} assignments is not a "
+                                 f"multiple of top_k = {per_token}")
+            rows.extend(
+                {"model_variant": model_variant, "benchmark": outcome.benchmark, "layer": int(layer),
+                 "group": int(group), "expert": expert, "assignments": int(assigned[expert]),
+                 "group_tokens": total // per_token, "share": float(assigned[expert]) / total,
+                 "n_items": outcome.n_items}
+                for expert in range(experts)
+            )
+    return pl.DataFrame(rows, schema=EXPERT_USE_SCHEMA)
 
 
 def results_table(model_variant: str, outcomes: Sequence[BenchmarkOutcome], extra_seconds: float = 0.0) -> pl.DataFrame:
