@@ -258,3 +258,29 @@ def test_bad_input_is_rejected():
         average_estimate([])
     with pytest.raises(ValueError, match="same benchmarks"):
         average_difference([[1.0]], [])
+
+
+def test_independent_difference_of_proportions_is_newcombes_hybrid_score_interval():
+    from moce_model.evaluation.stats import independent_difference
+
+    # Newcombe (1998), Table II example (a): 56/70 − 48/80 = 0.2000, method 10: 0.0524 to 0.3339.
+    result = independent_difference([1.0] * 56 + [0.0] * 14, [1.0] * 48 + [0.0] * 32)
+    assert result.difference == pytest.approx(0.2)
+    assert (result.ci_low, result.ci_high) == pytest.approx((0.0524, 0.3339), abs=5e-5)
+    assert result.significant and (result.n_a, result.n_b) == (70, 80)
+    # One item against eight: a wide interval that covers 0, not a verdict.
+    tiny = independent_difference([0.0], [1.0] * 4 + [0.0] * 4)
+    assert tiny.ci_low < 0 < tiny.ci_high and not tiny.significant
+
+
+def test_independent_difference_of_continuous_scores_covers_the_known_shift():
+    from moce_model.evaluation.stats import independent_difference
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1.0, 0.2, 60), rng.normal(0.5, 0.2, 80)
+    result = independent_difference(a, b)
+    # Welch's t interval, the textbook answer for two normal samples, and the bootstrap agree closely.
+    t = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert result.ci_low == pytest.approx(t.low, abs=0.02) and result.ci_high == pytest.approx(t.high, abs=0.02)
+    assert result.ci_low < 0.5 < result.ci_high
+    assert independent_difference([1.5], a).ci_low is None
