@@ -128,3 +128,19 @@ def test_report_has_the_analyses_sections_and_figures():
     assert set(report.expert_use_pngs) == {"moce"} and report.expert_use_pngs["moce"].startswith(b"\x89PNG")
     assert report.routing_contingency_png.startswith(b"\x89PNG")
     assert report.off_home_scores.height == 8  # (arith × 2 metrics, code, tie) × (moce, cluster_only)
+
+
+def test_prompt_map_draws_each_prompt_once_and_the_report_says_it_is_pca():
+    from moce_model.evaluation.analyses import prompt_map
+    from moce_model.evaluation.runner import PROMPT_EMBEDDINGS_SCHEMA
+
+    rng = np.random.default_rng(0)
+    rows = [{"benchmark": "arith" if i < 12 else "code", "item_id": f"p{i}", "cluster": CLUSTERS.get(f"arith/{i}", 1),
+             "embedding": rng.normal(size=8).astype(np.float32).tolist()} for i in range(15)]
+    embeddings = pl.DataFrame(rows, schema=PROMPT_EMBEDDINGS_SCHEMA)
+    png, mapped = prompt_map(pl.concat([embeddings, embeddings]))  # two routed variants, same prompts
+    assert mapped == 15 and png.startswith(b"\x89PNG")
+    assert prompt_map(embeddings.head(2)) == (None, 2)
+    report = build_report([MOCE[0], PESC[0]], [MOCE[1], PESC[1]], [], [embeddings])
+    assert "## 2-D map of the evaluation prompts" in report.markdown and "PCA" in report.markdown
+    assert "the 15 evaluated prompts" in report.markdown and report.prompt_map_png.startswith(b"\x89PNG")

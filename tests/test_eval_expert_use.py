@@ -199,3 +199,25 @@ def test_expert_use_table_from_counts_and_its_checks():
     counts[0, 1, 0] = 5
     with pytest.raises(ValueError, match="not a multiple of top_k"):
         expert_use_table("moce", [outcome], top_k=2)
+
+
+def test_evaluation_keeps_the_routers_embedding_of_each_prompt(tmp_path: Path):
+    from moce_model.routing import ClusterRouter
+
+    class AppleAxisEncoder:
+        """Unit vectors: (1, 0) for prompts about apples, (0, 1) otherwise."""
+
+        def encode(self, texts):
+            return np.array([[1.0, 0.0] if "apple" in t else [0.0, 1.0] for t in texts], dtype=np.float32)
+
+    tokenizer = build_tokenizer()
+    router = ClusterRouter(AppleAxisEncoder(), np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32))
+    lm = MoCELM.from_objects(forced_routing_model(tokenizer, CHOSEN_TOP1), tokenizer, router=router, batch_size=2)
+    gsm = tmp_path / "gsm.jsonl"
+    questions = ["Tom has 2 apples and buys 3 more apples. How many?", "What is 4 times 5?"]
+    gsm.write_text("".join(json.dumps({"question": q, "answer": "#### 5"}) + "\n" for q in questions))
+    result = evaluate_model(None, "moce", [BenchmarkSpec(name="gsm8k", kind="gsm8k", path=str(gsm), max_new_tokens=2)],
+                            lm=lm, batch_size=2)
+    embedded = result.prompt_embeddings.sort("item_id")
+    assert embedded.select("item_id", "cluster").rows() == [("gsm8k/0", 1), ("gsm8k/1", 0)]
+    assert embedded["embedding"].to_list() == [[1.0, 0.0], [0.0, 1.0]]

@@ -1,6 +1,6 @@
 """The paper's analyses on the evaluated (held-out) prompts: expert use per benchmark, group, expert and layer;
 which cluster each benchmark's prompts were routed to; how the prompts routed off their benchmark's usual
-cluster score.
+cluster score; a 2-D map of the evaluated prompts' embeddings.
 
 Definitions used throughout:
 
@@ -249,3 +249,23 @@ def off_home_scores(item_scores: pl.DataFrame, contingency: pl.DataFrame,
                     row[f"{name}_vs_reference_ci_high"] = paired.ci_high
             rows.append(row)
     return pl.DataFrame(rows, schema=OFF_HOME_SCORES_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------------ 2-D map
+
+
+def prompt_map(prompt_embeddings: pl.DataFrame) -> tuple[bytes | None, int]:
+    """(PNG, number of prompts): the evaluated prompts' router embeddings on their first two principal axes
+    (PCA, as the training data's map in `cluster_assignments`), coloured by cluster and by benchmark. Each
+    prompt once (the routed variants share one router); None without embeddings."""
+    if prompt_embeddings.height == 0:
+        return None, 0
+    prompts = prompt_embeddings.unique(["benchmark", "item_id"], keep="first", maintain_order=True)
+    if prompts.height < 3:
+        return None, prompts.height  # two points have one principal axis
+    from moce_model.plots import cluster_projection_plot
+
+    vectors = np.asarray(prompts["embedding"].to_list(), dtype=np.float32)
+    png = cluster_projection_plot(vectors, prompts["cluster"].to_numpy(), prompts["benchmark"].to_list(),
+                                  title="Evaluation prompts (router embeddings)")
+    return png, prompts.height

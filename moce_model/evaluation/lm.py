@@ -147,6 +147,8 @@ class MoCELM(HFLM):
         # Context rendered by `render_prompt` -> its item's routing text.
         self._routing_text: dict[str, str] = {}
         self._cluster_of_text: dict[str, int] = {}
+        # Routing text -> its embedding, kept when the router embeds (for the map of the evaluated prompts).
+        self._embedding_of_text: dict[str, np.ndarray] = {}
         # The expert group of the requests being run (None: the model is called without routing).
         self._active_group: int | None = None
         # Expert use counted so far: label -> [layers, groups, experts] (token, expert) assignments.
@@ -276,7 +278,12 @@ class MoCELM(HFLM):
             return [None] * len(texts)
         missing = sorted({t for t in texts if t not in self._cluster_of_text})
         if missing:
-            assigned = np.asarray(self.router.assign(missing)).reshape(-1)
+            if hasattr(self.router, "encoder") and hasattr(self.router, "assign_embeddings"):
+                embeddings = np.asarray(self.router.encoder.encode(missing), dtype=np.float32)
+                self._embedding_of_text.update(zip(missing, embeddings))
+                assigned = np.asarray(self.router.assign_embeddings(embeddings)).reshape(-1)
+            else:
+                assigned = np.asarray(self.router.assign(missing)).reshape(-1)
             if assigned.shape[0] != len(missing):
                 raise ValueError(f"router returned {assigned.shape[0]} clusters for {len(missing)} texts")
             self._cluster_of_text.update(zip(missing, (int(a) for a in assigned)))
@@ -287,6 +294,15 @@ class MoCELM(HFLM):
         if self.router is None:
             return [None] * len(contexts)
         return self.clusters_for_texts([self._context_routing_text(c) for c in contexts])
+
+    def routing_embeddings_for(self, contexts: Sequence[str]) -> list[np.ndarray | None]:
+        """The router's embedding of each context rendered by `render_prompt` and already routed (None where the
+        router does not embed, or the context was not routed)."""
+        embeddings = []
+        for context in contexts:
+            text = self._routing_text.get(context)
+            embeddings.append(self._embedding_of_text.get(text) if text is not None else None)
+        return embeddings
 
     def clusters_for_documents(self, documents: Sequence[tuple[str, Mapping[str, Any]]]) -> list[int | None]:
         """The cluster of each (lm-eval task name, document), as its requests were routed."""

@@ -24,11 +24,12 @@ from moce_model.evaluation.analyses import (
     expert_use_heatmap,
     expert_use_summary,
     off_home_scores,
+    prompt_map,
     routed_expert_use,
     routing_contingency,
     contingency_heatmap,
 )
-from moce_model.evaluation.runner import EXPERT_USE_SCHEMA, ITEM_SCORES_SCHEMA, RESULTS_SCHEMA
+from moce_model.evaluation.runner import EXPERT_USE_SCHEMA, ITEM_SCORES_SCHEMA, PROMPT_EMBEDDINGS_SCHEMA, RESULTS_SCHEMA
 from moce_model.evaluation.stats import ALPHA, POWER, average_difference, average_estimate, paired_difference
 
 # Every variant is compared with these, in this order; a reference is not compared with an earlier one
@@ -72,12 +73,14 @@ class Report:
     routing_contingency: pl.DataFrame = dataclasses.field(default_factory=pl.DataFrame)
     routing_contingency_png: bytes | None = None
     off_home_scores: pl.DataFrame = dataclasses.field(default_factory=lambda: pl.DataFrame(schema=OFF_HOME_SCORES_SCHEMA))
+    prompt_map_png: bytes | None = None
 
 
 def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFrame] = (),
-                 expert_use: Sequence[pl.DataFrame] = ()) -> Report:
-    """Join per-variant results tables (RESULTS_SCHEMA), per-item scores (ITEM_SCORES_SCHEMA) and the expert use
-    recorded on the evaluated prompts (EXPERT_USE_SCHEMA).
+                 expert_use: Sequence[pl.DataFrame] = (), prompt_embeddings: Sequence[pl.DataFrame] = ()) -> Report:
+    """Join per-variant results tables (RESULTS_SCHEMA), per-item scores (ITEM_SCORES_SCHEMA), the expert use
+    recorded on the evaluated prompts (EXPERT_USE_SCHEMA) and the routers' embeddings of the evaluated prompts
+    (PROMPT_EMBEDDINGS_SCHEMA).
 
     `comparison`: one row per (benchmark, metric), per variant its value, interval and n. `differences`: every
     variant against each reference variant present, paired on the items both answered. `paper_average`: each
@@ -111,9 +114,20 @@ def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFr
     off_home = off_home_scores(scores, contingency, REFERENCE_VARIANTS)
     markdown = _markdown(results, comparison, differences, average, variants, distribution)
     markdown += _analyses_markdown(summary, routed_use, contingency, off_home, scores)
+    embeddings = [frame.select(list(PROMPT_EMBEDDINGS_SCHEMA)).cast(PROMPT_EMBEDDINGS_SCHEMA) for frame in prompt_embeddings]
+    map_png, mapped = prompt_map(pl.concat(embeddings) if embeddings else pl.DataFrame(schema=PROMPT_EMBEDDINGS_SCHEMA))
+    if map_png is not None:
+        markdown += (
+            "\n## 2-D map of the evaluation prompts\n\n"
+            f"The router's embeddings of the {mapped} evaluated prompts that were routed by embedding (each once), "
+            "projected on their first two principal axes (PCA, as the training data's map in `cluster_assignments`; "
+            "the paper shows t-SNE, which keeps local neighbourhoods and pulls clusters apart, where PCA keeps the "
+            "global geometry and is deterministic), coloured by cluster and by benchmark (figure "
+            "`prompt_map`). Off-home prompts show up as points of one benchmark's colour inside another cluster.\n"
+        )
     return Report(markdown, comparison, differences, average, charts, distribution, _differences_chart(differences),
                   summary, use_pngs, routing_counts, contingency,
-                  contingency_heatmap(routing_counts) if routing_counts.height else None, off_home)
+                  contingency_heatmap(routing_counts) if routing_counts.height else None, off_home, map_png)
 
 
 def cluster_distribution(item_clusters: pl.DataFrame) -> pl.DataFrame:

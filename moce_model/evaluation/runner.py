@@ -65,6 +65,11 @@ EXPERT_USE_SCHEMA: dict[str, pl.DataType] = {
     "share": pl.Float64(),
     "n_items": pl.Int64(),
 }
+# The router's embedding of each evaluated prompt (its input side, as the centroids were fit) and its cluster:
+# for the 2-D map of the evaluation prompts. Only prompts the model routed by embedding.
+PROMPT_EMBEDDINGS_SCHEMA: dict[str, pl.DataType] = {
+    "benchmark": pl.String(), "item_id": pl.String(), "cluster": pl.Int64(), "embedding": pl.List(pl.Float32()),
+}
 ITEM_CLUSTERS_SCHEMA: dict[str, pl.DataType] = {"benchmark": pl.String(), "item_id": pl.String(), "cluster": pl.Int64()}
 ITEMS_SCHEMA: dict[str, pl.DataType] = {
     "benchmark": pl.String(), "item_id": pl.String(), "prompt": pl.String(), "completion": pl.String(),
@@ -88,6 +93,8 @@ class EvalResult:
     items: pl.DataFrame
     notes: dict[str, str]
     expert_use: pl.DataFrame = dataclasses.field(default_factory=lambda: pl.DataFrame(schema=EXPERT_USE_SCHEMA))
+    prompt_embeddings: pl.DataFrame = dataclasses.field(
+        default_factory=lambda: pl.DataFrame(schema=PROMPT_EMBEDDINGS_SCHEMA))
 
     @property
     def item_clusters(self) -> pl.DataFrame:
@@ -226,7 +233,20 @@ def evaluate_model(
         ),
         notes={o.benchmark: o.note for o in outcomes},
         expert_use=expert_use_table(model_variant, outcomes, top_k=getattr(lm.model.config, "router_top_k", 1)),
+        prompt_embeddings=prompt_embeddings_table(lm, outcomes),
     )
+
+
+def prompt_embeddings_table(lm: MoCELM, outcomes: Sequence[BenchmarkOutcome]) -> pl.DataFrame:
+    """The router's embedding of every evaluated prompt it embedded (PROMPT_EMBEDDINGS_SCHEMA); lm-eval items,
+    routed by their documents, are not in it."""
+    rows = []
+    for outcome in outcomes:
+        embeddings = lm.routing_embeddings_for([item.prompt for item in outcome.items])
+        rows.extend({"benchmark": outcome.benchmark, "item_id": item.item_id, "cluster": item.cluster,
+                     "embedding": embedding.tolist()}
+                    for item, embedding in zip(outcome.items, embeddings) if embedding is not None)
+    return pl.DataFrame(rows, schema=PROMPT_EMBEDDINGS_SCHEMA)
 
 
 def expert_use_table(model_variant: str, outcomes: Sequence[BenchmarkOutcome], top_k: int) -> pl.DataFrame:
