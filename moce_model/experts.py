@@ -267,6 +267,9 @@ class RoutingContext:
     record_expert_use: bool = False
     # The tokens that count in the expert-use statistics ([B, T], 1 = counted); None: every token.
     counted_tokens: torch.Tensor | None = None
+    # While set (evaluation), each block also appends its per-sequence counts [B, E] of every forward here,
+    # one list per layer: what the evaluator attributes to the prompts of the batch.
+    per_sequence_counts: list[list[torch.Tensor]] | None = None
 
     def begin(
         self, group_ids: torch.Tensor, token_mask: torch.Tensor | None, aux_request: AuxLossRequest | None = None,
@@ -341,12 +344,17 @@ class MoCEMLP(nn.Module):
             else:
                 tokens = torch.full_like(routing.group_ids, seq_len)
             self.expert_use_counts[:, 0].index_add_(0, routing.group_ids, tokens)
-            return
-        experts = torch.arange(self.experts_per_group, device=routing.top_experts.device)
-        selected = (routing.top_experts.unsqueeze(-1) == experts).sum(dim=2)  # [B, T, E]
-        if token_mask is not None:
-            selected = selected * token_mask.to(selected.dtype).unsqueeze(-1)
-        self.expert_use_counts.index_add_(0, routing.group_ids, selected.sum(dim=1))
+            per_sequence = tokens.unsqueeze(1)
+        else:
+            experts = torch.arange(self.experts_per_group, device=routing.top_experts.device)
+            selected = (routing.top_experts.unsqueeze(-1) == experts).sum(dim=2)  # [B, T, E]
+            if token_mask is not None:
+                selected = selected * token_mask.to(selected.dtype).unsqueeze(-1)
+            per_sequence = selected.sum(dim=1)
+            self.expert_use_counts.index_add_(0, routing.group_ids, per_sequence)
+        if self.routing_context.per_sequence_counts is not None:
+            # Kept on the device: a copy to the host per block and step would sync the GPU every time.
+            self.routing_context.per_sequence_counts[self.layer_index].append(per_sequence)
 
 
 def check_mlp(mlp: nn.Module, module_name: str) -> None:

@@ -364,6 +364,23 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         """[G, E] (token, expert) assignment counts summed over layers since the last reset."""
         return self.expert_use_counts_by_layer().sum(dim=0)
 
+    def set_per_sequence_expert_use(self, enabled: bool) -> None:
+        """While enabled (and recording), keep every forward's expert use per sequence as well
+        (`take_per_sequence_expert_use`)."""
+        self.routing_context.per_sequence_counts = [[] for _ in range(self._num_moce_blocks)] if enabled else None
+
+    def take_per_sequence_expert_use(self) -> torch.Tensor | None:
+        """[L, B, E] the (token, expert) assignments of each sequence of the forwards since the last take, summed
+        over those forwards (they must share the batch: a scoring call, or one `generate`); None when nothing was
+        recorded."""
+        recorded = self.routing_context.per_sequence_counts
+        if recorded is None or not recorded[0]:
+            return None
+        counts = torch.stack([torch.stack(layer).sum(dim=0) for layer in recorded]).to(torch.long).cpu()
+        for layer in recorded:
+            layer.clear()
+        return counts
+
     def expert_use_counts_by_layer(self) -> torch.Tensor:
         """[L, G, E] (token, expert) assignment counts of every layer since the last reset."""
         blocks = sorted(self.moce_blocks(), key=lambda block: block.layer_index)

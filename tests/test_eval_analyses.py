@@ -111,7 +111,17 @@ def test_report_has_the_analyses_sections_and_figures():
     moce_counts[:, 1] = [1, 1, 1, 1]
     dense_counts = np.zeros((layers, 1, 1), dtype=np.int64)
     dense_counts[:, 0, 0] = 22
-    moce_use = expert_use_table("moce", [BenchmarkOutcome("arith", [], 12, expert_use=moce_counts)], top_k=2)
+    # Per prompt (top-2, two tokens each): six home prompts [2, 1, 1, 0], four [2, 1, 0, 1]; the two off-home
+    # prompts [1, 1, 0, 0] and [0, 0, 1, 1]. They add up to the counts above.
+    per_prompt = {}
+    for i in range(12):
+        counts = np.zeros((layers, 4, 4), dtype=np.int64)
+        group = 0 if i < 10 else 1
+        counts[:, group] = ([2, 1, 1, 0] if i < 6 else [2, 1, 0, 1] if i < 10 else
+                            [1, 1, 0, 0] if i == 10 else [0, 0, 1, 1])
+        per_prompt[f"arith/{i}"] = counts
+    moce_use = expert_use_table("moce", [BenchmarkOutcome("arith", [], 12, expert_use=moce_counts,
+                                                          prompt_expert_use=per_prompt)], top_k=2)
     dense_use = expert_use_table("dense_adapter", [BenchmarkOutcome("arith", [], 12, expert_use=dense_counts)], top_k=1)
     report = build_report([MOCE[0], PESC[0], CLUSTER_ONLY[0]], [MOCE[1], PESC[1], CLUSTER_ONLY[1]],
                           [moce_use, dense_use])
@@ -121,8 +131,13 @@ def test_report_has_the_analyses_sections_and_figures():
         assert heading in markdown
     assert "| arith | 12 | 0: 10, 1: 2 | 0 | 2 | 0.167 [" in markdown
     assert "| moce *tiny* | arith | exact_match | 10, 1.000 [" in markdown
-    # Group 0 of arith: the 10 home prompts, 20 tokens per layer, shares 20/40, 10/40, 6/40, 4/40 in every layer.
-    assert "| arith | 0 | 10 | 20 | 0.50 (0.50–0.50) | 0.25 (0.25–0.25) | 0.15 (0.15–0.15) | 0.10 (0.10–0.10) |" in markdown
+    # Group 0 of arith: the 10 home prompts, 20 tokens per layer, shares 20/40, 10/40, 6/40, 4/40 in every layer;
+    # every prompt gives experts 0 and 1 the same shares (0.5, 0.25), so resampling prompts cannot move them.
+    assert ("| arith | 0 | 10 | 20 | 0.500 [0.500, 0.500] (0.50–0.50) | 0.250 [0.250, 0.250] (0.25–0.25) | 0.150 ["
+            in markdown)
+    summary = report.expert_use_summary.filter((pl.col("model_variant") == "moce") & (pl.col("group") == 0))
+    third = summary.filter(pl.col("expert") == 2).row(0, named=True)
+    assert third["ci_low"] < 0.15 < third["ci_high"] and third["n_prompts"] == 10
     assert "| arith | 1 | 2 (tiny sample: n = 2) | 2 |" in markdown
     assert "**dense_adapter**" not in markdown  # one expert: nothing to show
     assert set(report.expert_use_pngs) == {"moce"} and report.expert_use_pngs["moce"].startswith(b"\x89PNG")

@@ -93,6 +93,14 @@ def test_scored_tokens_are_counted_once_per_layer_without_the_padding(chosen):
     fed = [len(lm.tok_encode(c + a)) - 1 for c, a in zip(contexts, answers)]
     np.testing.assert_array_equal(counted["bench"], _expected_counts(lm, fed, chosen))
     assert lm.take_expert_use() == {}
+    # The same, per prompt.
+    per_prompt = lm.take_prompt_expert_use()["bench"]
+    assert sorted(per_prompt) == sorted(contexts)
+    for question, context, tokens in zip(QUESTIONS, contexts, fed):
+        group = 1 if "apple" in question else 0
+        expected = np.zeros_like(per_prompt[context])
+        expected[:, group, chosen[group]] = tokens
+        np.testing.assert_array_equal(per_prompt[context], expected)
 
 
 class AnswerOfContentDependentLength(LogitsProcessor):
@@ -133,7 +141,12 @@ def test_generation_counts_what_one_at_a_time_generation_counts():
         with single.counting_expert_use("one"):
             singles.append(single.generate([context], kwargs)[0])
         counts.append(single.take_expert_use()["one"])
+        # One prompt alone: its per-prompt counts are all there is.
+        np.testing.assert_array_equal(single.take_prompt_expert_use()["one"][context], counts[-1])
     assert together == singles
+    per_prompt = batched.take_prompt_expert_use()["generated"]
+    for context, alone in zip(contexts, counts):
+        np.testing.assert_array_equal(per_prompt[context], alone)
     assert len({len(text) for text in together}) > 2  # rows ended at different steps
     np.testing.assert_array_equal(batched.take_expert_use()["generated"], sum(counts[1:], counts[0]))
     # Every prompt token was counted at least, in its own group and its chosen expert only.
@@ -178,6 +191,13 @@ def test_evaluation_returns_the_share_per_benchmark_group_expert_and_layer(tmp_p
     # One apple question (group 1), two others (group 0); two layers; each group's three experts.
     assert sorted(set(use.select("layer", "group").rows())) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert use.height == 4 * EXPERTS and set(use["n_items"]) == {3} and set(use["benchmark"]) == {"gsm8k"}
+    # Every prompt routes the same way, so resampling prompts cannot move the shares: a zero-width interval for
+    # group 0 (two prompts); group 1 has one prompt, so no interval.
+    layer0 = use.filter(pl.col("layer") == 0)
+    assert dict(layer0.group_by("group").agg(pl.col("n_prompts").first()).rows()) == {0: 2, 1: 1}
+    group0 = layer0.filter(pl.col("group") == 0)
+    assert (group0["share_ci_low"] == group0["share"]).all() and (group0["pooled_ci_high"] == group0["share"]).all()
+    assert layer0.filter(pl.col("group") == 1)["share_ci_low"].null_count() == EXPERTS
     shares = {(g, e): s for g, e, s in use.filter(pl.col("layer") == 0).select("group", "expert", "share").rows()}
     # top-2: each token counts once for each of its two experts, so each chosen expert has half the assignments.
     assert shares == {(0, 0): 0.0, (0, 1): 0.5, (0, 2): 0.5, (1, 0): 0.5, (1, 1): 0.0, (1, 2): 0.5}

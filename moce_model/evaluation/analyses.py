@@ -44,8 +44,9 @@ OFF_HOME_SCORES_SCHEMA: dict[str, pl.DataType] = {
 }
 EXPERT_USE_SUMMARY_SCHEMA: dict[str, pl.DataType] = {
     "model_variant": pl.String(), "benchmark": pl.String(), "group": pl.Int64(), "expert": pl.Int64(),
-    "share": pl.Float64(), "share_min_over_layers": pl.Float64(), "share_max_over_layers": pl.Float64(),
-    "tokens_per_layer": pl.Int64(), "layers": pl.Int64(), "n_items": pl.Int64(),
+    "share": pl.Float64(), "ci_low": pl.Float64(), "ci_high": pl.Float64(), "share_min_over_layers": pl.Float64(),
+    "share_max_over_layers": pl.Float64(), "tokens_per_layer": pl.Int64(), "layers": pl.Int64(),
+    "n_prompts": pl.Int64(), "n_items": pl.Int64(),
 }
 
 
@@ -54,15 +55,17 @@ EXPERT_USE_SUMMARY_SCHEMA: dict[str, pl.DataType] = {
 
 def expert_use_summary(expert_use: pl.DataFrame) -> pl.DataFrame:
     """Per (variant, benchmark, group, expert): the share of the group's assignments that went to the expert,
-    pooled over layers (every layer sees the same tokens, so this is also the mean of the layers' shares), and
-    its smallest and largest value over the layers."""
+    pooled over layers (every layer sees the same tokens, so this is also the mean of the layers' shares), its
+    95% interval over the group's prompts (null where the table has none), and its smallest and largest value
+    over the layers."""
     if expert_use.height == 0:
         return pl.DataFrame(schema=EXPERT_USE_SUMMARY_SCHEMA)
     keys = ["model_variant", "benchmark", "group"]
     pooled = expert_use.group_by(*keys, "expert").agg(
         pl.col("assignments").sum(), pl.col("share").min().alias("share_min_over_layers"),
         pl.col("share").max().alias("share_max_over_layers"), pl.col("group_tokens").max().alias("tokens_per_layer"),
-        pl.col("layer").n_unique().alias("layers"), pl.col("n_items").first(),
+        pl.col("layer").n_unique().alias("layers"), pl.col("n_items").first(), pl.col("n_prompts").first(),
+        pl.col("pooled_ci_low").first().alias("ci_low"), pl.col("pooled_ci_high").first().alias("ci_high"),
     )
     pooled = pooled.with_columns((pl.col("assignments") / pl.col("assignments").sum().over(keys)).alias("share"))
     return pooled.select(list(EXPERT_USE_SUMMARY_SCHEMA)).cast(EXPERT_USE_SUMMARY_SCHEMA).sort(*keys, "expert")

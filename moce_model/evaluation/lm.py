@@ -154,10 +154,14 @@ class MoCELM(HFLM):
         # Expert use counted so far: label -> [layers, groups, experts] (token, expert) assignments.
         self._expert_use: dict[str, np.ndarray] = {}
         self._expert_use_label: str | None = None
-        # The unpadded inputs of the scored requests being run: (inputs without trailing 0s) -> real lengths.
-        # HFLM right-pads scoring batches with token 0 and calls the model without a mask; this tells
-        # padding apart from a real trailing token 0.
-        self._scored_input_lengths: dict[tuple[int, ...], set[int]] = {}
+        # The unpadded inputs of the scored requests being run: (inputs without trailing 0s) -> real length ->
+        # the request's context. HFLM right-pads scoring batches with token 0 and calls the model without a
+        # mask; this tells padding apart from a real trailing token 0, and each row's prompt.
+        self._scored_inputs: dict[tuple[int, ...], dict[int, str | None]] = {}
+        # The prompts being generated from, by their tokens: each generated row's prompt.
+        self._generation_contexts: dict[tuple[int, ...], str] = {}
+        # Expert use per prompt: label -> context -> [layers, groups, experts].
+        self._prompt_expert_use: dict[str, dict[str, np.ndarray]] = {}
 
     @classmethod
     def from_objects(
@@ -409,6 +413,7 @@ class MoCELM(HFLM):
         else:
             moce.reset_expert_use()
             moce.set_expert_use_recording(True, filler_token_id=self.tokenizer.pad_token_id)
+            moce.set_per_sequence_expert_use(True)
         self._expert_use_label = label
         try:
             yield
@@ -417,6 +422,7 @@ class MoCELM(HFLM):
             self._expert_use_label = outer
             if outer is None:
                 moce.set_expert_use_recording(was_recording)
+                moce.set_per_sequence_expert_use(False)
 
     def _flush_expert_use(self) -> None:
         moce = self._moce_model()
@@ -429,6 +435,31 @@ class MoCELM(HFLM):
         """label -> [layers, groups, experts] (token, expert) assignment counts, and forget them."""
         taken, self._expert_use = self._expert_use, {}
         return taken
+
+    def take_prompt_expert_use(self) -> dict[str, dict[str, np.ndarray]]:
+        """label -> prompt (the context as rendered) -> [layers, groups, experts]: the same counts per prompt, for
+        the prompts the evaluator could tell apart (scored and generated requests with a context), and forget
+        them."""
+        taken, self._prompt_expert_use = self._prompt_expert_use, {}
+        return taken
+
+    def _attribute_rows(self, contexts: Sequence[str | None]) -> None:
+        """Add the per-sequence counts of the model calls since the last attribution to each row's prompt."""
+        moce = self._moce_model()
+        counts = moce.take_per_sequence_expert_use()
+        if counts is None or self._expert_use_label is None:
+            return
+        counts = counts.numpy()
+        if counts.shape[1] != len(contexts):
+            raise RuntimeError(f"{counts.shape[1]} sequences recorded for a batch of {len(contexts)}")
+        group = self._active_group if self._active_group is not None else 0
+        per_prompt = self._prompt_expert_use.setdefault(self._expert_use_label, {})
+        shape = (counts.shape[0], moce.config.num_groups, counts.shape[2])
+        for row, context in enumerate(contexts):
+            if context is None:
+                continue
+            total = per_prompt.setdefault(context, np.zeros(shape, dtype=np.int64))
+            total[:, group, :] += counts[:, row, :]
 
     @contextlib.contextmanager
     def _expert_use_paused(self) -> Iterator[None]:
@@ -454,49 +485,62 @@ class MoCELM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if not self._counting():
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        for _, context_tokens, continuation_tokens in requests:
+        for (context, _), context_tokens, continuation_tokens in requests:
             # What HFLM feeds the model for this request (see HFLM._loglikelihood_tokens).
             fed = list(context_tokens + continuation_tokens)[-(self.max_length + 1):][:-1]
             stripped = len(fed)
             while stripped and fed[stripped - 1] == 0:
                 stripped -= 1
-            self._scored_input_lengths.setdefault(tuple(fed[:stripped]), set()).add(len(fed))
+            self._scored_inputs.setdefault(tuple(fed[:stripped]), {})[len(fed)] = context
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
-            self._scored_input_lengths.clear()
+            self._scored_inputs.clear()
 
-    def _unpadded_mask(self, inputs: torch.Tensor) -> torch.Tensor:
-        """[B, T] True on the real tokens of a right-padded scoring batch. Where two scored inputs differ
-        only by trailing token-0s, the longer one that fits the row is taken."""
+    def _scored_rows(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
+        """[B, T] True on the real tokens of a right-padded scoring batch, and each row's context. Where two
+        scored inputs differ only by trailing token-0s, the longer one that fits the row is taken."""
         mask = torch.zeros(inputs.shape, dtype=torch.bool, device=inputs.device)
+        contexts: list[str | None] = []
         for row_index, row in enumerate(inputs.tolist()):
             stripped = len(row)
             while stripped and row[stripped - 1] == 0:
                 stripped -= 1
-            lengths = [n for n in self._scored_input_lengths.get(tuple(row[:stripped]), ()) if n <= len(row)]
+            lengths = {n: c for n, c in self._scored_inputs.get(tuple(row[:stripped]), {}).items() if n <= len(row)}
             if not lengths:
                 raise RuntimeError(f"scoring batch row {row_index} matches no scored request: cannot tell its "
                                    "padding apart for the expert-use counts")
-            mask[row_index, : max(lengths)] = True
-        return mask
+            length = max(lengths)
+            mask[row_index, :length] = True
+            contexts.append(lengths[length])
+        return mask, contexts
 
     # ------------------------------------------------------------------------------------ model calls
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
                     labels: torch.Tensor | None = None) -> torch.Tensor:
         routing = self._routing_kwargs(inps.shape[0])
+        contexts = None
         if self._counting():
-            routing["expert_use_mask"] = self._unpadded_mask(inps)
+            routing["expert_use_mask"], contexts = self._scored_rows(inps)
         if not routing:
             return super()._model_call(inps, attn_mask, labels)
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
-            return self.model(inps, **routing).logits
+            logits = self.model(inps, **routing).logits
+        if contexts is not None:
+            self._attribute_rows(contexts)
+        return logits
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
-        return super()._model_generate(context, max_length, stop, **generation_kwargs,
-                                       **self._routing_kwargs(context.shape[0]))
+        output = super()._model_generate(context, max_length, stop, **generation_kwargs,
+                                         **self._routing_kwargs(context.shape[0]))
+        if self._counting():
+            mask = generation_kwargs.get("attention_mask")
+            rows = [tuple(t for t, m in zip(tokens, keep) if m) for tokens, keep in
+                    zip(context.tolist(), mask.tolist() if mask is not None else [[1] * context.shape[1]] * len(context))]
+            self._attribute_rows([self._generation_contexts.get(row) for row in rows])
+        return output
 
     # ----------------------------------------------------------------------------------- lm-eval requests
 
@@ -534,8 +578,14 @@ class MoCELM(HFLM):
             if kwargs.get("do_sample") and float(kwargs.get("temperature", 0.0) or 0.0) > 0:
                 raise ValueError("MoCELM evaluates with greedy decoding only; got do_sample with temperature > 0")
         groups = self._groups(requests, lambda r: self.tok_encode(r.args[0]))
-        return self._by_group(requests, groups, lambda subset: HFLM.generate_until(self, subset, disable_tqdm),
-                              [r.task_name for r in requests])
+        if self._moce_model() is not None:
+            # Each generated row's prompt, by its tokens (rows HFLM truncates are not attributed to a prompt).
+            self._generation_contexts = {tuple(self.tok_encode(r.args[0])): r.args[0] for r in requests}
+        try:
+            return self._by_group(requests, groups, lambda subset: HFLM.generate_until(self, subset, disable_tqdm),
+                                  [r.task_name for r in requests])
+        finally:
+            self._generation_contexts = {}
 
     def _context_tokens(self, context: str, continuation: str) -> list[int]:
         """The context tokens a (context, continuation) request is scored after, as HFLM encodes them."""

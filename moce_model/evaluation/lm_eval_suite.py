@@ -86,6 +86,9 @@ def run_lm_eval(lm: MoCELM, specs: Sequence[BenchmarkSpec], limit: int | None,
         seconds = (time.perf_counter() - started) / len(group)
         # Expert use is counted per leaf task (see MoCELM._by_group); a group such as mmlu sums its subtasks.
         expert_use_by_task = lm.take_expert_use()
+        # Per prompt they are keyed by the rendered few-shot context, which the logged samples do not map back to
+        # items here: lm-eval tasks get no prompt-level intervals (see runner.EXPERT_USE_SCHEMA).
+        lm.take_prompt_expert_use()
         for spec in group:
             if sandboxed:
                 outcome = score_code_samples(lm, spec, results["samples"][spec.lm_eval_task])

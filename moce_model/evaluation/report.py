@@ -442,10 +442,10 @@ def _analyses_markdown(summary: pl.DataFrame, routed_use: pl.DataFrame, continge
             "", "## Expert use on the evaluation prompts", "",
             "Counted while the evaluation ran, in every layer: each token the model read (prompt, scored reference "
             "answer, generated tokens; not padding) counts once for each of its top-k experts. A cell is the "
-            "expert's share of its group's assignments, pooled over the layers, with the smallest and largest "
-            "share over the layers in brackets (a spread over layers, not a confidence interval: the tokens of one "
-            "prompt are not independent draws and the counts are not kept per prompt, so no interval is computed; "
-            "the number of prompts and tokens per layer are the n behind each row). Uniform use is 1/E; variants "
+            "expert's share of its group's assignments pooled over the layers, its 95% interval from a percentile "
+            "bootstrap over the group's prompts (the tokens of one prompt are not independent draws, so the prompt "
+            "is the unit resampled; none with fewer than two prompts or for lm-eval tasks), and in parentheses the "
+            "smallest and largest share over the layers (a spread, not an interval). Uniform use is 1/E; variants "
             "with one expert per group are left out (their share is 1). Heatmaps per layer: `expert_use_<variant>`.",
         ]
         clusters_of = (scores.filter(pl.col("cluster").is_not_null()).select("benchmark", "item_id", "cluster")
@@ -463,13 +463,16 @@ def _analyses_markdown(summary: pl.DataFrame, routed_use: pl.DataFrame, continge
             for (benchmark, group), part in rows.group_by(["benchmark", "group"], maintain_order=True):
                 part = part.sort("expert")
                 first = part.row(0, named=True)
-                if routes_by_cluster:
+                if first["n_prompts"] is not None:
+                    prompts = first["n_prompts"]
+                elif routes_by_cluster:
                     prompts = prompts_in_group.get((benchmark, group), 0)
                 elif int(routed.filter((pl.col("model_variant") == variant) & (pl.col("benchmark") == benchmark))["group"].n_unique()) == 1:
                     prompts = first["n_items"]
                 else:
-                    prompts = None  # random_group: the item's group is not recorded
-                cells = [f"{r['share']:.2f} ({r['share_min_over_layers']:.2f}–{r['share_max_over_layers']:.2f})"
+                    prompts = None  # random_group without per-prompt counts: the item's group is not recorded
+                cells = [f"{_with_interval(r['share'], r['ci_low'], r['ci_high'])} "
+                         f"({r['share_min_over_layers']:.2f}–{r['share_max_over_layers']:.2f})"
                          for r in part.iter_rows(named=True)]
                 lines.append(f"| {benchmark} | {group} | {'–' if prompts is None else str(prompts) + _tiny(prompts)} | "
                              f"{first['tokens_per_layer']} | " + " | ".join(cells) + " |")

@@ -53,7 +53,11 @@ ITEM_SCORES_SCHEMA: dict[str, pl.DataType] = {
 # `assignments` is how many of the group's tokens had the expert among their top-k, `group_tokens` how many
 # tokens the group processed at that layer (every token picks top_k experts: the assignments of a (layer,
 # group) add up to top_k · group_tokens), `share` = assignments / their sum over the group's experts (sums to 1).
-# `n_items`: the benchmark's prompts, whose tokens (prompt, scored reference, generated) were counted.
+# `n_items`: the benchmark's prompts, whose tokens (prompt, scored reference, generated) were counted;
+# `n_prompts`: the prompts of this group. The share's 95% interval resamples the group's prompts (percentile
+# bootstrap, `stats.share_intervals_over_prompts`), at this layer (`share_ci_*`) and pooled over the layers
+# (`pooled_*`, the same on every layer's row); null with fewer than two prompts, or where some tokens could
+# not be attributed to their prompt (lm-eval tasks).
 EXPERT_USE_SCHEMA: dict[str, pl.DataType] = {
     "model_variant": pl.String(),
     "benchmark": pl.String(),
@@ -64,6 +68,12 @@ EXPERT_USE_SCHEMA: dict[str, pl.DataType] = {
     "group_tokens": pl.Int64(),
     "share": pl.Float64(),
     "n_items": pl.Int64(),
+    "n_prompts": pl.Int64(),
+    "share_ci_low": pl.Float64(),
+    "share_ci_high": pl.Float64(),
+    "pooled_share": pl.Float64(),
+    "pooled_ci_low": pl.Float64(),
+    "pooled_ci_high": pl.Float64(),
 }
 # The router's embedding of each evaluated prompt (its input side, as the centroids were fit) and its cluster:
 # for the 2-D map of the evaluation prompts. Only prompts the model routed by embedding.
@@ -218,6 +228,9 @@ def evaluate_model(
             with lm.counting_expert_use(spec.name):
                 outcome = run_benchmark(lm, spec, limit_per_benchmark)
             outcome.expert_use = lm.take_expert_use().get(spec.name)
+            by_prompt = lm.take_prompt_expert_use().get(spec.name, {})
+            outcome.prompt_expert_use = {item.item_id: by_prompt[item.prompt] for item in outcome.items
+                                         if item.prompt in by_prompt}
             outcomes.append(outcome)
     if lm_eval_specs:
         outcomes.extend(run_lm_eval(lm, lm_eval_specs, limit_per_benchmark))
@@ -261,20 +274,46 @@ def expert_use_table(model_variant: str, outcomes: Sequence[BenchmarkOutcome], t
             raise ValueError(f"{outcome.benchmark}: expert use must be (layers, groups, experts), got {counts.shape}")
         experts = counts.shape[2]
         per_token = min(top_k, experts)
+        per_prompt = outcome.prompt_expert_use or {}
+        intervals = {group: _share_intervals(counts[:, group], [c[:, group] for c in per_prompt.values()])
+                     for group in np.nonzero(counts.sum(axis=(0, 2)))[0]}
         for layer, group in zip(*np.nonzero(counts.sum(axis=2))):
             assigned = counts[layer, group]
             total = int(assigned.sum())
             if total % per_token:
                 raise ValueError(f"{outcome.benchmark} layer {layer} group {group}: {total} assignments is not a "
                                  f"multiple of top_k = {per_token}")
+            n_prompts, per_layer, pooled = intervals[group]
+            pooled_share = counts[:, group].sum(axis=0) / counts[:, group].sum()
             rows.extend(
                 {"model_variant": model_variant, "benchmark": outcome.benchmark, "layer": int(layer),
                  "group": int(group), "expert": expert, "assignments": int(assigned[expert]),
                  "group_tokens": total // per_token, "share": float(assigned[expert]) / total,
-                 "n_items": outcome.n_items}
+                 "n_items": outcome.n_items, "n_prompts": n_prompts,
+                 "share_ci_low": None if per_layer is None else float(per_layer[0][layer, expert]),
+                 "share_ci_high": None if per_layer is None else float(per_layer[1][layer, expert]),
+                 "pooled_share": float(pooled_share[expert]),
+                 "pooled_ci_low": None if pooled is None else float(pooled[0][expert]),
+                 "pooled_ci_high": None if pooled is None else float(pooled[1][expert])}
                 for expert in range(experts)
             )
     return pl.DataFrame(rows, schema=EXPERT_USE_SCHEMA)
+
+
+def _share_intervals(group_counts: np.ndarray, prompt_counts: Sequence[np.ndarray]):
+    """(prompts of the group, per-layer (low, high) or None, pooled (low, high) or None) for one group's
+    [layers, experts] counts and each prompt's share of them."""
+    used = [c for c in prompt_counts if c.sum() > 0]
+    if not used or not np.array_equal(np.sum(used, axis=0), group_counts):
+        # Some of the group's tokens belong to no known prompt: an interval over the known ones would not be
+        # about these counts.
+        return (len(used) or None), None, None
+    if len(used) < 2:
+        return len(used), None, None
+    from moce_model.evaluation.stats import share_intervals_over_prompts
+
+    low, high, pooled_low, pooled_high = share_intervals_over_prompts(np.stack(used))
+    return len(used), (low, high), (pooled_low, pooled_high)
 
 
 def results_table(model_variant: str, outcomes: Sequence[BenchmarkOutcome], extra_seconds: float = 0.0) -> pl.DataFrame:

@@ -19,6 +19,9 @@ Every interval is a two-sided 95% interval. Which method, and why:
   against the others, scored by one model): Newcombe's hybrid score interval (Stat. Med. 1998, method 10) for
   0/1 scores, built from the two Wilson intervals; it keeps its coverage at small n, unlike the Wald interval.
   Continuous scores: the BCa bootstrap of the difference of means, each set resampled on its own.
+- The share of a group's tokens that went to each expert: a ratio of sums over prompts whose tokens are not
+  independent of each other (one prompt's tokens share its topic), so the unit resampled is the prompt: a
+  percentile bootstrap over prompts of (expert's assignments) / (group's assignments).
 - The average over benchmarks (the paper's headline number), and the paired difference of two models'
   averages: each benchmark's mean is independent of the others, so the average's variance is the sum of the
   benchmarks' variances over B². 0/1 benchmarks enter with the adjusted estimates of Price and Bonett (2004,
@@ -188,6 +191,29 @@ def independent_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] |
                                      "none (no spread)")
     low, high = _bootstrap((first, second), _difference_of_means, seed, method="BCa", paired=False)
     return IndependentDifference(first.size, second.size, difference, low, high, "bootstrap BCa (independent)")
+
+
+def share_intervals_over_prompts(counts: np.ndarray, seed: int = BOOTSTRAP_SEED, resamples: int = BOOTSTRAP_RESAMPLES
+                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """95% percentile-bootstrap intervals, resampling prompts, of each expert's share of the assignments.
+
+    `counts` [prompts, layers, experts]: each prompt's assignments per layer and expert (one group). Returns
+    (low, high) of the share per layer [layers, experts] and (low, high) of the share pooled over layers
+    [experts]. Needs at least two prompts."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 3 or counts.shape[0] < 2:
+        raise ValueError(f"share intervals need (prompts >= 2, layers, experts) counts, got shape {counts.shape}")
+    prompts, layers, experts = counts.shape
+    rng = np.random.default_rng(seed)
+    # Each resample as multiplicities of the prompts: one matmul instead of gathering resampled rows.
+    weights = rng.multinomial(prompts, np.full(prompts, 1.0 / prompts), size=resamples).astype(np.float64)
+    totals = (weights @ counts.reshape(prompts, layers * experts)).reshape(resamples, layers, experts)
+    per_layer = totals / np.maximum(totals.sum(axis=2, keepdims=True), 1e-300)
+    pooled_totals = totals.sum(axis=1)
+    pooled = pooled_totals / np.maximum(pooled_totals.sum(axis=1, keepdims=True), 1e-300)
+    tail = 100 * ALPHA / 2
+    return (np.percentile(per_layer, tail, axis=0), np.percentile(per_layer, 100 - tail, axis=0),
+            np.percentile(pooled, tail, axis=0), np.percentile(pooled, 100 - tail, axis=0))
 
 
 def _difference_of_means(first: np.ndarray, second: np.ndarray, axis: int = -1) -> np.ndarray:
