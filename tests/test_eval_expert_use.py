@@ -241,3 +241,20 @@ def test_evaluation_keeps_the_routers_embedding_of_each_prompt(tmp_path: Path):
     embedded = result.prompt_embeddings.sort("item_id")
     assert embedded.select("item_id", "cluster").rows() == [("gsm8k/0", 1), ("gsm8k/1", 0)]
     assert embedded["embedding"].to_list() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_rolling_windows_of_an_lm_eval_task_count_under_the_task_and_belong_to_no_prompt():
+    from lm_eval.api.instance import Instance
+
+    lm = forced_lm(batch_size=2)
+    texts = ["Sort this list of numbers please.", "Two apples."]
+    requests = [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
+    for request in requests:
+        request.task_name = "wikitext_like"
+    lm.loglikelihood_rolling(requests)  # counted under the task: no caller named a label
+    counted = lm.take_expert_use()["wikitext_like"]
+    # Every token of each text is read once (the prefix token first, the last token only predicted); the
+    # keyword router sends both texts by their routing text: the apple one to group 1.
+    tokens = [len(lm.tok_encode(text)) for text in texts]
+    assert counted[:, 0, 2].tolist() == [tokens[0]] * 2 and counted[:, 1, 0].tolist() == [tokens[1]] * 2
+    assert lm.take_prompt_expert_use() == {"wikitext_like": {}}

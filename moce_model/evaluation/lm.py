@@ -485,8 +485,10 @@ class MoCELM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if not self._counting():
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        for (context, _), context_tokens, continuation_tokens in requests:
-            # What HFLM feeds the model for this request (see HFLM._loglikelihood_tokens).
+        for strings, context_tokens, continuation_tokens in requests:
+            # What HFLM feeds the model for this request (see HFLM._loglikelihood_tokens). Rolling windows have
+            # no (context, continuation) strings: they count, but belong to no prompt.
+            context = strings[0] if strings else None
             fed = list(context_tokens + continuation_tokens)[-(self.max_length + 1):][:-1]
             stripped = len(fed)
             while stripped and fed[stripped - 1] == 0:
