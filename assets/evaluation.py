@@ -8,10 +8,46 @@ import dagster as dg
 import polars as pl
 
 from assets.common import HEAVY_STEP_TAG, RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
+from moce_model.config import variant_semantics
 from moce_model.experiment import Experiment
 from resources.storage import ArtifactStorage
 
-EVALUATION_CODE_VERSION = "2"
+EVALUATION_CODE_VERSION = "3"
+
+
+def _embeds_prompts(model_name: str) -> bool:
+    """Whether evaluating this model embeds each prompt (to route it by cluster): base has no variant."""
+    return model_name != "base" and variant_semantics(model_name).needs_centroids
+
+
+def expert_use_metadata(model_name: str, expert_use: pl.DataFrame) -> dict:
+    """Row count, the share per benchmark, group and expert pooled over layers (with its range over layers),
+    and the layer-by-expert heatmap, for a model whose groups have several experts."""
+    from moce_model.evaluation.analyses import expert_use_heatmap, expert_use_summary, routed_expert_use
+    from moce_model.plots import png_markdown
+
+    metadata: dict = {"rows": expert_use.height}
+    if expert_use.height == 0:
+        return metadata
+    summary = expert_use_summary(expert_use)
+    metadata["layers"] = int(summary["layers"].max())
+    metadata["share_pooled_over_layers"] = dg.MetadataValue.md(md_table(summary.drop("model_variant"), max_rows=200))
+    if routed_expert_use(expert_use).height:
+        metadata["heatmap"] = dg.MetadataValue.md(png_markdown(expert_use_heatmap(expert_use, model_name),
+                                                               f"expert use of {model_name}"))
+    return metadata
+
+
+def prompt_map_metadata(prompt_embeddings: pl.DataFrame) -> dict:
+    """Prompt count and the PCA map of the evaluated prompts, by cluster and by benchmark."""
+    from moce_model.evaluation.analyses import prompt_map
+    from moce_model.plots import png_markdown
+
+    png, mapped = prompt_map(prompt_embeddings)
+    metadata: dict = {"prompts": mapped}
+    if png is not None:
+        metadata["map"] = dg.MetadataValue.md(png_markdown(png, "evaluation prompts in 2-D (PCA)"))
+    return metadata
 
 
 def build_evaluation_assets(experiment: Experiment) -> list:
@@ -23,11 +59,45 @@ def build_evaluation_assets(experiment: Experiment) -> list:
 
     def results_asset(model_name: str) -> dg.AssetsDefinition:
         upstream = dg.AssetIn(key="base_model") if model_name == "base" else dg.AssetIn(key=["merged_model", model_name])
+        # The base model has no experts: no expert-use table.
+        expert_use_out = {} if model_name == "base" else {
+            "expert_use": dg.AssetOut(
+                key=["benchmark_expert_use", model_name],
+                group_name="evaluation",
+                kinds={"parquet"},
+                code_version=EVALUATION_CODE_VERSION,
+                io_manager_key="parquet_io_manager",
+                automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
+                description=(
+                    f"Expert use of `{model_name}` on the evaluated (held-out) prompts, counted while the evaluation "
+                    "ran: per benchmark, layer, expert group and expert, the tokens routed to the expert and its share "
+                    "of the group's assignments."
+                ),
+            ),
+        }
+
+        # Only a model that routes by embedding the prompt has embeddings of the evaluated prompts.
+        prompt_embeddings_out = {} if not _embeds_prompts(model_name) else {
+            "prompt_embeddings": dg.AssetOut(
+                key=["benchmark_prompt_embeddings", model_name],
+                group_name="evaluation",
+                kinds={"parquet"},
+                code_version=EVALUATION_CODE_VERSION,
+                io_manager_key="parquet_io_manager",
+                automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
+                description=(
+                    f"The router's embedding and cluster of every evaluated prompt of `{model_name}` (its input "
+                    "side, embedded as the centroids were fit): the 2-D map of the evaluation prompts."
+                ),
+            ),
+        }
 
         @dg.multi_asset(
             name=f"evaluate_{model_name}",
             ins={"model": upstream},
             outs={
+                **expert_use_out,
+                **prompt_embeddings_out,
                 "results": dg.AssetOut(
                     key=["benchmark_results", model_name],
                     group_name="evaluation",
@@ -98,6 +168,12 @@ def build_evaluation_assets(experiment: Experiment) -> list:
                 output_name="item_scores",
                 metadata={"rows": result.item_scores.height, "per_metric": dg.MetadataValue.md(md_table(per_metric))},
             )
+            if expert_use_out:
+                yield dg.Output(result.expert_use, output_name="expert_use",
+                                metadata=expert_use_metadata(model_name, result.expert_use))
+            if prompt_embeddings_out:
+                yield dg.Output(result.prompt_embeddings, output_name="prompt_embeddings",
+                                metadata=prompt_map_metadata(result.prompt_embeddings))
 
         return evaluate
 
@@ -108,6 +184,9 @@ def build_evaluation_assets(experiment: Experiment) -> list:
         ins={
             **{name: dg.AssetIn(key=["benchmark_results", name]) for name in model_names},
             **{f"{name}_item_scores": dg.AssetIn(key=["benchmark_item_scores", name]) for name in model_names},
+            **{f"{name}_expert_use": dg.AssetIn(key=["benchmark_expert_use", name]) for name in experiment.variants},
+            **{f"{name}_prompt_embeddings": dg.AssetIn(key=["benchmark_prompt_embeddings", name])
+               for name in experiment.variants if _embeds_prompts(name)},
         },
         group_name="evaluation",
         kinds={"markdown", "matplotlib"},
@@ -117,7 +196,9 @@ def build_evaluation_assets(experiment: Experiment) -> list:
         description=(
             "Every model side by side with 95% intervals; differences against pesc and base paired on items, with "
             "their interval and minimum detectable difference; the average over benchmarks; bars with error bars; "
-            "prompts per cluster."
+            "the cluster × benchmark contingency of the evaluation prompts and how off-home prompts score; expert "
+            "use on the evaluation prompts per benchmark, group, expert and layer; a 2-D (PCA) map of the "
+            "evaluation prompts' embeddings by cluster and by benchmark."
         ),
     )
     def benchmark_report(context: dg.AssetExecutionContext, **inputs: pl.DataFrame):
@@ -126,7 +207,10 @@ def build_evaluation_assets(experiment: Experiment) -> list:
         from moce_model.plots import png_markdown
 
         report = build_report([inputs[name] for name in model_names],
-                              [inputs[f"{name}_item_scores"] for name in model_names])
+                              [inputs[f"{name}_item_scores"] for name in model_names],
+                              [inputs[f"{name}_expert_use"] for name in experiment.variants],
+                              [inputs[f"{name}_prompt_embeddings"] for name in experiment.variants
+                               if _embeds_prompts(name)])
         out_dir = experiment.storage_root / "report"
         for benchmark, png in report.bar_chart_pngs.items():
             atomic_write_bytes(png, out_dir / f"{benchmark}.png")
@@ -146,6 +230,28 @@ def build_evaluation_assets(experiment: Experiment) -> list:
             atomic_write_bytes(report.differences_chart_png, out_dir / "paired_differences.png")
             metadata["paired_differences"] = dg.MetadataValue.md(
                 png_markdown(report.differences_chart_png, "paired differences"))
+        # The analyses on the evaluation prompts, as tables and figures.
+        atomic_write_parquet(report.routing_contingency, out_dir / "routing_contingency.parquet")
+        atomic_write_parquet(report.off_home_scores, out_dir / "off_home_scores.parquet")
+        atomic_write_parquet(report.expert_use_summary, out_dir / "expert_use_summary.parquet")
+        if report.routing_contingency.height:
+            metadata["routing_contingency"] = dg.MetadataValue.md(md_table(report.routing_contingency))
+            metadata["off_home_prompts"] = int(report.routing_contingency["n_off_home"].sum())
+            metadata["evaluated_prompts_routed"] = int(report.routing_contingency["n_prompts"].sum())
+        if report.routing_contingency_png is not None:
+            atomic_write_bytes(report.routing_contingency_png, out_dir / "routing_contingency.png")
+            metadata["routing_contingency_plot"] = dg.MetadataValue.md(
+                png_markdown(report.routing_contingency_png, "prompts per cluster and benchmark"))
+        if report.off_home_scores.height:
+            metadata["off_home_scores"] = dg.MetadataValue.md(md_table(report.off_home_scores.select(
+                "model_variant", "benchmark", "metric", "n_home", "home_mean", "n_off_home", "off_home_mean",
+                "difference", "difference_ci_low", "difference_ci_high", "tiny_sample")))
+        if report.prompt_map_png is not None:
+            atomic_write_bytes(report.prompt_map_png, out_dir / "prompt_map.png")
+            metadata["prompt_map"] = dg.MetadataValue.md(png_markdown(report.prompt_map_png, "evaluation prompts in 2-D"))
+        for variant, png in report.expert_use_pngs.items():
+            atomic_write_bytes(png, out_dir / f"expert_use_{variant}.png")
+            metadata[f"expert_use_{variant}"] = dg.MetadataValue.md(png_markdown(png, f"expert use of {variant}"))
         return dg.Output(artifact_ref(out_dir, report=str(out_dir / "benchmark_report.md")), metadata=metadata)
 
     return [*result_assets, benchmark_report]

@@ -338,16 +338,22 @@ class RoutingContext:
     record_expert_use: bool = False
     # AC router only: [blocks, B, T] long, row l = the top-1 expert of every token in block l (see MoCEMLP).
     top_expert_slots: torch.Tensor | None = None
+    # The tokens that count in the expert-use statistics ([B, T], 1 = counted); None: every token.
+    counted_tokens: torch.Tensor | None = None
+    # While set (evaluation), each block also appends its per-sequence counts [B, E] of every forward here,
+    # one list per layer: what the evaluator attributes to the prompts of the batch.
+    per_sequence_counts: list[list[torch.Tensor]] | None = None
 
     def begin(
         self, group_ids: torch.Tensor, token_mask: torch.Tensor | None, aux_request: AuxLossRequest | None = None,
-        top_expert_slots: torch.Tensor | None = None,
+        top_expert_slots: torch.Tensor | None = None, counted_tokens: torch.Tensor | None = None,
     ) -> None:
         # No per-forward counter here: compiled decoding would recompile for every new value of an int.
         self.group_ids = group_ids
         self.token_mask = token_mask
         self.aux_request = aux_request
         self.top_expert_slots = top_expert_slots
+        self.counted_tokens = counted_tokens if counted_tokens is not None else token_mask
 
     def aux_loss(self) -> torch.Tensor | None:
         """Mean balance loss over the blocks of the last forward, available once its backward has run."""
@@ -440,7 +446,7 @@ class MoCEMLP(nn.Module):
             out = AuxLossInjector.apply(out, aux, request.gradient_scale, request.probe, self.probe_slot)
         if context.record_expert_use and not self.training:
             # Evaluation only: in training, activation checkpointing re-runs the forward and would count twice.
-            token_mask = context.token_mask
+            token_mask = context.counted_tokens
             if token_mask is not None and token_mask.shape[1] != x.shape[1]:
                 token_mask = None
             self._record(routing, token_mask, x.shape[1])
@@ -460,12 +466,17 @@ class MoCEMLP(nn.Module):
             else:
                 tokens = torch.full_like(routing.group_ids, seq_len)
             self.expert_use_counts[:, 0].index_add_(0, routing.group_ids, tokens)
-            return
-        experts = torch.arange(self.experts_per_group, device=routing.top_experts.device)
-        selected = (routing.top_experts.unsqueeze(-1) == experts).sum(dim=2)  # [B, T, E]
-        if token_mask is not None:
-            selected = selected * token_mask.to(selected.dtype).unsqueeze(-1)
-        self.expert_use_counts.index_add_(0, routing.group_ids, selected.sum(dim=1))
+            per_sequence = tokens.unsqueeze(1)
+        else:
+            experts = torch.arange(self.experts_per_group, device=routing.top_experts.device)
+            selected = (routing.top_experts.unsqueeze(-1) == experts).sum(dim=2)  # [B, T, E]
+            if token_mask is not None:
+                selected = selected * token_mask.to(selected.dtype).unsqueeze(-1)
+            per_sequence = selected.sum(dim=1)
+            self.expert_use_counts.index_add_(0, routing.group_ids, per_sequence)
+        if self.routing_context.per_sequence_counts is not None:
+            # Kept on the device: a copy to the host per block and step would sync the GPU every time.
+            self.routing_context.per_sequence_counts[self.layer_index].append(per_sequence)
 
 
 def check_mlp(mlp: nn.Module, module_name: str) -> None:

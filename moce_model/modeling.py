@@ -83,6 +83,8 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         self._prompt_router_dir: Path | None = None
         self._loaded_prompt_router = None
         self._checked_group_tensor: torch.Tensor | None = None
+        # Token id that marks a finished sequence's filler in batched decoding; not counted in expert use.
+        self._expert_use_filler_token_id: int | None = None
         self._inject_experts()
         self.post_init()
 
@@ -248,6 +250,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         prompt_mask: torch.Tensor | None = None,
         group_ids: torch.LongTensor | None = None,
         aux_loss_weight: torch.Tensor | float | None = None,
+        expert_use_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MoCECausalLMOutput:
         """`cluster_ids` [B] pick the groups of `moce` / `cluster_only`. `prompt_mask` [B, T] (`random_group`
@@ -261,7 +264,10 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         share of the optimiser step, so that the balance term is weighted like the LM loss whatever the
         gradient accumulation and world size (`MoCETrainer` passes it). Default: when the Trainer passes
         `num_items_in_batch` (the LM loss is then a sum over this micro-batch's label tokens divided by the
-        step's), the same share of label tokens; else 1."""
+        step's), the same share of label tokens; else 1.
+
+        `expert_use_mask` [B, T]: the tokens that count in the expert-use statistics while they are recorded
+        (`set_expert_use_recording`); default the attention mask, so padding is never counted."""
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("pass input_ids or inputs_embeds")
@@ -284,7 +290,10 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
             top_expert_slots = torch.zeros(
                 self._num_moce_blocks, batch_size, seq_len, dtype=torch.long, device=reference.device
             )
-        self.routing_context.begin(group_ids, token_mask, aux_request, top_expert_slots)
+        counted_tokens = None
+        if self.routing_context.record_expert_use and not self.training:
+            counted_tokens = self._counted_tokens(expert_use_mask, token_mask, input_ids, past_key_values, seq_len)
+        self.routing_context.begin(group_ids, token_mask, aux_request, top_expert_slots, counted_tokens)
         outputs = self.base(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -336,8 +345,26 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         return self.routing_context.aux_loss()
 
     # Expert-use statistics ------------------------------------------------------------------------------
-    def set_expert_use_recording(self, enabled: bool) -> None:
+    def set_expert_use_recording(self, enabled: bool, filler_token_id: int | None = None) -> None:
+        """Count, in eval mode, which experts each token is routed to. `filler_token_id`: the token that batched
+        generation feeds to sequences that have already finished (the pad token); such tokens are not counted
+        in decoding steps (they are in the prompt, where the attention mask tells padding apart)."""
         self.routing_context.record_expert_use = enabled
+        self._expert_use_filler_token_id = filler_token_id if enabled else None
+
+    def _counted_tokens(self, expert_use_mask: torch.Tensor | None, token_mask: torch.Tensor | None,
+                        input_ids: torch.Tensor | None, past_key_values, seq_len: int) -> torch.Tensor | None:
+        counted = token_mask
+        if expert_use_mask is not None:
+            if expert_use_mask.shape[-1] != seq_len:
+                raise ValueError(f"expert_use_mask covers {expert_use_mask.shape[-1]} tokens, the input {seq_len}")
+            counted = expert_use_mask if counted is None else counted.bool() & expert_use_mask.bool()
+        filler = self._expert_use_filler_token_id
+        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        if filler is not None and decoding and input_ids is not None:
+            fresh = input_ids != filler
+            counted = fresh if counted is None else counted.bool() & fresh
+        return counted
 
     def reset_expert_use(self) -> None:
         for block in self.moce_blocks():
@@ -345,8 +372,29 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
 
     def expert_use_counts(self) -> torch.Tensor:
         """[G, E] (token, expert) assignment counts summed over layers since the last reset."""
-        blocks = self.moce_blocks()
-        return torch.stack([block.expert_use_counts.cpu() for block in blocks]).sum(dim=0)
+        return self.expert_use_counts_by_layer().sum(dim=0)
+
+    def set_per_sequence_expert_use(self, enabled: bool) -> None:
+        """While enabled (and recording), keep every forward's expert use per sequence as well
+        (`take_per_sequence_expert_use`)."""
+        self.routing_context.per_sequence_counts = [[] for _ in range(self._num_moce_blocks)] if enabled else None
+
+    def take_per_sequence_expert_use(self) -> torch.Tensor | None:
+        """[L, B, E] the (token, expert) assignments of each sequence of the forwards since the last take, summed
+        over those forwards (they must share the batch: a scoring call, or one `generate`); None when nothing was
+        recorded."""
+        recorded = self.routing_context.per_sequence_counts
+        if recorded is None or not recorded[0]:
+            return None
+        counts = torch.stack([torch.stack(layer).sum(dim=0) for layer in recorded]).to(torch.long).cpu()
+        for layer in recorded:
+            layer.clear()
+        return counts
+
+    def expert_use_counts_by_layer(self) -> torch.Tensor:
+        """[L, G, E] (token, expert) assignment counts of every layer since the last reset."""
+        blocks = sorted(self.moce_blocks(), key=lambda block: block.layer_index)
+        return torch.stack([block.expert_use_counts.cpu() for block in blocks])
 
 
 AutoConfig.register(MoCEConfig.model_type, MoCEConfig, exist_ok=True)

@@ -77,6 +77,7 @@ def cluster_projection_plot(
     sources: Sequence[str] | None = None,
     seed: int = 0,
     sample: int = 5_000,
+    title: str = "Embeddings",
 ) -> bytes:
     """2-D PCA projection of (a sample of) the embeddings: one panel by cluster, one by source."""
     X = np.asarray(X, dtype=np.float32)
@@ -93,7 +94,7 @@ def cluster_projection_plot(
     if sources is not None:
         picked = [sources[i] for i in rows]
         _scatter_by(axes[0, 1], points, picked, "by source")
-    fig.suptitle(f"Embeddings projected on 2 principal axes ({len(rows)} of {X.shape[0]} rows)")
+    fig.suptitle(f"{title} projected on 2 principal axes ({len(rows)} of {X.shape[0]} rows)")
     return _to_png(fig)
 
 

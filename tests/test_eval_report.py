@@ -153,7 +153,9 @@ def test_charts_have_error_bars_and_cluster_distribution_comes_from_item_scores(
     with_clusters = build_report([MOCE[0], PESC[0]], [routed, PESC[1]])
     assert with_clusters.cluster_distribution.rows() == [("synthetic_arithmetic", 1, N_LOSS, 1.0),
                                                          ("synthetic_python", 0, 4, 1.0)]
-    assert "| synthetic_python | 0 | 4 | 100% |" in with_clusters.markdown
+    # Its markdown row: 4 prompts (tiny), all in cluster 0, none off home (Wilson upper bound 1.96² / (4 + 1.96²)).
+    assert ("| synthetic_python | 4 (tiny sample: n = 4) | 0: 4 | 0 | 0 | 0.000 [0.000, 0.490] |"
+            in with_clusters.markdown)
 
 
 def test_cluster_distribution_counts_each_prompt_once_and_skips_unrouted_models():

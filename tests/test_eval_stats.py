@@ -258,3 +258,51 @@ def test_bad_input_is_rejected():
         average_estimate([])
     with pytest.raises(ValueError, match="same benchmarks"):
         average_difference([[1.0]], [])
+
+
+def test_independent_difference_of_proportions_is_newcombes_hybrid_score_interval():
+    from moce_model.evaluation.stats import independent_difference
+
+    # Newcombe (1998), Table II example (a): 56/70 − 48/80 = 0.2000, method 10: 0.0524 to 0.3339.
+    result = independent_difference([1.0] * 56 + [0.0] * 14, [1.0] * 48 + [0.0] * 32)
+    assert result.difference == pytest.approx(0.2)
+    assert (result.ci_low, result.ci_high) == pytest.approx((0.0524, 0.3339), abs=5e-5)
+    assert result.significant and (result.n_a, result.n_b) == (70, 80)
+    # One item against eight: a wide interval that covers 0, not a verdict.
+    tiny = independent_difference([0.0], [1.0] * 4 + [0.0] * 4)
+    assert tiny.ci_low < 0 < tiny.ci_high and not tiny.significant
+
+
+def test_independent_difference_of_continuous_scores_covers_the_known_shift():
+    from moce_model.evaluation.stats import independent_difference
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1.0, 0.2, 60), rng.normal(0.5, 0.2, 80)
+    result = independent_difference(a, b)
+    # Welch's t interval, the textbook answer for two normal samples, and the bootstrap agree closely.
+    t = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert result.ci_low == pytest.approx(t.low, abs=0.02) and result.ci_high == pytest.approx(t.high, abs=0.02)
+    assert result.ci_low < 0.5 < result.ci_high
+    assert independent_difference([1.5], a).ci_low is None
+
+
+def test_share_intervals_resample_prompts_not_tokens():
+    from moce_model.evaluation.stats import share_intervals_over_prompts
+
+    # 100 prompts of 50 tokens each, one expert per token: half the prompts send every token to expert 0, half
+    # to expert 1. The share of expert 0 is the share of such prompts, 0.5, with the binomial standard error over
+    # prompts sqrt(0.25 / 100) = 0.05 (a token-level interval would be sqrt(0.25 / 5000) = 0.007).
+    counts = np.zeros((100, 2, 2))
+    counts[:50, :, 0] = 50
+    counts[50:, :, 1] = 50
+    low, high, pooled_low, pooled_high = share_intervals_over_prompts(counts)
+    assert low.shape == (2, 2) and pooled_low.shape == (2,)
+    assert pooled_low[0] == pytest.approx(0.5 - Z * 0.05, abs=0.012)
+    assert pooled_high[0] == pytest.approx(0.5 + Z * 0.05, abs=0.012)
+    assert low[1, 0] == pooled_low[0] and high[0, 1] == pooled_high[1]
+    # Every prompt with the same shares: nothing to resample.
+    same = np.tile(np.array([[3.0, 1.0]]), (5, 1, 1))
+    low, high, _, _ = share_intervals_over_prompts(same)
+    assert low.tolist() == [[0.75, 0.25]] and high.tolist() == [[0.75, 0.25]]
+    with pytest.raises(ValueError, match="prompts >= 2"):
+        share_intervals_over_prompts(same[:1])

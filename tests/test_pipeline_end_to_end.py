@@ -28,6 +28,8 @@ NEVER_RERUN_ON_K = [
     "benchmark_item_scores/pesc",
     "benchmark_item_scores/dense_adapter",
     "benchmark_item_scores/base",
+    "benchmark_expert_use/pesc",
+    "benchmark_expert_use/dense_adapter",
 ]
 RERUN_ON_K = [
     "kmeans_centroids",
@@ -36,6 +38,8 @@ RERUN_ON_K = [
     "merged_model/moce",
     "benchmark_results/moce",
     "benchmark_item_scores/moce",
+    "benchmark_expert_use/moce",
+    "benchmark_prompt_embeddings/moce",
     "benchmark_report",
 ]
 
@@ -90,6 +94,20 @@ def test_every_asset_materialized_and_checks_pass(materialized):
     report = (experiment.storage_root / "report" / "benchmark_report.md").read_text()
     assert "## Paired differences" in report and "## Paper average" in report
     assert pl.read_parquet(experiment.storage_root / "report" / "paired_differences.parquet").height > 0
+    # The analyses on the evaluation prompts: expert use recorded while the evaluation ran, every routed prompt
+    # in the contingency, both in the report.
+    use = pl.read_parquet(experiment.storage_root / "tables" / "benchmark_expert_use" / "moce.parquet")
+    assert set(use["benchmark"]) == set(results["benchmark"]) and (use["group_tokens"] > 0).all()
+    shares = use.group_by("benchmark", "layer", "group").agg(pl.col("share").sum())["share"]
+    assert ((shares - 1.0).abs() < 1e-9).all()
+    assert "## Routing of the evaluation prompts (cluster × benchmark)" in report
+    assert "## Expert use on the evaluation prompts" in report and "**moce**" in report
+    contingency = pl.read_parquet(experiment.storage_root / "report" / "routing_contingency.parquet")
+    assert contingency["n_prompts"].sum() == scores.select("benchmark", "item_id").unique().height
+    assert (experiment.storage_root / "report" / "expert_use_moce.png").is_file()
+    embedded = pl.read_parquet(experiment.storage_root / "tables" / "benchmark_prompt_embeddings" / "moce.parquet")
+    assert embedded.select("benchmark", "item_id").unique().height == contingency["n_prompts"].sum()
+    assert "## 2-D map of the evaluation prompts" in report
 
 
 def test_change_of_k_retrains_only_cluster_variants(materialized):

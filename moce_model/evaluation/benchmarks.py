@@ -96,6 +96,11 @@ class BenchmarkOutcome:
     items: list[ItemRecord] = field(default_factory=list)
     seconds: float = 0.0
     note: str = ""
+    # [layers, groups, experts]: how many of the benchmark's tokens each expert was among the top-k of
+    # (None for a model without experts).
+    expert_use: np.ndarray | None = None
+    # The same per item id [layers, groups, experts], for the items whose tokens could be attributed to them.
+    prompt_expert_use: dict[str, np.ndarray] | None = None
 
 
 # --------------------------------------------------------------------------------------------- scoring

@@ -17,6 +17,12 @@ Requests are then run one group at a time, so a batch never mixes groups, and th
 (`cluster_ids`, or `group_ids` for `random_group`, in `_model_call` and `_model_generate`). All models go through
 the same code, so their numbers are comparable.
 
+Expert use on the evaluated prompts: inside `counting_expert_use(label)` a MoCE model counts, per layer, which
+experts of which group every token went to, and the counts are kept under `label` (`take_expert_use`). lm-eval
+requests are counted under their own task's name. Counted are the tokens the model reads: every prompt token,
+the reference continuation of a scored request (without the right padding HFLM adds), and each generated token
+fed back while its sequence is still being generated.
+
 Prompts are rendered in the experiment's prompt format (`moce_model.prompt_format`), the one the model was
 trained with: lm-eval's chat hook (`apply_chat_template`) renders few-shot conversations with it, and
 `render_prompt` renders the project's own benchmark items.
@@ -146,8 +152,21 @@ class MoCELM(HFLM):
         # Context rendered by `render_prompt` -> its item's routing text.
         self._routing_text: dict[str, str] = {}
         self._cluster_of_text: dict[str, int] = {}
+        # Routing text -> its embedding, kept when the router embeds (for the map of the evaluated prompts).
+        self._embedding_of_text: dict[str, np.ndarray] = {}
         # The expert group of the requests being run (None: the model is called without routing).
         self._active_group: int | None = None
+        # Expert use counted so far: label -> [layers, groups, experts] (token, expert) assignments.
+        self._expert_use: dict[str, np.ndarray] = {}
+        self._expert_use_label: str | None = None
+        # The unpadded inputs of the scored requests being run: (inputs without trailing 0s) -> real length ->
+        # the request's context. HFLM right-pads scoring batches with token 0 and calls the model without a
+        # mask; this tells padding apart from a real trailing token 0, and each row's prompt.
+        self._scored_inputs: dict[tuple[int, ...], dict[int, str | None]] = {}
+        # The prompts being generated from, by their tokens: each generated row's prompt.
+        self._generation_contexts: dict[tuple[int, ...], str] = {}
+        # Expert use per prompt: label -> context -> [layers, groups, experts].
+        self._prompt_expert_use: dict[str, dict[str, np.ndarray]] = {}
 
     @classmethod
     def from_objects(
@@ -268,7 +287,12 @@ class MoCELM(HFLM):
             return [None] * len(texts)
         missing = sorted({t for t in texts if t not in self._cluster_of_text})
         if missing:
-            assigned = np.asarray(self.router.assign(missing)).reshape(-1)
+            if hasattr(self.router, "encoder") and hasattr(self.router, "assign_embeddings"):
+                embeddings = np.asarray(self.router.encoder.encode(missing), dtype=np.float32)
+                self._embedding_of_text.update(zip(missing, embeddings))
+                assigned = np.asarray(self.router.assign_embeddings(embeddings)).reshape(-1)
+            else:
+                assigned = np.asarray(self.router.assign(missing)).reshape(-1)
             if assigned.shape[0] != len(missing):
                 raise ValueError(f"router returned {assigned.shape[0]} clusters for {len(missing)} texts")
             self._cluster_of_text.update(zip(missing, (int(a) for a in assigned)))
@@ -279,6 +303,15 @@ class MoCELM(HFLM):
         if self.router is None:
             return [None] * len(contexts)
         return self.clusters_for_texts([self._context_routing_text(c) for c in contexts])
+
+    def routing_embeddings_for(self, contexts: Sequence[str]) -> list[np.ndarray | None]:
+        """The router's embedding of each context rendered by `render_prompt` and already routed (None where the
+        router does not embed, or the context was not routed)."""
+        embeddings = []
+        for context in contexts:
+            text = self._routing_text.get(context)
+            embeddings.append(self._embedding_of_text.get(text) if text is not None else None)
+        return embeddings
 
     def clusters_for_documents(self, documents: Sequence[tuple[str, Mapping[str, Any]]]) -> list[int | None]:
         """The cluster of each (lm-eval task name, document), as its requests were routed."""
@@ -336,45 +369,197 @@ class MoCELM(HFLM):
             self.batch_size_per_gpu = saved
 
     def _by_group(self, items: Sequence[Item], groups: Sequence[int | None],
-                  run: Callable[[list[Item]], list[Result]]) -> list[Result]:
-        """`run` on the items of one group at a time (with that group active); results in the items' order."""
-        members: dict[int | None, list[int]] = {}
+                  run: Callable[[list[Item]], list[Result]], tasks: Sequence[str | None] | None = None
+                  ) -> list[Result]:
+        """`run` on the items of one group at a time (with that group active); results in the items' order.
+
+        `tasks`: each item's lm-eval task; while expert use is recorded and no caller has named what it is
+        counted for, the items of each task run apart so that each task's expert use is counted under its name."""
+        by_task = tasks is not None and self._expert_use_label is None and self._moce_model() is not None
+        members: dict[tuple[int | None, str | None], list[int]] = {}
         for index, group in enumerate(groups):
-            members.setdefault(group, []).append(index)
+            task = tasks[index] if by_task else None  # type: ignore[index]
+            members.setdefault((group, task), []).append(index)
         results: list[Result | None] = [None] * len(items)
         with self._batch_size_fixed_across_processes():
-            for group in sorted(members, key=lambda g: -1 if g is None else g):
-                with self._routed(group):
-                    outputs = run([items[i] for i in members[group]])
-                for index, output in zip(members[group], outputs, strict=True):
+            for group, task in sorted(members, key=lambda key: (-1 if key[0] is None else key[0], key[1] or "")):
+                counting = self.counting_expert_use(task) if task is not None else contextlib.nullcontext()
+                with self._routed(group), counting:
+                    outputs = run([items[i] for i in members[(group, task)]])
+                for index, output in zip(members[(group, task)], outputs, strict=True):
                     results[index] = output
         return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------------ expert use
+
+    def _moce_model(self):
+        """The MoCE model being evaluated, or None for a model without experts (the base model)."""
+        from moce_model.modeling import MoCEForCausalLM
+
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return model if isinstance(model, MoCEForCausalLM) else None
+
+    def _counting(self) -> bool:
+        moce = self._moce_model()
+        return moce is not None and moce.routing_context.record_expert_use
+
+    @contextlib.contextmanager
+    def counting_expert_use(self, label: str) -> Iterator[None]:
+        """Count the expert use of the model calls inside under `label` (nothing for a model without experts).
+        Nested, the inner label takes the calls made inside it."""
+        moce = self._moce_model()
+        if moce is None:
+            yield
+            return
+        outer = self._expert_use_label
+        was_recording = moce.routing_context.record_expert_use
+        if outer is not None:
+            self._flush_expert_use()
+        else:
+            moce.reset_expert_use()
+            moce.set_expert_use_recording(True, filler_token_id=self.tokenizer.pad_token_id)
+            moce.set_per_sequence_expert_use(True)
+        self._expert_use_label = label
+        try:
+            yield
+        finally:
+            self._flush_expert_use()
+            self._expert_use_label = outer
+            if outer is None:
+                moce.set_expert_use_recording(was_recording)
+                moce.set_per_sequence_expert_use(False)
+
+    def _flush_expert_use(self) -> None:
+        moce = self._moce_model()
+        counts = moce.expert_use_counts_by_layer().numpy().astype(np.int64)
+        label = self._expert_use_label
+        self._expert_use[label] = self._expert_use[label] + counts if label in self._expert_use else counts
+        moce.reset_expert_use()
+
+    def take_expert_use(self) -> dict[str, np.ndarray]:
+        """label -> [layers, groups, experts] (token, expert) assignment counts, and forget them."""
+        taken, self._expert_use = self._expert_use, {}
+        return taken
+
+    def take_prompt_expert_use(self) -> dict[str, dict[str, np.ndarray]]:
+        """label -> prompt (the context as rendered) -> [layers, groups, experts]: the same counts per prompt, for
+        the prompts the evaluator could tell apart (scored and generated requests with a context), and forget
+        them."""
+        taken, self._prompt_expert_use = self._prompt_expert_use, {}
+        return taken
+
+    def _attribute_rows(self, contexts: Sequence[str | None]) -> None:
+        """Add the per-sequence counts of the model calls since the last attribution to each row's prompt."""
+        moce = self._moce_model()
+        counts = moce.take_per_sequence_expert_use()
+        if counts is None or self._expert_use_label is None:
+            return
+        counts = counts.numpy()
+        if counts.shape[1] != len(contexts):
+            raise RuntimeError(f"{counts.shape[1]} sequences recorded for a batch of {len(contexts)}")
+        group = self._active_group if self._active_group is not None else 0
+        per_prompt = self._prompt_expert_use.setdefault(self._expert_use_label, {})
+        shape = (counts.shape[0], moce.config.num_groups, counts.shape[2])
+        for row, context in enumerate(contexts):
+            if context is None:
+                continue
+            total = per_prompt.setdefault(context, np.zeros(shape, dtype=np.int64))
+            total[:, group, :] += counts[:, row, :]
+
+    @contextlib.contextmanager
+    def _expert_use_paused(self) -> Iterator[None]:
+        moce = self._moce_model()
+        recording = moce is not None and moce.routing_context.record_expert_use
+        if recording:
+            filler = moce._expert_use_filler_token_id
+            if self._expert_use_label is not None:
+                self._flush_expert_use()
+            moce.set_expert_use_recording(False)
+        try:
+            yield
+        finally:
+            if recording:
+                moce.reset_expert_use()
+                moce.set_expert_use_recording(True, filler_token_id=filler)
+
+    def _detect_batch_size(self, requests: Sequence | None = None, pos: int = 0):
+        # The batch-size search runs made-up batches: not evaluation tokens.
+        with self._expert_use_paused():
+            return super()._detect_batch_size(requests, pos)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if not self._counting():
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        for strings, context_tokens, continuation_tokens in requests:
+            # What HFLM feeds the model for this request (see HFLM._loglikelihood_tokens). Rolling windows have
+            # no (context, continuation) strings: they count, but belong to no prompt.
+            context = strings[0] if strings else None
+            fed = list(context_tokens + continuation_tokens)[-(self.max_length + 1):][:-1]
+            stripped = len(fed)
+            while stripped and fed[stripped - 1] == 0:
+                stripped -= 1
+            self._scored_inputs.setdefault(tuple(fed[:stripped]), {})[len(fed)] = context
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            self._scored_inputs.clear()
+
+    def _scored_rows(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
+        """[B, T] True on the real tokens of a right-padded scoring batch, and each row's context. Where two
+        scored inputs differ only by trailing token-0s, the longer one that fits the row is taken."""
+        mask = torch.zeros(inputs.shape, dtype=torch.bool, device=inputs.device)
+        contexts: list[str | None] = []
+        for row_index, row in enumerate(inputs.tolist()):
+            stripped = len(row)
+            while stripped and row[stripped - 1] == 0:
+                stripped -= 1
+            lengths = {n: c for n, c in self._scored_inputs.get(tuple(row[:stripped]), {}).items() if n <= len(row)}
+            if not lengths:
+                raise RuntimeError(f"scoring batch row {row_index} matches no scored request: cannot tell its "
+                                   "padding apart for the expert-use counts")
+            length = max(lengths)
+            mask[row_index, :length] = True
+            contexts.append(lengths[length])
+        return mask, contexts
 
     # ------------------------------------------------------------------------------------ model calls
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
                     labels: torch.Tensor | None = None) -> torch.Tensor:
         routing = self._routing_kwargs(inps.shape[0])
+        contexts = None
+        if self._counting():
+            routing["expert_use_mask"], contexts = self._scored_rows(inps)
         if not routing:
             return super()._model_call(inps, attn_mask, labels)
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
-            return self.model(inps, **routing).logits
+            logits = self.model(inps, **routing).logits
+        if contexts is not None:
+            self._attribute_rows(contexts)
+        return logits
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
-        return super()._model_generate(context, max_length, stop, **generation_kwargs,
-                                       **self._routing_kwargs(context.shape[0]))
+        output = super()._model_generate(context, max_length, stop, **generation_kwargs,
+                                         **self._routing_kwargs(context.shape[0]))
+        if self._counting():
+            mask = generation_kwargs.get("attention_mask")
+            rows = [tuple(t for t, m in zip(tokens, keep) if m) for tokens, keep in
+                    zip(context.tolist(), mask.tolist() if mask is not None else [[1] * context.shape[1]] * len(context))]
+            self._attribute_rows([self._generation_contexts.get(row) for row in rows])
+        return output
 
     # ----------------------------------------------------------------------------------- lm-eval requests
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         groups = self._groups(requests, lambda r: self._context_tokens(*r.args))
-        return self._by_group(requests, groups, lambda subset: HFLM.loglikelihood(self, subset, disable_tqdm))
+        return self._by_group(requests, groups, lambda subset: HFLM.loglikelihood(self, subset, disable_tqdm),
+                              [r.task_name for r in requests])
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """HFLM's rolling windows, each window run with its request's group."""
         request_groups = self._groups(requests, lambda r: self.tok_encode(r.args[0]))
-        windows, groups, owners = [], [], []
+        windows, groups, owners, tasks = [], [], [], []
         for index, request in enumerate(requests):
             for window in lm_eval_utils.get_rolling_token_windows(
                 token_list=self.tok_encode(request.args[0]), prefix_token=self.prefix_token_id,
@@ -383,9 +568,10 @@ class MoCELM(HFLM):
                 windows.append((None, *lm_eval_utils.make_disjoint_window(window)))
                 groups.append(request_groups[index])
                 owners.append(index)
+                tasks.append(request.task_name)
         scored = self._by_group(windows, groups, lambda subset: self._loglikelihood_tokens(
             subset, disable_tqdm=disable_tqdm,
-            override_bs=self._detect_batch_size() if self.batch_size == "auto" else None))
+            override_bs=self._detect_batch_size() if self.batch_size == "auto" else None), tasks)
         totals = [0.0] * len(requests)
         for owner, (logprob, _) in zip(owners, scored):
             totals[owner] += logprob
@@ -399,7 +585,14 @@ class MoCELM(HFLM):
             if kwargs.get("do_sample") and float(kwargs.get("temperature", 0.0) or 0.0) > 0:
                 raise ValueError("MoCELM evaluates with greedy decoding only; got do_sample with temperature > 0")
         groups = self._groups(requests, lambda r: self.tok_encode(r.args[0]))
-        return self._by_group(requests, groups, lambda subset: HFLM.generate_until(self, subset, disable_tqdm))
+        if self._moce_model() is not None:
+            # Each generated row's prompt, by its tokens (rows HFLM truncates are not attributed to a prompt).
+            self._generation_contexts = {tuple(self.tok_encode(r.args[0])): r.args[0] for r in requests}
+        try:
+            return self._by_group(requests, groups, lambda subset: HFLM.generate_until(self, subset, disable_tqdm),
+                                  [r.task_name for r in requests])
+        finally:
+            self._generation_contexts = {}
 
     def _context_tokens(self, context: str, continuation: str) -> list[int]:
         """The context tokens a (context, continuation) request is scored after, as HFLM encodes them."""

@@ -90,12 +90,20 @@ def run_lm_eval(lm: MoCELM, specs: Sequence[BenchmarkSpec], limit: int | None,
             confirm_run_unsafe_code=sandboxed, task_manager=task_manager,
         )
         seconds = (time.perf_counter() - started) / len(group)
+        # Expert use is counted per leaf task (see MoCELM._by_group); a group such as mmlu sums its subtasks.
+        expert_use_by_task = lm.take_expert_use()
+        # Per prompt they are keyed by the rendered few-shot context, which the logged samples do not map back to
+        # items here: lm-eval tasks get no prompt-level intervals (see runner.EXPERT_USE_SCHEMA).
+        lm.take_prompt_expert_use()
         for spec in group:
             if sandboxed:
                 outcome = score_code_samples(lm, spec, results["samples"][spec.lm_eval_task])
             else:
                 outcome = outcome_from_lm_eval(results, spec, lm)
             outcome.seconds = seconds
+            counted = [expert_use_by_task[leaf] for leaf in _leaf_tasks(results, spec.lm_eval_task)
+                       if leaf in expert_use_by_task]
+            outcome.expert_use = sum(counted[1:], counted[0]) if counted else None
             outcomes.append(outcome)
     return outcomes
 

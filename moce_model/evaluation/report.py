@@ -1,13 +1,16 @@
 """The comparison report over all evaluated variants: every score with its n and 95% interval, the differences
 between models paired on items (with their interval and minimum detectable difference), the average over
-benchmarks that the paper reports as its headline, a bar chart with error bars per benchmark, and the
-distribution of each benchmark's prompts over the clusters (expert groups).
+benchmarks that the paper reports as its headline, a bar chart with error bars per benchmark, and the paper's
+analyses on the evaluated prompts (`moce_model.evaluation.analyses`): expert use per benchmark, group, expert and
+layer; the cluster-vs-benchmark contingency of the prompts; how the prompts routed off their benchmark's home
+cluster score.
 
 How each interval is computed is explained in `moce_model.evaluation.stats`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,8 +18,19 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from moce_model.evaluation.analyses import (
+    OFF_HOME_SCORES_SCHEMA,
+    TINY_SAMPLE,
+    contingency_heatmap,
+    expert_use_heatmap,
+    expert_use_summary,
+    off_home_scores,
+    prompt_map,
+    routed_expert_use,
+    routing_contingency,
+)
 from moce_model.evaluation.benchmarks import ROUTING_METRICS
-from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, RESULTS_SCHEMA
+from moce_model.evaluation.runner import EXPERT_USE_SCHEMA, ITEM_SCORES_SCHEMA, PROMPT_EMBEDDINGS_SCHEMA, RESULTS_SCHEMA
 from moce_model.evaluation.stats import ALPHA, POWER, average_difference, average_estimate, paired_difference
 
 # Every variant is compared with these, in this order; a reference is not compared with an earlier one
@@ -54,14 +68,25 @@ class Report:
     bar_chart_pngs: dict[str, bytes]
     cluster_distribution: pl.DataFrame
     differences_chart_png: bytes | None = None
+    expert_use_summary: pl.DataFrame = dataclasses.field(default_factory=pl.DataFrame)
+    expert_use_pngs: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    routing_counts: pl.DataFrame = dataclasses.field(default_factory=pl.DataFrame)
+    routing_contingency: pl.DataFrame = dataclasses.field(default_factory=pl.DataFrame)
+    routing_contingency_png: bytes | None = None
+    off_home_scores: pl.DataFrame = dataclasses.field(default_factory=lambda: pl.DataFrame(schema=OFF_HOME_SCORES_SCHEMA))
+    prompt_map_png: bytes | None = None
 
 
-def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFrame] = ()) -> Report:
-    """Join per-variant results tables (RESULTS_SCHEMA) and per-item scores (ITEM_SCORES_SCHEMA).
+def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFrame] = (),
+                 expert_use: Sequence[pl.DataFrame] = (), prompt_embeddings: Sequence[pl.DataFrame] = ()) -> Report:
+    """Join per-variant results tables (RESULTS_SCHEMA), per-item scores (ITEM_SCORES_SCHEMA), the expert use
+    recorded on the evaluated prompts (EXPERT_USE_SCHEMA) and the routers' embeddings of the evaluated prompts
+    (PROMPT_EMBEDDINGS_SCHEMA).
 
     `comparison`: one row per (benchmark, metric), per variant its value, interval and n. `differences`: every
     variant against each reference variant present, paired on the items both answered. `paper_average`: each
-    variant's mean over benchmarks and its difference from the references.
+    variant's mean over benchmarks and its difference from the references. The analyses: see
+    `moce_model.evaluation.analyses`.
     """
     if not tables:
         raise ValueError("build_report needs at least one results table")
@@ -81,8 +106,29 @@ def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFr
     distribution = cluster_distribution(scores)
     charts = {benchmark: _bar_chart(results, benchmark, variants)
               for benchmark in results["benchmark"].unique(maintain_order=True).to_list()}
+    use = _concat_expert_use(expert_use)
+    summary = expert_use_summary(use)
+    routed_use = routed_expert_use(use)
+    use_pngs = {variant: expert_use_heatmap(routed_use, variant)
+                for variant in _ordered_variants(routed_use["model_variant"].unique().to_list())}
+    routing_counts, contingency = routing_contingency(scores)
+    off_home = off_home_scores(scores, contingency, REFERENCE_VARIANTS)
     markdown = _markdown(results, comparison, differences, average, variants, distribution)
-    return Report(markdown, comparison, differences, average, charts, distribution, _differences_chart(differences))
+    markdown += _analyses_markdown(summary, routed_use, contingency, off_home, scores)
+    embeddings = [frame.select(list(PROMPT_EMBEDDINGS_SCHEMA)).cast(PROMPT_EMBEDDINGS_SCHEMA) for frame in prompt_embeddings]
+    map_png, mapped = prompt_map(pl.concat(embeddings) if embeddings else pl.DataFrame(schema=PROMPT_EMBEDDINGS_SCHEMA))
+    if map_png is not None:
+        markdown += (
+            "\n## 2-D map of the evaluation prompts\n\n"
+            f"The router's embeddings of the {mapped} evaluated prompts that were routed by embedding (each once), "
+            "projected on their first two principal axes (PCA, as the training data's map in `cluster_assignments`; "
+            "the paper shows t-SNE, which keeps local neighbourhoods and pulls clusters apart, where PCA keeps the "
+            "global geometry and is deterministic), coloured by cluster and by benchmark (figure "
+            "`prompt_map`). Off-home prompts show up as points of one benchmark's colour inside another cluster.\n"
+        )
+    return Report(markdown, comparison, differences, average, charts, distribution, _differences_chart(differences),
+                  summary, use_pngs, routing_counts, contingency,
+                  contingency_heatmap(routing_counts) if routing_counts.height else None, off_home, map_png)
 
 
 def cluster_distribution(item_clusters: pl.DataFrame) -> pl.DataFrame:
@@ -208,6 +254,20 @@ def _concat_scores(item_scores: Sequence[pl.DataFrame]) -> pl.DataFrame:
     return scores
 
 
+def _concat_expert_use(expert_use: Sequence[pl.DataFrame]) -> pl.DataFrame:
+    frames = []
+    for index, frame in enumerate(expert_use):
+        missing = [c for c in EXPERT_USE_SCHEMA if c not in frame.columns]
+        if missing:
+            raise ValueError(f"expert use {index}: missing column(s) {missing}")
+        frames.append(frame.select(list(EXPERT_USE_SCHEMA)).cast(EXPERT_USE_SCHEMA))
+    use = pl.concat(frames) if frames else pl.DataFrame(schema=EXPERT_USE_SCHEMA)
+    repeated = use.group_by("model_variant", "benchmark", "layer", "group", "expert").len().filter(pl.col("len") > 1)
+    if repeated.height:
+        raise ValueError(f"more than one expert-use row for {repeated.drop('len').rows()[:5]}")
+    return use
+
+
 def _scores_of(scores: pl.DataFrame, benchmark: str, metric: str, variant: str) -> dict[str, float]:
     rows = scores.filter((pl.col("benchmark") == benchmark) & (pl.col("metric") == metric)
                          & (pl.col("model_variant") == variant))
@@ -325,12 +385,101 @@ def _markdown(results: pl.DataFrame, comparison: pl.DataFrame, differences: pl.D
         "model_variant").agg(pl.col("seconds").sum())
     lines += ["", "Evaluation time: " + ", ".join(
         f"{v} {seconds.filter(pl.col('model_variant') == v)['seconds'][0]:.0f} s" for v in variants) + "."]
-    if distribution.height:
-        lines += ["", "## Prompts per cluster (expert group that answered)", "",
-                  "| benchmark | cluster | prompts | share |", "|---|---|---|---|"]
-        for row in distribution.iter_rows(named=True):
-            lines.append(f"| {row['benchmark']} | {row['cluster']} | {row['n_prompts']} | {row['share']:.0%} |")
     return "\n".join(lines) + "\n"
+
+
+def _tiny(n: int | None) -> str:
+    return f" (tiny sample: n = {n})" if n is not None and n < TINY_SAMPLE else ""
+
+
+def _analyses_markdown(summary: pl.DataFrame, routed_use: pl.DataFrame, contingency: pl.DataFrame,
+                       off_home: pl.DataFrame, scores: pl.DataFrame) -> str:
+    lines: list[str] = []
+    if contingency.height:
+        lines += [
+            "", "## Routing of the evaluation prompts (cluster × benchmark)", "",
+            "Each evaluated prompt's cluster (the expert group that answered it), once per prompt. A benchmark's "
+            "**home cluster** is the cluster most of its evaluated prompts went to (ties: the lowest id), measured "
+            "on these prompts, not on the training data; a prompt routed elsewhere is **off-home**. Off-home share "
+            f"with its Wilson 95% interval; fewer than {TINY_SAMPLE} prompts are labelled tiny.", "",
+            "| benchmark | prompts | prompts per cluster | home cluster | off-home | off-home share [95% CI] |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in contingency.iter_rows(named=True):
+            lines.append(
+                f"| {row['benchmark']} | {row['n_prompts']}{_tiny(row['n_prompts'])} | {row['clusters']} | "
+                f"{row['home_cluster']} | {row['n_off_home']} | "
+                f"{_with_interval(row['off_home_share'], row['ci_low'], row['ci_high'])} |")
+        lines += ["", "## How off-home prompts score", ""]
+        if off_home.height:
+            lines += [
+                "Per routed variant, the mean score of the prompts routed to their benchmark's home cluster and of "
+                "the off-home ones (95% intervals as above), their difference off-home − home (Newcombe's hybrid "
+                "score interval for 0/1 scores, a BCa bootstrap of two independent sets otherwise: different items, "
+                "so item difficulty is not controlled), and the variant − reference difference paired on the same "
+                "items, separately for off-home and home prompts (Bonett–Price / paired BCa bootstrap): if routing "
+                "off home costs the routed model something, its paired difference is lower off home than at home. "
+                "Rows marked *tiny* have fewer than "
+                f"{TINY_SAMPLE} items on one side: read them as anecdotes.", "",
+                "| variant | benchmark | metric | home: n, mean [95% CI] | off-home: n, mean [95% CI] | "
+                "off-home − home [95% CI] | vs reference off-home (n) | vs reference home (n) |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for row in off_home.iter_rows(named=True):
+                reference = row["reference"]
+                label = (" *tiny*" if row["tiny_sample"] else "")
+                off_vs = (f"{reference}: {_with_interval(row['off_home_vs_reference'], row['off_home_vs_reference_ci_low'], row['off_home_vs_reference_ci_high'], signed=True)} ({row['n_off_home_vs_reference']})"
+                          if reference else "–")
+                home_vs = (f"{reference}: {_with_interval(row['home_vs_reference'], row['home_vs_reference_ci_low'], row['home_vs_reference_ci_high'], signed=True)} ({row['n_home_vs_reference']})"
+                           if reference else "–")
+                lines.append(
+                    f"| {row['model_variant']}{label} | {row['benchmark']} | {_metric_label(row['metric'])} | "
+                    f"{row['n_home']}, {_with_interval(row['home_mean'], row['home_ci_low'], row['home_ci_high'])} | "
+                    f"{row['n_off_home']}, {_with_interval(row['off_home_mean'], row['off_home_ci_low'], row['off_home_ci_high'])} | "
+                    f"{_with_interval(row['difference'], row['difference_ci_low'], row['difference_ci_high'], signed=True)} | "
+                    f"{off_vs} | {home_vs} |")
+        else:
+            lines.append("Every evaluated prompt went to its benchmark's home cluster: nothing to compare.")
+    if summary.height:
+        lines += [
+            "", "## Expert use on the evaluation prompts", "",
+            "Counted while the evaluation ran, in every layer: each token the model read (prompt, scored reference "
+            "answer, generated tokens; not padding) counts once for each of its top-k experts. A cell is the "
+            "expert's share of its group's assignments pooled over the layers, its 95% interval from a percentile "
+            "bootstrap over the group's prompts (the tokens of one prompt are not independent draws, so the prompt "
+            "is the unit resampled; none with fewer than two prompts or for lm-eval tasks), and in parentheses the "
+            "smallest and largest share over the layers (a spread, not an interval). Uniform use is 1/E; variants "
+            "with one expert per group are left out (their share is 1). Heatmaps per layer: `expert_use_<variant>`.",
+        ]
+        clusters_of = (scores.filter(pl.col("cluster").is_not_null()).select("benchmark", "item_id", "cluster")
+                       .unique().group_by("benchmark", "cluster").len())
+        prompts_in_group = {(b, c): n for b, c, n in clusters_of.rows()}
+        routed = summary.filter(pl.col("model_variant").is_in(routed_use["model_variant"].unique().to_list()))
+        for variant in routed["model_variant"].unique(maintain_order=True).to_list():
+            rows = routed.filter(pl.col("model_variant") == variant)
+            experts = int(rows["expert"].max()) + 1
+            routes_by_cluster = scores.filter((pl.col("model_variant") == variant) & pl.col("cluster").is_not_null()).height > 0
+            lines += ["", f"**{variant}** ({experts} experts per group, {rows['layers'][0]} layers)", "",
+                      "| benchmark | group | prompts | tokens per layer | "
+                      + " | ".join(f"e{e}" for e in range(experts)) + " |",
+                      "|---|---|---|---|" + "---|" * experts]
+            for (benchmark, group), part in rows.group_by(["benchmark", "group"], maintain_order=True):
+                part = part.sort("expert")
+                first = part.row(0, named=True)
+                if first["n_prompts"] is not None:
+                    prompts = first["n_prompts"]
+                elif routes_by_cluster:
+                    prompts = prompts_in_group.get((benchmark, group), 0)
+                elif int(routed.filter((pl.col("model_variant") == variant) & (pl.col("benchmark") == benchmark))["group"].n_unique()) == 1:
+                    prompts = first["n_items"]
+                else:
+                    prompts = None  # random_group without per-prompt counts: the item's group is not recorded
+                cells = [f"{_with_interval(r['share'], r['ci_low'], r['ci_high'])} "
+                         f"({r['share_min_over_layers']:.2f}–{r['share_max_over_layers']:.2f})"
+                         for r in part.iter_rows(named=True)]
+                lines.append(f"| {benchmark} | {group} | {'–' if prompts is None else str(prompts) + _tiny(prompts)} | "
+                             f"{first['tokens_per_layer']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def _bar_chart(results: pl.DataFrame, benchmark: str, variants: list[str]) -> bytes:

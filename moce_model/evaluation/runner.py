@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -48,6 +49,37 @@ ITEM_SCORES_SCHEMA: dict[str, pl.DataType] = {
     "item_id": pl.String(),
     "score": pl.Float64(),
     "cluster": pl.Int64(),
+}
+# One row per (variant, benchmark, layer, group, expert) for the groups that received tokens of the benchmark:
+# `assignments` is how many of the group's tokens had the expert among their top-k, `group_tokens` how many
+# tokens the group processed at that layer (every token picks top_k experts: the assignments of a (layer,
+# group) add up to top_k · group_tokens), `share` = assignments / their sum over the group's experts (sums to 1).
+# `n_items`: the benchmark's prompts, whose tokens (prompt, scored reference, generated) were counted;
+# `n_prompts`: the prompts of this group. The share's 95% interval resamples the group's prompts (percentile
+# bootstrap, `stats.share_intervals_over_prompts`), at this layer (`share_ci_*`) and pooled over the layers
+# (`pooled_*`, the same on every layer's row); null with fewer than two prompts, or where some tokens could
+# not be attributed to their prompt (lm-eval tasks).
+EXPERT_USE_SCHEMA: dict[str, pl.DataType] = {
+    "model_variant": pl.String(),
+    "benchmark": pl.String(),
+    "layer": pl.Int64(),
+    "group": pl.Int64(),
+    "expert": pl.Int64(),
+    "assignments": pl.Int64(),
+    "group_tokens": pl.Int64(),
+    "share": pl.Float64(),
+    "n_items": pl.Int64(),
+    "n_prompts": pl.Int64(),
+    "share_ci_low": pl.Float64(),
+    "share_ci_high": pl.Float64(),
+    "pooled_share": pl.Float64(),
+    "pooled_ci_low": pl.Float64(),
+    "pooled_ci_high": pl.Float64(),
+}
+# The router's embedding of each evaluated prompt (its input side, as the centroids were fit) and its cluster:
+# for the 2-D map of the evaluation prompts. Only prompts the model routed by embedding.
+PROMPT_EMBEDDINGS_SCHEMA: dict[str, pl.DataType] = {
+    "benchmark": pl.String(), "item_id": pl.String(), "cluster": pl.Int64(), "embedding": pl.List(pl.Float32()),
 }
 ITEM_CLUSTERS_SCHEMA: dict[str, pl.DataType] = {"benchmark": pl.String(), "item_id": pl.String(), "cluster": pl.Int64()}
 ITEMS_SCHEMA: dict[str, pl.DataType] = {
@@ -86,12 +118,16 @@ class EvalResult:
     """`table`: one row per (variant, benchmark, metric) with n, stderr and 95% interval (RESULTS_SCHEMA);
     `item_scores`: every item's score per metric, with the cluster that answered it (ITEM_SCORES_SCHEMA);
     `items`: per-item prompt, completion and correctness for inspection; `notes`: how each benchmark was
-    subset."""
+    subset; `expert_use`: the share of each benchmark's tokens per expert, group and layer, counted while the
+    benchmark ran (EXPERT_USE_SCHEMA; empty for a model without experts)."""
 
     table: pl.DataFrame
     item_scores: pl.DataFrame
     items: pl.DataFrame
     notes: dict[str, str]
+    expert_use: pl.DataFrame = dataclasses.field(default_factory=lambda: pl.DataFrame(schema=EXPERT_USE_SCHEMA))
+    prompt_embeddings: pl.DataFrame = dataclasses.field(
+        default_factory=lambda: pl.DataFrame(schema=PROMPT_EMBEDDINGS_SCHEMA))
 
     @property
     def item_clusters(self) -> pl.DataFrame:
@@ -224,7 +260,13 @@ def evaluate_model(
     lm_eval_specs = [s for s in specs if s.kind in LM_EVAL_KINDS]
     for spec in specs:
         if spec.kind not in LM_EVAL_KINDS:
-            outcomes.append(run_benchmark(lm, spec, limit_per_benchmark))
+            with lm.counting_expert_use(spec.name):
+                outcome = run_benchmark(lm, spec, limit_per_benchmark)
+            outcome.expert_use = lm.take_expert_use().get(spec.name)
+            by_prompt = lm.take_prompt_expert_use().get(spec.name, {})
+            outcome.prompt_expert_use = {item.item_id: by_prompt[item.prompt] for item in outcome.items
+                                         if item.prompt in by_prompt}
+            outcomes.append(outcome)
     if lm_eval_specs:
         outcomes.extend(run_lm_eval(lm, lm_eval_specs, limit_per_benchmark))
     # Loading is shared by all benchmarks; spread it so the seconds column adds up to the whole evaluation.
@@ -238,7 +280,75 @@ def evaluate_model(
             schema=ITEMS_SCHEMA,
         ),
         notes={o.benchmark: o.note for o in outcomes},
+        expert_use=expert_use_table(model_variant, outcomes, top_k=getattr(lm.model.config, "router_top_k", 1)),
+        prompt_embeddings=prompt_embeddings_table(lm, outcomes),
     )
+
+
+def prompt_embeddings_table(lm: MoCELM, outcomes: Sequence[BenchmarkOutcome]) -> pl.DataFrame:
+    """The router's embedding of every evaluated prompt it embedded (PROMPT_EMBEDDINGS_SCHEMA); lm-eval items,
+    routed by their documents, are not in it."""
+    rows = []
+    for outcome in outcomes:
+        embeddings = lm.routing_embeddings_for([item.prompt for item in outcome.items])
+        rows.extend({"benchmark": outcome.benchmark, "item_id": item.item_id, "cluster": item.cluster,
+                     "embedding": embedding.tolist()}
+                    for item, embedding in zip(outcome.items, embeddings) if embedding is not None)
+    return pl.DataFrame(rows, schema=PROMPT_EMBEDDINGS_SCHEMA)
+
+
+def expert_use_table(model_variant: str, outcomes: Sequence[BenchmarkOutcome], top_k: int) -> pl.DataFrame:
+    """The expert use counted while each benchmark ran, as rows of EXPERT_USE_SCHEMA (groups without tokens
+    of the benchmark left out). `top_k`: experts per token (1 for a model without a router)."""
+    rows = []
+    for outcome in outcomes:
+        if outcome.expert_use is None:
+            continue
+        counts = np.asarray(outcome.expert_use, dtype=np.int64)
+        if counts.ndim != 3:
+            raise ValueError(f"{outcome.benchmark}: expert use must be (layers, groups, experts), got {counts.shape}")
+        experts = counts.shape[2]
+        per_token = min(top_k, experts)
+        per_prompt = outcome.prompt_expert_use or {}
+        intervals = {group: _share_intervals(counts[:, group], [c[:, group] for c in per_prompt.values()])
+                     for group in np.nonzero(counts.sum(axis=(0, 2)))[0]}
+        for layer, group in zip(*np.nonzero(counts.sum(axis=2))):
+            assigned = counts[layer, group]
+            total = int(assigned.sum())
+            if total % per_token:
+                raise ValueError(f"{outcome.benchmark} layer {layer} group {group}: {total} assignments is not a "
+                                 f"multiple of top_k = {per_token}")
+            n_prompts, per_layer, pooled = intervals[group]
+            pooled_share = counts[:, group].sum(axis=0) / counts[:, group].sum()
+            rows.extend(
+                {"model_variant": model_variant, "benchmark": outcome.benchmark, "layer": int(layer),
+                 "group": int(group), "expert": expert, "assignments": int(assigned[expert]),
+                 "group_tokens": total // per_token, "share": float(assigned[expert]) / total,
+                 "n_items": outcome.n_items, "n_prompts": n_prompts,
+                 "share_ci_low": None if per_layer is None else float(per_layer[0][layer, expert]),
+                 "share_ci_high": None if per_layer is None else float(per_layer[1][layer, expert]),
+                 "pooled_share": float(pooled_share[expert]),
+                 "pooled_ci_low": None if pooled is None else float(pooled[0][expert]),
+                 "pooled_ci_high": None if pooled is None else float(pooled[1][expert])}
+                for expert in range(experts)
+            )
+    return pl.DataFrame(rows, schema=EXPERT_USE_SCHEMA)
+
+
+def _share_intervals(group_counts: np.ndarray, prompt_counts: Sequence[np.ndarray]):
+    """(prompts of the group, per-layer (low, high) or None, pooled (low, high) or None) for one group's
+    [layers, experts] counts and each prompt's share of them."""
+    used = [c for c in prompt_counts if c.sum() > 0]
+    if not used or not np.array_equal(np.sum(used, axis=0), group_counts):
+        # Some of the group's tokens belong to no known prompt: an interval over the known ones would not be
+        # about these counts.
+        return (len(used) or None), None, None
+    if len(used) < 2:
+        return len(used), None, None
+    from moce_model.evaluation.stats import share_intervals_over_prompts
+
+    low, high, pooled_low, pooled_high = share_intervals_over_prompts(np.stack(used))
+    return len(used), (low, high), (pooled_low, pooled_high)
 
 
 def results_table(model_variant: str, outcomes: Sequence[BenchmarkOutcome], extra_seconds: float = 0.0) -> pl.DataFrame:

@@ -15,6 +15,13 @@ Every interval is a two-sided 95% interval. Which method, and why:
   McNemar test gives p = 0.125). Neither scipy nor numpy provides it, so it is written out here.
 - A paired difference of continuous scores: the BCa bootstrap of the mean per-item difference. Resampling
   items with both models' scores together (the paired bootstrap) is the same as resampling the differences.
+- A difference between two disjoint sets of items (e.g. the prompts routed off their benchmark's usual cluster
+  against the others, scored by one model): Newcombe's hybrid score interval (Stat. Med. 1998, method 10) for
+  0/1 scores, built from the two Wilson intervals; it keeps its coverage at small n, unlike the Wald interval.
+  Continuous scores: the BCa bootstrap of the difference of means, each set resampled on its own.
+- The share of a group's tokens that went to each expert: a ratio of sums over prompts whose tokens are not
+  independent of each other (one prompt's tokens share its topic), so the unit resampled is the prompt: a
+  percentile bootstrap over prompts of (expert's assignments) / (group's assignments).
 - The average over benchmarks (the paper's headline number), and the paired difference of two models'
   averages: each benchmark's mean is independent of the others, so the average's variance is the sum of the
   benchmarks' variances over B². 0/1 benchmarks enter with the adjusted estimates of Price and Bonett (2004,
@@ -77,6 +84,24 @@ class PairedDifference:
     def significant(self) -> bool:
         """The 95% interval excludes 0."""
         return self.ci_low > 0 or self.ci_high < 0
+
+
+@dataclass(frozen=True)
+class IndependentDifference:
+    """mean(a) − mean(b) of two disjoint sets of items (`n_a`, `n_b` items), with its 95% interval (None when a
+    set of continuous scores has fewer than two items)."""
+
+    n_a: int
+    n_b: int
+    difference: float
+    ci_low: float | None
+    ci_high: float | None
+    method: str
+
+    @property
+    def significant(self) -> bool:
+        """The 95% interval excludes 0."""
+        return self.ci_low is not None and self.ci_high is not None and (self.ci_low > 0 or self.ci_high < 0)
 
 
 def is_binary(scores: np.ndarray) -> bool:
@@ -144,6 +169,55 @@ def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
         return PairedDifference(n, mean, 0.0, mean, mean, None, "none (identical differences)")
     low, high = _bootstrap((differences,), _mean_of_first, seed, method="BCa")
     return PairedDifference(n, mean, stderr, low, high, minimum_detectable_difference(sd, n), "paired bootstrap BCa")
+
+
+def independent_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
+                           seed: int = BOOTSTRAP_SEED) -> IndependentDifference:
+    """mean(a) − mean(b) where a and b score different items, with its 95% interval: Newcombe's hybrid score
+    interval for 0/1 scores, else the BCa bootstrap resampling a and b separately."""
+    first, second = _as_scores(a), _as_scores(b)
+    difference = float(first.mean() - second.mean())
+    if is_binary(first) and is_binary(second):
+        estimate_a, estimate_b = mean_estimate(first), mean_estimate(second)
+        p_a, p_b = estimate_a.value, estimate_b.value
+        low = difference - math.sqrt((p_a - estimate_a.ci_low) ** 2 + (estimate_b.ci_high - p_b) ** 2)
+        high = difference + math.sqrt((estimate_a.ci_high - p_a) ** 2 + (p_b - estimate_b.ci_low) ** 2)
+        return IndependentDifference(first.size, second.size, difference, low, high, "newcombe hybrid score")
+    if first.size < 2 or second.size < 2:
+        return IndependentDifference(first.size, second.size, difference, None, None,
+                                     "none (a set with one item)")
+    if first.std() == 0.0 and second.std() == 0.0:
+        return IndependentDifference(first.size, second.size, difference, difference, difference,
+                                     "none (no spread)")
+    low, high = _bootstrap((first, second), _difference_of_means, seed, method="BCa", paired=False)
+    return IndependentDifference(first.size, second.size, difference, low, high, "bootstrap BCa (independent)")
+
+
+def share_intervals_over_prompts(counts: np.ndarray, seed: int = BOOTSTRAP_SEED, resamples: int = BOOTSTRAP_RESAMPLES
+                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """95% percentile-bootstrap intervals, resampling prompts, of each expert's share of the assignments.
+
+    `counts` [prompts, layers, experts]: each prompt's assignments per layer and expert (one group). Returns
+    (low, high) of the share per layer [layers, experts] and (low, high) of the share pooled over layers
+    [experts]. Needs at least two prompts."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 3 or counts.shape[0] < 2:
+        raise ValueError(f"share intervals need (prompts >= 2, layers, experts) counts, got shape {counts.shape}")
+    prompts, layers, experts = counts.shape
+    rng = np.random.default_rng(seed)
+    # Each resample as multiplicities of the prompts: one matmul instead of gathering resampled rows.
+    weights = rng.multinomial(prompts, np.full(prompts, 1.0 / prompts), size=resamples).astype(np.float64)
+    totals = (weights @ counts.reshape(prompts, layers * experts)).reshape(resamples, layers, experts)
+    per_layer = totals / np.maximum(totals.sum(axis=2, keepdims=True), 1e-300)
+    pooled_totals = totals.sum(axis=1)
+    pooled = pooled_totals / np.maximum(pooled_totals.sum(axis=1, keepdims=True), 1e-300)
+    tail = 100 * ALPHA / 2
+    return (np.percentile(per_layer, tail, axis=0), np.percentile(per_layer, 100 - tail, axis=0),
+            np.percentile(pooled, tail, axis=0), np.percentile(pooled, 100 - tail, axis=0))
+
+
+def _difference_of_means(first: np.ndarray, second: np.ndarray, axis: int = -1) -> np.ndarray:
+    return first.mean(axis=axis) - second.mean(axis=axis)
 
 
 def _bonett_price(won: int, lost: int, n: int) -> tuple[float, float, float]:
@@ -224,16 +298,20 @@ def _mean_of_first(sample: np.ndarray, axis: int = -1) -> np.ndarray:
     return sample.mean(axis=axis)
 
 
-def _bootstrap(samples: tuple[np.ndarray, ...], statistic, seed: int, method: str) -> tuple[float, float]:
+def _bootstrap(samples: tuple[np.ndarray, ...], statistic, seed: int, method: str,
+               paired: bool = True) -> tuple[float, float]:
     with warnings.catch_warnings():
         # scipy warns when a resampled statistic is degenerate; callers have handled the no-spread cases.
         warnings.simplefilter("ignore", category=scipy_stats.DegenerateDataWarning)
         result = scipy_stats.bootstrap(samples, statistic, n_resamples=BOOTSTRAP_RESAMPLES, vectorized=True,
-                                       confidence_level=CONFIDENCE, method=method, rng=np.random.default_rng(seed))
+                                       confidence_level=CONFIDENCE, method=method, paired=paired and len(samples) > 1,
+                                       rng=np.random.default_rng(seed))
     low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
     if not (math.isfinite(low) and math.isfinite(high)):
         # BCa's acceleration is undefined for some near-degenerate samples; the percentile interval is not.
-        return _bootstrap(samples, statistic, seed, method="percentile") if method != "percentile" else (low, high)
+        if method != "percentile":
+            return _bootstrap(samples, statistic, seed, method="percentile", paired=paired)
+        return low, high
     return low, high
 
 
