@@ -42,7 +42,9 @@ INSTANCE_SETTINGS: dict[str, Any] = {
 # Warnings that libraries log (transformers, peft, lm-eval, ...) reach each step's Dagster event log, not only
 # the terminal; `warnings.warn` messages go through logging's `py.warnings` (pipelines/definitions.py).
 INSTANCE_SETTINGS["python_logs"] = {
-    "python_log_level": "WARNING",
+    # INFO: the level also applies to the steps' own context.log; libraries keep their own levels
+    # (transformers and torch log warnings and above unless told otherwise).
+    "python_log_level": "INFO",
     "managed_python_loggers": ["moce_model", "transformers", "peft", "accelerate", "sentence_transformers",
                                "lm-eval", "lm_eval", "bitsandbytes", "torch", "py.warnings"],
 }

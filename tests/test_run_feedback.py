@@ -15,9 +15,10 @@ from pipelines.instance import INSTANCE_SETTINGS
 
 def test_library_warnings_and_python_warnings_reach_the_event_log() -> None:
     @dg.asset
-    def noisy() -> int:
+    def noisy(context) -> int:
         logging.getLogger("transformers.modeling_utils").warning("library says: weights not initialised")
-        logging.getLogger("moce_model.training").info("below the level: not in the event log")
+        logging.getLogger("moce_model.training").debug("below the level: not in the event log")
+        context.log.info("the step's own progress")
         warnings.warn("a deprecation notice", FutureWarning, stacklevel=1)
         return 1
 
@@ -36,6 +37,7 @@ def test_library_warnings_and_python_warnings_reach_the_event_log() -> None:
     assert any("library says: weights not initialised" in m for m in messages)
     assert any("a deprecation notice" in m for m in messages)
     assert not any("below the level" in m for m in messages)
+    assert any("the step's own progress" in m for m in messages)
 
 
 def test_heavy_steps_are_tagged_and_limited_by_the_executor(monkeypatch) -> None:
