@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # unmaps them on free; the page faults cost 10-25% of a CPU train step (bench.moe_layer). Keep them on the heap.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967296
 
-.PHONY: demo test ui install instance browser sandbox bench set-k k-sweep clean
+.PHONY: demo test ui install instance browser sandbox bench set-k k-sweep clean study
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,3 +70,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(DAGSTER_HOME) .moce_data
+
+# The study (issue 12): every variant over 3 seeds and the experts-per-group sweep on the real samples in
+# ../shared/data/realmix (STUDY_PROFILE=demo runs it on the synthetic mix); one table and one figure.
+# `make study RUNS=base,moce/e4/s0` runs only those runs (then the table over what is materialized).
+STUDY_PROFILE ?= realmix
+study: $(STAMP) instance sandbox
+	MOCE_PROFILE=$(STUDY_PROFILE) $(PY) -m pipelines.study $(if $(RUNS),--runs $(RUNS))

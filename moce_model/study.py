@@ -74,6 +74,9 @@ class StudyConfig:
     gsm8k_items: int = 10
     gsm8k_max_new_tokens: int = 96
     bootstrap_resamples: int = 4_000
+    # A merged SmolLM2-135M is 575 MB in fp32, 10 GB for the 18 trained runs; the adapters (a few MB) are
+    # kept, and merged_model-style directories can be rebuilt from them.
+    keep_merged_models: bool = False
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):

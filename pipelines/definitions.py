@@ -9,7 +9,9 @@ from assets.data import build_instruction_assets, build_raw_source_assets
 from assets.embedding import embeddings_are_unit_norm_and_complete, instruction_embeddings
 from assets.evaluation import build_evaluation_assets
 from assets.k_sweep import build_k_sweep_asset
+from assets.study import STUDY_GROUP, build_study_assets
 from assets.training import base_model, build_training_assets
+from moce_model.study import StudyConfig
 from pipelines.instance import fail_runs_of_killed_processes
 from pipelines.profiles import Profile, load_profile
 from resources.embedder import EmbedderResource
@@ -18,8 +20,9 @@ from resources.storage import ArtifactStorage, AtomicPolarsParquetIOManager, Jso
 from resources.trainer import TrainerResource
 
 DATA_HALF = dg.AssetSelection.groups("data", "embedding", "clustering")
-# The k sweep trains one model per k: run on demand (its own job), not as part of the pipeline.
-PIPELINE = dg.AssetSelection.all() - dg.AssetSelection.assets("k_sweep_results")
+# The k sweep and the study train many models: run on demand (their own jobs), not as part of the pipeline.
+STUDY = dg.AssetSelection.groups(STUDY_GROUP)
+PIPELINE = dg.AssetSelection.all() - dg.AssetSelection.assets("k_sweep_results") - STUDY
 
 
 def build_resources(profile: Profile) -> dict:
@@ -48,7 +51,8 @@ def build_resources(profile: Profile) -> dict:
     }
 
 
-def build_definitions(profile: Profile) -> dg.Definitions:
+def build_definitions(profile: Profile, study: StudyConfig | None = None) -> dg.Definitions:
+    """`study`: what the study job runs (default: `StudyConfig()`, the seeds, sweep and sizes it documents)."""
     assets_and_checks = [
         *build_raw_source_assets(profile),
         build_instruction_assets(profile),
@@ -59,6 +63,7 @@ def build_definitions(profile: Profile) -> dg.Definitions:
         *build_training_assets(profile),
         *build_evaluation_assets(profile),
         build_k_sweep_asset(profile),
+        *build_study_assets(profile, study or StudyConfig()),
     ]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
     assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]
@@ -71,6 +76,9 @@ def build_definitions(profile: Profile) -> dg.Definitions:
                                 description="Every asset of the profile, end to end."),
             dg.define_asset_job("k_sweep", selection=dg.AssetSelection.assets("k_sweep_results"),
                                 description="Train and evaluate `moce` at several k; one comparison table."),
+            dg.define_asset_job("study", selection=STUDY,
+                                description="Every variant over seeds and the experts-per-group sweep; one table "
+                                            "of mean and two-level interval over seeds and items, one figure."),
             dg.define_asset_job("cluster_instructions", selection=DATA_HALF,
                                 description="Sources → embeddings → elbow → k-means → cluster labels."),
         ],
