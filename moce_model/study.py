@@ -33,13 +33,15 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from scipy import stats as scipy_stats
 
 from moce_model.config import MoCEConfig, variant_semantics
 
 BASE_LAYOUT = "base"
 REFERENCE_LAYOUTS: tuple[str, ...] = ("pesc", BASE_LAYOUT)
 CONFIDENCE = 0.95
-INTERVAL_METHOD = "two-level percentile bootstrap (seeds, then items, crossed)"
+INTERVAL_METHOD = ("two-level percentile bootstrap (seeds, then items, crossed); for 0/1 scores at least as wide as "
+                   "the Wilson (mean) or Bonett–Price (paired difference) interval on the items")
 LOWER_IS_BETTER: frozenset[str] = frozenset({"heldout_loss"})
 
 # One row per (layout, seed, benchmark, metric, item): what every run writes and the table aggregates.
@@ -276,6 +278,51 @@ def two_level_bootstrap(scores: np.ndarray, resamples: int, seed: int = 0) -> tu
     return float(matrix.mean()), float(low), float(high)
 
 
+def _is_binary(matrix: np.ndarray) -> bool:
+    return bool(np.isin(matrix, (0.0, 1.0)).all())
+
+
+def _wilson(proportion: float, n: int) -> tuple[float, float]:
+    """Wilson score interval of a proportion observed on n trials (a pooled proportion may be fractional)."""
+    z = float(scipy_stats.norm.ppf(0.5 + CONFIDENCE / 2))
+    centre = (proportion + z**2 / (2 * n)) / (1 + z**2 / n)
+    half_width = z * math.sqrt(proportion * (1 - proportion) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    return max(centre - half_width, 0.0), min(centre + half_width, 1.0)
+
+
+def _bonett_price(won_rate: float, lost_rate: float, n: int) -> tuple[float, float]:
+    """Bonett–Price interval of a paired 0/1 difference (as in moce_model.evaluation.stats) from the rates of
+    won and lost items, which pooled over seeds may be fractional counts."""
+    z = float(scipy_stats.norm.ppf(0.5 + CONFIDENCE / 2))
+    p_won, p_lost = (won_rate * n + 1) / (n + 2), (lost_rate * n + 1) / (n + 2)
+    centre = p_won - p_lost
+    half_width = z * math.sqrt(p_won + p_lost - centre**2) / math.sqrt(n + 2)
+    return max(centre - half_width, -1.0), min(centre + half_width, 1.0)
+
+
+def _mean_interval(matrix: np.ndarray, resamples: int, seed: int) -> tuple[float, float, float]:
+    """The two-level interval; for 0/1 scores widened to at least the Wilson interval of the pooled proportion
+    on n_items trials. A resample of 0/1 items cannot vary when every item scored the same (0 of 10 correct
+    would give [0, 0]); the items, not the seeds' repeats of them, are the independent trials."""
+    mean, low, high = two_level_bootstrap(matrix, resamples, seed)
+    if _is_binary(matrix):
+        wilson_low, wilson_high = _wilson(mean, matrix.shape[1])
+        low, high = min(low, wilson_low), max(high, wilson_high)
+    return mean, low, high
+
+
+def _difference_interval(first: np.ndarray, second: np.ndarray, resamples: int, seed: int
+                         ) -> tuple[float, float, float]:
+    """The two-level interval of first − second; for 0/1 scores widened to at least the Bonett–Price interval
+    of the pooled won / lost rates on n_items pairs (same reason as `_mean_interval`)."""
+    mean, low, high = two_level_bootstrap(first - second, resamples, seed)
+    if _is_binary(first) and _is_binary(second):
+        won, lost = float(((first == 1) & (second == 0)).mean()), float(((first == 0) & (second == 1)).mean())
+        bp_low, bp_high = _bonett_price(won, lost, first.shape[1])
+        low, high = min(low, bp_low), max(high, bp_high)
+    return mean, low, high
+
+
 def score_matrix(scores: pl.DataFrame, layout: str, benchmark: str, metric: str,
                  items: Sequence[str] | None = None) -> tuple[list[int], list[str], np.ndarray]:
     """(seeds, item ids, seeds x items matrix) of one layout on one metric; every seed must have scored the same
@@ -325,7 +372,7 @@ def aggregate(scores: pl.DataFrame, resamples: int, seed: int = 0) -> pl.DataFra
     rows = []
     for layout, benchmark, metric in scores.select("layout", "benchmark", "metric").unique(maintain_order=True).rows():
         seeds, items, matrix = score_matrix(scores, layout, benchmark, metric)
-        mean, low, high = two_level_bootstrap(matrix, resamples, seed)
+        mean, low, high = _mean_interval(matrix, resamples, seed)
         seed_means = matrix.mean(axis=1)
         rows.append({"layout": layout, "benchmark": benchmark, "metric": metric, "n_seeds": len(seeds),
                      "n_items": len(items), "mean": mean, "ci_low": low, "ci_high": high,
@@ -333,9 +380,9 @@ def aggregate(scores: pl.DataFrame, resamples: int, seed: int = 0) -> pl.DataFra
     return pl.DataFrame(rows, schema=AGGREGATE_SCHEMA)
 
 
-def paired_difference_matrix(scores: pl.DataFrame, layout: str, reference: str, benchmark: str, metric: str
-                             ) -> np.ndarray:
-    """layout − reference per (seed, item), on the items both scored. Runs of the same seed are paired (they
+def paired_matrices(scores: pl.DataFrame, layout: str, reference: str, benchmark: str, metric: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(layout, reference) seeds x items matrices to subtract, on the items both scored. Runs of the same seed are paired (they
     trained on the same sample of rows in the same order); a reference with a single run (the base model) is
     compared with every seed's run."""
     _, items, _ = score_matrix(scores, layout, benchmark, metric)
@@ -346,11 +393,11 @@ def paired_difference_matrix(scores: pl.DataFrame, layout: str, reference: str, 
     seeds, _, matrix = score_matrix(scores, layout, benchmark, metric, common)
     ref_seeds, _, ref_matrix = score_matrix(scores, reference, benchmark, metric, common)
     if len(ref_seeds) == 1:
-        return matrix - ref_matrix
+        return matrix, np.broadcast_to(ref_matrix, matrix.shape)
     shared = [s for s in seeds if s in ref_seeds]
     if not shared:
         raise ValueError(f"{layout!r} and {reference!r} share no seed on {benchmark} {metric}")
-    return matrix[[seeds.index(s) for s in shared]] - ref_matrix[[ref_seeds.index(s) for s in shared]]
+    return matrix[[seeds.index(s) for s in shared]], ref_matrix[[ref_seeds.index(s) for s in shared]]
 
 
 def paired_differences(scores: pl.DataFrame, resamples: int, seed: int = 0,
@@ -370,8 +417,9 @@ def paired_differences(scores: pl.DataFrame, resamples: int, seed: int = 0,
             reference_metrics = scores.filter(pl.col("layout") == reference).select("benchmark", "metric").unique()
             if (benchmark, metric) not in set(reference_metrics.rows()):
                 continue
-            differences = paired_difference_matrix(scores, layout, reference, benchmark, metric)
-            difference, low, high = two_level_bootstrap(differences, resamples, seed)
+            first, second = paired_matrices(scores, layout, reference, benchmark, metric)
+            difference, low, high = _difference_interval(first, second, resamples, seed)
+            differences = first - second
             significant = low > 0 or high < 0
             rows.append({"layout": layout, "reference": reference, "benchmark": benchmark, "metric": metric,
                          "n_seeds": differences.shape[0], "n_items": differences.shape[1],

@@ -194,3 +194,18 @@ def test_study_table_markdown_and_figure():
     assert "gsm8k_test exact_match" in table.markdown and "heldout_a heldout_loss ↓" in table.markdown
     assert table.figure_png.startswith(b"\x89PNG")
     assert table.differences.height == 1  # pesc − base on the loss; base has no gsm8k scores
+
+
+def test_binary_scores_never_get_a_zero_width_interval():
+    none_correct = np.zeros((3, 10))
+    row = aggregate(_long("moce/e4", none_correct, benchmark="gsm8k_test", metric="exact_match"), 500).row(0, named=True)
+    # 0 of 10 items: the Wilson interval [0, 0.278], which a bootstrap of identical items (0, 0) would not give.
+    assert row["mean"] == 0.0 and row["ci_low"] == 0.0 and row["ci_high"] == pytest.approx(0.2775, abs=1e-3)
+    some_correct = none_correct.copy()
+    some_correct[:, :2] = 1.0
+    scores = pl.concat([_long("pesc", none_correct, benchmark="g", metric="exact_match"),
+                        _long("moce/e4", some_correct, benchmark="g", metric="exact_match")])
+    row = paired_differences(scores, 500).row(0, named=True)
+    # 2 of 10 won, 0 lost, on every seed: Bonett–Price on 10 pairs covers 0, so it is not called a difference.
+    assert row["difference"] == pytest.approx(0.2) and row["ci_low"] < 0 < row["ci_high"]
+    assert row["verdict"] == "no significant difference"
