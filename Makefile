@@ -75,5 +75,6 @@ clean:
 # ../shared/data/realmix (STUDY_PROFILE=demo runs it on the synthetic mix); one table and one figure.
 # `make study RUNS=base,moce/e4/s0` runs only those runs (then the table over what is materialized).
 STUDY_PROFILE ?= realmix
+STUDY_WORKERS ?= 2
 study: $(STAMP) instance sandbox
-	MOCE_PROFILE=$(STUDY_PROFILE) $(PY) -m pipelines.study $(if $(RUNS),--runs $(RUNS))
+	MOCE_PROFILE=$(STUDY_PROFILE) $(PY) -m pipelines.study --workers $(STUDY_WORKERS) $(if $(RUNS),--runs $(RUNS))

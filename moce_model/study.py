@@ -53,9 +53,17 @@ STUDY_SCORES_SCHEMA: dict[str, pl.DataType] = {
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """What the study runs. The sizes were chosen from a measurement of one run on the 2-core CPU (SmolLM2-135M,
-    fp32, realmix): see `pipelines/study.py` and the README's study section for the figures and the estimate
-    of the whole study's time. Every field can be set from an experiment's `study:` mapping."""
+    """What the study runs; every field can be set from an experiment's `study:` mapping.
+
+    Sizes, from runs measured on the 2-core CPU while other jobs kept its load average at 4-9 (so in CPU
+    seconds of the one-thread process, what a run costs an idle core; wall times were 2.3-2.8x longer):
+    realmix with SmolLM2-135M in fp32, `moce/e4/s0` (the largest layout) took 285 CPU-s: training 16 steps
+    of 4 rows at <= 160 tokens with the expert-use count and saving ~155, merge + merge check ~15, evaluation
+    ~115 (held-out loss on 4 x 20 rows ~85, 10 GSM8K answers of <= 96 tokens ~30); the base model's
+    evaluation 108; the study's inputs (sources, MiniLM embeddings of 3,200 rows, elbow, k-means, base model
+    conversion) 114. 114 + 108 + 18 runs x <= 285 = 5,350 CPU-s, ~45 minutes in two one-thread workers on two
+    idle cores (`make study` runs two), within the 60-minute target; one worker would take ~90.
+    """
 
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[str, ...] = ("dense_adapter", "pesc", "moce", "random_group", "cluster_only")

@@ -3,12 +3,16 @@ is missing or unsynced, then every run of the study not yet materialized (one pa
 time), then `study_table`; prints the seconds of each run and where the table and figure are.
 
 `--runs moce/e4/s0,base` runs only those partitions (and the table over what is materialized); `--rerun` runs
-the named (or all) partitions again even when they are materialized.
+the named (or all) partitions again even when they are materialized. `--workers 2` runs the partitions in two
+processes of one thread each: a run is a single-threaded chain of small matmuls, so on the 2-core machine two
+one-thread runs side by side use both cores better than one run on two threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 
@@ -26,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="", help="comma-separated run keys (default: every run of the study)")
     parser.add_argument("--rerun", action="store_true", help="run the partitions even when already materialized")
     parser.add_argument("--no-table", action="store_true", help="do not materialize study_table")
+    parser.add_argument("--workers", type=int, default=1, help="processes running partitions side by side")
+    parser.add_argument("--skip-inputs", action="store_true", help=argparse.SUPPRESS)  # a worker: the parent did them
     args = parser.parse_args(argv)
 
     profile = load_profile()
@@ -43,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     upstream = (dg.AssetSelection.assets(RUNS_KEY).upstream() - dg.AssetSelection.groups("study")
                 ).required_multi_asset_neighbors()
-    todo = unsynced_asset_keys(defs, instance, selection=upstream)
+    todo = [] if args.skip_inputs else unsynced_asset_keys(defs, instance, selection=upstream)
     if todo:
         print("materializing the study's inputs:", ", ".join(key.to_user_string() for key in todo))
         started = time.perf_counter()
@@ -54,14 +60,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inputs: {time.perf_counter() - started:.1f} s")
     study_job = defs.resolve_job_def("study")
     split_key = dg.AssetKey("study_heldout_split")
-    if instance.get_latest_materialization_event(split_key) is None or todo:
+    if not args.skip_inputs and (instance.get_latest_materialization_event(split_key) is None or todo):
         study_job.execute_in_process(instance=instance, asset_selection=[split_key], run_config=log_config)
 
     done = instance.get_materialized_partitions(RUNS_KEY)
+    pending = [key for key in wanted if args.rerun or key not in done]
     seconds: dict[str, float] = {}
-    for key in wanted:
-        if key in done and not args.rerun:
-            continue
+    if args.workers > 1 and len(pending) > 1:
+        # Round-robin over the run order (base, then each layout's seeds): the workers get similar mixes.
+        shares = [pending[index::args.workers] for index in range(args.workers)]
+        environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+        started = time.perf_counter()
+        workers = [subprocess.Popen([sys.executable, "-m", "pipelines.study", "--runs", ",".join(share),
+                                     "--no-table", "--skip-inputs", *(["--rerun"] if args.rerun else [])],
+                                    env=environment) for share in shares if share]
+        failed = [worker.args for worker in workers if worker.wait() != 0]
+        print(f"{len(pending)} runs in {len(workers)} workers: {time.perf_counter() - started:.1f} s")
+        if failed:
+            print(f"a worker FAILED: {failed}", file=sys.stderr)
+            return 1
+        pending = []
+    for key in pending:
         started, cpu_started = time.perf_counter(), time.process_time()
         result = study_job.execute_in_process(instance=instance, asset_selection=[RUNS_KEY], partition_key=key,
                                               raise_on_error=False, run_config=log_config)
