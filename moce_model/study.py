@@ -530,6 +530,7 @@ def study_figure_png(aggregated: pl.DataFrame, layout_order: Sequence[str]) -> b
                            [subset[n]["ci_high"] - subset[n]["mean"] for n in names]])
         axis.errorbar(range(len(names)), means, yerr=errors, fmt="o", capsize=3)
         axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        axis.set_xlim(-0.6, len(names) - 0.4)
         axis.set_title(f"{benchmark}\n{_metric_label(metric)}", fontsize=9)
         axis.grid(axis="y", alpha=0.3)
     for axis in list(axes.flat)[len(metrics):]:
