@@ -59,9 +59,9 @@ class StudyConfig:
     seconds of the one-thread process, what a run costs an idle core; wall times were 2.3-2.8x longer):
     realmix with SmolLM2-135M in fp32, `moce/e4/s0` (the largest layout) took 285 CPU-s: training 16 steps
     of 4 rows at <= 160 tokens with the expert-use count and saving ~155, merge + merge check ~15, evaluation
-    ~115 (held-out loss on 4 x 20 rows ~85, 10 GSM8K answers of <= 96 tokens ~30); the base model's
-    evaluation 108; the study's inputs (sources, MiniLM embeddings of 3,200 rows, elbow, k-means, base model
-    conversion) 114. 114 + 108 + 18 runs x <= 285 = 5,350 CPU-s, ~45 minutes in two one-thread workers on two
+    ~115 (held-out loss on 4 x 20 rows ~85, 10 GSM8K answers of <= 96 tokens ~30); `dense_adapter/s0` 236;
+    the base model's evaluation 108-116; the study's inputs (sources, MiniLM embeddings of 3,200 rows, elbow, k-means, base model
+    conversion) 114. 114 + 116 + 18 runs x <= 285 = 5,360 CPU-s, ~45 minutes in two one-thread workers on two
     idle cores (`make study` runs two), within the 60-minute target; one worker would take ~90.
     """
 
