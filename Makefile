@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # unmaps them on free; the page faults cost 10-25% of a CPU train step (bench.moe_layer). Keep them on the heap.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967296
 
-.PHONY: rehearsal demo test ui install browser sandbox bench set-k k-sweep clean
+.PHONY: rehearsal demo test ui install browser sandbox bench set-k k-sweep clean study
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,3 +74,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf .moce_data .dagster_home
+
+# The study (issue 12): every variant over 3 seeds and the experts-per-group sweep on the real samples in
+# ../shared/data/realmix (STUDY_EXPERIMENT=demo runs it on the synthetic mix); one table and one figure.
+# `make study RUNS=base,moce/e4/s0` runs only those runs (then the table over what is materialized).
+STUDY_EXPERIMENT ?= realmix
+STUDY_WORKERS ?= 2
+study: $(STAMP) sandbox
+	$(MOCE) study --experiment $(STUDY_EXPERIMENT) --workers $(STUDY_WORKERS) $(if $(RUNS),--runs $(RUNS))

@@ -80,14 +80,18 @@ def train_variant(
     centroids_ref: dict | None,
     training_config,
     run_dir: Path,
+    moce_config=None,
 ) -> tuple[dict, dict]:
     """Train one variant; returns (artifact reference, materialization metadata). `num_clusters` is the
-    clustering's k (None for the variants that do not depend on it), recorded as `k` in metadata and refs."""
+    clustering's k (None for the variants that do not depend on it), recorded as `k` in metadata and refs.
+    `moce_config`: the model's layout when it is not the profile's (the study's experts-per-group sweep)."""
     from moce_model.expert_stats import expert_use_heatmap_png
     from moce_model.plots import loss_curve_plot, png_markdown
     from moce_model.training import training_progress
 
-    moce_config = _moce_config(experiment, variant, num_clusters, centroids_ref["embedder"] if centroids_ref else None)
+    if moce_config is None:
+        moce_config = _moce_config(experiment, variant, num_clusters,
+                                   centroids_ref["embedder"] if centroids_ref else None)
     last_logged = [0.0]
     started = time.perf_counter()
 

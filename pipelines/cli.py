@@ -26,6 +26,7 @@ examples:
                                             only the data half: sources -> embeddings -> clusters
   moce set-k 5 && moce run                  use 5 clusters; re-runs only what depends on k
   moce sweep --ks 2,3,4,6                   train and evaluate `moce` at each k, one comparison table
+  moce study --experiment realmix           every variant over 3 seeds on held-out real data, one table
   moce generate "What is 17 * 6?"           answer with the trained `moce` model, routed by cluster
   moce eval                                 evaluate the trained models on the demo benchmarks
   moce ui                                   the Dagster UI on http://127.0.0.1:3000
@@ -47,7 +48,7 @@ def _select_experiment(name: str | None) -> Experiment:
     return experiment
 
 
-def _instance(experiment: Experiment):
+def experiment_instance(experiment: Experiment):
     """The experiment's persistent Dagster instance: one per experiment, so that one experiment's history
     never makes another's assets look fresh. DAGSTER_HOME, when set, wins."""
     import dagster as dg
@@ -84,7 +85,7 @@ def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
             raise SystemExit(f"moce run: --select {args.select!r}: {err}") from None
         if not selected:
             raise SystemExit(f"moce run: --select {args.select!r} selects no asset of experiment {experiment.name!r}")
-    instance = _instance(experiment)
+    instance = experiment_instance(experiment)
     print(f"experiment={experiment.name} storage={experiment.storage_root} DAGSTER_HOME={instance.root_directory}")
     if experiment.description:
         print(experiment.description)
@@ -101,7 +102,7 @@ def cmd_set_k(args: argparse.Namespace, experiment: Experiment) -> int:
 
     if args.k < 2:
         raise SystemExit(f"moce set-k: k={args.k}: need at least 2 clusters")
-    instance = _instance(experiment)
+    instance = experiment_instance(experiment)
     result = _definitions(experiment).resolve_job_def("demo_pipeline").execute_in_process(
         instance=instance,
         asset_selection=[dg.AssetKey("selected_k")],
@@ -126,7 +127,7 @@ def cmd_sweep(args: argparse.Namespace, experiment: Experiment) -> int:
     config: dict = {"ks": ks}
     if args.max_steps is not None:
         config["max_steps"] = args.max_steps
-    instance = _instance(experiment)
+    instance = experiment_instance(experiment)
     result = _definitions(experiment).resolve_job_def("k_sweep").execute_in_process(
         instance=instance, run_config={"ops": {"k_sweep_results": {"config": config}}}, raise_on_error=False
     )
@@ -137,6 +138,14 @@ def cmd_sweep(args: argparse.Namespace, experiment: Experiment) -> int:
     print(f"k sweep table: {experiment.storage_root / 'tables' / 'k_sweep_results.parquet'} "
           f"(side by side in the metadata of k_sweep_results in `moce ui`)")
     return 0
+
+
+def cmd_study(args: argparse.Namespace, experiment: Experiment) -> int:
+    from pipelines import study
+
+    experiment_instance(experiment)  # the experiment's DAGSTER_HOME, which the study's workers inherit
+    return study.main([*(["--runs", args.runs] if args.runs else []), "--workers", str(args.workers),
+                       *(["--rerun"] if args.rerun else [])])
 
 
 def _merged_model_dir(experiment: Experiment, variant: str) -> Path:
@@ -182,7 +191,7 @@ def cmd_eval(args: argparse.Namespace, experiment: Experiment) -> int:
 def cmd_ui(args: argparse.Namespace, experiment: Experiment) -> int:
     from moce_model.experiment import REPO_ROOT
 
-    _instance(experiment)
+    experiment_instance(experiment)
     os.chdir(REPO_ROOT)
     command = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port), "-w", "workspace.yaml"]
     print(f"experiment={experiment.name} DAGSTER_HOME={os.environ['DAGSTER_HOME']}: {' '.join(command[2:])}")
@@ -222,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--ks", required=True, help="the k values, comma separated, e.g. 2,3,4,6")
     sweep.add_argument("--max-steps", type=int, default=None, help="training steps per k (default: the experiment's)")
     sweep.set_defaults(handler=cmd_sweep)
+
+    study = commands.add_parser("study", parents=[common], help="the paper's comparison in miniature, over seeds",
+                                description="Train and evaluate base, dense_adapter, pesc, moce (2 and 4 experts per "
+                                            "group), random_group and cluster_only over 3 seeds on the experiment's "
+                                            "data with a held-out split; one table of means with intervals over "
+                                            "seeds and items, and one figure (job `study`, one partition per run).")
+    study.add_argument("--runs", default="", help="comma-separated run keys, e.g. base,moce/e4/s0 (default: all)")
+    study.add_argument("--workers", type=int, default=2, help="processes running partitions side by side")
+    study.add_argument("--rerun", action="store_true", help="run partitions again even when materialized")
+    study.set_defaults(handler=cmd_study)
 
     generate = commands.add_parser("generate", parents=[common], help="answer prompts with a trained model",
                                    description="Answer prompts with a merged model; prints the cluster / expert "

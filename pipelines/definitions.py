@@ -14,8 +14,10 @@ from assets.data import build_instruction_assets, build_raw_source_assets
 from assets.embedding import embeddings_are_unit_norm_and_complete, instruction_embeddings
 from assets.evaluation import build_evaluation_assets
 from assets.k_sweep import build_k_sweep_asset
+from assets.study import STUDY_GROUP, build_study_assets
 from assets.training import base_model, build_training_assets
 from moce_model.experiment import Experiment, load_experiment
+from moce_model.study import StudyConfig
 from pipelines.instance import fail_runs_of_killed_processes
 from resources.embedder import EmbedderResource
 from resources.model_source import BaseModelSource
@@ -40,8 +42,9 @@ def executor() -> dg.ExecutorDefinition:
     return dg.multiprocess_executor.configured(
         {"tag_concurrency_limits": [{"key": key, "value": value, "limit": heavy_step_limit()}]}
     )
-# The k sweep trains one model per k: run on demand (its own job), not as part of the pipeline.
-PIPELINE = dg.AssetSelection.all() - dg.AssetSelection.assets("k_sweep_results")
+# The k sweep and the study train many models: run on demand (their own jobs), not as part of the pipeline.
+STUDY = dg.AssetSelection.groups(STUDY_GROUP)
+PIPELINE = dg.AssetSelection.all() - dg.AssetSelection.assets("k_sweep_results") - STUDY
 
 
 def build_resources(experiment: Experiment) -> dict:
@@ -69,7 +72,8 @@ def build_resources(experiment: Experiment) -> dict:
     }
 
 
-def build_definitions(experiment: Experiment) -> dg.Definitions:
+def build_definitions(experiment: Experiment, study: StudyConfig | None = None) -> dg.Definitions:
+    """`study`: what the study job runs (default: `StudyConfig()`, the seeds, sweep and sizes it documents)."""
     assets_and_checks = [
         *build_raw_source_assets(experiment),
         build_instruction_assets(experiment),
@@ -80,6 +84,7 @@ def build_definitions(experiment: Experiment) -> dg.Definitions:
         *build_training_assets(experiment),
         *build_evaluation_assets(experiment),
         build_k_sweep_asset(experiment),
+        *build_study_assets(experiment, study or StudyConfig()),
     ]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
     assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]
@@ -93,6 +98,9 @@ def build_definitions(experiment: Experiment) -> dg.Definitions:
                                 description="Every asset of the experiment, end to end."),
             dg.define_asset_job("k_sweep", selection=dg.AssetSelection.assets("k_sweep_results"),
                                 description="Train and evaluate `moce` at several k; one comparison table."),
+            dg.define_asset_job("study", selection=STUDY,
+                                description="Every variant over seeds and the experts-per-group sweep; one table "
+                                            "of mean and two-level interval over seeds and items, one figure."),
             dg.define_asset_job("cluster_instructions", selection=DATA_HALF,
                                 description="Sources → embeddings → elbow → k-means → cluster labels."),
         ],

@@ -46,7 +46,7 @@ INSTANCE_SETTINGS["python_logs"] = {
     # (transformers and torch log warnings and above unless told otherwise).
     "python_log_level": "INFO",
     "managed_python_loggers": ["moce_model", "transformers", "peft", "accelerate", "sentence_transformers",
-                               "lm-eval", "lm_eval", "bitsandbytes", "torch", "py.warnings"],
+                               "lm-eval", "lm_eval", "bitsandbytes", "py.warnings"],
 }
 IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 

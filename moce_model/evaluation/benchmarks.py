@@ -24,7 +24,7 @@ import numpy as np
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.sandbox import run_sandboxed_many
 
-BenchmarkKind = Literal["synthetic", "blended", "humaneval", "gsm8k", "lm_eval", "lm_eval_code"]
+BenchmarkKind = Literal["synthetic", "blended", "instruction_rows", "humaneval", "gsm8k", "lm_eval", "lm_eval_code"]
 
 CODE_TIMEOUT_S = 5.0
 CODE_MEMORY_MB = 512
@@ -306,6 +306,32 @@ def run_blended(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchmark
     note = (f"{n} blended prompts ({first} item, then {second} item; held-out seed {spec.seed}), scored by held-out "
             f"loss against their parts asked alone ({time.perf_counter() - started:.1f} s)")
     return BenchmarkOutcome(spec.name, metrics, n, items, note=note)
+# ------------------------------------------------------------------------------------ instruction rows
+
+
+def run_instruction_rows(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOutcome:
+    """The held-out loss (mean per-token NLL of the reference response, end-of-turn marker included, as for the
+    synthetic domains) of each instruction row of a Parquet file; one forward pass per row."""
+    import polars as pl
+
+    if spec.path is None:
+        raise ValueError(f"benchmark {spec.name!r}: instruction_rows benchmarks need the path of a Parquet file")
+    frame = pl.read_parquet(spec.path)
+    missing = [c for c in ("id", "system", "instruction", "input", "response") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{spec.path}: missing column(s) {missing}")
+    total = frame.height
+    rows = frame.head(_resolve_count(spec.n_items, limit, default=total)).to_dicts()
+    ids = [f"{spec.name}/{r['id']}" for r in rows]
+    contexts = [lm.render_prompt(r["system"], r["instruction"], r["input"]) for r in rows]
+    scored = lm.loglikelihood_with_counts(
+        [(context, lm.render_continuation(r["system"], r["instruction"], r["input"], r["response"]))
+         for context, r in zip(contexts, rows)],
+        move_trailing_whitespace=False,
+    )
+    metric = item_metric("heldout_loss", ids, [-logprob / count for logprob, count, _ in scored])
+    items = _records(lm, ids, contexts, [], [])
+    return BenchmarkOutcome(spec.name, [metric], len(rows), items, note=f"heldout_loss on {len(rows)} of {total} rows")
 
 
 # ------------------------------------------------------------------------------------------- humaneval
@@ -443,6 +469,7 @@ def _records(lm: MoCELM, ids: Sequence[str], contexts: Sequence[str], completion
 RUNNERS: dict[str, Callable[[MoCELM, BenchmarkSpec, int | None], BenchmarkOutcome]] = {
     "synthetic": run_synthetic,
     "blended": run_blended,
+    "instruction_rows": run_instruction_rows,
     "humaneval": run_humaneval,
     "gsm8k": run_gsm8k,
 }

@@ -1,0 +1,248 @@
+"""The study (on demand, job `study`): study_heldout_split → study_runs/<layout>/s<seed> (one partition per
+run) → study_table.
+
+Each partition trains one layout at one seed, merges it (and checks the merged model against the unmerged one),
+and evaluates it on the held-out split, with the same library calls as moce_adapters, merged_model and
+benchmark_results; the table aggregates whichever runs are materialized over seeds and items.
+"""
+
+
+import json
+import time
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from assets.common import artifact_metadata, artifact_ref, md_table
+from assets.training import merge_variant, train_variant
+from moce_model.study import StudyConfig, parse_run_key, run_keys, study_layouts
+from moce_model.experiment import Experiment
+from resources.storage import ArtifactStorage
+from resources.trainer import TrainerResource
+
+STUDY_CODE_VERSION = "1"
+STUDY_GROUP = "study"
+RUNS_KEY = dg.AssetKey("study_runs")
+
+
+def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.AssetsDefinition]:
+    preset = experiment.training_config()
+    partitions = dg.StaticPartitionsDefinition(run_keys(config))
+
+    @dg.asset(
+        group_name=STUDY_GROUP,
+        kinds={"parquet"},
+        code_version=STUDY_CODE_VERSION,
+        io_manager_key="json_io_manager",
+        description=(
+            f"A deterministic held-out split of each source ({config.heldout_rows_per_source} rows per source, "
+            "chosen by content id, the same for every seed): the study trains on the rest and scores these."
+        ),
+    )
+    def study_heldout_split(
+        context: dg.AssetExecutionContext, storage: ArtifactStorage, instructions: pl.DataFrame
+    ) -> dg.Output[dict]:
+        from moce_model.io import atomic_write_parquet
+        from moce_model.study import heldout_split
+
+        split = heldout_split(instructions, config.heldout_rows_per_source)
+        out_dir = storage.path_for(context.asset_key)
+        atomic_write_parquet(split.select("id", "source", "heldout"), out_dir / "split.parquet")
+        files = {}
+        for source in sorted(split["source"].unique().to_list()):
+            rows = split.filter(pl.col("heldout") & (pl.col("source") == source)).sort("id")
+            files[source] = str(out_dir / f"heldout_{source}.parquet")
+            atomic_write_parquet(rows.select("id", "source", "system", "instruction", "input", "response"),
+                                 Path(files[source]))
+        counts = split.group_by("source", "heldout").len().sort("source", "heldout")
+        return dg.Output(
+            artifact_ref(out_dir, heldout_files=files),
+            metadata={**artifact_metadata(out_dir), "rows_per_source": dg.MetadataValue.md(md_table(counts)),
+                      "heldout_rows": int(split["heldout"].sum()), "training_rows": int((~split["heldout"]).sum())},
+        )
+
+    @dg.asset(
+        partitions_def=partitions,
+        group_name=STUDY_GROUP,
+        kinds={"pytorch", "safetensors", "parquet"},
+        code_version=STUDY_CODE_VERSION,
+        pool="training",
+        ins={
+            "base_model": dg.AssetIn(),
+            "instructions": dg.AssetIn(),
+            "study_heldout_split": dg.AssetIn(),
+            "kmeans_centroids": dg.AssetIn(),
+            "cluster_assignments": dg.AssetIn(),
+        },
+        description=(
+            "One run of the study: train the partition's layout at its seed on the training split, merge it "
+            "(merged logits checked against the unmerged model), evaluate it on the held-out split of every "
+            "source and the GSM8K test sample; writes every item's score and the trainable parameter counts."
+        ),
+    )
+    def study_runs(
+        context: dg.AssetExecutionContext,
+        trainer: TrainerResource,
+        storage: ArtifactStorage,
+        base_model: dict,
+        instructions: pl.DataFrame,
+        study_heldout_split: dict,
+        kmeans_centroids: dict,
+        cluster_assignments: pl.DataFrame,
+    ) -> dg.MaterializeResult:
+        from moce_model.evaluation.benchmarks import BenchmarkSpec
+        from moce_model.evaluation.runner import default_gsm8k_path, evaluate_model
+        from moce_model.io import atomic_write_parquet, atomic_write_text
+        from moce_model.merging import compare_merged_to_unmerged
+        from moce_model.study import trainable_parameters
+
+        layout, seed = parse_run_key(config, context.partition_key)
+        run_dir = storage.path_for([*RUNS_KEY.path, *context.partition_key.split("/")])
+        num_clusters = int(kmeans_centroids["k"])
+        base_config = json.loads((Path(base_model["path"]) / "config.json").read_text())
+        training_config = preset.with_overrides(config.training_overrides(seed if seed is not None else 0))
+        timings: dict[str, float] = {}
+        # CPU seconds of this process as well as wall seconds: on a shared machine the wall time says more about
+        # the other jobs than about the run; one-thread CPU time is what the run costs an idle core.
+        cpu_started = time.process_time()
+        metadata: dict = {"layout": layout.name, "seed": seed, "k": num_clusters}
+
+        moce_config = None
+        model_dir = Path(base_model["path"])
+        if layout.trained:
+            moce_config = layout.moce_config(config, num_clusters, kmeans_centroids["embedder"])
+            heldout_ids = pl.read_parquet(Path(study_heldout_split["path"]) / "split.parquet").filter("heldout")["id"]
+            rows = instructions.filter(~pl.col("id").is_in(heldout_ids.implode())).select(
+                "id", "system", "instruction", "input", "response")
+            # A seeded sample: seeds differ in the rows they see (and in their order and initialisation).
+            if config.train_rows < rows.height:
+                rows = rows.sample(n=config.train_rows, seed=seed, shuffle=True)
+            centroids_ref = kmeans_centroids if moce_config.needs_centroids else None
+            started = time.perf_counter()
+            adapters_ref, train_metadata = train_variant(
+                context, trainer, experiment, layout.variant,
+                base_model_dir=base_model["path"],
+                rows=rows,
+                num_clusters=num_clusters if moce_config.needs_num_clusters else None,
+                cluster_ids=(dict(cluster_assignments.select("id", "cluster").iter_rows())
+                             if centroids_ref else None),
+                centroids_ref=centroids_ref,
+                training_config=training_config,
+                run_dir=run_dir / "training",
+                moce_config=moce_config,
+            )
+            timings["train_seconds"] = time.perf_counter() - started
+            started = time.perf_counter()
+            model_dir = merge_variant(adapters_ref, base_model["path"], centroids_ref, run_dir / "merged")
+            max_abs_diff, tolerance = compare_merged_to_unmerged(model_dir, adapters_ref["path"], base_model["path"])
+            timings["merge_seconds"] = time.perf_counter() - started
+            if not max_abs_diff < tolerance:
+                raise ValueError(f"{context.partition_key}: the merged model's logits differ from the unmerged "
+                                 f"model's by {max_abs_diff:.3g} (tolerance {tolerance:.3g})")
+            metadata.update({
+                "merge_check_max_abs_logit_diff": float(max_abs_diff), "merge_check_tolerance": float(tolerance),
+                "train_rows": rows.height, "optimizer_steps": train_metadata["optimizer_steps"],
+                "final_loss": train_metadata["final_loss"], "loss_curve": train_metadata["loss_curve"],
+                "tokens_per_second": train_metadata["tokens_per_second"],
+            })
+
+        benchmarks = [
+            BenchmarkSpec(name=f"heldout_{source}", kind="instruction_rows", path=path)
+            for source, path in sorted(study_heldout_split["heldout_files"].items())
+        ]
+        gsm8k_path = default_gsm8k_path()
+        if config.gsm8k_items and gsm8k_path is not None:
+            benchmarks.append(BenchmarkSpec(name="gsm8k_test", kind="gsm8k", path=str(gsm8k_path),
+                                            n_items=config.gsm8k_items, max_new_tokens=config.gsm8k_max_new_tokens))
+        started = time.perf_counter()
+        result = evaluate_model(model_dir, model_variant=layout.name, benchmarks=benchmarks,
+                                seed=seed if seed is not None else 0, **experiment.evaluation_settings())
+        timings["evaluation_seconds"] = time.perf_counter() - started
+        timings["cpu_seconds"] = time.process_time() - cpu_started
+        if layout.trained and not config.keep_merged_models:
+            import shutil
+
+            shutil.rmtree(model_dir)
+
+        total, active = trainable_parameters(moce_config, base_config, training_config.lora_r,
+                                             training_config.lora_targets)
+        scores = result.item_scores.select(
+            pl.lit(layout.name).alias("layout"), pl.lit(seed if seed is not None else 0, pl.Int64).alias("seed"),
+            "benchmark", "metric", "item_id", "score")
+        atomic_write_parquet(scores, run_dir / "item_scores.parquet")
+        run_record = {
+            "layout": layout.name, "variant": layout.variant, "seed": seed, "k": num_clusters,
+            "groups": moce_config.num_groups if moce_config else None,
+            "experts_per_group": moce_config.experts_per_group if moce_config else None,
+            "router_top_k": moce_config.router_top_k if moce_config else None,
+            "total_trainable": total, "active_trainable": active, "note": layout.note,
+            "gsm8k_file": str(gsm8k_path) if gsm8k_path else None,
+            **{name: round(value, 1) for name, value in timings.items()},
+        }
+        atomic_write_text(json.dumps(run_record, indent=2), run_dir / "run.json")
+        if gsm8k_path is None and config.gsm8k_items:
+            context.log.warning("no GSM8K test file found (MOCE_GSM8K_PATH / MOCE_REALMIX_DIR): GSM8K left out")
+        return dg.MaterializeResult(metadata={
+            **metadata,
+            **artifact_metadata(run_dir),
+            **{name: round(value, 1) for name, value in timings.items()},
+            "total_trainable_parameters": total,
+            "active_trainable_parameters": active,
+            "scores": dg.MetadataValue.md(md_table(result.table.drop("ci_method", "model_variant"))),
+        })
+
+    @dg.asset(
+        deps=[study_runs],
+        group_name=STUDY_GROUP,
+        kinds={"markdown", "matplotlib", "parquet"},
+        code_version=STUDY_CODE_VERSION,
+        description=(
+            "Every layout's mean over seeds and items with a two-level bootstrap interval (seeds, then items), "
+            "paired differences against pesc and base, total and active trainable parameters; one figure. "
+            "Aggregates the runs that are materialized and names those that are not."
+        ),
+    )
+    def study_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
+        from moce_model.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
+        from moce_model.plots import png_markdown
+        from moce_model.study import build_study_table
+
+        done = context.instance.get_materialized_partitions(RUNS_KEY)
+        keys = run_keys(config)
+        present = [key for key in keys if key in done]
+        missing = [key for key in keys if key not in done]
+        if not present:
+            raise ValueError("no run of the study is materialized: materialize study_runs partitions first")
+        run_dirs = [storage.path_for([*RUNS_KEY.path, *key.split("/")]) for key in present]
+        scores = pl.concat([pl.read_parquet(d / "item_scores.parquet") for d in run_dirs])
+        records = {}
+        for directory in run_dirs:
+            record = json.loads((directory / "run.json").read_text())
+            records.setdefault(record["layout"], record)
+        order = [layout.name for layout in study_layouts(config) if layout.name in records]
+        parameters = pl.DataFrame([records[name] for name in order]).select(
+            "layout", "groups", "experts_per_group", "router_top_k", "total_trainable", "active_trainable", "note")
+        table = build_study_table(scores, parameters, config.bootstrap_resamples, missing)
+        out_dir = experiment.storage_root / "study"
+        atomic_write_text(table.markdown, out_dir / "study_table.md")
+        atomic_write_bytes(table.figure_png, out_dir / "study_figure.png")
+        atomic_write_parquet(table.aggregate, out_dir / "study_aggregate.parquet")
+        atomic_write_parquet(table.differences, out_dir / "study_differences.parquet")
+        atomic_write_parquet(scores, out_dir / "study_item_scores.parquet")
+        runs = pl.DataFrame([json.loads((d / "run.json").read_text()) for d in run_dirs])
+        seconds = runs.select([c for c in ("layout", "seed", "train_seconds", "merge_seconds", "evaluation_seconds",
+                                         "cpu_seconds")
+                               if c in runs.columns])
+        return dg.MaterializeResult(metadata={
+            **artifact_metadata(out_dir / "study_table.md"),
+            "table": dg.MetadataValue.md(table.markdown),
+            "figure": dg.MetadataValue.md(png_markdown(table.figure_png, "study")),
+            "figure_path": dg.MetadataValue.path(str(out_dir / "study_figure.png")),
+            "runs": len(present),
+            "missing_runs": dg.MetadataValue.json(missing),
+            "significant_differences": int(table.differences["significant"].sum()),
+            "run_seconds": dg.MetadataValue.md(md_table(seconds, max_rows=100)),
+        })
+
+    return [study_heldout_split, study_runs, study_table]

@@ -1,0 +1,104 @@
+"""`make study`: materialize what the study reads (the experiment's instructions, clusters and base model) when it
+is missing or unsynced, then every run of the study not yet materialized (one partition of `study_runs` at a
+time), then `study_table`; prints the seconds of each run and where the table and figure are.
+
+`--runs moce/e4/s0,base` runs only those partitions (and the table over what is materialized); `--rerun` runs
+the named (or all) partitions again even when they are materialized. `--workers 2` runs the partitions in two
+processes of one thread each: a run is a single-threaded chain of small matmuls, so on the 2-core machine two
+one-thread runs side by side use both cores better than one run on two threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import dagster as dg
+
+from assets.study import RUNS_KEY
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.definitions import defs
+    from moce_model.experiment import load_experiment
+    from pipelines.cli import experiment_instance
+    from pipelines.runner import unsynced_asset_keys
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", default="", help="comma-separated run keys (default: every run of the study)")
+    parser.add_argument("--rerun", action="store_true", help="run the partitions even when already materialized")
+    parser.add_argument("--no-table", action="store_true", help="do not materialize study_table")
+    parser.add_argument("--workers", type=int, default=1, help="processes running partitions side by side")
+    parser.add_argument("--skip-inputs", action="store_true", help=argparse.SUPPRESS)  # a worker: the parent did them
+    args = parser.parse_args(argv)
+
+    experiment = load_experiment()
+    instance = experiment_instance(experiment)
+    graph = defs.resolve_asset_graph()
+    all_runs = list(graph.get(RUNS_KEY).partitions_def.get_partition_keys())
+    wanted = [key for key in args.runs.split(",") if key] or all_runs
+    unknown = [key for key in wanted if key not in all_runs]
+    if unknown:
+        print(f"not runs of this study: {unknown}; runs: {all_runs}", file=sys.stderr)
+        return 2
+    log_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    print(f"experiment={experiment.name} DAGSTER_HOME={instance.root_directory}")
+    started_all = time.perf_counter()
+
+    upstream = (dg.AssetSelection.assets(RUNS_KEY).upstream() - dg.AssetSelection.groups("study")
+                ).required_multi_asset_neighbors()
+    todo = [] if args.skip_inputs else unsynced_asset_keys(defs, instance, selection=upstream)
+    if todo:
+        print("materializing the study's inputs:", ", ".join(key.to_user_string() for key in todo))
+        started = time.perf_counter()
+        if not defs.resolve_job_def("demo_pipeline").execute_in_process(
+                instance=instance, asset_selection=todo, raise_on_error=False, run_config=log_config).success:
+            print("materializing the study's inputs FAILED", file=sys.stderr)
+            return 1
+        print(f"inputs: {time.perf_counter() - started:.1f} s")
+    study_job = defs.resolve_job_def("study")
+    split_key = dg.AssetKey("study_heldout_split")
+    if not args.skip_inputs and (instance.get_latest_materialization_event(split_key) is None or todo):
+        study_job.execute_in_process(instance=instance, asset_selection=[split_key], run_config=log_config)
+
+    done = instance.get_materialized_partitions(RUNS_KEY)
+    pending = [key for key in wanted if args.rerun or key not in done]
+    seconds: dict[str, float] = {}
+    if args.workers > 1 and len(pending) > 1:
+        # Round-robin over the run order (base, then each layout's seeds): the workers get similar mixes.
+        shares = [pending[index::args.workers] for index in range(args.workers)]
+        environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+        started = time.perf_counter()
+        workers = [subprocess.Popen([sys.executable, "-m", "pipelines.study", "--runs", ",".join(share),
+                                     "--no-table", "--skip-inputs", *(["--rerun"] if args.rerun else [])],
+                                    env=environment) for share in shares if share]
+        failed = [worker.args for worker in workers if worker.wait() != 0]
+        print(f"{len(pending)} runs in {len(workers)} workers: {time.perf_counter() - started:.1f} s")
+        if failed:
+            print(f"a worker FAILED: {failed}", file=sys.stderr)
+            return 1
+        pending = []
+    for key in pending:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        result = study_job.execute_in_process(instance=instance, asset_selection=[RUNS_KEY], partition_key=key,
+                                              raise_on_error=False, run_config=log_config)
+        seconds[key] = time.perf_counter() - started
+        print(f"run {key}: {'done' if result.success else 'FAILED'} in {seconds[key]:.1f} s "
+              f"({time.process_time() - cpu_started:.1f} CPU seconds)", flush=True)
+        if not result.success:
+            return 1
+    if not args.no_table:
+        study_job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("study_table")],
+                                     run_config=log_config)
+        print(f"\nstudy table: {experiment.storage_root / 'study' / 'study_table.md'}")
+        print(f"study figure: {experiment.storage_root / 'study' / 'study_figure.png'}")
+    print("seconds per run:", {key: round(value, 1) for key, value in seconds.items()})
+    print(f"total: {time.perf_counter() - started_all:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""The study job on a tiny model: two runs (the base model and one trained layout at one seed) and the table."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import polars as pl
+
+from moce_model.study import StudyConfig
+from pipelines.definitions import PIPELINE, STUDY, build_definitions
+from tests.pipeline_fixtures import dagster_instance, small_experiment
+from tests.tiny_models import save_tiny_llama
+
+GSM8K_ROWS = [
+    {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "3 + 4 = 7\n#### 7"},
+    {"question": "A box holds 6 eggs. How many eggs are in 2 boxes?", "answer": "6 * 2 = 12\n#### 12"},
+]
+
+
+def test_study_runs_two_partitions_and_the_table(tmp_path, monkeypatch):
+    gsm8k = tmp_path / "gsm8k_test.jsonl"
+    gsm8k.write_text("".join(json.dumps(row) + "\n" for row in GSM8K_ROWS))
+    monkeypatch.setenv("MOCE_GSM8K_PATH", str(gsm8k))
+    save_tiny_llama(tmp_path / "tiny_base")
+    experiment = small_experiment(
+        tmp_path,
+        sources=[{"name": "synthetic_mix", "kind": "synthetic", "n_per_domain": 12, "seed": 0}],
+        clustering={"k_max": 3},
+        training={"overrides": {"save_steps": 2, "lora_r": 2, "lora_alpha": 4, "warmup_steps": 0}},
+    )
+    study = StudyConfig(seeds=(0,), variants=("moce",), experts_per_group_sweep=(2,), router_top_k=1,
+                        adapter_dim=4, train_rows=16, max_steps=2, per_device_batch_size=4, max_length=192,
+                        heldout_rows_per_source=3, gsm8k_items=2, gsm8k_max_new_tokens=8, bootstrap_resamples=200)
+    defs = build_definitions(experiment, study)
+    graph = defs.resolve_asset_graph()
+    assert not (STUDY.resolve(graph) & PIPELINE.resolve(graph)), "the study is not part of the pipeline job"
+    with dagster_instance(tmp_path) as instance:
+        inputs = dg.AssetSelection.groups("data", "embedding", "clustering") | dg.AssetSelection.assets("base_model")
+        assert defs.resolve_job_def("demo_pipeline").execute_in_process(
+            instance=instance, asset_selection=list(inputs.resolve(graph))).success
+        job = defs.resolve_job_def("study")
+        assert job.execute_in_process(instance=instance,
+                                      asset_selection=[dg.AssetKey("study_heldout_split")]).success
+        for key in ("base", "moce/e2/s0"):
+            assert job.execute_in_process(instance=instance, partition_key=key,
+                                          asset_selection=[dg.AssetKey("study_runs")]).success, key
+        assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("study_table")]).success
+
+        run = instance.get_latest_materialization_event(dg.AssetKey("study_runs")).asset_materialization
+        assert run.partition == "moce/e2/s0"
+        assert run.metadata["merge_check_max_abs_logit_diff"].value < run.metadata["merge_check_tolerance"].value
+        table = instance.get_latest_materialization_event(dg.AssetKey("study_table")).asset_materialization
+        assert table.metadata["runs"].value == 2 and table.metadata["missing_runs"].value == []
+        markdown = table.metadata["table"].value
+
+    out_dir = experiment.storage_root / "study"
+    assert (out_dir / "study_figure.png").read_bytes().startswith(b"\x89PNG")
+    aggregated = pl.read_parquet(out_dir / "study_aggregate.parquet")
+    benchmarks = set(aggregated["benchmark"])
+    assert benchmarks == {"heldout_synthetic_mix", "gsm8k_test"}
+    loss = aggregated.filter(pl.col("benchmark") == "heldout_synthetic_mix")
+    assert set(loss["n_items"]) == {3} and set(loss["n_seeds"]) == {1}
+    assert set(aggregated["layout"]) == {"base", "moce/e2"}
+    differences = pl.read_parquet(out_dir / "study_differences.parquet")
+    assert set(differences.select("layout", "reference").rows()) == {("moce/e2", "base")}
+    # Parameter counts in the table: the base model trains nothing, moce/e2 its LoRA + experts + routers.
+    assert "| base (the base model, not trained) | 0 | 0 |" in markdown
+    record = json.loads((experiment.storage_root / "artifacts" / "study_runs" / "moce" / "e2" / "s0" / "run.json")
+                        .read_text())
+    assert record["total_trainable"] > record["active_trainable"] > 0
+    assert f"| moce/e2 | {record['total_trainable']:,} | {record['active_trainable']:,} | 1 |" in markdown
+    # The split holds out 3 rows of the one source (the rest is what the runs train on).
+    split = pl.read_parquet(experiment.storage_root / "artifacts" / "study_heldout_split" / "split.parquet")
+    assert split["heldout"].sum() == 3

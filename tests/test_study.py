@@ -1,0 +1,211 @@
+"""The study's pieces on constructed data with a known answer: the two-level interval, paired differences,
+parameter counts, layouts and the held-out split."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from moce_model.config import MoCEConfig
+from moce_model.study import (
+    StudyConfig,
+    StudyLayout,
+    aggregate,
+    build_study_table,
+    heldout_split,
+    paired_differences,
+    parse_run_key,
+    run_keys,
+    study_layouts,
+    trainable_parameters,
+    two_level_bootstrap,
+)
+
+
+def _crossed_scores(rng, n_seeds, n_items, mean=1.0, seed_sd=0.3, item_sd=0.5, noise_sd=0.2):
+    """Score of (seed, item) = mean + seed effect + item effect + noise: the population mean is `mean`."""
+    return (mean + rng.normal(0, seed_sd, (n_seeds, 1)) + rng.normal(0, item_sd, (1, n_items))
+            + rng.normal(0, noise_sd, (n_seeds, n_items)))
+
+
+def test_two_level_interval_covers_the_truth_where_an_items_only_interval_does_not():
+    rng = np.random.default_rng(1)
+    replications, covered_two_level, covered_items_only = 200, 0, 0
+    for replication in range(replications):
+        scores = _crossed_scores(rng, n_seeds=10, n_items=40)
+        _, low, high = two_level_bootstrap(scores, resamples=1_000, seed=replication)
+        covered_two_level += low <= 1.0 <= high
+        # Items only: the seeds' models held fixed, as if the training runs were the variant.
+        item_means = scores.mean(axis=0)
+        boot = rng.choice(item_means, size=(1_000, item_means.size)).mean(axis=1)
+        low, high = np.quantile(boot, [0.025, 0.975])
+        covered_items_only += low <= 1.0 <= high
+    # Nominal 95%; 200 replications put the estimate within about ±3.5 points of the true coverage.
+    assert covered_two_level / replications >= 0.90
+    assert covered_items_only / replications < 0.85
+
+
+def test_two_level_interval_known_answers():
+    constant = np.full((3, 20), 0.25)
+    assert two_level_bootstrap(constant, 500) == (0.25, 0.25, 0.25)
+    # One seed: only the items are resampled, and the interval is the items' percentile bootstrap.
+    rng = np.random.default_rng(0)
+    one_seed = rng.normal(2.0, 1.0, (1, 400))
+    mean, low, high = two_level_bootstrap(one_seed, 4_000)
+    standard_error = one_seed.std(ddof=1) / np.sqrt(400)
+    assert mean == pytest.approx(one_seed.mean())
+    assert high - low == pytest.approx(2 * 1.96 * standard_error, rel=0.1)
+    with pytest.raises(ValueError):
+        two_level_bootstrap(np.array([1.0, 2.0]), 10)
+
+
+def _long(layout, matrix, benchmark="heldout_a", metric="heldout_loss", seeds=None):
+    seeds = seeds if seeds is not None else list(range(matrix.shape[0]))
+    return pl.DataFrame([
+        {"layout": layout, "seed": seeds[s], "benchmark": benchmark, "metric": metric, "item_id": f"i{i}",
+         "score": float(matrix[s, i])}
+        for s in range(matrix.shape[0]) for i in range(matrix.shape[1])
+    ])
+
+
+def test_paired_differences_have_the_constructed_sign_and_size():
+    rng = np.random.default_rng(3)
+    pesc = _crossed_scores(rng, 3, 60)
+    lower = pesc - 0.3 + rng.normal(0, 0.02, pesc.shape)  # 0.3 lower loss on every item and seed
+    same = pesc + rng.normal(0, 0.05, pesc.shape)
+    base = _crossed_scores(rng, 1, 60, mean=3.0)
+    scores = pl.concat([_long("pesc", pesc), _long("moce/e4", lower), _long("dense_adapter", same),
+                        _long("base", base)])
+    differences = paired_differences(scores, resamples=2_000)
+    row = differences.filter((pl.col("layout") == "moce/e4") & (pl.col("reference") == "pesc")).row(0, named=True)
+    assert row["difference"] == pytest.approx(-0.3, abs=0.01)
+    assert row["ci_low"] < -0.3 < row["ci_high"] < 0 and row["significant"]
+    assert row["verdict"] == "moce/e4 better"  # lower loss is better
+    assert (row["n_seeds"], row["n_items"]) == (3, 60)
+    row = differences.filter((pl.col("layout") == "dense_adapter") & (pl.col("reference") == "pesc")).row(0, named=True)
+    assert row["ci_low"] < 0 < row["ci_high"] and row["verdict"] == "no significant difference"
+    # The base model is one run: every seed's run is compared with it.
+    row = differences.filter((pl.col("layout") == "pesc") & (pl.col("reference") == "base")).row(0, named=True)
+    assert row["difference"] == pytest.approx(float((pesc - base).mean()))
+    assert row["significant"] and row["verdict"] == "pesc better" and row["n_seeds"] == 3
+    # A reference is not compared with the earlier reference's mirror (base − pesc is not reported).
+    assert differences.filter((pl.col("layout") == "base") & (pl.col("reference") == "pesc")).height == 0
+
+
+def test_aggregate_counts_seeds_and_items_and_rejects_unequal_items():
+    rng = np.random.default_rng(4)
+    matrix = _crossed_scores(rng, 3, 10)
+    table = aggregate(_long("moce/e2", matrix, seeds=[0, 1, 2]), resamples=500)
+    row = table.row(0, named=True)
+    assert (row["n_seeds"], row["n_items"]) == (3, 10)
+    assert row["mean"] == pytest.approx(matrix.mean())
+    assert row["seed_sd"] == pytest.approx(matrix.mean(axis=1).std(ddof=1))
+    ragged = _long("moce/e2", matrix).filter(~((pl.col("seed") == 1) & (pl.col("item_id") == "i3")))
+    with pytest.raises(ValueError, match="same items"):
+        aggregate(ragged, resamples=10)
+
+
+BASE_CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}
+
+
+@pytest.mark.parametrize("name", ["dense_adapter", "pesc", "moce/e2", "moce/e4", "random_group/e4", "cluster_only"])
+def test_trainable_parameter_counts_match_the_built_model(tmp_path, name):
+    from moce_model.training import TrainingConfig
+    from moce_model.training.model import build_model, count_trainable_parameters
+    from tests.tiny_models import save_tiny_llama
+
+    base_dir = save_tiny_llama(tmp_path / "base", hidden_size=64, layers=2)
+    config = StudyConfig(adapter_dim=4)
+    layout = {layout.name: layout for layout in study_layouts(config)}[name]
+    moce_config = layout.moce_config(config, num_clusters=3)
+    training = TrainingConfig.demo(lora_r=2)
+    model = build_model(base_dir, moce_config, training)
+    total, _ = trainable_parameters(moce_config, BASE_CONFIG, training.lora_r, training.lora_targets)
+    assert total == count_trainable_parameters(model)
+
+
+def test_active_parameters_and_matched_budgets():
+    config = StudyConfig(adapter_dim=4, router_top_k=2)
+    layouts = {layout.name: layout for layout in study_layouts(config)}
+    hidden, layers, rank = 64, 2, 4
+    counts = {name: trainable_parameters(layouts[name].moce_config(config, num_clusters=3), BASE_CONFIG, 2,
+                                         ("q_proj",))
+              for name in ("pesc", "moce/e4", "moce/e2", "cluster_only", "dense_adapter")}
+    lora = layers * 2 * (hidden + hidden)  # q_proj: r x (in + out) per layer
+    # moce/e4: 3 groups x 4 experts; a token uses its group's router (4 x H) and 2 experts.
+    assert counts["moce/e4"] == (lora + layers * 3 * (4 * 2 * hidden * rank + 4 * hidden),
+                                 lora + layers * (2 * 2 * hidden * rank + 4 * hidden))
+    # pesc holds k x 4 = 12 experts in one group: the same total as moce/e4, a larger router per token.
+    assert counts["pesc"][0] == counts["moce/e4"][0]
+    assert counts["pesc"][1] == lora + layers * (2 * 2 * hidden * rank + 12 * hidden)
+    # One adapter, no router: everything trained is active.
+    assert counts["dense_adapter"][0] == counts["dense_adapter"][1] == lora + layers * 2 * hidden * rank
+    assert counts["cluster_only"] == (lora + layers * 3 * 2 * hidden * rank, lora + layers * 2 * hidden * rank)
+    assert trainable_parameters(None, BASE_CONFIG, 2, ("q_proj",)) == (0, 0)
+
+
+def test_layouts_runs_and_config_mapping():
+    config = StudyConfig.from_mapping({"seeds": [0, 1], "experts_per_group_sweep": [1, 2, 4]})
+    names = [layout.name for layout in study_layouts(config)]
+    # moce with one expert per group is cluster_only's layout: run once, as cluster_only.
+    assert names == ["base", "dense_adapter", "pesc", "moce/e2", "moce/e4", "random_group/e4", "cluster_only"]
+    keys = run_keys(config)
+    assert keys[0] == "base" and "moce/e4/s1" in keys and len(keys) == 1 + 6 * 2
+    for key in keys:
+        layout, seed = parse_run_key(config, key)
+        assert (layout.name if seed is None else f"{layout.name}/s{seed}") == key
+    with pytest.raises(ValueError, match="not a run"):
+        parse_run_key(config, "moce/e4/s7")
+    with pytest.raises(ValueError, match="unknown study field"):
+        StudyConfig.from_mapping({"seed": [0]})
+    without_cluster_only = StudyConfig(variants=("moce",))
+    assert [layout.name for layout in study_layouts(without_cluster_only)] == ["base", "moce/e1", "moce/e2", "moce/e4"]
+    assert StudyLayout("moce/e1", "moce", 1).moce_config(config, 3).router_top_k == 1
+
+
+def test_heldout_split_is_deterministic_and_per_source():
+    instructions = pl.DataFrame({"id": [f"{i:04x}" for i in range(40)][::-1],
+                                 "source": ["a"] * 25 + ["b"] * 15})
+    split = heldout_split(instructions, rows_per_source=5)
+    assert split.group_by("source").agg(pl.col("heldout").sum()).sort("source")["heldout"].to_list() == [5, 5]
+    assert split.equals(heldout_split(instructions.sample(fraction=1.0, shuffle=True, seed=2).sort("id", descending=True),
+                                      rows_per_source=5))
+    held = split.filter("heldout")
+    assert held.filter(pl.col("source") == "a")["id"].sort().to_list() == sorted(
+        instructions.filter(pl.col("source") == "a")["id"].to_list())[:5]
+    with pytest.raises(ValueError, match="leaves none"):
+        heldout_split(instructions, rows_per_source=15)
+
+
+def test_study_table_markdown_and_figure():
+    rng = np.random.default_rng(5)
+    scores = pl.concat([_long("base", _crossed_scores(rng, 1, 8, mean=2.0)),
+                        _long("pesc", _crossed_scores(rng, 2, 8)),
+                        _long("pesc", rng.integers(0, 2, (2, 6)).astype(float), benchmark="gsm8k_test",
+                              metric="exact_match")])
+    parameters = pl.DataFrame({"layout": ["base", "pesc"], "groups": [None, 1], "experts_per_group": [None, 12],
+                               "router_top_k": [None, 2], "total_trainable": [0, 1234], "active_trainable": [0, 567],
+                               "note": ["", "matched"]})
+    table = build_study_table(scores, parameters, resamples=200, missing_runs=["moce/e4/s0"])
+    assert "| pesc (matched) | 1,234 | 567 | 2 |" in table.markdown
+    assert "two-level" in table.markdown and "moce/e4/s0" in table.markdown
+    assert "gsm8k_test exact_match" in table.markdown and "heldout_a heldout_loss ↓" in table.markdown
+    assert table.figure_png.startswith(b"\x89PNG")
+    assert table.differences.height == 1  # pesc − base on the loss; base has no gsm8k scores
+
+
+def test_binary_scores_never_get_a_zero_width_interval():
+    none_correct = np.zeros((3, 10))
+    row = aggregate(_long("moce/e4", none_correct, benchmark="gsm8k_test", metric="exact_match"), 500).row(0, named=True)
+    # 0 of 10 items: the Wilson interval [0, 0.278], which a bootstrap of identical items (0, 0) would not give.
+    assert row["mean"] == 0.0 and row["ci_low"] == 0.0 and row["ci_high"] == pytest.approx(0.2775, abs=1e-3)
+    some_correct = none_correct.copy()
+    some_correct[:, :2] = 1.0
+    scores = pl.concat([_long("pesc", none_correct, benchmark="g", metric="exact_match"),
+                        _long("moce/e4", some_correct, benchmark="g", metric="exact_match")])
+    row = paired_differences(scores, 500).row(0, named=True)
+    # 2 of 10 won, 0 lost, on every seed: Bonett–Price on 10 pairs covers 0, so it is not called a difference.
+    assert row["difference"] == pytest.approx(0.2) and row["ci_low"] < 0 < row["ci_high"]
+    assert row["verdict"] == "no significant difference"
