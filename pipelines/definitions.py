@@ -7,6 +7,7 @@ import logging
 import os
 
 import dagster as dg
+from transformers.utils import logging as hf_logging
 
 from assets.clustering import build_clustering_assets
 from assets.common import HEAVY_STEP_TAG
@@ -119,4 +120,7 @@ def build_definitions(experiment: Experiment, study: StudyConfig | None = None) 
 # `warnings.warn` (transformers and torch deprecations, peft notices) as records of the `py.warnings` logger, which
 # the instance's python_logs sends to the event log.
 logging.captureWarnings(True)
+# transformers' records reach the event log (python_logs), which the terminal shows too: without this its own
+# stderr handler would print each of them a second time.
+hf_logging.disable_default_handler()
 defs = build_definitions(load_experiment())
