@@ -204,7 +204,7 @@ def test_demo_experiment_keeps_the_demo_scale(clean_env):
     evaluation = demo.evaluation
     assert (evaluation.loss_items_per_domain, evaluation.generation_items_per_domain, evaluation.humaneval_items,
             evaluation.gsm8k_items) == (50, 8, 4, 4)
-    assert demo.training_config().max_steps == 40 and demo.launcher.resolved_kind == "in_process"
+    assert demo.training_config().max_steps == 30 and demo.launcher.resolved_kind == "in_process"
     assert demo.storage_root == EXPERIMENTS_DIR.parents[1] / ".moce_data" / "demo"
     clean_env.setenv("MOCE_DATA_DIR", "/tmp/moce-elsewhere")
     assert load_experiment("demo").storage_root == Path("/tmp/moce-elsewhere")
