@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         torch._dynamo.reset()  # compiled code is cached per code object: each variant compiles afresh
         torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
-        result = train(base_dir, rows, clusters, moce, config, root / variant, on_log=on_log,
+        train(base_dir, rows, clusters, moce, config, root / variant, on_log=on_log,
                        num_clusters=4 if routed else None)
         steps = [b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:])]
         step = statistics.median(steps)

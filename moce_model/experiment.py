@@ -479,7 +479,7 @@ def load_experiment(name_or_path: str | os.PathLike[str] | None = None) -> Exper
     try:
         experiment = Experiment.model_validate({"name": path.stem, **values}, context={"base_dir": path.parent})
         if on_gpu:
-            with_gpu = Experiment.model_validate({"name": path.stem, **_deep_merged(values, on_gpu)},
+            with_gpu = Experiment.model_validate({"name": path.stem, **deep_merged(values, on_gpu)},
                                                  context={"base_dir": path.parent})
             import torch
 
@@ -490,11 +490,12 @@ def load_experiment(name_or_path: str | os.PathLike[str] | None = None) -> Exper
     return experiment
 
 
-def _deep_merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `override` laid over it: mappings merge key by key, anything else is replaced."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merged(merged[key], value)
+            merged[key] = deep_merged(merged[key], value)
         else:
             merged[key] = value
     return merged

@@ -1,8 +1,8 @@
 """The Dagster instance of this project: its `dagster.yaml`, and runs whose process was killed marked failed.
 
 `python -m pipelines.instance DAGSTER_HOME` writes (or updates) `DAGSTER_HOME/dagster.yaml` with the settings
-below; the Makefile runs it before `make demo`, `make ui`, `make set-k` and `make k-sweep`, and the tests' instance
-uses the same settings.
+below; every `moce` command writes it the same way before it runs (pipelines/cli.py), and the tests' instance uses
+the same settings.
 
 Run monitoring (`run_monitoring`, run by the daemon that `dagster dev` starts) fails runs stuck starting or
 cancelling; a run worker that dies under `dagster dev` is failed by its code server. Neither sees a run executed
@@ -14,15 +14,15 @@ process is gone as failed: at the start of `make demo` and, while `dagster dev` 
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import yaml
+
+from moce_model.experiment import deep_merged
+from moce_model.io import atomic_write_text
 
 from resources.run_process import RUN_PROCESS_TAG, process_is_gone
 
@@ -51,16 +51,6 @@ INSTANCE_SETTINGS["python_logs"] = {
 IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
-def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merged(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def write_instance_config(home: str | Path) -> Path:
     """Write `home/dagster.yaml` with `INSTANCE_SETTINGS`, keeping any other setting an existing file has."""
     path = Path(home) / INSTANCE_FILE
@@ -72,17 +62,7 @@ def write_instance_config(home: str | Path) -> Path:
             raise ValueError(f"{path}: not valid YAML ({error}); fix or remove it") from error
         if not isinstance(existing, dict):
             raise ValueError(f"{path}: expected a mapping of instance settings, got {type(existing).__name__}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written next to the target and renamed into place, as moce_model.io does; that module is not imported
-    # here because importing the library loads torch, which `make demo` and `make ui` would wait for twice.
-    fd, temp = tempfile.mkstemp(prefix=f".tmp-{INSTANCE_FILE}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(yaml.safe_dump(_merged(existing, INSTANCE_SETTINGS), sort_keys=False))
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    atomic_write_text(yaml.safe_dump(deep_merged(existing, INSTANCE_SETTINGS), sort_keys=False), path)
     return path
 
 
