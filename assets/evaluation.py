@@ -15,6 +15,13 @@ from resources.storage import ArtifactStorage
 EVALUATION_CODE_VERSION = "3"
 
 
+def _evaluation_table(table: str, model_name: str, description: str, kinds: frozenset = frozenset({"parquet"})):
+    """One Parquet table the evaluation of `model_name` writes: asset `<table>/<model_name>`."""
+    return dg.AssetOut(key=[table, model_name], group_name="evaluation", kinds=set(kinds),
+                       code_version=EVALUATION_CODE_VERSION, io_manager_key="parquet_io_manager",
+                       automation_condition=RERUN_WHEN_UPSTREAM_CHANGES, description=description)
+
+
 def _embeds_prompts(model_name: str) -> bool:
     """Whether evaluating this model embeds each prompt (to route it by cluster): base has no variant."""
     return model_name != "base" and variant_semantics(model_name).needs_centroids
@@ -61,35 +68,17 @@ def build_evaluation_assets(experiment: Experiment) -> list:
         upstream = dg.AssetIn(key="base_model") if model_name == "base" else dg.AssetIn(key=["merged_model", model_name])
         # The base model has no experts: no expert-use table.
         expert_use_out = {} if model_name == "base" else {
-            "expert_use": dg.AssetOut(
-                key=["benchmark_expert_use", model_name],
-                group_name="evaluation",
-                kinds={"parquet"},
-                code_version=EVALUATION_CODE_VERSION,
-                io_manager_key="parquet_io_manager",
-                automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
-                description=(
-                    f"Expert use of `{model_name}` on the evaluated (held-out) prompts, counted while the evaluation "
-                    "ran: per benchmark, layer, expert group and expert, the tokens routed to the expert and its share "
-                    "of the group's assignments."
-                ),
-            ),
+            "expert_use": _evaluation_table("benchmark_expert_use", model_name, (
+                f"Expert use of `{model_name}` on the evaluated (held-out) prompts, counted while the evaluation "
+                "ran: per benchmark, layer, expert group and expert, the tokens routed to the expert and its share "
+                "of the group's assignments.")),
         }
 
         # Only a model that routes by embedding the prompt has embeddings of the evaluated prompts.
         prompt_embeddings_out = {} if not _embeds_prompts(model_name) else {
-            "prompt_embeddings": dg.AssetOut(
-                key=["benchmark_prompt_embeddings", model_name],
-                group_name="evaluation",
-                kinds={"parquet"},
-                code_version=EVALUATION_CODE_VERSION,
-                io_manager_key="parquet_io_manager",
-                automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
-                description=(
-                    f"The router's embedding and cluster of every evaluated prompt of `{model_name}` (its input "
-                    "side, embedded as the centroids were fit): the 2-D map of the evaluation prompts."
-                ),
-            ),
+            "prompt_embeddings": _evaluation_table("benchmark_prompt_embeddings", model_name, (
+                f"The router's embedding and cluster of every evaluated prompt of `{model_name}` (its input "
+                "side, embedded as the centroids were fit): the 2-D map of the evaluation prompts.")),
         }
 
         @dg.multi_asset(
@@ -98,31 +87,13 @@ def build_evaluation_assets(experiment: Experiment) -> list:
             outs={
                 **expert_use_out,
                 **prompt_embeddings_out,
-                "results": dg.AssetOut(
-                    key=["benchmark_results", model_name],
-                    group_name="evaluation",
-                    kinds={"lm_eval", "parquet"},
-                    code_version=EVALUATION_CODE_VERSION,
-                    io_manager_key="parquet_io_manager",
-                    automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
-                    description=(
-                        f"Benchmark scores of `{model_name}`, each with n, stderr and 95% interval; every prompt "
-                        "is routed to its cluster's expert group (embed the input side, nearest centroid) by the "
-                        "same lm-eval model class for every model."
-                    ),
-                ),
-                "item_scores": dg.AssetOut(
-                    key=["benchmark_item_scores", model_name],
-                    group_name="evaluation",
-                    kinds={"parquet"},
-                    code_version=EVALUATION_CODE_VERSION,
-                    io_manager_key="parquet_io_manager",
-                    automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
-                    description=(
-                        f"Every item's score of `{model_name}` per benchmark and metric, with the cluster that "
-                        "answered it: what the intervals and the paired differences between models are computed from."
-                    ),
-                ),
+                "results": _evaluation_table("benchmark_results", model_name, (
+                    f"Benchmark scores of `{model_name}`, each with n, stderr and 95% interval; every prompt "
+                    "is routed to its cluster's expert group (embed the input side, nearest centroid) by the "
+                    "same lm-eval model class for every model."), kinds=frozenset({"lm_eval", "parquet"})),
+                "item_scores": _evaluation_table("benchmark_item_scores", model_name, (
+                    f"Every item's score of `{model_name}` per benchmark and metric, with the cluster that "
+                    "answered it: what the intervals and the paired differences between models are computed from.")),
             },
             op_tags=HEAVY_STEP_TAG,
         )
