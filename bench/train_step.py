@@ -71,7 +71,8 @@ def build_base(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> L
     return base.train()
 
 
-def _reference_forward(self, x, down, group_ids):
+def _reference_forward(self, x, down, group_ids, feature_weights=None):
+    # the reference code has the linear token router only: no AC feature weights
     return reference_expert_forward(self, x, down, group_ids), Routing(group_ids, None, None, None)
 
 
