@@ -240,32 +240,30 @@ def paper_average(results: pl.DataFrame, scores: pl.DataFrame, variants: Sequenc
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _concat_scores(item_scores: Sequence[pl.DataFrame]) -> pl.DataFrame:
-    frames = []
-    for index, frame in enumerate(item_scores):
-        missing = [c for c in ITEM_SCORES_SCHEMA if c not in frame.columns]
+def _concat_checked(frames: Sequence[pl.DataFrame], schema: dict, key: Sequence[str], what: str,
+                    repeated_what: str) -> pl.DataFrame:
+    """The tables of several models as one, in `schema`; a missing column or a repeated `key` is an error."""
+    checked = []
+    for index, frame in enumerate(frames):
+        missing = [c for c in schema if c not in frame.columns]
         if missing:
-            raise ValueError(f"item scores {index}: missing column(s) {missing}")
-        frames.append(frame.select(list(ITEM_SCORES_SCHEMA)).cast(ITEM_SCORES_SCHEMA))
-    scores = pl.concat(frames) if frames else pl.DataFrame(schema=ITEM_SCORES_SCHEMA)
-    repeated = scores.group_by("model_variant", "benchmark", "metric", "item_id").len().filter(pl.col("len") > 1)
+            raise ValueError(f"{what} {index}: missing column(s) {missing}")
+        checked.append(frame.select(list(schema)).cast(schema))
+    table = pl.concat(checked) if checked else pl.DataFrame(schema=schema)
+    repeated = table.group_by(*key).len().filter(pl.col("len") > 1)
     if repeated.height:
-        raise ValueError(f"more than one score for (variant, benchmark, metric, item): {repeated.drop('len').rows()[:5]}")
-    return scores
+        raise ValueError(f"more than one {repeated_what} {repeated.drop('len').rows()[:5]}")
+    return table
+
+
+def _concat_scores(item_scores: Sequence[pl.DataFrame]) -> pl.DataFrame:
+    return _concat_checked(item_scores, ITEM_SCORES_SCHEMA, ("model_variant", "benchmark", "metric", "item_id"),
+                           "item scores", "score for (variant, benchmark, metric, item):")
 
 
 def _concat_expert_use(expert_use: Sequence[pl.DataFrame]) -> pl.DataFrame:
-    frames = []
-    for index, frame in enumerate(expert_use):
-        missing = [c for c in EXPERT_USE_SCHEMA if c not in frame.columns]
-        if missing:
-            raise ValueError(f"expert use {index}: missing column(s) {missing}")
-        frames.append(frame.select(list(EXPERT_USE_SCHEMA)).cast(EXPERT_USE_SCHEMA))
-    use = pl.concat(frames) if frames else pl.DataFrame(schema=EXPERT_USE_SCHEMA)
-    repeated = use.group_by("model_variant", "benchmark", "layer", "group", "expert").len().filter(pl.col("len") > 1)
-    if repeated.height:
-        raise ValueError(f"more than one expert-use row for {repeated.drop('len').rows()[:5]}")
-    return use
+    return _concat_checked(expert_use, EXPERT_USE_SCHEMA, ("model_variant", "benchmark", "layer", "group", "expert"),
+                           "expert use", "expert-use row for")
 
 
 def _scores_of(scores: pl.DataFrame, benchmark: str, metric: str, variant: str) -> dict[str, float]:
