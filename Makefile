@@ -63,7 +63,8 @@ rehearsal: $(STAMP) sandbox
 	$(PY) -m moce_model.rehearsal $(MOCE_REHEARSAL_DIR)
 	MOCE_REHEARSAL_DIR=$(MOCE_REHEARSAL_DIR) $(MOCE) run --experiment paper-rehearsal
 
-# Journey "k side by side": `make k-sweep KS=2,3,4,6` trains and evaluates moce at each k into one table.
+# Journey "k side by side": `make k-sweep KS=2,3,4,6` trains and evaluates moce at each k (one run per partition
+# of the k_sweep assets), then the comparison table over every materialized k.
 KS ?= 2,3,4,6
 k-sweep: $(STAMP) sandbox
 	$(MOCE) sweep --ks $(KS) $(EXPERIMENT_ARG)
