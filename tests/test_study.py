@@ -13,9 +13,12 @@ from moce_model.study import (
     StudyLayout,
     aggregate,
     build_study_table,
+    comparisons,
+    counterparts,
     heldout_split,
     paired_differences,
     parse_run_key,
+    run_key,
     run_keys,
     study_layouts,
     trainable_parameters,
@@ -110,7 +113,8 @@ BASE_CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 12
                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}
 
 
-@pytest.mark.parametrize("name", ["dense_adapter", "pesc", "moce/e2", "moce/e4", "random_group/e4", "cluster_only"])
+@pytest.mark.parametrize("name", ["dense_adapter", "pesc", "moce/e2", "moce/e4", "random_group/e4", "cluster_only",
+                                  "moce+ac/e4", "pesc+ac"])
 def test_trainable_parameter_counts_match_the_built_model(tmp_path, name):
     from moce_model.training import TrainingConfig
     from moce_model.training.model import build_model, count_trainable_parameters
@@ -150,9 +154,10 @@ def test_layouts_runs_and_config_mapping():
     config = StudyConfig.from_mapping({"seeds": [0, 1], "experts_per_group_sweep": [1, 2, 4]})
     names = [layout.name for layout in study_layouts(config)]
     # moce with one expert per group is cluster_only's layout: run once, as cluster_only.
-    assert names == ["base", "dense_adapter", "pesc", "moce/e2", "moce/e4", "random_group/e4", "cluster_only"]
+    assert names == ["base", "dense_adapter", "pesc", "moce/e2", "moce/e4", "random_group/e4", "cluster_only",
+                     "moce+ac/e4", "pesc+ac"]
     keys = run_keys(config)
-    assert keys[0] == "base" and "moce/e4/s1" in keys and len(keys) == 1 + 6 * 2
+    assert keys[0] == "base" and "moce/e4/s1" in keys and "moce+ac/e4/s1" in keys and len(keys) == 1 + 8 * 2
     for key in keys:
         layout, seed = parse_run_key(config, key)
         assert (layout.name if seed is None else f"{layout.name}/s{seed}") == key
@@ -160,9 +165,61 @@ def test_layouts_runs_and_config_mapping():
         parse_run_key(config, "moce/e4/s7")
     with pytest.raises(ValueError, match="unknown study field"):
         StudyConfig.from_mapping({"seed": [0]})
-    without_cluster_only = StudyConfig(variants=("moce",))
+    without_cluster_only = StudyConfig(variants=("moce",), token_routers=("linear",))
     assert [layout.name for layout in study_layouts(without_cluster_only)] == ["base", "moce/e1", "moce/e2", "moce/e4"]
     assert StudyLayout("moce/e1", "moce", 1).moce_config(config, 3).router_top_k == 1
+
+
+# The partition keys of the default study before the AC router layouts were added: runs materialized under them
+# must keep their keys.
+LINEAR_ROUTER_KEYS = [
+    "base",
+    "dense_adapter/s0", "dense_adapter/s1", "dense_adapter/s2",
+    "pesc/s0", "pesc/s1", "pesc/s2",
+    "moce/e2/s0", "moce/e2/s1", "moce/e2/s2",
+    "moce/e4/s0", "moce/e4/s1", "moce/e4/s2",
+    "random_group/e4/s0", "random_group/e4/s1", "random_group/e4/s2",
+    "cluster_only/s0", "cluster_only/s1", "cluster_only/s2",
+]
+
+
+def test_ac_router_layouts_only_add_partition_keys():
+    assert run_keys(StudyConfig(token_routers=("linear",))) == LINEAR_ROUTER_KEYS
+    keys = run_keys(StudyConfig())
+    assert keys[:len(LINEAR_ROUTER_KEYS)] == LINEAR_ROUTER_KEYS
+    assert keys[len(LINEAR_ROUTER_KEYS):] == ["moce+ac/e4/s0", "moce+ac/e4/s1", "moce+ac/e4/s2",
+                                              "pesc+ac/s0", "pesc+ac/s1", "pesc+ac/s2"]
+    for key in keys:
+        layout, seed = parse_run_key(StudyConfig(), key)
+        assert run_key(layout, seed) == key
+
+
+def test_ac_router_layouts_match_their_linear_counterparts():
+    config = StudyConfig(adapter_dim=4)
+    layouts = {layout.name: layout for layout in study_layouts(config)}
+    assert counterparts(config) == {"moce+ac/e4": "moce/e4", "pesc+ac": "pesc"}
+    for name, counterpart in counterparts(config).items():
+        ac, linear = (layouts[n].moce_config(config, num_clusters=3) for n in (name, counterpart))
+        assert ac.token_router == "ac" and linear.token_router == "linear"
+        # Same expert budget and layout: only the router differs.
+        assert ac.to_dict() | {"token_router": "linear"} == linear.to_dict()
+    assert layouts["pesc+ac"].moce_config(config, num_clusters=3).experts_per_group == 12
+    # The other layouts keep the linear router.
+    assert {layouts[n].token_router for n in layouts if n not in ("moce+ac/e4", "pesc+ac")} == {"linear"}
+    # Without moce or pesc in the study, their AC layouts are not run either.
+    only_pesc = StudyConfig(variants=("pesc",))
+    assert [layout.name for layout in study_layouts(only_pesc)] == ["base", "pesc", "pesc+ac"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"token_routers": ["ac"]}, "must include 'linear'"),
+    ({"token_routers": ["linear", "softmax"]}, "softmax"),
+    ({"token_routers": ["linear", "ac", "ac"]}, "distinct"),
+    ({"experts_per_group_sweep": [1]}, "at least 2 experts per group"),
+])
+def test_token_router_config_errors_name_the_value(values, message):
+    with pytest.raises(ValueError, match=message):
+        StudyConfig.from_mapping(values)
 
 
 def test_heldout_split_is_deterministic_and_per_source():
@@ -209,3 +266,62 @@ def test_binary_scores_never_get_a_zero_width_interval():
     # 2 of 10 won, 0 lost, on every seed: Bonett–Price on 10 pairs covers 0, so it is not called a difference.
     assert row["difference"] == pytest.approx(0.2) and row["ci_low"] < 0 < row["ci_high"]
     assert row["verdict"] == "no significant difference"
+
+
+def test_comparisons_pair_routers_with_their_counterparts_and_conditions_with_clean_runs():
+    labels = ["base", "pesc", "moce/e4", "moce+ac/e4", "pesc+ac", "base @noised", "pesc @noised",
+              "moce/e4 @noised", "moce+ac/e4 @noised", "moce/e4 @adaptive"]
+    pairs = comparisons(labels, counterparts={"moce+ac/e4": "moce/e4", "pesc+ac": "pesc"})
+    assert ("pesc", "base") in pairs and ("base", "pesc") not in pairs
+    assert ("moce+ac/e4", "moce/e4") in pairs and ("moce+ac/e4", "pesc") in pairs
+    assert pairs.count(("pesc+ac", "pesc")) == 1  # its counterpart is also a reference: compared once
+    # Under a condition: against the references and the counterpart under the same condition, and against the
+    # same runs without the condition; never across conditions.
+    assert {p for p in pairs if p[0] == "moce+ac/e4 @noised"} == {
+        ("moce+ac/e4 @noised", "pesc @noised"), ("moce+ac/e4 @noised", "base @noised"),
+        ("moce+ac/e4 @noised", "moce/e4 @noised"), ("moce+ac/e4 @noised", "moce+ac/e4")}
+    assert ("pesc @noised", "base @noised") in pairs and ("base @noised", "base") in pairs
+    # No reference row exists under `adaptive` (pesc and base do not route by centroids): only the clean runs.
+    assert [p for p in pairs if p[0] == "moce/e4 @adaptive"] == [("moce/e4 @adaptive", "moce/e4")]
+
+
+def test_paired_differences_of_a_router_and_a_condition_have_the_constructed_size():
+    rng = np.random.default_rng(6)
+    linear = _crossed_scores(rng, 3, 50)
+    scores = pl.concat([
+        _long("pesc", _crossed_scores(rng, 3, 50)),
+        _long("moce/e4", linear),
+        _long("moce+ac/e4", linear - 0.2 + rng.normal(0, 0.02, linear.shape)),
+        _long("moce/e4 @noised", linear + 0.5 + rng.normal(0, 0.02, linear.shape)),
+    ])
+    differences = paired_differences(scores, resamples=1_000, counterparts={"moce+ac/e4": "moce/e4"})
+    pairs = {(r["layout"], r["reference"]): r for r in differences.iter_rows(named=True)}
+    assert pairs["moce+ac/e4", "moce/e4"]["difference"] == pytest.approx(-0.2, abs=0.01)
+    assert pairs["moce+ac/e4", "moce/e4"]["verdict"] == "moce+ac/e4 better"
+    noised = pairs["moce/e4 @noised", "moce/e4"]
+    assert noised["difference"] == pytest.approx(0.5, abs=0.01) and noised["verdict"] == "clean better"
+    assert (noised["n_seeds"], noised["n_items"]) == (3, 50)
+    # No pesc row under the condition, so the noised row is compared with nothing else.
+    assert {r for r in pairs if r[0] == "moce/e4 @noised"} == {("moce/e4 @noised", "moce/e4")}
+
+
+def test_study_table_shows_condition_rows_after_the_layouts_with_their_notes():
+    rng = np.random.default_rng(7)
+    scores = pl.concat([_long("base", _crossed_scores(rng, 1, 8, mean=2.0)),
+                        _long("moce/e2", _crossed_scores(rng, 2, 8)),
+                        _long("moce/e2 @noised", _crossed_scores(rng, 1, 8, mean=1.5)),
+                        _long("base @noised", _crossed_scores(rng, 1, 8, mean=2.5))])
+    parameters = pl.DataFrame({"layout": ["base", "moce/e2"], "groups": [None, 3], "experts_per_group": [None, 2],
+                               "router_top_k": [None, 2], "total_trainable": [0, 999], "active_trainable": [0, 99],
+                               "note": ["not trained", ""]})
+    table = build_study_table(scores, parameters, resamples=200,
+                              condition_notes={"noised": "15% of the prompt's words replaced",
+                                               "adaptive": "centroids updated"},
+                              missing_conditions=["moce/e2/s1"])
+    assert table.parameters["layout"].to_list() == ["base", "moce/e2", "base @noised", "moce/e2 @noised"]
+    assert "| moce/e2 @noised | 999 | 99 | 1 |" in table.markdown
+    assert "- `@noised`: 15% of the prompt's words replaced" in table.markdown
+    assert "@adaptive" not in table.markdown  # no row under that condition: no note
+    assert "moce/e2/s1" in table.markdown
+    layouts = table.differences.select("layout", "reference").rows()
+    assert ("moce/e2 @noised", "moce/e2") in layouts and ("moce/e2 @noised", "base @noised") in layouts
