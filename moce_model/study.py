@@ -90,6 +90,13 @@ class StudyConfig:
     gsm8k_items: int = 10
     gsm8k_max_new_tokens: int = 96
     bootstrap_resamples: int = 4_000
+    # Evaluation-only conditions scored on every trained run (`moce_model.study_conditions.CONDITIONS`), table
+    # rows `layout @condition`: `noised` replaces `noise_share` of each held-out prompt's words (seeded by
+    # `noise_seed`, the same corruption for every run); `adaptive` routes by centroids updated with the held-out
+    # prompts (layouts that route by centroids only).
+    conditions: tuple[str, ...] = ("noised", "adaptive")
+    noise_share: float = 0.15
+    noise_seed: int = 0
     # A merged SmolLM2-135M is 575 MB in fp32, 10 GB for the 18 trained runs; the adapters (a few MB) are
     # kept, and merged_model-style directories can be rebuilt from them.
     keep_merged_models: bool = False
@@ -116,6 +123,14 @@ class StudyConfig:
                 raise ValueError(f"study {name} must be at least 1, got {getattr(self, name)}")
         if self.gsm8k_items < 0:
             raise ValueError(f"study gsm8k_items must be >= 0, got {self.gsm8k_items}")
+        from moce_model.study_conditions import study_condition
+
+        for condition in self.conditions:
+            study_condition(condition)  # raises for an unknown name
+        if len(set(self.conditions)) != len(self.conditions):
+            raise ValueError(f"study conditions must be distinct, got {self.conditions}")
+        if not 0.0 < self.noise_share <= 1.0:
+            raise ValueError(f"study noise_share must be in (0, 1], got {self.noise_share}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> StudyConfig:

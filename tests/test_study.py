@@ -325,3 +325,148 @@ def test_study_table_shows_condition_rows_after_the_layouts_with_their_notes():
     assert "moce/e2/s1" in table.markdown
     layouts = table.differences.select("layout", "reference").rows()
     assert ("moce/e2 @noised", "moce/e2") in layouts and ("moce/e2 @noised", "base @noised") in layouts
+
+
+# ------------------------------------------------------------------------------- evaluation-only conditions
+
+HELDOUT_ROWS = pl.DataFrame({
+    "id": [f"r{i}" for i in range(6)],
+    "system": [None, "You are terse.", "", None, "Be exact.", None],
+    "instruction": ["Add the two numbers and explain each step.", "Translate this sentence into French, please.",
+                    "Write a function that reverses a list.", "Name three primes below twenty.",
+                    "Convert 5 km to miles.", "Summarise: the cat sat on the mat and slept all day long."],
+    "input": ["17 and 25", "", "def reverse(items): ...", None, "", "The weather was fine."],
+    "response": ["17 + 25 = 42", "Bonjour", "return items[::-1]", "2, 3, 5", "3.1 miles", "A cat slept."],
+})
+
+
+def test_corrupted_prompts_replace_the_share_of_words_deterministically_and_leave_the_response():
+    import re
+
+    from moce_model.study_conditions import WORD, noised_rows, prompt_vocabulary
+
+    vocabulary = prompt_vocabulary([HELDOUT_ROWS])
+    noised = noised_rows(HELDOUT_ROWS, share=0.3, seed=0, vocabulary=vocabulary)
+    assert noised.equals(noised_rows(HELDOUT_ROWS, share=0.3, seed=0, vocabulary=vocabulary))
+    assert not noised.equals(noised_rows(HELDOUT_ROWS, share=0.3, seed=1, vocabulary=vocabulary))
+    # Seeded by the item: the same rows in another order or without the others are corrupted the same way.
+    subset = noised_rows(HELDOUT_ROWS.reverse().head(3), share=0.3, seed=0, vocabulary=vocabulary)
+    assert subset.equals(noised.reverse().head(3))
+    assert noised["response"].equals(HELDOUT_ROWS["response"]) and noised["id"].equals(HELDOUT_ROWS["id"])
+    for original, row in zip(HELDOUT_ROWS.iter_rows(named=True), noised.iter_rows(named=True)):
+        before = [w for f in ("system", "instruction", "input") for w in WORD.findall(original[f] or "")]
+        after = [w for f in ("system", "instruction", "input") for w in WORD.findall(row[f] or "")]
+        assert row["words"] == len(before) == len(after)
+        assert row["replaced_words"] == int(np.floor(0.3 * len(before) + 0.5))
+        # Exactly the replaced words differ, each from its original, and only words change.
+        assert sum(a != b for a, b in zip(before, after)) == row["replaced_words"]
+        for field in ("system", "instruction", "input"):
+            assert re.sub(r"\w+", "", original[field] or "") == re.sub(r"\w+", "", row[field] or "")
+            if not original[field]:
+                assert row[field] == original[field]  # an empty or missing part stays as it was
+    everything = noised_rows(HELDOUT_ROWS, share=1.0, seed=0, vocabulary=vocabulary)
+    assert (everything["replaced_words"] == everything["words"]).all()
+    with pytest.raises(ValueError, match="share"):
+        noised_rows(HELDOUT_ROWS, share=0.0, seed=0, vocabulary=vocabulary)
+    with pytest.raises(ValueError, match="at least 2 distinct words"):
+        noised_rows(HELDOUT_ROWS, share=0.5, seed=0, vocabulary=["word"])
+
+
+def test_noised_condition_corrupts_every_held_out_benchmark_and_counts_the_words():
+    from moce_model.study_conditions import CONDITIONS, ConditionInputs
+
+    clean = pl.DataFrame(schema={"benchmark": pl.String, "metric": pl.String, "item_id": pl.String,
+                                 "score": pl.Float64})
+    inputs = ConditionInputs("pesc", StudyConfig(noise_share=0.5), {"heldout_a": HELDOUT_ROWS.head(3),
+                                                                     "heldout_b": HELDOUT_ROWS.tail(3)}, clean)
+    plan = CONDITIONS["noised"].prepare(inputs)
+    assert set(plan.rows) == {"heldout_a", "heldout_b"} and plan.router is None and plan.kept_scores is None
+    assert plan.rows["heldout_b"]["id"].to_list() == ["r3", "r4", "r5"]
+    details = plan.details.sort("benchmark")
+    assert details["replaced_words"].to_list() == [int(plan.rows[b]["replaced_words"].sum())
+                                                   for b in ("heldout_a", "heldout_b")]
+    summary = CONDITIONS["noised"].summarize(details.with_columns(pl.lit("pesc/s0").alias("run")))
+    assert f"heldout_a: {details['replaced_words'][0]} of {details['words'][0]} words in 3 prompts" in summary
+
+
+class LookupEncoder:
+    """An encoder that returns a fixed vector per text (the router's embedding, made up)."""
+
+    def __init__(self, vectors: dict[str, np.ndarray]):
+        self.vectors = vectors
+
+    def encode(self, texts):
+        return np.stack([self.vectors[text] for text in texts]).astype(np.float32)
+
+
+def _unit(*values):
+    vector = np.zeros(8)
+    vector[:len(values)] = values
+    return vector / np.linalg.norm(vector)
+
+
+def test_adaptive_condition_reroutes_by_the_updated_centroids_and_keeps_the_other_clean_scores():
+    from moce_model.study_conditions import CONDITIONS, ConditionInputs, combine_scores
+
+    axes = [_unit(*([0.0] * c + [1.0])) for c in range(3)]
+    centroids = np.stack(axes).astype(np.float32)
+    # 10 training rows on each axis; 10 held-out rows between clusters 0 and 1, nearer 0, pull centroid 0
+    # towards cluster 1, so that the held-out item `hx` (nearer 1 than 0 before) moves to cluster 0.
+    ids = [f"t{c}_{i}" for c in range(3) for i in range(10)] + [f"h{i}" for i in range(10)] + ["hx"]
+    vectors = np.stack([axes[c] for c in range(3) for _ in range(10)] + [_unit(1.0, 0.9)] * 10
+                       + [_unit(0.8, 1.0)]).astype(np.float32)
+    heldout = pl.DataFrame({"id": ids[30:], "system": [None] * 11, "instruction": [f"prompt {i}" for i in ids[30:]],
+                            "input": [None] * 11, "response": ["answer"] * 11})
+    encoder = LookupEncoder({f"prompt {i}": v for i, v in zip(ids[30:], vectors[30:])})
+    clean = pl.DataFrame({"benchmark": "heldout_a", "metric": ["heldout_loss"] * 11 + ["exact_match"],
+                          "item_id": [f"heldout_a/{i}" for i in ids[30:]] + ["gsm8k/0"],
+                          "score": [float(s) for s in range(11)] + [1.0]})
+    inputs = ConditionInputs("moce/e2", StudyConfig(), {"heldout_a": heldout}, clean, centroids=centroids,
+                             encoder=encoder, embeddings=(np.array(ids), vectors))
+    plan = CONDITIONS["adaptive"].prepare(inputs)
+    assert plan.rows["heldout_a"]["id"].to_list() == ["hx"]
+    assert plan.router.assign(["prompt hx"]).tolist() == [0]
+    kept = plan.kept_scores.sort("item_id")
+    assert kept["item_id"].to_list() == [f"heldout_a/h{i}" for i in range(10)]
+    assert kept["score"].to_list() == [float(s) for s in range(10)]  # their clean scores, unchanged
+    details = plan.details.sort("cluster")
+    assert details["members"].to_list() == [10, 10, 10] and details["heldout_rows"].to_list() == [10, 1, 0]
+    assert details["rerouted_items"].to_list() == [0, 1, 0]  # counted by the cluster it left
+    assert details["drift"][0] > 0.01 and details["drift"][1] > 0 and details["drift"][2] == 0
+    assert "cluster 1: 10 rows + 1 held-out" in CONDITIONS["adaptive"].summarize(
+        details.with_columns(pl.lit("moce/e2/s0").alias("run")))
+
+    scored = pl.DataFrame({"benchmark": ["heldout_a"], "metric": ["heldout_loss"], "item_id": ["heldout_a/hx"],
+                           "score": [0.5]})
+    scores = combine_scores("moce/e2 @adaptive", 2, scored, plan.kept_scores)
+    assert scores.height == 11 and set(scores["layout"]) == {"moce/e2 @adaptive"} and set(scores["seed"]) == {2}
+    assert scores.filter(pl.col("item_id") == "heldout_a/hx")["score"].to_list() == [0.5]
+    with pytest.raises(ValueError, match="both scored and kept"):
+        combine_scores("moce/e2 @adaptive", 2, plan.kept_scores.head(1), plan.kept_scores)
+    # A run whose scores lack a kept item, and a layout that does not route by centroids.
+    with pytest.raises(ValueError, match="clean scores lack"):
+        CONDITIONS["adaptive"].prepare(ConditionInputs(
+            "moce/e2", StudyConfig(), {"heldout_a": heldout}, clean.head(3), centroids=centroids, encoder=encoder,
+            embeddings=(np.array(ids), vectors)))
+    assert CONDITIONS["adaptive"].prepare(ConditionInputs("pesc", StudyConfig(), {"heldout_a": heldout}, clean)) is None
+
+
+def test_condition_scores_aggregate_as_rows_paired_with_the_clean_runs():
+    """Condition scores written by `combine_scores` for two seeds reach the table as their own row, paired with
+    the clean runs of the same seeds."""
+    from moce_model.study_conditions import combine_scores
+
+    rng = np.random.default_rng(8)
+    clean = _crossed_scores(rng, 2, 30)
+    noised = clean + 0.4 + rng.normal(0, 0.01, clean.shape)
+    frames = [_long("moce/e2", clean)]
+    for seed in range(2):
+        evaluated = pl.DataFrame({"benchmark": "heldout_a", "metric": "heldout_loss",
+                                  "item_id": [f"i{i}" for i in range(30)], "score": noised[seed]})
+        frames.append(combine_scores("moce/e2 @noised", seed, evaluated, None))
+    scores = pl.concat(frames)
+    row = aggregate(scores, resamples=500).filter(pl.col("layout") == "moce/e2 @noised").row(0, named=True)
+    assert (row["n_seeds"], row["n_items"]) == (2, 30) and row["mean"] == pytest.approx(noised.mean())
+    difference = paired_differences(scores, resamples=500).row(0, named=True)
+    assert (difference["layout"], difference["reference"]) == ("moce/e2 @noised", "moce/e2")
+    assert difference["difference"] == pytest.approx(0.4, abs=0.01) and difference["verdict"] == "clean better"
