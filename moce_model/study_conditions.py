@@ -331,3 +331,44 @@ def evaluate_plan(plan: ConditionPlan, model_dir: Path | str | None, label: str,
         lm = MoCELM(pretrained=str(model_dir), router=plan.router, **evaluation_settings)
         evaluated = evaluate_model(None, model_variant=label, benchmarks=specs, seed=seed, lm=lm).item_scores
     return combine_scores(label, seed, evaluated, plan.kept_scores)
+
+
+@dataclass(frozen=True)
+class ConditionResults:
+    """What `score_conditions` gives for one run: the score rows of every condition that applies to it
+    (STUDY_SCORES_SCHEMA), each condition's details, and the seconds each took (preparing and scoring)."""
+
+    scores: pl.DataFrame
+    details: dict[str, pl.DataFrame]
+    seconds: dict[str, float]
+
+
+def score_conditions(names: Sequence[str], inputs: ConditionInputs, model_dir: Callable[[], Path | str],
+                     seed: int, out_dir: Path, **evaluation_settings: Any) -> ConditionResults:
+    """Prepare every condition of `names` for one run and score those that apply to its layout. `model_dir` gives
+    the run's model directory; it is called once, and only when some plan has rows to score (a merged model is
+    rebuilt from the adapters only when needed). Each condition's scored rows are written under
+    `out_dir/<condition>/`."""
+    import time
+
+    from moce_model.study import STUDY_SCORES_SCHEMA, condition_label
+
+    plans: dict[str, ConditionPlan] = {}
+    seconds: dict[str, float] = {}
+    for name in names:
+        started = time.perf_counter()
+        plan = study_condition(name).prepare(inputs)
+        seconds[name] = time.perf_counter() - started
+        if plan is not None:
+            plans[name] = plan
+    directory = None
+    if any(rows.height for plan in plans.values() for rows in plan.rows.values()):
+        directory = model_dir()
+    frames = [pl.DataFrame(schema=STUDY_SCORES_SCHEMA)]
+    for name, plan in plans.items():
+        started = time.perf_counter()
+        frames.append(evaluate_plan(plan, directory, condition_label(inputs.layout, name), seed, out_dir / name,
+                                    **evaluation_settings))
+        seconds[name] += time.perf_counter() - started
+    details = {name: plan.details for name, plan in plans.items() if plan.details is not None}
+    return ConditionResults(pl.concat(frames), details, {name: seconds[name] for name in plans})
