@@ -114,3 +114,20 @@ def test_study_runs_two_partitions_and_the_table(tmp_path, monkeypatch):
     # The split holds out 3 rows of the one source (the rest is what the runs train on).
     split = pl.read_parquet(experiment.storage_root / "artifacts" / "study_heldout_split" / "split.parquet")
     assert split["heldout"].sum() == 3
+
+
+def test_moce_study_adds_the_missing_runs_and_conditions_of_an_existing_study():
+    from assets.study import CONDITIONS_KEY, RUNS_KEY
+    from pipelines.study import partition_steps
+
+    wanted = ["base", "pesc/s0", "moce+ac/e4/s0"]
+    # An existing study: its runs are materialized, no condition yet, and the AC router run is new.
+    steps = partition_steps(wanted, {"base", "pesc/s0"}, set(), rerun=False, with_conditions=True)
+    assert steps == {"base": [CONDITIONS_KEY], "pesc/s0": [CONDITIONS_KEY],
+                     "moce+ac/e4/s0": [RUNS_KEY, CONDITIONS_KEY]}
+    assert partition_steps(wanted, set(wanted), set(wanted), rerun=False, with_conditions=True) == {}
+    # A run trained again gets its conditions scored again.
+    assert partition_steps(["base"], {"base"}, {"base"}, rerun=True, with_conditions=True) == {
+        "base": [RUNS_KEY, CONDITIONS_KEY]}
+    assert partition_steps(wanted, {"base"}, set(), rerun=False, with_conditions=False) == {
+        "pesc/s0": [RUNS_KEY], "moce+ac/e4/s0": [RUNS_KEY]}
