@@ -7,6 +7,10 @@ import json
 
 import dagster as dg
 import polars as pl
+import pytest
+
+from assets.common import DATA_VERSION_TAG, INPUT_DATA_VERSION_TAG
+from assets.study import check_run_inputs_current
 
 from moce_model.study import StudyConfig
 from pipelines.definitions import PIPELINE, STUDY, build_definitions
@@ -19,7 +23,7 @@ GSM8K_ROWS = [
 ]
 
 
-def test_study_runs_two_partitions_and_the_table(tmp_path, monkeypatch):
+def test_study_runs_their_conditions_and_the_table(tmp_path, monkeypatch):
     gsm8k = tmp_path / "gsm8k_test.jsonl"
     gsm8k.write_text("".join(json.dumps(row) + "\n" for row in GSM8K_ROWS))
     monkeypatch.setenv("MOCE_GSM8K_PATH", str(gsm8k))
@@ -64,6 +68,16 @@ def test_study_runs_two_partitions_and_the_table(tmp_path, monkeypatch):
         assert table.metadata["runs"].value == 3 and table.metadata["missing_runs"].value == []
         assert table.metadata["missing_conditions"].value == ["moce+ac/e2/s0"]
         markdown = table.metadata["table"].value
+
+        # A run trained with other centroids than the current ones is not scored under conditions.
+        check_run_inputs_current(instance, "moce/e2/s0", ["base_model", "kmeans_centroids"])
+        record = instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey("study_runs"), asset_partitions=["moce/e2/s0"]), limit=1).records[0]
+        assert INPUT_DATA_VERSION_TAG + "kmeans_centroids" in record.asset_materialization.tags
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            "kmeans_centroids", tags={DATA_VERSION_TAG: "refit"}))
+        with pytest.raises(ValueError, match="another kmeans_centroids"):
+            check_run_inputs_current(instance, "moce/e2/s0", ["base_model", "kmeans_centroids"])
 
     out_dir = experiment.storage_root / "study"
     assert (out_dir / "study_figure.png").read_bytes().startswith(b"\x89PNG")
