@@ -10,10 +10,10 @@ to the layout. `evaluate_plan` runs any plan the same way (the held-out loss of 
 through `MoCELM`). A condition that needs a setting adds a field to `StudyConfig` and reads it from
 `inputs.config`.
 
-- `noised`: robustness to corrupted prompts, as the AC router's paper (Nielsen et al., ICLR 2025) tests its
-  routers on word-corrupted text: a fixed, seeded share of the words of every held-out prompt (system,
-  instruction, input) is replaced by other words, the response is untouched, and the model routes by the
-  corrupted text as a deployed model would (`corrupt_prompt`).
+- `noised`: robustness to corrupted prompts, which the AC router's paper (Nielsen et al., ICLR 2025) tests
+  on corrupted data (the corruption here is this study's own): a fixed, seeded share of the words of every
+  held-out prompt (system, instruction, input) is replaced by other words, the response is untouched, and the
+  model routes by the corrupted text as a deployed model would (`corrupt_prompt`).
 - `adaptive`: the clustering adapts to the held-out prompts instead of staying fixed: the centroids are updated
   incrementally with them (`moce_model.clustering.update_centroids`, the same update as the
   `kmeans_centroids` asset's incremental mode) and the held-out items are routed by the updated centroids
