@@ -78,8 +78,10 @@ clean:
 
 # The study (issue 12): every variant over 3 seeds and the experts-per-group sweep on the real samples in
 # ../shared/data/realmix (STUDY_EXPERIMENT=demo runs it on the synthetic mix); one table and one figure.
-# `make study RUNS=base,moce/e4/s0` runs only those runs (then the table over what is materialized).
+# `make study RUNS=base,moce/e4/s0` runs only those runs (then the table over what is materialized);
+# every run's evaluation-only conditions (study_conditions) come with it unless NO_CONDITIONS=1.
 STUDY_EXPERIMENT ?= realmix
 STUDY_WORKERS ?= 2
 study: $(STAMP) sandbox
-	$(MOCE) study --experiment $(STUDY_EXPERIMENT) --workers $(STUDY_WORKERS) $(if $(RUNS),--runs $(RUNS))
+	$(MOCE) study --experiment $(STUDY_EXPERIMENT) --workers $(STUDY_WORKERS) $(if $(RUNS),--runs $(RUNS)) \
+		$(if $(NO_CONDITIONS),--no-conditions)

@@ -16,6 +16,12 @@ from resources.storage import ArtifactStorage
 # MOCE_HEAVY_STEPS of them at once: two trainings sharing 2 cores were measured 5x slower than one after the other.
 HEAVY_STEP_TAG = {"moce/compute": "heavy"}
 
+# Dagster's provenance tags on a materialization (see "Data versioning" in the Dagster docs): the code version it
+# ran with, its data version, and the data version of each input it read.
+CODE_VERSION_TAG = "dagster/code_version"
+DATA_VERSION_TAG = "dagster/data_version"
+INPUT_DATA_VERSION_TAG = "dagster/input_data_version/"
+
 # Re-run an asset when an upstream asset's *data version* changed (not merely re-materialized): a new k gives
 # `selected_k` a new data version, so exactly the assets downstream of it re-run; a re-materialization that
 # produced the same data changes nothing. `will_be_requested` lets one tick request the whole downstream chain.

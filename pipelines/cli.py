@@ -138,7 +138,7 @@ def cmd_study(args: argparse.Namespace, experiment: Experiment) -> int:
 
     experiment_instance(experiment)  # the experiment's DAGSTER_HOME, which the study's workers inherit
     return study.main([*(["--runs", args.runs] if args.runs else []), "--workers", str(args.workers),
-                       *(["--rerun"] if args.rerun else [])])
+                       *(["--rerun"] if args.rerun else []), *(["--no-conditions"] if args.no_conditions else [])])
 
 
 def _merged_model_dir(experiment: Experiment, variant: str) -> Path:
@@ -232,12 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = commands.add_parser("study", parents=[common], help="the paper's comparison in miniature, over seeds",
                                 description="Train and evaluate base, dense_adapter, pesc, moce (2 and 4 experts per "
-                                            "group), random_group and cluster_only over 3 seeds on the experiment's "
-                                            "data with a held-out split; one table of means with intervals over "
-                                            "seeds and items, and one figure (job `study`, one partition per run).")
+                                            "group), random_group, cluster_only, and moce and pesc with the AC "
+                                            "router over 3 seeds on the experiment's data with a held-out split; "
+                                            "score each run again with corrupted prompts and with centroids adapted "
+                                            "to the held-out prompts (study_conditions); one table of means with "
+                                            "intervals over seeds and items, and one figure (job `study`, one "
+                                            "partition per run).")
     study.add_argument("--runs", default="", help="comma-separated run keys, e.g. base,moce/e4/s0 (default: all)")
     study.add_argument("--workers", type=int, default=2, help="processes running partitions side by side")
     study.add_argument("--rerun", action="store_true", help="run partitions again even when materialized")
+    study.add_argument("--no-conditions", action="store_true",
+                       help="leave out the evaluation-only conditions (study_conditions) of each run")
     study.set_defaults(handler=cmd_study)
 
     generate = commands.add_parser("generate", parents=[common], help="answer prompts with a trained model",
