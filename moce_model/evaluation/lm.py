@@ -454,17 +454,16 @@ class MoCELM(HFLM):
         counts = moce.take_per_sequence_expert_use()
         if counts is None or self._expert_use_label is None:
             return
-        counts = counts.numpy()
+        counts = counts.numpy()  # [layers, rows, groups, experts]
         if counts.shape[1] != len(contexts):
             raise RuntimeError(f"{counts.shape[1]} sequences recorded for a batch of {len(contexts)}")
-        group = self._active_group if self._active_group is not None else 0
         per_prompt = self._prompt_expert_use.setdefault(self._expert_use_label, {})
-        shape = (counts.shape[0], moce.config.num_groups, counts.shape[2])
+        shape = (counts.shape[0], counts.shape[2], counts.shape[3])
         for row, context in enumerate(contexts):
             if context is None:
                 continue
             total = per_prompt.setdefault(context, np.zeros(shape, dtype=np.int64))
-            total[:, group, :] += counts[:, row, :]
+            total += counts[:, row]
 
     @contextlib.contextmanager
     def _expert_use_paused(self) -> Iterator[None]:
