@@ -16,7 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moce_model.modeling import MoCEForCausalLM
 from moce_model.prompt_format import AUTO, PROMPT_FORMATS, make_prompt_format
-from moce_model.routing import CENTROIDS_FILE, ClusterRouter, check_routing_files, load_model_router, routing_text
+from moce_model.routing import (
+    CENTROIDS_FILE,
+    ClusterRouter,
+    SoftAssignmentRule,
+    check_routing_files,
+    load_model_router,
+    routing_text,
+)
 
 
 def check_prompts(texts: Sequence[str]) -> list[str]:
@@ -62,12 +69,15 @@ def generate(
     tokenizer: Any | None = None,
     batch_size: int = 8,
     prompt_format_name: str = AUTO,
+    soft_assignment: SoftAssignmentRule | None = None,
 ) -> list[tuple[str, int | None]]:
     """Greedy answers to `texts` (the instruction of each request) with each text routed to its cluster.
 
     Each text is asked in the prompt format the model was trained with (`prompt_format_name`, see
     `moce_model.prompt_format`) and routed by its routing text, as training rows were.
-    Returns (answer, cluster) per text; cluster is None for variants that do not route by cluster.
+    Returns (answer, cluster) per text; cluster is None for variants that do not route by cluster, and the nearest
+    cluster for a text a soft assignment answers with two groups. The soft assignment is the model config's
+    (`soft_assignment`, off by default) unless `soft_assignment` gives a rule.
     `model`/`tokenizer`/`router` may be passed in to avoid reloading them from `model_dir`.
     """
     texts = check_prompts(texts)
@@ -78,13 +88,20 @@ def generate(
     model.eval()
     routes = isinstance(model, MoCEForCausalLM) and model.config.needs_centroids
     clusters: list[int | None] = [None] * len(texts)
+    soft = None
     if routes:
         if router is None:
             router = load_model_router(model_dir)
         if router is None:
             raise FileNotFoundError(f"{model_dir}: the {model.config.variant!r} model needs centroids.npy to route")
         model.config.check_num_clusters(router.num_clusters, where=f"the router of {model_dir}")
-        clusters = [int(c) for c in router.assign([routing_text("", text, "") for text in texts])]
+        routing_texts = [routing_text("", text, "") for text in texts]
+        rule = soft_assignment if soft_assignment is not None else model.config.soft_assignment_rule
+        if rule is None:
+            clusters = [int(c) for c in router.assign(routing_texts)]
+        else:
+            soft = router.assign_soft(routing_texts, rule)
+            clusters = [int(c) for c in soft.nearest]
     fmt = make_prompt_format(prompt_format_name, tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -96,7 +113,11 @@ def generate(
         # The rendered prompts hold their special tokens (BOS included), as in training.
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         extra = {}
-        if routes:
+        # A batch without a boundary prompt passes one cluster per row: the model's hard path, unchanged.
+        if soft is not None and soft.soft[start : start + batch_size].any():
+            extra["cluster_ids"] = torch.as_tensor(soft.clusters[start : start + batch_size])
+            extra["cluster_weights"] = torch.as_tensor(soft.weights[start : start + batch_size], dtype=torch.float32)
+        elif routes:
             extra["cluster_ids"] = torch.tensor(clusters[start : start + batch_size], dtype=torch.long)
         output = model.generate(
             input_ids=encoded["input_ids"],

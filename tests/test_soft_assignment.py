@@ -432,3 +432,143 @@ def test_the_merged_model_routes_softly_by_itself_and_reproduces_the_trained_log
     assert torch.equal(routed[1], hard[1])  # the far prompt: exactly the hard result
     assert not torch.allclose(routed[0], hard[0])
     torch.testing.assert_close(routed, trained_logits, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+HALFWAY_TEXT, FAR_TEXT = "Which is it, python or arithmetic?", "Sort a list in Python."
+
+
+class BoundaryEncoder:
+    """Puts HALFWAY_TEXT exactly between centroids 0 and 1 and every other text on centroid 2 (or, with
+    `everything_halfway`, every text halfway)."""
+
+    def __init__(self, everything_halfway: bool = False) -> None:
+        self.everything_halfway = everything_halfway
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        halfway = np.array([1.0, 1.0, 0.0], dtype=np.float32) / np.sqrt(2.0)
+        far = np.array([0.0, 0.1, 1.0], dtype=np.float32)
+        return np.stack([halfway if self.everything_halfway or text == HALFWAY_TEXT else far for text in texts])
+
+
+def evaluation_lm(soft_assignment, variant: str = "moce", everything_halfway: bool = False):
+    from moce_model.evaluation.lm import MoCELM
+    from moce_model.modeling import MoCEForCausalLM
+    from tests.test_eval_fixtures import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = MoCEConfig(variant=variant, num_clusters=3, experts_per_group=2, router_top_k=1, adapter_dim=8)
+    model = MoCEForCausalLM.from_base(build_model(tokenizer), config).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for block in model.moce_blocks():
+            block.moce_experts.adapter_up.normal_(std=0.5)
+    router = ClusterRouter(BoundaryEncoder(everything_halfway), np.eye(3, dtype=np.float32))
+    return MoCELM.from_objects(model, tokenizer, router=router if config.needs_centroids else None, batch_size=4,
+                               soft_assignment=soft_assignment)
+
+
+def test_evaluation_scores_a_boundary_prompt_with_both_groups_and_a_far_one_hard() -> None:
+    from moce_model.evaluation.lm import SoftRoute
+
+    lm = evaluation_lm(RULE)
+    contexts = [lm.render_prompt("", HALFWAY_TEXT), lm.render_prompt("", FAR_TEXT)]
+    assert lm.clusters_for(contexts) == [0, 2]
+    assert lm.routes_for(contexts) == [SoftRoute(clusters=(0, 1), weights=(0.5, 0.5)), 2]
+    continuation = " The answer is 7."
+    with lm.counting_expert_use("probe"):
+        scored = lm.loglikelihood_with_counts([(c, continuation) for c in contexts], move_trailing_whitespace=False)
+
+    def score(context: str, **routing) -> float:
+        context_ids, whole = lm.tok_encode(context), lm.tok_encode(context + continuation)
+        with torch.inference_mode():
+            logits = lm.model(input_ids=torch.tensor([whole]), **routing).logits[0]
+        log_probs = torch.log_softmax(logits, -1)
+        return float(sum(log_probs[i - 1, whole[i]] for i in range(len(context_ids), len(whole))))
+
+    soft_score = score(contexts[0], cluster_ids=torch.tensor([[0, 1]]), cluster_weights=torch.tensor([[0.5, 0.5]]))
+    assert scored[0][0] == pytest.approx(soft_score, abs=1e-4)
+    assert abs(score(contexts[0], cluster_ids=torch.tensor([0])) - soft_score) > 1e-3
+    assert scored[1][0] == pytest.approx(score(contexts[1], cluster_ids=torch.tensor([2])), abs=1e-4)
+    # Expert use: the boundary prompt's tokens count in both of its groups, the far prompt's in group 2 only.
+    used = lm.take_prompt_expert_use()["probe"]
+    tokens = len(lm.tok_encode(contexts[0] + continuation)) - 1
+    assert used[contexts[0]].sum(axis=(0, 2)).tolist() == [2 * tokens, 2 * tokens, 0]  # 2 layers, top-1
+    assert used[contexts[1]].sum(axis=(0, 2))[:2].tolist() == [0, 0]
+
+
+def test_evaluation_generates_a_boundary_prompt_as_the_model_does_with_its_weights() -> None:
+    lm = evaluation_lm(RULE)
+    contexts = [lm.render_prompt("", HALFWAY_TEXT), lm.render_prompt("", FAR_TEXT)]
+    generated = lm.generate(contexts, {"until": [], "max_gen_toks": 5})
+    hard = evaluation_lm(False)
+    assert hard.soft_assignment is None
+    hard_generated = hard.generate([hard.render_prompt("", HALFWAY_TEXT), hard.render_prompt("", FAR_TEXT)],
+                                   {"until": [], "max_gen_toks": 5})
+    assert generated[1] == hard_generated[1]
+    encoded = lm.tokenizer(contexts[0], add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        direct = lm.model.generate(**encoded, cluster_ids=torch.tensor([[0, 1]]),
+                                   cluster_weights=torch.tensor([[0.5, 0.5]]), max_new_tokens=5, do_sample=False,
+                                   pad_token_id=lm.tokenizer.pad_token_id)
+    assert generated[0] == lm.tokenizer.decode(direct[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_evaluate_model_with_soft_assignment_reports_the_prompts_given_two_groups() -> None:
+    from moce_model.evaluation.benchmarks import BenchmarkSpec
+    from moce_model.evaluation.runner import evaluate_model
+
+    spec = BenchmarkSpec(name="synthetic_arithmetic", kind="synthetic", domain="arithmetic", n_items=1,
+                         n_loss_items=2, max_new_tokens=3)
+    soft = evaluate_model(None, "moce", [spec], lm=evaluation_lm(RULE, everything_halfway=True), batch_size=2)
+    assert soft.soft_assignment == RULE
+    assert soft.soft_routing.height == 2
+    assert soft.soft_routing["second_weight"].to_list() == [0.5, 0.5]
+    assert soft.soft_routing["cluster"].to_list() == [0, 0] and soft.soft_routing["second_cluster"].to_list() == [1, 1]
+    assert set(soft.items["cluster"].to_list()) == {0}  # the nearest cluster, as with hard routing
+    hard = evaluate_model(None, "moce", [spec], lm=evaluation_lm(False, everything_halfway=True), batch_size=2)
+    assert hard.soft_assignment is None and hard.soft_routing.height == 0
+    loss = {result: table.filter(table["metric"] == "heldout_loss")["value"].item()
+            for result, table in (("soft", soft.table), ("hard", hard.table))}
+    assert loss["soft"] != pytest.approx(loss["hard"], abs=1e-6)
+    with pytest.raises(ValueError, match="soft_assignment=True with an lm"):
+        evaluate_model(None, "moce", [spec], lm=evaluation_lm(False), soft_assignment=True)
+
+
+def test_evaluation_of_a_model_without_clusters_ignores_soft_assignment() -> None:
+    lm = evaluation_lm(RULE, variant="pesc")
+    assert lm.soft_assignment is None and lm.router is None
+    assert lm.routes_for([lm.render_prompt("", HALFWAY_TEXT)]) == [None]
+
+
+def test_generate_from_the_directory_passes_the_soft_routes_and_answers_as_the_self_routing_model(
+    soft_merged,
+) -> None:
+    from moce_model.generate import generate
+    from tests.tiny_models import make_char_tokenizer
+
+    _, merged_dir, router = soft_merged
+    model = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    calls = []
+    original = model.generate
+
+    def recording(**kwargs):
+        calls.append({key: kwargs.get(key) for key in ("cluster_ids", "cluster_weights")})
+        return original(**kwargs)
+
+    model.generate = recording
+    answers = generate(merged_dir, [BOUNDARY, FAR, FAR], max_new_tokens=4, model=model, router=router, batch_size=2)
+    soft = router.assign_soft([BOUNDARY, FAR], RULE)
+    assert torch.equal(calls[0]["cluster_ids"], torch.as_tensor(soft.clusters))
+    assert torch.equal(calls[0]["cluster_weights"], torch.as_tensor(soft.weights, dtype=torch.float32))
+    # A batch without a boundary prompt takes the hard path: one cluster per row, no weights.
+    assert calls[1]["cluster_ids"].tolist() == [soft.nearest[1]] and calls[1]["cluster_weights"] is None
+    assert [cluster for _, cluster in answers] == router.assign([BOUNDARY, FAR, FAR]).tolist()
+    tokenizer = make_char_tokenizer()
+    batch = chat_batch([BOUNDARY, FAR])
+    with torch.no_grad():
+        routed = original(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = [tokenizer.decode(row, skip_special_tokens=True).strip()
+                for row in routed[:, batch["input_ids"].shape[1]:]]
+    assert [answer for answer, _ in answers[:2]] == expected
