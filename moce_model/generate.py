@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,27 @@ def load_model(model_dir: str | Path) -> torch.nn.Module:
         ) from err
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class RoutedAnswer:
+    """A greedy answer and where its prompt was routed: `cluster` (None for a variant that does not route by
+    cluster) and, for a prompt a soft assignment answered with two groups, `second_cluster` and its weight
+    `second_weight` (the nearest cluster has 1 - second_weight)."""
+
+    text: str
+    cluster: int | None
+    second_cluster: int | None = None
+    second_weight: float = 0.0
+
+    def route(self, variant: str | None) -> str:
+        """How the prompt was routed, in words."""
+        if self.cluster is None:
+            return f"no cluster routing (variant {variant or 'none'})"
+        if self.second_cluster is None:
+            return f"cluster {self.cluster} -> expert group {self.cluster}"
+        return (f"clusters {self.cluster} and {self.second_cluster} (near their boundary) -> expert groups "
+                f"{self.cluster} x {1 - self.second_weight:.3f} + {self.second_cluster} x {self.second_weight:.3f}")
+
+
 def generate(
     model_dir: str | Path,
     texts: Sequence[str],
@@ -76,10 +97,28 @@ def generate(
     Each text is asked in the prompt format the model was trained with (`prompt_format_name`, see
     `moce_model.prompt_format`) and routed by its routing text, as training rows were.
     Returns (answer, cluster) per text; cluster is None for variants that do not route by cluster, and the nearest
-    cluster for a text a soft assignment answers with two groups. The soft assignment is the model config's
-    (`soft_assignment`, off by default) unless `soft_assignment` gives a rule.
+    cluster for a text a soft assignment answers with two groups (`answer_prompts` says which). The soft
+    assignment is the model config's (`soft_assignment`, off by default) unless `soft_assignment` gives a rule.
     `model`/`tokenizer`/`router` may be passed in to avoid reloading them from `model_dir`.
     """
+    answers = answer_prompts(model_dir, texts, max_new_tokens, router, model, tokenizer, batch_size,
+                             prompt_format_name, soft_assignment)
+    return [(answer.text, answer.cluster) for answer in answers]
+
+
+@torch.no_grad()
+def answer_prompts(
+    model_dir: str | Path,
+    texts: Sequence[str],
+    max_new_tokens: int = 128,
+    router: ClusterRouter | None = None,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any | None = None,
+    batch_size: int = 8,
+    prompt_format_name: str = AUTO,
+    soft_assignment: SoftAssignmentRule | None = None,
+) -> list[RoutedAnswer]:
+    """`generate`, with each prompt's whole route (`RoutedAnswer`)."""
     texts = check_prompts(texts)
     if model is None:
         model = load_model(model_dir)
@@ -106,7 +145,7 @@ def generate(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    answers: list[tuple[str, int | None]] = []
+    answers: list[RoutedAnswer] = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         prompts = [fmt.prompt("", text, "") for text in chunk]
@@ -129,7 +168,13 @@ def generate(
         )
         new_tokens = output[:, encoded["input_ids"].shape[1] :]
         for offset, row in enumerate(new_tokens):
-            answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), clusters[start + offset]))
+            index = start + offset
+            mixed = soft is not None and bool(soft.soft[index])
+            answers.append(RoutedAnswer(
+                text=tokenizer.decode(row, skip_special_tokens=True).strip(), cluster=clusters[index],
+                second_cluster=int(soft.clusters[index, 1]) if mixed else None,
+                second_weight=float(soft.weights[index, 1]) if mixed else 0.0,
+            ))
     return answers
 
 
@@ -152,15 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     model = load_model(model_dir)
     variant = getattr(model.config, "variant", None)
-    for prompt, (answer, cluster) in zip(
-        args.prompts, generate(model_dir, args.prompts, args.max_new_tokens, model=model,
-                               prompt_format_name=args.prompt_format)
+    for prompt, answer in zip(
+        args.prompts, answer_prompts(model_dir, args.prompts, args.max_new_tokens, model=model,
+                                     prompt_format_name=args.prompt_format)
     ):
-        if cluster is not None:
-            route = f"cluster {cluster} -> expert group {cluster}"
-        else:
-            route = f"no cluster routing (variant {variant or 'none'})"
-        print(f"### prompt: {prompt}\n### routed: {route}\n{answer}\n")
+        print(f"### prompt: {prompt}\n### routed: {answer.route(variant)}\n{answer.text}\n")
     return 0
 
 

@@ -572,3 +572,20 @@ def test_generate_from_the_directory_passes_the_soft_routes_and_answers_as_the_s
     expected = [tokenizer.decode(row, skip_special_tokens=True).strip()
                 for row in routed[:, batch["input_ids"].shape[1]:]]
     assert [answer for answer, _ in answers[:2]] == expected
+
+
+def test_the_generate_command_says_which_prompts_two_groups_answered(soft_merged, capsys) -> None:
+    from moce_model.generate import answer_prompts, main
+
+    _, merged_dir, router = soft_merged
+    soft = router.assign_soft([BOUNDARY, FAR], RULE)
+    boundary, far = answer_prompts(merged_dir, [BOUNDARY, FAR], max_new_tokens=2, router=router)
+    assert (boundary.cluster, boundary.second_cluster) == tuple(soft.clusters[0].tolist())
+    assert boundary.second_weight == pytest.approx(soft.weights[0, 1])
+    assert (far.cluster, far.second_cluster, far.second_weight) == (soft.nearest[1], None, 0.0)
+    assert main(["--model", str(merged_dir), "--max-new-tokens", "2", BOUNDARY, FAR]) == 0
+    printed = capsys.readouterr().out
+    first, second = soft.clusters[0].tolist()
+    assert (f"### routed: clusters {first} and {second} (near their boundary) -> expert groups {first} x 0.500 + "
+            f"{second} x 0.500") in printed
+    assert f"### routed: cluster {soft.nearest[1]} -> expert group {soft.nearest[1]}" in printed
