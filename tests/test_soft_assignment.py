@@ -328,6 +328,28 @@ def test_generate_keeps_the_mix_through_cached_decoding() -> None:
     torch.testing.assert_close(out.logits[-1], full[:, -1], rtol=1e-4, atol=1e-5)
 
 
+def test_cached_decoding_with_mixed_rows_compiles_once_without_graph_breaks() -> None:
+    """The weights are read on the host at prefill only (eager); the compiled decode steps reuse the mix."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = tiny_moce()
+    ids = batch_ids(batch=2, seq_len=6)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, backend="aot_eager")
+    compile_config._compile_all_devices = True  # what a GPU gets by default, forced on the CPU
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                  pad_token_id=0, cache_implementation="static", compile_config=compile_config,
+                  cluster_ids=torch.tensor([[0, 1], [2, 0]]), cluster_weights=torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = model.generate(ids, **kwargs)
+        again = model.generate(ids, **kwargs)
+        eager = model.generate(ids, **{**kwargs, "disable_compile": True})
+        hard = model.generate(ids, **{**kwargs, "disable_compile": True, "cluster_ids": torch.tensor([0, 2]),
+                                      "cluster_weights": None})
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+    assert torch.equal(eager[1], hard[1])
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(cluster_ids=torch.tensor([0, 1, 2]), cluster_weights=SOFT_WEIGHTS),
      r"cluster_ids with cluster_weights has shape \(3,\): expected \[3, 2\]"),
