@@ -265,7 +265,6 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         if mixed_rows.numel() == 0:
             return groups, None
         host_ids = ids.detach().cpu()
-        second = self._checked_groups(ids[:, 1], ids.shape[0], ids.device, "cluster_ids")
         same = mixed_rows[host_ids[mixed_rows, 0] == host_ids[mixed_rows, 1]]
         if same.numel():
             row = int(same[0])
@@ -274,7 +273,9 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
                 f"{host_weights[row].tolist()}): a mixed row names two different clusters"
             )
         rows = mixed_rows.to(ids.device)
-        mix = GroupMix(rows=rows, groups=second.index_select(0, rows),
+        # Only the mixed rows' second clusters are groups: a hard row's (weight 0) may be anything.
+        second = self._checked_groups(ids[:, 1].index_select(0, rows), rows.shape[0], ids.device, "cluster_ids")
+        mix = GroupMix(rows=rows, groups=second,
                        weights=weights.detach().to(torch.float32)[:, 1].index_select(0, rows))
         return groups, mix
 

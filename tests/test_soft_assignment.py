@@ -237,7 +237,9 @@ def test_hard_rows_give_the_hard_logits_bit_for_bit_and_no_second_pass_without_s
     ids = batch_ids()
     with torch.no_grad():
         hard = model(ids, cluster_ids=torch.tensor([0, 1, 2])).logits
-        all_hard = model(ids, cluster_ids=SOFT_IDS, cluster_weights=torch.tensor([[1.0, 0.0]] * 3)).logits
+        # A hard row's second cluster is never used (here -1, no group at all).
+        all_hard = model(ids, cluster_ids=torch.tensor([[0, -1], [1, 2], [2, 0]]),
+                         cluster_weights=torch.tensor([[1.0, 0.0]] * 3)).logits
         assert model.routing_context.group_mix is None  # no row is soft: the hard path
         mixed = model(ids, cluster_ids=SOFT_IDS, cluster_weights=SOFT_WEIGHTS).logits
         assert model.routing_context.group_mix.rows.tolist() == [1, 2]
@@ -361,6 +363,8 @@ def test_cached_decoding_with_mixed_rows_compiles_once_without_graph_breaks() ->
      r"cluster_ids row 1 mixes cluster 1 with itself"),
     (dict(cluster_ids=torch.tensor([[0, 1], [1, 3], [2, 0]]), cluster_weights=SOFT_WEIGHTS),
      r"cluster_ids value 3 out of range"),
+    (dict(cluster_ids=torch.tensor([[0, 1], [-1, 2], [2, 0]]), cluster_weights=SOFT_WEIGHTS),
+     r"cluster_ids value -1 out of range"),
     (dict(cluster_weights=SOFT_WEIGHTS), r"pass both"),
 ])
 def test_bad_soft_inputs_give_clear_errors(kwargs, message: str) -> None:
@@ -441,6 +445,8 @@ def test_the_merged_model_routes_softly_by_itself_and_reproduces_the_trained_log
     trained_logits, merged_dir, router = soft_merged
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert merged.config.soft_assignment_rule == RULE
+    assert "answered by both clusters' groups, weighted by distance (temperature 0.025)" in \
+        (merged_dir / "README.md").read_text()
     batch = chat_batch([BOUNDARY, FAR])
     soft = router.assign_soft([BOUNDARY, FAR], merged.config.soft_assignment_rule)
     explicit = dict(cluster_ids=torch.as_tensor(soft.clusters),

@@ -356,7 +356,9 @@ class MoCELM(HFLM):
         if not missing:
             return
         rule, soft = self.soft_assignment, None
-        if hasattr(self.router, "encoder") and hasattr(self.router, "assign_embeddings"):
+        embeds = hasattr(self.router, "encoder") and hasattr(
+            self.router, "assign_embeddings" if rule is None else "assign_soft_embeddings")
+        if embeds:
             embeddings = np.asarray(self.router.encoder.encode(missing), dtype=np.float32)
             self._embedding_of_text.update(zip(missing, embeddings))
             if rule is None:
