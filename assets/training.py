@@ -63,6 +63,7 @@ def _moce_config(experiment: Experiment, variant: str, num_clusters: int | None,
         router_top_k=experts.top_k,
         adapter_dim=experts.adapter_dim,
         token_router=experts.token_router,
+        **experts.soft_assignment.model_config_values(),
         embedder=embedder,
     )
 
