@@ -103,11 +103,14 @@ class StudyConfig:
     bootstrap_resamples: int = 4_000
     # Evaluation-only conditions scored on every trained run (`moce_model.study_conditions.CONDITIONS`), table
     # rows `layout @condition`: `noised` replaces `noise_share` of each held-out prompt's words (seeded by
-    # `noise_seed`, the same corruption for every run); `adaptive` routes by centroids updated with the held-out
-    # prompts (layouts that route by centroids only).
-    conditions: tuple[str, ...] = ("noised", "adaptive")
+    # `noise_seed`, the same corruption for every run); `soft` answers prompts near a cluster boundary with both
+    # clusters' groups (`SoftAssignmentRule(soft_margin, soft_temperature)`); `adaptive` routes by centroids
+    # updated with the held-out prompts (`soft` and `adaptive`: layouts that route by centroids only).
+    conditions: tuple[str, ...] = ("noised", "soft", "adaptive")
     noise_share: float = 0.15
     noise_seed: int = 0
+    soft_margin: float = 0.1
+    soft_temperature: float = 0.025
     # A merged SmolLM2-135M is 575 MB in fp32, 10 GB for the 18 trained runs; the adapters (a few MB) are
     # kept, and merged_model-style directories can be rebuilt from them.
     keep_merged_models: bool = False
@@ -140,6 +143,9 @@ class StudyConfig:
             study_condition(condition)  # raises for an unknown name
         if len(set(self.conditions)) != len(self.conditions):
             raise ValueError(f"study conditions must be distinct, got {self.conditions}")
+        from moce_model.routing import SoftAssignmentRule
+
+        SoftAssignmentRule(self.soft_margin, self.soft_temperature)  # raises, naming the field, for a bad value
         if not 0.0 < self.noise_share <= 1.0:
             raise ValueError(f"study noise_share must be in (0, 1], got {self.noise_share}")
 
@@ -214,14 +220,14 @@ def study_layouts(config: StudyConfig) -> list[StudyLayout]:
         if not semantics.token_routing:
             note = "= moce with 1 expert per group" if semantics.needs_centroids else ""
             layouts.append(StudyLayout(variant, variant, None, note=note))
-        elif variant == "moce":
+        elif semantics.needs_centroids:  # moce: the experts-per-group sweep
             for experts in sorted(set(config.experts_per_group_sweep)):
                 if experts == 1 and any(
                     variant_semantics(v).needs_centroids and not variant_semantics(v).token_routing
                     for v in config.variants
                 ):
                     continue
-                layouts.append(StudyLayout(f"moce/e{experts}", variant, experts))
+                layouts.append(StudyLayout(f"{variant}/e{experts}", variant, experts))
         elif semantics.needs_num_clusters:
             layouts.append(StudyLayout(f"{variant}/e{largest}", variant, largest))
         else:

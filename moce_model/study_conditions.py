@@ -14,6 +14,9 @@ through `MoCELM`). A condition that needs a setting adds a field to `StudyConfig
   on corrupted data (the corruption here is this study's own): a fixed, seeded share of the words of every
   held-out prompt (system, instruction, input) is replaced by other words, the response is untouched, and the
   model routes by the corrupted text as a deployed model would (`corrupt_prompt`).
+- `soft`: prompts near the boundary of two clusters are answered by both clusters' groups, mixed by distance
+  (`moce_model.routing.SoftAssignmentRule` with the study's `soft_margin` / `soft_temperature`), on models
+  trained with hard clusters; every other item keeps its clean score.
 - `adaptive`: the clustering adapts to the held-out prompts instead of staying fixed: the centroids are updated
   incrementally with them (`moce_model.clustering.update_centroids`, the same update as the
   `kmeans_centroids` asset's incremental mode) and the held-out items are routed by the updated centroids
@@ -80,6 +83,8 @@ class ConditionPlan:
 
     rows: Mapping[str, pl.DataFrame]
     router: Any = None
+    # How the model routes prompts near a cluster boundary (`MoCELM`'s argument); None: as its config says.
+    soft_assignment: Any = None
     kept_scores: pl.DataFrame | None = None
     details: pl.DataFrame | None = None
 
@@ -270,13 +275,66 @@ def _summarize_adaptive(details: pl.DataFrame) -> str:
         "another group" for r in per_cluster.iter_rows(named=True))
 
 
+# ------------------------------------------------------------------------------------------------ soft
+
+
+def _prepare_soft(inputs: ConditionInputs) -> ConditionPlan | None:
+    if inputs.centroids is None:
+        return None  # the layout does not route by centroids: there is no boundary between groups
+    if inputs.encoder is None:
+        raise ValueError(f"{inputs.layout}: the soft condition needs the router's encoder")
+    from moce_model.evaluation.benchmarks import instruction_row_item_id
+    from moce_model.routing import SoftAssignmentRule
+
+    rule = SoftAssignmentRule(margin=inputs.config.soft_margin, temperature=inputs.config.soft_temperature)
+    router = ClusterRouter(inputs.encoder, inputs.centroids)
+    rows, kept, details = {}, [], []
+    for benchmark, frame in inputs.heldout.items():
+        embeddings = inputs.encoder.encode([routing_text(*r) for r in frame.select(PROMPT_FIELDS).iter_rows()])
+        assigned = router.assign_soft_embeddings(embeddings, rule)
+        soft = assigned.soft
+        rows[benchmark] = frame.filter(pl.Series(soft))
+        # A hard item goes to the nearest group alone, exactly as in the clean run: its clean score stands.
+        kept.append(pl.DataFrame({"benchmark": benchmark, "metric": HELDOUT_METRIC, "item_id": [
+            instruction_row_item_id(benchmark, row_id) for row_id in frame.filter(pl.Series(~soft))["id"]]}))
+        second_weights = assigned.weights[soft, 1]
+        details.append({"benchmark": benchmark, "items": frame.height, "soft_items": int(soft.sum()),
+                        "mean_second_weight": float(second_weights.mean()) if soft.any() else 0.0})
+    kept_scores = pl.concat(kept).join(inputs.clean_scores.select(SCORE_COLUMNS),
+                                       on=["benchmark", "metric", "item_id"], how="left")
+    lacking = kept_scores.filter(pl.col("score").is_null())
+    if lacking.height:
+        raise ValueError(f"{inputs.layout}: the run's clean scores lack {lacking.height} held-out item(s), e.g. "
+                         f"{lacking['item_id'].head(3).to_list()}: materialize its study_runs partition again")
+    return ConditionPlan(rows=rows, router=router, soft_assignment=rule, kept_scores=kept_scores,
+                         details=pl.DataFrame(details, schema={"benchmark": pl.String(), "items": pl.Int64(),
+                                                               "soft_items": pl.Int64(),
+                                                               "mean_second_weight": pl.Float64()}))
+
+
+def _describe_soft(config: StudyConfig) -> str:
+    return (f"for the layouts that route by centroids: a held-out prompt whose relative distance gap between its two "
+            f"nearest centroids is below {config.soft_margin} is answered by both clusters' groups, weighted by a "
+            f"softmax over the distances (temperature {config.soft_temperature}); the model was trained with hard "
+            "clusters; the other items keep their clean scores (same text, same single group)")
+
+
+def _summarize_soft(details: pl.DataFrame) -> str:
+    per_benchmark = details.group_by("benchmark").agg(pl.col("items").first(), pl.col("soft_items").min().alias("lo"),
+                                                      pl.col("soft_items").max().alias("hi")).sort("benchmark")
+    return "; ".join(f"{r['benchmark']}: {r['lo']}" + (f"-{r['hi']}" if r["hi"] != r["lo"] else "")
+                     + f" of {r['items']} items soft" for r in per_benchmark.iter_rows(named=True))
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 NOISED = "noised"
+SOFT = "soft"
 ADAPTIVE = "adaptive"
 CONDITIONS: dict[str, StudyCondition] = {
     condition.name: condition for condition in (
         StudyCondition(NOISED, _prepare_noised, _describe_noised, _summarize_noised),
+        StudyCondition(SOFT, _prepare_soft, _describe_soft, _summarize_soft),
         StudyCondition(ADAPTIVE, _prepare_adaptive, _describe_adaptive, _summarize_adaptive),
     )
 }
@@ -328,7 +386,8 @@ def evaluate_plan(plan: ConditionPlan, model_dir: Path | str | None, label: str,
             raise ValueError(f"{label}: the plan has rows to score but no model directory was given")
         from moce_model.evaluation.lm import MoCELM
 
-        lm = MoCELM(pretrained=str(model_dir), router=plan.router, **evaluation_settings)
+        lm = MoCELM(pretrained=str(model_dir), router=plan.router, soft_assignment=plan.soft_assignment,
+                    **evaluation_settings)
         evaluated = evaluate_model(None, model_variant=label, benchmarks=specs, seed=seed, lm=lm).item_scores
     return combine_scores(label, seed, evaluated, plan.kept_scores)
 

@@ -451,6 +451,37 @@ def test_adaptive_condition_reroutes_by_the_updated_centroids_and_keeps_the_othe
     assert CONDITIONS["adaptive"].prepare(ConditionInputs("pesc", StudyConfig(), {"heldout_a": heldout}, clean)) is None
 
 
+def test_soft_condition_rescores_only_the_prompts_near_a_boundary_with_two_groups():
+    from moce_model.study_conditions import CONDITIONS, ConditionInputs
+
+    axes = [_unit(*([0.0] * c + [1.0])) for c in range(2)]
+    centroids = np.stack(axes).astype(np.float32)
+    # `mid` lies halfway between the two centroids (soft, weight 0.5); `near0` and `near1` sit on them (hard).
+    vectors = {"prompt mid": _unit(1.0, 1.0), "prompt near0": axes[0], "prompt near1": _unit(0.8, 1.0)}
+    heldout = pl.DataFrame({"id": ["mid", "near0", "near1"], "system": [None] * 3,
+                            "instruction": ["prompt mid", "prompt near0", "prompt near1"], "input": [None] * 3,
+                            "response": ["answer"] * 3})
+    clean = pl.DataFrame({"benchmark": "heldout_a", "metric": "heldout_loss",
+                          "item_id": ["heldout_a/mid", "heldout_a/near0", "heldout_a/near1"],
+                          "score": [1.0, 2.0, 3.0]})
+    inputs = ConditionInputs("moce/e2", StudyConfig(), {"heldout_a": heldout}, clean, centroids=centroids,
+                             encoder=LookupEncoder(vectors))
+    plan = CONDITIONS["soft"].prepare(inputs)
+    assert plan.rows["heldout_a"]["id"].to_list() == ["mid"]
+    assert (plan.soft_assignment.margin, plan.soft_assignment.temperature) == (0.1, 0.025)
+    assert plan.kept_scores.sort("item_id")["score"].to_list() == [2.0, 3.0]
+    assert plan.details.row(0, named=True) == {"benchmark": "heldout_a", "items": 3, "soft_items": 1,
+                                               "mean_second_weight": pytest.approx(0.5)}
+    assert "heldout_a: 1 of 3 items soft" in CONDITIONS["soft"].summarize(plan.details)
+    # A wider margin takes in `near1` too; layouts without centroids have no boundary.
+    wide = CONDITIONS["soft"].prepare(ConditionInputs("moce/e2", StudyConfig(soft_margin=0.5), {"heldout_a": heldout},
+                                                      clean, centroids=centroids, encoder=LookupEncoder(vectors)))
+    assert wide.rows["heldout_a"]["id"].to_list() == ["mid", "near1"]
+    assert CONDITIONS["soft"].prepare(ConditionInputs("pesc", StudyConfig(), {"heldout_a": heldout}, clean)) is None
+    with pytest.raises(ValueError, match="margin"):
+        StudyConfig(soft_margin=0.0)
+
+
 def test_condition_scores_aggregate_as_rows_paired_with_the_clean_runs():
     """Condition scores written by `combine_scores` for two seeds reach the table as their own row, paired with
     the clean runs of the same seeds."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ import torch
 
 from moce_model.evaluation.benchmarks import BenchmarkOutcome, BenchmarkSpec, run_benchmark
 from moce_model.evaluation.lm import MoCELM
+from moce_model.progress import evaluation_progress
 from moce_model.routing import SoftAssignmentRule
 from moce_model.evaluation.lm_eval_suite import (
     LM_EVAL_KINDS,
@@ -26,6 +28,8 @@ from moce_model.evaluation.lm_eval_suite import (
     PAPER_LM_EVAL_TASKS,
     run_lm_eval,
 )
+
+logger = logging.getLogger(__name__)
 
 # One row per (variant, benchmark, metric): the mean over n_items items, its standard error and 95% interval
 # (ci_method names how the interval was computed, see moce_model.evaluation.stats).
@@ -280,17 +284,29 @@ def evaluate_model(
 
     outcomes: list[BenchmarkOutcome] = []
     lm_eval_specs = [s for s in specs if s.kind in LM_EVAL_KINDS]
+    own_specs = [s for s in specs if s.kind not in LM_EVAL_KINDS]
+    steps = len(own_specs) + (1 if lm_eval_specs else 0)  # lm-eval's tasks run as one batch, with its own bars
+    started = time.perf_counter()
     for spec in specs:
         if spec.kind not in LM_EVAL_KINDS:
+            benchmark_started = time.perf_counter()
             with lm.counting_expert_use(spec.name):
                 outcome = run_benchmark(lm, spec, limit_per_benchmark)
+            logger.info(evaluation_progress(model_variant, len(outcomes) + 1, steps, spec.name, outcome.n_items,
+                                            time.perf_counter() - benchmark_started,
+                                            time.perf_counter() - started))
             outcome.expert_use = lm.take_expert_use().get(spec.name)
             by_prompt = lm.take_prompt_expert_use().get(spec.name, {})
             outcome.prompt_expert_use = {item.item_id: by_prompt[item.prompt] for item in outcome.items
                                          if item.prompt in by_prompt}
             outcomes.append(outcome)
     if lm_eval_specs:
-        outcomes.extend(run_lm_eval(lm, lm_eval_specs, limit_per_benchmark))
+        lm_eval_started = time.perf_counter()
+        lm_eval_outcomes = run_lm_eval(lm, lm_eval_specs, limit_per_benchmark)
+        outcomes.extend(lm_eval_outcomes)
+        logger.info(evaluation_progress(model_variant, steps, steps, f"lm-eval ({len(lm_eval_specs)} tasks)",
+                                        sum(o.n_items for o in lm_eval_outcomes),
+                                        time.perf_counter() - lm_eval_started, time.perf_counter() - started))
     # Loading is shared by all benchmarks; spread it so the seconds column adds up to the whole evaluation.
     share = load_seconds / max(len(outcomes), 1)
     return EvalResult(
