@@ -61,7 +61,7 @@ def test_study_runs_their_conditions_and_the_table(tmp_path, monkeypatch):
                                           asset_selection=[dg.AssetKey("study_conditions")]).success, key
         conditions = instance.get_latest_materialization_event(dg.AssetKey("study_conditions")).asset_materialization
         assert conditions.partition == "moce/e2/s0"
-        assert conditions.metadata["conditions_applied"].value == ["noised", "adaptive"]
+        assert conditions.metadata["conditions_applied"].value == ["noised", "soft", "adaptive"]
         assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("study_table")]).success
 
         table = instance.get_latest_materialization_event(dg.AssetKey("study_table")).asset_materialization
@@ -88,14 +88,15 @@ def test_study_runs_their_conditions_and_the_table(tmp_path, monkeypatch):
     assert set(loss["n_items"]) == {3} and set(loss["n_seeds"]) == {1}
     # The conditions' rows: the base model has no centroids to adapt.
     assert set(aggregated["layout"]) == {"base", "moce/e2", "moce+ac/e2", "base @noised", "moce/e2 @noised",
-                                         "moce/e2 @adaptive"}
+                                         "moce/e2 @soft", "moce/e2 @adaptive"}
     assert set(aggregated.filter(pl.col("layout").str.contains("@"))["benchmark"]) == {"heldout_synthetic_mix"}
     differences = pl.read_parquet(out_dir / "study_differences.parquet")
     assert set(differences.select("layout", "reference").rows()) == {
         ("moce/e2", "base"), ("moce+ac/e2", "base"), ("moce+ac/e2", "moce/e2"),
         ("base @noised", "base"), ("moce/e2 @noised", "base @noised"), ("moce/e2 @noised", "moce/e2"),
-        ("moce/e2 @adaptive", "moce/e2")}
+        ("moce/e2 @soft", "moce/e2"), ("moce/e2 @adaptive", "moce/e2")}
     assert "- `@noised`: 15% of the words" in markdown and "- `@adaptive`: " in markdown
+    assert "- `@soft`: " in markdown
     assert "| moce/e2 @noised |" in markdown and "moce+ac/e2 (moce/e2 with the ac router)" in markdown
 
     # What the conditions scored: the corrupted prompts beside the run's clean ones, the same items, another loss.
@@ -113,7 +114,13 @@ def test_study_runs_their_conditions_and_the_table(tmp_path, monkeypatch):
         return dict(scores.filter(pl.col("layout") == layout).select("item_id", "score").iter_rows())
 
     clean, noisy, adapted = loss_of("moce/e2"), loss_of("moce/e2 @noised"), loss_of("moce/e2 @adaptive")
-    assert clean.keys() == noisy.keys() == adapted.keys() and clean != noisy
+    soft = loss_of("moce/e2 @soft")
+    assert clean.keys() == noisy.keys() == adapted.keys() == soft.keys() and clean != noisy
+    soft_details = pl.read_parquet(conditions_dir / "details_soft.parquet")
+    assert soft_details["items"].sum() == 3
+    # Items far from a boundary keep their clean loss; a soft item is scored again with two groups.
+    if soft_details["soft_items"].sum() == 0:
+        assert soft == clean
     drift = pl.read_parquet(conditions_dir / "details_adaptive.parquet")
     assert drift.height == 3 and drift["heldout_rows"].sum() == 3
     # Items the adapted centroids route to the same group keep their clean loss.
