@@ -63,7 +63,8 @@ rehearsal: $(STAMP) sandbox
 	$(PY) -m moce_model.rehearsal $(MOCE_REHEARSAL_DIR)
 	MOCE_REHEARSAL_DIR=$(MOCE_REHEARSAL_DIR) $(MOCE) run --experiment paper-rehearsal
 
-# Journey "k side by side": `make k-sweep KS=2,3,4,6` trains and evaluates moce at each k into one table.
+# Journey "k side by side": `make k-sweep KS=2,3,4,6` trains and evaluates moce at each k (one run per partition
+# of the k_sweep assets), then the comparison table over every materialized k.
 KS ?= 2,3,4,6
 k-sweep: $(STAMP) sandbox
 	$(MOCE) sweep --ks $(KS) $(EXPERIMENT_ARG)
@@ -77,8 +78,10 @@ clean:
 
 # The study (issue 12): every variant over 3 seeds and the experts-per-group sweep on the real samples in
 # ../shared/data/realmix (STUDY_EXPERIMENT=demo runs it on the synthetic mix); one table and one figure.
-# `make study RUNS=base,moce/e4/s0` runs only those runs (then the table over what is materialized).
+# `make study RUNS=base,moce/e4/s0` runs only those runs (then the table over what is materialized);
+# every run's evaluation-only conditions (study_conditions) come with it unless NO_CONDITIONS=1.
 STUDY_EXPERIMENT ?= realmix
 STUDY_WORKERS ?= 2
 study: $(STAMP) sandbox
-	$(MOCE) study --experiment $(STUDY_EXPERIMENT) --workers $(STUDY_WORKERS) $(if $(RUNS),--runs $(RUNS))
+	$(MOCE) study --experiment $(STUDY_EXPERIMENT) --workers $(STUDY_WORKERS) $(if $(RUNS),--runs $(RUNS)) \
+		$(if $(NO_CONDITIONS),--no-conditions)

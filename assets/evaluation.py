@@ -1,5 +1,5 @@
 """merged_model/<variant> (and base_model) → benchmark_results/<model> + benchmark_item_scores/<model> →
-benchmark_report."""
+benchmark_report. `build_results_asset` also evaluates a branch's models (the k sweep's)."""
 
 import time
 from pathlib import Path
@@ -7,7 +7,15 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from assets.common import HEAVY_STEP_TAG, RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
+from assets.common import (
+    HEAVY_STEP_TAG,
+    MAIN,
+    RERUN_WHEN_UPSTREAM_CHANGES,
+    Branch,
+    artifact_metadata,
+    artifact_ref,
+    md_table,
+)
 from moce_model.config import variant_semantics
 from moce_model.experiment import Experiment
 from resources.storage import ArtifactStorage
@@ -15,11 +23,12 @@ from resources.storage import ArtifactStorage
 EVALUATION_CODE_VERSION = "3"
 
 
-def _evaluation_table(table: str, model_name: str, description: str, kinds: frozenset = frozenset({"parquet"})):
-    """One Parquet table the evaluation of `model_name` writes: asset `<table>/<model_name>`."""
-    return dg.AssetOut(key=[table, model_name], group_name="evaluation", kinds=set(kinds),
+def _evaluation_table(branch: Branch, table: str, model_name: str, description: str,
+                      kinds: frozenset = frozenset({"parquet"})):
+    """One Parquet table the evaluation of `model_name` writes: asset `<table>/<model_name>` in `branch`."""
+    return dg.AssetOut(key=branch.key(table, model_name), group_name=branch.group("evaluation"), kinds=set(kinds),
                        code_version=EVALUATION_CODE_VERSION, io_manager_key="parquet_io_manager",
-                       automation_condition=RERUN_WHEN_UPSTREAM_CHANGES, description=description)
+                       automation_condition=branch.automation_condition, description=description)
 
 
 def _embeds_prompts(model_name: str) -> bool:
@@ -57,99 +66,114 @@ def prompt_map_metadata(prompt_embeddings: pl.DataFrame) -> dict:
     return metadata
 
 
-def build_evaluation_assets(experiment: Experiment) -> list:
+def evaluation_config(experiment: Experiment) -> type[dg.Config]:
     class EvaluationConfig(dg.Config):
         limit_per_benchmark: int | None = experiment.evaluation.limit_per_benchmark
         """Evaluate at most this many items per benchmark (None: the experiment's benchmark sizes)."""
         batch_size: int = 16
         seed: int = experiment.seed
 
-    def results_asset(model_name: str) -> dg.AssetsDefinition:
-        upstream = dg.AssetIn(key="base_model") if model_name == "base" else dg.AssetIn(key=["merged_model", model_name])
-        # The base model has no experts: no expert-use table.
-        expert_use_out = {} if model_name == "base" else {
-            "expert_use": _evaluation_table("benchmark_expert_use", model_name, (
-                f"Expert use of `{model_name}` on the evaluated (held-out) prompts, counted while the evaluation "
-                "ran: per benchmark, layer, expert group and expert, the tokens routed to the expert and its share "
-                "of the group's assignments.")),
-        }
+    return EvaluationConfig
 
-        # Only a model that routes by embedding the prompt has embeddings of the evaluated prompts.
-        prompt_embeddings_out = {} if not _embeds_prompts(model_name) else {
-            "prompt_embeddings": _evaluation_table("benchmark_prompt_embeddings", model_name, (
-                f"The router's embedding and cluster of every evaluated prompt of `{model_name}` (its input "
-                "side, embedded as the centroids were fit): the 2-D map of the evaluation prompts.")),
-        }
 
-        @dg.multi_asset(
-            name=f"evaluate_{model_name}",
-            ins={"model": upstream},
-            outs={
-                **expert_use_out,
-                **prompt_embeddings_out,
-                "results": _evaluation_table("benchmark_results", model_name, (
-                    f"Benchmark scores of `{model_name}`, each with n, stderr and 95% interval; every prompt "
-                    "is routed to its cluster's expert group (embed the input side, nearest centroid) by the "
-                    "same lm-eval model class for every model."), kinds=frozenset({"lm_eval", "parquet"})),
-                "item_scores": _evaluation_table("benchmark_item_scores", model_name, (
-                    f"Every item's score of `{model_name}` per benchmark and metric, with the cluster that "
-                    "answered it: what the intervals and the paired differences between models are computed from.")),
-            },
-            op_tags=HEAVY_STEP_TAG,
+def build_results_asset(experiment: Experiment, model_name: str, branch: Branch = MAIN,
+                        config_class: type[dg.Config] | None = None) -> dg.AssetsDefinition:
+    """Evaluate `model_name` (`base`, or the merged model of a variant in `branch`) on the experiment's
+    benchmarks: benchmark_results, benchmark_item_scores, and for a model with experts benchmark_expert_use and
+    (routed by embedding) benchmark_prompt_embeddings, one partition each where the branch is partitioned."""
+    EvaluationConfig = config_class or evaluation_config(experiment)
+    upstream = (dg.AssetIn(key="base_model") if model_name == "base"
+                else dg.AssetIn(key=branch.key("merged_model", model_name)))
+    # The base model has no experts: no expert-use table.
+    expert_use_out = {} if model_name == "base" else {
+        "expert_use": _evaluation_table(branch, "benchmark_expert_use", model_name, (
+            f"Expert use of `{model_name}` on the evaluated (held-out) prompts, counted while the evaluation "
+            "ran: per benchmark, layer, expert group and expert, the tokens routed to the expert and its share "
+            "of the group's assignments.")),
+    }
+
+    # Only a model that routes by embedding the prompt has embeddings of the evaluated prompts.
+    prompt_embeddings_out = {} if not _embeds_prompts(model_name) else {
+        "prompt_embeddings": _evaluation_table(branch, "benchmark_prompt_embeddings", model_name, (
+            f"The router's embedding and cluster of every evaluated prompt of `{model_name}` (its input "
+            "side, embedded as the centroids were fit): the 2-D map of the evaluation prompts.")),
+    }
+
+    @dg.multi_asset(
+        name=branch.op_name(f"evaluate_{model_name}"),
+        ins={"model": upstream},
+        partitions_def=branch.partitions_def,
+        outs={
+            **expert_use_out,
+            **prompt_embeddings_out,
+            "results": _evaluation_table(branch, "benchmark_results", model_name, (
+                f"Benchmark scores of `{model_name}`, each with n, stderr and 95% interval; every prompt "
+                "is routed to its cluster's expert group (embed the input side, nearest centroid) by the "
+                "same lm-eval model class for every model."), kinds=frozenset({"lm_eval", "parquet"})),
+            "item_scores": _evaluation_table(branch, "benchmark_item_scores", model_name, (
+                f"Every item's score of `{model_name}` per benchmark and metric, with the cluster that "
+                "answered it: what the intervals and the paired differences between models are computed from.")),
+        },
+        op_tags=HEAVY_STEP_TAG,
+    )
+    def evaluate(context: dg.AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage,
+                 model: dict):
+        from moce_model.evaluation.runner import evaluate_model
+        from moce_model.io import atomic_write_parquet
+
+        started = time.perf_counter()
+        result = evaluate_model(
+            Path(model["path"]),
+            model_variant=model_name,
+            benchmarks=experiment.benchmark_specs(),
+            limit_per_benchmark=config.limit_per_benchmark,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            **experiment.evaluation_settings(),
         )
-        def evaluate(context: dg.AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage,
-                     model: dict):
-            from moce_model.evaluation.runner import evaluate_model
-            from moce_model.io import atomic_write_parquet
+        # Prompts and completions, for reading what the model answered (not an input of any asset).
+        items_path = storage.path_for(branch.key("benchmark_items", model_name))
+        items_path = (items_path / f"{context.partition_key}.parquet" if context.has_partition_key
+                      else items_path.with_suffix(".parquet"))
+        atomic_write_parquet(result.items, items_path)
+        yield dg.Output(
+            result.table,
+            output_name="results",
+            metadata={
+                "model_variant": model_name,
+                "model_dir": dg.MetadataValue.path(model["path"]),
+                "evaluated_with": dg.MetadataValue.json(experiment.evaluation_settings()),
+                "k": model.get("k"),
+                "scores": dg.MetadataValue.md(md_table(result.table.drop("ci_method"))),
+                "items": dg.MetadataValue.path(str(items_path)),
+                "subsets": dg.MetadataValue.json(result.notes),
+                "lineage": dg.MetadataValue.json(
+                    {key: model.get(key) for key in ("path", "variant", "k", "adapters", "centroids", "embedder")}
+                ),
+                "seconds": round(time.perf_counter() - started, 1),
+            },
+        )
+        per_metric = result.item_scores.group_by("benchmark", "metric", maintain_order=True).agg(
+            pl.len().alias("items"), pl.col("score").mean().alias("mean"))
+        yield dg.Output(
+            result.item_scores,
+            output_name="item_scores",
+            metadata={"rows": result.item_scores.height, "per_metric": dg.MetadataValue.md(md_table(per_metric))},
+        )
+        if expert_use_out:
+            yield dg.Output(result.expert_use, output_name="expert_use",
+                            metadata=expert_use_metadata(model_name, result.expert_use))
+        if prompt_embeddings_out:
+            yield dg.Output(result.prompt_embeddings, output_name="prompt_embeddings",
+                            metadata=prompt_map_metadata(result.prompt_embeddings))
 
-            started = time.perf_counter()
-            result = evaluate_model(
-                Path(model["path"]),
-                model_variant=model_name,
-                benchmarks=experiment.benchmark_specs(),
-                limit_per_benchmark=config.limit_per_benchmark,
-                batch_size=config.batch_size,
-                seed=config.seed,
-                **experiment.evaluation_settings(),
-            )
-            # Prompts and completions, for reading what the model answered (not an input of any asset).
-            items_path = storage.path_for(["benchmark_items", model_name]).with_suffix(".parquet")
-            atomic_write_parquet(result.items, items_path)
-            yield dg.Output(
-                result.table,
-                output_name="results",
-                metadata={
-                    "model_variant": model_name,
-                    "model_dir": dg.MetadataValue.path(model["path"]),
-                    "evaluated_with": dg.MetadataValue.json(experiment.evaluation_settings()),
-                    "k": model.get("k"),
-                    "scores": dg.MetadataValue.md(md_table(result.table.drop("ci_method"))),
-                    "items": dg.MetadataValue.path(str(items_path)),
-                    "subsets": dg.MetadataValue.json(result.notes),
-                    "lineage": dg.MetadataValue.json(
-                        {key: model.get(key) for key in ("path", "variant", "k", "adapters", "centroids", "embedder")}
-                    ),
-                    "seconds": round(time.perf_counter() - started, 1),
-                },
-            )
-            per_metric = result.item_scores.group_by("benchmark", "metric", maintain_order=True).agg(
-                pl.len().alias("items"), pl.col("score").mean().alias("mean"))
-            yield dg.Output(
-                result.item_scores,
-                output_name="item_scores",
-                metadata={"rows": result.item_scores.height, "per_metric": dg.MetadataValue.md(md_table(per_metric))},
-            )
-            if expert_use_out:
-                yield dg.Output(result.expert_use, output_name="expert_use",
-                                metadata=expert_use_metadata(model_name, result.expert_use))
-            if prompt_embeddings_out:
-                yield dg.Output(result.prompt_embeddings, output_name="prompt_embeddings",
-                                metadata=prompt_map_metadata(result.prompt_embeddings))
+    return evaluate
 
-        return evaluate
 
+def build_evaluation_assets(experiment: Experiment) -> list:
+    config_class = evaluation_config(experiment)
     model_names = ["base", *experiment.variants]
-    result_assets = [results_asset(name) for name in model_names]
+    result_assets = [build_results_asset(experiment, name, config_class=config_class) for name in model_names]
 
     @dg.asset(
         ins={

@@ -1,93 +1,108 @@
-"""k side by side: for each k, cluster, train the `moce` variant, merge, evaluate; one comparison table.
+"""The k sweep, a branch beside the main graph (group `k_sweep`, on demand: `moce sweep`), one partition per k:
 
-The sweep reuses the pipeline's own steps (the same library calls as kmeans_centroids, moce_adapters,
-merged_model and benchmark_results) and writes each k's artifacts under its own directory, so it never
-touches the assets of the main graph.
+    instruction_embeddings ─▶ k_sweep/kmeans_centroids[k] ─▶ k_sweep/cluster_assignments[k]
+    base_model, instructions ─▶ k_sweep/moce_adapters/moce[k] ─▶ k_sweep/merged_model/moce[k] (+ merge check)
+        ─▶ k_sweep/benchmark_results/moce[k] (+ item scores, expert use, prompt embeddings) ─▶ k_sweep/comparison
+
+The per-k assets are built by the main graph's own factories (same bodies, same merge check, same metadata and
+lineage), under the `k_sweep/` prefix: a sweep reads the main graph's instructions, embeddings and base model
+and never writes the main graph's assets or artifacts. Each k is one run (a partition), so several k can run at
+once; `k_sweep/comparison` puts whichever k are materialized side by side.
 """
 
-import time
-
 import dagster as dg
-import numpy as np
 import polars as pl
 
-from assets.common import HEAVY_STEP_TAG, md_table
-from assets.training import merge_variant, train_variant
+from assets.clustering import CLUSTERING_CODE_VERSION, build_assignment_assets, centroids_output, check_k
+from assets.common import Branch, artifact_dir
+from assets.evaluation import EVALUATION_CODE_VERSION, build_results_asset
+from assets.training import build_training_assets
 from moce_model.experiment import Experiment
 from resources.storage import ArtifactStorage
-from resources.trainer import TrainerResource
+
+K_SWEEP_GROUP = "k_sweep"
+# Dynamic: `moce sweep --ks 2,3` (or "Add partition" in the UI) adds the k it is asked for.
+K_PARTITIONS = dg.DynamicPartitionsDefinition(name="k")
+SWEEP = Branch(prefix=("k_sweep",), group_name=K_SWEEP_GROUP, partitions_def=K_PARTITIONS,
+               automation_condition=None)
+SWEEP_VARIANT = "moce"
+RESULTS_KEY = dg.AssetKey(SWEEP.key("benchmark_results", SWEEP_VARIANT))
+COMPARISON_KEY = dg.AssetKey(SWEEP.key("comparison"))
 
 
-def build_k_sweep_asset(experiment: Experiment) -> dg.AssetsDefinition:
-    preset = experiment.training_config()
+def partition_k(partition_key: str) -> int:
+    """The k of a partition of the sweep ("2" → 2)."""
+    if not partition_key.isdigit() or int(partition_key) < 2:
+        raise ValueError(f"k sweep partition {partition_key!r}: expected a number of clusters k >= 2, e.g. '4'")
+    return int(partition_key)
 
-    class KSweepConfig(dg.Config):
-        ks: list[int] = [2, 3, 4, 6]
-        max_steps: int | None = preset.max_steps
-        limit_per_benchmark: int | None = experiment.evaluation.limit_per_benchmark
-        seed: int = experiment.seed
+
+def build_k_sweep_assets(experiment: Experiment) -> list:
+    settings = experiment.clustering
 
     @dg.asset(
-        group_name="evaluation",
-        kinds={"faiss", "pytorch", "lm_eval"},
-        io_manager_key="parquet_io_manager",
-        op_tags=HEAVY_STEP_TAG,
-        description="Benchmark results of the `moce` variant trained at each k of `ks`, side by side.",
+        key=SWEEP.key("kmeans_centroids"),
+        partitions_def=K_PARTITIONS,
+        group_name=K_SWEEP_GROUP,
+        kinds={"faiss", "numpy"},
+        code_version=CLUSTERING_CODE_VERSION,
+        io_manager_key="json_io_manager",
+        description="Spherical k-means centroids at the partition's k on all embeddings (as kmeans_centroids).",
     )
-    def k_sweep_results(
-        context: dg.AssetExecutionContext,
-        config: KSweepConfig,
-        trainer: TrainerResource,
-        storage: ArtifactStorage,
-        instruction_embeddings: dict,
-        instructions: pl.DataFrame,
-        base_model: dict,
-    ) -> dg.Output[pl.DataFrame]:
-        from moce_model.clustering import assign, fit_kmeans, read_embeddings, save_centroids
-        from moce_model.evaluation.runner import evaluate_model
-        ids, vectors = read_embeddings(instruction_embeddings["path"])
-        rows = instructions.select("id", "system", "instruction", "input", "response")
-        training_config = preset.with_overrides({"max_steps": config.max_steps, "seed": config.seed})
-        tables = []
-        for k in sorted(set(config.ks)):
-            started = time.perf_counter()
-            sweep_dir = storage.path_for(context.asset_key) / f"k{k}"
-            centroids = fit_kmeans(vectors, k, seed=config.seed, niter=experiment.clustering.iterations,
-                                   nredo=experiment.clustering.restarts)
-            labels, _ = assign(vectors, centroids)
-            centroids_dir = save_centroids(sweep_dir / "centroids", centroids, instruction_embeddings["embedder"])
-            centroids_ref = {"path": str(centroids_dir), "k": k, "embedder": instruction_embeddings["embedder"]}
-            adapters_ref, _ = train_variant(
-                context,
-                trainer,
-                experiment,
-                "moce",
-                base_model_dir=base_model["path"],
-                rows=rows,
-                num_clusters=k,
-                cluster_ids=dict(zip(ids.tolist(), labels.astype(np.int64).tolist())),
-                centroids_ref=centroids_ref,
-                training_config=training_config,
-                run_dir=sweep_dir / "training",
-            )
-            merged_dir = merge_variant(adapters_ref, base_model["path"], centroids_ref, sweep_dir / "merged")
-            result = evaluate_model(
-                merged_dir,
-                model_variant=f"moce_k{k}",
-                benchmarks=experiment.benchmark_specs(),
-                limit_per_benchmark=config.limit_per_benchmark,
-                seed=config.seed,
-                **experiment.evaluation_settings(),
-            )
-            tables.append(result.table.with_columns(pl.lit(k).alias("k")))
-            context.log.info(f"k={k}: done in {time.perf_counter() - started:.0f} s")
-        table = pl.concat(tables)
-        side_by_side = table.pivot(on="k", index=["benchmark", "metric"], values="value").sort("benchmark", "metric")
-        side_by_side = side_by_side.rename({str(k): f"k={k}" for k in config.ks if str(k) in side_by_side.columns})
-        return dg.Output(
-            table,
-            metadata={"ks": dg.MetadataValue.json(sorted(set(config.ks))),
-                      "comparison": dg.MetadataValue.md(md_table(side_by_side, max_rows=200))},
-        )
+    def sweep_centroids(
+        context: dg.AssetExecutionContext, instruction_embeddings: dict, storage: ArtifactStorage
+    ) -> dg.Output[dict]:
+        from moce_model.clustering import read_embeddings
 
-    return k_sweep_results
+        k = partition_k(context.partition_key)
+        ids, vectors = read_embeddings(instruction_embeddings["path"])
+        check_k(k, len(vectors), f"k sweep partition {context.partition_key!r}")
+        return centroids_output(ids, vectors, k, instruction_embeddings["embedder"], artifact_dir(storage, context),
+                                seed=experiment.seed, iterations=settings.iterations, restarts=settings.restarts)
+
+    @dg.asset(
+        key=COMPARISON_KEY,
+        ins={"results": dg.AssetIn(
+            key=RESULTS_KEY,
+            partition_mapping=dg.AllPartitionMapping(),
+            # A k added but not (yet, or successfully) materialized is left out of the table, and named.
+            metadata={"allow_missing_partitions": True},
+        )},
+        group_name=K_SWEEP_GROUP,
+        kinds={"markdown", "parquet"},
+        code_version=EVALUATION_CODE_VERSION,
+        io_manager_key="parquet_io_manager",
+        description=(
+            f"`{SWEEP_VARIANT}` at every materialized k side by side: per benchmark and metric, each k's value with "
+            "its 95% interval and n (one column per k)."
+        ),
+    )
+    def comparison(context: dg.AssetExecutionContext, results) -> dg.Output[pl.DataFrame]:
+        from moce_model.evaluation.report import k_comparison
+
+        keys = context.asset_partition_keys_for_input("results")
+        # The IO manager hands over a single partition as the table itself and several as {partition key: table}.
+        if isinstance(results, pl.DataFrame):
+            if len(keys) != 1:
+                raise ValueError(f"one table for {len(keys)} partitions of {RESULTS_KEY.to_user_string()}: {keys}")
+            results = {keys[0]: results}
+        by_k = {partition_k(key): table for key, table in (results or {}).items()}
+        if not by_k:
+            raise ValueError(f"no k of the sweep is materialized ({len(keys)} added: {sorted(keys)}): run "
+                             f"`moce sweep --ks ...` or materialize partitions of {RESULTS_KEY.to_user_string()}")
+        table = k_comparison(by_k)
+        missing = sorted((key for key in keys if key not in results), key=partition_k)
+        return dg.Output(table.table, metadata={
+            "ks": dg.MetadataValue.json(sorted(by_k)),
+            "missing_ks": dg.MetadataValue.json([partition_k(key) for key in missing]),
+            "comparison": dg.MetadataValue.md(table.markdown),
+            "rows": table.table.height,
+        })
+
+    return [
+        sweep_centroids,
+        *build_assignment_assets(SWEEP),
+        *build_training_assets(experiment, SWEEP, variants=[SWEEP_VARIANT]),
+        build_results_asset(experiment, SWEEP_VARIANT, SWEEP),
+        comparison,
+    ]

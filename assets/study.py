@@ -1,9 +1,11 @@
 """The study (on demand, job `study`): study_heldout_split → study_runs/<layout>/s<seed> (one partition per
-run) → study_table.
+run) → study_conditions/<layout>/s<seed> (the same partitions) → study_table.
 
 Each partition trains one layout at one seed, merges it (and checks the merged model against the unmerged one),
 and evaluates it on the held-out split, with the same library calls as moce_adapters, merged_model and
-benchmark_results; the table aggregates whichever runs are materialized over seeds and items.
+benchmark_results. `study_conditions` scores the trained run again under each evaluation-only condition
+(`moce_model.study_conditions`) from the adapters it kept, never retraining it. The table aggregates whichever
+runs and conditions are materialized over seeds and items.
 """
 
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from assets.common import artifact_metadata, artifact_ref, md_table
+from assets.common import DATA_VERSION_TAG, INPUT_DATA_VERSION_TAG, artifact_metadata, artifact_ref, md_table
 from assets.training import merge_variant, train_variant
 from moce_model.study import StudyConfig, parse_run_key, run_keys, study_layouts
 from moce_model.experiment import Experiment
@@ -24,6 +26,34 @@ from resources.trainer import TrainerResource
 STUDY_CODE_VERSION = "1"
 STUDY_GROUP = "study"
 RUNS_KEY = dg.AssetKey("study_runs")
+CONDITIONS_KEY = dg.AssetKey("study_conditions")
+
+
+def heldout_benchmarks(study_heldout_split: dict) -> dict[str, str]:
+    """Benchmark name -> Parquet file of each source's held-out rows, as study_runs evaluates them."""
+    return {f"heldout_{source}": path for source, path in sorted(study_heldout_split["heldout_files"].items())}
+
+
+def partition_dir(storage: ArtifactStorage, key: dg.AssetKey, partition: str) -> Path:
+    return storage.path_for([*key.path, *partition.split("/")])
+
+
+def check_run_inputs_current(instance: dg.DagsterInstance, partition: str, names: list[str]) -> None:
+    """Fails when the study_runs partition was materialized with other versions of `names` than the current ones:
+    its adapters would then be merged with (or routed by) another base model or clustering than they were trained
+    with."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=RUNS_KEY, asset_partitions=[partition]), limit=1).records
+    if not records:
+        raise ValueError(f"study_runs {partition} is not materialized: materialize it before its conditions")
+    used = records[0].asset_materialization.tags or {}
+    for name in names:
+        latest = instance.get_latest_materialization_event(dg.AssetKey(name))
+        current = (latest.asset_materialization.tags or {}).get(DATA_VERSION_TAG) if latest else None
+        recorded = used.get(INPUT_DATA_VERSION_TAG + name)
+        if recorded is not None and current is not None and recorded != current:
+            raise ValueError(f"study_runs {partition} was trained with another {name} (data version {recorded}) than "
+                             f"the current one ({current}): materialize study_runs {partition} again first")
 
 
 def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.AssetsDefinition]:
@@ -98,7 +128,7 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         from moce_model.study import trainable_parameters
 
         layout, seed = parse_run_key(config, context.partition_key)
-        run_dir = storage.path_for([*RUNS_KEY.path, *context.partition_key.split("/")])
+        run_dir = partition_dir(storage, RUNS_KEY, context.partition_key)
         num_clusters = int(kmeans_centroids["k"])
         base_config = json.loads((Path(base_model["path"]) / "config.json").read_text())
         training_config = preset.with_overrides(config.training_overrides(seed if seed is not None else 0))
@@ -147,10 +177,8 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
                 "tokens_per_second": train_metadata["tokens_per_second"],
             })
 
-        benchmarks = [
-            BenchmarkSpec(name=f"heldout_{source}", kind="instruction_rows", path=path)
-            for source, path in sorted(study_heldout_split["heldout_files"].items())
-        ]
+        benchmarks = [BenchmarkSpec(name=name, kind="instruction_rows", path=path)
+                      for name, path in heldout_benchmarks(study_heldout_split).items()]
         gsm8k_path = default_gsm8k_path()
         if config.gsm8k_items and gsm8k_path is not None:
             benchmarks.append(BenchmarkSpec(name="gsm8k_test", kind="gsm8k", path=str(gsm8k_path),
@@ -193,20 +221,125 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         })
 
     @dg.asset(
+        partitions_def=partitions,
+        group_name=STUDY_GROUP,
+        kinds={"pytorch", "parquet"},
+        code_version=STUDY_CODE_VERSION,
+        pool="training",
         deps=[study_runs],
+        ins={
+            "base_model": dg.AssetIn(),
+            "study_heldout_split": dg.AssetIn(),
+            "kmeans_centroids": dg.AssetIn(),
+            "instruction_embeddings": dg.AssetIn(),
+        },
+        description=(
+            "The partition's trained run scored again on its held-out items under each evaluation-only condition "
+            f"({', '.join(config.conditions) or 'none configured'}; moce_model.study_conditions): the model is "
+            "rebuilt from the adapters the run kept (merged again, never retrained); writes every item's score "
+            "under the rows `layout @condition`."
+        ),
+    )
+    def study_conditions(
+        context: dg.AssetExecutionContext,
+        storage: ArtifactStorage,
+        base_model: dict,
+        study_heldout_split: dict,
+        kmeans_centroids: dict,
+        instruction_embeddings: dict,
+    ) -> dg.MaterializeResult:
+        import shutil
+
+        from moce_model.io import atomic_write_parquet, atomic_write_text
+        from moce_model.study_conditions import ConditionInputs, score_conditions
+        from moce_model.training import ARTIFACT_DIRNAME
+
+        key = context.partition_key
+        layout, seed = parse_run_key(config, key)
+        check_run_inputs_current(context.instance, key, ["base_model", "kmeans_centroids"])
+        run_dir, out_dir = partition_dir(storage, RUNS_KEY, key), partition_dir(storage, CONDITIONS_KEY, key)
+        clean_scores = pl.read_parquet(run_dir / "item_scores.parquet")
+        heldout = {name: pl.read_parquet(path) for name, path in heldout_benchmarks(study_heldout_split).items()}
+        adapter_dir = run_dir / "training" / ARTIFACT_DIRNAME
+        moce_config = None
+        if layout.trained:
+            from moce_model.config import MoCEConfig
+
+            if not (adapter_dir / "config.json").is_file():
+                raise FileNotFoundError(f"study_runs {key} kept no adapters at {adapter_dir}: materialize it again")
+            moce_config = MoCEConfig.from_pretrained(adapter_dir)
+        routed = {}
+        if moce_config is not None and moce_config.needs_centroids:
+            from moce_model.clustering import load_centroids, read_embeddings
+            from moce_model.embedding import load_embedder
+
+            routed = {"centroids": load_centroids(kmeans_centroids["path"])[0],
+                      "encoder": load_embedder(kmeans_centroids["embedder"]),
+                      "embeddings": read_embeddings(instruction_embeddings["path"])}
+        inputs = ConditionInputs(layout.name, config, heldout, clean_scores, moce_config, **routed)
+        merged_dir = run_dir / "merged"  # kept by study_runs with keep_merged_models
+        rebuilt: list[Path] = []
+        timings: dict[str, float] = {}
+
+        def model_dir() -> Path:
+            if not layout.trained:
+                return Path(base_model["path"])
+            if merged_dir.is_dir():
+                return merged_dir
+            started = time.perf_counter()
+            # The same merge as study_runs, whose merge check passed on these adapters; not checked again.
+            path = merge_variant({"path": str(adapter_dir)}, base_model["path"],
+                                 kmeans_centroids if moce_config.needs_centroids else None, out_dir / "merged")
+            timings["merge_seconds"] = time.perf_counter() - started
+            rebuilt.append(path)
+            return path
+
+        cpu_started = time.process_time()
+        try:
+            results = score_conditions(config.conditions, inputs, model_dir, seed if seed is not None else 0,
+                                       out_dir, **experiment.evaluation_settings())
+        finally:
+            for path in rebuilt:
+                shutil.rmtree(path, ignore_errors=True)
+        timings.update({f"{name}_seconds": value for name, value in results.seconds.items()})
+        timings["cpu_seconds"] = time.process_time() - cpu_started
+        atomic_write_parquet(results.scores, out_dir / "condition_scores.parquet")
+        for stale in out_dir.glob("details_*.parquet"):  # of conditions no longer applied; the table reads these
+            stale.unlink()
+        for name, details in results.details.items():
+            atomic_write_parquet(details, out_dir / f"details_{name}.parquet")
+        record = {"layout": layout.name, "seed": seed, "conditions": list(results.seconds),
+                  **{name: round(value, 1) for name, value in timings.items()}}
+        atomic_write_text(json.dumps(record, indent=2), out_dir / "conditions.json")
+        means = results.scores.group_by("layout", "benchmark", "metric").agg(
+            pl.len().alias("n_items"), pl.col("score").mean().alias("mean")).sort("layout", "benchmark")
+        return dg.MaterializeResult(metadata={
+            **artifact_metadata(out_dir),
+            "layout": layout.name, "seed": seed,
+            "conditions_applied": dg.MetadataValue.json(list(results.seconds)),
+            **{name: round(value, 1) for name, value in timings.items()},
+            "scores": dg.MetadataValue.md(md_table(means)),
+            **{f"details_{name}": dg.MetadataValue.md(md_table(details)) for name, details in results.details.items()},
+        })
+
+    @dg.asset(
+        deps=[study_runs, study_conditions],
         group_name=STUDY_GROUP,
         kinds={"markdown", "matplotlib", "parquet"},
         code_version=STUDY_CODE_VERSION,
         description=(
             "Every layout's mean over seeds and items with a two-level bootstrap interval (seeds, then items), "
-            "paired differences against pesc and base, total and active trainable parameters; one figure. "
-            "Aggregates the runs that are materialized and names those that are not."
+            "and the same for each layout under the evaluation-only conditions (rows `layout @condition`); paired "
+            "differences against pesc and base, of each token router against its linear counterpart and of each "
+            "condition against the clean runs; total and active trainable parameters; one figure. Aggregates the "
+            "runs and conditions that are materialized and names those that are not."
         ),
     )
     def study_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
         from moce_model.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
         from moce_model.plots import png_markdown
-        from moce_model.study import build_study_table
+        from moce_model.study import build_study_table, counterparts
+        from moce_model.study_conditions import study_condition
 
         done = context.instance.get_materialized_partitions(RUNS_KEY)
         keys = run_keys(config)
@@ -214,8 +347,25 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         missing = [key for key in keys if key not in done]
         if not present:
             raise ValueError("no run of the study is materialized: materialize study_runs partitions first")
-        run_dirs = [storage.path_for([*RUNS_KEY.path, *key.split("/")]) for key in present]
-        scores = pl.concat([pl.read_parquet(d / "item_scores.parquet") for d in run_dirs])
+        run_dirs = [partition_dir(storage, RUNS_KEY, key) for key in present]
+        conditions_done = context.instance.get_materialized_partitions(CONDITIONS_KEY)
+        with_conditions = [key for key in present if key in conditions_done]
+        missing_conditions = [key for key in present if key not in conditions_done] if config.conditions else []
+        condition_dirs = [partition_dir(storage, CONDITIONS_KEY, key) for key in with_conditions]
+        scores = pl.concat([pl.read_parquet(d / "item_scores.parquet") for d in run_dirs]
+                           + [pl.read_parquet(d / "condition_scores.parquet") for d in condition_dirs])
+        details: dict[str, list[pl.DataFrame]] = {}
+        for key, directory in zip(with_conditions, condition_dirs):
+            for path in sorted(directory.glob("details_*.parquet")):
+                details.setdefault(path.stem.removeprefix("details_"), []).append(
+                    pl.read_parquet(path).with_columns(pl.lit(key).alias("run")))
+        condition_notes = {}
+        for name in config.conditions:
+            condition = study_condition(name)
+            note = condition.describe(config)
+            if condition.summarize is not None and name in details:
+                note += f". On the runs: {condition.summarize(pl.concat(details[name]))}"
+            condition_notes[name] = note
         records = {}
         for directory in run_dirs:
             record = json.loads((directory / "run.json").read_text())
@@ -223,7 +373,9 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         order = [layout.name for layout in study_layouts(config) if layout.name in records]
         parameters = pl.DataFrame([records[name] for name in order]).select(
             "layout", "groups", "experts_per_group", "router_top_k", "total_trainable", "active_trainable", "note")
-        table = build_study_table(scores, parameters, config.bootstrap_resamples, missing)
+        table = build_study_table(scores, parameters, config.bootstrap_resamples, missing,
+                                  counterparts=counterparts(config), condition_notes=condition_notes,
+                                  missing_conditions=missing_conditions)
         out_dir = experiment.storage_root / "study"
         atomic_write_text(table.markdown, out_dir / "study_table.md")
         atomic_write_bytes(table.figure_png, out_dir / "study_figure.png")
@@ -234,6 +386,10 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         seconds = runs.select([c for c in ("layout", "seed", "train_seconds", "merge_seconds", "evaluation_seconds",
                                          "cpu_seconds")
                                if c in runs.columns])
+        # Records differ in their keys (merge_seconds only where a model was rebuilt, one per condition applied).
+        condition_records = [json.loads((d / "conditions.json").read_text()) for d in condition_dirs]
+        condition_seconds = (pl.from_dicts(condition_records, infer_schema_length=None).drop("conditions")
+                             if condition_records else pl.DataFrame())
         return dg.MaterializeResult(metadata={
             **artifact_metadata(out_dir / "study_table.md"),
             "table": dg.MetadataValue.md(table.markdown),
@@ -241,8 +397,11 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
             "figure_path": dg.MetadataValue.path(str(out_dir / "study_figure.png")),
             "runs": len(present),
             "missing_runs": dg.MetadataValue.json(missing),
+            "runs_with_conditions": len(with_conditions),
+            "missing_conditions": dg.MetadataValue.json(missing_conditions),
             "significant_differences": int(table.differences["significant"].sum()),
             "run_seconds": dg.MetadataValue.md(md_table(seconds, max_rows=100)),
+            "condition_seconds": dg.MetadataValue.md(md_table(condition_seconds, max_rows=100)),
         })
 
-    return [study_heldout_split, study_runs, study_table]
+    return [study_heldout_split, study_runs, study_conditions, study_table]

@@ -12,7 +12,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import HEAVY_STEP_TAG, RERUN_WHEN_UPSTREAM_CHANGES, artifact_metadata, artifact_ref, md_table
+from assets.common import MAIN, HEAVY_STEP_TAG, Branch, artifact_dir, artifact_metadata, artifact_ref, md_table
 from moce_model.config import variant_semantics
 from moce_model.experiment import Experiment
 from resources.model_source import BaseModelSource
@@ -63,6 +63,7 @@ def _moce_config(experiment: Experiment, variant: str, num_clusters: int | None,
         router_top_k=experts.top_k,
         adapter_dim=experts.adapter_dim,
         token_router=experts.token_router,
+        **experts.soft_assignment.model_config_values(),
         embedder=embedder,
     )
 
@@ -171,7 +172,9 @@ def merge_variant(adapters_ref: dict, base_model_dir: str, centroids_ref: dict |
     )
 
 
-def build_training_assets(experiment: Experiment) -> list:
+def build_training_assets(experiment: Experiment, branch: Branch = MAIN, variants: list[str] | None = None) -> list:
+    """moce_adapters/<variant>, merged_model/<variant> and its merge check for each of `variants` (default: the
+    experiment's), in `branch`: a branch's variants read its own kmeans_centroids and cluster_assignments."""
     preset = experiment.training_config()
 
     class VariantTrainingConfig(dg.Config):
@@ -195,19 +198,20 @@ def build_training_assets(experiment: Experiment) -> list:
         semantics = variant_semantics(variant)
         # The variants that route by cluster read the centroids; random_group needs only k (its number of groups).
         if semantics.needs_centroids:
-            ins["cluster_assignments"] = dg.AssetIn()
-            ins["kmeans_centroids"] = dg.AssetIn()
+            ins["cluster_assignments"] = dg.AssetIn(key=branch.key("cluster_assignments"))
+            ins["kmeans_centroids"] = dg.AssetIn(key=branch.key("kmeans_centroids"))
         elif semantics.needs_num_clusters:
             ins["selected_k"] = dg.AssetIn()
 
         @dg.asset(
-            key=["moce_adapters", variant],
+            key=branch.key("moce_adapters", variant),
             ins=ins,
-            group_name="training",
+            group_name=branch.group("training"),
+            partitions_def=branch.partitions_def,
             kinds={"pytorch", "peft", "safetensors"},
             code_version=TRAINING_CODE_VERSION,
             io_manager_key="json_io_manager",
-            automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
+            automation_condition=branch.automation_condition,
             op_tags=HEAVY_STEP_TAG,
             description=f"LoRA + routed adapter experts of the `{variant}` variant trained on the instructions.",
         )
@@ -247,19 +251,21 @@ def build_training_assets(experiment: Experiment) -> list:
         return moce_adapters
 
     def merged_asset(variant: str) -> dg.AssetsDefinition:
-        ins = {"adapters": dg.AssetIn(key=["moce_adapters", variant]), "base_model": dg.AssetIn()}
+        adapters_in = dg.AssetIn(key=branch.key("moce_adapters", variant))
+        ins = {"adapters": adapters_in, "base_model": dg.AssetIn()}
         if variant_semantics(variant).needs_centroids:
-            ins["kmeans_centroids"] = dg.AssetIn()
+            ins["kmeans_centroids"] = dg.AssetIn(key=branch.key("kmeans_centroids"))
 
         @dg.asset(
-            key=["merged_model", variant],
+            key=branch.key("merged_model", variant),
             ins=ins,
-            group_name="training",
+            group_name=branch.group("training"),
+            partitions_def=branch.partitions_def,
             kinds={"pytorch", "safetensors"},
             code_version=TRAINING_CODE_VERSION,
             op_tags=HEAVY_STEP_TAG,
             io_manager_key="json_io_manager",
-            automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
+            automation_condition=branch.automation_condition,
             description=(
                 f"The `{variant}` model with LoRA folded into the base weights, its experts, the centroids and "
                 "the embedder reference: loads with AutoModelForCausalLM.from_pretrained and routes by itself."
@@ -270,7 +276,7 @@ def build_training_assets(experiment: Experiment) -> list:
                 inputs["adapters"],
                 inputs["base_model"]["path"],
                 inputs.get("kmeans_centroids"),
-                storage.path_for(context.asset_key),
+                artifact_dir(storage, context),
             )
             from moce_model.generate import generate
 
@@ -302,7 +308,10 @@ def build_training_assets(experiment: Experiment) -> list:
 
         @dg.asset_check(
             asset=merged_model,
-            additional_ins={"adapters": dg.AssetIn(key=["moce_adapters", variant]), "base_model": dg.AssetIn()},
+            additional_ins={"adapters": adapters_in, "base_model": dg.AssetIn()},
+            # Partitioned with its asset: each k's run checks that k's merged model (an unpartitioned check of
+            # a partitioned asset would read every partition at once).
+            partitions_def=branch.partitions_def,
             description="The merged model gives the unmerged (LoRA + experts) model's logits on a probe batch.",
             blocking=True,
         )
@@ -314,13 +323,15 @@ def build_training_assets(experiment: Experiment) -> list:
             )
             return dg.AssetCheckResult(
                 passed=bool(max_abs_diff < tolerance),
-                metadata={"max_abs_logit_diff": float(max_abs_diff), "tolerance": float(tolerance)},
+                # Which model the result is about: its directory and k (the main graph changes k over time).
+                metadata={"max_abs_logit_diff": float(max_abs_diff), "tolerance": float(tolerance),
+                          "k": merged_model.get("k"), "merged_model": dg.MetadataValue.path(merged_model["path"])},
             )
 
         return [merged_model, merged_equals_unmerged]
 
     built: list = []
-    for variant in experiment.variants:
+    for variant in experiment.variants if variants is None else variants:
         built.append(training_asset(variant))
         built.extend(merged_asset(variant))
     return built

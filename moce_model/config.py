@@ -14,6 +14,8 @@ from functools import cached_property
 
 from transformers import AutoConfig, PreTrainedConfig
 
+from moce_model.routing import SoftAssignmentRule
+
 # Label of the tokens the LM loss ignores (the prompt, padding): torch's and transformers' default.
 IGNORE_INDEX = -100
 
@@ -86,12 +88,21 @@ VARIANTS: tuple[str, ...] = tuple(VARIANT_SEMANTICS)
 #     by the same linear router (see `moce_model.experts.adaptive_clustering_feature_weights`).
 TOKEN_ROUTERS: tuple[str, ...] = ("linear", "ac")
 
+# The MoCEConfig fields of the soft assignment of boundary prompts (`moce_model.routing.SoftAssignmentRule`).
+SOFT_ASSIGNMENT_KEYS: tuple[str, ...] = ("soft_assignment", "soft_assignment_margin", "soft_assignment_temperature")
+
 
 def variant_semantics(variant: str) -> VariantSemantics:
     try:
         return VARIANT_SEMANTICS[variant]
     except (KeyError, TypeError):
         raise ValueError(f"variant {variant!r} is not one of {VARIANTS}") from None
+
+
+def cluster_routed_variants() -> tuple[str, ...]:
+    """The variants whose groups are the clusters of the prompt's embedding (the only ones a soft assignment
+    can mix: the others have no clusters, or one group)."""
+    return tuple(name for name, semantics in VARIANT_SEMANTICS.items() if semantics.needs_centroids)
 
 
 def check_clusters_match_groups(variant: str, num_groups: int, num_clusters: int, where: str) -> None:
@@ -113,8 +124,10 @@ __all__ = [
     "VARIANT_SEMANTICS",
     "GroupChoice",
     "MoCEConfig",
+    "SoftAssignmentRule",
     "VariantSemantics",
     "check_clusters_match_groups",
+    "cluster_routed_variants",
     "variant_semantics",
 ]
 
@@ -135,6 +148,12 @@ class MoCEConfig(PreTrainedConfig):
     `token_router` (one of `TOKEN_ROUTERS`) picks how a group's router scores tokens in every variant with
     token routing: `linear` (default) or `ac` (adaptive clustering, `adaptive_clustering_router`).
 
+    `soft_assignment` (off by default; variants that route by cluster only): a prompt near the boundary of two
+    clusters is answered by both clusters' groups, the block outputs mixed by distance; the rule and its
+    `soft_assignment_margin` and `soft_assignment_temperature` are `moce_model.routing.SoftAssignmentRule`'s.
+    It decides how the model routes a prompt by itself (a merged directory's router, `generate`, evaluation);
+    cluster ids given by the caller are used as given (training passes the clustering's hard assignments).
+
     The number of groups is derived from the variant and the clustering: pass `num_clusters=k` (the selected
     k) and `num_groups` becomes k for the variants with one group per cluster and 1 for the others. A stored
     config (config.json) carries `num_groups`, which is then the k it was trained with.
@@ -154,6 +173,9 @@ class MoCEConfig(PreTrainedConfig):
     aux_loss_coef: float = 0.01
     random_group_seed: int = 0
     token_router: str = "linear"
+    soft_assignment: bool = False
+    soft_assignment_margin: float = SoftAssignmentRule.margin
+    soft_assignment_temperature: float = SoftAssignmentRule.temperature
     embedder: dict | None = None
     tie_word_embeddings: bool = False
 
@@ -180,6 +202,21 @@ class MoCEConfig(PreTrainedConfig):
                 f"MoCEConfig.token_router={self.token_router!r} scores tokens against the experts of a group, but "
                 f"variant {self.variant!r} with experts_per_group={self.experts_per_group} has no token router: "
                 "use it with a token-routing variant (moce, pesc, random_group) and experts_per_group >= 2"
+            )
+        if not isinstance(self.soft_assignment, bool):
+            raise ValueError(f"MoCEConfig.soft_assignment must be true or false, got {self.soft_assignment!r}")
+        for field_name in ("soft_assignment_margin", "soft_assignment_temperature"):
+            try:
+                SoftAssignmentRule(**{field_name.removeprefix("soft_assignment_"): getattr(self, field_name)})
+            except ValueError:
+                raise ValueError(
+                    f"MoCEConfig.{field_name} must be a positive finite number, got {getattr(self, field_name)!r}"
+                ) from None
+        if self.soft_assignment and not semantics.needs_centroids:
+            raise ValueError(
+                f"MoCEConfig.soft_assignment=True mixes the groups of a prompt's two nearest clusters, but variant "
+                f"{self.variant!r} does not route by cluster (its group: {semantics.group_choice.value}); use it "
+                f"with {' or '.join(cluster_routed_variants())}"
             )
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise ValueError(f"MoCEConfig.adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
@@ -211,12 +248,17 @@ class MoCEConfig(PreTrainedConfig):
         variant does not depend on k). A single routed group (`pesc`) holds `single_group_experts` experts when
         given, so that the baseline can match the grouped model's expert count; the embedder reference is kept
         only by variants that route by cluster (the others never embed a prompt), and a `token_router` only by
-        variants that route tokens (so one experiment-wide setting serves the variants without a router too)."""
+        variants that route tokens (so one experiment-wide setting serves the variants without a router too).
+        Likewise the soft-assignment settings are kept only by the variants that route by cluster: the others
+        have no clusters to mix, and are built without them."""
         semantics = variant_semantics(variant)
         if semantics.group_choice is GroupChoice.SINGLE and single_group_experts is not None:
             experts_per_group = single_group_experts
         if not semantics.token_routing:
             layout.pop("token_router", None)
+        if not semantics.needs_centroids:
+            for key in SOFT_ASSIGNMENT_KEYS:
+                layout.pop(key, None)
         return cls(
             variant=variant,
             num_clusters=num_clusters if semantics.needs_num_clusters else None,
@@ -255,6 +297,18 @@ class MoCEConfig(PreTrainedConfig):
         """Whether the routers score tokens in the adaptive-clustering space (`token_router: ac`): each MoE block
         then needs the previous block's top-1 expert of every token."""
         return self.token_router == "ac"
+
+    @property
+    def soft_assignment_rule(self) -> SoftAssignmentRule | None:
+        """The rule the model routes its own prompts by when `soft_assignment` is on, else None (hard)."""
+        if not self.soft_assignment:
+            return None
+        return self.soft_assignment_settings
+
+    @property
+    def soft_assignment_settings(self) -> SoftAssignmentRule:
+        """The margin and temperature of this config, whether `soft_assignment` is on or not."""
+        return SoftAssignmentRule(margin=self.soft_assignment_margin, temperature=self.soft_assignment_temperature)
 
     def check_num_clusters(self, num_clusters: int, where: str) -> None:
         check_clusters_match_groups(self.variant, self.num_groups, num_clusters, where)

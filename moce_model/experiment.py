@@ -34,14 +34,17 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    FiniteFloat,
     NonNegativeInt,
     PositiveInt,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from moce_model.routing import SoftAssignmentRule
 from moce_model.sources import SourceSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +158,27 @@ class Clustering(_Section):
         return self
 
 
+class SoftAssignment(_Section):
+    """Prompts near the boundary of two clusters answered by both clusters' groups, mixed by distance
+    (`moce_model.routing.SoftAssignmentRule`: soft below a relative gap of `margin` between the two nearest
+    centroids, weights a softmax over the distances at `temperature`). Applies to the variants that route by
+    cluster (moce, cluster_only) when they route prompts themselves: generation and evaluation of the merged
+    model. Training keeps the clustering's hard assignments; the other variants have no clusters to mix."""
+
+    enabled: StrictBool = False
+    margin: FiniteFloat = Field(SoftAssignmentRule.margin, gt=0)
+    temperature: FiniteFloat = Field(SoftAssignmentRule.temperature, gt=0)
+
+    def rule(self) -> SoftAssignmentRule | None:
+        """The rule when enabled, else None."""
+        return SoftAssignmentRule(margin=self.margin, temperature=self.temperature) if self.enabled else None
+
+    def model_config_values(self) -> dict[str, Any]:
+        """The MoCEConfig fields of this section."""
+        return {"soft_assignment": self.enabled, "soft_assignment_margin": self.margin,
+                "soft_assignment_temperature": self.temperature}
+
+
 class Experts(_Section):
     """The expert layout: `experts_per_group` adapters in each of the k groups (moce, cluster_only,
     random_group); `pesc` puts `pesc_experts` in one group; `dense_adapter` has one adapter."""
@@ -166,6 +190,7 @@ class Experts(_Section):
     # How a group's router scores tokens: `linear` (the paper's), or `ac`, the Adaptive Clustering router of
     # Nielsen et al. (ICLR 2025), which scales features by how tightly the previous layer's experts cluster.
     token_router: Literal["linear", "ac"] = "linear"
+    soft_assignment: SoftAssignment = SoftAssignment()
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> Experts:
@@ -287,6 +312,21 @@ class Experiment(_Section):
     training: Training = Training()
     launcher: Launcher = Launcher()
     evaluation: Evaluation = Evaluation()
+
+    @field_validator("experts")
+    @classmethod
+    def _soft_assignment_has_a_variant_to_apply_to(cls, experts: Experts, info: ValidationInfo) -> Experts:
+        from moce_model.config import cluster_routed_variants
+
+        variants = info.data.get("variants")
+        if experts.soft_assignment.enabled and variants is not None \
+                and not set(variants) & set(cluster_routed_variants()):
+            raise ValueError(
+                f"soft_assignment.enabled = True mixes the groups of two clusters, but none of the variants "
+                f"{variants} routes by cluster ({', '.join(cluster_routed_variants())} do); add one of them or "
+                "switch soft assignment off"
+            )
+        return experts
 
     @model_validator(mode="before")
     @classmethod

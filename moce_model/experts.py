@@ -73,12 +73,14 @@ class AdapterExperts(nn.Module):
 
     def forward(
         self, x: torch.Tensor, down: torch.Tensor, group_ids: torch.Tensor,
-        router_feature_weights: torch.Tensor | None = None,
+        router_feature_weights: torch.Tensor | None = None, mix: "GroupMix | None" = None,
+        mixed_feature_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, "Routing"]:
         """x, down: [B, T, H]; group_ids: [B] long. `router_feature_weights` [B, T, H] (AC router): each token's
-        feature weights, applied to the router's input only. Returns (block output [B, T, H], routing decisions)."""
-        batch, seq_len, hidden = down.shape
-        experts, rank = self.experts_per_group, self.adapter_dim
+        feature weights, applied to the router's input only. `mix`: the rows that also get a second group (soft
+        assignment), their output the weighted sum of the block's outputs under both groups; token routing runs
+        inside each group as usual (`mixed_feature_weights` [S, T, H]: the AC weights of those rows in their
+        second group). Returns (block output [B, T, H], routing decisions)."""
         out_dtype = down.dtype
         # Experts may be kept in another precision than the (e.g. quantised) base model's activations. Under
         # autocast (Trainer bf16=True, as in QLoRA training) the matmuls run in the autocast dtype anyway, so
@@ -90,11 +92,30 @@ class AdapterExperts(nn.Module):
             compute_dtype = self.adapter_down.dtype
         x = x.to(compute_dtype)
         down = down.to(compute_dtype)
+        out, routing = self._grouped(x, down, group_ids, router_feature_weights)
+        if mix is not None:
+            # Only the mixed rows run a second time, so a batch of hard rows costs what it did without the option,
+            # and a hard row's output is the very tensor it would be without it.
+            own = out.index_select(0, mix.rows)
+            second, routing.mixed = self._grouped(
+                x.index_select(0, mix.rows), down.index_select(0, mix.rows), mix.groups, mixed_feature_weights
+            )
+            weight = mix.weights.to(own.dtype).view(-1, 1, 1)
+            out = out.index_copy(0, mix.rows, (1 - weight) * own + weight * second)
+            routing.mix = mix
+        return out.to(out_dtype), routing
+
+    def _grouped(
+        self, x: torch.Tensor, down: torch.Tensor, group_ids: torch.Tensor, router_feature_weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, "Routing"]:
+        """The block output of every row under its group in `group_ids`, in the compute dtype."""
+        batch, seq_len, hidden = down.shape
+        experts, rank = self.experts_per_group, self.adapter_dim
         if self.router is not None:
             router_input = x
             if router_feature_weights is not None:
                 # AC router: score the token in its previous expert's transformed space, x M_k (M_k diagonal).
-                router_input = x * router_feature_weights.to(compute_dtype)
+                router_input = x * router_feature_weights.to(x.dtype)
             logits = torch.bmm(router_input, self.router.index_select(0, group_ids).transpose(1, 2))  # [B, T, E]
             # One float32 softmax over all E logits serves both the balance loss and the top-k weights: the
             # softmax over the selected logits alone equals the selected probabilities renormalised.
@@ -115,7 +136,7 @@ class AdapterExperts(nn.Module):
                 batch, seq_len, experts * rank
             )
         out = torch.baddbmm(down, hidden_act, up_weights, alpha=self.scaling)
-        return out.to(out_dtype), Routing(group_ids=group_ids, logits=logits, probs=probs, top_experts=top_experts)
+        return out, Routing(group_ids=group_ids, logits=logits, probs=probs, top_experts=top_experts)
 
 
 # Constants of the AC router's reference implementation (Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts,
@@ -182,14 +203,28 @@ def adaptive_clustering_token_weights(
 
 
 @dataclass
+class GroupMix:
+    """The rows of a batch that a soft assignment gives a second expert group: `rows` [S] long (ascending, no
+    repeats), their second group `groups` [S] long, and its weight `weights` [S] float32 in (0, 1]; the row's
+    own group (its entry of the batch's group ids) gets 1 - weight. Rows not listed use their own group alone."""
+
+    rows: torch.Tensor
+    groups: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass
 class Routing:
     """Routing decisions of one block: router logits [B, T, E], their float32 softmax over the group's E
-    experts, and the selected experts [B, T, k]; all None without a router."""
+    experts, and the selected experts [B, T, k]; all None without a router. With a `mix`, `mixed` holds the
+    same for the mixed rows in their second group ([S, T, ...])."""
 
     group_ids: torch.Tensor
     logits: torch.Tensor | None
     probs: torch.Tensor | None
     top_experts: torch.Tensor | None
+    mix: GroupMix | None = None
+    mixed: "Routing | None" = None
 
 
 def reference_expert_forward(
@@ -234,46 +269,86 @@ def reference_expert_forward(
 class BalanceLossStatistics:
     """What the balance loss of every block of one forward shares: built once per forward, not per layer.
 
-    `token_weights` [B, 1, T] (1 for real tokens, 0 for padding), `group_coefficients` [B, G] with
-    ``onehot(b, g) * E / (k * n_g^2 * G_present)`` folded in (n_g = real tokens of group g), so that a block's
-    loss is a handful of kernels (see `balance_loss`).
+    `token_weights` [B, 1, T] (1 for real tokens, 0 for padding), `group_coefficients` [G] with
+    ``E / (k * n_g^2 * G_present)`` for the groups present (0 for the others; n_g = real tokens of group g), so
+    that a block's loss is a handful of kernels (see `balance_loss`).
+
+    With a soft assignment (`mix`), a mixed row's tokens count in both of its groups, in each with the weight
+    the row's output gives that group: `token_weights` holds 1 - w for its own group and `mixed_token_weights`
+    [S, 1, T] w for its second (`mixed_group_onehot` [S, G]), so n_g is a weighted token count. A group's
+    router is then balanced over the tokens in the proportion it shapes their output; with every weight 1 this
+    is the hard assignment's loss.
     """
 
     token_weights: torch.Tensor
     group_onehot: torch.Tensor
     group_coefficients: torch.Tensor
+    mixed_token_weights: torch.Tensor | None = None
+    mixed_group_onehot: torch.Tensor | None = None
 
     @classmethod
     def build(
         cls, group_ids: torch.Tensor, token_mask: torch.Tensor | None, seq_len: int, num_groups: int,
-        experts_per_group: int, top_k: int,
+        experts_per_group: int, top_k: int, mix: GroupMix | None = None,
     ) -> "BalanceLossStatistics":
         batch = group_ids.shape[0]
         if token_mask is None:
             mask = torch.ones(batch, seq_len, dtype=torch.float32, device=group_ids.device)
         else:
             mask = token_mask.to(torch.float32)
+        groups = torch.arange(num_groups, device=group_ids.device)
         # A comparison instead of F.one_hot, which validates its input with a host sync on GPU.
-        onehot = (group_ids.unsqueeze(1) == torch.arange(num_groups, device=group_ids.device)).to(torch.float32)
+        onehot = (group_ids.unsqueeze(1) == groups).to(torch.float32)
+        mixed_weights = mixed_onehot = None
+        if mix is not None:
+            second = mix.weights.to(torch.float32)
+            mixed_weights = mask.index_select(0, mix.rows) * second.unsqueeze(1)
+            mixed_onehot = (mix.groups.unsqueeze(1) == groups).to(torch.float32)
+            own = torch.ones(batch, dtype=torch.float32, device=mask.device).index_copy(0, mix.rows, 1 - second)
+            mask = mask * own.unsqueeze(1)
         group_tokens = onehot.T @ mask.sum(dim=1)  # [G]
+        if mix is not None:
+            group_tokens = group_tokens + mixed_onehot.T @ mixed_weights.sum(dim=1)
         present = (group_tokens > 0).to(torch.float32)
         coefficients = experts_per_group * present / (top_k * group_tokens.clamp(min=1.0).square())
         coefficients = coefficients / present.sum().clamp(min=1.0)
-        return cls(token_weights=mask.unsqueeze(1), group_onehot=onehot, group_coefficients=coefficients)
+        return cls(
+            token_weights=mask.unsqueeze(1), group_onehot=onehot, group_coefficients=coefficients,
+            mixed_token_weights=None if mixed_weights is None else mixed_weights.unsqueeze(1),
+            mixed_group_onehot=mixed_onehot,
+        )
 
 
-def balance_loss(probs: torch.Tensor, top_experts: torch.Tensor, statistics: BalanceLossStatistics) -> torch.Tensor:
+def _per_group_sums(probs: torch.Tensor, top_experts: torch.Tensor, token_weights: torch.Tensor,
+                    group_onehot: torch.Tensor) -> torch.Tensor:
+    """[G, 2E]: each group's weighted sums of router probabilities and of top-k selections."""
+    selected = torch.zeros_like(probs).scatter(-1, top_experts, 1.0)
+    # Per-sequence sums of probabilities and selections over real tokens, in one batched matmul.
+    per_sequence = torch.bmm(token_weights, torch.cat([probs, selected], dim=-1)).squeeze(1)  # [B, 2E]
+    return group_onehot.T @ per_sequence
+
+
+def balance_loss(
+    probs: torch.Tensor, top_experts: torch.Tensor, statistics: BalanceLossStatistics,
+    mixed_probs: torch.Tensor | None = None, mixed_top_experts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Switch/Mixtral balance loss computed inside each group, averaged over the groups present.
 
     Per group: ``E * sum_e f_e * P_e`` with f_e the share of top-k assignments sent to expert e (no gradient)
     and P_e the mean router probability of e, softmax over all E logits of the group (the gradient path).
-    Equals 1 at uniform routing. Padding tokens are excluded. `probs` [B, T, E] float32, `top_experts` [B, T, k].
+    Equals 1 at uniform routing. Padding tokens are excluded. `probs` [B, T, E] float32, `top_experts` [B, T, k];
+    with a soft assignment also the mixed rows' `mixed_probs` [S, T, E] and `mixed_top_experts` [S, T, k] in
+    their second group, weighted as `BalanceLossStatistics` says.
     """
     experts = probs.shape[-1]
-    selected = torch.zeros_like(probs).scatter(-1, top_experts, 1.0)
-    # Per-sequence sums of probabilities and selections over real tokens, in one batched matmul.
-    per_sequence = torch.bmm(statistics.token_weights, torch.cat([probs, selected], dim=-1)).squeeze(1)  # [B, 2E]
-    per_group = statistics.group_onehot.T @ per_sequence  # [G, 2E]
+    if (statistics.mixed_token_weights is None) != (mixed_probs is None):
+        raise ValueError("the statistics and the routing disagree on whether rows are mixed: build the statistics "
+                         "with the forward's GroupMix and pass the mixed rows' probabilities")
+    per_group = _per_group_sums(probs, top_experts, statistics.token_weights, statistics.group_onehot)  # [G, 2E]
+    if mixed_probs is not None:
+        per_group = per_group + _per_group_sums(
+            mixed_probs, mixed_top_experts, statistics.mixed_token_weights, statistics.mixed_group_onehot
+        )
     return (per_group[:, :experts] * per_group[:, experts:]).sum(dim=-1) @ statistics.group_coefficients
 
 
@@ -283,11 +358,19 @@ def load_balancing_loss(
     group_ids: torch.Tensor,
     num_groups: int,
     token_mask: torch.Tensor | None = None,
+    mix: GroupMix | None = None,
+    mixed_logits: torch.Tensor | None = None,
+    mixed_top_experts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`balance_loss` from router logits [B, T, E] alone (statistics built on the spot)."""
+    """`balance_loss` from router logits [B, T, E] alone (statistics built on the spot); with a soft assignment
+    also the mixed rows' logits [S, T, E] and selections in their second group."""
     batch, seq_len, experts = logits.shape
-    statistics = BalanceLossStatistics.build(group_ids, token_mask, seq_len, num_groups, experts, top_experts.shape[-1])
-    return balance_loss(torch.softmax(logits, dim=-1, dtype=torch.float32), top_experts, statistics)
+    statistics = BalanceLossStatistics.build(
+        group_ids, token_mask, seq_len, num_groups, experts, top_experts.shape[-1], mix
+    )
+    mixed_probs = None if mixed_logits is None else torch.softmax(mixed_logits, dim=-1, dtype=torch.float32)
+    return balance_loss(torch.softmax(logits, dim=-1, dtype=torch.float32), top_experts, statistics,
+                        mixed_probs, mixed_top_experts)
 
 
 class AuxLossInjector(torch.autograd.Function):
@@ -340,13 +423,18 @@ class RoutingContext:
     top_expert_slots: torch.Tensor | None = None
     # The tokens that count in the expert-use statistics ([B, T], 1 = counted); None: every token.
     counted_tokens: torch.Tensor | None = None
-    # While set (evaluation), each block also appends its per-sequence counts [B, E] of every forward here,
+    # While set (evaluation), each block also appends its per-sequence counts [B, G, E] of every forward here,
     # one list per layer: what the evaluator attributes to the prompts of the batch.
     per_sequence_counts: list[list[torch.Tensor]] | None = None
+    # Soft assignment: the rows that also get a second group (None: every row has its group alone).
+    group_mix: GroupMix | None = None
+    # AC router with mixed rows: [blocks, S, T], the top-1 expert of each mixed row's tokens in its second group.
+    mixed_top_expert_slots: torch.Tensor | None = None
 
     def begin(
         self, group_ids: torch.Tensor, token_mask: torch.Tensor | None, aux_request: AuxLossRequest | None = None,
         top_expert_slots: torch.Tensor | None = None, counted_tokens: torch.Tensor | None = None,
+        group_mix: GroupMix | None = None, mixed_top_expert_slots: torch.Tensor | None = None,
     ) -> None:
         # No per-forward counter here: compiled decoding would recompile for every new value of an int.
         self.group_ids = group_ids
@@ -354,6 +442,8 @@ class RoutingContext:
         self.aux_request = aux_request
         self.top_expert_slots = top_expert_slots
         self.counted_tokens = counted_tokens if counted_tokens is not None else token_mask
+        self.group_mix = group_mix
+        self.mixed_top_expert_slots = mixed_top_expert_slots
 
     def aux_loss(self) -> torch.Tensor | None:
         """Mean balance loss over the blocks of the last forward, available once its backward has run."""
@@ -416,18 +506,17 @@ class MoCEMLP(nn.Module):
                 "not its inner decoder"
             )
         slots = context.top_expert_slots
-        feature_weights = None
+        mix = context.group_mix
+        feature_weights = mixed_feature_weights = None
         if slots is not None:
-            previous_top_expert = slots.index_select(0, self.previous_top_expert_slot).squeeze(0)
-            feature_weights = adaptive_clustering_token_weights(
-                x, previous_top_expert, self._mask_of(context.token_mask, x.shape[1]), self.experts_per_group
-            )
-            # The first MoE block has no previous assignments and routes with the plain router, as in the paper.
-            # A tensor condition, not `layer_index > 0`: torch.compile treats int attributes as constants, so
-            # regionally compiled layers would recompile per layer (its weights, computed from an unused row,
-            # are discarded).
-            feature_weights = torch.where(self.is_first_block, torch.ones_like(feature_weights), feature_weights)
-        out, routing = self.moce_experts(x, down, context.group_ids, feature_weights)
+            token_mask = self._mask_of(context.token_mask, x.shape[1])
+            feature_weights = self._ac_feature_weights(x, slots, token_mask)
+            if mix is not None:
+                mixed_feature_weights = self._ac_feature_weights(
+                    x.index_select(0, mix.rows), context.mixed_top_expert_slots,
+                    None if token_mask is None else token_mask.index_select(0, mix.rows),
+                )
+        out, routing = self.moce_experts(x, down, context.group_ids, feature_weights, mix, mixed_feature_weights)
         if slots is not None:
             # How the previous block's assignments reach the next block. HF's decoder loop passes only the hidden
             # states from layer to layer, so a block cannot return them without forking the model's forward; and
@@ -438,11 +527,19 @@ class MoCEMLP(nn.Module):
             # the recomputation writes the same values into the same row and reads a row that nothing after the
             # first forward changes (recomputation runs from the last block back, each rewriting identical
             # values). index_select above copies the row, so no saved tensor aliases the buffer that later
-            # blocks write into.
+            # blocks write into. Mixed rows keep their second group's assignments in a tensor of their own.
             slots.index_copy_(0, self.own_top_expert_slot, routing.top_experts[..., 0].unsqueeze(0))
+            if mix is not None:
+                context.mixed_top_expert_slots.index_copy_(
+                    0, self.own_top_expert_slot, routing.mixed.top_experts[..., 0].unsqueeze(0)
+                )
         request = context.aux_request
         if request is not None and routing.probs is not None and torch.is_grad_enabled():
-            aux = balance_loss(routing.probs, routing.top_experts, request.statistics)
+            if routing.mixed is not None:
+                aux = balance_loss(routing.probs, routing.top_experts, request.statistics,
+                                   routing.mixed.probs, routing.mixed.top_experts)
+            else:
+                aux = balance_loss(routing.probs, routing.top_experts, request.statistics)
             out = AuxLossInjector.apply(out, aux, request.gradient_scale, request.probe, self.probe_slot)
         if context.record_expert_use and not self.training:
             # Evaluation only: in training, activation checkpointing re-runs the forward and would count twice.
@@ -452,31 +549,56 @@ class MoCEMLP(nn.Module):
             self._record(routing, token_mask, x.shape[1])
         return out
 
+    def _ac_feature_weights(
+        self, x: torch.Tensor, slots: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The AC router's feature weights of the tokens of `x`, from the previous block's row of `slots`."""
+        previous_top_expert = slots.index_select(0, self.previous_top_expert_slot).squeeze(0)
+        feature_weights = adaptive_clustering_token_weights(x, previous_top_expert, token_mask, self.experts_per_group)
+        # The first MoE block has no previous assignments and routes with the plain router, as in the paper.
+        # A tensor condition, not `layer_index > 0`: torch.compile treats int attributes as constants, so
+        # regionally compiled layers would recompile per layer (its weights, computed from an unused row,
+        # are discarded).
+        return torch.where(self.is_first_block, torch.ones_like(feature_weights), feature_weights)
+
     @staticmethod
     def _mask_of(token_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
         if token_mask is not None and token_mask.shape[1] != seq_len:
             return None
         return token_mask
 
+    def _sequence_counts(self, top_experts: torch.Tensor | None, token_mask: torch.Tensor | None, rows: int,
+                         seq_len: int) -> torch.Tensor:
+        """[rows, E] long: each sequence's (token, expert) assignments (its tokens, E = 1, without a router)."""
+        if top_experts is None:
+            if token_mask is not None:
+                return token_mask.sum(dim=1).to(torch.long).unsqueeze(1)
+            return torch.full((rows, 1), seq_len, dtype=torch.long, device=self.expert_use_counts.device)
+        experts = torch.arange(self.experts_per_group, device=top_experts.device)
+        selected = (top_experts.unsqueeze(-1) == experts).sum(dim=2)  # [B, T, E]
+        if token_mask is not None:
+            selected = selected * token_mask.to(selected.dtype).unsqueeze(-1)
+        return selected.sum(dim=1)
+
     @torch.no_grad()
     def _record(self, routing: Routing, token_mask: torch.Tensor | None, seq_len: int) -> None:
-        if routing.top_experts is None:
-            if token_mask is not None:
-                tokens = token_mask.sum(dim=1).to(torch.long)
-            else:
-                tokens = torch.full_like(routing.group_ids, seq_len)
-            self.expert_use_counts[:, 0].index_add_(0, routing.group_ids, tokens)
-            per_sequence = tokens.unsqueeze(1)
-        else:
-            experts = torch.arange(self.experts_per_group, device=routing.top_experts.device)
-            selected = (routing.top_experts.unsqueeze(-1) == experts).sum(dim=2)  # [B, T, E]
-            if token_mask is not None:
-                selected = selected * token_mask.to(selected.dtype).unsqueeze(-1)
-            per_sequence = selected.sum(dim=1)
-            self.expert_use_counts.index_add_(0, routing.group_ids, per_sequence)
+        # A mixed row's tokens count in both of its groups: each group's experts did process them.
+        rows = routing.group_ids.shape[0]
+        per_sequence = self._sequence_counts(routing.top_experts, token_mask, rows, seq_len)
+        self.expert_use_counts.index_add_(0, routing.group_ids, per_sequence)
+        mix, mixed = routing.mix, None
+        if mix is not None:
+            mixed_mask = None if token_mask is None else token_mask.index_select(0, mix.rows)
+            mixed = self._sequence_counts(routing.mixed.top_experts, mixed_mask, mix.rows.shape[0], seq_len)
+            self.expert_use_counts.index_add_(0, mix.groups, mixed)
         if self.routing_context.per_sequence_counts is not None:
+            by_group = per_sequence.new_zeros(rows, self.num_groups, per_sequence.shape[1])
+            sequences = torch.arange(rows, device=per_sequence.device)
+            by_group.index_put_((sequences, routing.group_ids), per_sequence)
+            if mixed is not None:
+                by_group.index_put_((mix.rows, mix.groups), mixed, accumulate=True)
             # Kept on the device: a copy to the host per block and step would sync the GPU every time.
-            self.routing_context.per_sequence_counts[self.layer_index].append(per_sequence)
+            self.routing_context.per_sequence_counts[self.layer_index].append(by_group)
 
 
 def check_mlp(mlp: nn.Module, module_name: str) -> None:

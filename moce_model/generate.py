@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moce_model.modeling import MoCEForCausalLM
 from moce_model.prompt_format import AUTO, PROMPT_FORMATS, make_prompt_format
-from moce_model.routing import CENTROIDS_FILE, ClusterRouter, check_routing_files, load_model_router, routing_text
+from moce_model.routing import (
+    CENTROIDS_FILE,
+    ClusterRouter,
+    SoftAssignmentRule,
+    check_routing_files,
+    load_model_router,
+    routing_text,
+)
 
 
 def check_prompts(texts: Sequence[str]) -> list[str]:
@@ -52,7 +60,27 @@ def load_model(model_dir: str | Path) -> torch.nn.Module:
         ) from err
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class RoutedAnswer:
+    """A greedy answer and where its prompt was routed: `cluster` (None for a variant that does not route by
+    cluster) and, for a prompt a soft assignment answered with two groups, `second_cluster` and its weight
+    `second_weight` (the nearest cluster has 1 - second_weight)."""
+
+    text: str
+    cluster: int | None
+    second_cluster: int | None = None
+    second_weight: float = 0.0
+
+    def route(self, variant: str | None) -> str:
+        """How the prompt was routed, in words."""
+        if self.cluster is None:
+            return f"no cluster routing (variant {variant or 'none'})"
+        if self.second_cluster is None:
+            return f"cluster {self.cluster} -> expert group {self.cluster}"
+        return (f"clusters {self.cluster} and {self.second_cluster} (near their boundary) -> expert groups "
+                f"{self.cluster} x {1 - self.second_weight:.3f} + {self.second_cluster} x {self.second_weight:.3f}")
+
+
 def generate(
     model_dir: str | Path,
     texts: Sequence[str],
@@ -62,14 +90,35 @@ def generate(
     tokenizer: Any | None = None,
     batch_size: int = 8,
     prompt_format_name: str = AUTO,
+    soft_assignment: SoftAssignmentRule | None = None,
 ) -> list[tuple[str, int | None]]:
     """Greedy answers to `texts` (the instruction of each request) with each text routed to its cluster.
 
     Each text is asked in the prompt format the model was trained with (`prompt_format_name`, see
     `moce_model.prompt_format`) and routed by its routing text, as training rows were.
-    Returns (answer, cluster) per text; cluster is None for variants that do not route by cluster.
+    Returns (answer, cluster) per text; cluster is None for variants that do not route by cluster, and the nearest
+    cluster for a text a soft assignment answers with two groups (`answer_prompts` says which). The soft
+    assignment is the model config's (`soft_assignment`, off by default) unless `soft_assignment` gives a rule.
     `model`/`tokenizer`/`router` may be passed in to avoid reloading them from `model_dir`.
     """
+    answers = answer_prompts(model_dir, texts, max_new_tokens, router, model, tokenizer, batch_size,
+                             prompt_format_name, soft_assignment)
+    return [(answer.text, answer.cluster) for answer in answers]
+
+
+@torch.no_grad()
+def answer_prompts(
+    model_dir: str | Path,
+    texts: Sequence[str],
+    max_new_tokens: int = 128,
+    router: ClusterRouter | None = None,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any | None = None,
+    batch_size: int = 8,
+    prompt_format_name: str = AUTO,
+    soft_assignment: SoftAssignmentRule | None = None,
+) -> list[RoutedAnswer]:
+    """`generate`, with each prompt's whole route (`RoutedAnswer`)."""
     texts = check_prompts(texts)
     if model is None:
         model = load_model(model_dir)
@@ -78,25 +127,36 @@ def generate(
     model.eval()
     routes = isinstance(model, MoCEForCausalLM) and model.config.needs_centroids
     clusters: list[int | None] = [None] * len(texts)
+    soft = None
     if routes:
         if router is None:
             router = load_model_router(model_dir)
         if router is None:
             raise FileNotFoundError(f"{model_dir}: the {model.config.variant!r} model needs centroids.npy to route")
         model.config.check_num_clusters(router.num_clusters, where=f"the router of {model_dir}")
-        clusters = [int(c) for c in router.assign([routing_text("", text, "") for text in texts])]
+        routing_texts = [routing_text("", text, "") for text in texts]
+        rule = soft_assignment if soft_assignment is not None else model.config.soft_assignment_rule
+        if rule is None:
+            clusters = [int(c) for c in router.assign(routing_texts)]
+        else:
+            soft = router.assign_soft(routing_texts, rule)
+            clusters = [int(c) for c in soft.nearest]
     fmt = make_prompt_format(prompt_format_name, tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    answers: list[tuple[str, int | None]] = []
+    answers: list[RoutedAnswer] = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         prompts = [fmt.prompt("", text, "") for text in chunk]
         # The rendered prompts hold their special tokens (BOS included), as in training.
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         extra = {}
-        if routes:
+        # A batch without a boundary prompt passes one cluster per row: the model's hard path, unchanged.
+        if soft is not None and soft.soft[start : start + batch_size].any():
+            extra["cluster_ids"] = torch.as_tensor(soft.clusters[start : start + batch_size])
+            extra["cluster_weights"] = torch.as_tensor(soft.weights[start : start + batch_size], dtype=torch.float32)
+        elif routes:
             extra["cluster_ids"] = torch.tensor(clusters[start : start + batch_size], dtype=torch.long)
         output = model.generate(
             input_ids=encoded["input_ids"],
@@ -108,7 +168,13 @@ def generate(
         )
         new_tokens = output[:, encoded["input_ids"].shape[1] :]
         for offset, row in enumerate(new_tokens):
-            answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), clusters[start + offset]))
+            index = start + offset
+            mixed = soft is not None and bool(soft.soft[index])
+            answers.append(RoutedAnswer(
+                text=tokenizer.decode(row, skip_special_tokens=True).strip(), cluster=clusters[index],
+                second_cluster=int(soft.clusters[index, 1]) if mixed else None,
+                second_weight=float(soft.weights[index, 1]) if mixed else 0.0,
+            ))
     return answers
 
 
@@ -131,15 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     model = load_model(model_dir)
     variant = getattr(model.config, "variant", None)
-    for prompt, (answer, cluster) in zip(
-        args.prompts, generate(model_dir, args.prompts, args.max_new_tokens, model=model,
-                               prompt_format_name=args.prompt_format)
+    for prompt, answer in zip(
+        args.prompts, answer_prompts(model_dir, args.prompts, args.max_new_tokens, model=model,
+                                     prompt_format_name=args.prompt_format)
     ):
-        if cluster is not None:
-            route = f"cluster {cluster} -> expert group {cluster}"
-        else:
-            route = f"no cluster routing (variant {variant or 'none'})"
-        print(f"### prompt: {prompt}\n### routed: {route}\n{answer}\n")
+        print(f"### prompt: {prompt}\n### routed: {answer.route(variant)}\n{answer.text}\n")
     return 0
 
 

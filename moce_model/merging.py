@@ -190,6 +190,10 @@ def model_card(config: MoCEConfig, centroids: np.ndarray | None, embedder: dict 
         if config.adaptive_clustering_router:
             layout += " by the adaptive-clustering (AC) router (Nielsen et al., ICLR 2025)"
     routing = config.semantics.description
+    rule = config.soft_assignment_rule
+    if rule is not None:
+        routing += (f"; a prompt near the boundary of two clusters (relative distance gap below {rule.margin}) "
+                    f"is answered by both clusters' groups, weighted by distance (temperature {rule.temperature})")
     lines = [
         f"# MoCE model: `{config.variant}`",
         "",

@@ -20,6 +20,7 @@ from moce_model.experts import (
     AdapterExperts,
     AuxLossRequest,
     BalanceLossStatistics,
+    GroupMix,
     MoCEMLP,
     RoutingContext,
     check_mlp,
@@ -79,10 +80,13 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
             base_model = AutoModelForCausalLM.from_config(config.wrapped_config)
         self.base = base_model
         self.routing_context = RoutingContext()
-        self._prompt_groups: torch.Tensor | None = None
+        self._prompt_groups: tuple[torch.Tensor, GroupMix | None] | None = None
         self._prompt_router_dir: Path | None = None
         self._loaded_prompt_router = None
         self._checked_group_tensor: torch.Tensor | None = None
+        # The last (cluster_ids, cluster_weights) pair given and the routes made of it: generation passes the same
+        # tensors at every step, and reading the weights on the host once is enough.
+        self._checked_mix: tuple[torch.Tensor, torch.Tensor, torch.Tensor, GroupMix | None] | None = None
         # Token id that marks a finished sequence's filler in batched decoding; not counted in expert use.
         self._expert_use_filler_token_id: int | None = None
         self._inject_experts()
@@ -149,7 +153,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
     def get_decoder(self) -> nn.Module:
         return self.base.get_decoder()
 
-    def _resolve_group_ids(
+    def _resolve_routes(
         self,
         cluster_ids: torch.Tensor | list[int] | None,
         input_ids: torch.Tensor | None,
@@ -160,12 +164,24 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         prompt_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         group_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        cluster_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, GroupMix | None]:
+        """Each sequence's group [B], and the rows that also get a second group (None when no row does)."""
         config = self.config
+        if cluster_weights is not None and (group_ids is not None or not config.needs_centroids):
+            raise ValueError(
+                "cluster_weights mix the groups of a prompt's two nearest clusters: they go with cluster_ids "
+                f"[batch, 2], for a variant that routes by cluster; this {config.variant!r} model picks its "
+                + ("groups from the given group_ids" if group_ids is not None
+                   else f"group by {config.group_choice.value}, not by cluster")
+            )
+        if cluster_weights is not None and cluster_ids is None:
+            raise ValueError("cluster_weights [batch, 2] weigh the two clusters of each row of cluster_ids [batch, 2]: "
+                             "pass both")
         if group_ids is not None:
-            return self._checked_groups(group_ids, batch_size, device, "group_ids")
+            return self._checked_groups(group_ids, batch_size, device, "group_ids"), None
         if config.group_choice is GroupChoice.SINGLE:
-            return torch.zeros(batch_size, dtype=torch.long, device=device)
+            return torch.zeros(batch_size, dtype=torch.long, device=device), None
         if config.group_choice is GroupChoice.HASH:
             if input_ids is None:
                 raise ValueError(
@@ -173,9 +189,9 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
                 )
             if prompt_mask is None and labels is not None and labels.shape == input_ids.shape:
                 prompt_mask = labels == IGNORE_INDEX  # training: the prompt is what the loss ignores
-            return self._groups_of_prompt(past_key_values, batch_size, lambda: random_group_ids(
+            return self._routes_of_prompt(past_key_values, batch_size, lambda: (random_group_ids(
                 input_ids, attention_mask, config.num_groups, config.random_group_seed, prompt_mask
-            ))
+            ), None))
         if cluster_ids is None:
             router = self._prompt_router()
             if router is None or input_ids is None:
@@ -184,19 +200,84 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
                     "forward/generate, or load the model from a merged directory with centroids.npy and "
                     "embedder.json, which routes input_ids by itself"
                 )
-            return self._groups_of_prompt(past_key_values, batch_size, lambda: torch.as_tensor(
-                router.assign_token_ids(input_ids, attention_mask), dtype=torch.long, device=device
-            ))
-        return self._checked_groups(cluster_ids, batch_size, device, "cluster_ids")
+            rule = config.soft_assignment_rule
+            if rule is None:
+                return self._routes_of_prompt(past_key_values, batch_size, lambda: (torch.as_tensor(
+                    router.assign_token_ids(input_ids, attention_mask), dtype=torch.long, device=device
+                ), None))
 
-    def _groups_of_prompt(self, past_key_values, batch_size: int, compute) -> torch.Tensor:
-        """Groups read off the prompt (`compute()`) at prefill, kept for the decoding steps, which see only the
+            def soft_routes() -> tuple[torch.Tensor, GroupMix | None]:
+                soft = router.assign_token_ids_soft(input_ids, attention_mask, rule)
+                return self._mixed_routes(torch.as_tensor(soft.clusters, device=device),
+                                          torch.as_tensor(soft.weights, dtype=torch.float32, device=device))
+
+            return self._routes_of_prompt(past_key_values, batch_size, soft_routes)
+        if cluster_weights is not None:
+            return self._checked_mix_of(cluster_ids, cluster_weights, batch_size, device)
+        return self._checked_groups(cluster_ids, batch_size, device, "cluster_ids"), None
+
+    def _routes_of_prompt(self, past_key_values, batch_size: int, compute) -> tuple[torch.Tensor, GroupMix | None]:
+        """Routes read off the prompt (`compute()`) at prefill, kept for the decoding steps, which see only the
         new tokens."""
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_length > 0 and self._prompt_groups is not None and self._prompt_groups.shape[0] == batch_size:
+        if past_length > 0 and self._prompt_groups is not None and self._prompt_groups[0].shape[0] == batch_size:
             return self._prompt_groups
         self._prompt_groups = compute()
         return self._prompt_groups
+
+    def _checked_mix_of(self, cluster_ids, cluster_weights, batch_size: int, device: torch.device
+                        ) -> tuple[torch.Tensor, GroupMix | None]:
+        cached = self._checked_mix
+        if cached is not None and cached[0] is cluster_ids and cached[1] is cluster_weights:
+            return cached[2], cached[3]
+        ids = torch.as_tensor(cluster_ids, device=device)
+        weights = torch.as_tensor(cluster_weights, device=device)
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise ValueError(f"cluster_ids must be integers, got dtype {ids.dtype}")
+        if not weights.is_floating_point():
+            raise ValueError(f"cluster_weights must be floating point, got dtype {weights.dtype}")
+        for name, tensor in (("cluster_ids", ids), ("cluster_weights", weights)):
+            if tuple(tensor.shape) != (batch_size, 2):
+                raise ValueError(
+                    f"{name} with cluster_weights has shape {tuple(tensor.shape)}: expected [{batch_size}, 2] (each "
+                    "sequence's nearest and second-nearest cluster, and their weights)"
+                )
+        routes = self._mixed_routes(ids.to(torch.long), weights)
+        if isinstance(cluster_ids, torch.Tensor) and isinstance(cluster_weights, torch.Tensor):
+            self._checked_mix = (cluster_ids, cluster_weights, *routes)
+        return routes
+
+    def _mixed_routes(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, GroupMix | None]:
+        """(groups [B], mix) of a soft assignment: `ids` [B, 2] long, `weights` [B, 2] (weight 0 on the second:
+        a hard row). Reads the weights on the host, once per batch of prompts: which rows run a second time is
+        decided here, so that a batch without a mixed row runs exactly as with hard cluster ids."""
+        host_weights = weights.detach().to("cpu", torch.float64)
+        if not torch.isfinite(host_weights).all() or (host_weights < 0).any() or (host_weights > 1).any():
+            row = int(torch.nonzero(~(torch.isfinite(host_weights) & (host_weights >= 0) & (host_weights <= 1)))[0, 0])
+            raise ValueError(f"cluster_weights row {row} is {host_weights[row].tolist()}: weights lie in [0, 1]")
+        sums = host_weights.sum(dim=1)
+        off = torch.nonzero((sums - 1).abs() > 1e-5)
+        if off.numel():
+            row = int(off[0, 0])
+            raise ValueError(f"cluster_weights row {row} is {host_weights[row].tolist()}: a row's weights sum to 1")
+        groups = self._checked_groups(ids[:, 0], ids.shape[0], ids.device, "cluster_ids")
+        mixed_rows = torch.nonzero(host_weights[:, 1] > 0).flatten()
+        if mixed_rows.numel() == 0:
+            return groups, None
+        host_ids = ids.detach().cpu()
+        same = mixed_rows[host_ids[mixed_rows, 0] == host_ids[mixed_rows, 1]]
+        if same.numel():
+            row = int(same[0])
+            raise ValueError(
+                f"cluster_ids row {row} mixes cluster {int(host_ids[row, 0])} with itself (weights "
+                f"{host_weights[row].tolist()}): a mixed row names two different clusters"
+            )
+        rows = mixed_rows.to(ids.device)
+        # Only the mixed rows' second clusters are groups: a hard row's (weight 0) may be anything.
+        second = self._checked_groups(ids[:, 1].index_select(0, rows), rows.shape[0], ids.device, "cluster_ids")
+        mix = GroupMix(rows=rows, groups=second,
+                       weights=weights.detach().to(torch.float32)[:, 1].index_select(0, rows))
+        return groups, mix
 
     def _prompt_router(self):
         """The directory's stage-1 router (embedder + centroids), loaded when first needed."""
@@ -251,9 +332,14 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         group_ids: torch.LongTensor | None = None,
         aux_loss_weight: torch.Tensor | float | None = None,
         expert_use_mask: torch.Tensor | None = None,
+        cluster_weights: torch.Tensor | None = None,
         **kwargs,
     ) -> MoCECausalLMOutput:
-        """`cluster_ids` [B] pick the groups of `moce` / `cluster_only`. `prompt_mask` [B, T] (`random_group`
+        """`cluster_ids` [B] pick the groups of `moce` / `cluster_only`. A soft assignment passes `cluster_ids`
+        [B, 2] (nearest, second-nearest cluster) with `cluster_weights` [B, 2] (each row sums to 1; (1, 0) for a
+        hard row): a row with a second weight w > 0 gets (1 - w) x the block outputs under its first group + w x
+        those under its second, in every MoE block (`moce_model.routing.SoftAssignmentRule` makes them from
+        distances; a merged directory with `soft_assignment` on makes them itself). `prompt_mask` [B, T] (`random_group`
         only) marks the prompt tokens whose hash picks the group; by default the tokens labelled -100 when
         `labels` are given (so training and generation hash the same prompt), else every token.
         `group_ids` [B]: each sequence's group, already resolved by the caller (evaluation resolves every
@@ -272,9 +358,9 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         if reference is None:
             raise ValueError("pass input_ids or inputs_embeds")
         batch_size, seq_len = reference.shape[:2]
-        group_ids = self._resolve_group_ids(
+        group_ids, group_mix = self._resolve_routes(
             cluster_ids, input_ids, attention_mask, past_key_values, batch_size, reference.device, prompt_mask, labels,
-            group_ids,
+            group_ids, cluster_weights,
         )
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= seq_len:
@@ -282,18 +368,23 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         aux_request = None
         if self.config.has_router and self.training and torch.is_grad_enabled():
             aux_request = self._aux_loss_request(
-                group_ids, token_mask, seq_len, labels, kwargs.get("num_items_in_batch"), aux_loss_weight
+                group_ids, token_mask, seq_len, labels, kwargs.get("num_items_in_batch"), aux_loss_weight, group_mix
             )
-        top_expert_slots = None
+        top_expert_slots = mixed_top_expert_slots = None
         if self.config.adaptive_clustering_router:
             # Filled block by block in this forward; see MoCEMLP.forward for why a tensor carries them.
             top_expert_slots = torch.zeros(
                 self._num_moce_blocks, batch_size, seq_len, dtype=torch.long, device=reference.device
             )
+            if group_mix is not None:
+                mixed_top_expert_slots = torch.zeros(
+                    self._num_moce_blocks, group_mix.rows.shape[0], seq_len, dtype=torch.long, device=reference.device
+                )
         counted_tokens = None
         if self.routing_context.record_expert_use and not self.training:
             counted_tokens = self._counted_tokens(expert_use_mask, token_mask, input_ids, past_key_values, seq_len)
-        self.routing_context.begin(group_ids, token_mask, aux_request, top_expert_slots, counted_tokens)
+        self.routing_context.begin(group_ids, token_mask, aux_request, top_expert_slots, counted_tokens, group_mix,
+                                   mixed_top_expert_slots)
         outputs = self.base(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -321,6 +412,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None,
         num_items_in_batch: torch.Tensor | int | None,
         aux_loss_weight: torch.Tensor | float | None,
+        group_mix: GroupMix | None = None,
     ) -> AuxLossRequest:
         config = self.config
         device = group_ids.device
@@ -334,7 +426,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
             config.aux_loss_coef / blocks
         )
         statistics = BalanceLossStatistics.build(
-            group_ids, token_mask, seq_len, config.num_groups, config.experts_per_group, config.router_top_k
+            group_ids, token_mask, seq_len, config.num_groups, config.experts_per_group, config.router_top_k, group_mix
         )
         probe = torch.zeros(blocks, dtype=torch.float32, device=device, requires_grad=True)
         return AuxLossRequest(statistics=statistics, gradient_scale=gradient_scale, probe=probe)
@@ -380,9 +472,10 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         self.routing_context.per_sequence_counts = [[] for _ in range(self._num_moce_blocks)] if enabled else None
 
     def take_per_sequence_expert_use(self) -> torch.Tensor | None:
-        """[L, B, E] the (token, expert) assignments of each sequence of the forwards since the last take, summed
-        over those forwards (they must share the batch: a scoring call, or one `generate`); None when nothing was
-        recorded."""
+        """[L, B, G, E] the (token, expert) assignments of each sequence in each group, of the forwards since the
+        last take, summed over those forwards (they must share the batch: a scoring call, or one `generate`); None
+        when nothing was recorded. A sequence has counts in its own group, and in its second group when a soft
+        assignment mixed two."""
         recorded = self.routing_context.per_sequence_counts
         if recorded is None or not recorded[0]:
             return None

@@ -8,7 +8,9 @@ and of benchmark items, so an item is routed on exactly what the clusters were d
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +28,68 @@ def routing_text(system: str | None, instruction: str | None, input: str | None)
     sees only the request itself.
     """
     return "\n".join(part.strip() for part in (system, instruction, input) if part and part.strip())
+
+
+@dataclass(frozen=True)
+class SoftAssignmentRule:
+    """When a prompt near the boundary of two clusters gets both clusters' groups, and with which weights.
+
+    With d1 <= d2 the distances of the prompt's embedding to its two nearest centroids, the *relative gap*
+    ``g = (d2 - d1) / d1`` measures how far the prompt is from the boundary between them in units of its
+    distance to the nearest centroid, so the rule does not depend on the scale of the embedding space (unit
+    vectors here, but a centroid file of another embedder or of unnormalised means needs the same margin).
+    A prompt with ``g < margin`` is *soft*: its groups are mixed with the weights of a softmax over the negative
+    distances in the same unit, ``w_i ∝ exp(-d_i / (temperature * d1))``, i.e. the second group gets
+    ``1 / (1 + exp(g / temperature))`` (0.5 exactly halfway between the centroids). Every other prompt is
+    hard: weight 1 on the nearest group, exactly as without the rule.
+
+    At the margin the second group's weight drops from ``1 / (1 + exp(margin / temperature))`` to 0; with the
+    defaults (0.1, 0.025) that step is 0.018, so the output barely changes as a prompt crosses the margin.
+    """
+
+    margin: float = 0.1
+    temperature: float = 0.025
+
+    def __post_init__(self) -> None:
+        for name in ("margin", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"soft assignment {name} must be a positive finite number, got {value!r}")
+
+    def weights(self, nearest: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """float64 [n, 2]: the weights of the nearest and the second-nearest cluster given the distances to them
+        ([n] each); (1, 0) for a hard row."""
+        nearest = np.asarray(nearest, dtype=np.float64)
+        second = np.asarray(second, dtype=np.float64)
+        # Signed: the nearest cluster is the one the hard rule picks (float32 scores), and in a near tie float64
+        # distances may rank the two the other way; the weights then follow the distances.
+        closest = np.minimum(nearest, second)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gap = np.where(second == nearest, 0.0, (second - nearest) / closest)  # inf when closest == 0 < other
+        soft = np.abs(gap) < self.margin
+        second_weight = np.zeros_like(gap)
+        with np.errstate(over="ignore"):
+            second_weight[soft] = 1.0 / (1.0 + np.exp(gap[soft] / self.temperature))
+        return np.stack([1.0 - second_weight, second_weight], axis=1)
+
+
+@dataclass(frozen=True)
+class SoftClusters:
+    """A soft assignment of n texts: `clusters` int64 [n, 2] (nearest, second-nearest centroid; twice the
+    nearest with a single centroid) and `weights` float64 [n, 2] ((1, 0) for the hard rows)."""
+
+    clusters: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def nearest(self) -> np.ndarray:
+        """The cluster the hard rule picks for each text."""
+        return self.clusters[:, 0]
+
+    @property
+    def soft(self) -> np.ndarray:
+        """bool [n]: the texts that get a second group."""
+        return self.weights[:, 1] > 0
 
 
 class TextEncoder(Protocol):
@@ -62,25 +126,60 @@ class ClusterRouter:
     def num_clusters(self) -> int:
         return int(self.centroids.shape[0])
 
-    def assign_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+    def _scores(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.centroids.shape[1]:
             raise ValueError(
                 f"embeddings of shape {embeddings.shape} do not match centroids of dimension {self.centroids.shape[1]}"
             )
         # argmin |e - c|^2 == argmax (e.c - |c|^2 / 2), one matmul for the batch.
-        scores = embeddings @ self.centroids.T - self._half_squared_norms
-        return scores.argmax(axis=1).astype(np.int64)
+        return embeddings, embeddings @ self.centroids.T - self._half_squared_norms
+
+    def assign_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        return self._scores(embeddings)[1].argmax(axis=1).astype(np.int64)
+
+    def assign_soft_embeddings(self, embeddings: np.ndarray, rule: SoftAssignmentRule) -> SoftClusters:
+        """Nearest and second-nearest cluster of each embedding, with the weights of `rule`. The nearest is
+        `assign_embeddings`'s (the same scores), so a hard row goes exactly where the hard rule sends it."""
+        embeddings, scores = self._scores(embeddings)
+        rows = np.arange(scores.shape[0])
+        nearest = scores.argmax(axis=1)
+        if self.num_clusters == 1:
+            second = nearest.copy()
+            weights = np.tile(np.array([1.0, 0.0]), (scores.shape[0], 1))
+        else:
+            others = scores.copy()
+            others[rows, nearest] = -np.inf
+            second = others.argmax(axis=1)
+            # The two distances in float64 straight from the vectors: the scores lose the small gaps near a
+            # boundary to cancellation.
+            as64 = embeddings.astype(np.float64)
+            centroids = self.centroids.astype(np.float64)
+            weights = rule.weights(np.linalg.norm(as64 - centroids[nearest], axis=1),
+                                   np.linalg.norm(as64 - centroids[second], axis=1))
+        return SoftClusters(clusters=np.stack([nearest, second], axis=1).astype(np.int64), weights=weights)
 
     def assign(self, texts: Sequence[str]) -> np.ndarray:
         """int64 cluster id per text (texts are the input side: system + instruction + input)."""
+        texts = self._checked_texts(texts)
+        if not texts:
+            return np.zeros(0, dtype=np.int64)
+        return self.assign_embeddings(self.encoder.encode(texts))
+
+    @staticmethod
+    def _checked_texts(texts: Sequence[str]) -> list[str]:
         texts = list(texts)
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text {index} is {type(text).__name__}, not str")
+        return texts
+
+    def assign_soft(self, texts: Sequence[str], rule: SoftAssignmentRule) -> SoftClusters:
+        """`assign` with a second cluster for the texts near a boundary (`SoftAssignmentRule`)."""
+        texts = self._checked_texts(texts)
         if not texts:
-            return np.zeros(0, dtype=np.int64)
-        return self.assign_embeddings(self.encoder.encode(texts))
+            return SoftClusters(clusters=np.zeros((0, 2), dtype=np.int64), weights=np.zeros((0, 2)))
+        return self.assign_soft_embeddings(self.encoder.encode(texts), rule)
 
     @classmethod
     def from_model_dir(
@@ -211,6 +310,14 @@ class PromptRouter:
 
     def assign_token_ids(self, input_ids: Any, attention_mask: Any | None = None) -> np.ndarray:
         """Cluster of each row of `input_ids` [B, T] (padding, where `attention_mask` is 0, left out)."""
+        return self.router.assign(self._request_texts(input_ids, attention_mask))
+
+    def assign_token_ids_soft(self, input_ids: Any, attention_mask: Any | None, rule: SoftAssignmentRule
+                              ) -> SoftClusters:
+        """`assign_token_ids` with a second cluster for the prompts near a boundary (`SoftAssignmentRule`)."""
+        return self.router.assign_soft(self._request_texts(input_ids, attention_mask), rule)
+
+    def _request_texts(self, input_ids: Any, attention_mask: Any | None) -> list[str]:
         texts = []
         for row, ids in enumerate(input_ids.tolist()):
             if attention_mask is not None:
@@ -222,4 +329,4 @@ class PromptRouter:
             if not text:
                 raise ValueError(f"prompt {row} of the batch is empty: nothing to route by")
             texts.append(text)
-        return self.router.assign(texts)
+        return texts

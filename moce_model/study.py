@@ -35,10 +35,12 @@ import numpy as np
 import polars as pl
 from scipy import stats as scipy_stats
 
-from moce_model.config import MoCEConfig, variant_semantics
+from moce_model.config import TOKEN_ROUTERS, MoCEConfig, variant_semantics
 
 BASE_LAYOUT = "base"
 REFERENCE_LAYOUTS: tuple[str, ...] = ("pesc", BASE_LAYOUT)
+# Separates a layout from an evaluation-only condition in a row label of the table: `moce/e4 @noised`.
+CONDITION_MARK = " @"
 CONFIDENCE = 0.95
 INTERVAL_METHOD = ("two-level percentile bootstrap (seeds, then items, crossed); for 0/1 scores at least as wide as "
                    "the Wilson (mean) or Bonett–Price (paired difference) interval on the items")
@@ -62,7 +64,18 @@ class StudyConfig:
     ~115 (held-out loss on 4 x 20 rows ~85, 10 GSM8K answers of <= 96 tokens ~30); `dense_adapter/s0` 236;
     the base model's evaluation 108-116; the study's inputs (sources, MiniLM embeddings of 3,200 rows, elbow, k-means, base model
     conversion) 114. 114 + 116 + 18 runs x <= 285 = 5,360 CPU-s, ~45 minutes in two one-thread workers on two
-    idle cores (`make study` runs two), within the 60-minute target; one worker would take ~90.
+    idle cores (`make study` runs two); one worker would take ~90.
+
+    Estimates, not measured on realmix, for what the AC router layouts and the conditions add: the 6 runs of
+    `moce+ac/e4` and `pesc+ac` cost about as much as their linear counterparts (a whole train step of a
+    SmolLM2-135M-shaped model measured 9.16 s with the AC router against 9.14 s without), so 6 x <= 290 =
+    ~1,740 CPU-s. `study_conditions` per trained run: merging the adapters again ~10-15, `noised` the held-out
+    loss on the 80 corrupted rows ~85, `adaptive` (layouts that route by centroids) a few seconds to embed the
+    held-out prompts plus ~1 per held-out item routed to another group (every item re-scored would add ~85);
+    so <= 110 per trained run and ~90 for the base model: 24 x 110 + 90 = ~2,730 CPU-s. The whole study with its
+    conditions: 5,360 + 1,740 + 2,730 = ~9,800 CPU-s, ~80 minutes in two workers, ~2 h 45 in one, past the
+    60-minute target (`conditions=()` and `token_routers=("linear",)` give back the study above); on top of a
+    study already run, ~4,500 CPU-s, ~40 minutes in two workers.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -70,6 +83,10 @@ class StudyConfig:
     # The sweep applies to `moce` (the paper's Table 3); the ablations and `pesc` use the largest value, and
     # `pesc`'s single group holds k x that many experts, so that its expert budget matches `moce`'s.
     experts_per_group_sweep: tuple[int, ...] = (1, 2, 4)
+    # Token routers compared: `linear` (PESC's, every layout above) and each other router of TOKEN_ROUTERS as
+    # extra layouts `moce+<router>/e<largest>` and `pesc+<router>`, with the expert budget of their linear
+    # counterparts. Listed after the linear layouts, so their runs only add partition keys.
+    token_routers: tuple[str, ...] = ("linear", "ac")
     router_top_k: int = 2
     adapter_dim: int = 16
     # Training of each run (TrainingConfig overrides over the experiment's preset).
@@ -84,6 +101,16 @@ class StudyConfig:
     gsm8k_items: int = 10
     gsm8k_max_new_tokens: int = 96
     bootstrap_resamples: int = 4_000
+    # Evaluation-only conditions scored on every trained run (`moce_model.study_conditions.CONDITIONS`), table
+    # rows `layout @condition`: `noised` replaces `noise_share` of each held-out prompt's words (seeded by
+    # `noise_seed`, the same corruption for every run); `soft` answers prompts near a cluster boundary with both
+    # clusters' groups (`SoftAssignmentRule(soft_margin, soft_temperature)`); `adaptive` routes by centroids
+    # updated with the held-out prompts (`soft` and `adaptive`: layouts that route by centroids only).
+    conditions: tuple[str, ...] = ("noised", "soft", "adaptive")
+    noise_share: float = 0.15
+    noise_seed: int = 0
+    soft_margin: float = 0.1
+    soft_temperature: float = 0.025
     # A merged SmolLM2-135M is 575 MB in fp32, 10 GB for the 18 trained runs; the adapters (a few MB) are
     # kept, and merged_model-style directories can be rebuilt from them.
     keep_merged_models: bool = False
@@ -95,12 +122,32 @@ class StudyConfig:
             variant_semantics(variant)  # raises for an unknown name
         if not self.experts_per_group_sweep or min(self.experts_per_group_sweep) < 1:
             raise ValueError(f"experts_per_group_sweep must hold positive ints, got {self.experts_per_group_sweep}")
+        unknown_routers = [r for r in self.token_routers if r not in TOKEN_ROUTERS]
+        if unknown_routers or len(set(self.token_routers)) != len(self.token_routers):
+            raise ValueError(f"study token_routers must be distinct names of {TOKEN_ROUTERS}, got {self.token_routers}")
+        if "linear" not in self.token_routers:
+            raise ValueError(f"study token_routers must include 'linear' (the router of every baseline layout), "
+                             f"got {self.token_routers}")
+        if len(self.token_routers) > 1 and "moce" in self.variants and max(self.experts_per_group_sweep) < 2:
+            raise ValueError(f"study token_routers {self.token_routers}: a token router needs at least 2 experts per "
+                             f"group, but experts_per_group_sweep is {self.experts_per_group_sweep}")
         for name in ("router_top_k", "adapter_dim", "train_rows", "max_steps", "per_device_batch_size",
                      "max_length", "heldout_rows_per_source", "bootstrap_resamples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"study {name} must be at least 1, got {getattr(self, name)}")
         if self.gsm8k_items < 0:
             raise ValueError(f"study gsm8k_items must be >= 0, got {self.gsm8k_items}")
+        from moce_model.study_conditions import study_condition
+
+        for condition in self.conditions:
+            study_condition(condition)  # raises for an unknown name
+        if len(set(self.conditions)) != len(self.conditions):
+            raise ValueError(f"study conditions must be distinct, got {self.conditions}")
+        from moce_model.routing import SoftAssignmentRule
+
+        SoftAssignmentRule(self.soft_margin, self.soft_temperature)  # raises, naming the field, for a bad value
+        if not 0.0 < self.noise_share <= 1.0:
+            raise ValueError(f"study noise_share must be in (0, 1], got {self.noise_share}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> StudyConfig:
@@ -124,13 +171,17 @@ class StudyConfig:
 class StudyLayout:
     """One model of the study: a variant with an expert layout. `experts_per_group` is None for `base` and for
     the variants without token routing (one adapter per group); `pesc_matched_groups` marks `pesc`, whose single
-    group holds (number of clusters) x `experts_per_group` experts."""
+    group holds (number of clusters) x `experts_per_group` experts. `token_router` picks how tokens are routed
+    inside a group; a layout with another router than `linear` names its `counterpart`, the same layout with the
+    linear router, which the table compares it with."""
 
     name: str
     variant: str | None
     experts_per_group: int | None = None
     pesc_matched_groups: bool = False
     note: str = ""
+    token_router: str = "linear"
+    counterpart: str | None = None
 
     @property
     def trained(self) -> bool:
@@ -149,12 +200,15 @@ class StudyLayout:
             single_group_experts=single_group_experts,
             router_top_k=min(config.router_top_k, largest_group),
             adapter_dim=config.adapter_dim,
+            token_router=self.token_router,
             embedder=embedder,
         )
 
 
 def study_layouts(config: StudyConfig) -> list[StudyLayout]:
-    """The base model, then each variant; `moce` once per experts-per-group value of the sweep.
+    """The base model, then each variant; `moce` once per experts-per-group value of the sweep; then, for each
+    token router other than `linear`, `moce+<router>/e<largest>` and `pesc+<router>` (when `moce` / `pesc` are
+    studied): the same expert layouts as `moce/e<largest>` and `pesc`, routed inside the group by that router.
 
     `moce` with one expert per group is `cluster_only`'s layout (the cluster picks the group, one adapter, no
     router: the same model, trained the same way), so when both are in the study it is run once, as
@@ -166,20 +220,35 @@ def study_layouts(config: StudyConfig) -> list[StudyLayout]:
         if not semantics.token_routing:
             note = "= moce with 1 expert per group" if semantics.needs_centroids else ""
             layouts.append(StudyLayout(variant, variant, None, note=note))
-        elif variant == "moce":
+        elif semantics.needs_centroids:  # moce: the experts-per-group sweep
             for experts in sorted(set(config.experts_per_group_sweep)):
                 if experts == 1 and any(
                     variant_semantics(v).needs_centroids and not variant_semantics(v).token_routing
                     for v in config.variants
                 ):
                     continue
-                layouts.append(StudyLayout(f"moce/e{experts}", variant, experts))
+                layouts.append(StudyLayout(f"{variant}/e{experts}", variant, experts))
         elif semantics.needs_num_clusters:
             layouts.append(StudyLayout(f"{variant}/e{largest}", variant, largest))
         else:
             layouts.append(StudyLayout(variant, variant, largest, pesc_matched_groups=True,
                                        note=f"one group of k x {largest} experts (matches moce/e{largest})"))
+    # After every linear layout: the partition keys of the runs above do not depend on the routers studied.
+    for router in [r for r in config.token_routers if r != "linear"]:
+        if "moce" in config.variants:
+            counterpart = f"moce/e{largest}"
+            layouts.append(StudyLayout(f"moce+{router}/e{largest}", "moce", largest, token_router=router,
+                                       counterpart=counterpart, note=f"{counterpart} with the {router} router"))
+        if "pesc" in config.variants:
+            layouts.append(StudyLayout(f"pesc+{router}", "pesc", largest, pesc_matched_groups=True,
+                                       token_router=router, counterpart="pesc",
+                                       note=f"pesc with the {router} router"))
     return layouts
+
+
+def counterparts(config: StudyConfig) -> dict[str, str]:
+    """Layout -> its linear-router counterpart, for the layouts with another token router."""
+    return {layout.name: layout.counterpart for layout in study_layouts(config) if layout.counterpart}
 
 
 def run_key(layout: StudyLayout, seed: int | None) -> str:
@@ -408,29 +477,62 @@ def paired_matrices(scores: pl.DataFrame, layout: str, reference: str, benchmark
     return matrix[[seeds.index(s) for s in shared]], ref_matrix[[ref_seeds.index(s) for s in shared]]
 
 
+def condition_label(layout: str, condition: str | None) -> str:
+    """The table's row of `layout` under an evaluation-only condition (`moce/e4 @noised`), or the layout itself."""
+    return layout if condition is None else f"{layout}{CONDITION_MARK}{condition}"
+
+
+def split_condition_label(label: str) -> tuple[str, str | None]:
+    """(layout, condition or None) of a row label made by `condition_label`."""
+    layout, mark, condition = label.partition(CONDITION_MARK)
+    return (layout, condition) if mark else (label, None)
+
+
+def comparisons(labels: Sequence[str], references: Sequence[str] = REFERENCE_LAYOUTS,
+                counterparts: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """(row, reference row) pairs of the paired differences, among the row labels present, in their order:
+
+    - every row against each reference layout under the same condition (`moce/e4 @noised` against
+      `pesc @noised` and `base @noised`); a reference is not compared with the references listed after it (pesc −
+      base is reported, its mirror base − pesc is not);
+    - a layout with another token router against its linear counterpart (`counterparts`), under the same condition;
+    - a row under a condition against the same runs without it (`moce/e4 @noised` against `moce/e4`)."""
+    present = set(labels)
+    counterparts = counterparts or {}
+    pairs: list[tuple[str, str]] = []
+    for label in labels:
+        layout, condition = split_condition_label(label)
+        candidates = [condition_label(reference, condition) for index, reference in enumerate(references)
+                      if layout != reference and layout not in references[index + 1:]]
+        if layout in counterparts:
+            candidates.append(condition_label(counterparts[layout], condition))
+        if condition is not None:
+            candidates.append(layout)
+        for reference in candidates:
+            if reference in present and reference != label and (label, reference) not in pairs:
+                pairs.append((label, reference))
+    return pairs
+
+
 def paired_differences(scores: pl.DataFrame, resamples: int, seed: int = 0,
-                       references: Sequence[str] = REFERENCE_LAYOUTS) -> pl.DataFrame:
-    """Every layout against each reference present (`pesc`, `base`), paired on items (and seeds), with the
-    two-level interval of the mean difference; "no significant difference" where it covers 0."""
+                       references: Sequence[str] = REFERENCE_LAYOUTS,
+                       counterparts: Mapping[str, str] | None = None) -> pl.DataFrame:
+    """Every pair of `comparisons` (each row against `pesc` and `base`, a router against its linear counterpart, a
+    condition against the clean runs), paired on items (and seeds), with the two-level interval of the mean
+    difference on every (benchmark, metric) both rows have; "no significant difference" where it covers 0."""
     scores = _check_scores(scores)
-    present = set(scores["layout"].unique().to_list())
+    labels = scores["layout"].unique(maintain_order=True).to_list()
+    metrics_of = {label: scores.filter(pl.col("layout") == label).select("benchmark", "metric").unique(
+        maintain_order=True).rows() for label in labels}
     rows = []
-    for reference in [r for r in references if r in present]:
-        # pesc − base is reported under base; its mirror base − pesc is not reported under pesc.
-        later = set(references[references.index(reference) + 1:])
-        for layout, benchmark, metric in scores.select("layout", "benchmark", "metric").unique(
-                maintain_order=True).rows():
-            if layout == reference or layout in later:
-                continue
-            reference_metrics = scores.filter(pl.col("layout") == reference).select("benchmark", "metric").unique()
-            if (benchmark, metric) not in set(reference_metrics.rows()):
-                continue
+    for layout, reference in comparisons(labels, references, counterparts):
+        shared = set(metrics_of[reference])
+        for benchmark, metric in [m for m in metrics_of[layout] if m in shared]:
             first, second = paired_matrices(scores, layout, reference, benchmark, metric)
             difference, low, high = _difference_interval(first, second, resamples, seed)
-            differences = first - second
             significant = low > 0 or high < 0
             rows.append({"layout": layout, "reference": reference, "benchmark": benchmark, "metric": metric,
-                         "n_seeds": differences.shape[0], "n_items": differences.shape[1],
+                         "n_seeds": first.shape[0], "n_items": first.shape[1],
                          "difference": difference, "ci_low": low, "ci_high": high, "significant": significant,
                          "verdict": _verdict(significant, difference, metric, layout, reference)})
     return pl.DataFrame(rows, schema=DIFFERENCE_SCHEMA)
@@ -440,7 +542,16 @@ def _verdict(significant: bool, difference: float, metric: str, layout: str, ref
     if not significant:
         return "no significant difference"
     better = (difference < 0) if metric in LOWER_IS_BETTER else (difference > 0)
-    return f"{layout if better else reference} better"
+    return f"{_side(layout, reference) if better else _side(reference, layout)} better"
+
+
+def _side(label: str, other: str) -> str:
+    """How a verdict names one row of a pair: the row label, or, where both rows are the same runs under two
+    conditions, just the condition ("clean" for none)."""
+    layout, condition = split_condition_label(label)
+    if layout != split_condition_label(other)[0]:
+        return label
+    return "clean" if condition is None else f"{CONDITION_MARK.strip()}{condition}"
 
 
 # ------------------------------------------------------------------------------------ table and figure
@@ -454,6 +565,7 @@ class StudyTable:
     markdown: str
     figure_png: bytes
     missing_runs: list[str] = field(default_factory=list)
+    missing_conditions: list[str] = field(default_factory=list)
 
 
 PARAMETERS_SCHEMA: dict[str, pl.DataType] = {
@@ -473,7 +585,10 @@ def _metric_label(metric: str) -> str:
 
 
 def study_markdown(aggregated: pl.DataFrame, differences: pl.DataFrame, parameters: pl.DataFrame,
-                   missing_runs: Sequence[str] = ()) -> str:
+                   missing_runs: Sequence[str] = (), condition_notes: Mapping[str, str] | None = None,
+                   missing_conditions: Sequence[str] = ()) -> str:
+    """The table (one row per entry of `parameters`: layouts, then layouts under each condition), the notes on
+    the conditions shown (`condition_notes`: condition -> markdown), and the paired differences."""
     metrics = aggregated.select("benchmark", "metric").unique(maintain_order=True).sort("benchmark", "metric").rows()
     cells = {(r["layout"], r["benchmark"], r["metric"]): r for r in aggregated.iter_rows(named=True)}
     header = ["layout", "trainable (total)", "trainable (active/token)", "seeds"] + [
@@ -497,16 +612,28 @@ def study_markdown(aggregated: pl.DataFrame, differences: pl.DataFrame, paramete
         name = layout + (f" ({row['note']})" if row["note"] else "")
         lines.append("| " + " | ".join([name, f"{row['total_trainable']:,}", f"{row['active_trainable']:,}",
                                          "/".join(str(s) for s in sorted(seeds)) or "–", *values]) + " |")
+    shown_conditions = {split_condition_label(label)[1] for label in parameters["layout"]} - {None}
+    notes = {c: text for c, text in (condition_notes or {}).items() if c in shown_conditions}
+    if notes:
+        lines += ["", f"Rows `layout{CONDITION_MARK}condition` score the same trained runs again under an "
+                      "evaluation-only condition (never retrained), on the same items:", ""]
+        lines += [f"- `{CONDITION_MARK.strip()}{condition}`: {text}" for condition, text in notes.items()]
+    order = {condition: rank for rank, condition in enumerate([None, *(condition_notes or {})])}
+    ranked = differences.with_columns(pl.Series("rank", [order.get(split_condition_label(label)[1], len(order))
+                                                         for label in differences["layout"]], dtype=pl.Int64))
     lines += ["", "## Paired differences (same items; same seed, or every seed against the one base run)", "",
               "| layout | reference | benchmark | metric | seeds x items | difference [95% interval] | verdict |",
               "|---|---|---|---|---|---|---|"]
-    for row in differences.sort("reference", "benchmark", "metric").iter_rows(named=True):
+    for row in ranked.sort("rank", "reference", "benchmark", "metric", maintain_order=True).iter_rows(named=True):
         lines.append(
             f"| {row['layout']} | {row['reference']} | {row['benchmark']} | {_metric_label(row['metric'])} | "
             f"{row['n_seeds']} x {row['n_items']} | {_format(row['difference'], True)} "
             f"[{_format(row['ci_low'], True)}, {_format(row['ci_high'], True)}] | {row['verdict']} |")
     if missing_runs:
         lines += ["", f"Runs not materialized (left out of this table): {', '.join(missing_runs)}"]
+    if missing_conditions:
+        lines += ["", f"Runs whose conditions are not materialized (their condition rows are left out): "
+                      f"{', '.join(missing_conditions)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -543,14 +670,36 @@ def study_figure_png(aggregated: pl.DataFrame, layout_order: Sequence[str]) -> b
     return buffer.getvalue()
 
 
+def _rows_of_labels(parameters: pl.DataFrame, labels: Sequence[str], conditions: Sequence[str]) -> pl.DataFrame:
+    """One parameter row per row label present: the layouts in `parameters`' order, then the same layouts under
+    each condition (in `conditions`' order, then any other condition present); a condition row carries its
+    layout's counts (the same trained model)."""
+    present = set(labels)
+    others = [c for c in dict.fromkeys(split_condition_label(label)[1] for label in labels)
+              if c is not None and c not in conditions]
+    rows = []
+    for condition in [None, *conditions, *others]:
+        for row in parameters.iter_rows(named=True):
+            label = condition_label(row["layout"], condition)
+            if label in present:
+                rows.append({**row, "layout": label, "note": row["note"] if condition is None else ""})
+    return pl.DataFrame(rows, schema=PARAMETERS_SCHEMA)
+
+
 def build_study_table(scores: pl.DataFrame, parameters: pl.DataFrame, resamples: int,
-                      missing_runs: Sequence[str] = ()) -> StudyTable:
-    """The study's table (aggregate + paired differences + parameter counts) and its figure."""
+                      missing_runs: Sequence[str] = (), counterparts: Mapping[str, str] | None = None,
+                      condition_notes: Mapping[str, str] | None = None,
+                      missing_conditions: Sequence[str] = ()) -> StudyTable:
+    """The study's table (aggregate + paired differences + parameter counts) and its figure.
+
+    `scores` may hold rows of evaluation-only conditions (layout `condition_label(layout, condition)`), shown after
+    the layouts, in the order of `condition_notes` (condition -> what it is, in markdown); `counterparts`: each
+    layout with another token router -> its linear-router layout, which it is also compared with."""
     parameters = parameters.select(list(PARAMETERS_SCHEMA)).cast(PARAMETERS_SCHEMA)
     aggregated = aggregate(scores, resamples)
-    differences = paired_differences(scores, resamples)
-    present = set(aggregated["layout"].to_list())
-    shown = parameters.filter(pl.col("layout").is_in(sorted(present)))
-    markdown = study_markdown(aggregated, differences, shown, missing_runs)
+    differences = paired_differences(scores, resamples, counterparts=counterparts)
+    shown = _rows_of_labels(parameters, aggregated["layout"].unique(maintain_order=True).to_list(),
+                            list(condition_notes or {}))
+    markdown = study_markdown(aggregated, differences, shown, missing_runs, condition_notes, missing_conditions)
     figure = study_figure_png(aggregated, shown["layout"].to_list())
-    return StudyTable(aggregated, differences, shown, markdown, figure, list(missing_runs))
+    return StudyTable(aggregated, differences, shown, markdown, figure, list(missing_runs), list(missing_conditions))

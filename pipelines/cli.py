@@ -118,26 +118,19 @@ def cmd_set_k(args: argparse.Namespace, experiment: Experiment) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, experiment: Experiment) -> int:
+    from pipelines.sweep import run_sweep
+
     try:
         ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
     except ValueError:
         raise SystemExit(f"moce sweep: --ks {args.ks!r}: expected numbers separated by commas, e.g. 2,3,4") from None
     if not ks or min(ks) < 2:
         raise SystemExit(f"moce sweep: --ks {args.ks!r}: every k must be at least 2")
-    config: dict = {"ks": ks}
-    if args.max_steps is not None:
-        config["max_steps"] = args.max_steps
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SystemExit(f"moce sweep: --max-steps {args.max_steps}: need at least 1 training step")
     instance = experiment_instance(experiment)
-    result = _definitions(experiment).resolve_job_def("k_sweep").execute_in_process(
-        instance=instance, run_config={"ops": {"k_sweep_results": {"config": config}}}, raise_on_error=False
-    )
-    if not result.success:
-        print("the sweep FAILED; see the errors above (it needs the data half and base_model: `moce run`)",
-              file=sys.stderr)
-        return 1
-    print(f"k sweep table: {experiment.storage_root / 'tables' / 'k_sweep_results.parquet'} "
-          f"(side by side in the metadata of k_sweep_results in `moce ui`)")
-    return 0
+    print(f"experiment={experiment.name} storage={experiment.storage_root} DAGSTER_HOME={instance.root_directory}")
+    return 0 if run_sweep(_definitions(experiment), instance, ks, max_steps=args.max_steps) else 1
 
 
 def cmd_study(args: argparse.Namespace, experiment: Experiment) -> int:
@@ -145,7 +138,7 @@ def cmd_study(args: argparse.Namespace, experiment: Experiment) -> int:
 
     experiment_instance(experiment)  # the experiment's DAGSTER_HOME, which the study's workers inherit
     return study.main([*(["--runs", args.runs] if args.runs else []), "--workers", str(args.workers),
-                       *(["--rerun"] if args.rerun else [])])
+                       *(["--rerun"] if args.rerun else []), *(["--no-conditions"] if args.no_conditions else [])])
 
 
 def _merged_model_dir(experiment: Experiment, variant: str) -> Path:
@@ -226,20 +219,30 @@ def build_parser() -> argparse.ArgumentParser:
     set_k.set_defaults(handler=cmd_set_k)
 
     sweep = commands.add_parser("sweep", parents=[common], help="train and evaluate `moce` at several k",
-                                description="For each k: fit the centroids, train and merge `moce`, evaluate; one "
-                                            "table with every benchmark at every k (asset k_sweep_results).")
+                                description="For each k, one run of the k_sweep job (a partition of its assets): "
+                                            "fit the centroids, train `moce`, merge it and check the merged model "
+                                            "against the unmerged one, evaluate. Then one table with every "
+                                            "benchmark at every materialized k (asset k_sweep/comparison). What "
+                                            "the sweep reads (instructions, embeddings, base model) is "
+                                            "materialized first when missing or stale; nothing that depends on "
+                                            "the main graph's k is touched.")
     sweep.add_argument("--ks", required=True, help="the k values, comma separated, e.g. 2,3,4,6")
     sweep.add_argument("--max-steps", type=int, default=None, help="training steps per k (default: the experiment's)")
     sweep.set_defaults(handler=cmd_sweep)
 
     study = commands.add_parser("study", parents=[common], help="the paper's comparison in miniature, over seeds",
                                 description="Train and evaluate base, dense_adapter, pesc, moce (2 and 4 experts per "
-                                            "group), random_group and cluster_only over 3 seeds on the experiment's "
-                                            "data with a held-out split; one table of means with intervals over "
-                                            "seeds and items, and one figure (job `study`, one partition per run).")
+                                            "group), random_group, cluster_only, and moce and pesc with the AC "
+                                            "router over 3 seeds on the experiment's data with a held-out split; "
+                                            "score each run again with corrupted prompts and with centroids adapted "
+                                            "to the held-out prompts (study_conditions); one table of means with "
+                                            "intervals over seeds and items, and one figure (job `study`, one "
+                                            "partition per run).")
     study.add_argument("--runs", default="", help="comma-separated run keys, e.g. base,moce/e4/s0 (default: all)")
     study.add_argument("--workers", type=int, default=2, help="processes running partitions side by side")
     study.add_argument("--rerun", action="store_true", help="run partitions again even when materialized")
+    study.add_argument("--no-conditions", action="store_true",
+                       help="leave out the evaluation-only conditions (study_conditions) of each run")
     study.set_defaults(handler=cmd_study)
 
     generate = commands.add_parser("generate", parents=[common], help="answer prompts with a trained model",

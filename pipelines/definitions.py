@@ -14,7 +14,7 @@ from assets.common import HEAVY_STEP_TAG
 from assets.data import build_instruction_assets, build_raw_source_assets
 from assets.embedding import embeddings_are_unit_norm_and_complete, instruction_embeddings
 from assets.evaluation import build_evaluation_assets
-from assets.k_sweep import build_k_sweep_asset
+from assets.k_sweep import K_SWEEP_GROUP, build_k_sweep_assets
 from assets.study import STUDY_GROUP, build_study_assets
 from assets.training import base_model, build_training_assets
 from moce_model.experiment import Experiment, load_experiment
@@ -44,8 +44,9 @@ def executor() -> dg.ExecutorDefinition:
         {"tag_concurrency_limits": [{"key": key, "value": value, "limit": heavy_step_limit()}]}
     )
 # The k sweep and the study train many models: run on demand (their own jobs), not as part of the pipeline.
+K_SWEEP = dg.AssetSelection.groups(K_SWEEP_GROUP)
 STUDY = dg.AssetSelection.groups(STUDY_GROUP)
-PIPELINE = dg.AssetSelection.all() - dg.AssetSelection.assets("k_sweep_results") - STUDY
+PIPELINE = dg.AssetSelection.all() - K_SWEEP - STUDY
 
 
 def build_resources(experiment: Experiment) -> dict:
@@ -84,7 +85,7 @@ def build_definitions(experiment: Experiment, study: StudyConfig | None = None) 
         base_model,
         *build_training_assets(experiment),
         *build_evaluation_assets(experiment),
-        build_k_sweep_asset(experiment),
+        *build_k_sweep_assets(experiment),
         *build_study_assets(experiment, study or StudyConfig()),
     ]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
@@ -97,8 +98,10 @@ def build_definitions(experiment: Experiment, study: StudyConfig | None = None) 
         jobs=[
             dg.define_asset_job("demo_pipeline", selection=PIPELINE,
                                 description="Every asset of the experiment, end to end."),
-            dg.define_asset_job("k_sweep", selection=dg.AssetSelection.assets("k_sweep_results"),
-                                description="Train and evaluate `moce` at several k; one comparison table."),
+            dg.define_asset_job("k_sweep", selection=K_SWEEP,
+                                description="`moce` clustered, trained, merged (and checked) and evaluated at "
+                                            "each k, one partition per k; the comparison table over the "
+                                            "materialized k."),
             dg.define_asset_job("study", selection=STUDY,
                                 description="Every variant over seeds and the experts-per-group sweep; one table "
                                             "of mean and two-level interval over seeds and items, one figure."),

@@ -16,10 +16,7 @@ from typing import TextIO
 
 import dagster as dg
 
-# Dagster's provenance tags on a materialization (see "Data versioning" in the Dagster docs).
-CODE_VERSION_TAG = "dagster/code_version"
-DATA_VERSION_TAG = "dagster/data_version"
-INPUT_DATA_VERSION_TAG = "dagster/input_data_version/"
+from assets.common import CODE_VERSION_TAG, DATA_VERSION_TAG, INPUT_DATA_VERSION_TAG
 
 
 def _latest_tags(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict[str, str] | None:

@@ -1,11 +1,14 @@
 """`make study`: materialize what the study reads (the experiment's instructions, clusters and base model) when it
 is missing or unsynced, then every run of the study not yet materialized (one partition of `study_runs` at a
-time), then `study_table`; prints the seconds of each run and where the table and figure are.
+time) with its evaluation-only conditions (the same partition of `study_conditions`), then `study_table`; prints
+the seconds of each run and where the table and figure are.
 
 `--runs moce/e4/s0,base` runs only those partitions (and the table over what is materialized); `--rerun` runs
-the named (or all) partitions again even when they are materialized. `--workers 2` runs the partitions in two
-processes of one thread each: a run is a single-threaded chain of small matmuls, so on the 2-core machine two
-one-thread runs side by side use both cores better than one run on two threads.
+the named (or all) partitions again even when they are materialized; `--no-conditions` leaves the conditions
+out. A run already materialized gets only its missing conditions, so on an existing study `moce study` trains
+the runs it lacks and scores the conditions of all. `--workers 2` runs the partitions in two processes of one
+thread each: a run is a single-threaded chain of small matmuls, so on the 2-core machine two one-thread runs side
+by side use both cores better than one run on two threads.
 """
 
 from __future__ import annotations
@@ -18,7 +21,21 @@ import time
 
 import dagster as dg
 
-from assets.study import RUNS_KEY
+from assets.study import CONDITIONS_KEY, RUNS_KEY
+
+
+def partition_steps(wanted: list[str], runs_done: set[str], conditions_done: set[str], rerun: bool,
+                    with_conditions: bool) -> dict[str, list[dg.AssetKey]]:
+    """Partition -> what to materialize for it, in the order of `wanted`: `study_runs` where the run is missing
+    (or `rerun`), then `study_conditions` where its conditions are missing or its run is materialized again
+    (conditions scored on an earlier training would be stale); partitions with nothing to do are left out."""
+    steps = {}
+    for key in wanted:
+        run = rerun or key not in runs_done
+        conditions = with_conditions and (run or key not in conditions_done)
+        if run or conditions:
+            steps[key] = [*([RUNS_KEY] if run else []), *([CONDITIONS_KEY] if conditions else [])]
+    return steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="", help="comma-separated run keys (default: every run of the study)")
     parser.add_argument("--rerun", action="store_true", help="run the partitions even when already materialized")
     parser.add_argument("--no-table", action="store_true", help="do not materialize study_table")
+    parser.add_argument("--no-conditions", action="store_true",
+                        help="do not materialize study_conditions (the evaluation-only conditions of each run)")
     parser.add_argument("--workers", type=int, default=1, help="processes running partitions side by side")
     parser.add_argument("--skip-inputs", action="store_true", help=argparse.SUPPRESS)  # a worker: the parent did them
     args = parser.parse_args(argv)
@@ -64,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_inputs and (instance.get_latest_materialization_event(split_key) is None or todo):
         study_job.execute_in_process(instance=instance, asset_selection=[split_key], run_config=log_config)
 
-    done = instance.get_materialized_partitions(RUNS_KEY)
-    pending = [key for key in wanted if args.rerun or key not in done]
+    steps = partition_steps(wanted, set(instance.get_materialized_partitions(RUNS_KEY)),
+                            set(instance.get_materialized_partitions(CONDITIONS_KEY)), args.rerun,
+                            not args.no_conditions)
+    pending = list(steps)
     seconds: dict[str, float] = {}
     if args.workers > 1 and len(pending) > 1:
         # Round-robin over the run order (base, then each layout's seeds): the workers get similar mixes.
@@ -73,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         environment = {**os.environ, "OMP_NUM_THREADS": "1"}
         started = time.perf_counter()
         workers = [subprocess.Popen([sys.executable, "-m", "pipelines.study", "--runs", ",".join(share),
-                                     "--no-table", "--skip-inputs", *(["--rerun"] if args.rerun else [])],
+                                     "--no-table", "--skip-inputs", *(["--rerun"] if args.rerun else []),
+                                     *(["--no-conditions"] if args.no_conditions else [])],
                                     env=environment) for share in shares if share]
         failed = [worker.args for worker in workers if worker.wait() != 0]
         print(f"{len(pending)} runs in {len(workers)} workers: {time.perf_counter() - started:.1f} s")
@@ -83,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         pending = []
     for key in pending:
         started, cpu_started = time.perf_counter(), time.process_time()
-        result = study_job.execute_in_process(instance=instance, asset_selection=[RUNS_KEY], partition_key=key,
+        result = study_job.execute_in_process(instance=instance, asset_selection=steps[key], partition_key=key,
                                               raise_on_error=False, run_config=log_config)
         seconds[key] = time.perf_counter() - started
-        print(f"run {key}: {'done' if result.success else 'FAILED'} in {seconds[key]:.1f} s "
+        what = " + ".join(asset.to_user_string() for asset in steps[key])
+        print(f"run {key} ({what}): {'done' if result.success else 'FAILED'} in {seconds[key]:.1f} s "
               f"({time.process_time() - cpu_started:.1f} CPU seconds)", flush=True)
         if not result.success:
             return 1

@@ -64,26 +64,38 @@ class AtomicPolarsParquetIOManager(PolarsParquetIOManager):
 
 
 class JsonIOManager(dg.ConfigurableIOManager):
-    """Stores small JSON-serialisable outputs (k, artifact references) as `<base_dir>/<asset key>.json`."""
+    """Stores small JSON-serialisable outputs (k, artifact references) as `<base_dir>/<asset key>.json`, and a
+    partition of a partitioned asset as `<base_dir>/<asset key>/<partition key>.json`."""
 
     base_dir: str
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         record_run_process(context)
 
-    def _path(self, key: dg.AssetKey) -> Path:
-        return Path(self.base_dir).joinpath(*key.path).with_suffix(".json")
+    def _path(self, context: dg.InputContext | dg.OutputContext) -> Path:
+        key = context.asset_key
+        path = Path(self.base_dir).joinpath(*key.path)
+        if not context.has_asset_partitions:
+            return path.with_suffix(".json")
+        partitions = context.asset_partition_keys
+        # One file holds one partition: a run over several partitions of one of these assets (a single-run
+        # backfill), or an input that maps to several, would need a file per partition.
+        if len(partitions) != 1:
+            raise ValueError(f"{key.to_user_string()}: stored one partition per file; asked for "
+                             f"{len(partitions)} partitions at once ({list(partitions)[:5]})")
+        return path / f"{partitions[0]}.json"
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
-        atomic_write_text(json.dumps(obj, indent=2, sort_keys=True), self._path(context.asset_key))
+        atomic_write_text(json.dumps(obj, indent=2, sort_keys=True), self._path(context))
 
     def load_input(self, context: dg.InputContext) -> Any:
-        path = self._path(context.asset_key)
+        path = self._path(context)
         if not path.exists():
+            partition = f" (partition {context.asset_partition_key})" if context.has_asset_partitions else ""
             raise FileNotFoundError(
-                f"{path} does not exist: materialize {context.asset_key.to_user_string()} first"
+                f"{path} does not exist: materialize {context.asset_key.to_user_string()}{partition} first"
             )
         try:
             return json.loads(path.read_text())

@@ -25,6 +25,11 @@ def dagster_instance(root: Path) -> Iterator[dg.DagsterInstance]:
 def small_experiment(data_dir: Path, **overrides) -> Experiment:
     """The experiment with `overrides` merged in: a top-level key replaces, a section's keys are merged into it
     (`training={"overrides": {...}}` keeps the other training settings)."""
+    return Experiment.model_validate(small_experiment_values(data_dir, **overrides))
+
+
+def small_experiment_values(data_dir: Path, **overrides) -> dict:
+    """What `small_experiment` validates; without `name`, the contents of an experiment file."""
     values = dict(
         name="test",
         storage_root=str(data_dir / "store"),
@@ -37,4 +42,4 @@ def small_experiment(data_dir: Path, **overrides) -> Experiment:
     )
     for key, value in overrides.items():
         values[key] = {**values[key], **value} if isinstance(values.get(key), dict) else value
-    return Experiment.model_validate(values)
+    return values

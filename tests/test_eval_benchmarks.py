@@ -214,9 +214,17 @@ def test_evaluate_model_table_has_the_design_schema(tmp_path: Path):
     assert result.items["completion"].str.len_chars().max() > 0
 
 
-def test_evaluate_routed_model_records_the_cluster_of_every_item(tmp_path: Path):
+def test_evaluate_routed_model_records_the_cluster_of_every_item(tmp_path: Path, caplog):
     model_dir = save_routed_model_dir(tmp_path / "moce")
-    result = evaluate_model(model_dir, "moce", _small_demo(tmp_path)[:2], batch_size=4, max_new_tokens=4)
+    specs = _small_demo(tmp_path)[:2]
+    with caplog.at_level("INFO", logger="moce_model.evaluation.runner"):
+        result = evaluate_model(model_dir, "moce", specs, batch_size=4, max_new_tokens=4)
+    # Progress: one line per benchmark as it finishes, in order, with its items.
+    progress = [r.getMessage() for r in caplog.records if "benchmark " in r.getMessage()]
+    assert [line.split(" done")[0] for line in progress] == [f"moce: benchmark {i}/2 {spec.name}"
+                                                            for i, spec in enumerate(specs, start=1)]
+    items = dict(result.table.group_by("benchmark").agg(pl.col("n_items").max()).rows())
+    assert all(f"({items[spec.name]} items in " in line for line, spec in zip(progress, specs))
     clusters = result.item_clusters
     assert clusters["cluster"].null_count() == 0
     by_benchmark = dict(clusters.group_by("benchmark").agg(pl.col("cluster").mode().first()).rows())

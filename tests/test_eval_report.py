@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from moce_model.evaluation.benchmarks import BenchmarkOutcome, MetricValue, item_metric
-from moce_model.evaluation.report import build_report, cluster_distribution, comparisons
+from moce_model.evaluation.report import build_report, cluster_distribution, comparisons, k_comparison
 from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, item_scores_table, results_table
 
 N_LOSS, N_EXACT = 200, 32
@@ -181,3 +181,29 @@ def test_bad_tables_are_rejected():
     with pytest.raises(ValueError, match="more than one score"):
         build_report([MOCE[0]], [MOCE[1], MOCE[1]])
     assert pl.Schema(ITEM_SCORES_SCHEMA) == MOCE[1].schema
+
+
+def test_k_comparison_puts_one_model_at_each_k_side_by_side():
+    # The same model at k=3 and k=2 (the first with one benchmark fewer): one column per k, in order of k.
+    at_3 = MOCE[0].filter(pl.col("benchmark") == "synthetic_arithmetic")
+    comparison = k_comparison({3: at_3, 2: PESC[0].with_columns(pl.lit("moce").alias("model_variant"))})
+    table = comparison.table
+    assert [c for c in table.columns if c.startswith("k=") and c[2:].isdigit()] == ["k=2", "k=3"]
+    assert table.height == PESC[0].height
+    exact = table.filter(pl.col("metric") == "exact_match").row(0, named=True)
+    assert exact["k=2"] == pytest.approx(8 / 32) and exact["k=3"] == pytest.approx(12 / 32)
+    assert exact["n_items_k=2"] == exact["n_items_k=3"] == N_EXACT
+    assert exact["k=3_ci_low"] < exact["k=3"] < exact["k=3_ci_high"]
+    python = table.filter(pl.col("benchmark") == "synthetic_python").row(0, named=True)
+    assert python["k=3"] is None and python["k=2"] == pytest.approx(0.5)
+    assert "| benchmark | metric | n | k=2 | k=3 |" in comparison.markdown
+    assert "heldout_loss (lower is better)" in comparison.markdown and "| – |" in comparison.markdown
+
+
+def test_k_comparison_refuses_what_is_not_one_model_per_k():
+    with pytest.raises(ValueError, match="at least one k"):
+        k_comparison({})
+    with pytest.raises(ValueError, match=r"k=2: one model expected, found \['moce', 'pesc'\]"):
+        k_comparison({2: pl.concat([MOCE[0], PESC[0]])})
+    with pytest.raises(ValueError, match="k=4: missing column"):
+        k_comparison({2: MOCE[0], 4: MOCE[0].drop("ci_high")})

@@ -111,10 +111,22 @@ def test_a_new_experiment_file_runs_the_data_half_through_moce_run(tmp_path, cle
         ({"experts": {"token_router": "mlp"}}, ["experts.token_router = 'mlp'", "'linear' or 'ac'"]),
         ({"evaluation": {"blends": ["arithmetic+poetry"]}}, ["evaluation.blends", "'arithmetic+poetry'"]),
         ({"when_cuda": {"evaluation": {"dtype": "float8"}}}, ["evaluation.dtype = 'float8'"]),
+        ({"experts": {"soft_assignment": {"enabled": True, "margin": -0.1}}},
+         ["experts.soft_assignment.margin = -0.1", "greater than 0"]),
+        ({"experts": {"soft_assignment": {"temperature": ".inf"}}},
+         ["experts.soft_assignment.temperature = '.inf'"]),
+        ({"experts": {"soft_assignment": {"enabled": "sometimes"}}},
+         ["experts.soft_assignment.enabled = 'sometimes'", "valid boolean"]),
+        ({"experts": {"soft_assignment": {"enabled": True, "marginn": 0.2}}},
+         ["experts.soft_assignment.marginn: unknown key (value 0.2)", "allowed here: enabled, margin, temperature"]),
+        ({"variants": ["pesc", "dense_adapter"], "experts": {"soft_assignment": {"enabled": True}}},
+         ["experts = {'soft_assignment': {'enabled': True}}", "soft_assignment.enabled = True",
+          "none of the variants ['pesc', 'dense_adapter'] routes by cluster (moce, cluster_only do)"]),
     ],
     ids=["unknown_key", "wrong_type", "bad_enum", "bad_variant", "bad_source_kind", "source_wrong_type",
          "unknown_training_field", "training_field_wrong_type", "bad_token_router", "bad_blend",
-         "bad_value_for_gpus_caught_on_a_cpu"],
+         "bad_value_for_gpus_caught_on_a_cpu", "soft_margin_not_positive", "soft_temperature_infinite",
+         "soft_enabled_not_a_boolean", "soft_unknown_key", "soft_assignment_without_a_cluster_routed_variant"],
 )
 def test_malformed_experiment_names_file_key_and_value(tmp_path, clean_env, change, expected):
     path = _write(tmp_path / "bad.yaml", _my_experiment(**change))
@@ -259,3 +271,22 @@ def test_the_token_router_of_the_experiment_reaches_every_variant_with_token_rou
     assert _moce_config(experiment, "moce", 3, None).token_router == "ac"
     assert _moce_config(experiment, "pesc", None, None).token_router == "ac"
     assert _moce_config(experiment, "dense_adapter", None, None).token_router == "linear"  # one expert: no router
+
+
+def test_soft_assignment_of_the_experiment_reaches_the_variants_that_route_by_cluster(tmp_path, clean_env):
+    from assets.training import _moce_config
+    from moce_model.routing import SoftAssignmentRule
+
+    soft = {"enabled": True, "margin": 0.2, "temperature": 0.05}
+    experiment = load_experiment(_write(tmp_path / "soft.yaml", _my_experiment(
+        variants=["moce", "cluster_only", "pesc", "dense_adapter", "random_group"],
+        experts={"soft_assignment": soft})))
+    rule = SoftAssignmentRule(margin=0.2, temperature=0.05)
+    assert experiment.experts.soft_assignment.rule() == rule
+    assert _moce_config(experiment, "moce", 3, None).soft_assignment_rule == rule
+    assert _moce_config(experiment, "cluster_only", 3, None).soft_assignment_rule == rule
+    for variant in ("pesc", "dense_adapter", "random_group"):  # no clusters to mix: built without it
+        assert _moce_config(experiment, variant, 3, None).soft_assignment is False
+    default = load_experiment(_write(tmp_path / "hard.yaml", _my_experiment()))
+    assert default.experts.soft_assignment.rule() is None
+    assert _moce_config(default, "moce", 3, None).soft_assignment_rule is None

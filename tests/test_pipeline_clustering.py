@@ -115,4 +115,4 @@ def test_every_experiment_loads_like_the_ui_loads_it(experiment_name):
     keys = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
     assert {f"moce_adapters/{variant}" for variant in experiment.variants} <= keys
     assert {f"raw/{source.name}" for source in experiment.sources} <= keys
-    assert {"selected_k", "benchmark_report", "k_sweep_results"} <= keys
+    assert {"selected_k", "benchmark_report", "k_sweep/comparison"} <= keys

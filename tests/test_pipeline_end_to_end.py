@@ -139,19 +139,3 @@ def test_change_of_k_retrains_only_cluster_variants(materialized):
     adapters = instance.get_latest_materialization_event(dg.AssetKey(["moce_adapters", "moce"]))
     assert adapters.asset_materialization.metadata["k"].value == new_k
 
-
-def test_k_sweep_puts_each_k_side_by_side(materialized):
-    experiment, defs, instance = materialized
-    result = defs.resolve_job_def("k_sweep").execute_in_process(
-        instance=instance,
-        run_config=dg.RunConfig(ops={"k_sweep_results": {"config": {"ks": [2, 3], "max_steps": 2}}}),
-    )
-    assert result.success
-    table = pl.read_parquet(experiment.storage_root / "tables" / "k_sweep_results.parquet")
-    assert sorted(table["k"].unique().to_list()) == [2, 3]
-    assert set(table["model_variant"]) == {"moce_k2", "moce_k3"}
-    # Same benchmarks and metrics for every k, so the rows line up in the comparison table.
-    per_k = {k: set(group.select("benchmark", "metric").rows()) for (k,), group in table.group_by("k")}
-    assert per_k[2] == per_k[3] and per_k[2]
-    comparison = instance.get_latest_materialization_event(dg.AssetKey("k_sweep_results")).asset_materialization
-    assert "k=2" in comparison.metadata["comparison"].value and "k=3" in comparison.metadata["comparison"].value

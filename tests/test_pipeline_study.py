@@ -1,4 +1,5 @@
-"""The study job on a tiny model: two runs (the base model and one trained layout at one seed) and the table."""
+"""The study job on a tiny model: three runs (the base model, one trained layout and its AC-router counterpart at
+one seed), the evaluation-only conditions of two of them, and the table."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 
 import dagster as dg
 import polars as pl
+import pytest
+
+from assets.common import DATA_VERSION_TAG, INPUT_DATA_VERSION_TAG
+from assets.study import check_run_inputs_current
 
 from moce_model.study import StudyConfig
 from pipelines.definitions import PIPELINE, STUDY, build_definitions
@@ -18,7 +23,7 @@ GSM8K_ROWS = [
 ]
 
 
-def test_study_runs_two_partitions_and_the_table(tmp_path, monkeypatch):
+def test_study_runs_their_conditions_and_the_table(tmp_path, monkeypatch):
     gsm8k = tmp_path / "gsm8k_test.jsonl"
     gsm8k.write_text("".join(json.dumps(row) + "\n" for row in GSM8K_ROWS))
     monkeypatch.setenv("MOCE_GSM8K_PATH", str(gsm8k))
@@ -42,17 +47,37 @@ def test_study_runs_two_partitions_and_the_table(tmp_path, monkeypatch):
         job = defs.resolve_job_def("study")
         assert job.execute_in_process(instance=instance,
                                       asset_selection=[dg.AssetKey("study_heldout_split")]).success
-        for key in ("base", "moce/e2/s0"):
+        partitions = graph.get(dg.AssetKey("study_runs")).partitions_def.get_partition_keys()
+        assert list(partitions) == ["base", "moce/e2/s0", "moce+ac/e2/s0"]
+        for key in ("base", "moce/e2/s0", "moce+ac/e2/s0"):
             assert job.execute_in_process(instance=instance, partition_key=key,
                                           asset_selection=[dg.AssetKey("study_runs")]).success, key
+            run = instance.get_latest_materialization_event(dg.AssetKey("study_runs")).asset_materialization
+            if key != "base":
+                assert run.metadata["merge_check_max_abs_logit_diff"].value < run.metadata["merge_check_tolerance"].value
+        # The conditions of two runs only: the table names the run whose conditions are missing.
+        for key in ("base", "moce/e2/s0"):
+            assert job.execute_in_process(instance=instance, partition_key=key,
+                                          asset_selection=[dg.AssetKey("study_conditions")]).success, key
+        conditions = instance.get_latest_materialization_event(dg.AssetKey("study_conditions")).asset_materialization
+        assert conditions.partition == "moce/e2/s0"
+        assert conditions.metadata["conditions_applied"].value == ["noised", "soft", "adaptive"]
         assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("study_table")]).success
 
-        run = instance.get_latest_materialization_event(dg.AssetKey("study_runs")).asset_materialization
-        assert run.partition == "moce/e2/s0"
-        assert run.metadata["merge_check_max_abs_logit_diff"].value < run.metadata["merge_check_tolerance"].value
         table = instance.get_latest_materialization_event(dg.AssetKey("study_table")).asset_materialization
-        assert table.metadata["runs"].value == 2 and table.metadata["missing_runs"].value == []
+        assert table.metadata["runs"].value == 3 and table.metadata["missing_runs"].value == []
+        assert table.metadata["missing_conditions"].value == ["moce+ac/e2/s0"]
         markdown = table.metadata["table"].value
+
+        # A run trained with other centroids than the current ones is not scored under conditions.
+        check_run_inputs_current(instance, "moce/e2/s0", ["base_model", "kmeans_centroids"])
+        record = instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey("study_runs"), asset_partitions=["moce/e2/s0"]), limit=1).records[0]
+        assert INPUT_DATA_VERSION_TAG + "kmeans_centroids" in record.asset_materialization.tags
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            "kmeans_centroids", tags={DATA_VERSION_TAG: "refit"}))
+        with pytest.raises(ValueError, match="another kmeans_centroids"):
+            check_run_inputs_current(instance, "moce/e2/s0", ["base_model", "kmeans_centroids"])
 
     out_dir = experiment.storage_root / "study"
     assert (out_dir / "study_figure.png").read_bytes().startswith(b"\x89PNG")
@@ -61,9 +86,46 @@ def test_study_runs_two_partitions_and_the_table(tmp_path, monkeypatch):
     assert benchmarks == {"heldout_synthetic_mix", "gsm8k_test"}
     loss = aggregated.filter(pl.col("benchmark") == "heldout_synthetic_mix")
     assert set(loss["n_items"]) == {3} and set(loss["n_seeds"]) == {1}
-    assert set(aggregated["layout"]) == {"base", "moce/e2"}
+    # The conditions' rows: the base model has no centroids to adapt.
+    assert set(aggregated["layout"]) == {"base", "moce/e2", "moce+ac/e2", "base @noised", "moce/e2 @noised",
+                                         "moce/e2 @soft", "moce/e2 @adaptive"}
+    assert set(aggregated.filter(pl.col("layout").str.contains("@"))["benchmark"]) == {"heldout_synthetic_mix"}
     differences = pl.read_parquet(out_dir / "study_differences.parquet")
-    assert set(differences.select("layout", "reference").rows()) == {("moce/e2", "base")}
+    assert set(differences.select("layout", "reference").rows()) == {
+        ("moce/e2", "base"), ("moce+ac/e2", "base"), ("moce+ac/e2", "moce/e2"),
+        ("base @noised", "base"), ("moce/e2 @noised", "base @noised"), ("moce/e2 @noised", "moce/e2"),
+        ("moce/e2 @soft", "moce/e2"), ("moce/e2 @adaptive", "moce/e2")}
+    assert "- `@noised`: 15% of the words" in markdown and "- `@adaptive`: " in markdown
+    assert "- `@soft`: " in markdown
+    assert "| moce/e2 @noised |" in markdown and "moce+ac/e2 (moce/e2 with the ac router)" in markdown
+
+    # What the conditions scored: the corrupted prompts beside the run's clean ones, the same items, another loss.
+    conditions_dir = experiment.storage_root / "artifacts" / "study_conditions" / "moce" / "e2" / "s0"
+    assert not (conditions_dir / "merged").exists()  # the rebuilt model is removed after scoring
+    noised = pl.read_parquet(conditions_dir / "noised" / "heldout_synthetic_mix.parquet")
+    heldout = pl.read_parquet(experiment.storage_root / "artifacts" / "study_heldout_split"
+                              / "heldout_synthetic_mix.parquet")
+    assert noised["id"].to_list() == heldout["id"].to_list() and noised["response"].equals(heldout["response"])
+    assert (noised["replaced_words"] > 0).all() and not noised["instruction"].equals(heldout["instruction"])
+    scores = pl.read_parquet(out_dir / "study_item_scores.parquet").filter(
+        pl.col("benchmark") == "heldout_synthetic_mix")
+
+    def loss_of(layout):
+        return dict(scores.filter(pl.col("layout") == layout).select("item_id", "score").iter_rows())
+
+    clean, noisy, adapted = loss_of("moce/e2"), loss_of("moce/e2 @noised"), loss_of("moce/e2 @adaptive")
+    soft = loss_of("moce/e2 @soft")
+    assert clean.keys() == noisy.keys() == adapted.keys() == soft.keys() and clean != noisy
+    soft_details = pl.read_parquet(conditions_dir / "details_soft.parquet")
+    assert soft_details["items"].sum() == 3
+    # Items far from a boundary keep their clean loss; a soft item is scored again with two groups.
+    if soft_details["soft_items"].sum() == 0:
+        assert soft == clean
+    drift = pl.read_parquet(conditions_dir / "details_adaptive.parquet")
+    assert drift.height == 3 and drift["heldout_rows"].sum() == 3
+    # Items the adapted centroids route to the same group keep their clean loss.
+    if drift["rerouted_items"].sum() == 0:
+        assert adapted == clean
     # Parameter counts in the table: the base model trains nothing, moce/e2 its LoRA + experts + routers.
     assert "| base (the base model, not trained) | 0 | 0 |" in markdown
     record = json.loads((experiment.storage_root / "artifacts" / "study_runs" / "moce" / "e2" / "s0" / "run.json")
@@ -73,3 +135,20 @@ def test_study_runs_two_partitions_and_the_table(tmp_path, monkeypatch):
     # The split holds out 3 rows of the one source (the rest is what the runs train on).
     split = pl.read_parquet(experiment.storage_root / "artifacts" / "study_heldout_split" / "split.parquet")
     assert split["heldout"].sum() == 3
+
+
+def test_moce_study_adds_the_missing_runs_and_conditions_of_an_existing_study():
+    from assets.study import CONDITIONS_KEY, RUNS_KEY
+    from pipelines.study import partition_steps
+
+    wanted = ["base", "pesc/s0", "moce+ac/e4/s0"]
+    # An existing study: its runs are materialized, no condition yet, and the AC router run is new.
+    steps = partition_steps(wanted, {"base", "pesc/s0"}, set(), rerun=False, with_conditions=True)
+    assert steps == {"base": [CONDITIONS_KEY], "pesc/s0": [CONDITIONS_KEY],
+                     "moce+ac/e4/s0": [RUNS_KEY, CONDITIONS_KEY]}
+    assert partition_steps(wanted, set(wanted), set(wanted), rerun=False, with_conditions=True) == {}
+    # A run trained again gets its conditions scored again.
+    assert partition_steps(["base"], {"base"}, {"base"}, rerun=True, with_conditions=True) == {
+        "base": [RUNS_KEY, CONDITIONS_KEY]}
+    assert partition_steps(wanted, {"base"}, set(), rerun=False, with_conditions=False) == {
+        "pesc/s0": [RUNS_KEY], "moce+ac/e4/s0": [RUNS_KEY]}

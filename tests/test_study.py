@@ -13,9 +13,12 @@ from moce_model.study import (
     StudyLayout,
     aggregate,
     build_study_table,
+    comparisons,
+    counterparts,
     heldout_split,
     paired_differences,
     parse_run_key,
+    run_key,
     run_keys,
     study_layouts,
     trainable_parameters,
@@ -110,7 +113,8 @@ BASE_CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 12
                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}
 
 
-@pytest.mark.parametrize("name", ["dense_adapter", "pesc", "moce/e2", "moce/e4", "random_group/e4", "cluster_only"])
+@pytest.mark.parametrize("name", ["dense_adapter", "pesc", "moce/e2", "moce/e4", "random_group/e4", "cluster_only",
+                                  "moce+ac/e4", "pesc+ac"])
 def test_trainable_parameter_counts_match_the_built_model(tmp_path, name):
     from moce_model.training import TrainingConfig
     from moce_model.training.model import build_model, count_trainable_parameters
@@ -150,9 +154,10 @@ def test_layouts_runs_and_config_mapping():
     config = StudyConfig.from_mapping({"seeds": [0, 1], "experts_per_group_sweep": [1, 2, 4]})
     names = [layout.name for layout in study_layouts(config)]
     # moce with one expert per group is cluster_only's layout: run once, as cluster_only.
-    assert names == ["base", "dense_adapter", "pesc", "moce/e2", "moce/e4", "random_group/e4", "cluster_only"]
+    assert names == ["base", "dense_adapter", "pesc", "moce/e2", "moce/e4", "random_group/e4", "cluster_only",
+                     "moce+ac/e4", "pesc+ac"]
     keys = run_keys(config)
-    assert keys[0] == "base" and "moce/e4/s1" in keys and len(keys) == 1 + 6 * 2
+    assert keys[0] == "base" and "moce/e4/s1" in keys and "moce+ac/e4/s1" in keys and len(keys) == 1 + 8 * 2
     for key in keys:
         layout, seed = parse_run_key(config, key)
         assert (layout.name if seed is None else f"{layout.name}/s{seed}") == key
@@ -160,9 +165,61 @@ def test_layouts_runs_and_config_mapping():
         parse_run_key(config, "moce/e4/s7")
     with pytest.raises(ValueError, match="unknown study field"):
         StudyConfig.from_mapping({"seed": [0]})
-    without_cluster_only = StudyConfig(variants=("moce",))
+    without_cluster_only = StudyConfig(variants=("moce",), token_routers=("linear",))
     assert [layout.name for layout in study_layouts(without_cluster_only)] == ["base", "moce/e1", "moce/e2", "moce/e4"]
     assert StudyLayout("moce/e1", "moce", 1).moce_config(config, 3).router_top_k == 1
+
+
+# The partition keys of the default study before the AC router layouts were added: runs materialized under them
+# must keep their keys.
+LINEAR_ROUTER_KEYS = [
+    "base",
+    "dense_adapter/s0", "dense_adapter/s1", "dense_adapter/s2",
+    "pesc/s0", "pesc/s1", "pesc/s2",
+    "moce/e2/s0", "moce/e2/s1", "moce/e2/s2",
+    "moce/e4/s0", "moce/e4/s1", "moce/e4/s2",
+    "random_group/e4/s0", "random_group/e4/s1", "random_group/e4/s2",
+    "cluster_only/s0", "cluster_only/s1", "cluster_only/s2",
+]
+
+
+def test_ac_router_layouts_only_add_partition_keys():
+    assert run_keys(StudyConfig(token_routers=("linear",))) == LINEAR_ROUTER_KEYS
+    keys = run_keys(StudyConfig())
+    assert keys[:len(LINEAR_ROUTER_KEYS)] == LINEAR_ROUTER_KEYS
+    assert keys[len(LINEAR_ROUTER_KEYS):] == ["moce+ac/e4/s0", "moce+ac/e4/s1", "moce+ac/e4/s2",
+                                              "pesc+ac/s0", "pesc+ac/s1", "pesc+ac/s2"]
+    for key in keys:
+        layout, seed = parse_run_key(StudyConfig(), key)
+        assert run_key(layout, seed) == key
+
+
+def test_ac_router_layouts_match_their_linear_counterparts():
+    config = StudyConfig(adapter_dim=4)
+    layouts = {layout.name: layout for layout in study_layouts(config)}
+    assert counterparts(config) == {"moce+ac/e4": "moce/e4", "pesc+ac": "pesc"}
+    for name, counterpart in counterparts(config).items():
+        ac, linear = (layouts[n].moce_config(config, num_clusters=3) for n in (name, counterpart))
+        assert ac.token_router == "ac" and linear.token_router == "linear"
+        # Same expert budget and layout: only the router differs.
+        assert ac.to_dict() | {"token_router": "linear"} == linear.to_dict()
+    assert layouts["pesc+ac"].moce_config(config, num_clusters=3).experts_per_group == 12
+    # The other layouts keep the linear router.
+    assert {layouts[n].token_router for n in layouts if n not in ("moce+ac/e4", "pesc+ac")} == {"linear"}
+    # Without moce or pesc in the study, their AC layouts are not run either.
+    only_pesc = StudyConfig(variants=("pesc",))
+    assert [layout.name for layout in study_layouts(only_pesc)] == ["base", "pesc", "pesc+ac"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"token_routers": ["ac"]}, "must include 'linear'"),
+    ({"token_routers": ["linear", "softmax"]}, "softmax"),
+    ({"token_routers": ["linear", "ac", "ac"]}, "distinct"),
+    ({"experts_per_group_sweep": [1]}, "at least 2 experts per group"),
+])
+def test_token_router_config_errors_name_the_value(values, message):
+    with pytest.raises(ValueError, match=message):
+        StudyConfig.from_mapping(values)
 
 
 def test_heldout_split_is_deterministic_and_per_source():
@@ -209,3 +266,238 @@ def test_binary_scores_never_get_a_zero_width_interval():
     # 2 of 10 won, 0 lost, on every seed: Bonett–Price on 10 pairs covers 0, so it is not called a difference.
     assert row["difference"] == pytest.approx(0.2) and row["ci_low"] < 0 < row["ci_high"]
     assert row["verdict"] == "no significant difference"
+
+
+def test_comparisons_pair_routers_with_their_counterparts_and_conditions_with_clean_runs():
+    labels = ["base", "pesc", "moce/e4", "moce+ac/e4", "pesc+ac", "base @noised", "pesc @noised",
+              "moce/e4 @noised", "moce+ac/e4 @noised", "moce/e4 @adaptive"]
+    pairs = comparisons(labels, counterparts={"moce+ac/e4": "moce/e4", "pesc+ac": "pesc"})
+    assert ("pesc", "base") in pairs and ("base", "pesc") not in pairs
+    assert ("moce+ac/e4", "moce/e4") in pairs and ("moce+ac/e4", "pesc") in pairs
+    assert pairs.count(("pesc+ac", "pesc")) == 1  # its counterpart is also a reference: compared once
+    # Under a condition: against the references and the counterpart under the same condition, and against the
+    # same runs without the condition; never across conditions.
+    assert {p for p in pairs if p[0] == "moce+ac/e4 @noised"} == {
+        ("moce+ac/e4 @noised", "pesc @noised"), ("moce+ac/e4 @noised", "base @noised"),
+        ("moce+ac/e4 @noised", "moce/e4 @noised"), ("moce+ac/e4 @noised", "moce+ac/e4")}
+    assert ("pesc @noised", "base @noised") in pairs and ("base @noised", "base") in pairs
+    # No reference row exists under `adaptive` (pesc and base do not route by centroids): only the clean runs.
+    assert [p for p in pairs if p[0] == "moce/e4 @adaptive"] == [("moce/e4 @adaptive", "moce/e4")]
+
+
+def test_paired_differences_of_a_router_and_a_condition_have_the_constructed_size():
+    rng = np.random.default_rng(6)
+    linear = _crossed_scores(rng, 3, 50)
+    scores = pl.concat([
+        _long("pesc", _crossed_scores(rng, 3, 50)),
+        _long("moce/e4", linear),
+        _long("moce+ac/e4", linear - 0.2 + rng.normal(0, 0.02, linear.shape)),
+        _long("moce/e4 @noised", linear + 0.5 + rng.normal(0, 0.02, linear.shape)),
+    ])
+    differences = paired_differences(scores, resamples=1_000, counterparts={"moce+ac/e4": "moce/e4"})
+    pairs = {(r["layout"], r["reference"]): r for r in differences.iter_rows(named=True)}
+    assert pairs["moce+ac/e4", "moce/e4"]["difference"] == pytest.approx(-0.2, abs=0.01)
+    assert pairs["moce+ac/e4", "moce/e4"]["verdict"] == "moce+ac/e4 better"
+    noised = pairs["moce/e4 @noised", "moce/e4"]
+    assert noised["difference"] == pytest.approx(0.5, abs=0.01) and noised["verdict"] == "clean better"
+    assert (noised["n_seeds"], noised["n_items"]) == (3, 50)
+    # No pesc row under the condition, so the noised row is compared with nothing else.
+    assert {r for r in pairs if r[0] == "moce/e4 @noised"} == {("moce/e4 @noised", "moce/e4")}
+
+
+def test_study_table_shows_condition_rows_after_the_layouts_with_their_notes():
+    rng = np.random.default_rng(7)
+    scores = pl.concat([_long("base", _crossed_scores(rng, 1, 8, mean=2.0)),
+                        _long("moce/e2", _crossed_scores(rng, 2, 8)),
+                        _long("moce/e2 @noised", _crossed_scores(rng, 1, 8, mean=1.5)),
+                        _long("base @noised", _crossed_scores(rng, 1, 8, mean=2.5))])
+    parameters = pl.DataFrame({"layout": ["base", "moce/e2"], "groups": [None, 3], "experts_per_group": [None, 2],
+                               "router_top_k": [None, 2], "total_trainable": [0, 999], "active_trainable": [0, 99],
+                               "note": ["not trained", ""]})
+    table = build_study_table(scores, parameters, resamples=200,
+                              condition_notes={"noised": "15% of the prompt's words replaced",
+                                               "adaptive": "centroids updated"},
+                              missing_conditions=["moce/e2/s1"])
+    assert table.parameters["layout"].to_list() == ["base", "moce/e2", "base @noised", "moce/e2 @noised"]
+    assert "| moce/e2 @noised | 999 | 99 | 1 |" in table.markdown
+    assert "- `@noised`: 15% of the prompt's words replaced" in table.markdown
+    assert "@adaptive" not in table.markdown  # no row under that condition: no note
+    assert "moce/e2/s1" in table.markdown
+    layouts = table.differences.select("layout", "reference").rows()
+    assert ("moce/e2 @noised", "moce/e2") in layouts and ("moce/e2 @noised", "base @noised") in layouts
+
+
+# ------------------------------------------------------------------------------- evaluation-only conditions
+
+HELDOUT_ROWS = pl.DataFrame({
+    "id": [f"r{i}" for i in range(6)],
+    "system": [None, "You are terse.", "", None, "Be exact.", None],
+    "instruction": ["Add the two numbers and explain each step.", "Translate this sentence into French, please.",
+                    "Write a function that reverses a list.", "Name three primes below twenty.",
+                    "Convert 5 km to miles.", "Summarise: the cat sat on the mat and slept all day long."],
+    "input": ["17 and 25", "", "def reverse(items): ...", None, "", "The weather was fine."],
+    "response": ["17 + 25 = 42", "Bonjour", "return items[::-1]", "2, 3, 5", "3.1 miles", "A cat slept."],
+})
+
+
+def test_corrupted_prompts_replace_the_share_of_words_deterministically_and_leave_the_response():
+    import re
+
+    from moce_model.study_conditions import WORD, noised_rows, prompt_vocabulary
+
+    vocabulary = prompt_vocabulary([HELDOUT_ROWS])
+    noised = noised_rows(HELDOUT_ROWS, share=0.3, seed=0, vocabulary=vocabulary)
+    assert noised.equals(noised_rows(HELDOUT_ROWS, share=0.3, seed=0, vocabulary=vocabulary))
+    assert not noised.equals(noised_rows(HELDOUT_ROWS, share=0.3, seed=1, vocabulary=vocabulary))
+    # Seeded by the item: the same rows in another order or without the others are corrupted the same way.
+    subset = noised_rows(HELDOUT_ROWS.reverse().head(3), share=0.3, seed=0, vocabulary=vocabulary)
+    assert subset.equals(noised.reverse().head(3))
+    assert noised["response"].equals(HELDOUT_ROWS["response"]) and noised["id"].equals(HELDOUT_ROWS["id"])
+    for original, row in zip(HELDOUT_ROWS.iter_rows(named=True), noised.iter_rows(named=True)):
+        before = [w for f in ("system", "instruction", "input") for w in WORD.findall(original[f] or "")]
+        after = [w for f in ("system", "instruction", "input") for w in WORD.findall(row[f] or "")]
+        assert row["words"] == len(before) == len(after)
+        assert row["replaced_words"] == int(np.floor(0.3 * len(before) + 0.5))
+        # Exactly the replaced words differ, each from its original, and only words change.
+        assert sum(a != b for a, b in zip(before, after)) == row["replaced_words"]
+        for field in ("system", "instruction", "input"):
+            assert re.sub(r"\w+", "", original[field] or "") == re.sub(r"\w+", "", row[field] or "")
+            if not original[field]:
+                assert row[field] == original[field]  # an empty or missing part stays as it was
+    everything = noised_rows(HELDOUT_ROWS, share=1.0, seed=0, vocabulary=vocabulary)
+    assert (everything["replaced_words"] == everything["words"]).all()
+    with pytest.raises(ValueError, match="share"):
+        noised_rows(HELDOUT_ROWS, share=0.0, seed=0, vocabulary=vocabulary)
+    with pytest.raises(ValueError, match="at least 2 distinct words"):
+        noised_rows(HELDOUT_ROWS, share=0.5, seed=0, vocabulary=["word"])
+
+
+def test_noised_condition_corrupts_every_held_out_benchmark_and_counts_the_words():
+    from moce_model.study_conditions import CONDITIONS, ConditionInputs
+
+    clean = pl.DataFrame(schema={"benchmark": pl.String, "metric": pl.String, "item_id": pl.String,
+                                 "score": pl.Float64})
+    inputs = ConditionInputs("pesc", StudyConfig(noise_share=0.5), {"heldout_a": HELDOUT_ROWS.head(3),
+                                                                     "heldout_b": HELDOUT_ROWS.tail(3)}, clean)
+    plan = CONDITIONS["noised"].prepare(inputs)
+    assert set(plan.rows) == {"heldout_a", "heldout_b"} and plan.router is None and plan.kept_scores is None
+    assert plan.rows["heldout_b"]["id"].to_list() == ["r3", "r4", "r5"]
+    details = plan.details.sort("benchmark")
+    assert details["replaced_words"].to_list() == [int(plan.rows[b]["replaced_words"].sum())
+                                                   for b in ("heldout_a", "heldout_b")]
+    summary = CONDITIONS["noised"].summarize(details.with_columns(pl.lit("pesc/s0").alias("run")))
+    assert f"heldout_a: {details['replaced_words'][0]} of {details['words'][0]} words in 3 prompts" in summary
+
+
+class LookupEncoder:
+    """An encoder that returns a fixed vector per text (the router's embedding, made up)."""
+
+    def __init__(self, vectors: dict[str, np.ndarray]):
+        self.vectors = vectors
+
+    def encode(self, texts):
+        return np.stack([self.vectors[text] for text in texts]).astype(np.float32)
+
+
+def _unit(*values):
+    vector = np.zeros(8)
+    vector[:len(values)] = values
+    return vector / np.linalg.norm(vector)
+
+
+def test_adaptive_condition_reroutes_by_the_updated_centroids_and_keeps_the_other_clean_scores():
+    from moce_model.study_conditions import CONDITIONS, ConditionInputs, combine_scores
+
+    axes = [_unit(*([0.0] * c + [1.0])) for c in range(3)]
+    centroids = np.stack(axes).astype(np.float32)
+    # 10 training rows on each axis; 10 held-out rows between clusters 0 and 1, nearer 0, pull centroid 0
+    # towards cluster 1, so that the held-out item `hx` (nearer 1 than 0 before) moves to cluster 0.
+    ids = [f"t{c}_{i}" for c in range(3) for i in range(10)] + [f"h{i}" for i in range(10)] + ["hx"]
+    vectors = np.stack([axes[c] for c in range(3) for _ in range(10)] + [_unit(1.0, 0.9)] * 10
+                       + [_unit(0.8, 1.0)]).astype(np.float32)
+    heldout = pl.DataFrame({"id": ids[30:], "system": [None] * 11, "instruction": [f"prompt {i}" for i in ids[30:]],
+                            "input": [None] * 11, "response": ["answer"] * 11})
+    encoder = LookupEncoder({f"prompt {i}": v for i, v in zip(ids[30:], vectors[30:])})
+    clean = pl.DataFrame({"benchmark": "heldout_a", "metric": ["heldout_loss"] * 11 + ["exact_match"],
+                          "item_id": [f"heldout_a/{i}" for i in ids[30:]] + ["gsm8k/0"],
+                          "score": [float(s) for s in range(11)] + [1.0]})
+    inputs = ConditionInputs("moce/e2", StudyConfig(), {"heldout_a": heldout}, clean, centroids=centroids,
+                             encoder=encoder, embeddings=(np.array(ids), vectors))
+    plan = CONDITIONS["adaptive"].prepare(inputs)
+    assert plan.rows["heldout_a"]["id"].to_list() == ["hx"]
+    assert plan.router.assign(["prompt hx"]).tolist() == [0]
+    kept = plan.kept_scores.sort("item_id")
+    assert kept["item_id"].to_list() == [f"heldout_a/h{i}" for i in range(10)]
+    assert kept["score"].to_list() == [float(s) for s in range(10)]  # their clean scores, unchanged
+    details = plan.details.sort("cluster")
+    assert details["members"].to_list() == [10, 10, 10] and details["heldout_rows"].to_list() == [10, 1, 0]
+    assert details["rerouted_items"].to_list() == [0, 1, 0]  # counted by the cluster it left
+    assert details["drift"][0] > 0.01 and details["drift"][1] > 0 and details["drift"][2] == 0
+    assert "cluster 1: 10 rows + 1 held-out" in CONDITIONS["adaptive"].summarize(
+        details.with_columns(pl.lit("moce/e2/s0").alias("run")))
+
+    scored = pl.DataFrame({"benchmark": ["heldout_a"], "metric": ["heldout_loss"], "item_id": ["heldout_a/hx"],
+                           "score": [0.5]})
+    scores = combine_scores("moce/e2 @adaptive", 2, scored, plan.kept_scores)
+    assert scores.height == 11 and set(scores["layout"]) == {"moce/e2 @adaptive"} and set(scores["seed"]) == {2}
+    assert scores.filter(pl.col("item_id") == "heldout_a/hx")["score"].to_list() == [0.5]
+    with pytest.raises(ValueError, match="both scored and kept"):
+        combine_scores("moce/e2 @adaptive", 2, plan.kept_scores.head(1), plan.kept_scores)
+    # A run whose scores lack a kept item, and a layout that does not route by centroids.
+    with pytest.raises(ValueError, match="clean scores lack"):
+        CONDITIONS["adaptive"].prepare(ConditionInputs(
+            "moce/e2", StudyConfig(), {"heldout_a": heldout}, clean.head(3), centroids=centroids, encoder=encoder,
+            embeddings=(np.array(ids), vectors)))
+    assert CONDITIONS["adaptive"].prepare(ConditionInputs("pesc", StudyConfig(), {"heldout_a": heldout}, clean)) is None
+
+
+def test_soft_condition_rescores_only_the_prompts_near_a_boundary_with_two_groups():
+    from moce_model.study_conditions import CONDITIONS, ConditionInputs
+
+    axes = [_unit(*([0.0] * c + [1.0])) for c in range(2)]
+    centroids = np.stack(axes).astype(np.float32)
+    # `mid` lies halfway between the two centroids (soft, weight 0.5); `near0` and `near1` sit on them (hard).
+    vectors = {"prompt mid": _unit(1.0, 1.0), "prompt near0": axes[0], "prompt near1": _unit(0.8, 1.0)}
+    heldout = pl.DataFrame({"id": ["mid", "near0", "near1"], "system": [None] * 3,
+                            "instruction": ["prompt mid", "prompt near0", "prompt near1"], "input": [None] * 3,
+                            "response": ["answer"] * 3})
+    clean = pl.DataFrame({"benchmark": "heldout_a", "metric": "heldout_loss",
+                          "item_id": ["heldout_a/mid", "heldout_a/near0", "heldout_a/near1"],
+                          "score": [1.0, 2.0, 3.0]})
+    inputs = ConditionInputs("moce/e2", StudyConfig(), {"heldout_a": heldout}, clean, centroids=centroids,
+                             encoder=LookupEncoder(vectors))
+    plan = CONDITIONS["soft"].prepare(inputs)
+    assert plan.rows["heldout_a"]["id"].to_list() == ["mid"]
+    assert (plan.soft_assignment.margin, plan.soft_assignment.temperature) == (0.1, 0.025)
+    assert plan.kept_scores.sort("item_id")["score"].to_list() == [2.0, 3.0]
+    assert plan.details.row(0, named=True) == {"benchmark": "heldout_a", "items": 3, "soft_items": 1,
+                                               "mean_second_weight": pytest.approx(0.5)}
+    assert "heldout_a: 1 of 3 items soft" in CONDITIONS["soft"].summarize(plan.details)
+    # A wider margin takes in `near1` too; layouts without centroids have no boundary.
+    wide = CONDITIONS["soft"].prepare(ConditionInputs("moce/e2", StudyConfig(soft_margin=0.5), {"heldout_a": heldout},
+                                                      clean, centroids=centroids, encoder=LookupEncoder(vectors)))
+    assert wide.rows["heldout_a"]["id"].to_list() == ["mid", "near1"]
+    assert CONDITIONS["soft"].prepare(ConditionInputs("pesc", StudyConfig(), {"heldout_a": heldout}, clean)) is None
+    with pytest.raises(ValueError, match="margin"):
+        StudyConfig(soft_margin=0.0)
+
+
+def test_condition_scores_aggregate_as_rows_paired_with_the_clean_runs():
+    """Condition scores written by `combine_scores` for two seeds reach the table as their own row, paired with
+    the clean runs of the same seeds."""
+    from moce_model.study_conditions import combine_scores
+
+    rng = np.random.default_rng(8)
+    clean = _crossed_scores(rng, 2, 30)
+    noised = clean + 0.4 + rng.normal(0, 0.01, clean.shape)
+    frames = [_long("moce/e2", clean)]
+    for seed in range(2):
+        evaluated = pl.DataFrame({"benchmark": "heldout_a", "metric": "heldout_loss",
+                                  "item_id": [f"i{i}" for i in range(30)], "score": noised[seed]})
+        frames.append(combine_scores("moce/e2 @noised", seed, evaluated, None))
+    scores = pl.concat(frames)
+    row = aggregate(scores, resamples=500).filter(pl.col("layout") == "moce/e2 @noised").row(0, named=True)
+    assert (row["n_seeds"], row["n_items"]) == (2, 30) and row["mean"] == pytest.approx(noised.mean())
+    difference = paired_differences(scores, resamples=500).row(0, named=True)
+    assert (difference["layout"], difference["reference"]) == ("moce/e2 @noised", "moce/e2")
+    assert difference["difference"] == pytest.approx(0.4, abs=0.01) and difference["verdict"] == "clean better"

@@ -309,6 +309,11 @@ def run_blended(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchmark
 # ------------------------------------------------------------------------------------ instruction rows
 
 
+def instruction_row_item_id(benchmark: str, row_id: str) -> str:
+    """The item id of an instruction row in the scores of an `instruction_rows` benchmark."""
+    return f"{benchmark}/{row_id}"
+
+
 def run_instruction_rows(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOutcome:
     """The held-out loss (mean per-token NLL of the reference response, end-of-turn marker included, as for the
     synthetic domains) of each instruction row of a Parquet file; one forward pass per row."""
@@ -322,7 +327,7 @@ def run_instruction_rows(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> 
         raise ValueError(f"{spec.path}: missing column(s) {missing}")
     total = frame.height
     rows = frame.head(_resolve_count(spec.n_items, limit, default=total)).to_dicts()
-    ids = [f"{spec.name}/{r['id']}" for r in rows]
+    ids = [instruction_row_item_id(spec.name, r["id"]) for r in rows]
     contexts = [lm.render_prompt(r["system"], r["instruction"], r["input"]) for r in rows]
     scored = lm.loglikelihood_with_counts(
         [(context, lm.render_continuation(r["system"], r["instruction"], r["input"], r["response"]))

@@ -13,8 +13,14 @@ adds routing. Every request gets its expert group first:
 - `random_group`: the model's own hash of the request's context tokens (training hashes the prompt).
 - the base model, `pesc`, `dense_adapter`: no routing.
 
-Requests are then run one group at a time, so a batch never mixes groups, and the group reaches every model call
-(`cluster_ids`, or `group_ids` for `random_group`, in `_model_call` and `_model_generate`). All models go through
+With soft assignment (the model config's `soft_assignment`, or the `soft_assignment` argument), a cluster-routed
+request near the boundary of two clusters is answered by both clusters' groups (`SoftAssignmentRule`); its route
+is then its two clusters with their weights instead of one cluster, and its reported cluster the nearest.
+
+Requests are then run one route at a time, so a batch never mixes routes, and the route reaches every model call
+(`cluster_ids`, `cluster_weights` for a soft route, or `group_ids` for `random_group`, in `_model_call` and
+`_model_generate`). Soft routes are rarely shared (the weights are continuous), so each soft request is
+usually a batch of its own. All models go through
 the same code, so their numbers are comparable.
 
 Expert use on the evaluated prompts: inside `counting_expert_use(label)` a MoCE model counts, per layer, which
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -44,7 +51,7 @@ from lm_eval.models.huggingface import HFLM
 
 from moce_model.config import GroupChoice, MoCEConfig
 from moce_model.prompt_format import AUTO, make_prompt_format
-from moce_model.routing import CENTROIDS_FILE, check_routing_files, routing_text
+from moce_model.routing import CENTROIDS_FILE, SoftAssignmentRule, SoftClusters, check_routing_files, routing_text
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -52,6 +59,27 @@ Result = TypeVar("Result")
 
 class SequenceRouter(Protocol):
     def assign(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class SoftRoute:
+    """The route of a request a soft assignment gives two groups: its nearest and second-nearest cluster, and
+    their weights (summing to 1). A hard request's route is its cluster (an int)."""
+
+    clusters: tuple[int, int]
+    weights: tuple[float, float]
+
+
+Route = int | SoftRoute
+
+
+def _route_order(route: Route | None) -> tuple:
+    """Sort key of routes: no route first, then by cluster, a soft route after its nearest cluster's hard one."""
+    if route is None:
+        return (-1,)
+    if isinstance(route, SoftRoute):
+        return (*route.clusters, route.weights[1])
+    return (route,)
 
 
 def _needs_centroids(model: torch.nn.Module) -> bool:
@@ -112,6 +140,7 @@ class MoCELM(HFLM):
         device: str = "cpu",
         dtype: str = "float32",
         num_threads: int | str | None = None,
+        soft_assignment: SoftAssignmentRule | bool | None = None,
         **hflm_kwargs: Any,
     ) -> None:
         if num_threads is not None:
@@ -147,15 +176,18 @@ class MoCELM(HFLM):
         self.hashes_prompt = isinstance(self.model.config, MoCEConfig) \
             and self.model.config.group_choice is GroupChoice.HASH
         self.router = router
+        self.soft_assignment = self._soft_assignment_rule(soft_assignment)
         # lm-eval tasks by name, for routing requests by their documents (`use_tasks`).
         self.tasks: dict[str, Any] = {}
         # Context rendered by `render_prompt` -> its item's routing text.
         self._routing_text: dict[str, str] = {}
         self._cluster_of_text: dict[str, int] = {}
+        # Routing text -> its soft route, for the texts a soft assignment gives two groups.
+        self._soft_route_of_text: dict[str, SoftRoute] = {}
         # Routing text -> its embedding, kept when the router embeds (for the map of the evaluated prompts).
         self._embedding_of_text: dict[str, np.ndarray] = {}
-        # The expert group of the requests being run (None: the model is called without routing).
-        self._active_group: int | None = None
+        # The route of the requests being run (None: the model is called without routing).
+        self._active_group: Route | None = None
         # Expert use counted so far: label -> [layers, groups, experts] (token, expert) assignments.
         self._expert_use: dict[str, np.ndarray] = {}
         self._expert_use_label: str | None = None
@@ -179,10 +211,33 @@ class MoCELM(HFLM):
         max_length: int = 2048,
         max_gen_toks: int = 256,
         device: str = "cpu",
+        soft_assignment: SoftAssignmentRule | bool | None = None,
     ) -> MoCELM:
         """An already built model and tokenizer (tests, and callers that hold the model in memory)."""
         return cls(pretrained=model, tokenizer=tokenizer, router=router, prompt_format=prompt_format,
-                   batch_size=batch_size, max_length=max_length, max_gen_toks=max_gen_toks, device=device)
+                   batch_size=batch_size, max_length=max_length, max_gen_toks=max_gen_toks, device=device,
+                   soft_assignment=soft_assignment)
+
+    def _soft_assignment_rule(self, setting: SoftAssignmentRule | bool | None) -> SoftAssignmentRule | None:
+        """The rule requests are routed by: `setting` None follows the model config's `soft_assignment`; False
+        routes hard; True applies the config's margin and temperature; a rule applies itself. A model that does
+        not route by cluster (base model, pesc, dense_adapter, random_group) has no clusters to mix and is routed
+        as always, whatever the setting (`self.soft_assignment` is then None)."""
+        if not _needs_centroids(self.model):
+            return None
+        config = self.model.config
+        if setting is None:
+            rule = config.soft_assignment_rule
+        elif isinstance(setting, SoftAssignmentRule):
+            rule = setting
+        elif isinstance(setting, bool):
+            rule = config.soft_assignment_settings if setting else None
+        else:
+            raise ValueError(f"soft_assignment must be a SoftAssignmentRule, true, false or None; got {setting!r}")
+        if rule is not None and not hasattr(self.router, "assign_soft"):
+            raise ValueError(f"soft_assignment={rule} needs a router with assign_soft (a ClusterRouter); "
+                             f"{type(self.router).__name__} assigns one cluster per text")
+        return rule
 
     # ------------------------------------------------------------------------------------------ settings
 
@@ -282,27 +337,75 @@ class MoCELM(HFLM):
         return self._routing_text[context]
 
     def clusters_for_texts(self, texts: Sequence[str]) -> list[int | None]:
-        """The cluster of each routing text (None for every text without a router); each text is embedded once."""
+        """The cluster of each routing text (None for every text without a router); each text is embedded once.
+        With soft assignment, the nearest cluster (`routes_for_texts` gives the second one too)."""
         if self.router is None:
             return [None] * len(texts)
-        missing = sorted({t for t in texts if t not in self._cluster_of_text})
-        if missing:
-            if hasattr(self.router, "encoder") and hasattr(self.router, "assign_embeddings"):
-                embeddings = np.asarray(self.router.encoder.encode(missing), dtype=np.float32)
-                self._embedding_of_text.update(zip(missing, embeddings))
-                assigned = np.asarray(self.router.assign_embeddings(embeddings)).reshape(-1)
-            else:
-                assigned = np.asarray(self.router.assign(missing)).reshape(-1)
-            if assigned.shape[0] != len(missing):
-                raise ValueError(f"router returned {assigned.shape[0]} clusters for {len(missing)} texts")
-            self._cluster_of_text.update(zip(missing, (int(a) for a in assigned)))
+        self._route_texts(texts)
         return [self._cluster_of_text[t] for t in texts]
 
+    def routes_for_texts(self, texts: Sequence[str]) -> list[Route | None]:
+        """The route of each routing text: its cluster, or its `SoftRoute` where a soft assignment mixes two."""
+        if self.router is None:
+            return [None] * len(texts)
+        self._route_texts(texts)
+        return [self._soft_route_of_text.get(t, self._cluster_of_text[t]) for t in texts]
+
+    def _route_texts(self, texts: Sequence[str]) -> None:
+        missing = sorted({t for t in texts if t not in self._cluster_of_text})
+        if not missing:
+            return
+        rule, soft = self.soft_assignment, None
+        embeds = hasattr(self.router, "encoder") and hasattr(
+            self.router, "assign_embeddings" if rule is None else "assign_soft_embeddings")
+        if embeds:
+            embeddings = np.asarray(self.router.encoder.encode(missing), dtype=np.float32)
+            self._embedding_of_text.update(zip(missing, embeddings))
+            if rule is None:
+                assigned = np.asarray(self.router.assign_embeddings(embeddings)).reshape(-1)
+            else:
+                soft = self.router.assign_soft_embeddings(embeddings, rule)
+        elif rule is None:
+            assigned = np.asarray(self.router.assign(missing)).reshape(-1)
+        else:
+            soft = self.router.assign_soft(missing, rule)
+        if soft is not None:
+            assigned = self._keep_soft_routes(missing, soft)
+        if assigned.shape[0] != len(missing):
+            raise ValueError(f"router returned {assigned.shape[0]} clusters for {len(missing)} texts")
+        self._cluster_of_text.update(zip(missing, (int(a) for a in assigned)))
+
+    def _keep_soft_routes(self, texts: list[str], soft: SoftClusters) -> np.ndarray:
+        if soft.clusters.shape[0] != len(texts):
+            raise ValueError(f"router returned {soft.clusters.shape[0]} soft assignments for {len(texts)} texts")
+        for index in np.nonzero(soft.soft)[0]:
+            first, second = (int(c) for c in soft.clusters[index])
+            self._soft_route_of_text[texts[index]] = SoftRoute(
+                clusters=(first, second), weights=(float(soft.weights[index, 0]), float(soft.weights[index, 1]))
+            )
+        return soft.nearest
+
     def clusters_for(self, contexts: Sequence[str]) -> list[int | None]:
-        """The cluster that answers each context rendered by `render_prompt` (None without a router)."""
+        """The cluster that answers each context rendered by `render_prompt` (None without a router); with soft
+        assignment the nearest of the two."""
         if self.router is None:
             return [None] * len(contexts)
         return self.clusters_for_texts([self._context_routing_text(c) for c in contexts])
+
+    def routes_for(self, contexts: Sequence[str]) -> list[Route | None]:
+        """The route of each context rendered by `render_prompt`: its cluster or its `SoftRoute`."""
+        if self.router is None:
+            return [None] * len(contexts)
+        return self.routes_for_texts([self._context_routing_text(c) for c in contexts])
+
+    def soft_routes_for(self, contexts: Sequence[str]) -> list[SoftRoute | None]:
+        """The soft route of each context rendered by `render_prompt` and already routed; None where it was routed
+        to one group (or not routed, or not rendered here)."""
+        routes = []
+        for context in contexts:
+            text = self._routing_text.get(context)
+            routes.append(self._soft_route_of_text.get(text) if text is not None else None)
+        return routes
 
     def routing_embeddings_for(self, contexts: Sequence[str]) -> list[np.ndarray | None]:
         """The router's embedding of each context rendered by `render_prompt` and already routed (None where the
@@ -332,21 +435,27 @@ class MoCELM(HFLM):
         return int(random_group_ids(tokens, None, config.num_groups, config.random_group_seed))
 
     def _groups(self, requests: Sequence[Instance], context_tokens: Callable[[Instance], Sequence[int]]
-                ) -> list[int | None]:
+                ) -> list[Route | None]:
         if self.hashes_prompt:
             return [self._hashed_group(context_tokens(request)) for request in requests]
         if self.router is None:
             return [None] * len(requests)
-        return self.clusters_for_texts([self.routing_text_of(request) for request in requests])
+        return self.routes_for_texts([self.routing_text_of(request) for request in requests])
 
     def _routing_kwargs(self, batch_size: int) -> dict[str, torch.Tensor]:
-        if self._active_group is None:
+        route = self._active_group
+        if route is None:
             return {}
+        if isinstance(route, SoftRoute):
+            return {
+                "cluster_ids": torch.tensor([route.clusters] * batch_size, dtype=torch.long, device=self.device),
+                "cluster_weights": torch.tensor([route.weights] * batch_size, dtype=torch.float32, device=self.device),
+            }
         key = "group_ids" if self.hashes_prompt else "cluster_ids"
-        return {key: torch.full((batch_size,), self._active_group, dtype=torch.long, device=self.device)}
+        return {key: torch.full((batch_size,), route, dtype=torch.long, device=self.device)}
 
     @contextlib.contextmanager
-    def _routed(self, group: int | None) -> Iterator[None]:
+    def _routed(self, group: Route | None) -> Iterator[None]:
         saved, self._active_group = self._active_group, group
         try:
             yield
@@ -368,21 +477,21 @@ class MoCELM(HFLM):
         finally:
             self.batch_size_per_gpu = saved
 
-    def _by_group(self, items: Sequence[Item], groups: Sequence[int | None],
+    def _by_group(self, items: Sequence[Item], groups: Sequence[Route | None],
                   run: Callable[[list[Item]], list[Result]], tasks: Sequence[str | None] | None = None
                   ) -> list[Result]:
-        """`run` on the items of one group at a time (with that group active); results in the items' order.
+        """`run` on the items of one route at a time (with that route active); results in the items' order.
 
         `tasks`: each item's lm-eval task; while expert use is recorded and no caller has named what it is
         counted for, the items of each task run apart so that each task's expert use is counted under its name."""
         by_task = tasks is not None and self._expert_use_label is None and self._moce_model() is not None
-        members: dict[tuple[int | None, str | None], list[int]] = {}
+        members: dict[tuple[Route | None, str | None], list[int]] = {}
         for index, group in enumerate(groups):
             task = tasks[index] if by_task else None  # type: ignore[index]
             members.setdefault((group, task), []).append(index)
         results: list[Result | None] = [None] * len(items)
         with self._batch_size_fixed_across_processes():
-            for group, task in sorted(members, key=lambda key: (-1 if key[0] is None else key[0], key[1] or "")):
+            for group, task in sorted(members, key=lambda key: (_route_order(key[0]), key[1] or "")):
                 counting = self.counting_expert_use(task) if task is not None else contextlib.nullcontext()
                 with self._routed(group), counting:
                     outputs = run([items[i] for i in members[(group, task)]])
@@ -454,17 +563,16 @@ class MoCELM(HFLM):
         counts = moce.take_per_sequence_expert_use()
         if counts is None or self._expert_use_label is None:
             return
-        counts = counts.numpy()
+        counts = counts.numpy()  # [layers, rows, groups, experts]
         if counts.shape[1] != len(contexts):
             raise RuntimeError(f"{counts.shape[1]} sequences recorded for a batch of {len(contexts)}")
-        group = self._active_group if self._active_group is not None else 0
         per_prompt = self._prompt_expert_use.setdefault(self._expert_use_label, {})
-        shape = (counts.shape[0], moce.config.num_groups, counts.shape[2])
+        shape = (counts.shape[0], counts.shape[2], counts.shape[3])
         for row, context in enumerate(contexts):
             if context is None:
                 continue
             total = per_prompt.setdefault(context, np.zeros(shape, dtype=np.int64))
-            total[:, group, :] += counts[:, row, :]
+            total += counts[:, row]
 
     @contextlib.contextmanager
     def _expert_use_paused(self) -> Iterator[None]:
@@ -640,7 +748,7 @@ class MoCELM(HFLM):
         if self.hashes_prompt:
             groups = [self._hashed_group(context_tokens) for _, context_tokens, _ in encoded]
         else:
-            groups = self.clusters_for([context for context, _ in pairs])
+            groups = self.routes_for([context for context, _ in pairs])
         scored = self._by_group(encoded, groups,
                                 lambda subset: self._loglikelihood_tokens(subset, disable_tqdm=True))
         return [(logprob, len(tokens), greedy) for (logprob, greedy), (_, _, tokens) in zip(scored, encoded)]

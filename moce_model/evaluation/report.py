@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +129,50 @@ def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFr
     return Report(markdown, comparison, differences, average, charts, distribution, _differences_chart(differences),
                   summary, use_pngs, routing_counts, contingency,
                   contingency_heatmap(routing_counts) if routing_counts.height else None, off_home, map_png)
+
+
+@dataclass(frozen=True)
+class KComparison:
+    table: pl.DataFrame
+    markdown: str
+
+
+def k_label(k: int) -> str:
+    """The column of k in the k comparison."""
+    return f"k={k}"
+
+
+def k_comparison(results_by_k: Mapping[int, pl.DataFrame]) -> KComparison:
+    """One model trained and evaluated at several k (the k sweep), side by side.
+
+    `results_by_k`: per k, that model's results table (RESULTS_SCHEMA). `table`: one row per (benchmark, metric)
+    of any k; per k its value, interval and n (columns `k=<k>`, `k=<k>_ci_low`, `k=<k>_ci_high`,
+    `n_items_k=<k>`; null where that k has no such row). `markdown`: the same with each value's 95% interval.
+    """
+    if not results_by_k:
+        raise ValueError("k_comparison needs the results of at least one k")
+    ks = sorted(results_by_k)
+    tables = []
+    for k in ks:
+        table = results_by_k[k]
+        missing = [c for c in RESULTS_SCHEMA if c not in table.columns]
+        if missing:
+            raise ValueError(f"results table of k={k}: missing column(s) {missing}")
+        models = table["model_variant"].unique().to_list()
+        if len(models) > 1:
+            raise ValueError(f"results table of k={k}: one model expected, found {sorted(models)}")
+        tables.append(table.select(list(RESULTS_SCHEMA)).cast(RESULTS_SCHEMA)
+                      .with_columns(pl.lit(k_label(k)).alias("model_variant")))
+    results = pl.concat(tables)
+    repeated = results.group_by("model_variant", "benchmark", "metric").len().filter(pl.col("len") > 1)
+    if repeated.height:
+        raise ValueError(f"more than one row for (k, benchmark, metric): {repeated.drop('len').rows()[:5]}")
+    labels = [k_label(k) for k in ks]
+    table = _comparison(results, labels)
+    models = sorted({m for t in results_by_k.values() for m in t["model_variant"].unique().to_list()})
+    lines = [f"## `{'`, `'.join(models)}` at k = {', '.join(str(k) for k in ks)}", "", METHODS_NOTE, "",
+             *_comparison_lines(table, labels)]
+    return KComparison(table, "\n".join(lines) + "\n")
 
 
 def cluster_distribution(item_clusters: pl.DataFrame) -> pl.DataFrame:
@@ -310,6 +354,18 @@ def _comparison(results: pl.DataFrame, variants: list[str]) -> pl.DataFrame:
     return comparison
 
 
+def _comparison_lines(comparison: pl.DataFrame, variants: list[str]) -> list[str]:
+    """The side-by-side table as markdown lines: per (benchmark, metric) the n and each column's value [95% CI]."""
+    header = ["benchmark", "metric", "n", *variants]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in comparison.iter_rows(named=True):
+        counts = sorted({row[f"n_items_{v}"] for v in variants if row.get(f"n_items_{v}") is not None})
+        cells = [row["benchmark"], _metric_label(row["metric"]), "/".join(str(c) for c in counts)]
+        cells += [_with_interval(row[v], row[f"{v}_ci_low"], row[f"{v}_ci_high"]) for v in variants]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _format(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "–"
@@ -330,14 +386,7 @@ def _metric_label(metric: str) -> str:
 
 def _markdown(results: pl.DataFrame, comparison: pl.DataFrame, differences: pl.DataFrame, average: pl.DataFrame,
               variants: list[str], distribution: pl.DataFrame) -> str:
-    lines = ["## Benchmark comparison", "", METHODS_NOTE, ""]
-    header = ["benchmark", "metric", "n", *variants]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in comparison.iter_rows(named=True):
-        counts = sorted({row[f"n_items_{v}"] for v in variants if row.get(f"n_items_{v}") is not None})
-        cells = [row["benchmark"], _metric_label(row["metric"]), "/".join(str(c) for c in counts)]
-        cells += [_with_interval(row[v], row[f"{v}_ci_low"], row[f"{v}_ci_high"]) for v in variants]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = ["## Benchmark comparison", "", METHODS_NOTE, "", *_comparison_lines(comparison, variants)]
 
     if differences.height:
         lines += [

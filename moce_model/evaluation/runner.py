@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ import torch
 
 from moce_model.evaluation.benchmarks import BenchmarkOutcome, BenchmarkSpec, run_benchmark
 from moce_model.evaluation.lm import MoCELM
+from moce_model.progress import evaluation_progress
+from moce_model.routing import SoftAssignmentRule
 from moce_model.evaluation.lm_eval_suite import (
     LM_EVAL_KINDS,
     PAPER_CODE_BENCHMARKS,
@@ -25,6 +28,8 @@ from moce_model.evaluation.lm_eval_suite import (
     PAPER_LM_EVAL_TASKS,
     run_lm_eval,
 )
+
+logger = logging.getLogger(__name__)
 
 # One row per (variant, benchmark, metric): the mean over n_items items, its standard error and 95% interval
 # (ci_method names how the interval was computed, see moce_model.evaluation.stats).
@@ -81,6 +86,13 @@ EXPERT_USE_SCHEMA: dict[str, pl.DataType] = {
 PROMPT_EMBEDDINGS_SCHEMA: dict[str, pl.DataType] = {
     "benchmark": pl.String(), "item_id": pl.String(), "cluster": pl.Int64(), "embedding": pl.List(pl.Float32()),
 }
+# The evaluated prompts a soft assignment gave two expert groups: the nearest cluster (the item's `cluster`
+# elsewhere), the second-nearest and its weight (the nearest has 1 - second_weight). Prompts routed to one group
+# are not in it; lm-eval items (routed by their documents) are not either.
+SOFT_ROUTING_SCHEMA: dict[str, pl.DataType] = {
+    "benchmark": pl.String(), "item_id": pl.String(), "cluster": pl.Int64(), "second_cluster": pl.Int64(),
+    "second_weight": pl.Float64(),
+}
 ITEM_CLUSTERS_SCHEMA: dict[str, pl.DataType] = {"benchmark": pl.String(), "item_id": pl.String(), "cluster": pl.Int64()}
 ITEMS_SCHEMA: dict[str, pl.DataType] = {
     "benchmark": pl.String(), "item_id": pl.String(), "prompt": pl.String(), "completion": pl.String(),
@@ -128,6 +140,10 @@ class EvalResult:
     expert_use: pl.DataFrame = dataclasses.field(default_factory=lambda: pl.DataFrame(schema=EXPERT_USE_SCHEMA))
     prompt_embeddings: pl.DataFrame = dataclasses.field(
         default_factory=lambda: pl.DataFrame(schema=PROMPT_EMBEDDINGS_SCHEMA))
+    # The prompts answered by two groups (SOFT_ROUTING_SCHEMA; empty when soft assignment was off).
+    soft_routing: pl.DataFrame = dataclasses.field(default_factory=lambda: pl.DataFrame(schema=SOFT_ROUTING_SCHEMA))
+    # The soft assignment rule the prompts were routed by (None: hard routing, or a model without clusters).
+    soft_assignment: SoftAssignmentRule | None = None
 
     @property
     def item_clusters(self) -> pl.DataFrame:
@@ -224,6 +240,7 @@ def evaluate_model(
     device: str = "cpu",
     dtype: str = "float32",
     prompt_format: str = "auto",
+    soft_assignment: SoftAssignmentRule | bool | None = None,
 ) -> EvalResult:
     """Evaluate a model directory (or an already built `lm`) on `benchmarks`.
 
@@ -231,6 +248,12 @@ def evaluate_model(
     benchmark's generation budget; `seed` seeds torch and the synthetic held-out items. `device` / `dtype`
     place the model (the experiment's evaluation settings); `prompt_format` is the experiment's prompt format
     (`moce_model.prompt_format`), the one the model was trained with.
+
+    `soft_assignment` routes the prompts near a cluster boundary to two groups (`SoftAssignmentRule`): None
+    follows the model's config, False routes every prompt to one group, True uses the config's margin and
+    temperature, a rule its own; so a model trained with hard clusters can be evaluated both ways. It applies to
+    models that route by cluster and is ignored by the others (`EvalResult.soft_assignment` says which rule was
+    used, `soft_routing` which prompts got two groups). With `lm`, the rule is the one `lm` was built with.
     """
     if not model_variant:
         raise ValueError("model_variant must be a non-empty name")
@@ -251,24 +274,39 @@ def evaluate_model(
         if model_dir is None:
             raise ValueError("give model_dir or lm")
         lm = MoCELM(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype,
-                    prompt_format=prompt_format)
+                    prompt_format=prompt_format, soft_assignment=soft_assignment)
     else:
+        if soft_assignment is not None:
+            raise ValueError(f"soft_assignment={soft_assignment!r} with an lm: build the MoCELM with it instead "
+                             "(MoCELM(..., soft_assignment=...))")
         lm.batch_size = batch_size
     load_seconds = time.perf_counter() - load_started
 
     outcomes: list[BenchmarkOutcome] = []
     lm_eval_specs = [s for s in specs if s.kind in LM_EVAL_KINDS]
+    own_specs = [s for s in specs if s.kind not in LM_EVAL_KINDS]
+    steps = len(own_specs) + (1 if lm_eval_specs else 0)  # lm-eval's tasks run as one batch, with its own bars
+    started = time.perf_counter()
     for spec in specs:
         if spec.kind not in LM_EVAL_KINDS:
+            benchmark_started = time.perf_counter()
             with lm.counting_expert_use(spec.name):
                 outcome = run_benchmark(lm, spec, limit_per_benchmark)
+            logger.info(evaluation_progress(model_variant, len(outcomes) + 1, steps, spec.name, outcome.n_items,
+                                            time.perf_counter() - benchmark_started,
+                                            time.perf_counter() - started))
             outcome.expert_use = lm.take_expert_use().get(spec.name)
             by_prompt = lm.take_prompt_expert_use().get(spec.name, {})
             outcome.prompt_expert_use = {item.item_id: by_prompt[item.prompt] for item in outcome.items
                                          if item.prompt in by_prompt}
             outcomes.append(outcome)
     if lm_eval_specs:
-        outcomes.extend(run_lm_eval(lm, lm_eval_specs, limit_per_benchmark))
+        lm_eval_started = time.perf_counter()
+        lm_eval_outcomes = run_lm_eval(lm, lm_eval_specs, limit_per_benchmark)
+        outcomes.extend(lm_eval_outcomes)
+        logger.info(evaluation_progress(model_variant, steps, steps, f"lm-eval ({len(lm_eval_specs)} tasks)",
+                                        sum(o.n_items for o in lm_eval_outcomes),
+                                        time.perf_counter() - lm_eval_started, time.perf_counter() - started))
     # Loading is shared by all benchmarks; spread it so the seconds column adds up to the whole evaluation.
     share = load_seconds / max(len(outcomes), 1)
     return EvalResult(
@@ -282,7 +320,20 @@ def evaluate_model(
         notes={o.benchmark: o.note for o in outcomes},
         expert_use=expert_use_table(model_variant, outcomes, top_k=getattr(lm.model.config, "router_top_k", 1)),
         prompt_embeddings=prompt_embeddings_table(lm, outcomes),
+        soft_routing=soft_routing_table(lm, outcomes),
+        soft_assignment=lm.soft_assignment,
     )
+
+
+def soft_routing_table(lm: MoCELM, outcomes: Sequence[BenchmarkOutcome]) -> pl.DataFrame:
+    """The evaluated prompts that a soft assignment gave two groups (SOFT_ROUTING_SCHEMA)."""
+    rows = []
+    for outcome in outcomes:
+        for item, route in zip(outcome.items, lm.soft_routes_for([item.prompt for item in outcome.items])):
+            if route is not None:
+                rows.append({"benchmark": outcome.benchmark, "item_id": item.item_id, "cluster": route.clusters[0],
+                             "second_cluster": route.clusters[1], "second_weight": route.weights[1]})
+    return pl.DataFrame(rows, schema=SOFT_ROUTING_SCHEMA)
 
 
 def prompt_embeddings_table(lm: MoCELM, outcomes: Sequence[BenchmarkOutcome]) -> pl.DataFrame:

@@ -46,6 +46,7 @@ from moce_model.training.model import (
     count_trainable_parameters,
     trainable_state_dict,
 )
+from moce_model.progress import clock
 from moce_model.training.samplers import EpochSeededLengthGroupedSampler, EpochSeededRandomSampler
 
 if TYPE_CHECKING:
@@ -243,12 +244,6 @@ def _log_relay(on_log: Callable[[dict[str, Any]], None]):
     return LogRelay()
 
 
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
 def training_progress(logs: Mapping[str, Any], elapsed_seconds: float) -> str:
     """One line for a person watching a run: step of max, loss, and the time left at the pace so far
     (`logs` as the log relay passes them: the Trainer's record with `step` and `max_steps`)."""
@@ -258,9 +253,9 @@ def training_progress(logs: Mapping[str, Any], elapsed_seconds: float) -> str:
         if key in logs:
             value = logs[key]
             parts.append(f"{key} {float(value):.4g}" if _is_number(value) else f"{key} {value}")
-    parts.append(f"elapsed {_clock(elapsed_seconds)}")
+    parts.append(f"elapsed {clock(elapsed_seconds)}")
     if max_steps and 0 < step < max_steps:
-        parts.append(f"ETA {_clock(elapsed_seconds / step * (max_steps - step))}")
+        parts.append(f"ETA {clock(elapsed_seconds / step * (max_steps - step))}")
     return ", ".join(parts)
 
 

@@ -1,0 +1,433 @@
+"""Evaluation-only conditions of the study: a trained run scored again on its held-out items under a change of
+the inputs or of the routing, never retrained. Each condition's scores become table rows `layout @condition`
+(`moce_model.study.condition_label`), paired on items with the clean runs and with the references under the
+same condition.
+
+A condition is one function `prepare(inputs) -> ConditionPlan | None`, registered in `CONDITIONS`: it gets the
+run's held-out rows, its clean scores and (for layouts that route by centroids) the clustering, and says which
+rows to score, routed by which router, and which clean scores carry over unchanged; None where it does not apply
+to the layout. `evaluate_plan` runs any plan the same way (the held-out loss of `instruction_rows` benchmarks,
+through `MoCELM`). A condition that needs a setting adds a field to `StudyConfig` and reads it from
+`inputs.config`.
+
+- `noised`: robustness to corrupted prompts, which the AC router's paper (Nielsen et al., ICLR 2025) tests
+  on corrupted data (the corruption here is this study's own): a fixed, seeded share of the words of every
+  held-out prompt (system, instruction, input) is replaced by other words, the response is untouched, and the
+  model routes by the corrupted text as a deployed model would (`corrupt_prompt`).
+- `soft`: prompts near the boundary of two clusters are answered by both clusters' groups, mixed by distance
+  (`moce_model.routing.SoftAssignmentRule` with the study's `soft_margin` / `soft_temperature`), on models
+  trained with hard clusters; every other item keeps its clean score.
+- `adaptive`: the clustering adapts to the held-out prompts instead of staying fixed: the centroids are updated
+  incrementally with them (`moce_model.clustering.update_centroids`, the same update as the
+  `kmeans_centroids` asset's incremental mode) and the held-out items are routed by the updated centroids
+  (`adapt_centroids`); the per-cluster drift is reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from moce_model.clustering import CentroidUpdate, ClusterState, update_centroids
+from moce_model.routing import ClusterRouter, TextEncoder, routing_text
+
+if TYPE_CHECKING:
+    from moce_model.config import MoCEConfig
+    from moce_model.study import StudyConfig
+
+# The loss the conditions score: the held-out loss of the `instruction_rows` benchmarks of `study_runs`.
+HELDOUT_METRIC = "heldout_loss"
+PROMPT_FIELDS: tuple[str, ...] = ("system", "instruction", "input")
+# A word: a maximal run of letters, digits or underscores; what lies between words (spaces, punctuation, markup)
+# is kept, so a corrupted prompt has the shape of the original.
+WORD = re.compile(r"\w+")
+# Columns of what a condition scores and of the scores it carries over (the study's score columns without
+# layout and seed, which the run gives).
+SCORE_COLUMNS: tuple[str, ...] = ("benchmark", "metric", "item_id", "score")
+
+
+@dataclass(frozen=True)
+class ConditionInputs:
+    """What a condition may use for one run.
+
+    `heldout`: benchmark name -> the run's held-out rows (id, system, instruction, input, response), the rows its
+    clean `heldout_loss` was measured on; `clean_scores`: the run's own item scores (SCORE_COLUMNS, every
+    benchmark); `moce_config`: the run's layout (None for the base model). For a layout that routes by centroids:
+    `centroids`, the clustering it was trained with, `encoder`, the router's embedder, and `embeddings`, the
+    (ids, vectors) of every instruction the clustering was fit on; None otherwise."""
+
+    layout: str
+    config: StudyConfig
+    heldout: Mapping[str, pl.DataFrame]
+    clean_scores: pl.DataFrame
+    moce_config: MoCEConfig | None = None
+    centroids: np.ndarray | None = None
+    encoder: TextEncoder | None = None
+    embeddings: tuple[np.ndarray, np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class ConditionPlan:
+    """What to score for one run under a condition: `rows` (benchmark -> held-out rows, ids kept, as changed by
+    the condition) routed by `router` (None: the model's own routing), plus `kept_scores` (SCORE_COLUMNS), clean
+    scores that the condition provably leaves unchanged; `details`: a table about the condition on this run (the
+    table asset gathers it over the runs, `StudyCondition.summarize`)."""
+
+    rows: Mapping[str, pl.DataFrame]
+    router: Any = None
+    # How the model routes prompts near a cluster boundary (`MoCELM`'s argument); None: as its config says.
+    soft_assignment: Any = None
+    kept_scores: pl.DataFrame | None = None
+    details: pl.DataFrame | None = None
+
+
+@dataclass(frozen=True)
+class StudyCondition:
+    name: str
+    prepare: Callable[[ConditionInputs], ConditionPlan | None]
+    # What the condition does, with the study's settings, for the table's note (markdown).
+    describe: Callable[[StudyConfig], str]
+    # A few lines about the `details` of every run (with a `run` column), for the table's note.
+    summarize: Callable[[pl.DataFrame], str] | None = None
+
+
+# --------------------------------------------------------------------------------------------- noised
+
+
+def prompt_vocabulary(frames: Iterable[pl.DataFrame]) -> list[str]:
+    """The distinct words of the prompts (system, instruction, input) of `frames`, sorted: the words a corrupted
+    prompt draws its replacements from (real words of the same data, rather than a marker token the model may
+    learn to skip)."""
+    words: set[str] = set()
+    for frame in frames:
+        for field in PROMPT_FIELDS:
+            for text in frame[field].to_list():
+                words.update(WORD.findall(text or ""))
+    return sorted(words)
+
+
+def _item_rng(seed: int, item_id: str) -> np.random.Generator:
+    # Seeded by the item's id, not its position: an item is corrupted the same way whatever else is evaluated.
+    digest = hashlib.sha256(str(item_id).encode("utf-8")).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+
+
+def corrupt_prompt(row: Mapping[str, Any], share: float, seed: int, vocabulary: Sequence[str]
+                   ) -> tuple[dict[str, Any], int, int]:
+    """(the row with round(share x n) of the n words of its prompt replaced, n, how many were replaced).
+
+    The words are counted over system, instruction and input together and chosen uniformly without
+    replacement; each is replaced by a word of `vocabulary` other than itself, drawn uniformly. The choice
+    depends only on `seed` and the row's `id`. The response and every other field are untouched."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"the share of words to replace must be in (0, 1], got {share}")
+    index_of = {word: index for index, word in enumerate(vocabulary)}
+    if len(index_of) < 2:
+        raise ValueError(f"a vocabulary of at least 2 distinct words is needed to replace words, got {len(index_of)}")
+    spans = [(field, match.start(), match.end()) for field in PROMPT_FIELDS
+             for match in WORD.finditer(row.get(field) or "")]
+    count = int(math.floor(share * len(spans) + 0.5))
+    rng = _item_rng(seed, row["id"])
+    chosen = sorted(rng.choice(len(spans), size=count, replace=False).tolist()) if count else []
+    replacements: dict[str, list[tuple[int, int, str]]] = {}
+    for index in chosen:
+        field, start, end = spans[index]
+        original = row[field][start:end]
+        position = index_of.get(original)
+        if position is None:
+            word = vocabulary[int(rng.integers(len(vocabulary)))]
+        else:  # a draw among the other words: skip over the original's position
+            draw = int(rng.integers(len(vocabulary) - 1))
+            word = vocabulary[draw + (draw >= position)]
+        replacements.setdefault(field, []).append((start, end, word))
+    corrupted = dict(row)
+    for field, edits in replacements.items():
+        text = row[field]
+        for start, end, word in reversed(edits):  # right to left: earlier offsets stay valid
+            text = text[:start] + word + text[end:]
+        corrupted[field] = text
+    return corrupted, len(spans), count
+
+
+def noised_rows(rows: pl.DataFrame, share: float, seed: int, vocabulary: Sequence[str]) -> pl.DataFrame:
+    """`rows` with every prompt corrupted by `corrupt_prompt`, plus `words` and `replaced_words` per row."""
+    out = []
+    for row in rows.to_dicts():
+        corrupted, words, replaced = corrupt_prompt(row, share, seed, vocabulary)
+        out.append({**corrupted, "words": words, "replaced_words": replaced})
+    return pl.DataFrame(out, schema={**rows.schema, "words": pl.Int64(), "replaced_words": pl.Int64()})
+
+
+def _prepare_noised(inputs: ConditionInputs) -> ConditionPlan:
+    config = inputs.config
+    vocabulary = prompt_vocabulary(inputs.heldout.values())
+    rows = {benchmark: noised_rows(frame, config.noise_share, config.noise_seed, vocabulary)
+            for benchmark, frame in inputs.heldout.items()}
+    details = pl.DataFrame(
+        [{"benchmark": benchmark, "items": frame.height, "words": int(frame["words"].sum()),
+          "replaced_words": int(frame["replaced_words"].sum())} for benchmark, frame in rows.items()],
+        schema={"benchmark": pl.String(), "items": pl.Int64(), "words": pl.Int64(), "replaced_words": pl.Int64()})
+    return ConditionPlan(rows=rows, details=details)
+
+
+def _describe_noised(config: StudyConfig) -> str:
+    return (f"{config.noise_share:.0%} of the words of every held-out prompt (system, instruction, input) replaced "
+            f"by other words of the held-out prompts (seed {config.noise_seed}, the same for every run), the "
+            "response untouched; the model routes by the corrupted prompt")
+
+
+def _summarize_noised(details: pl.DataFrame) -> str:
+    per_benchmark = details.unique(["benchmark", "items", "words", "replaced_words"]).sort("benchmark")
+    return "; ".join(f"{r['benchmark']}: {r['replaced_words']:,} of {r['words']:,} words in {r['items']} prompts"
+                     for r in per_benchmark.iter_rows(named=True))
+
+
+# -------------------------------------------------------------------------------------------- adaptive
+
+
+def adapt_centroids(centroids: np.ndarray, ids: np.ndarray, vectors: np.ndarray, heldout_ids: Sequence[str]
+                    ) -> CentroidUpdate:
+    """The clustering's state over the rows it was fit on other than the held-out ones (each in the cluster of
+    its nearest centroid: the sums and counts the centroids stand for), updated with the held-out rows by
+    `update_centroids`: the centroids as they would be after taking in the held-out prompts as new data."""
+    ids = np.asarray(ids, dtype=str)
+    heldout = np.isin(ids, np.asarray(list(heldout_ids), dtype=str))
+    missing = sorted(set(heldout_ids) - set(ids[heldout].tolist()))
+    if missing:
+        raise ValueError(f"{len(missing)} held-out row(s) have no embedding in the clustering's embeddings, e.g. "
+                         f"{missing[:3]}: materialize instruction_embeddings for the same instructions")
+    state = ClusterState.from_assignment(ids[~heldout], vectors[~heldout], centroids)
+    return update_centroids(state, ids[heldout], vectors[heldout])
+
+
+def _prepare_adaptive(inputs: ConditionInputs) -> ConditionPlan | None:
+    if inputs.centroids is None:
+        return None  # the layout does not route by centroids: nothing adapts
+    if inputs.encoder is None or inputs.embeddings is None:
+        raise ValueError(f"{inputs.layout}: the adaptive condition needs the router's encoder and the clustering's "
+                         "embeddings")
+    frames = dict(inputs.heldout)
+    heldout_ids = [i for frame in frames.values() for i in frame["id"].to_list()]
+    update = adapt_centroids(inputs.centroids, *inputs.embeddings, heldout_ids)
+    adapted = ClusterRouter(inputs.encoder, update.state.centroids)
+    fixed = ClusterRouter(inputs.encoder, inputs.centroids)
+    from moce_model.evaluation.benchmarks import instruction_row_item_id
+
+    rows, kept, rerouted_from = {}, [], np.zeros(len(inputs.centroids), dtype=np.int64)
+    for benchmark, frame in frames.items():
+        # Routed as the model routes them: the router's embedding of each item's routing text.
+        embeddings = inputs.encoder.encode([routing_text(*r) for r in frame.select(PROMPT_FIELDS).iter_rows()])
+        before, after = fixed.assign_embeddings(embeddings), adapted.assign_embeddings(embeddings)
+        moved = before != after
+        np.add.at(rerouted_from, before[moved], 1)
+        rows[benchmark] = frame.filter(pl.Series(moved))
+        # An item routed to the same group reads the same text through the same experts: its clean score stands.
+        kept.append(pl.DataFrame({"benchmark": benchmark, "metric": HELDOUT_METRIC, "item_id": [
+            instruction_row_item_id(benchmark, row_id) for row_id in frame.filter(pl.Series(~moved))["id"]]}))
+    kept_ids = pl.concat(kept)
+    kept_scores = kept_ids.join(inputs.clean_scores.select(SCORE_COLUMNS), on=["benchmark", "metric", "item_id"],
+                                how="left")
+    lacking = kept_scores.filter(pl.col("score").is_null())
+    if lacking.height:
+        raise ValueError(f"{inputs.layout}: the run's clean scores lack {lacking.height} held-out item(s), e.g. "
+                         f"{lacking['item_id'].head(3).to_list()}: materialize its study_runs partition again")
+    # Cosine distance of each adapted centroid from the fitted one the run was trained and evaluated with.
+    from_fitted = np.maximum(1.0 - np.einsum("kd,kd->k", np.asarray(inputs.centroids, np.float64),
+                                             update.state.centroids.astype(np.float64)), 0.0)
+    details = pl.DataFrame({
+        "cluster": np.arange(len(inputs.centroids)), "members": update.state.counts - update.new_rows,
+        "heldout_rows": update.new_rows, "drift": update.drift, "drift_from_fitted": from_fitted,
+        "rerouted_items": rerouted_from,
+    }).cast({"cluster": pl.Int64, "members": pl.Int64, "heldout_rows": pl.Int64, "rerouted_items": pl.Int64})
+    return ConditionPlan(rows=rows, router=adapted, kept_scores=kept_scores, details=details)
+
+
+def _describe_adaptive(config: StudyConfig) -> str:
+    return ("for the layouts that route by centroids: the centroids updated incrementally with the held-out "
+            "prompts (mini-batch spherical k-means step from the clustering's sums and counts over the other rows, "
+            "as the `incremental` mode of kmeans_centroids) and the held-out items routed by them; an item routed to "
+            "the same group as before keeps its clean score (same text, same experts), the others are scored again. "
+            "Drift: cosine distance each centroid moved in the update (and from the fitted centroid)")
+
+
+def _summarize_adaptive(details: pl.DataFrame) -> str:
+    per_cluster = details.unique(["cluster", "members", "heldout_rows", "drift", "drift_from_fitted",
+                                  "rerouted_items"]).sort("cluster")
+    if per_cluster.height != per_cluster["cluster"].n_unique():
+        # Runs trained with different clusterings: their drift is not one number per cluster.
+        per_cluster = details.group_by("cluster").agg(pl.col("members").max(), pl.col("heldout_rows").max(),
+                                                      pl.col("drift").max(), pl.col("drift_from_fitted").max(),
+                                                      pl.col("rerouted_items").max()).sort("cluster")
+        prefix = "runs differ (clusterings of several k-means fits), largest over the runs: "
+    else:
+        prefix = ""
+    return prefix + "; ".join(
+        f"cluster {r['cluster']}: {r['members']:,} rows + {r['heldout_rows']} held-out, drift {r['drift']:.2g} "
+        f"({r['drift_from_fitted']:.2g} from the fitted centroid), {r['rerouted_items']} held-out item(s) moved to "
+        "another group" for r in per_cluster.iter_rows(named=True))
+
+
+# ------------------------------------------------------------------------------------------------ soft
+
+
+def _prepare_soft(inputs: ConditionInputs) -> ConditionPlan | None:
+    if inputs.centroids is None:
+        return None  # the layout does not route by centroids: there is no boundary between groups
+    if inputs.encoder is None:
+        raise ValueError(f"{inputs.layout}: the soft condition needs the router's encoder")
+    from moce_model.evaluation.benchmarks import instruction_row_item_id
+    from moce_model.routing import SoftAssignmentRule
+
+    rule = SoftAssignmentRule(margin=inputs.config.soft_margin, temperature=inputs.config.soft_temperature)
+    router = ClusterRouter(inputs.encoder, inputs.centroids)
+    rows, kept, details = {}, [], []
+    for benchmark, frame in inputs.heldout.items():
+        embeddings = inputs.encoder.encode([routing_text(*r) for r in frame.select(PROMPT_FIELDS).iter_rows()])
+        assigned = router.assign_soft_embeddings(embeddings, rule)
+        soft = assigned.soft
+        rows[benchmark] = frame.filter(pl.Series(soft))
+        # A hard item goes to the nearest group alone, exactly as in the clean run: its clean score stands.
+        kept.append(pl.DataFrame({"benchmark": benchmark, "metric": HELDOUT_METRIC, "item_id": [
+            instruction_row_item_id(benchmark, row_id) for row_id in frame.filter(pl.Series(~soft))["id"]]}))
+        second_weights = assigned.weights[soft, 1]
+        details.append({"benchmark": benchmark, "items": frame.height, "soft_items": int(soft.sum()),
+                        "mean_second_weight": float(second_weights.mean()) if soft.any() else 0.0})
+    kept_scores = pl.concat(kept).join(inputs.clean_scores.select(SCORE_COLUMNS),
+                                       on=["benchmark", "metric", "item_id"], how="left")
+    lacking = kept_scores.filter(pl.col("score").is_null())
+    if lacking.height:
+        raise ValueError(f"{inputs.layout}: the run's clean scores lack {lacking.height} held-out item(s), e.g. "
+                         f"{lacking['item_id'].head(3).to_list()}: materialize its study_runs partition again")
+    return ConditionPlan(rows=rows, router=router, soft_assignment=rule, kept_scores=kept_scores,
+                         details=pl.DataFrame(details, schema={"benchmark": pl.String(), "items": pl.Int64(),
+                                                               "soft_items": pl.Int64(),
+                                                               "mean_second_weight": pl.Float64()}))
+
+
+def _describe_soft(config: StudyConfig) -> str:
+    return (f"for the layouts that route by centroids: a held-out prompt whose relative distance gap between its two "
+            f"nearest centroids is below {config.soft_margin} is answered by both clusters' groups, weighted by a "
+            f"softmax over the distances (temperature {config.soft_temperature}); the model was trained with hard "
+            "clusters; the other items keep their clean scores (same text, same single group)")
+
+
+def _summarize_soft(details: pl.DataFrame) -> str:
+    per_benchmark = details.group_by("benchmark").agg(pl.col("items").first(), pl.col("soft_items").min().alias("lo"),
+                                                      pl.col("soft_items").max().alias("hi")).sort("benchmark")
+    return "; ".join(f"{r['benchmark']}: {r['lo']}" + (f"-{r['hi']}" if r["hi"] != r["lo"] else "")
+                     + f" of {r['items']} items soft" for r in per_benchmark.iter_rows(named=True))
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+NOISED = "noised"
+SOFT = "soft"
+ADAPTIVE = "adaptive"
+CONDITIONS: dict[str, StudyCondition] = {
+    condition.name: condition for condition in (
+        StudyCondition(NOISED, _prepare_noised, _describe_noised, _summarize_noised),
+        StudyCondition(SOFT, _prepare_soft, _describe_soft, _summarize_soft),
+        StudyCondition(ADAPTIVE, _prepare_adaptive, _describe_adaptive, _summarize_adaptive),
+    )
+}
+
+
+def study_condition(name: str) -> StudyCondition:
+    try:
+        return CONDITIONS[name]
+    except KeyError:
+        raise ValueError(f"study condition {name!r} is not one of {sorted(CONDITIONS)}") from None
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def combine_scores(label: str, seed: int, evaluated: pl.DataFrame, kept: pl.DataFrame | None) -> pl.DataFrame:
+    """The study's score rows (STUDY_SCORES_SCHEMA) of one run under a condition: the items scored under it and
+    the clean scores it kept, each item once."""
+    from moce_model.study import STUDY_SCORES_SCHEMA
+
+    frames = [evaluated.select(SCORE_COLUMNS)] + ([kept.select(SCORE_COLUMNS)] if kept is not None else [])
+    scores = pl.concat([f.cast({"score": pl.Float64}) for f in frames])
+    repeated = scores.group_by("benchmark", "metric", "item_id").len().filter(pl.col("len") > 1)
+    if repeated.height:
+        raise ValueError(f"{label}: items both scored and kept: {repeated['item_id'].head(3).to_list()}")
+    return scores.select(pl.lit(label).alias("layout"), pl.lit(seed, pl.Int64).alias("seed"),
+                         *SCORE_COLUMNS).cast(STUDY_SCORES_SCHEMA)
+
+
+def evaluate_plan(plan: ConditionPlan, model_dir: Path | str | None, label: str, seed: int, work_dir: Path,
+                  **evaluation_settings: Any) -> pl.DataFrame:
+    """Score a plan: its rows (written to `work_dir`, kept for inspection) as `instruction_rows` benchmarks of
+    the model in `model_dir`, routed by the plan's router (else the model's own), plus its kept scores.
+    `evaluation_settings`: device, dtype and prompt format (`Experiment.evaluation_settings`). `model_dir` may be
+    None when the plan has no row to score."""
+    from moce_model.evaluation.benchmarks import BenchmarkSpec
+    from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, evaluate_model
+    from moce_model.io import atomic_write_parquet
+
+    specs = []
+    for benchmark, rows in plan.rows.items():
+        if rows.height:
+            path = Path(work_dir) / f"{benchmark}.parquet"
+            atomic_write_parquet(rows, path)
+            specs.append(BenchmarkSpec(name=benchmark, kind="instruction_rows", path=str(path)))
+    evaluated = pl.DataFrame(schema={c: ITEM_SCORES_SCHEMA[c] for c in SCORE_COLUMNS})
+    if specs:
+        if model_dir is None:
+            raise ValueError(f"{label}: the plan has rows to score but no model directory was given")
+        from moce_model.evaluation.lm import MoCELM
+
+        lm = MoCELM(pretrained=str(model_dir), router=plan.router, soft_assignment=plan.soft_assignment,
+                    **evaluation_settings)
+        evaluated = evaluate_model(None, model_variant=label, benchmarks=specs, seed=seed, lm=lm).item_scores
+    return combine_scores(label, seed, evaluated, plan.kept_scores)
+
+
+@dataclass(frozen=True)
+class ConditionResults:
+    """What `score_conditions` gives for one run: the score rows of every condition that applies to it
+    (STUDY_SCORES_SCHEMA), each condition's details, and the seconds each took (preparing and scoring)."""
+
+    scores: pl.DataFrame
+    details: dict[str, pl.DataFrame]
+    seconds: dict[str, float]
+
+
+def score_conditions(names: Sequence[str], inputs: ConditionInputs, model_dir: Callable[[], Path | str],
+                     seed: int, out_dir: Path, **evaluation_settings: Any) -> ConditionResults:
+    """Prepare every condition of `names` for one run and score those that apply to its layout. `model_dir` gives
+    the run's model directory; it is called once, and only when some plan has rows to score (a merged model is
+    rebuilt from the adapters only when needed). Each condition's scored rows are written under
+    `out_dir/<condition>/`."""
+    import time
+
+    from moce_model.study import STUDY_SCORES_SCHEMA, condition_label
+
+    plans: dict[str, ConditionPlan] = {}
+    seconds: dict[str, float] = {}
+    for name in names:
+        started = time.perf_counter()
+        plan = study_condition(name).prepare(inputs)
+        seconds[name] = time.perf_counter() - started
+        if plan is not None:
+            plans[name] = plan
+    directory = None
+    if any(rows.height for plan in plans.values() for rows in plan.rows.values()):
+        directory = model_dir()
+    frames = [pl.DataFrame(schema=STUDY_SCORES_SCHEMA)]
+    for name, plan in plans.items():
+        started = time.perf_counter()
+        frames.append(evaluate_plan(plan, directory, condition_label(inputs.layout, name), seed, out_dir / name,
+                                    **evaluation_settings))
+        seconds[name] += time.perf_counter() - started
+    details = {name: plan.details for name, plan in plans.items() if plan.details is not None}
+    return ConditionResults(pl.concat(frames), details, {name: seconds[name] for name in plans})
