@@ -71,8 +71,10 @@ def build_base(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> L
     return base.train()
 
 
-def _reference_forward(self, x, down, group_ids, feature_weights=None):
-    # the reference code has the linear token router only: no AC feature weights
+def _reference_forward(self, x, down, group_ids, feature_weights=None, mix=None, mixed_feature_weights=None):
+    # the reference code has the linear token router and hard groups only: no AC feature weights, no soft mix
+    if mix is not None:
+        raise ValueError("the reference loop has no soft group assignment")
     return reference_expert_forward(self, x, down, group_ids), Routing(group_ids, None, None, None)
 
 
