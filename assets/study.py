@@ -373,9 +373,10 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         order = [layout.name for layout in study_layouts(config) if layout.name in records]
         parameters = pl.DataFrame([records[name] for name in order]).select(
             "layout", "groups", "experts_per_group", "router_top_k", "total_trainable", "active_trainable", "note")
+        own_items = [name for name in config.conditions if study_condition(name).own_items]
         table = build_study_table(scores, parameters, config.bootstrap_resamples, missing,
                                   counterparts=counterparts(config), condition_notes=condition_notes,
-                                  missing_conditions=missing_conditions)
+                                  missing_conditions=missing_conditions, own_items=own_items)
         out_dir = experiment.storage_root / "study"
         atomic_write_text(table.markdown, out_dir / "study_table.md")
         atomic_write_bytes(table.figure_png, out_dir / "study_figure.png")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ import polars as pl
 from scipy import stats as scipy_stats
 
 from moce_model.config import TOKEN_ROUTERS, MoCEConfig, variant_semantics
+from moce_model.evaluation.metrics import HELDOUT_LOSS, LOWER_IS_BETTER, PARTS_LOSS, ROUTING_METRICS
 
 BASE_LAYOUT = "base"
 REFERENCE_LAYOUTS: tuple[str, ...] = ("pesc", BASE_LAYOUT)
@@ -44,7 +45,9 @@ CONDITION_MARK = " @"
 CONFIDENCE = 0.95
 INTERVAL_METHOD = ("two-level percentile bootstrap (seeds, then items, crossed); for 0/1 scores at least as wide as "
                    "the Wilson (mean) or Bonett–Price (paired difference) interval on the items")
-LOWER_IS_BETTER: frozenset[str] = frozenset({"heldout_loss"})
+# Metrics compared within each row, item by item: metric -> the metric it is compared with on the same items
+# (a blended prompt's loss against the mean loss of its parts asked alone).
+WITHIN_ROW_COMPARISONS: dict[str, str] = {HELDOUT_LOSS: PARTS_LOSS}
 
 # One row per (layout, seed, benchmark, metric, item): what every run writes and the table aggregates.
 STUDY_SCORES_SCHEMA: dict[str, pl.DataType] = {
@@ -75,7 +78,10 @@ class StudyConfig:
     so <= 110 per trained run and ~90 for the base model: 24 x 110 + 90 = ~2,730 CPU-s. The whole study with its
     conditions: 5,360 + 1,740 + 2,730 = ~9,800 CPU-s, ~80 minutes in two workers, ~2 h 45 in one, past the
     60-minute target (`conditions=()` and `token_routers=("linear",)` give back the study above); on top of a
-    study already run, ~4,500 CPU-s, ~40 minutes in two workers.
+    study already run, ~4,500 CPU-s, ~40 minutes in two workers. `blended` comes on top of that (an estimate
+    too): on realmix's 4 sources 6 source pairs x `blend_items` 10 = 60 blended prompts per run, each about as
+    long as its two parts together, so about the held-out loss of 120 rows, ~130 CPU-s per run (the base model
+    included), ~3,300 over the 25 runs.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -105,12 +111,14 @@ class StudyConfig:
     # rows `layout @condition`: `noised` replaces `noise_share` of each held-out prompt's words (seeded by
     # `noise_seed`, the same corruption for every run); `soft` answers prompts near a cluster boundary with both
     # clusters' groups (`SoftAssignmentRule(soft_margin, soft_temperature)`); `adaptive` routes by centroids
-    # updated with the held-out prompts (`soft` and `adaptive`: layouts that route by centroids only).
-    conditions: tuple[str, ...] = ("noised", "soft", "adaptive")
+    # updated with the held-out prompts (`soft` and `adaptive`: layouts that route by centroids only); `blended`
+    # asks two held-out items of different sources in one prompt, up to `blend_items` blends per pair of sources.
+    conditions: tuple[str, ...] = ("noised", "soft", "adaptive", "blended")
     noise_share: float = 0.15
     noise_seed: int = 0
     soft_margin: float = 0.1
     soft_temperature: float = 0.025
+    blend_items: int = 10
     # A merged SmolLM2-135M is 575 MB in fp32, 10 GB for the 18 trained runs; the adapters (a few MB) are
     # kept, and merged_model-style directories can be rebuilt from them.
     keep_merged_models: bool = False
@@ -132,7 +140,7 @@ class StudyConfig:
             raise ValueError(f"study token_routers {self.token_routers}: a token router needs at least 2 experts per "
                              f"group, but experts_per_group_sweep is {self.experts_per_group_sweep}")
         for name in ("router_top_k", "adapter_dim", "train_rows", "max_steps", "per_device_batch_size",
-                     "max_length", "heldout_rows_per_source", "bootstrap_resamples"):
+                     "max_length", "heldout_rows_per_source", "bootstrap_resamples", "blend_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"study {name} must be at least 1, got {getattr(self, name)}")
         if self.gsm8k_items < 0:
@@ -435,9 +443,11 @@ AGGREGATE_SCHEMA: dict[str, pl.DataType] = {
     "n_items": pl.Int64(), "mean": pl.Float64(), "ci_low": pl.Float64(), "ci_high": pl.Float64(),
     "seed_sd": pl.Float64(),
 }
+# `reference_metric`: the reference row's metric, `metric` but for a comparison within a row
+# (WITHIN_ROW_COMPARISONS, where `reference` is the row itself).
 DIFFERENCE_SCHEMA: dict[str, pl.DataType] = {
     "layout": pl.String(), "reference": pl.String(), "benchmark": pl.String(), "metric": pl.String(),
-    "n_seeds": pl.Int64(), "n_items": pl.Int64(), "difference": pl.Float64(), "ci_low": pl.Float64(),
+    "reference_metric": pl.String(), "n_seeds": pl.Int64(), "n_items": pl.Int64(), "difference": pl.Float64(), "ci_low": pl.Float64(),
     "ci_high": pl.Float64(), "significant": pl.Boolean(), "verdict": pl.String(),
 }
 
@@ -489,14 +499,16 @@ def split_condition_label(label: str) -> tuple[str, str | None]:
 
 
 def comparisons(labels: Sequence[str], references: Sequence[str] = REFERENCE_LAYOUTS,
-                counterparts: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+                counterparts: Mapping[str, str] | None = None, own_items: Collection[str] = ()
+                ) -> list[tuple[str, str]]:
     """(row, reference row) pairs of the paired differences, among the row labels present, in their order:
 
     - every row against each reference layout under the same condition (`moce/e4 @noised` against
       `pesc @noised` and `base @noised`); a reference is not compared with the references listed after it (pesc −
       base is reported, its mirror base − pesc is not);
     - a layout with another token router against its linear counterpart (`counterparts`), under the same condition;
-    - a row under a condition against the same runs without it (`moce/e4 @noised` against `moce/e4`)."""
+    - a row under a condition against the same runs without it (`moce/e4 @noised` against `moce/e4`), except under
+      the conditions of `own_items`, which score items of their own rather than the clean items."""
     present = set(labels)
     counterparts = counterparts or {}
     pairs: list[tuple[str, str]] = []
@@ -506,7 +518,7 @@ def comparisons(labels: Sequence[str], references: Sequence[str] = REFERENCE_LAY
                       if layout != reference and layout not in references[index + 1:]]
         if layout in counterparts:
             candidates.append(condition_label(counterparts[layout], condition))
-        if condition is not None:
+        if condition is not None and condition not in own_items:
             candidates.append(layout)
         for reference in candidates:
             if reference in present and reference != label and (label, reference) not in pairs:
@@ -514,35 +526,67 @@ def comparisons(labels: Sequence[str], references: Sequence[str] = REFERENCE_LAY
     return pairs
 
 
+def within_row_matrices(scores: pl.DataFrame, label: str, benchmark: str, metric: str, reference_metric: str
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(metric, reference metric) seeds x items matrices of one row to subtract: the same runs, the same items."""
+    seeds, items, matrix = score_matrix(scores, label, benchmark, metric)
+    ref_seeds, ref_items, _ = score_matrix(scores, label, benchmark, reference_metric)
+    if ref_seeds != seeds or ref_items != items:
+        raise ValueError(f"{label!r} {benchmark}: {metric} and {reference_metric} were not scored on the same "
+                         f"seeds and items ({len(seeds)} x {len(items)} against {len(ref_seeds)} x {len(ref_items)})")
+    return matrix, score_matrix(scores, label, benchmark, reference_metric, items)[2]
+
+
 def paired_differences(scores: pl.DataFrame, resamples: int, seed: int = 0,
                        references: Sequence[str] = REFERENCE_LAYOUTS,
-                       counterparts: Mapping[str, str] | None = None) -> pl.DataFrame:
+                       counterparts: Mapping[str, str] | None = None,
+                       own_items: Collection[str] = ()) -> pl.DataFrame:
     """Every pair of `comparisons` (each row against `pesc` and `base`, a router against its linear counterpart, a
-    condition against the clean runs), paired on items (and seeds), with the two-level interval of the mean
-    difference on every (benchmark, metric) both rows have; "no significant difference" where it covers 0."""
+    condition against the clean runs unless it is one of `own_items`), paired on items (and seeds), with the
+    two-level interval of the mean difference on every (benchmark, metric) both rows have, then within every row
+    each metric of WITHIN_ROW_COMPARISONS against its reference metric on the same items; "no significant
+    difference" where the interval covers 0."""
     scores = _check_scores(scores)
     labels = scores["layout"].unique(maintain_order=True).to_list()
     metrics_of = {label: scores.filter(pl.col("layout") == label).select("benchmark", "metric").unique(
         maintain_order=True).rows() for label in labels}
     rows = []
-    for layout, reference in comparisons(labels, references, counterparts):
+
+    def add(layout: str, reference: str, benchmark: str, metric: str, reference_metric: str,
+            first: np.ndarray, second: np.ndarray) -> None:
+        difference, low, high = _difference_interval(first, second, resamples, seed)
+        significant = low > 0 or high < 0
+        rows.append({"layout": layout, "reference": reference, "benchmark": benchmark, "metric": metric,
+                     "reference_metric": reference_metric, "n_seeds": first.shape[0], "n_items": first.shape[1],
+                     "difference": difference, "ci_low": low, "ci_high": high, "significant": significant,
+                     "verdict": _verdict(significant, difference, metric, layout, reference, reference_metric)})
+
+    for layout, reference in comparisons(labels, references, counterparts, own_items):
         shared = set(metrics_of[reference])
         for benchmark, metric in [m for m in metrics_of[layout] if m in shared]:
-            first, second = paired_matrices(scores, layout, reference, benchmark, metric)
-            difference, low, high = _difference_interval(first, second, resamples, seed)
-            significant = low > 0 or high < 0
-            rows.append({"layout": layout, "reference": reference, "benchmark": benchmark, "metric": metric,
-                         "n_seeds": first.shape[0], "n_items": first.shape[1],
-                         "difference": difference, "ci_low": low, "ci_high": high, "significant": significant,
-                         "verdict": _verdict(significant, difference, metric, layout, reference)})
+            add(layout, reference, benchmark, metric, metric,
+                *paired_matrices(scores, layout, reference, benchmark, metric))
+    for label in labels:
+        for benchmark, metric in metrics_of[label]:
+            reference_metric = WITHIN_ROW_COMPARISONS.get(metric)
+            if reference_metric is not None and (benchmark, reference_metric) in metrics_of[label]:
+                add(label, label, benchmark, metric, reference_metric,
+                    *within_row_matrices(scores, label, benchmark, metric, reference_metric))
     return pl.DataFrame(rows, schema=DIFFERENCE_SCHEMA)
 
 
-def _verdict(significant: bool, difference: float, metric: str, layout: str, reference: str) -> str:
+def _verdict(significant: bool, difference: float, metric: str, layout: str, reference: str,
+             reference_metric: str | None = None) -> str:
     if not significant:
         return "no significant difference"
+    if reference_metric not in (None, metric):  # within a row: the sides are the metrics
+        sides = (metric, reference_metric)
+    else:
+        sides = (_side(layout, reference), _side(reference, layout))
+    if metric in ROUTING_METRICS:  # where prompts went: a difference, not a better model
+        return f"{sides[0] if difference > 0 else sides[1]} higher"
     better = (difference < 0) if metric in LOWER_IS_BETTER else (difference > 0)
-    return f"{_side(layout, reference) if better else _side(reference, layout)} better"
+    return f"{sides[0] if better else sides[1]} better"
 
 
 def _side(label: str, other: str) -> str:
@@ -584,6 +628,12 @@ def _metric_label(metric: str) -> str:
     return f"{metric} ↓" if metric in LOWER_IS_BETTER else metric
 
 
+def _compared_metrics(difference: Mapping[str, Any]) -> str:
+    label = _metric_label(difference["metric"])
+    reference_metric = difference["reference_metric"]
+    return label if reference_metric == difference["metric"] else f"{label} − {reference_metric}"
+
+
 def study_markdown(aggregated: pl.DataFrame, differences: pl.DataFrame, parameters: pl.DataFrame,
                    missing_runs: Sequence[str] = (), condition_notes: Mapping[str, str] | None = None,
                    missing_conditions: Sequence[str] = ()) -> str:
@@ -616,17 +666,19 @@ def study_markdown(aggregated: pl.DataFrame, differences: pl.DataFrame, paramete
     notes = {c: text for c, text in (condition_notes or {}).items() if c in shown_conditions}
     if notes:
         lines += ["", f"Rows `layout{CONDITION_MARK}condition` score the same trained runs again under an "
-                      "evaluation-only condition (never retrained), on the same items:", ""]
+                      "evaluation-only condition (never retrained), on the clean rows' items unless the condition "
+                      "says otherwise:", ""]
         lines += [f"- `{CONDITION_MARK.strip()}{condition}`: {text}" for condition, text in notes.items()]
     order = {condition: rank for rank, condition in enumerate([None, *(condition_notes or {})])}
     ranked = differences.with_columns(pl.Series("rank", [order.get(split_condition_label(label)[1], len(order))
                                                          for label in differences["layout"]], dtype=pl.Int64))
     lines += ["", "## Paired differences (same items; same seed, or every seed against the one base run)", "",
+              "A row compared with itself compares two of its metrics on the same items and runs.", "",
               "| layout | reference | benchmark | metric | seeds x items | difference [95% interval] | verdict |",
               "|---|---|---|---|---|---|---|"]
     for row in ranked.sort("rank", "reference", "benchmark", "metric", maintain_order=True).iter_rows(named=True):
         lines.append(
-            f"| {row['layout']} | {row['reference']} | {row['benchmark']} | {_metric_label(row['metric'])} | "
+            f"| {row['layout']} | {row['reference']} | {row['benchmark']} | {_compared_metrics(row)} | "
             f"{row['n_seeds']} x {row['n_items']} | {_format(row['difference'], True)} "
             f"[{_format(row['ci_low'], True)}, {_format(row['ci_high'], True)}] | {row['verdict']} |")
     if missing_runs:
@@ -689,15 +741,16 @@ def _rows_of_labels(parameters: pl.DataFrame, labels: Sequence[str], conditions:
 def build_study_table(scores: pl.DataFrame, parameters: pl.DataFrame, resamples: int,
                       missing_runs: Sequence[str] = (), counterparts: Mapping[str, str] | None = None,
                       condition_notes: Mapping[str, str] | None = None,
-                      missing_conditions: Sequence[str] = ()) -> StudyTable:
+                      missing_conditions: Sequence[str] = (), own_items: Collection[str] = ()) -> StudyTable:
     """The study's table (aggregate + paired differences + parameter counts) and its figure.
 
     `scores` may hold rows of evaluation-only conditions (layout `condition_label(layout, condition)`), shown after
     the layouts, in the order of `condition_notes` (condition -> what it is, in markdown); `counterparts`: each
-    layout with another token router -> its linear-router layout, which it is also compared with."""
+    layout with another token router -> its linear-router layout, which it is also compared with; `own_items`:
+    the conditions scored on items of their own, not compared with the clean runs."""
     parameters = parameters.select(list(PARAMETERS_SCHEMA)).cast(PARAMETERS_SCHEMA)
     aggregated = aggregate(scores, resamples)
-    differences = paired_differences(scores, resamples, counterparts=counterparts)
+    differences = paired_differences(scores, resamples, counterparts=counterparts, own_items=own_items)
     shown = _rows_of_labels(parameters, aggregated["layout"].unique(maintain_order=True).to_list(),
                             list(condition_notes or {}))
     markdown = study_markdown(aggregated, differences, shown, missing_runs, condition_notes, missing_conditions)

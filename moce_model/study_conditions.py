@@ -21,11 +21,17 @@ through `MoCELM`). A condition that needs a setting adds a field to `StudyConfig
   incrementally with them (`moce_model.clustering.update_centroids`, the same update as the
   `kmeans_centroids` asset's incremental mode) and the held-out items are routed by the updated centroids
   (`adapt_centroids`); the per-cluster drift is reported.
+- `blended`: prompts that ask two held-out items of different sources in one (`blended_heldout_rows`, built
+  by `moce_model.evaluation.benchmarks.blend_rows`, as the synthetic blended benchmark): the held-out loss of
+  the two answers after the blended prompt, against the mean clean loss of the two parts asked alone, and, for
+  layouts that route by centroids, whether the blend went to the cluster of its first part, of its second, or
+  neither. Its items are its own, not the clean items (`StudyCondition.own_items`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +43,7 @@ import numpy as np
 import polars as pl
 
 from moce_model.clustering import CentroidUpdate, ClusterState, update_centroids
+from moce_model.evaluation.metrics import HELDOUT_LOSS, PARTS_LOSS, ROUTED_AS_FIRST_PART, ROUTED_AS_SECOND_PART
 from moce_model.routing import ClusterRouter, TextEncoder, routing_text
 
 if TYPE_CHECKING:
@@ -44,7 +51,7 @@ if TYPE_CHECKING:
     from moce_model.study import StudyConfig
 
 # The loss the conditions score: the held-out loss of the `instruction_rows` benchmarks of `study_runs`.
-HELDOUT_METRIC = "heldout_loss"
+HELDOUT_METRIC = HELDOUT_LOSS
 PROMPT_FIELDS: tuple[str, ...] = ("system", "instruction", "input")
 # A word: a maximal run of letters, digits or underscores; what lies between words (spaces, punctuation, markup)
 # is kept, so a corrupted prompt has the shape of the original.
@@ -77,8 +84,9 @@ class ConditionInputs:
 @dataclass(frozen=True)
 class ConditionPlan:
     """What to score for one run under a condition: `rows` (benchmark -> held-out rows, ids kept, as changed by
-    the condition) routed by `router` (None: the model's own routing), plus `kept_scores` (SCORE_COLUMNS), clean
-    scores that the condition provably leaves unchanged; `details`: a table about the condition on this run (the
+    the condition) routed by `router` (None: the model's own routing), plus `kept_scores` (SCORE_COLUMNS), the
+    scores that need no forward pass: clean scores that the condition provably leaves unchanged, or scores
+    computed from clean scores and from the routing; `details`: a table about the condition on this run (the
     table asset gathers it over the runs, `StudyCondition.summarize`)."""
 
     rows: Mapping[str, pl.DataFrame]
@@ -97,6 +105,32 @@ class StudyCondition:
     describe: Callable[[StudyConfig], str]
     # A few lines about the `details` of every run (with a `run` column), for the table's note.
     summarize: Callable[[pl.DataFrame], str] | None = None
+    # The condition scores items of its own, not the clean rows' items: the table does not pair it with the
+    # clean runs (`moce_model.study.comparisons`).
+    own_items: bool = False
+
+
+def clean_heldout_scores(inputs: ConditionInputs, benchmarks: Sequence[str], row_ids: Sequence[str]
+                         ) -> pl.DataFrame:
+    """The run's clean held-out loss (SCORE_COLUMNS) of each held-out row (benchmark, row id), in that order;
+    an error naming the items the run's clean scores lack."""
+    from moce_model.evaluation.benchmarks import instruction_row_item_id
+
+    if len(benchmarks) != len(row_ids):
+        raise ValueError(f"{len(benchmarks)} benchmark names for {len(row_ids)} row ids")
+    wanted = pl.DataFrame({
+        "benchmark": list(benchmarks), "metric": HELDOUT_METRIC,
+        "item_id": [instruction_row_item_id(b, r) for b, r in zip(benchmarks, row_ids)],
+    }, schema={"benchmark": pl.String(), "metric": pl.String(), "item_id": pl.String()}).with_row_index("order")
+    scores = wanted.join(inputs.clean_scores.select(SCORE_COLUMNS), on=["benchmark", "metric", "item_id"],
+                         how="left").sort("order").drop("order")
+    lacking = scores.filter(pl.col("score").is_null())
+    if lacking.height:
+        raise ValueError(f"{inputs.layout}: the run's clean scores lack {lacking.height} held-out item(s), e.g. "
+                         f"{lacking['item_id'].head(3).to_list()}: materialize its study_runs partition again")
+    if scores.height != wanted.height:
+        raise ValueError(f"{inputs.layout}: the run's clean scores hold some held-out item more than once")
+    return scores
 
 
 # --------------------------------------------------------------------------------------------- noised
@@ -219,9 +253,9 @@ def _prepare_adaptive(inputs: ConditionInputs) -> ConditionPlan | None:
     update = adapt_centroids(inputs.centroids, *inputs.embeddings, heldout_ids)
     adapted = ClusterRouter(inputs.encoder, update.state.centroids)
     fixed = ClusterRouter(inputs.encoder, inputs.centroids)
-    from moce_model.evaluation.benchmarks import instruction_row_item_id
 
-    rows, kept, rerouted_from = {}, [], np.zeros(len(inputs.centroids), dtype=np.int64)
+    rows, kept_benchmarks, kept_ids = {}, [], []
+    rerouted_from = np.zeros(len(inputs.centroids), dtype=np.int64)
     for benchmark, frame in frames.items():
         # Routed as the model routes them: the router's embedding of each item's routing text.
         embeddings = inputs.encoder.encode([routing_text(*r) for r in frame.select(PROMPT_FIELDS).iter_rows()])
@@ -230,15 +264,10 @@ def _prepare_adaptive(inputs: ConditionInputs) -> ConditionPlan | None:
         np.add.at(rerouted_from, before[moved], 1)
         rows[benchmark] = frame.filter(pl.Series(moved))
         # An item routed to the same group reads the same text through the same experts: its clean score stands.
-        kept.append(pl.DataFrame({"benchmark": benchmark, "metric": HELDOUT_METRIC, "item_id": [
-            instruction_row_item_id(benchmark, row_id) for row_id in frame.filter(pl.Series(~moved))["id"]]}))
-    kept_ids = pl.concat(kept)
-    kept_scores = kept_ids.join(inputs.clean_scores.select(SCORE_COLUMNS), on=["benchmark", "metric", "item_id"],
-                                how="left")
-    lacking = kept_scores.filter(pl.col("score").is_null())
-    if lacking.height:
-        raise ValueError(f"{inputs.layout}: the run's clean scores lack {lacking.height} held-out item(s), e.g. "
-                         f"{lacking['item_id'].head(3).to_list()}: materialize its study_runs partition again")
+        stayed = frame.filter(pl.Series(~moved))["id"].to_list()
+        kept_benchmarks += [benchmark] * len(stayed)
+        kept_ids += stayed
+    kept_scores = clean_heldout_scores(inputs, kept_benchmarks, kept_ids)
     # Cosine distance of each adapted centroid from the fitted one the run was trained and evaluated with.
     from_fitted = np.maximum(1.0 - np.einsum("kd,kd->k", np.asarray(inputs.centroids, np.float64),
                                              update.state.centroids.astype(np.float64)), 0.0)
@@ -283,29 +312,24 @@ def _prepare_soft(inputs: ConditionInputs) -> ConditionPlan | None:
         return None  # the layout does not route by centroids: there is no boundary between groups
     if inputs.encoder is None:
         raise ValueError(f"{inputs.layout}: the soft condition needs the router's encoder")
-    from moce_model.evaluation.benchmarks import instruction_row_item_id
     from moce_model.routing import SoftAssignmentRule
 
     rule = SoftAssignmentRule(margin=inputs.config.soft_margin, temperature=inputs.config.soft_temperature)
     router = ClusterRouter(inputs.encoder, inputs.centroids)
-    rows, kept, details = {}, [], []
+    rows, kept_benchmarks, kept_ids, details = {}, [], [], []
     for benchmark, frame in inputs.heldout.items():
         embeddings = inputs.encoder.encode([routing_text(*r) for r in frame.select(PROMPT_FIELDS).iter_rows()])
         assigned = router.assign_soft_embeddings(embeddings, rule)
         soft = assigned.soft
         rows[benchmark] = frame.filter(pl.Series(soft))
         # A hard item goes to the nearest group alone, exactly as in the clean run: its clean score stands.
-        kept.append(pl.DataFrame({"benchmark": benchmark, "metric": HELDOUT_METRIC, "item_id": [
-            instruction_row_item_id(benchmark, row_id) for row_id in frame.filter(pl.Series(~soft))["id"]]}))
+        hard = frame.filter(pl.Series(~soft))["id"].to_list()
+        kept_benchmarks += [benchmark] * len(hard)
+        kept_ids += hard
         second_weights = assigned.weights[soft, 1]
         details.append({"benchmark": benchmark, "items": frame.height, "soft_items": int(soft.sum()),
                         "mean_second_weight": float(second_weights.mean()) if soft.any() else 0.0})
-    kept_scores = pl.concat(kept).join(inputs.clean_scores.select(SCORE_COLUMNS),
-                                       on=["benchmark", "metric", "item_id"], how="left")
-    lacking = kept_scores.filter(pl.col("score").is_null())
-    if lacking.height:
-        raise ValueError(f"{inputs.layout}: the run's clean scores lack {lacking.height} held-out item(s), e.g. "
-                         f"{lacking['item_id'].head(3).to_list()}: materialize its study_runs partition again")
+    kept_scores = clean_heldout_scores(inputs, kept_benchmarks, kept_ids)
     return ConditionPlan(rows=rows, router=router, soft_assignment=rule, kept_scores=kept_scores,
                          details=pl.DataFrame(details, schema={"benchmark": pl.String(), "items": pl.Int64(),
                                                                "soft_items": pl.Int64(),
@@ -326,16 +350,139 @@ def _summarize_soft(details: pl.DataFrame) -> str:
                      + f" of {r['items']} items soft" for r in per_benchmark.iter_rows(named=True))
 
 
+# --------------------------------------------------------------------------------------------- blended
+
+# The benchmark of the blended prompts in the scores; the held-out benchmarks are named `heldout_<source>`.
+BLENDED_BENCHMARK = "blended_heldout"
+BLENDED_ROWS_SCHEMA: dict[str, pl.DataType] = {
+    "id": pl.String(), "system": pl.String(), "instruction": pl.String(), "input": pl.String(),
+    "response": pl.String(), "first_benchmark": pl.String(), "first_id": pl.String(),
+    "second_benchmark": pl.String(), "second_id": pl.String(),
+}
+BLENDED_DETAILS_SCHEMA: dict[str, pl.DataType] = {
+    "layout": pl.String(), "first_benchmark": pl.String(), "second_benchmark": pl.String(), "items": pl.Int64(),
+    "routed_as_first_part": pl.Int64(), "routed_as_second_part": pl.Int64(), "routed_as_neither": pl.Int64(),
+    "parts_in_one_cluster": pl.Int64(),
+}
+
+
+def blended_heldout_rows(heldout: Mapping[str, pl.DataFrame], items_per_pair: int) -> pl.DataFrame:
+    """The blended prompts of the held-out rows (BLENDED_ROWS_SCHEMA): for every pair of benchmarks A < B (by
+    name), item i of A with item i of B (each benchmark's rows in id order), for i below `items_per_pair` and the
+    size of either, built by `blend_rows`. Even i ask A's item first, odd i B's: otherwise the first part would
+    always come from the source whose name sorts first, and "routed as the first part" would say as much about
+    the sources as about the position. A blend's id is its parts' ids, "<first>+<second>"."""
+    from moce_model.evaluation.benchmarks import blend_rows
+
+    if items_per_pair < 1:
+        raise ValueError(f"blend items per pair of sources must be at least 1, got {items_per_pair}")
+    if BLENDED_BENCHMARK in heldout:
+        raise ValueError(f"a held-out benchmark is named {BLENDED_BENCHMARK!r}, the name of the blended prompts")
+    ordered = {name: heldout[name].sort("id").to_dicts() for name in sorted(heldout)}
+    rows = []
+    for a, b in itertools.combinations(ordered, 2):
+        for i in range(min(items_per_pair, len(ordered[a]), len(ordered[b]))):
+            parts = [(a, ordered[a][i]), (b, ordered[b][i])]
+            (first, first_row), (second, second_row) = parts if i % 2 == 0 else parts[::-1]
+            rows.append({"id": f"{first_row['id']}+{second_row['id']}", **blend_rows(first_row, second_row),
+                         "first_benchmark": first, "first_id": first_row["id"],
+                         "second_benchmark": second, "second_id": second_row["id"]})
+    frame = pl.DataFrame(rows, schema=BLENDED_ROWS_SCHEMA)
+    repeated = frame.filter(pl.col("id").is_duplicated())["id"].unique().to_list()
+    if repeated:
+        raise ValueError(f"blended prompts with the same id (held-out ids repeated across sources?): {repeated[:3]}")
+    return frame
+
+
+def _prepare_blended(inputs: ConditionInputs) -> ConditionPlan | None:
+    from moce_model.evaluation.benchmarks import instruction_row_item_id
+
+    rows = blended_heldout_rows(inputs.heldout, inputs.config.blend_items)
+    if rows.height == 0:
+        return None  # fewer than two sources: nothing to blend
+    item_ids = [instruction_row_item_id(BLENDED_BENCHMARK, row_id) for row_id in rows["id"]]
+
+    def blend_scores(metric: str, values: Sequence[float] | np.ndarray) -> pl.DataFrame:
+        return pl.DataFrame({"benchmark": BLENDED_BENCHMARK, "metric": metric, "item_id": item_ids,
+                             "score": np.asarray(values, dtype=np.float64)})
+
+    # The parts asked alone are the clean run's own items: their scores are taken, not measured again.
+    first_loss = clean_heldout_scores(inputs, rows["first_benchmark"].to_list(), rows["first_id"].to_list())["score"]
+    second_loss = clean_heldout_scores(inputs, rows["second_benchmark"].to_list(),
+                                       rows["second_id"].to_list())["score"]
+    derived = [blend_scores(PARTS_LOSS, ((first_loss + second_loss) / 2).to_numpy())]
+    router = details = None
+    if inputs.centroids is not None:
+        if inputs.encoder is None:
+            raise ValueError(f"{inputs.layout}: the blended condition needs the router's encoder")
+        # The blends are scored under this very router, so the routing metrics describe the scored forward passes.
+        router = ClusterRouter(inputs.encoder, inputs.centroids)
+
+        def clusters(frame: pl.DataFrame) -> np.ndarray:
+            return router.assign_embeddings(inputs.encoder.encode(
+                [routing_text(*r) for r in frame.select(PROMPT_FIELDS).iter_rows()]))
+
+        part_cluster = {(benchmark, row_id): int(cluster) for benchmark, frame in inputs.heldout.items()
+                        for row_id, cluster in zip(frame["id"].to_list(), clusters(frame))}
+        blend = clusters(rows)
+        first = np.array([part_cluster[key] for key in zip(rows["first_benchmark"], rows["first_id"])])
+        second = np.array([part_cluster[key] for key in zip(rows["second_benchmark"], rows["second_id"])])
+        as_first, as_second = blend == first, blend == second
+        derived += [blend_scores(ROUTED_AS_FIRST_PART, as_first.astype(np.float64)),
+                    blend_scores(ROUTED_AS_SECOND_PART, as_second.astype(np.float64))]
+        details = (rows.select("first_benchmark", "second_benchmark")
+                   .with_columns(first=pl.Series(as_first), second=pl.Series(as_second),
+                                 one_cluster=pl.Series(first == second))
+                   .group_by("first_benchmark", "second_benchmark", maintain_order=True)
+                   .agg(pl.len().alias("items"), pl.col("first").sum().alias("routed_as_first_part"),
+                        pl.col("second").sum().alias("routed_as_second_part"),
+                        (~pl.col("first") & ~pl.col("second")).sum().alias("routed_as_neither"),
+                        pl.col("one_cluster").sum().alias("parts_in_one_cluster"))
+                   .select(pl.lit(inputs.layout).alias("layout"), pl.all())
+                   .cast(BLENDED_DETAILS_SCHEMA).select(list(BLENDED_DETAILS_SCHEMA)))
+    return ConditionPlan(rows={BLENDED_BENCHMARK: rows}, router=router, kept_scores=pl.concat(derived),
+                         details=details)
+
+
+def _describe_blended(config: StudyConfig) -> str:
+    return (f"items of their own: for every pair of sources, up to {config.blend_items} prompts that ask held-out "
+            "item i of one source, then (\"Then: \") item i of the other (the first source alternating with i), "
+            "the reference answer both answers in order; `heldout_loss` is the loss of that answer, "
+            f"`{PARTS_LOSS}` the mean clean loss of the two parts asked alone (compared within each row); for the "
+            f"layouts that route by centroids, `{ROUTED_AS_FIRST_PART}` / `{ROUTED_AS_SECOND_PART}`: the share of "
+            "blends routed to the cluster of their first / second part (both where the parts share a cluster), "
+            "where prompts went rather than how well they were answered")
+
+
+def _summarize_blended(details: pl.DataFrame) -> str:
+    """The routing distribution of each layout over its runs; layouts with the same distribution (the same
+    clustering routes them alike) are named together."""
+    counts = ("routed_as_first_part", "routed_as_second_part", "routed_as_neither", "parts_in_one_cluster")
+    per_layout = details.group_by("layout", maintain_order=True).agg(
+        pl.col("items", *counts).sum(), pl.col("run").n_unique().alias("runs"))
+    alike: dict[tuple, list[str]] = {}
+    for r in per_layout.iter_rows(named=True):
+        alike.setdefault((r["items"], r["runs"], *(r[c] for c in counts)), []).append(r["layout"])
+    lines = []
+    for (items, runs, first, second, neither, one_cluster), layouts in alike.items():
+        lines.append(f"{', '.join(layouts)}: routed as the first part {first / items:.0%}, as the second "
+                     f"{second / items:.0%}, neither {neither / items:.0%} (parts in one cluster "
+                     f"{one_cluster / items:.0%}; {items} blends over {runs} run(s))")
+    return "; ".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 NOISED = "noised"
 SOFT = "soft"
 ADAPTIVE = "adaptive"
+BLENDED = "blended"
 CONDITIONS: dict[str, StudyCondition] = {
     condition.name: condition for condition in (
         StudyCondition(NOISED, _prepare_noised, _describe_noised, _summarize_noised),
         StudyCondition(SOFT, _prepare_soft, _describe_soft, _summarize_soft),
         StudyCondition(ADAPTIVE, _prepare_adaptive, _describe_adaptive, _summarize_adaptive),
+        StudyCondition(BLENDED, _prepare_blended, _describe_blended, _summarize_blended, own_items=True),
     )
 }
 

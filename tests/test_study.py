@@ -501,3 +501,172 @@ def test_condition_scores_aggregate_as_rows_paired_with_the_clean_runs():
     difference = paired_differences(scores, resamples=500).row(0, named=True)
     assert (difference["layout"], difference["reference"]) == ("moce/e2 @noised", "moce/e2")
     assert difference["difference"] == pytest.approx(0.4, abs=0.01) and difference["verdict"] == "clean better"
+
+
+def _blend_heldout(names=("heldout_a", "heldout_b", "heldout_c"), rows=3):
+    """Held-out rows of a few benchmarks: row j of benchmark `heldout_x` has id `x{j}` (so ids sort as rows)."""
+    return {name: pl.DataFrame({
+        "id": [f"{name[-1]}{j}" for j in range(rows)], "system": [None] * rows,
+        "instruction": [f"task {name[-1]}{j}" for j in range(rows)], "input": [f"input {name[-1]}{j}" for j in range(rows)],
+        "response": [f"answer {name[-1]}{j}" for j in range(rows)]}) for name in names}
+
+
+def test_blended_rows_pair_item_i_of_every_two_sources_deterministically_with_the_shared_builder():
+    from moce_model.evaluation.benchmarks import blend_rows
+    from moce_model.study_conditions import BLENDED_BENCHMARK, blended_heldout_rows
+
+    heldout = _blend_heldout()
+    rows = blended_heldout_rows(heldout, items_per_pair=2)
+    # 3 pairs of sources x 2 items; the first part alternates with i, so each source comes first and second.
+    assert rows["id"].to_list() == ["a0+b0", "b1+a1", "a0+c0", "c1+a1", "b0+c0", "c1+b1"]
+    assert rows.select("first_benchmark", "first_id", "second_benchmark", "second_id").row(1) == (
+        "heldout_b", "b1", "heldout_a", "a1")
+    by_id = {name: {r["id"]: r for r in frame.iter_rows(named=True)} for name, frame in heldout.items()}
+    for row in rows.iter_rows(named=True):
+        built = blend_rows(by_id[row["first_benchmark"]][row["first_id"]],
+                           by_id[row["second_benchmark"]][row["second_id"]])
+        assert {k: row[k] for k in built} == built
+    assert rows.row(0, named=True)["instruction"] == "task a0\ninput a0\n\nThen: task b0"
+    assert rows.row(0, named=True)["response"] == "answer a0\n\nanswer b0"
+    # The rows' order in the files and the benchmarks' order do not matter.
+    shuffled = {name: heldout[name].reverse() for name in reversed(list(heldout))}
+    assert blended_heldout_rows(shuffled, items_per_pair=2).equals(rows)
+    # The cap is per pair of sources, and never more than a source holds.
+    assert blended_heldout_rows(heldout, items_per_pair=10).height == 3 * 3
+    assert blended_heldout_rows({"heldout_a": heldout["heldout_a"]}, items_per_pair=2).height == 0
+    with pytest.raises(ValueError, match="at least 1"):
+        blended_heldout_rows(heldout, items_per_pair=0)
+    with pytest.raises(ValueError, match=BLENDED_BENCHMARK):
+        blended_heldout_rows({**heldout, BLENDED_BENCHMARK: heldout["heldout_a"]}, items_per_pair=1)
+    with pytest.raises(ValueError, match="blend_items must be at least 1"):
+        StudyConfig(blend_items=0)
+
+
+def test_blended_condition_takes_the_parts_losses_from_the_clean_scores_and_says_where_blends_went():
+    from moce_model.routing import routing_text
+    from moce_model.study_conditions import (
+        BLENDED_BENCHMARK,
+        CONDITIONS,
+        ConditionInputs,
+        blended_heldout_rows,
+        clean_heldout_scores,
+    )
+
+    heldout = _blend_heldout(("heldout_a", "heldout_b"))
+    axes = [_unit(*([0.0] * c + [1.0])) for c in range(3)]
+    centroids = np.stack(axes).astype(np.float32)
+    # Parts of `a` in cluster 0, of `b` in cluster 1, but b2 in cluster 0 (with its partner a2).
+    part_cluster = {"a0": 0, "a1": 0, "a2": 0, "b0": 1, "b1": 1, "b2": 0}
+    vectors = {routing_text(None, f"task {i}", f"input {i}"): axes[c] for i, c in part_cluster.items()}
+    # The blends a0+b0 -> cluster 0 (its first part's), b1+a1 -> 0 (its second's), a2+b2 -> 0 (both's).
+    rows = blended_heldout_rows(heldout, items_per_pair=3)
+    assert rows["id"].to_list() == ["a0+b0", "b1+a1", "a2+b2"]
+    for row in rows.iter_rows(named=True):
+        vectors[routing_text(row["system"], row["instruction"], row["input"])] = axes[0]
+    clean = pl.DataFrame({"benchmark": ["heldout_a"] * 3 + ["heldout_b"] * 3 + ["gsm8k_test"],
+                          "metric": ["heldout_loss"] * 6 + ["exact_match"],
+                          "item_id": [f"heldout_a/a{j}" for j in range(3)] + [f"heldout_b/b{j}" for j in range(3)]
+                          + ["gsm8k_test/0"],
+                          "score": [1.0, 2.0, 3.0, 10.0, 20.0, 30.0, 1.0]})
+    inputs = ConditionInputs("moce/e2", StudyConfig(blend_items=3), heldout, clean, centroids=centroids,
+                             encoder=LookupEncoder(vectors))
+    plan = CONDITIONS["blended"].prepare(inputs)
+    assert list(plan.rows) == [BLENDED_BENCHMARK] and plan.rows[BLENDED_BENCHMARK]["id"].equals(rows["id"])
+    assert plan.router.assign([routing_text(None, "task b1", "input b1")]).tolist() == [1]
+    derived = {metric: dict(zip(frame["item_id"], frame["score"]))
+               for (metric,), frame in plan.kept_scores.partition_by("metric", as_dict=True).items()}
+    ids = [f"{BLENDED_BENCHMARK}/{i}" for i in rows["id"]]
+    # The mean of the parts' clean losses: nothing scored again.
+    assert [derived["heldout_loss_of_parts"][i] for i in ids] == [5.5, 11.0, 16.5]
+    assert [derived["routed_as_first_part"][i] for i in ids] == [1.0, 0.0, 1.0]
+    assert [derived["routed_as_second_part"][i] for i in ids] == [0.0, 1.0, 1.0]
+    assert "heldout_loss" not in derived  # the blends' own loss is what the plan's rows are scored for
+    assert plan.details.select("items", "routed_as_first_part", "routed_as_second_part", "routed_as_neither",
+                               "parts_in_one_cluster").rows() == [(2, 2, 1, 0, 1), (1, 0, 1, 0, 0)]
+    runs = pl.concat([plan.details.with_columns(pl.lit(f"moce/e2/s{s}").alias("run")) for s in range(2)]
+                     + [plan.details.with_columns(pl.lit("moce/e4").alias("layout"), pl.lit("moce/e4/s0").alias("run"))])
+    summary = CONDITIONS["blended"].summarize(runs)
+    assert ("moce/e2: routed as the first part 67%, as the second 67%, neither 0% (parts in one cluster 33%; "
+            "6 blends over 2 run(s))") in summary and "moce/e4: " in summary
+
+    # A layout without centroids: the losses only, routed by the model itself.
+    plain = CONDITIONS["blended"].prepare(ConditionInputs("pesc", StudyConfig(blend_items=3), heldout, clean))
+    assert plain.router is None and plain.details is None
+    assert set(plain.kept_scores["metric"]) == {"heldout_loss_of_parts"}
+    # Parts the clean run did not score, and a study of one source (nothing to blend).
+    with pytest.raises(ValueError, match=r"clean scores lack 1 held-out item.*heldout_b/b2"):
+        CONDITIONS["blended"].prepare(ConditionInputs("pesc", StudyConfig(blend_items=3), heldout,
+                                                      clean.filter(pl.col("item_id") != "heldout_b/b2")))
+    assert CONDITIONS["blended"].prepare(ConditionInputs(
+        "pesc", StudyConfig(), {"heldout_a": heldout["heldout_a"]}, clean)) is None
+    assert clean_heldout_scores(inputs, ["heldout_b", "heldout_a"], ["b2", "a0"])["score"].to_list() == [30.0, 1.0]
+
+
+def _blended_long(layout, matrix, metric="heldout_loss"):
+    from moce_model.study_conditions import BLENDED_BENCHMARK
+
+    return _long(layout, matrix, benchmark=BLENDED_BENCHMARK, metric=metric).with_columns(
+        pl.format("{}/b{}", pl.lit(BLENDED_BENCHMARK), pl.col("item_id")).alias("item_id"))
+
+
+def test_blended_rows_are_compared_model_with_model_and_blend_with_parts_never_with_the_clean_items():
+    from moce_model.study_conditions import BLENDED_BENCHMARK
+
+    rng = np.random.default_rng(9)
+    parts = _crossed_scores(rng, 2, 40)
+    blend = parts + 0.3 + rng.normal(0, 0.02, parts.shape)  # 0.3 above its parts asked alone
+    pesc_blend = blend + 0.2 + rng.normal(0, 0.02, parts.shape)
+    routed_first = (rng.random((1, 40)) < 0.5).astype(float).repeat(2, axis=0)
+    scores = pl.concat([
+        _long("base", _crossed_scores(rng, 1, 40, mean=2.0)), _long("pesc", _crossed_scores(rng, 2, 40)),
+        _long("moce/e4", parts), _long("moce+ac/e4", parts),
+        _blended_long("moce/e4 @blended", blend), _blended_long("moce/e4 @blended", parts, "heldout_loss_of_parts"),
+        _blended_long("moce/e4 @blended", routed_first, "routed_as_first_part"),
+        _blended_long("moce+ac/e4 @blended", blend), _blended_long("moce+ac/e4 @blended", np.ones((2, 40)),
+                                                                   "routed_as_first_part"),
+        _blended_long("pesc @blended", pesc_blend), _blended_long("pesc @blended", parts, "heldout_loss_of_parts"),
+        _blended_long("base @blended", _crossed_scores(rng, 1, 40, mean=3.0)),
+    ])
+    labels = scores["layout"].unique(maintain_order=True).to_list()
+    assert ("moce/e4 @blended", "moce/e4") in comparisons(labels)
+    assert not [p for p in comparisons(labels, own_items={"blended"}) if p[1] in ("moce/e4", "pesc", "base")
+                and "@" in p[0]]
+
+    differences = paired_differences(scores, 1_000, counterparts={"moce+ac/e4": "moce/e4"}, own_items={"blended"})
+    rows = {(r["layout"], r["reference"], r["metric"], r["reference_metric"]): r
+            for r in differences.iter_rows(named=True)}
+    blended_rows = {k for k in rows if "@blended" in k[0]}
+    assert {(k[0], k[1]) for k in blended_rows} == {
+        ("moce/e4 @blended", "pesc @blended"), ("moce/e4 @blended", "base @blended"),
+        ("moce/e4 @blended", "moce/e4 @blended"), ("moce+ac/e4 @blended", "pesc @blended"),
+        ("moce+ac/e4 @blended", "base @blended"), ("moce+ac/e4 @blended", "moce/e4 @blended"),
+        ("pesc @blended", "base @blended"), ("pesc @blended", "pesc @blended")}
+    assert all(r["benchmark"] == BLENDED_BENCHMARK for k, r in rows.items() if k in blended_rows)
+    model = rows["moce/e4 @blended", "pesc @blended", "heldout_loss", "heldout_loss"]
+    assert model["difference"] == pytest.approx(-0.2, abs=0.01) and model["verdict"] == "moce/e4 @blended better"
+    assert (model["n_seeds"], model["n_items"]) == (2, 40)
+    within = rows["moce/e4 @blended", "moce/e4 @blended", "heldout_loss", "heldout_loss_of_parts"]
+    assert within["difference"] == pytest.approx(0.3, abs=0.01)
+    assert within["verdict"] == "heldout_loss_of_parts better" and within["n_items"] == 40
+    # Where prompts went: higher or lower, never better.
+    routing = rows["moce+ac/e4 @blended", "moce/e4 @blended", "routed_as_first_part", "routed_as_first_part"]
+    assert routing["verdict"] == "moce+ac/e4 @blended higher"
+
+    # Without `own_items` the table would pair the blends with the clean items: none in common.
+    clashing = pl.concat([_long("moce/e4", parts), _long("moce/e4 @blended", blend).with_columns(
+        pl.format("{}x", pl.col("item_id")).alias("item_id"))])
+    with pytest.raises(ValueError, match="share no items"):
+        paired_differences(clashing, 100)
+    assert paired_differences(clashing, 100, own_items={"blended"}).height == 0
+
+    parameters = pl.DataFrame({"layout": ["base", "pesc", "moce/e4", "moce+ac/e4"], "groups": [None, 1, 3, 3],
+                               "experts_per_group": [None, 12, 4, 4], "router_top_k": [None, 2, 2, 2],
+                               "total_trainable": [0, 10, 10, 10], "active_trainable": [0, 5, 5, 5],
+                               "note": ["", "", "", ""]})
+    table = build_study_table(scores, parameters, 200, counterparts={"moce+ac/e4": "moce/e4"},
+                              condition_notes={"blended": "blends; moce/e4: routed as the first part 50%"},
+                              own_items={"blended"})
+    assert "- `@blended`: blends; moce/e4: routed as the first part 50%" in table.markdown
+    assert (f"| moce/e4 @blended | moce/e4 @blended | {BLENDED_BENCHMARK} | heldout_loss ↓ − heldout_loss_of_parts "
+            "| 2 x 40 |") in table.markdown
+    assert f"{BLENDED_BENCHMARK} routed_as_first_part" in table.markdown

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from moce_model.evaluation.lm import MoCELM
+from moce_model.evaluation.metrics import HELDOUT_LOSS, PARTS_LOSS, ROUTED_AS_FIRST_PART, ROUTED_AS_SECOND_PART
 from moce_model.evaluation.sandbox import run_sandboxed_many
 
 BenchmarkKind = Literal["synthetic", "blended", "instruction_rows", "humaneval", "gsm8k", "lm_eval", "lm_eval_code"]
@@ -230,7 +231,7 @@ def run_synthetic(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchma
     loss_seconds = time.perf_counter() - started
     metrics = [
         item_metric(score_metric, ids[:n_generate], [float(c) for c in correct]),
-        item_metric("heldout_loss", ids[:n_loss], [-logprob / count for logprob, count, _ in scored]),
+        item_metric(HELDOUT_LOSS, ids[:n_loss], [-logprob / count for logprob, count, _ in scored]),
     ]
     items = _records(lm, ids, contexts, completions, correct)
     note = (f"{len(rows)} held-out items generated with seed {spec.seed}: {score_metric} on the first {n_generate} "
@@ -240,8 +241,17 @@ def run_synthetic(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchma
 
 # --------------------------------------------------------------------------------------------- blended
 
-# Metrics that describe where prompts went rather than how well they were answered: no "better" or "worse".
-ROUTING_METRICS = frozenset({"routed_as_first_part", "routed_as_second_part"})
+def blend_rows(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """The prompt that asks `first`, then `second` (rows with system, instruction, input, response): the first's
+    system, its instruction and input, then "Then: " and the second's instruction, with the second's input as the
+    input; the reference answer is the two responses in order."""
+    return {
+        "system": first["system"],
+        "instruction": "\n".join(text for text in (first["instruction"], first["input"]) if text)
+                       + "\n\nThen: " + second["instruction"],
+        "input": second["input"],
+        "response": first["response"] + "\n\n" + second["response"],
+    }
 
 
 def blended_rows(first: str, second: str, n: int, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
@@ -254,16 +264,7 @@ def blended_rows(first: str, second: str, n: int, seed: int) -> tuple[list[dict]
         raise ValueError(f"a blended benchmark needs two different domains, got {first!r} twice")
     parts_a = generate_synthetic(n, seed=seed, split="heldout", domains=[first]).to_dicts()
     parts_b = generate_synthetic(n, seed=seed, split="heldout", domains=[second]).to_dicts()
-    blended = [
-        {
-            "system": a["system"],
-            "instruction": "\n".join(text for text in (a["instruction"], a["input"]) if text)
-                           + "\n\nThen: " + b["instruction"],
-            "input": b["input"],
-            "response": a["response"] + "\n\n" + b["response"],
-        }
-        for a, b in zip(parts_a, parts_b)
-    ]
+    blended = [blend_rows(a, b) for a, b in zip(parts_a, parts_b)]
     return blended, parts_a, parts_b
 
 
@@ -293,14 +294,14 @@ def run_blended(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchmark
     contexts_b, loss_b = per_token_loss(parts_b)
     ids = [f"{spec.name}/{i}" for i in range(n)]
     metrics = [
-        item_metric("heldout_loss", ids, blend_loss),
-        item_metric("heldout_loss_of_parts", ids, [(a + b) / 2 for a, b in zip(loss_a, loss_b)]),
+        item_metric(HELDOUT_LOSS, ids, blend_loss),
+        item_metric(PARTS_LOSS, ids, [(a + b) / 2 for a, b in zip(loss_a, loss_b)]),
     ]
     clusters, clusters_a, clusters_b = (lm.clusters_for(c) for c in (contexts, contexts_a, contexts_b))
     if clusters[0] is not None:
         metrics += [
-            item_metric("routed_as_first_part", ids, [float(c == a) for c, a in zip(clusters, clusters_a)]),
-            item_metric("routed_as_second_part", ids, [float(c == b) for c, b in zip(clusters, clusters_b)]),
+            item_metric(ROUTED_AS_FIRST_PART, ids, [float(c == a) for c, a in zip(clusters, clusters_a)]),
+            item_metric(ROUTED_AS_SECOND_PART, ids, [float(c == b) for c, b in zip(clusters, clusters_b)]),
         ]
     items = _records(lm, ids, contexts, [], [])
     note = (f"{n} blended prompts ({first} item, then {second} item; held-out seed {spec.seed}), scored by held-out "
@@ -334,7 +335,7 @@ def run_instruction_rows(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> 
          for context, r in zip(contexts, rows)],
         move_trailing_whitespace=False,
     )
-    metric = item_metric("heldout_loss", ids, [-logprob / count for logprob, count, _ in scored])
+    metric = item_metric(HELDOUT_LOSS, ids, [-logprob / count for logprob, count, _ in scored])
     items = _records(lm, ids, contexts, [], [])
     return BenchmarkOutcome(spec.name, [metric], len(rows), items, note=f"heldout_loss on {len(rows)} of {total} rows")
 

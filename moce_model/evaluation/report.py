@@ -29,7 +29,7 @@ from moce_model.evaluation.analyses import (
     routed_expert_use,
     routing_contingency,
 )
-from moce_model.evaluation.benchmarks import ROUTING_METRICS
+from moce_model.evaluation.metrics import LOWER_IS_BETTER, ROUTING_METRICS
 from moce_model.evaluation.runner import EXPERT_USE_SCHEMA, ITEM_SCORES_SCHEMA, PROMPT_EMBEDDINGS_SCHEMA, RESULTS_SCHEMA
 from moce_model.evaluation.stats import ALPHA, POWER, average_difference, average_estimate, paired_difference
 
@@ -37,7 +37,6 @@ from moce_model.evaluation.stats import ALPHA, POWER, average_difference, averag
 # (`pesc − base` is reported, its mirror `base − pesc` is not).
 REFERENCE_VARIANTS: tuple[str, ...] = ("pesc", "base")
 VARIANT_ORDER: tuple[str, ...] = ("base", "dense_adapter", "pesc", "moce")
-LOWER_IS_BETTER: frozenset[str] = frozenset({"heldout_loss", "heldout_loss_of_parts"})
 
 DIFFERENCES_SCHEMA: dict[str, pl.DataType] = {
     "benchmark": pl.String(), "metric": pl.String(), "variant": pl.String(), "reference": pl.String(),
