@@ -330,8 +330,8 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         description=(
             "Every layout's mean over seeds and items with a two-level bootstrap interval (seeds, then items), "
             "and the same for each layout under the evaluation-only conditions (rows `layout @condition`); paired "
-            "differences against pesc and base, of each token router against its linear counterpart and of each "
-            "condition against the clean runs; total and active trainable parameters; one figure. Aggregates the "
+            "differences against pesc and base, of each token router against its linear counterpart, of "
+            "random_group against moce (hash vs cluster) and of each condition against the clean runs; total and active trainable parameters; one figure. Aggregates the "
             "runs and conditions that are materialized and names those that are not."
         ),
     )

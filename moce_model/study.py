@@ -180,8 +180,10 @@ class StudyLayout:
     """One model of the study: a variant with an expert layout. `experts_per_group` is None for `base` and for
     the variants without token routing (one adapter per group); `pesc_matched_groups` marks `pesc`, whose single
     group holds (number of clusters) x `experts_per_group` experts. `token_router` picks how tokens are routed
-    inside a group; a layout with another router than `linear` names its `counterpart`, the same layout with the
-    linear router, which the table compares it with."""
+    inside a group. `counterpart` names the layout that differs from this one in a single thing, which the table
+    compares it with: for a layout with another router than `linear`, the same layout with the linear router; for
+    `random_group`, `moce` with the same experts (the group picked by the cluster instead of a hash of the
+    prompt: the paper's question whether the cluster, not the grouping alone, matters)."""
 
     name: str
     variant: str | None
@@ -236,8 +238,9 @@ def study_layouts(config: StudyConfig) -> list[StudyLayout]:
                 ):
                     continue
                 layouts.append(StudyLayout(f"{variant}/e{experts}", variant, experts))
-        elif semantics.needs_num_clusters:
-            layouts.append(StudyLayout(f"{variant}/e{largest}", variant, largest))
+        elif semantics.needs_num_clusters:  # random_group: moce's groups, picked by a hash of the prompt
+            counterpart = f"moce/e{largest}" if "moce" in config.variants else None
+            layouts.append(StudyLayout(f"{variant}/e{largest}", variant, largest, counterpart=counterpart))
         else:
             layouts.append(StudyLayout(variant, variant, largest, pesc_matched_groups=True,
                                        note=f"one group of k x {largest} experts (matches moce/e{largest})"))
@@ -255,7 +258,8 @@ def study_layouts(config: StudyConfig) -> list[StudyLayout]:
 
 
 def counterparts(config: StudyConfig) -> dict[str, str]:
-    """Layout -> its linear-router counterpart, for the layouts with another token router."""
+    """Layout -> its counterpart (the layout it differs from in one thing: the token router, or for
+    `random_group` the cluster picking the group)."""
     return {layout.name: layout.counterpart for layout in study_layouts(config) if layout.counterpart}
 
 
@@ -506,7 +510,8 @@ def comparisons(labels: Sequence[str], references: Sequence[str] = REFERENCE_LAY
     - every row against each reference layout under the same condition (`moce/e4 @noised` against
       `pesc @noised` and `base @noised`); a reference is not compared with the references listed after it (pesc −
       base is reported, its mirror base − pesc is not);
-    - a layout with another token router against its linear counterpart (`counterparts`), under the same condition;
+    - a layout against its counterpart (`counterparts`: the linear router for another token router, `moce` for
+      `random_group`), under the same condition;
     - a row under a condition against the same runs without it (`moce/e4 @noised` against `moce/e4`), except under
       the conditions of `own_items`, which score items of their own rather than the clean items."""
     present = set(labels)
@@ -541,7 +546,7 @@ def paired_differences(scores: pl.DataFrame, resamples: int, seed: int = 0,
                        references: Sequence[str] = REFERENCE_LAYOUTS,
                        counterparts: Mapping[str, str] | None = None,
                        own_items: Collection[str] = ()) -> pl.DataFrame:
-    """Every pair of `comparisons` (each row against `pesc` and `base`, a router against its linear counterpart, a
+    """Every pair of `comparisons` (each row against `pesc` and `base`, a layout against its counterpart, a
     condition against the clean runs unless it is one of `own_items`), paired on items (and seeds), with the
     two-level interval of the mean difference on every (benchmark, metric) both rows have, then within every row
     each metric of WITHIN_ROW_COMPARISONS against its reference metric on the same items; "no significant
@@ -745,8 +750,9 @@ def build_study_table(scores: pl.DataFrame, parameters: pl.DataFrame, resamples:
     """The study's table (aggregate + paired differences + parameter counts) and its figure.
 
     `scores` may hold rows of evaluation-only conditions (layout `condition_label(layout, condition)`), shown after
-    the layouts, in the order of `condition_notes` (condition -> what it is, in markdown); `counterparts`: each
-    layout with another token router -> its linear-router layout, which it is also compared with; `own_items`:
+    the layouts, in the order of `condition_notes` (condition -> what it is, in markdown); `counterparts`: a
+    layout -> the layout it differs from in one thing (the token router, or cluster vs hash), which it is also
+    compared with; `own_items`:
     the conditions scored on items of their own, not compared with the clean runs."""
     parameters = parameters.select(list(PARAMETERS_SCHEMA)).cast(PARAMETERS_SCHEMA)
     aggregated = aggregate(scores, resamples)

@@ -194,11 +194,25 @@ def test_ac_router_layouts_only_add_partition_keys():
         assert run_key(layout, seed) == key
 
 
+def test_random_group_is_compared_with_moce_of_the_same_experts():
+    config = StudyConfig(adapter_dim=4)
+    layouts = {layout.name: layout for layout in study_layouts(config)}
+    hashed, clustered = (layouts[n].moce_config(config, num_clusters=3) for n in ("random_group/e4", "moce/e4"))
+    # The same groups and experts; only what picks the group differs.
+    assert hashed.to_dict() | {"variant": "moce"} == clustered.to_dict()
+    labels = ["base", "pesc", "moce/e4", "random_group/e4", "random_group/e4 @noised", "moce/e4 @noised"]
+    pairs = comparisons(labels, counterparts=counterparts(config))
+    assert ("random_group/e4", "moce/e4") in pairs and ("random_group/e4 @noised", "moce/e4 @noised") in pairs
+    # Without moce in the study there is nothing to compare it with.
+    assert "random_group/e4" not in counterparts(StudyConfig(variants=("random_group", "pesc")))
+
+
 def test_ac_router_layouts_match_their_linear_counterparts():
     config = StudyConfig(adapter_dim=4)
     layouts = {layout.name: layout for layout in study_layouts(config)}
-    assert counterparts(config) == {"moce+ac/e4": "moce/e4", "pesc+ac": "pesc"}
-    for name, counterpart in counterparts(config).items():
+    assert counterparts(config) == {"random_group/e4": "moce/e4", "moce+ac/e4": "moce/e4", "pesc+ac": "pesc"}
+    for name in ("moce+ac/e4", "pesc+ac"):
+        counterpart = counterparts(config)[name]
         ac, linear = (layouts[n].moce_config(config, num_clusters=3) for n in (name, counterpart))
         assert ac.token_router == "ac" and linear.token_router == "linear"
         # Same expert budget and layout: only the router differs.
