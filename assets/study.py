@@ -165,13 +165,14 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
             timings["train_seconds"] = time.perf_counter() - started
             started = time.perf_counter()
             model_dir = merge_variant(adapters_ref, base_model["path"], centroids_ref, run_dir / "merged")
-            max_abs_diff, tolerance = compare_merged_to_unmerged(model_dir, adapters_ref["path"], base_model["path"])
+            check = compare_merged_to_unmerged(model_dir, adapters_ref["path"], base_model["path"])
             timings["merge_seconds"] = time.perf_counter() - started
-            if not max_abs_diff < tolerance:
-                raise ValueError(f"{context.partition_key}: the merged model's logits differ from the unmerged "
-                                 f"model's by {max_abs_diff:.3g} (tolerance {tolerance:.3g})")
+            if not check.passed:
+                raise ValueError(f"{context.partition_key}: the merged model does not reproduce the unmerged model: "
+                                 f"{check.describe()}")
             metadata.update({
-                "merge_check_max_abs_logit_diff": float(max_abs_diff), "merge_check_tolerance": float(tolerance),
+                "merge_check_max_abs_logit_diff": check.max_abs_diff, "merge_check_tolerance": check.tolerance,
+                "merge_check": check.describe(),
                 "train_rows": rows.height, "optimizer_steps": train_metadata["optimizer_steps"],
                 "final_loss": train_metadata["final_loss"], "loss_curve": train_metadata["loss_curve"],
                 "tokens_per_second": train_metadata["tokens_per_second"],

@@ -318,13 +318,13 @@ def build_training_assets(experiment: Experiment, branch: Branch = MAIN, variant
         def merged_equals_unmerged(merged_model: dict, adapters: dict, base_model: dict) -> dg.AssetCheckResult:
             from moce_model.merging import compare_merged_to_unmerged
 
-            max_abs_diff, tolerance = compare_merged_to_unmerged(
-                merged_model["path"], adapters["path"], base_model["path"]
-            )
+            check = compare_merged_to_unmerged(merged_model["path"], adapters["path"], base_model["path"])
             return dg.AssetCheckResult(
-                passed=bool(max_abs_diff < tolerance),
+                passed=check.passed,
+                description=check.describe(),
                 # Which model the result is about: its directory and k (the main graph changes k over time).
-                metadata={"max_abs_logit_diff": float(max_abs_diff), "tolerance": float(tolerance),
+                metadata={"max_abs_logit_diff": check.max_abs_diff, "tolerance": check.tolerance,
+                          "sequences_set_aside_at_near_ties": len(check.near_ties),
                           "k": merged_model.get("k"), "merged_model": dg.MetadataValue.path(merged_model["path"])},
             )
 

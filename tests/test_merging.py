@@ -128,8 +128,49 @@ def test_merged_directory_loads_with_auto_class_and_matches_unmerged(trained, ba
         got = merged(input_ids=ids, cluster_ids=cluster_ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("w3") == 10
-    difference, tolerance = compare_merged_to_unmerged(out, directory, base_dir)
-    assert difference < 1e-4 and tolerance == 1e-3
+    check = compare_merged_to_unmerged(out, directory, base_dir)
+    assert check.passed and check.max_abs_diff < 1e-4 and check.tolerance == 1e-3 and not check.near_ties
+
+
+def test_merge_check_fails_a_merged_directory_with_a_wrong_weight(trained, base_dir, tmp_path) -> None:
+    directory, _ = trained
+    centroids = np.eye(GROUPS, 8)
+    out = merge_to_directory(load_trained(directory, base_dir), tmp_path / "merged", centroids=centroids)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():  # LoRA folded with a 1% error in one projection of one layer
+        projection = next(w for name, w in merged.named_parameters() if name.endswith("layers.1.self_attn.v_proj.weight"))
+        projection.mul_(1.01)
+    merged.save_pretrained(out)
+    check = compare_merged_to_unmerged(out, directory, base_dir)
+    assert not check.passed and check.max_abs_diff > check.tolerance, check.describe()
+
+
+def _routing(top: list[list[list[int]]], probs: list[list[list[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(top), torch.tensor(probs)
+
+
+def test_routing_that_first_differs_at_a_near_tie_sets_the_sequence_aside_and_otherwise_fails() -> None:
+    from moce_model.merging import MergeCheck, NearTie, _first_routing_difference
+
+    # One block, 2 sequences x 1 token, 3 experts, top-2. Sequence 0: the trained model's 2nd and 3rd
+    # experts are 1e-6 apart and the merged model took the 3rd; sequence 1: top-1 order swapped 0.4 apart.
+    trained = [_routing([[[0, 1]], [[2, 0]]], [[[0.5, 0.25, 0.25 - 1e-6]], [[0.3, 0.0, 0.7]]])]
+    merged = [_routing([[[0, 2]], [[0, 2]]], [[[0.5, 0.25 - 1e-6, 0.25]], [[0.7, 0.0, 0.3]]])]
+    first = _first_routing_difference(0, merged, trained)
+    assert first.layer == 0 and first.gap == pytest.approx(1e-6, rel=0.01)
+    assert _first_routing_difference(1, merged, trained).gap == pytest.approx(0.4)
+    alike = [_routing([[[0, 1]]], [[[0.6, 0.3, 0.1]]])]
+    assert _first_routing_difference(0, alike, alike) is None
+
+    near, far = NearTie(0, 0, 1e-6), NearTie(1, 0, 0.4)
+    assert MergeCheck(1e-5, 1e-3, sequences=8, near_ties=(near,), near_tie_gap=1e-3).passed
+    assert not MergeCheck(1e-5, 1e-3, sequences=8, near_ties=(near,), not_near_ties=(far,),
+                          near_tie_gap=1e-3).passed
+    assert not MergeCheck(2e-3, 1e-3, sequences=8, near_tie_gap=1e-3).passed  # routed alike, logits differ
+    # More than half the probe set aside: the few compared cannot vouch for the merge.
+    assert not MergeCheck(1e-5, 1e-3, sequences=4, near_ties=tuple(NearTie(i, 0, 1e-6) for i in range(3)),
+                          near_tie_gap=1e-3).passed
+    assert "sequence 1 at layer 0 (gap 0.4)" in MergeCheck(1e-5, 1e-3, 8, (), (far,), 1e-3).describe()
 
 
 def test_merge_rejects_centroids_of_another_k_and_leaves_nothing(trained, base_dir, tmp_path) -> None:
