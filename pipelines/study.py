@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import dagster as dg
 
@@ -36,6 +37,13 @@ def partition_steps(wanted: list[str], runs_done: set[str], conditions_done: set
         if run or conditions:
             steps[key] = [*([RUNS_KEY] if run else []), *([CONDITIONS_KEY] if conditions else [])]
     return steps
+
+
+def run_each(keys: list[str], execute: Callable[[str], bool]) -> list[str]:
+    """Run every key in turn; the keys whose run failed. A failed run does not stop the others (a study is hours of
+    runs): they go on, the table is then built over what is materialized (it names what is missing), and the exit
+    status says that something failed."""
+    return [key for key in keys if not execute(key)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                             not args.no_conditions)
     pending = list(steps)
     seconds: dict[str, float] = {}
+    failed_workers: list[str] = []
     if args.workers > 1 and len(pending) > 1:
         # Round-robin over the run order (base, then each layout's seeds): the workers get similar mixes.
         shares = [pending[index::args.workers] for index in range(args.workers)]
@@ -97,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
                                      "--no-table", "--skip-inputs", *(["--rerun"] if args.rerun else []),
                                      *(["--no-conditions"] if args.no_conditions else [])],
                                     env=environment) for share in shares if share]
-        failed = [worker.args for worker in workers if worker.wait() != 0]
+        failed_workers = [worker.args[4] for worker in workers if worker.wait() != 0]
         print(f"{len(pending)} runs in {len(workers)} workers: {time.perf_counter() - started:.1f} s")
-        if failed:
-            print(f"a worker FAILED: {failed}", file=sys.stderr)
-            return 1
+        if failed_workers:
+            print(f"a worker had runs that FAILED (each worker's own lines above say which), among: "
+                  f"{', '.join(failed_workers)}", file=sys.stderr)
         pending = []
-    for key in pending:
+
+    def execute(key: str) -> bool:
         started, cpu_started = time.perf_counter(), time.process_time()
         result = study_job.execute_in_process(instance=instance, asset_selection=steps[key], partition_key=key,
                                               raise_on_error=False, run_config=log_config)
@@ -111,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         what = " + ".join(asset.to_user_string() for asset in steps[key])
         print(f"run {key} ({what}): {'done' if result.success else 'FAILED'} in {seconds[key]:.1f} s "
               f"({time.process_time() - cpu_started:.1f} CPU seconds)", flush=True)
-        if not result.success:
-            return 1
+        return result.success
+
+    failed_runs = run_each(pending, execute)
     if not args.no_table:
         study_job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("study_table")],
                                      run_config=log_config)
@@ -120,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study figure: {experiment.storage_root / 'study' / 'study_figure.png'}")
     print("seconds per run:", {key: round(value, 1) for key, value in seconds.items()})
     print(f"total: {time.perf_counter() - started_all:.1f} s")
-    return 0
+    if failed_runs:
+        print(f"FAILED runs: {', '.join(failed_runs)} (their errors are in the log above and in `moce ui`)",
+              file=sys.stderr)
+    return 1 if failed_runs or failed_workers else 0
 
 
 if __name__ == "__main__":

@@ -183,3 +183,16 @@ def test_moce_study_adds_the_missing_runs_and_conditions_of_an_existing_study():
         "base": [RUNS_KEY, CONDITIONS_KEY]}
     assert partition_steps(wanted, {"base"}, set(), rerun=False, with_conditions=False) == {
         "pesc/s0": [RUNS_KEY], "moce+ac/e4/s0": [RUNS_KEY]}
+
+
+def test_a_failed_run_does_not_stop_the_runs_after_it():
+    from pipelines.study import run_each
+
+    ran: list[str] = []
+
+    def execute(key: str) -> bool:
+        ran.append(key)
+        return key != "pesc+ac/s0"
+
+    assert run_each(["moce+ac/e4/s0", "pesc+ac/s0", "pesc+ac/s2"], execute) == ["pesc+ac/s0"]
+    assert ran == ["moce+ac/e4/s0", "pesc+ac/s0", "pesc+ac/s2"]
