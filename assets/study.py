@@ -11,6 +11,7 @@ runs and conditions are materialized over seeds and items.
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import dagster as dg
@@ -54,6 +55,26 @@ def check_run_inputs_current(instance: dg.DagsterInstance, partition: str, names
         if recorded is not None and current is not None and recorded != current:
             raise ValueError(f"study_runs {partition} was trained with another {name} (data version {recorded}) than "
                              f"the current one ({current}): materialize study_runs {partition} again first")
+
+
+def conditions_to_score(instance: dg.DagsterInstance, keys: Sequence[str], wanted: Sequence[str]
+                        ) -> dict[str, list[str]]:
+    """Run key -> the conditions of `wanted` that its latest study_conditions materialization did not consider (all
+    of them where there is none). A run scored before a condition joined the study has that condition still to
+    score: its partition is materialized but not complete."""
+    missing = {}
+    for key in keys:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=CONDITIONS_KEY, asset_partitions=[key]), limit=1).records
+        if not records:
+            missing[key] = list(wanted)
+            continue
+        metadata = records[0].asset_materialization.metadata
+        # Materializations before `conditions_considered` existed list only the conditions that applied.
+        considered = metadata.get("conditions_considered") or metadata.get("conditions_applied")
+        considered_names = set(considered.value) if considered is not None else set()
+        missing[key] = [name for name in wanted if name not in considered_names]
+    return missing
 
 
 def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.AssetsDefinition]:
@@ -228,6 +249,7 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         code_version=STUDY_CODE_VERSION,
         pool="training",
         deps=[study_runs],
+        metadata={"conditions": list(config.conditions)},  # read by `moce study` to find runs with some to score
         ins={
             "base_model": dg.AssetIn(),
             "study_heldout_split": dg.AssetIn(),
@@ -310,6 +332,7 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         for name, details in results.details.items():
             atomic_write_parquet(details, out_dir / f"details_{name}.parquet")
         record = {"layout": layout.name, "seed": seed, "conditions": list(results.seconds),
+                  "conditions_considered": list(config.conditions),
                   **{name: round(value, 1) for name, value in timings.items()}}
         atomic_write_text(json.dumps(record, indent=2), out_dir / "conditions.json")
         means = results.scores.group_by("layout", "benchmark", "metric").agg(
@@ -318,6 +341,7 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
             **artifact_metadata(out_dir),
             "layout": layout.name, "seed": seed,
             "conditions_applied": dg.MetadataValue.json(list(results.seconds)),
+            "conditions_considered": dg.MetadataValue.json(list(config.conditions)),
             **{name: round(value, 1) for name, value in timings.items()},
             "scores": dg.MetadataValue.md(md_table(means)),
             **{f"details_{name}": dg.MetadataValue.md(md_table(details)) for name, details in results.details.items()},
@@ -351,7 +375,9 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         run_dirs = [partition_dir(storage, RUNS_KEY, key) for key in present]
         conditions_done = context.instance.get_materialized_partitions(CONDITIONS_KEY)
         with_conditions = [key for key in present if key in conditions_done]
-        missing_conditions = [key for key in present if key not in conditions_done] if config.conditions else []
+        still_to_score = conditions_to_score(context.instance, present, config.conditions)
+        missing_conditions = [key if key not in conditions_done else f"{key} ({', '.join(still_to_score[key])})"
+                              for key in present if still_to_score[key]]
         condition_dirs = [partition_dir(storage, CONDITIONS_KEY, key) for key in with_conditions]
         scores = pl.concat([pl.read_parquet(d / "item_scores.parquet") for d in run_dirs]
                            + [pl.read_parquet(d / "condition_scores.parquet") for d in condition_dirs])

@@ -689,7 +689,7 @@ def study_markdown(aggregated: pl.DataFrame, differences: pl.DataFrame, paramete
     if missing_runs:
         lines += ["", f"Runs not materialized (left out of this table): {', '.join(missing_runs)}"]
     if missing_conditions:
-        lines += ["", f"Runs whose conditions are not materialized (their condition rows are left out): "
+        lines += ["", f"Runs with conditions not scored (left out of those rows; in brackets when only some): "
                       f"{', '.join(missing_conditions)}"]
     return "\n".join(lines) + "\n"
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import dagster as dg
 
-from assets.study import CONDITIONS_KEY, RUNS_KEY
+from assets.study import CONDITIONS_KEY, RUNS_KEY, conditions_to_score
 
 
 def partition_steps(wanted: list[str], runs_done: set[str], conditions_done: set[str], rerun: bool,
@@ -91,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_inputs and (instance.get_latest_materialization_event(split_key) is None or todo):
         study_job.execute_in_process(instance=instance, asset_selection=[split_key], run_config=log_config)
 
-    steps = partition_steps(wanted, set(instance.get_materialized_partitions(RUNS_KEY)),
-                            set(instance.get_materialized_partitions(CONDITIONS_KEY)), args.rerun,
-                            not args.no_conditions)
+    conditions = graph.get(CONDITIONS_KEY).metadata.get("conditions", [])
+    # A run whose conditions were scored before a condition joined the study is scored again, all conditions.
+    conditions_complete = {key for key, missing in conditions_to_score(instance, wanted, conditions).items()
+                           if not missing}
+    steps = partition_steps(wanted, set(instance.get_materialized_partitions(RUNS_KEY)), conditions_complete,
+                            args.rerun, not args.no_conditions)
     pending = list(steps)
     seconds: dict[str, float] = {}
     failed_workers: list[str] = []

@@ -196,3 +196,22 @@ def test_a_failed_run_does_not_stop_the_runs_after_it():
 
     assert run_each(["moce+ac/e4/s0", "pesc+ac/s0", "pesc+ac/s2"], execute) == ["pesc+ac/s0"]
     assert ran == ["moce+ac/e4/s0", "pesc+ac/s0", "pesc+ac/s2"]
+
+
+def test_runs_scored_before_a_condition_joined_the_study_have_it_still_to_score():
+    from assets.study import CONDITIONS_KEY, conditions_to_score
+
+    wanted = ["noised", "soft", "blended"]
+    with dg.instance_for_test() as instance:
+        def scored(key: str, **metadata) -> None:
+            instance.report_runless_asset_event(dg.AssetMaterialization(
+                CONDITIONS_KEY, partition=key, metadata={name: dg.MetadataValue.json(value)
+                                                         for name, value in metadata.items()}))
+
+        # Before `conditions_considered`: only the conditions that applied were listed (soft does not to pesc).
+        scored("pesc/s0", conditions_applied=["noised"])
+        scored("moce/e4/s0", conditions_applied=["noised", "soft"])
+        scored("pesc/s1", conditions_applied=["noised", "blended"], conditions_considered=wanted)
+        missing = conditions_to_score(instance, ["pesc/s0", "moce/e4/s0", "pesc/s1", "base"], wanted)
+    assert missing == {"pesc/s0": ["soft", "blended"], "moce/e4/s0": ["blended"], "pesc/s1": [],
+                       "base": wanted}
