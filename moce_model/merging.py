@@ -277,8 +277,9 @@ class MergeCheck:
     assignments, so one changed choice moves the later layers' routing of every token of the sequence. Such a
     sequence says nothing about the merge. So a sequence whose logits differ by more than the tolerance is set aside
     when its routing differs and first differs at a near tie (the trained model's probabilities of the experts
-    involved closer than `near_tie_gap`); at most half the sequences may be set aside, and every other sequence
-    must be within the tolerance. A wrong merge changes the logits of every sequence, routed alike or not."""
+    involved closer than `near_tie_gap`); every other sequence must be within the tolerance, at least a quarter of
+    the sequences and one of every expert group must be compared (a group's experts merged wrongly would show only
+    in its own sequences). A wrong merge changes the logits of every sequence, routed alike or not."""
 
     max_abs_diff: float  # over the sequences not set aside
     tolerance: float
@@ -286,16 +287,20 @@ class MergeCheck:
     near_ties: tuple[NearTie, ...] = ()
     not_near_ties: tuple[NearTie, ...] = ()
     near_tie_gap: float = 0.0
+    groups_not_compared: tuple[int, ...] = ()
+
+    @property
+    def compared(self) -> int:
+        return self.sequences - len(self.near_ties) - len(self.not_near_ties)
 
     @property
     def passed(self) -> bool:
-        return (self.max_abs_diff < self.tolerance and not self.not_near_ties
-                and len(self.near_ties) <= self.sequences // 2)
+        return (self.max_abs_diff < self.tolerance and not self.not_near_ties and not self.groups_not_compared
+                and 4 * self.compared >= self.sequences)
 
     def describe(self) -> str:
-        compared = self.sequences - len(self.near_ties) - len(self.not_near_ties)
         text = (f"largest logit difference {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}) over "
-                f"{compared} of {self.sequences} probe sequences")
+                f"{self.compared} of {self.sequences} probe sequences")
         if self.near_ties:
             text += "; set aside (logits off after a routing choice at a near tie): " + ", ".join(
                 f"sequence {t.sequence} at layer {t.layer} (gap {t.gap:.2g})" for t in self.near_ties)
@@ -304,6 +309,10 @@ class MergeCheck:
                      f"(gap >= "
                      f"{self.near_tie_gap:.2g}): " + ", ".join(
                          f"sequence {t.sequence} at layer {t.layer} (gap {t.gap:.2g})" for t in self.not_near_ties))
+        if self.groups_not_compared:
+            text += f"; no sequence of expert group(s) {list(self.groups_not_compared)} left to compare"
+        if 4 * self.compared < self.sequences:
+            text += "; fewer than a quarter of the probe sequences left to compare"
         return text
 
 
@@ -349,7 +358,7 @@ def _first_routing_difference(sequence: int, merged: list, trained: list) -> Nea
 
 def compare_merged_to_unmerged(
     merged_dir: str | Path, trained_dir: str | Path, base_model_dir: str | Path, seq_len: int = 16,
-    probe_sequences: int = 8,
+    probe_sequences: int = 16,
 ) -> MergeCheck:
     """The merged directory against the model as it was trained (for QLoRA: the NF4 base, LoRA and experts
     unmerged), on a probe batch that visits every group, on the GPU when there is one (see `MergeCheck`). The
@@ -363,7 +372,7 @@ def compare_merged_to_unmerged(
     merged.to(device)
     config = _moce_model_of(unmerged).config
     groups = config.num_groups
-    input_ids = probe_batch(config.vocab_size, batch_size=max(probe_sequences, groups), seq_len=seq_len).to(device)
+    input_ids = probe_batch(config.vocab_size, batch_size=max(probe_sequences, 2 * groups), seq_len=seq_len).to(device)
     cluster_ids = torch.arange(input_ids.shape[0], device=device) % groups
     merged_logits, merged_routing = _logits_and_routing(merged, input_ids, cluster_ids)
     trained_logits, trained_routing = _logits_and_routing(unmerged, input_ids, cluster_ids)
@@ -380,7 +389,9 @@ def compare_merged_to_unmerged(
     found = [d for d in differences if d is not None]
     compared = [s for s in range(input_ids.shape[0]) if differences[s] is None]
     max_abs_diff = float(per_sequence[compared].max()) if compared else float("inf")
+    groups_compared = {int(cluster_ids[s]) for s in compared}
     return MergeCheck(
+        groups_not_compared=tuple(g for g in range(groups) if g not in groups_compared),
         max_abs_diff=max_abs_diff, tolerance=tolerance, sequences=input_ids.shape[0],
         near_ties=tuple(d for d in found if d.gap < near_tie_gap),
         not_near_ties=tuple(d for d in found if d.gap >= near_tie_gap), near_tie_gap=near_tie_gap,

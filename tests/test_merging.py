@@ -167,9 +167,12 @@ def test_routing_that_first_differs_at_a_near_tie_sets_the_sequence_aside_and_ot
     assert not MergeCheck(1e-5, 1e-3, sequences=8, near_ties=(near,), not_near_ties=(far,),
                           near_tie_gap=1e-3).passed
     assert not MergeCheck(2e-3, 1e-3, sequences=8, near_tie_gap=1e-3).passed  # routed alike, logits differ
-    # More than half the probe set aside: the few compared cannot vouch for the merge.
-    assert not MergeCheck(1e-5, 1e-3, sequences=4, near_ties=tuple(NearTie(i, 0, 1e-6) for i in range(3)),
+    # Fewer than a quarter compared, or a group none of whose sequences is compared: they cannot vouch for it.
+    assert not MergeCheck(1e-5, 1e-3, sequences=8, near_ties=tuple(NearTie(i, 0, 1e-6) for i in range(7)),
                           near_tie_gap=1e-3).passed
+    assert MergeCheck(1e-5, 1e-3, sequences=8, near_ties=tuple(NearTie(i, 0, 1e-6) for i in range(6)),
+                      near_tie_gap=1e-3).passed
+    assert not MergeCheck(1e-5, 1e-3, sequences=8, near_ties=(near,), groups_not_compared=(2,)).passed
     assert "sequence 1 at layer 0 (gap 0.4)" in MergeCheck(1e-5, 1e-3, 8, (), (far,), 1e-3).describe()
 
 
