@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
 
@@ -99,21 +100,24 @@ def main(argv: list[str] | None = None) -> int:
                             args.rerun, not args.no_conditions)
     pending = list(steps)
     seconds: dict[str, float] = {}
-    failed_workers: list[str] = []
+    failed_workers: list[str] = []  # runs of the per-run processes that failed
     if args.workers > 1 and len(pending) > 1:
-        # Round-robin over the run order (base, then each layout's seeds): the workers get similar mixes.
-        shares = [pending[index::args.workers] for index in range(args.workers)]
+        # One fresh process per run, `workers` at a time: a process that ran many runs in turn grew to 13 GiB and was
+        # killed by the kernel (2-core, 24 GB machine); a run's process gives all its memory back when it ends.
         environment = {**os.environ, "OMP_NUM_THREADS": "1"}
         started = time.perf_counter()
-        workers = [subprocess.Popen([sys.executable, "-m", "pipelines.study", "--runs", ",".join(share),
-                                     "--no-table", "--skip-inputs", *(["--rerun"] if args.rerun else []),
-                                     *(["--no-conditions"] if args.no_conditions else [])],
-                                    env=environment) for share in shares if share]
-        failed_workers = [worker.args[4] for worker in workers if worker.wait() != 0]
-        print(f"{len(pending)} runs in {len(workers)} workers: {time.perf_counter() - started:.1f} s")
+
+        def run_in_process(key: str) -> bool:
+            command = [sys.executable, "-m", "pipelines.study", "--runs", key, "--no-table", "--skip-inputs",
+                       *(["--rerun"] if args.rerun else []), *(["--no-conditions"] if args.no_conditions else [])]
+            return subprocess.run(command, env=environment, check=False).returncode == 0
+
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
+            outcomes = dict(zip(pending, pool.map(run_in_process, pending)))
+        failed_workers = [key for key, succeeded in outcomes.items() if not succeeded]
+        print(f"{len(pending)} runs, {args.workers} at a time: {time.perf_counter() - started:.1f} s")
         if failed_workers:
-            print(f"a worker had runs that FAILED (each worker's own lines above say which), among: "
-                  f"{', '.join(failed_workers)}", file=sys.stderr)
+            print(f"runs that FAILED or were killed: {', '.join(failed_workers)}", file=sys.stderr)
         pending = []
 
     def execute(key: str) -> bool:
