@@ -312,6 +312,17 @@ class Experiment(_Section):
     training: Training = Training()
     launcher: Launcher = Launcher()
     evaluation: Evaluation = Evaluation()
+    # What `moce study` runs: any field of moce_model.study.StudyConfig (seeds, variants, experts_per_group_sweep,
+    # token_routers, conditions, sizes); missing fields keep StudyConfig's defaults.
+    study: dict[str, Any] = {}
+
+    @field_validator("study")
+    @classmethod
+    def _known_study_fields_of_the_right_type(cls, study: dict[str, Any]) -> dict[str, Any]:
+        from moce_model.study import StudyConfig
+
+        StudyConfig.from_mapping(study)  # names the unknown or badly typed field
+        return study
 
     @field_validator("experts")
     @classmethod
@@ -349,6 +360,12 @@ class Experiment(_Section):
         return TrainingConfig.preset(self.training.preset).with_overrides(
             {"prompt_format": self.base_model.prompt_format, **self.training.overrides}
         )
+
+    def study_config(self):
+        """What the study job of this experiment runs (a moce_model.study.StudyConfig)."""
+        from moce_model.study import StudyConfig
+
+        return StudyConfig.from_mapping(self.study)
 
     def benchmark_specs(self) -> list:
         """The benchmarks every model of the experiment is evaluated on (moce_model.evaluation.runner)."""

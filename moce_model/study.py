@@ -56,6 +56,15 @@ STUDY_SCORES_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+def _is_a(value: Any, kind: type) -> bool:
+    """A YAML value of a config field's type: bool is not an int, an int is a float."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """What the study runs; every field can be set from an experiment's `study:` mapping.
@@ -165,9 +174,17 @@ class StudyConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown study field(s) {unknown}; known: {sorted(known)}")
+        defaults = cls()
         for name, value in list(values.items()):
-            if isinstance(getattr(cls(), name), tuple):
+            default = getattr(defaults, name)
+            if isinstance(default, tuple):
+                kind = type(default[0]) if default else str
+                if not isinstance(value, (list, tuple)) or not all(_is_a(item, kind) for item in value):
+                    raise ValueError(f"study {name} = {value!r}: expected a list of {kind.__name__}, e.g. "
+                                     f"{list(default)}")
                 values[name] = tuple(value)
+            elif not _is_a(value, type(default)):
+                raise ValueError(f"study {name} = {value!r}: expected {type(default).__name__}, e.g. {default!r}")
         return cls(**values)
 
     def training_overrides(self, seed: int) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def build_resources(experiment: Experiment) -> dict:
 
 
 def build_definitions(experiment: Experiment, study: StudyConfig | None = None) -> dg.Definitions:
-    """`study`: what the study job runs (default: `StudyConfig()`, the seeds, sweep and sizes it documents)."""
+    """`study`: what the study job runs (default: the experiment's `study:` section over `StudyConfig`'s defaults)."""
     assets_and_checks = [
         *build_raw_source_assets(experiment),
         build_instruction_assets(experiment),
@@ -86,7 +86,7 @@ def build_definitions(experiment: Experiment, study: StudyConfig | None = None) 
         *build_training_assets(experiment),
         *build_evaluation_assets(experiment),
         *build_k_sweep_assets(experiment),
-        *build_study_assets(experiment, study or StudyConfig()),
+        *build_study_assets(experiment, study or experiment.study_config()),
     ]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
     assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]

@@ -47,6 +47,22 @@ def run_each(keys: list[str], execute: Callable[[str], bool]) -> list[str]:
     return [key for key in keys if not execute(key)]
 
 
+def run_in_processes(keys: list[str], workers: int, command: Callable[[str], list[str]]) -> list[str]:
+    """Run `command(key)` for every key in a fresh process of one thread, `workers` at a time; the keys whose
+    process failed or was killed. One process per run, not one per worker: a worker process that ran 11 runs
+    in turn grew to 13 GiB and was killed by the kernel (2-core, 24 GB machine); a run's process gives all its
+    memory back when it ends. The processes inherit the environment, so the experiment (MOCE_EXPERIMENT) and
+    its Dagster instance (DAGSTER_HOME) are the parent's."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def succeeded(key: str) -> bool:
+        return subprocess.run(command(key), env=environment, check=False).returncode == 0
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        outcomes = list(pool.map(succeeded, keys))
+    return [key for key, ok in zip(keys, outcomes) if not ok]
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipelines.definitions import defs
     from moce_model.experiment import load_experiment
@@ -102,19 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, float] = {}
     failed_workers: list[str] = []  # runs of the per-run processes that failed
     if args.workers > 1 and len(pending) > 1:
-        # One fresh process per run, `workers` at a time: a process that ran many runs in turn grew to 13 GiB and was
-        # killed by the kernel (2-core, 24 GB machine); a run's process gives all its memory back when it ends.
-        environment = {**os.environ, "OMP_NUM_THREADS": "1"}
         started = time.perf_counter()
 
-        def run_in_process(key: str) -> bool:
-            command = [sys.executable, "-m", "pipelines.study", "--runs", key, "--no-table", "--skip-inputs",
-                       *(["--rerun"] if args.rerun else []), *(["--no-conditions"] if args.no_conditions else [])]
-            return subprocess.run(command, env=environment, check=False).returncode == 0
+        def worker_command(key: str) -> list[str]:
+            return [sys.executable, "-m", "pipelines.study", "--runs", key, "--no-table", "--skip-inputs",
+                    *(["--rerun"] if args.rerun else []), *(["--no-conditions"] if args.no_conditions else [])]
 
-        with ThreadPoolExecutor(max_workers=args.workers) as pool:
-            outcomes = dict(zip(pending, pool.map(run_in_process, pending)))
-        failed_workers = [key for key, succeeded in outcomes.items() if not succeeded]
+        failed_workers = run_in_processes(pending, args.workers, worker_command)
         print(f"{len(pending)} runs, {args.workers} at a time: {time.perf_counter() - started:.1f} s")
         if failed_workers:
             print(f"runs that FAILED or were killed: {', '.join(failed_workers)}", file=sys.stderr)
@@ -136,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                                      run_config=log_config)
         print(f"\nstudy table: {experiment.storage_root / 'study' / 'study_table.md'}")
         print(f"study figure: {experiment.storage_root / 'study' / 'study_figure.png'}")
-    print("seconds per run:", {key: round(value, 1) for key, value in seconds.items()})
-    print(f"total: {time.perf_counter() - started_all:.1f} s")
+    if not args.skip_inputs:  # a worker process has printed its one run's line
+        if seconds:
+            print("seconds per run:", {key: round(value, 1) for key, value in seconds.items()})
+        print(f"total: {time.perf_counter() - started_all:.1f} s")
     if failed_runs:
         print(f"FAILED runs: {', '.join(failed_runs)} (their errors are in the log above and in `moce ui`)",
               file=sys.stderr)

@@ -122,11 +122,16 @@ def test_a_new_experiment_file_runs_the_data_half_through_moce_run(tmp_path, cle
         ({"variants": ["pesc", "dense_adapter"], "experts": {"soft_assignment": {"enabled": True}}},
          ["experts = {'soft_assignment': {'enabled': True}}", "soft_assignment.enabled = True",
           "none of the variants ['pesc', 'dense_adapter'] routes by cluster (moce, cluster_only do)"]),
+        ({"study": {"seed": [0, 1]}}, ["study = {'seed': [0, 1]}", "unknown study field(s) ['seed']", "'seeds'"]),
+        ({"study": {"seeds": 3}}, ["study = {'seeds': 3}", "study seeds = 3: expected a list of int"]),
+        ({"study": {"max_steps": True}}, ["study max_steps = True: expected int"]),
+        ({"study": {"conditions": ["noised", "sunny"]}}, ["study = {'conditions': ['noised', 'sunny']}", "'sunny'"]),
     ],
     ids=["unknown_key", "wrong_type", "bad_enum", "bad_variant", "bad_source_kind", "source_wrong_type",
          "unknown_training_field", "training_field_wrong_type", "bad_token_router", "bad_blend",
          "bad_value_for_gpus_caught_on_a_cpu", "soft_margin_not_positive", "soft_temperature_infinite",
-         "soft_enabled_not_a_boolean", "soft_unknown_key", "soft_assignment_without_a_cluster_routed_variant"],
+         "soft_enabled_not_a_boolean", "soft_unknown_key", "soft_assignment_without_a_cluster_routed_variant",
+         "study_unknown_field", "study_list_field_not_a_list", "study_int_field_a_boolean", "study_unknown_condition"],
 )
 def test_malformed_experiment_names_file_key_and_value(tmp_path, clean_env, change, expected):
     path = _write(tmp_path / "bad.yaml", _my_experiment(**change))
@@ -262,6 +267,22 @@ def test_moce_sweep_refuses_a_bad_list_of_k(clean_env):
         moce(["sweep", "--ks", "2,x"])
     with pytest.raises(SystemExit, match="every k must be at least 2"):
         moce(["sweep", "--ks", "1,3"])
+
+
+def test_the_study_section_of_the_experiment_is_what_the_study_job_runs(tmp_path, clean_env):
+    from pipelines.definitions import build_definitions
+
+    study = {"seeds": [3], "variants": ["moce"], "experts_per_group_sweep": [2], "token_routers": ["linear"],
+             "conditions": ["noised"], "noise_share": 0.5}
+    experiment = load_experiment(_write(tmp_path / "mine.yaml", _my_experiment(study=study)))
+    config = experiment.study_config()
+    assert (config.seeds, config.conditions, config.noise_share, config.max_steps) == ((3,), ("noised",), 0.5, 16)
+    graph = build_definitions(experiment).resolve_asset_graph()
+    assert graph.get(dg.AssetKey("study_runs")).partitions_def.get_partition_keys() == ["base", "moce/e2/s3"]
+    assert graph.get(dg.AssetKey("study_conditions")).metadata["conditions"] == ["noised"]
+    default = load_experiment(_write(tmp_path / "plain.yaml", _my_experiment()))
+    assert len(build_definitions(default).resolve_asset_graph().get(dg.AssetKey("study_runs")).partitions_def
+               .get_partition_keys()) == 1 + 8 * 3
 
 
 def test_the_token_router_of_the_experiment_reaches_every_variant_with_token_routing(tmp_path, clean_env):
