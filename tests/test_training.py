@@ -248,6 +248,41 @@ def test_paper_precision_trains_on_cpu(tiny_base_dir, tmp_path):
     assert (result.artifact_dir / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["emulated", "native"])
+def test_bf16_where_native_trains_in_bf16_only_where_the_device_computes_it(tiny_base_dir, tmp_path, monkeypatch,
+                                                                             native):
+    from moce_model.training import config as config_module
+    from moce_model.training import model as model_module
+
+    monkeypatch.setattr(config_module, "native_bf16", lambda: native)
+    base_dtypes = []
+    load_base_model = model_module.load_base_model
+
+    def recording(*args, **kwargs):
+        base = load_base_model(*args, **kwargs)
+        base_dtypes.append(base.dtype)
+        return base
+
+    monkeypatch.setattr(model_module, "load_base_model", recording)
+    rows = make_rows(8)
+    config = tiny_training_config(max_steps=2, save_steps=100, bf16_where_native=True)
+    result = train(tiny_base_dir, rows, {row_id: i % 2 for i, row_id in enumerate(rows["id"].to_list())},
+                   moce_config(), config, tmp_path / "run", num_clusters=2)
+    assert base_dtypes == [torch.bfloat16 if native else torch.float32]
+    recorded = json.loads((result.artifact_dir / "training.json").read_text())["training_config"]
+    assert (recorded["bf16"], recorded["bf16_where_native"]) == (native, False), "the artifact names its precision"
+
+
+def test_native_bf16_is_false_on_a_cpu_without_avx512_bf16_or_amx(monkeypatch):
+    from moce_model.training.config import native_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value)
+        assert native_bf16() == (avx512_bf16 or amx)
+
+
 def test_out_of_memory_names_the_knobs(tiny_base_dir, tmp_path, monkeypatch):
     from transformers import Trainer
 

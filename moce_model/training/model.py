@@ -49,6 +49,8 @@ def build_model(
     from moce_model.merging import add_lora
     from moce_model.modeling import MoCEForCausalLM
 
+    config = config.for_this_machine()
+
     base = load_base_model(base_model_dir, bf16=config.bf16, qlora=config.qlora)
     check_supported_architecture(base)
     if config.qlora:

@@ -347,6 +347,7 @@ def train(
     """
     from transformers import AutoTokenizer, set_seed
 
+    training_config = training_config.for_this_machine()
     if training_config.optim.startswith("paged_") and not torch.cuda.is_available():
         raise ValueError(
             f"optim={training_config.optim!r} pages the optimiser state through CUDA unified memory and needs a GPU; "
