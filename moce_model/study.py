@@ -712,32 +712,48 @@ def study_markdown(aggregated: pl.DataFrame, differences: pl.DataFrame, paramete
 
 
 def study_figure_png(aggregated: pl.DataFrame, layout_order: Sequence[str]) -> bytes:
-    """One panel per (benchmark, metric): each layout's mean with its two-level interval."""
+    """One panel per (benchmark, metric): each layout's mean with its two-level interval. A layout's rows under the
+    evaluation-only conditions sit beside its clean row, one colour per condition (one legend for the figure), so
+    that a panel has one tick per layout however many conditions there are."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    layouts = list(dict.fromkeys(split_condition_label(label)[0] for label in layout_order))
+    conditions = list(dict.fromkeys(split_condition_label(label)[1] for label in layout_order))
+    colours = {condition: f"C{i}" for i, condition in enumerate(conditions)}
+    markers = dict(zip(conditions, "osD^vP*X"))
     metrics = aggregated.select("benchmark", "metric").unique().sort("benchmark", "metric").rows()
     columns = min(3, len(metrics))
     rows = math.ceil(len(metrics) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.3 * rows), squeeze=False)
     for axis, (benchmark, metric) in zip(axes.flat, metrics):
         subset = {r["layout"]: r for r in aggregated.filter(
             (pl.col("benchmark") == benchmark) & (pl.col("metric") == metric)).iter_rows(named=True)}
-        names = [name for name in layout_order if name in subset]
-        means = np.array([subset[n]["mean"] for n in names])
-        errors = np.array([[subset[n]["mean"] - subset[n]["ci_low"] for n in names],
-                           [subset[n]["ci_high"] - subset[n]["mean"] for n in names]])
-        axis.errorbar(range(len(names)), means, yerr=errors, fmt="o", capsize=3)
+        shown = [split_condition_label(label) for label in layout_order if label in subset]
+        names = [layout for layout in layouts if any(layout == shown_layout for shown_layout, _ in shown)]
+        here = [condition for condition in conditions if any(condition == c for _, c in shown)]
+        width = 0.8 / len(here)
+        for j, condition in enumerate(here):
+            points = [(names.index(layout), subset[condition_label(layout, condition)])
+                      for layout, c in shown if c == condition]
+            offset = (j - (len(here) - 1) / 2) * width
+            axis.errorbar([x + offset for x, _ in points], [r["mean"] for _, r in points],
+                          yerr=[[r["mean"] - r["ci_low"] for _, r in points], [r["ci_high"] - r["mean"] for _, r in points]],
+                          fmt=markers[condition], color=colours[condition], capsize=2, markersize=4, elinewidth=1)
         axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         axis.set_xlim(-0.6, len(names) - 0.4)
         axis.set_title(f"{benchmark}\n{_metric_label(metric)}", fontsize=9)
         axis.grid(axis="y", alpha=0.3)
     for axis in list(axes.flat)[len(metrics):]:
         axis.set_visible(False)
-    figure.suptitle("Study: mean over seeds and items, 95% two-level bootstrap interval", fontsize=10)
-    figure.tight_layout()
+    if len(conditions) > 1:
+        handles = [plt.Line2D([], [], marker=markers[c], color=colours[c], linestyle="") for c in conditions]
+        labels = ["clean" if c is None else f"{CONDITION_MARK.strip()}{c}" for c in conditions]
+        figure.legend(handles, labels, loc="upper right", ncol=len(conditions), fontsize=8, frameon=False)
+    figure.suptitle("Study: mean over seeds and items, 95% two-level bootstrap interval", fontsize=10, x=0.3)
+    figure.tight_layout(rect=(0, 0, 1, 0.97))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
