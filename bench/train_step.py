@@ -164,6 +164,12 @@ def measure(base, variant: str, shape: ModelShape, compiled: bool, device: torch
     return row  # the model and its optimiser state are freed with this frame
 
 
+def precision_ratio(rows: list[dict], variant: str, mode: str) -> float | None:
+    """A variant's bf16 step time over its fp32 step time (both measured in one run with `--precision both`)."""
+    lookup = {row["precision"]: row["step_ms"] for row in rows if (row["variant"], row["mode"]) == (variant, mode)}
+    return lookup["bf16"] / lookup["fp32"] if {"bf16", "fp32"} <= set(lookup) else None
+
+
 def ratio(rows: list[dict], numerator: tuple[str, str], denominator: tuple[str, str]) -> float | None:
     lookup = {(row["variant"], row["mode"]): row["step_ms"] for row in rows}
     if numerator in lookup and denominator in lookup:
@@ -181,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
     parser.add_argument("--top-kernels", type=int, default=0, help="list the N heaviest kernels of each row (GPU)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "both"), default="auto",
                         help="bf16: frozen base in bf16, trainable weights in fp32, bf16 autocast (the Trainer's "
-                             "bf16=True); fp32: everything fp32; auto: bf16 on a GPU, fp32 on a CPU")
+                             "bf16=True); fp32: everything fp32; auto: bf16 on a GPU, fp32 on a CPU; both: fp32, "
+                             "then bf16, each with its own base, and the bf16 / fp32 ratios")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shape = SHAPES[args.shape]
@@ -194,46 +201,58 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    if args.precision == "both":
+        precisions = [False, True]
+    else:
+        precisions = [args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}; {shape.name}, {shape.batch}x{shape.seq_len} tokens, "
-          f"base {dtype}, autocast bf16: {bf16}", flush=True)
-    started = time.perf_counter()
-    base = build_base(shape, device, dtype)
-    print(f"base built in {time.perf_counter() - started:.1f} s", flush=True)
     rows = []
     header = f"{'variant':<15}{'mode':<10}{'step_ms':>9}{'min':>8}{'max':>8}{'tok/s':>8}{'first_s':>9}" \
              f"{'kernels':>9}{'kernel_ms':>11}{'peak_GiB':>10}"
-    print(header)
-    for mode in modes:
-        for variant in variants:
-            if variant == "reference" and mode == "compiled":
-                continue  # host syncs in the loop: nothing to compile
-            row = measure(base, variant, shape, mode == "compiled", device, args.steps,
-                          args.warmup + (2 if mode == "compiled" else 0), args.top_kernels, autocast=bf16)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            rows.append(row)
-            print(f"{row['variant']:<15}{row['mode']:<10}{row['step_ms']:>9.1f}{row['step_ms_min']:>8.1f}"
-                  f"{row['step_ms_max']:>8.1f}{row['tokens_per_s']:>8.0f}{row['first_step_s']:>9.1f}"
-                  f"{row.get('kernels', float('nan')):>9.0f}{row.get('kernel_ms', float('nan')):>11.1f}"
-                  f"{row.get('peak_gib', float('nan')):>10.2f}", flush=True)
-            for name, count, total_ms in row.get("top_kernels", []):
-                print(f"    {total_ms:>8.2f} ms {count:>6}x  {name}")
+    for bf16 in precisions:
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        print(f"torch {torch.__version__}, {name}; {shape.name}, {shape.batch}x{shape.seq_len} tokens, "
+              f"base {dtype}, autocast bf16: {bf16}", flush=True)
+        started = time.perf_counter()
+        base = build_base(shape, device, dtype)
+        print(f"base built in {time.perf_counter() - started:.1f} s", flush=True)
+        print(header)
+        for mode in modes:
+            for variant in variants:
+                if variant == "reference" and mode == "compiled":
+                    continue  # host syncs in the loop: nothing to compile
+                row = measure(base, variant, shape, mode == "compiled", device, args.steps,
+                              args.warmup + (2 if mode == "compiled" else 0), args.top_kernels, autocast=bf16)
+                row["precision"] = "bf16" if bf16 else "fp32"
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(f"{row['variant']:<15}{row['mode']:<10}{row['step_ms']:>9.1f}{row['step_ms_min']:>8.1f}"
+                      f"{row['step_ms_max']:>8.1f}{row['tokens_per_s']:>8.0f}{row['first_step_s']:>9.1f}"
+                      f"{row.get('kernels', float('nan')):>9.0f}{row.get('kernel_ms', float('nan')):>11.1f}"
+                      f"{row.get('peak_gib', float('nan')):>10.2f}", flush=True)
+                for kernel, count, total_ms in row.get("top_kernels", []):
+                    print(f"    {total_ms:>8.2f} ms {count:>6}x  {kernel}")
+        del base
+        gc.collect()
     if args.json:
         args.json.write_text(json.dumps({"device": name, "shape": shape.name, "rows": rows}, indent=2))
     print(f"(median over {args.steps} steps after {args.warmup + 1} warm-up steps, eager; 2 more compiled)")
     ratios = {
-        "moce_over_lora_eager": ratio(rows, ("moce", "eager"), ("lora", "eager")),
-        "moce_over_lora_compiled": ratio(rows, ("moce", "compiled"), ("lora", "compiled")),
-        "eager_moce_over_compiled_moce": ratio(rows, ("moce", "eager"), ("moce", "compiled")),
-        "pesc_over_moce_eager": ratio(rows, ("pesc", "eager"), ("moce", "eager")),
-        "pesc_over_moce_compiled": ratio(rows, ("pesc", "compiled"), ("moce", "compiled")),
-        "reference_over_moce_eager": ratio(rows, ("reference", "eager"), ("moce", "eager")),
-        "reference_over_moce_compiled": ratio(rows, ("reference", "eager"), ("moce", "compiled")),
+        "moce_over_lora_eager": (("moce", "eager"), ("lora", "eager")),
+        "moce_over_lora_compiled": (("moce", "compiled"), ("lora", "compiled")),
+        "eager_moce_over_compiled_moce": (("moce", "eager"), ("moce", "compiled")),
+        "pesc_over_moce_eager": (("pesc", "eager"), ("moce", "eager")),
+        "pesc_over_moce_compiled": (("pesc", "compiled"), ("moce", "compiled")),
+        "reference_over_moce_eager": (("reference", "eager"), ("moce", "eager")),
+        "reference_over_moce_compiled": (("reference", "eager"), ("moce", "compiled")),
     }
+    last = "bf16" if precisions[-1] else "fp32"  # the other ratios: within the last precision measured
+    ratios = {key: ratio([row for row in rows if row["precision"] == last], *pair) for key, pair in ratios.items()}
+    for variant in variants:
+        for mode in modes:
+            ratios[f"{variant}_{mode}_bf16_over_fp32"] = precision_ratio(rows, variant, mode)
     for key, value in ratios.items():
         if value is not None:
             print(f"{key}: {value:.3f}")

@@ -23,6 +23,19 @@ def test_train_step_times_every_variant_and_prints_the_ratios(capsys, tmp_path) 
     assert trainable["reference"] == trainable["moce"]
 
 
+def test_train_step_compares_the_two_precisions_in_one_run(capsys, tmp_path) -> None:
+    assert train_step.main(["--device", "cpu", "--shape", "tiny", "--steps", "1", "--warmup", "0", "--modes", "eager",
+                            "--variants", "lora,moce", "--precision", "both", "--json", str(tmp_path / "rows.json")]) == 0
+    out = capsys.readouterr().out
+    assert "\nmoce_eager_bf16_over_fp32: " in out and "\nlora_eager_bf16_over_fp32: " in out
+    assert "\nmoce_over_lora_eager: " in out
+    import json
+
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert sorted((row["variant"], row["precision"]) for row in rows) == [
+        ("lora", "bf16"), ("lora", "fp32"), ("moce", "bf16"), ("moce", "fp32")]
+
+
 def test_generate_times_base_and_moce(capsys) -> None:
     assert generate.main(["--device", "cpu", "--shape", "tiny", "--batches", "1,2", "--prompt-len", "8",
                           "--new-tokens", "4", "--repeats", "1"]) == 0
