@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +20,10 @@ import numpy as np
 import polars as pl
 
 from moce_model.io import atomic_write_arrow_parquet, atomic_write_json, read_json
+from moce_model.processes import stop_processes, terminable_children
 from moce_model.routing import routing_text
+
+logger = logging.getLogger(__name__)
 
 EmbedderKind = Literal["sentence-transformers", "instructor", "e5"]
 EMBEDDER_KINDS: tuple[str, ...] = ("sentence-transformers", "instructor", "e5")
@@ -143,7 +147,8 @@ class Embedder:
         if len(texts) == 0:
             return np.zeros((0, self.dimension), dtype=np.float32)
         if self.devices and self._pool is None:
-            self._pool = self.model.start_multi_process_pool(target_devices=self.devices)
+            with terminable_children():
+                self._pool = self.model.start_multi_process_pool(target_devices=self.devices)
         vectors = self.model.encode(
             list(texts),
             prompt=self.spec.prompt,
@@ -157,8 +162,15 @@ class Embedder:
 
     def close(self) -> None:
         if self._pool is not None:
-            self.model.stop_multi_process_pool(self._pool)
-            self._pool = None
+            pool, self._pool = self._pool, None
+            # Not sentence-transformers' stop_multi_process_pool: it joins its workers without a time limit, and
+            # a worker that outlives SIGTERM (moce_model.processes) would hang this process for ever.
+            killed = stop_processes(pool["processes"])
+            if killed:
+                logger.warning("embedding pool workers %s ignored SIGTERM and were killed", killed)
+            pool["input"].cancel_join_thread()
+            pool["input"].close()
+            pool["output"].close()
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:

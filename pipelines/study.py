@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import dagster as dg
 
 from assets.study import CONDITIONS_KEY, RUNS_KEY, conditions_to_score
+from moce_model.processes import terminable_children
 
 
 def partition_steps(wanted: list[str], runs_done: set[str], conditions_done: set[str], rerun: bool,
@@ -58,7 +59,7 @@ def run_in_processes(keys: list[str], workers: int, command: Callable[[str], lis
     def succeeded(key: str) -> bool:
         return subprocess.run(command(key), env=environment, check=False).returncode == 0
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with terminable_children(), ThreadPoolExecutor(max_workers=workers) as pool:
         outcomes = list(pool.map(succeeded, keys))
     return [key for key, ok in zip(keys, outcomes) if not ok]
 

@@ -9,6 +9,8 @@ from typing import Any, Callable
 import dagster as dg
 import polars as pl
 
+from moce_model.processes import terminable_children
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -121,5 +123,6 @@ class TrainerResource(dg.ConfigurableResource):
         atomic_write_json(spec, spec_path)
         command = self.launch_command(spec_path)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-        dg.PipesSubprocessClient(env=env, cwd=str(REPO_ROOT)).run(command=command, context=context)
+        with terminable_children():  # so that stopping the run (SIGTERM to the launcher) ends the training
+            dg.PipesSubprocessClient(env=env, cwd=str(REPO_ROOT)).run(command=command, context=context)
         return json.loads((output_dir / "result.json").read_text())
