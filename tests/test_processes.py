@@ -49,8 +49,9 @@ def test_a_worker_that_outlives_sigterm_is_killed_not_waited_for():
     ready = context.Event()
     stubborn = context.Process(target=_ignore_sigterm_and_wait, args=(ready,), daemon=True)
     plain = context.Process(target=time.sleep, args=(600,), daemon=True)
-    stubborn.start()
-    plain.start()
+    with terminable_children():  # as the embedding pool starts them: the suite's own SIGTERM may be ignored
+        stubborn.start()
+        plain.start()
     pid = stubborn.pid
     assert ready.wait(120), "the stubborn worker did not start"
     started = time.perf_counter()
