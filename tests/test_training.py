@@ -273,14 +273,22 @@ def test_bf16_where_native_trains_in_bf16_only_where_the_device_computes_it(tiny
     assert (recorded["bf16"], recorded["bf16_where_native"]) == (native, False), "the artifact names its precision"
 
 
-def test_native_bf16_is_false_on_a_cpu_without_avx512_bf16_or_amx(monkeypatch):
-    from moce_model.training.config import native_bf16
+def test_native_bf16_means_a_cpu_with_avx512_bf16_or_amx_unless_the_environment_says(monkeypatch):
+    from moce_model.training.config import cpu_computes_bf16, native_bf16
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value)
+        assert cpu_computes_bf16() == (avx512_bf16 or amx)
+        monkeypatch.delenv("MOCE_NATIVE_BF16", raising=False)
         assert native_bf16() == (avx512_bf16 or amx)
+        for forced in ("0", "1"):
+            monkeypatch.setenv("MOCE_NATIVE_BF16", forced)
+            assert native_bf16() == (forced == "1")
+    monkeypatch.setenv("MOCE_NATIVE_BF16", "yes")
+    with pytest.raises(ValueError, match="MOCE_NATIVE_BF16='yes': expected 0 or 1"):
+        native_bf16()
 
 
 def test_out_of_memory_names_the_knobs(tiny_base_dir, tmp_path, monkeypatch):
@@ -306,6 +314,7 @@ def test_presets():
     assert set(paper.lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     demo = TrainingConfig.demo()
     assert not demo.qlora and not demo.bf16 and not demo.compile and demo.optim == "adamw_torch"
+    assert demo.bf16_where_native, "the demo trains in bf16 where the device computes it natively"
     assert TrainingConfig.from_dict(demo.to_dict()) == demo
     with pytest.raises(ValueError, match="unknown training config field"):
         TrainingConfig.from_dict({"learning_rate": 1.0})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -70,13 +71,17 @@ class TrainingConfig:
 
     @classmethod
     def demo(cls, **overrides: Any) -> TrainingConfig:
-        """Small, fast CPU setting: fp32, LoRA r=8, 40 steps of 8 sequences at a high adapter learning rate.
+        """Small, fast CPU setting: fp32 (bf16 where the device computes it natively), LoRA r=8, 40 steps of 8
+        sequences at a high adapter learning rate.
 
         Sized for SmolLM2-135M on 2 cores: 40 x 8 sequences of the synthetic mix are ~22k tokens, measured at
         ~220 CPU-seconds per variant (~100 tokens per CPU-second, one thread), i.e. 2-4 minutes of training
         on an otherwise idle machine. On a busy machine set num_threads=1.
+
+        bf16 where native: on realmix (`moce/e4`, 3 seeds x 80 held-out items) bf16 training changed the held-out
+        loss by +0.0024 [-0.0026, +0.0085] against float32 (README, "bf16 training on the CPU").
         """
-        return cls().with_overrides(overrides)
+        return cls(bf16_where_native=True).with_overrides(overrides)
 
     @classmethod
     def paper(cls, **overrides: Any) -> TrainingConfig:
@@ -157,13 +162,30 @@ class TrainingConfig:
 
 
 
+NATIVE_BF16_ENV = "MOCE_NATIVE_BF16"
+
+
 def native_bf16() -> bool:
-    """Whether training here (CUDA when there is a GPU, else the CPU) computes bf16 natively."""
+    """Whether training here (CUDA when there is a GPU, else the CPU) computes bf16 natively. MOCE_NATIVE_BF16=0
+    (or 1) overrides the probe, e.g. to reproduce float32 runs on a bf16 CPU; the test suite sets 0, so that its
+    numbers do not depend on the machine."""
     import torch
 
+    override = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if override in ("0", "1"):
+        return override == "1"
+    if override:
+        raise ValueError(f"{NATIVE_BF16_ENV}={override!r}: expected 0 or 1")
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    # torch.cpu's own probes of the CPU's features (cpuinfo); private, hence the fallback: no public API says it.
+    return cpu_computes_bf16()
+
+
+def cpu_computes_bf16() -> bool:
+    """A CPU with AVX512-BF16 or AMX (torch.cpu's own probes of the CPU's features: private, hence the fallback;
+    no public API says it)."""
+    import torch
+
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe() for probe in probes if probe is not None)
 
