@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import typing
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ import polars as pl
 from scipy import stats as scipy_stats
 
 from moce_model.config import TOKEN_ROUTERS, MoCEConfig, variant_semantics
+from moce_model.field_values import conformed
 from moce_model.evaluation.metrics import HELDOUT_LOSS, LOWER_IS_BETTER, PARTS_LOSS, ROUTING_METRICS
 
 BASE_LAYOUT = "base"
@@ -54,15 +56,6 @@ STUDY_SCORES_SCHEMA: dict[str, pl.DataType] = {
     "layout": pl.String(), "seed": pl.Int64(), "benchmark": pl.String(), "metric": pl.String(),
     "item_id": pl.String(), "score": pl.Float64(),
 }
-
-
-def _is_a(value: Any, kind: type) -> bool:
-    """A YAML value of a config field's type: bool is not an int, an int is a float."""
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
 
 
 @dataclass(frozen=True)
@@ -175,16 +168,14 @@ class StudyConfig:
         if unknown:
             raise ValueError(f"unknown study field(s) {unknown}; known: {sorted(known)}")
         defaults = cls()
+        hints = typing.get_type_hints(cls)
         for name, value in list(values.items()):
-            default = getattr(defaults, name)
-            if isinstance(default, tuple):
-                kind = type(default[0]) if default else str
-                if not isinstance(value, (list, tuple)) or not all(_is_a(item, kind) for item in value):
-                    raise ValueError(f"study {name} = {value!r}: expected a list of {kind.__name__}, e.g. "
-                                     f"{list(default)}")
-                values[name] = tuple(value)
-            elif not _is_a(value, type(default)):
-                raise ValueError(f"study {name} = {value!r}: expected {type(default).__name__}, e.g. {default!r}")
+            try:
+                values[name] = conformed(value, hints[name])
+            except TypeError as error:
+                example = list(getattr(defaults, name)) if isinstance(getattr(defaults, name), tuple) \
+                    else getattr(defaults, name)
+                raise ValueError(f"study {name} = {value!r}: {error}, e.g. {example!r}") from None
         return cls(**values)
 
     def training_overrides(self, seed: int) -> dict[str, Any]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from moce_model.field_values import conformed
 
 # transformers.TrainingArguments' names of fields this config names more briefly: the likeliest misspellings.
 _TRAINING_ARGUMENTS_NAMES = {
@@ -144,7 +145,12 @@ class TrainingConfig:
                 raise ValueError(
                     f"unknown training config field {key!r}{suggestion}; known fields: {sorted(hints)}"
                 )
-            checked[key] = _checked_value(key, value, hints[key])
+            try:
+                checked[key] = conformed(value, hints[key])
+            except TypeError as error:
+                raise ValueError(
+                    f"training config field {key!r}: {error}, got {value!r} ({type(value).__name__})"
+                ) from None
         return dataclasses.replace(self, **checked)
 
     def for_this_machine(self) -> TrainingConfig:
@@ -188,35 +194,3 @@ def cpu_computes_bf16() -> bool:
 
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe() for probe in probes if probe is not None)
-
-
-def _checked_value(key: str, value: Any, hint: Any) -> Any:
-    """`value` as field `key` of type `hint` holds it (list -> tuple, int -> float), or a ValueError naming both."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    for option in options:
-        if option is type(None):
-            if value is None:
-                return None
-        elif option is bool:
-            if isinstance(value, bool):
-                return value
-        elif option is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        elif option is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-        elif option is str:
-            if isinstance(value, str):
-                return value
-        elif typing.get_origin(option) is tuple:
-            if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
-                return tuple(value)
-        else:  # a field type this check does not know: let the dataclass take it as it is
-            return value
-    expected = " or ".join(
-        "None" if option is type(None) else "a list of str" if typing.get_origin(option) is tuple
-        else getattr(option, "__name__", str(option))
-        for option in options
-    )
-    raise ValueError(f"training config field {key!r}: expected {expected}, got {value!r} ({type(value).__name__})")
