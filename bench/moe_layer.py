@@ -12,6 +12,9 @@ Section 2 times a LoRA + experts train step of a SmolLM2-135M-shaped model (rand
 `dense_adapter`, interleaved so that machine load hits both alike, and the peak memory of each variant
 measured in its own subprocess. The last two lines are `speedup_paper_shape_fp32: X` and
 `speedup_paper_shape: X` (bf16 autocast).
+Section 1 ends with a decoding step (one token per row, inference) at 1-64 rows: each row's group weights
+gathered against every group's experts on every row with the other groups masked, the two ways the layer can
+run; `_grouped` takes the second for one-token rows once 3 x rows > groups (bytes moved; the ratios check it).
 With `--token-router ac`, section 1 also times the batched layer with the AC router (feature weights from the
 previous block's assignments, then the linear router) against the linear router, and section 2 adds a
 `moce+ac` train step.
@@ -181,6 +184,64 @@ def token_router_section(repeats: int, device: torch.device) -> None:
               f"{adaptive * 1e3:>9.1f}{adaptive / linear:>10.2f}x", flush=True)
 
 
+# ------------------------------------------------------------------------------------------ decoding step
+
+DECODE_BATCHES = (1, 4, 16, 64)
+# Layer calls per timed sample: one is microseconds on a GPU, up to a third of a second on the CPU.
+DECODE_CALLS = {"cuda": 50, "cpu": 3}
+
+
+def time_decode_paths(shape: LayerShape, batch: int, repeats: int, dtype: torch.dtype,
+                      device: torch.device) -> tuple[float, float]:
+    """(gathered seconds, all-groups seconds) per call of the experts + routers on one token per row, inference,
+    weights in `dtype` (a merged model's), after checking that both paths give the same output."""
+    torch.manual_seed(0)
+    experts = AdapterExperts(shape.hidden, shape.groups, shape.experts, shape.adapter_dim, shape.top_k,
+                             scaling=1.0, dropout=0.0, device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        experts.adapter_up.normal_(std=0.02)
+    x = torch.randn(batch, 1, shape.hidden, device=device, dtype=dtype)
+    down = torch.randn(batch, 1, shape.hidden, device=device, dtype=dtype)
+    group_ids = torch.arange(batch, device=device) % shape.groups
+    with torch.inference_mode():
+        gathered_out = experts._gathered(x, down, group_ids, None)[0]
+        all_groups_out = experts._one_token_rows(x, down, group_ids, None)[0]
+    tolerance = {"atol": 1e-2, "rtol": 1e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(all_groups_out, gathered_out, **tolerance)
+
+    per_sample = DECODE_CALLS.get(device.type, 3)
+
+    def calls(path: Callable) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                for _ in range(per_sample):
+                    path(x, down, group_ids, None)
+        return run
+
+    gathered, all_groups = calls(experts._gathered), calls(experts._one_token_rows)
+    for _ in range(2):
+        gathered()
+        all_groups()
+    gathered_times, all_groups_times = [], []
+    for _ in range(repeats):  # interleaved, so that background load hits both alike
+        gathered_times.append(elapsed_seconds(gathered, device) / per_sample)
+        all_groups_times.append(elapsed_seconds(all_groups, device) / per_sample)
+    return statistics.median(gathered_times), statistics.median(all_groups_times)
+
+
+def decode_section(repeats: int, device: torch.device) -> None:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"\n## decoding step, one token per row, experts + routers ({dtype}, inference): each row's group weights "
+          "gathered (a copy per row) vs every group's experts on every row, other groups masked")
+    print(f"{'shape':<27}{'rows':>6}{'gathered_us':>13}{'all_groups_us':>15}{'all/gathered':>14}")
+    for shape in (DEMO, PAPER):
+        for batch in DECODE_BATCHES:
+            gathered, all_groups = time_decode_paths(shape, batch, repeats, dtype, device)
+            print(f"{shape.name:<27}{batch:>6}{gathered * 1e6:>13.1f}{all_groups * 1e6:>15.1f}"
+                  f"{all_groups / gathered:>13.2f}x", flush=True)
+            print(f"decode_all_groups_over_gathered_{shape.name.split()[0]}_rows{batch}: {all_groups / gathered:.3f}")
+
+
 # ------------------------------------------------------------------------------------------ train step
 
 
@@ -334,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     speedups = {} if args.skip_layer else layer_section(args.repeats, device)
     if not args.skip_layer and args.token_router == "ac":
         token_router_section(args.repeats, device)
+    if not args.skip_layer:
+        decode_section(max(5, args.repeats), device)
     if not args.skip_train_step and device.type == "cpu":
         train_step_section(args.seq_len, args.steps, args.token_router)
     if speedups:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.moe_layer import LayerShape, time_layer, time_token_routers
+from bench.moe_layer import LayerShape, time_decode_paths, time_layer, time_token_routers
 
 TINY = LayerShape("tiny", hidden=32, intermediate=64, groups=2, experts=4, top_k=2, adapter_dim=4, batch=4, seq_len=8)
 
@@ -38,3 +38,19 @@ def test_time_token_routers_refuses_an_ac_side_without_effect(monkeypatch) -> No
     monkeypatch.setattr(bench.moe_layer, "adaptive_clustering_token_weights", lambda x, *args: torch.ones_like(x))
     with pytest.raises(AssertionError, match="had no effect"):
         time_token_routers(TINY, repeats=1)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_time_decode_paths_times_gathered_and_all_groups(rows: int) -> None:
+    gathered, all_groups = time_decode_paths(TINY, rows, repeats=1, dtype=torch.float32, device=torch.device("cpu"))
+    assert gathered > 0 and all_groups > 0
+
+
+def test_time_decode_paths_refuses_paths_that_disagree(monkeypatch) -> None:
+    from moce_model.experts import AdapterExperts
+
+    original = AdapterExperts._one_token_rows
+    monkeypatch.setattr(AdapterExperts, "_one_token_rows",
+                        lambda self, *args: (original(self, *args)[0] + 1e-2, None))
+    with pytest.raises(AssertionError):
+        time_decode_paths(TINY, 4, repeats=1, dtype=torch.float32, device=torch.device("cpu"))

@@ -35,9 +35,13 @@ LAYOUTS = [
 ]
 
 
-def forward_backward(module: AdapterExperts, fn, bf16_autocast: bool = False):
+# 6 tokens per row take the gathered path, 1 token per row (a decoding step) the all-groups one.
+SEQ_LENS = [pytest.param(6, id="rows-of-6-tokens"), pytest.param(1, id="one-token-rows")]
+
+
+def forward_backward(module: AdapterExperts, fn, bf16_autocast: bool = False, seq_len: int = 6):
     """(output, x grad, down grad, parameter grads) of one forward+backward of `fn(x, down)`."""
-    x, down = inputs()
+    x, down = inputs(seq_len=seq_len)
     module.zero_grad()
     x_in = x.clone().requires_grad_(True)
     down_in = down.clone().requires_grad_(True)
@@ -49,12 +53,15 @@ def forward_backward(module: AdapterExperts, fn, bf16_autocast: bool = False):
     return out.float().detach(), x_in.grad, down_in.grad, grads
 
 
+@pytest.mark.parametrize("seq_len", SEQ_LENS)
 @pytest.mark.parametrize(("groups", "experts", "top_k"), LAYOUTS)
-def test_batched_equals_reference_forward_and_gradients(groups: int, experts: int, top_k: int) -> None:
+def test_batched_equals_reference_forward_and_gradients(groups: int, experts: int, top_k: int, seq_len: int) -> None:
     module = make_experts(groups, experts, top_k)
     group_ids = torch.arange(4) % groups
-    batched = forward_backward(module, lambda a, b: module(a, b, group_ids)[0])
-    reference = forward_backward(module, lambda a, b: reference_expert_forward(module, a, b, group_ids))
+    batched = forward_backward(module, lambda a, b: module(a, b, group_ids)[0], seq_len=seq_len)
+    reference = forward_backward(
+        module, lambda a, b: reference_expert_forward(module, a, b, group_ids), seq_len=seq_len
+    )
     for got, expected in zip(batched[:3], reference[:3]):
         torch.testing.assert_close(got, expected)
     for name in batched[3]:
@@ -192,13 +199,18 @@ def test_experts_kept_in_float32_accept_bfloat16_activations() -> None:
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("seq_len", SEQ_LENS)
 @pytest.mark.parametrize(("groups", "experts", "top_k"), LAYOUTS)
-def test_float32_experts_under_bfloat16_autocast_match_the_reference(groups: int, experts: int, top_k: int) -> None:
+def test_float32_experts_under_bfloat16_autocast_match_the_reference(
+    groups: int, experts: int, top_k: int, seq_len: int
+) -> None:
     """The QLoRA setting: float32 experts, Trainer bf16=True, so matmuls run under bf16 autocast."""
     module = make_experts(groups, experts, top_k)
     group_ids = torch.arange(4) % groups
-    batched = forward_backward(module, lambda a, b: module(a, b, group_ids)[0], bf16_autocast=True)
-    reference = forward_backward(module, lambda a, b: reference_expert_forward(module, a, b, group_ids), bf16_autocast=True)
+    batched = forward_backward(module, lambda a, b: module(a, b, group_ids)[0], bf16_autocast=True, seq_len=seq_len)
+    reference = forward_backward(
+        module, lambda a, b: reference_expert_forward(module, a, b, group_ids), bf16_autocast=True, seq_len=seq_len
+    )
     assert all(p.dtype == torch.float32 for p in module.parameters())
     for got, expected in zip(batched[:3], reference[:3]):
         torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)
