@@ -2,6 +2,7 @@
 
     python -m bench.moe_layer                 # everything (a few minutes on 2 CPU cores)
     python -m bench.moe_layer --skip-train-step
+    python -m bench.moe_layer --decode-only     # one token per row: gathered vs all-groups path
     python -m bench.moe_layer --token-router ac   # also the AC router's cost beside the linear router's
 
 Section 1 times forward+backward of the routed experts (routers + adapters) with the batched implementation
@@ -14,7 +15,7 @@ measured in its own subprocess. The last two lines are `speedup_paper_shape_fp32
 `speedup_paper_shape: X` (bf16 autocast).
 Section 1 ends with a decoding step (one token per row, inference) at 1-64 rows: each row's group weights
 gathered against every group's experts on every row with the other groups masked, the two ways the layer can
-run; `_grouped` takes the second for one-token rows once 3 x rows > groups (bytes moved; the ratios check it).
+run; `_grouped` takes the second for one-token rows from `ALL_GROUPS_MIN_ROWS_PER_GROUP` rows per group up.
 With `--token-router ac`, section 1 also times the batched layer with the AC router (feature weights from the
 previous block's assignments, then the linear router) against the linear router, and section 2 adds a
 `moce+ac` train step.
@@ -186,7 +187,7 @@ def token_router_section(repeats: int, device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------------ decoding step
 
-DECODE_BATCHES = (1, 4, 16, 64)
+DECODE_BATCHES = (1, 4, 8, 16, 64)
 # Layer calls per timed sample: one is microseconds on a GPU, up to a third of a second on the CPU.
 DECODE_CALLS = {"cuda": 50, "cpu": 3}
 
@@ -377,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-train-step", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-layer", action="store_true", help="only the train-step section")
+    parser.add_argument("--decode-only", action="store_true", help="only the decoding-step comparison")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU train step is bench.train_step)")
@@ -392,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, device {device.type}")
+    if args.decode_only:
+        decode_section(max(5, args.repeats), device)
+        return 0
     speedups = {} if args.skip_layer else layer_section(args.repeats, device)
     if not args.skip_layer and args.token_router == "ac":
         token_router_section(args.repeats, device)

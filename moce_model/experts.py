@@ -17,6 +17,14 @@ from torch import nn
 REQUIRED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
+# One-token rows (decoding) run every group's experts when there are at least this many rows per group. Bytes
+# moved alone would switch at 2 rows for 4 groups (see `AdapterExperts._one_token_rows`); on the 2-core CPU the
+# gathered path was faster up to 4 rows of 4 groups (by 11-29%), even or slower at 8, and at 16 1.2x (SmolLM2
+# shape) and 2.5-2.7x (LLaMA-2-7B shape) slower
+# (`bench.moe_layer`'s decoding section, README). Not yet measured on a GPU.
+ALL_GROUPS_MIN_ROWS_PER_GROUP = 2
+
+
 class AdapterExperts(nn.Module):
     """Routers and adapter experts of one MLP block, for all groups, stored stacked.
 
@@ -110,8 +118,8 @@ class AdapterExperts(nn.Module):
     ) -> tuple[torch.Tensor, "Routing"]:
         """The block output of every row under its group in `group_ids`, in the compute dtype."""
         batch, seq_len, _ = down.shape
-        # One token per row (a decoding step) moves weights, not FLOPs: see `_one_token_rows` for the byte count.
-        if seq_len == 1 and 3 * batch > self.num_groups:
+        # One token per row (a decoding step) moves weights, not FLOPs: see `_one_token_rows`.
+        if seq_len == 1 and batch >= ALL_GROUPS_MIN_ROWS_PER_GROUP * self.num_groups:
             return self._one_token_rows(x, down, group_ids, router_feature_weights)
         return self._gathered(x, down, group_ids, router_feature_weights)
 
@@ -157,9 +165,8 @@ class AdapterExperts(nn.Module):
         Gathering copies a group's weights per row (3 x the group's bytes moved per row: read, write, read),
         while a one-token row needs only a few FLOPs per weight; computing all G groups reads each weight once
         per step whatever the batch (G x the group's bytes), at G x the adapter FLOPs, which one token per row
-        makes negligible. So it moves fewer bytes once 3 x rows > G, and launches no gathers. Measured side by
-        side by `bench.moe_layer`'s decoding section. Same result as `_gathered` up to float rounding (the
-        masked groups add exact zeros)."""
+        makes negligible. So it moves fewer bytes once 3 x rows > G, and launches no gathers. Same result as
+        `_gathered` up to float rounding (the masked groups add exact zeros)."""
         batch, _, hidden = down.shape
         groups, experts, rank = self.num_groups, self.experts_per_group, self.adapter_dim
         group_mask = (group_ids.unsqueeze(1) == torch.arange(groups, device=group_ids.device)).to(down.dtype)  # [B, G]

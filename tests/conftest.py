@@ -37,3 +37,18 @@ def pytest_report_header(config):
         return "sandbox: bubblewrap"
     return (f"sandbox: NONE ({SANDBOX_PROBLEM}); generated code in these tests runs with in-process "
             f"safeguards only (MOCE_ALLOW_UNSANDBOXED_CODE={os.environ.get('MOCE_ALLOW_UNSANDBOXED_CODE')})")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_token_path(request, monkeypatch) -> str:
+    """Force rows of one token (decoding steps) onto the parametrised path of `AdapterExperts`: "gathered" (each
+    row's group weights copied) or "all_groups" (every group's experts, others masked); the batch size picks one
+    otherwise, so a test of a few rows would see only the first."""
+    import moce_model.experts
+
+    threshold = {"gathered": 10**6, "all_groups": 0}[request.param]
+    monkeypatch.setattr(moce_model.experts, "ALL_GROUPS_MIN_ROWS_PER_GROUP", threshold)
+    return request.param

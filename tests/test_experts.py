@@ -35,8 +35,10 @@ LAYOUTS = [
 ]
 
 
-# 6 tokens per row take the gathered path, 1 token per row (a decoding step) the all-groups one.
-SEQ_LENS = [pytest.param(6, id="rows-of-6-tokens"), pytest.param(1, id="one-token-rows")]
+# Rows of 6 tokens take the gathered path; rows of one token (a decoding step) are checked on both paths.
+ROW_SHAPES = [pytest.param(6, "gathered", id="rows-of-6-tokens"),
+              pytest.param(1, "gathered", id="one-token-rows-gathered"),
+              pytest.param(1, "all_groups", id="one-token-rows-all-groups")]
 
 
 def forward_backward(module: AdapterExperts, fn, bf16_autocast: bool = False, seq_len: int = 6):
@@ -53,9 +55,11 @@ def forward_backward(module: AdapterExperts, fn, bf16_autocast: bool = False, se
     return out.float().detach(), x_in.grad, down_in.grad, grads
 
 
-@pytest.mark.parametrize("seq_len", SEQ_LENS)
+@pytest.mark.parametrize(("seq_len", "one_token_path"), ROW_SHAPES, indirect=["one_token_path"])
 @pytest.mark.parametrize(("groups", "experts", "top_k"), LAYOUTS)
-def test_batched_equals_reference_forward_and_gradients(groups: int, experts: int, top_k: int, seq_len: int) -> None:
+def test_batched_equals_reference_forward_and_gradients(
+    groups: int, experts: int, top_k: int, seq_len: int, one_token_path: str
+) -> None:
     module = make_experts(groups, experts, top_k)
     group_ids = torch.arange(4) % groups
     batched = forward_backward(module, lambda a, b: module(a, b, group_ids)[0], seq_len=seq_len)
@@ -199,10 +203,10 @@ def test_experts_kept_in_float32_accept_bfloat16_activations() -> None:
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("seq_len", SEQ_LENS)
+@pytest.mark.parametrize(("seq_len", "one_token_path"), ROW_SHAPES, indirect=["one_token_path"])
 @pytest.mark.parametrize(("groups", "experts", "top_k"), LAYOUTS)
 def test_float32_experts_under_bfloat16_autocast_match_the_reference(
-    groups: int, experts: int, top_k: int, seq_len: int
+    groups: int, experts: int, top_k: int, seq_len: int, one_token_path: str
 ) -> None:
     """The QLoRA setting: float32 experts, Trainer bf16=True, so matmuls run under bf16 autocast."""
     module = make_experts(groups, experts, top_k)

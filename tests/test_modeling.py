@@ -263,7 +263,8 @@ def greedy_without_cache(model: MoCEForCausalLM, ids: torch.Tensor, cluster_ids:
     return ids
 
 
-def test_generate_passes_cluster_ids_through_cached_decoding_and_beam_search() -> None:
+@pytest.mark.parametrize("one_token_path", ["gathered", "all_groups"], indirect=True)
+def test_generate_passes_cluster_ids_through_cached_decoding_and_beam_search(one_token_path: str) -> None:
     model = tiny_moce()
     model.generation_config.pad_token_id = 0
     ids = batch_ids(batch=3, seq_len=5)
@@ -342,8 +343,9 @@ def test_expert_use_counts_per_group_exclude_padding(tmp_path) -> None:
     assert (tmp_path / "plots" / "use.png").read_bytes() == png
 
 
+@pytest.mark.parametrize("one_token_path", ["gathered", "all_groups"], indirect=True)
 @pytest.mark.parametrize("token_router", ["linear", "ac"])
-def test_cached_decoding_compiles_once_without_graph_breaks(token_router: str) -> None:
+def test_cached_decoding_compiles_once_without_graph_breaks(token_router: str, one_token_path: str) -> None:
     """transformers compiles the decode step for a static cache (on GPUs); nothing in the routing may recompile
     per token (e.g. a per-forward counter) or break the graph (e.g. reading cluster ids on the host)."""
     from transformers import CompileConfig
