@@ -221,3 +221,19 @@ def test_float32_experts_under_bfloat16_autocast_match_the_reference(
     for name, grad in batched[3].items():
         assert grad.dtype == torch.float32
         torch.testing.assert_close(grad, reference[3][name], atol=0.05, rtol=0.05, msg=f"gradient of {name}")
+
+
+def test_one_token_rows_give_the_gathered_result_with_ac_feature_weights() -> None:
+    """The AC router scales each token's router input: both decoding paths must apply it the same way."""
+    module = make_experts(3, 4, 2)
+    x, down = inputs(batch=7, seq_len=1)
+    feature_weights = torch.rand(7, 1, HIDDEN, generator=torch.Generator().manual_seed(5)) * 2
+    group_ids = torch.tensor([2, 0, 1, 1, 2, 0, 2])
+    with torch.no_grad():
+        gathered, gathered_routing = module._gathered(x, down, group_ids, feature_weights)
+        all_groups, all_groups_routing = module._one_token_rows(x, down, group_ids, feature_weights)
+        unweighted, _ = module._one_token_rows(x, down, group_ids, None)
+    torch.testing.assert_close(all_groups, gathered)
+    torch.testing.assert_close(all_groups_routing.logits, gathered_routing.logits)
+    assert torch.equal(all_groups_routing.top_experts, gathered_routing.top_experts)
+    assert not torch.allclose(unweighted, all_groups)  # the weights took effect
