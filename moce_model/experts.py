@@ -20,8 +20,8 @@ REQUIRED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # One-token rows (decoding) run every group's experts when there are at least this many rows per group. Bytes
 # moved alone would switch at 2 rows for 4 groups (see `AdapterExperts._one_token_rows`); on the 2-core CPU the
 # gathered path was faster up to 4 rows of 4 groups (by 11-29%), even or slower at 8, and at 16 1.2x (SmolLM2
-# shape) and 2.5-2.7x (LLaMA-2-7B shape) slower
-# (`bench.moe_layer`'s decoding section, README). Not yet measured on a GPU.
+# shape) and 2.5-2.7x (LLaMA-2-7B shape) slower (`bench.moe_layer --decode-only`, README). Not yet measured on
+# a GPU.
 ALL_GROUPS_MIN_ROWS_PER_GROUP = 2
 
 
@@ -172,7 +172,7 @@ class AdapterExperts(nn.Module):
         group_mask = (group_ids.unsqueeze(1) == torch.arange(groups, device=group_ids.device)).to(down.dtype)  # [B, G]
         if self.router is not None:
             router_input = x if router_feature_weights is None else x * router_feature_weights.to(x.dtype)
-            all_logits = router_input.view(batch, hidden) @ self.router.view(groups * experts, hidden).T  # [B, G*E]
+            all_logits = router_input.reshape(batch, hidden) @ self.router.view(groups * experts, hidden).T  # [B, G*E]
             logits = all_logits.view(batch, groups, experts).gather(
                 1, group_ids.view(batch, 1, 1).expand(batch, 1, experts)
             ).view(batch, 1, experts)
@@ -186,12 +186,12 @@ class AdapterExperts(nn.Module):
             row_weights = group_mask.unsqueeze(-1)  # [B, G, 1]
         # [G, B, H] @ [G, H, E*r]: every group's experts on every row; the expand is a view (stride 0 over G).
         hidden_act = F.gelu(torch.bmm(
-            self.dropout(down).view(1, batch, hidden).expand(groups, batch, hidden),
+            self.dropout(down).reshape(1, batch, hidden).expand(groups, batch, hidden),
             self.adapter_down.view(groups, hidden, experts * rank),
         ))
         hidden_act = hidden_act.view(groups, batch, experts, rank).transpose(0, 1) * row_weights.unsqueeze(-1)
         out = torch.addmm(
-            down.view(batch, hidden), hidden_act.reshape(batch, groups * experts * rank),
+            down.reshape(batch, hidden), hidden_act.reshape(batch, groups * experts * rank),
             self.adapter_up.view(groups * experts * rank, hidden), alpha=self.scaling,
         )
         return out.view(batch, 1, hidden), Routing(group_ids=group_ids, logits=logits, probs=probs,
