@@ -123,6 +123,24 @@ class AdapterExperts(nn.Module):
             return self._one_token_rows(x, down, group_ids, router_feature_weights)
         return self._gathered(x, down, group_ids, router_feature_weights)
 
+    @staticmethod
+    def _router_input(x: torch.Tensor, router_feature_weights: torch.Tensor | None) -> torch.Tensor:
+        if router_feature_weights is None:
+            return x
+        # AC router: score the token in its previous expert's transformed space, x M_k (M_k diagonal).
+        return x * router_feature_weights.to(x.dtype)
+
+    def _top_k(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(float32 probabilities over the group's E experts, selected experts [..., k], weights [..., E] in the
+        logits' dtype: the selected experts' renormalised probabilities, 0 for the others)."""
+        # One float32 softmax over all E logits serves both the balance loss and the top-k weights: the
+        # softmax over the selected logits alone equals the selected probabilities renormalised.
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        top_probs, top_experts = probs.topk(self.top_k, dim=-1)
+        top_weights = (top_probs / top_probs.sum(dim=-1, keepdim=True)).to(logits.dtype)
+        # Unselected experts get weight 0, so their outputs and gradients vanish exactly.
+        return probs, top_experts, torch.zeros_like(logits).scatter(-1, top_experts, top_weights)
+
     def _gathered(
         self, x: torch.Tensor, down: torch.Tensor, group_ids: torch.Tensor, router_feature_weights: torch.Tensor | None
     ) -> tuple[torch.Tensor, "Routing"]:
@@ -130,18 +148,9 @@ class AdapterExperts(nn.Module):
         batch, seq_len, hidden = down.shape
         experts, rank = self.experts_per_group, self.adapter_dim
         if self.router is not None:
-            router_input = x
-            if router_feature_weights is not None:
-                # AC router: score the token in its previous expert's transformed space, x M_k (M_k diagonal).
-                router_input = x * router_feature_weights.to(x.dtype)
+            router_input = self._router_input(x, router_feature_weights)
             logits = torch.bmm(router_input, self.router.index_select(0, group_ids).transpose(1, 2))  # [B, T, E]
-            # One float32 softmax over all E logits serves both the balance loss and the top-k weights: the
-            # softmax over the selected logits alone equals the selected probabilities renormalised.
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-            top_probs, top_experts = probs.topk(self.top_k, dim=-1)
-            top_weights = (top_probs / top_probs.sum(dim=-1, keepdim=True)).to(logits.dtype)
-            # Unselected experts get weight 0, so their outputs and gradients vanish exactly.
-            weights = torch.zeros_like(logits).scatter(-1, top_experts, top_weights)
+            probs, top_experts, weights = self._top_k(logits)
         else:
             logits = probs = top_experts = weights = None
         # index_select, not indexing: its backward is an index_add, several times faster on CPU than the
@@ -171,15 +180,12 @@ class AdapterExperts(nn.Module):
         groups, experts, rank = self.num_groups, self.experts_per_group, self.adapter_dim
         group_mask = (group_ids.unsqueeze(1) == torch.arange(groups, device=group_ids.device)).to(down.dtype)  # [B, G]
         if self.router is not None:
-            router_input = x if router_feature_weights is None else x * router_feature_weights.to(x.dtype)
-            all_logits = router_input.reshape(batch, hidden) @ self.router.view(groups * experts, hidden).T  # [B, G*E]
+            router_input = self._router_input(x, router_feature_weights).reshape(batch, hidden)
+            all_logits = router_input @ self.router.view(groups * experts, hidden).T  # [B, G*E]
             logits = all_logits.view(batch, groups, experts).gather(
                 1, group_ids.view(batch, 1, 1).expand(batch, 1, experts)
             ).view(batch, 1, experts)
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-            top_probs, top_experts = probs.topk(self.top_k, dim=-1)
-            top_weights = (top_probs / top_probs.sum(dim=-1, keepdim=True)).to(logits.dtype)
-            weights = torch.zeros_like(logits).scatter(-1, top_experts, top_weights).view(batch, 1, experts)
+            probs, top_experts, weights = self._top_k(logits)
             row_weights = group_mask.unsqueeze(-1) * weights  # [B, G, E]: 0 outside the row's group and top-k
         else:
             logits = probs = top_experts = None

@@ -18,7 +18,7 @@ def conformed(value: Any, hint: Any) -> Any:
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for option in options:
         if typing.get_origin(option) is tuple:
-            item_hint = typing.get_args(option)[0] if typing.get_args(option) else Any
+            item_hint = _item_hint(option)
             if isinstance(value, (list, tuple)) and all(_matches(item, item_hint) for item in value):
                 return tuple(float(item) if item_hint is float else item for item in value)
         elif option in (type(None), bool, int, float, str):
@@ -45,6 +45,12 @@ def _describe(option: Any) -> str:
     if option is type(None):
         return "None"
     if typing.get_origin(option) is tuple:
-        item_hint = typing.get_args(option)[0] if typing.get_args(option) else Any
+        item_hint = _item_hint(option)
         return f"a list of {getattr(item_hint, '__name__', str(item_hint))}"
     return getattr(option, "__name__", str(option))
+
+
+def _item_hint(tuple_hint: Any) -> Any:
+    """The element type of `tuple[X, ...]` (Any for a bare `tuple`)."""
+    arguments = typing.get_args(tuple_hint)
+    return arguments[0] if arguments else Any

@@ -173,8 +173,8 @@ class StudyConfig:
             try:
                 values[name] = conformed(value, hints[name])
             except TypeError as error:
-                example = list(getattr(defaults, name)) if isinstance(getattr(defaults, name), tuple) \
-                    else getattr(defaults, name)
+                default = getattr(defaults, name)
+                example = list(default) if isinstance(default, tuple) else default
                 raise ValueError(f"study {name} = {value!r}: {error}, e.g. {example!r}") from None
         return cls(**values)
 

@@ -166,8 +166,6 @@ class TrainingConfig:
         return values
 
 
-
-
 NATIVE_BF16_ENV = "MOCE_NATIVE_BF16"
 
 
