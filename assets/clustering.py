@@ -20,7 +20,7 @@ def centroids_output(ids, vectors: np.ndarray, k: int, embedder: dict, out_dir: 
                      iterations: int, restarts: int, previous=None) -> dg.Output[dict]:
     """Fit spherical k-means centroids at k (or, given the `previous` ClusterState, add the rows it has not
     counted), save them and their cluster state in `out_dir`; the reference and metadata of a centroids asset."""
-    from moce_model.clustering import ClusterState, fit_kmeans, save_centroids, update_centroids
+    from moce_model.clustering.kmeans import ClusterState, fit_kmeans, save_centroids, update_centroids
 
     started = time.perf_counter()
     if previous is not None:
@@ -80,8 +80,8 @@ def build_assignment_assets(branch: Branch = MAIN) -> list:
         instruction_embeddings: dict,
         instructions: pl.LazyFrame,
     ) -> dg.Output[pl.DataFrame]:
-        from moce_model.clustering import assign, cluster_purity, load_centroids, read_embeddings
-        from moce_model.plots import cluster_projection_plot, png_markdown
+        from moce_model.clustering.kmeans import assign, cluster_purity, load_centroids, read_embeddings
+        from moce_model.common.plots import cluster_projection_plot, png_markdown
 
         ids, vectors = read_embeddings(instruction_embeddings["path"])
         centroids, _ = load_centroids(kmeans_centroids["path"])
@@ -194,8 +194,8 @@ def build_clustering_assets(experiment: Experiment) -> list:
     def elbow_curve(
         context: dg.AssetExecutionContext, config: ElbowConfig, instruction_embeddings: dict
     ) -> dg.Output[pl.DataFrame]:
-        from moce_model.clustering import elbow_sweep, find_knee, read_embeddings
-        from moce_model.plots import elbow_plot, png_markdown
+        from moce_model.clustering.kmeans import elbow_sweep, find_knee, read_embeddings
+        from moce_model.common.plots import elbow_plot, png_markdown
 
         _, vectors = read_embeddings(instruction_embeddings["path"])
         k_max = min(config.k_max, len(vectors) - 1)
@@ -239,7 +239,7 @@ def build_clustering_assets(experiment: Experiment) -> list:
     def selected_k(
         context: dg.AssetExecutionContext, config: SelectedKConfig, elbow_curve: pl.DataFrame, instruction_embeddings: dict
     ) -> dg.Output[int]:
-        from moce_model.clustering import find_knee
+        from moce_model.clustering.kmeans import find_knee
 
         knee, reason = find_knee(
             elbow_curve["k"].to_list(), elbow_curve["inertia"].to_list(), elbow_curve["silhouette"].to_list()
@@ -268,7 +268,7 @@ def build_clustering_assets(experiment: Experiment) -> list:
         instruction_embeddings: dict,
         storage: ArtifactStorage,
     ) -> dg.Output[dict]:
-        from moce_model.clustering import ClusterState, load_centroids, read_embeddings
+        from moce_model.clustering.kmeans import ClusterState, load_centroids, read_embeddings
 
         ids, vectors = read_embeddings(instruction_embeddings["path"])
         embedder = instruction_embeddings["embedder"]

@@ -9,7 +9,7 @@ import polars as pl
 
 from assets.common import md_table
 from moce_model.experiment import Experiment
-from moce_model.sources import SourceSpec
+from moce_model.data.sources import SourceSpec
 
 DATA_CODE_VERSION = "2"
 
@@ -38,7 +38,7 @@ def build_raw_source_assets(experiment: Experiment) -> list[dg.AssetsDefinition]
             metadata={"source_spec": dg.MetadataValue.json(spec.to_dict())},
         )
         def raw_source(context: dg.AssetExecutionContext) -> dg.Output[pl.DataFrame]:
-            from moce_model.sources import load_source
+            from moce_model.data.sources import load_source
 
             frame = load_source(spec)
             with_problems = int(frame["problem"].is_not_null().sum())
@@ -93,7 +93,7 @@ def build_instruction_assets(experiment: Experiment) -> dg.AssetsDefinition:
         },
     )
     def instructions(context: dg.AssetExecutionContext, **raw_frames: pl.DataFrame):
-        from moce_model.instructions import normalise_instructions
+        from moce_model.data.instructions import normalise_instructions
 
         frames = [raw_frames[name] for name in raw_keys]
         kept, rejected = normalise_instructions(frames, max_chars=experiment.max_instruction_chars)

@@ -41,7 +41,7 @@ def instruction_embeddings(
     embedder: EmbedderResource,
     storage: ArtifactStorage,
 ) -> dg.Output[dict]:
-    from moce_model.embedding import embed_to_parquet_shards, routing_texts
+    from moce_model.clustering.embedding import embed_to_parquet_shards, routing_texts
 
     rows = instructions.select("id", "system", "instruction", "input").collect()
     frame = rows.select("id").with_columns(routing_texts(rows))
@@ -87,8 +87,8 @@ def instruction_embeddings(
 def embeddings_are_unit_norm_and_complete(
     instruction_embeddings: dict, instructions: pl.LazyFrame
 ) -> dg.AssetCheckResult:
-    from moce_model.clustering import read_embeddings
-    from moce_model.embedding import UNIT_NORM_TOLERANCE
+    from moce_model.clustering.kmeans import read_embeddings
+    from moce_model.clustering.embedding import UNIT_NORM_TOLERANCE
 
     # The check reports bad values itself, so it reads them without the loader's own value check.
     ids, vectors = read_embeddings(instruction_embeddings["path"], check_values=False)

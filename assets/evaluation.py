@@ -16,7 +16,7 @@ from assets.common import (
     artifact_ref,
     md_table,
 )
-from moce_model.config import variant_semantics
+from moce_model.variants import variant_semantics
 from moce_model.experiment import Experiment
 from resources.storage import ArtifactStorage
 
@@ -40,7 +40,7 @@ def expert_use_metadata(model_name: str, expert_use: pl.DataFrame) -> dict:
     """Row count, the share per benchmark, group and expert pooled over layers (with its range over layers),
     and the layer-by-expert heatmap, for a model whose groups have several experts."""
     from moce_model.evaluation.analyses import expert_use_heatmap, expert_use_summary, routed_expert_use
-    from moce_model.plots import png_markdown
+    from moce_model.common.plots import png_markdown
 
     metadata: dict = {"rows": expert_use.height}
     if expert_use.height == 0:
@@ -57,7 +57,7 @@ def expert_use_metadata(model_name: str, expert_use: pl.DataFrame) -> dict:
 def prompt_map_metadata(prompt_embeddings: pl.DataFrame) -> dict:
     """Prompt count and the PCA map of the evaluated prompts, by cluster and by benchmark."""
     from moce_model.evaluation.analyses import prompt_map
-    from moce_model.plots import png_markdown
+    from moce_model.common.plots import png_markdown
 
     png, mapped = prompt_map(prompt_embeddings)
     metadata: dict = {"prompts": mapped}
@@ -119,7 +119,7 @@ def build_results_asset(experiment: Experiment, model_name: str, branch: Branch 
     def evaluate(context: dg.AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage,
                  model: dict):
         from moce_model.evaluation.runner import evaluate_model
-        from moce_model.io import atomic_write_parquet
+        from moce_model.common.io import atomic_write_parquet
 
         started = time.perf_counter()
         result = evaluate_model(
@@ -198,8 +198,8 @@ def build_evaluation_assets(experiment: Experiment) -> list:
     )
     def benchmark_report(context: dg.AssetExecutionContext, **inputs: pl.DataFrame):
         from moce_model.evaluation.report import build_report
-        from moce_model.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
-        from moce_model.plots import png_markdown
+        from moce_model.common.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
+        from moce_model.common.plots import png_markdown
 
         report = build_report([inputs[name] for name in model_names],
                               [inputs[f"{name}_item_scores"] for name in model_names],

@@ -52,7 +52,7 @@ def build_k_sweep_assets(experiment: Experiment) -> list:
     def sweep_centroids(
         context: dg.AssetExecutionContext, instruction_embeddings: dict, storage: ArtifactStorage
     ) -> dg.Output[dict]:
-        from moce_model.clustering import read_embeddings
+        from moce_model.clustering.kmeans import read_embeddings
 
         k = partition_k(context.partition_key)
         ids, vectors = read_embeddings(instruction_embeddings["path"])

@@ -19,7 +19,7 @@ import polars as pl
 
 from assets.common import DATA_VERSION_TAG, INPUT_DATA_VERSION_TAG, artifact_metadata, artifact_ref, md_table
 from assets.training import merge_variant, train_variant
-from moce_model.study import StudyConfig, parse_run_key, run_keys, study_layouts
+from moce_model.study.config import StudyConfig, parse_run_key, run_keys, study_layouts
 from moce_model.experiment import Experiment
 from resources.storage import ArtifactStorage
 from resources.trainer import TrainerResource
@@ -94,8 +94,8 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
     def study_heldout_split(
         context: dg.AssetExecutionContext, storage: ArtifactStorage, instructions: pl.DataFrame
     ) -> dg.Output[dict]:
-        from moce_model.io import atomic_write_parquet
-        from moce_model.study import heldout_split
+        from moce_model.common.io import atomic_write_parquet
+        from moce_model.study.config import heldout_split
 
         split = heldout_split(instructions, config.heldout_rows_per_source)
         out_dir = storage.path_for(context.asset_key)
@@ -144,9 +144,9 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
     ) -> dg.MaterializeResult:
         from moce_model.evaluation.benchmarks import BenchmarkSpec
         from moce_model.evaluation.runner import default_gsm8k_path, evaluate_model
-        from moce_model.io import atomic_write_parquet, atomic_write_text
+        from moce_model.common.io import atomic_write_parquet, atomic_write_text
         from moce_model.merging import compare_merged_to_unmerged
-        from moce_model.study import trainable_parameters
+        from moce_model.study.config import trainable_parameters
 
         layout, seed = parse_run_key(config, context.partition_key)
         run_dir = partition_dir(storage, RUNS_KEY, context.partition_key)
@@ -273,8 +273,8 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
     ) -> dg.MaterializeResult:
         import shutil
 
-        from moce_model.io import atomic_write_parquet, atomic_write_text
-        from moce_model.study_conditions import ConditionInputs, score_conditions
+        from moce_model.common.io import atomic_write_parquet, atomic_write_text
+        from moce_model.study.conditions import ConditionInputs, score_conditions
         from moce_model.training import ARTIFACT_DIRNAME
 
         key = context.partition_key
@@ -286,15 +286,15 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         adapter_dir = run_dir / "training" / ARTIFACT_DIRNAME
         moce_config = None
         if layout.trained:
-            from moce_model.config import MoCEConfig
+            from moce_model.model.config import MoCEConfig
 
             if not (adapter_dir / "config.json").is_file():
                 raise FileNotFoundError(f"study_runs {key} kept no adapters at {adapter_dir}: materialize it again")
             moce_config = MoCEConfig.from_pretrained(adapter_dir)
         routed = {}
         if moce_config is not None and moce_config.needs_centroids:
-            from moce_model.clustering import load_centroids, read_embeddings
-            from moce_model.embedding import load_embedder
+            from moce_model.clustering.kmeans import load_centroids, read_embeddings
+            from moce_model.clustering.embedding import load_embedder
 
             routed = {"centroids": load_centroids(kmeans_centroids["path"])[0],
                       "encoder": load_embedder(kmeans_centroids["embedder"]),
@@ -361,10 +361,11 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         ),
     )
     def study_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
-        from moce_model.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
-        from moce_model.plots import png_markdown
-        from moce_model.study import build_study_table, counterparts
-        from moce_model.study_conditions import study_condition
+        from moce_model.common.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
+        from moce_model.common.plots import png_markdown
+        from moce_model.study.table import build_study_table
+        from moce_model.study.config import counterparts
+        from moce_model.study.conditions import study_condition
 
         done = context.instance.get_materialized_partitions(RUNS_KEY)
         keys = run_keys(config)

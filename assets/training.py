@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from assets.common import MAIN, HEAVY_STEP_TAG, Branch, artifact_dir, artifact_metadata, artifact_ref, md_table
-from moce_model.config import variant_semantics
+from moce_model.variants import variant_semantics
 from moce_model.experiment import Experiment
 from resources.model_source import BaseModelSource
 from resources.storage import ArtifactStorage
@@ -52,7 +52,7 @@ def base_model(
 
 
 def _moce_config(experiment: Experiment, variant: str, num_clusters: int | None, embedder: dict | None):
-    from moce_model.config import MoCEConfig
+    from moce_model.model.config import MoCEConfig
 
     experts = experiment.experts
     return MoCEConfig.for_variant(
@@ -86,8 +86,8 @@ def train_variant(
     """Train one variant; returns (artifact reference, materialization metadata). `num_clusters` is the
     clustering's k (None for the variants that do not depend on it), recorded as `k` in metadata and refs.
     `moce_config`: the model's layout when it is not the profile's (the study's experts-per-group sweep)."""
-    from moce_model.expert_stats import expert_use_heatmap_png
-    from moce_model.plots import loss_curve_plot, png_markdown
+    from moce_model.training.expert_use import expert_use_heatmap_png
+    from moce_model.common.plots import loss_curve_plot, png_markdown
     from moce_model.training import training_progress
 
     if moce_config is None:
@@ -155,10 +155,11 @@ def train_variant(
 
 
 def merge_variant(adapters_ref: dict, base_model_dir: str, centroids_ref: dict | None, out_dir: Path) -> Path:
-    from moce_model.clustering import load_centroids
-    from moce_model.merging import load_trained, merge_to_directory
+    from moce_model.clustering.kmeans import load_centroids
+    from moce_model.model.adapters import load_trained
+    from moce_model.merging import merge_to_directory
 
-    from moce_model.merging import TRAINING_RECORD_FILE
+    from moce_model.model.adapters import TRAINING_RECORD_FILE
 
     centroids = load_centroids(centroids_ref["path"])[0] if centroids_ref else None
     record_path = Path(adapters_ref["path"]) / TRAINING_RECORD_FILE

@@ -25,11 +25,11 @@ from collections.abc import Iterator
 
 import torch
 
-import moce_model.experts
+import moce_model.model.experts
 from bench.timing import elapsed_seconds
 from bench.train_step import SHAPES, build_base
-from moce_model.config import MoCEConfig
-from moce_model.modeling import MoCEForCausalLM
+from moce_model.model.config import MoCEConfig
+from moce_model.model.modeling import MoCEForCausalLM
 
 
 def attach_experts(base, adapter_dim: int) -> MoCEForCausalLM:
@@ -83,13 +83,13 @@ def time_generation(model, batch: int, prompt_len: int, new_tokens: int, cache: 
 @contextlib.contextmanager
 def decoding_path(variant: str) -> Iterator[None]:
     """`moce_gathered`: every decoding step on the gathered path; any other variant: the layer's own choice."""
-    threshold = moce_model.experts.ALL_GROUPS_MIN_ROWS_PER_GROUP
+    threshold = moce_model.model.experts.ALL_GROUPS_MIN_ROWS_PER_GROUP
     if variant == "moce_gathered":
-        moce_model.experts.ALL_GROUPS_MIN_ROWS_PER_GROUP = 10**9
+        moce_model.model.experts.ALL_GROUPS_MIN_ROWS_PER_GROUP = 10**9
     try:
         yield
     finally:
-        moce_model.experts.ALL_GROUPS_MIN_ROWS_PER_GROUP = threshold
+        moce_model.model.experts.ALL_GROUPS_MIN_ROWS_PER_GROUP = threshold
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ each decoding step; p50 and p95 over repeats, at batch 1 and 16, and the embedde
 Weights are random (the cost of a forward pass does not depend on them): the language model is the base of the
 shape with the merged `moce` experts attached (4 groups x 4 experts, top-2), the encoders are random encoders of
 the named checkpoints' shapes saved as sentence-transformers directories and loaded through the project's own
-embedder loader and router (`moce_model.embedding.load_embedder`, `moce_model.routing.ClusterRouter`).
+embedder loader and router (`moce_model.clustering.embedding.load_embedder`, `moce_model.clustering.router.ClusterRouter`).
 Tokenisation uses a character-level tokenizer (no Hub on the GPU machine), so its time is a lower bound for a BPE
 tokenizer. Decoding uses transformers' default dynamic cache, eager.
 """
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown embedder(s) {unknown}; choose from {sorted(ENCODERS)}")
 
-    from moce_model.embedding import load_embedder
-    from moce_model.routing import ClusterRouter
+    from moce_model.clustering.embedding import load_embedder
+    from moce_model.clustering.router import ClusterRouter
     from tests.tiny_models import make_char_tokenizer
 
     shape = SHAPES[args.shape]

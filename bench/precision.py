@@ -20,7 +20,8 @@ from pathlib import Path
 import polars as pl
 
 from moce_model.evaluation.metrics import HELDOUT_LOSS
-from moce_model.study import STUDY_SCORES_SCHEMA, paired_differences
+from moce_model.study.config import STUDY_SCORES_SCHEMA
+from moce_model.study.table import paired_differences
 
 POOLED = "heldout_all_sources"
 

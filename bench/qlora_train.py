@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.train_step import SHAPES, build_base
-from moce_model.config import MoCEConfig
+from moce_model.model.config import MoCEConfig
 from moce_model.training import TrainingConfig, train
 
 

@@ -4,4 +4,4 @@ Importing the package registers the MoCE config and model with the transformers 
 `AutoModelForCausalLM.from_pretrained(merged_dir)` works without `trust_remote_code`.
 """
 
-from moce_model import modeling as _modeling  # noqa: F401  (registers the Auto classes)
+from moce_model.model import modeling as _modeling  # noqa: F401  (registers the Auto classes)

@@ -44,8 +44,8 @@ from pydantic import (
     model_validator,
 )
 
-from moce_model.routing import SoftAssignmentRule
-from moce_model.sources import SourceSpec
+from moce_model.clustering.soft import SoftAssignmentRule
+from moce_model.data.sources import SourceSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = REPO_ROOT / "configs" / "experiments"
@@ -160,7 +160,7 @@ class Clustering(_Section):
 
 class SoftAssignment(_Section):
     """Prompts near the boundary of two clusters answered by both clusters' groups, mixed by distance
-    (`moce_model.routing.SoftAssignmentRule`: soft below a relative gap of `margin` between the two nearest
+    (`moce_model.clustering.soft.SoftAssignmentRule`: soft below a relative gap of `margin` between the two nearest
     centroids, weights a softmax over the distances at `temperature`). Applies to the variants that route by
     cluster (moce, cluster_only) when they route prompts themselves: generation and evaluation of the merged
     model. Training keeps the clustering's hard assignments; the other variants have no clusters to mix."""
@@ -269,7 +269,7 @@ class Evaluation(_Section):
     @field_validator("blends")
     @classmethod
     def _blends_name_two_domains(cls, value: list[str]) -> list[str]:
-        from moce_model.synthetic import DOMAINS
+        from moce_model.data.synthetic import DOMAINS
 
         for pair in value:
             parts = pair.split("+")
@@ -312,14 +312,14 @@ class Experiment(_Section):
     training: Training = Training()
     launcher: Launcher = Launcher()
     evaluation: Evaluation = Evaluation()
-    # What `moce study` runs: any field of moce_model.study.StudyConfig (seeds, variants, experts_per_group_sweep,
+    # What `moce study` runs: any field of moce_model.study.config.StudyConfig (seeds, variants, experts_per_group_sweep,
     # token_routers, conditions, sizes); missing fields keep StudyConfig's defaults.
     study: dict[str, Any] = {}
 
     @field_validator("study")
     @classmethod
     def _known_study_fields_of_the_right_type(cls, study: dict[str, Any]) -> dict[str, Any]:
-        from moce_model.study import StudyConfig
+        from moce_model.study.config import StudyConfig
 
         StudyConfig.from_mapping(study)  # names the unknown or badly typed field
         return study
@@ -327,7 +327,7 @@ class Experiment(_Section):
     @field_validator("experts")
     @classmethod
     def _soft_assignment_has_a_variant_to_apply_to(cls, experts: Experts, info: ValidationInfo) -> Experts:
-        from moce_model.config import cluster_routed_variants
+        from moce_model.variants import cluster_routed_variants
 
         variants = info.data.get("variants")
         if experts.soft_assignment.enabled and variants is not None \
@@ -362,8 +362,8 @@ class Experiment(_Section):
         )
 
     def study_config(self):
-        """What the study job of this experiment runs (a moce_model.study.StudyConfig)."""
-        from moce_model.study import StudyConfig
+        """What the study job of this experiment runs (a moce_model.study.config.StudyConfig)."""
+        from moce_model.study.config import StudyConfig
 
         return StudyConfig.from_mapping(self.study)
 

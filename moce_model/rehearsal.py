@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moce_model.io import atomic_dir
+from moce_model.common.io import atomic_dir
 
 FIXTURE_VERSION = "1"
 MANIFEST_NAME = "rehearsal_fixtures.json"
@@ -76,7 +76,7 @@ def save_base_model_without_chat_template(directory: Path, seed: int = 0) -> Non
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from moce_model.base_model import find_smollm2_gguf
+    from moce_model.model.base_model import find_smollm2_gguf
 
     gguf = find_smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

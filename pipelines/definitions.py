@@ -18,7 +18,7 @@ from assets.k_sweep import K_SWEEP_GROUP, build_k_sweep_assets
 from assets.study import STUDY_GROUP, build_study_assets
 from assets.training import base_model, build_training_assets
 from moce_model.experiment import Experiment, load_experiment
-from moce_model.study import StudyConfig
+from moce_model.study.config import StudyConfig
 from pipelines.instance import fail_runs_of_killed_processes
 from resources.embedder import EmbedderResource
 from resources.model_source import BaseModelSource

@@ -22,7 +22,7 @@ import dagster as dg
 import yaml
 
 from moce_model.experiment import deep_merged
-from moce_model.io import atomic_write_text
+from moce_model.common.io import atomic_write_text
 
 from resources.run_process import RUN_PROCESS_TAG, process_is_gone
 

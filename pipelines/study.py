@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import dagster as dg
 
 from assets.study import CONDITIONS_KEY, RUNS_KEY, conditions_to_score
-from moce_model.processes import terminable_children
+from moce_model.common.processes import terminable_children
 
 
 def partition_steps(wanted: list[str], runs_done: set[str], conditions_done: set[str], rerun: bool,

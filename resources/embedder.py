@@ -27,6 +27,6 @@ class EmbedderResource(dg.ConfigurableResource):
         }
 
     def load(self):
-        from moce_model.embedding import load_embedder
+        from moce_model.clustering.embedding import load_embedder
 
         return load_embedder(self.spec(), device=self.device, devices=self.devices)

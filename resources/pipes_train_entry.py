@@ -1,7 +1,7 @@
 """The training entry point as launched by the pipeline through Dagster Pipes (under torchrun/deepspeed).
 
 Rank 0 forwards the training log to the asset's log and reports the run's metrics as metadata; every rank
-trains through `moce_model.train_entry.run`, which itself needs no Dagster.
+trains through `moce_model.training.entry.run`, which itself needs no Dagster.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 from dagster_pipes import open_dagster_pipes
 
-from moce_model.train_entry import load_spec, run
+from moce_model.training.entry import load_spec, run
 
 REPORTED = ("global_step", "tokens_per_second", "peak_memory_mb", "trainable_parameters", "train_seconds",
             "resumed_from_step", "artifact_dir", "world_size")

@@ -1,7 +1,7 @@
 """Where artifacts live, and the two IO managers the pipeline uses.
 
 Tables go through dagster-polars (Parquet); everything else (an int, a small dict that points at an artifact
-directory) is stored as JSON. Nothing is pickled. Both write through `moce_model.io.atomic_path` (a temporary
+directory) is stored as JSON. Nothing is pickled. Both write through `moce_model.common.io.atomic_path` (a temporary
 file renamed into place), so a crash never leaves a half-written output that a downstream asset could read,
 and a stored output that has been damaged since is reported with its asset and file rather than as a bare
 decoder error.
@@ -17,7 +17,7 @@ import dagster as dg
 import polars as pl
 from dagster_polars import PolarsParquetIOManager
 
-from moce_model.io import atomic_path, atomic_write_text
+from moce_model.common.io import atomic_path, atomic_write_text
 from resources.run_process import record_run_process
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import dagster as dg
 import polars as pl
 
-from moce_model.processes import terminable_children
+from moce_model.common.processes import terminable_children
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,7 @@ class TrainerResource(dg.ConfigurableResource):
     def _train_in_subprocesses(
         self, context, base_model_dir, train_rows, cluster_ids, num_clusters, moce_config, training_config, output_dir
     ) -> dict[str, Any]:
-        from moce_model.io import atomic_write_json, atomic_write_parquet
+        from moce_model.common.io import atomic_write_json, atomic_write_parquet
 
         output_dir.mkdir(parents=True, exist_ok=True)
         rows_path = output_dir / "train_rows.parquet"

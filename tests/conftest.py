@@ -47,8 +47,8 @@ def one_token_path(request, monkeypatch) -> str:
     """Force rows of one token (decoding steps) onto the parametrised path of `AdapterExperts`: "gathered" (each
     row's group weights copied) or "all_groups" (every group's experts, others masked); the batch size picks one
     otherwise, so a test of a few rows would see only the first."""
-    import moce_model.experts
+    import moce_model.model.experts
 
     threshold = {"gathered": 10**6, "all_groups": 0}[request.param]
-    monkeypatch.setattr(moce_model.experts, "ALL_GROUPS_MIN_ROWS_PER_GROUP", threshold)
+    monkeypatch.setattr(moce_model.model.experts, "ALL_GROUPS_MIN_ROWS_PER_GROUP", threshold)
     return request.param

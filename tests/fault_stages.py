@@ -21,7 +21,7 @@ class HashEncoder:
     """
 
     def __init__(self, dimension: int = 16) -> None:
-        from moce_model.embedding import EmbedderSpec
+        from moce_model.clustering.embedding import EmbedderSpec
 
         self.spec = EmbedderSpec(model="hash-test-encoder")
         self.dimension = dimension
@@ -42,7 +42,7 @@ def stage_texts(rows: int) -> tuple[list[str], list[str]]:
 
 
 def embed(spec: dict[str, Any]) -> dict[str, Any]:
-    from moce_model.embedding import embed_to_parquet_shards
+    from moce_model.clustering.embedding import embed_to_parquet_shards
 
     ids, texts = stage_texts(spec["rows"])
     encoder = HashEncoder(spec["dimension"])
@@ -50,13 +50,14 @@ def embed(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def train(spec: dict[str, Any]) -> dict[str, Any]:
-    from moce_model.train_entry import load_spec, run
+    from moce_model.training.entry import load_spec, run
 
     return run(load_spec(spec["run_spec"]))
 
 
 def merge(spec: dict[str, Any]) -> Path:
-    from moce_model.merging import load_trained, merge_to_directory
+    from moce_model.model.adapters import load_trained
+    from moce_model.merging import merge_to_directory
 
     return merge_to_directory(
         load_trained(spec["adapter"], spec["base"]),
@@ -80,7 +81,7 @@ def evaluate(spec: dict[str, Any]) -> None:
     """What the `benchmark_results` asset does: evaluate, then write the scores and the items atomically."""
     from moce_model.evaluation.benchmarks import BenchmarkSpec
     from moce_model.evaluation.runner import evaluate_model
-    from moce_model.io import atomic_write_parquet
+    from moce_model.common.io import atomic_write_parquet
 
     benchmarks = [
         BenchmarkSpec(name=f"synthetic_{domain}", kind="synthetic", domain=domain, n_items=2, max_new_tokens=12)

@@ -8,16 +8,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moce_model.config import MoCEConfig
-from moce_model.experts import (
+from moce_model.model.config import MoCEConfig
+from moce_model.model.ac_router import (
     AC_DISPERSION_FLOOR,
     AC_WEIGHT_CEILING,
-    AdapterExperts,
     adaptive_clustering_feature_weights,
     adaptive_clustering_token_weights,
 )
+from moce_model.model.experts import AdapterExperts
 from moce_model.merging import merge_to_directory
-from moce_model.modeling import MoCEForCausalLM
+from moce_model.model.modeling import MoCEForCausalLM
 from tests.test_modeling import batch_ids, tiny_moce
 from tests.tiny_models import save_tiny_llama
 

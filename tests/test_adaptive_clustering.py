@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moce_model.clustering import ClusterState, update_centroids
+from moce_model.clustering.kmeans import ClusterState, update_centroids
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

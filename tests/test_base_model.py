@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from moce_model.base_model import (
+from moce_model.model.base_model import (
     check_supported_architecture,
     convert_gguf_to_safetensors,
     find_smollm2_gguf,

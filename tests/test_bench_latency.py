@@ -21,8 +21,8 @@ def test_latency_prints_every_phase_for_each_batch(capsys) -> None:
 
 
 def test_timed_request_decodes_greedily_in_the_routers_groups(tmp_path) -> None:
-    from moce_model.embedding import load_embedder
-    from moce_model.routing import ClusterRouter
+    from moce_model.clustering.embedding import load_embedder
+    from moce_model.clustering.router import ClusterRouter
     from tests.tiny_models import make_char_tokenizer
 
     device = torch.device("cpu")

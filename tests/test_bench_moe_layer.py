@@ -47,7 +47,7 @@ def test_time_decode_paths_times_gathered_and_all_groups(rows: int) -> None:
 
 
 def test_time_decode_paths_refuses_paths_that_disagree(monkeypatch) -> None:
-    from moce_model.experts import AdapterExperts
+    from moce_model.model.experts import AdapterExperts
 
     original = AdapterExperts._one_token_rows
     monkeypatch.setattr(AdapterExperts, "_one_token_rows",

@@ -46,11 +46,11 @@ def test_generate_times_base_and_moce(capsys) -> None:
 
 
 def test_generate_times_the_gathered_decoding_path_beside(capsys, monkeypatch) -> None:
-    import moce_model.experts
+    import moce_model.model.experts
 
     paths = []
-    one_token_rows = moce_model.experts.AdapterExperts._one_token_rows
-    gathered = moce_model.experts.AdapterExperts._gathered
+    one_token_rows = moce_model.model.experts.AdapterExperts._one_token_rows
+    gathered = moce_model.model.experts.AdapterExperts._gathered
 
     def spy(name, method):
         def wrapped(self, x, *args):
@@ -59,9 +59,9 @@ def test_generate_times_the_gathered_decoding_path_beside(capsys, monkeypatch) -
             return method(self, x, *args)
         return wrapped
 
-    monkeypatch.setattr(moce_model.experts.AdapterExperts, "_one_token_rows", spy("all_groups", one_token_rows))
-    monkeypatch.setattr(moce_model.experts.AdapterExperts, "_gathered", spy("gathered", gathered))
-    threshold = moce_model.experts.ALL_GROUPS_MIN_ROWS_PER_GROUP
+    monkeypatch.setattr(moce_model.model.experts.AdapterExperts, "_one_token_rows", spy("all_groups", one_token_rows))
+    monkeypatch.setattr(moce_model.model.experts.AdapterExperts, "_gathered", spy("gathered", gathered))
+    threshold = moce_model.model.experts.ALL_GROUPS_MIN_ROWS_PER_GROUP
     assert generate.main(["--device", "cpu", "--shape", "tiny", "--batches", "8", "--prompt-len", "8",
                           "--new-tokens", "3", "--repeats", "1", "--caches", "dynamic", "--decode-paths", "both"]) == 0
     out = capsys.readouterr().out
@@ -69,4 +69,4 @@ def test_generate_times_the_gathered_decoding_path_beside(capsys, monkeypatch) -
     assert "decode_moce_over_base_dynamic_batch8: " in out
     # 8 rows of 4 groups: `moce` decodes on the all-groups path, `moce_gathered` on the gathered one
     assert set(paths) == {"all_groups", "gathered"}
-    assert moce_model.experts.ALL_GROUPS_MIN_ROWS_PER_GROUP == threshold  # restored
+    assert moce_model.model.experts.ALL_GROUPS_MIN_ROWS_PER_GROUP == threshold  # restored

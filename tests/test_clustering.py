@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import silhouette_score
 
 from bench.clustering import clustered_unit_vectors
-from moce_model.clustering import (
+from moce_model.clustering.kmeans import (
     assign,
     cluster_purity,
     elbow_sweep,
@@ -16,8 +16,8 @@ from moce_model.clustering import (
     save_centroids,
     silhouette_from_distances,
 )
-from moce_model.io import atomic_dir, atomic_write_json, atomic_write_parquet, read_json
-from moce_model.plots import cluster_projection_plot, elbow_plot, heatmap_plot, loss_curve_plot, png_markdown
+from moce_model.common.io import atomic_dir, atomic_write_json, atomic_write_parquet, read_json
+from moce_model.common.plots import cluster_projection_plot, elbow_plot, heatmap_plot, loss_curve_plot, png_markdown
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,14 +1,9 @@
-"""What each variant means, decided once in moce_model.config, and how the number of groups follows k."""
+"""What each variant means, decided once in moce_model.variants, and how the number of groups follows k."""
 
 import pytest
 
-from moce_model.config import (
-    VARIANTS,
-    GroupChoice,
-    MoCEConfig,
-    check_clusters_match_groups,
-    variant_semantics,
-)
+from moce_model.variants import VARIANTS, GroupChoice, check_clusters_match_groups, variant_semantics
+from moce_model.model.config import MoCEConfig
 
 # (group choice, token routing, needs centroids, one group per cluster)
 EXPECTED = {

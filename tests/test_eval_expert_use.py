@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from moce_model.config import MoCEConfig
+from moce_model.model.config import MoCEConfig
 from moce_model.evaluation.benchmarks import BenchmarkOutcome, BenchmarkSpec
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.runner import EXPERT_USE_SCHEMA, evaluate_model, expert_use_table
-from moce_model.modeling import MoCEForCausalLM
+from moce_model.model.modeling import MoCEForCausalLM
 from tests.test_eval_fixtures import build_model, build_tokenizer
 
 EXPERTS = 3
@@ -222,7 +222,7 @@ def test_expert_use_table_from_counts_and_its_checks():
 
 
 def test_evaluation_keeps_the_routers_embedding_of_each_prompt(tmp_path: Path):
-    from moce_model.routing import ClusterRouter
+    from moce_model.clustering.router import ClusterRouter
 
     class AppleAxisEncoder:
         """Unit vectors: (1, 0) for prompts about apples, (0, 1) otherwise."""

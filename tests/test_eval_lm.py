@@ -115,8 +115,8 @@ def test_render_prompt_remembers_the_items_routing_text(tiny_lm: MoCELM):
 
 
 def test_random_group_scores_each_request_with_the_hash_of_its_context():
-    from moce_model.config import MoCEConfig
-    from moce_model.modeling import MoCEForCausalLM, random_group_ids
+    from moce_model.model.config import MoCEConfig
+    from moce_model.model.modeling import MoCEForCausalLM, random_group_ids
 
     tokenizer = build_tokenizer()
     config = MoCEConfig(variant="random_group", num_groups=4, experts_per_group=2, top_k=1, adapter_dim=4)
@@ -149,8 +149,8 @@ def test_random_group_scores_each_request_with_the_hash_of_its_context():
 
 
 def test_a_router_of_another_k_is_refused():
-    from moce_model.config import MoCEConfig
-    from moce_model.modeling import MoCEForCausalLM
+    from moce_model.model.config import MoCEConfig
+    from moce_model.model.modeling import MoCEForCausalLM
 
     class ThreeClusters:
         num_clusters = 3

@@ -296,7 +296,7 @@ def test_the_token_router_of_the_experiment_reaches_every_variant_with_token_rou
 
 def test_soft_assignment_of_the_experiment_reaches_the_variants_that_route_by_cluster(tmp_path, clean_env):
     from assets.training import _moce_config
-    from moce_model.routing import SoftAssignmentRule
+    from moce_model.clustering.soft import SoftAssignmentRule
 
     soft = {"enabled": True, "margin": 0.2, "temperature": 0.05}
     experiment = load_experiment(_write(tmp_path / "soft.yaml", _my_experiment(

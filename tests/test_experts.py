@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moce_model.experts import AdapterExperts, load_balancing_loss, reference_expert_forward
+from moce_model.model.experts import AdapterExperts, reference_expert_forward
+from moce_model.model.balance import load_balancing_loss
 
 HIDDEN = 32
 

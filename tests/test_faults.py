@@ -31,11 +31,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moce_model.clustering import elbow_sweep, fit_kmeans, load_centroids, read_embeddings, save_centroids
-from moce_model.embedding import embed_to_parquet_shards
-from moce_model.instructions import normalise_instructions
-from moce_model.io import read_json
-from moce_model.sources import load_source
+from moce_model.clustering.kmeans import elbow_sweep, fit_kmeans, load_centroids, read_embeddings, save_centroids
+from moce_model.clustering.embedding import embed_to_parquet_shards
+from moce_model.data.instructions import normalise_instructions
+from moce_model.common.io import read_json
+from moce_model.data.sources import load_source
 from moce_model.training import TRAINABLE_STATE_NAME, TrainingConfig, find_resumable_checkpoint
 from tests import fault_stages
 from tests.fault_injection import REPO_ROOT, count_points, run_killed
@@ -193,7 +193,7 @@ def test_training_killed_at_a_random_point_resumes_to_the_same_weights(tmp_path,
 
 @pytest.fixture(scope="module")
 def minilm():
-    from moce_model.embedding import load_embedder
+    from moce_model.clustering.embedding import load_embedder
 
     return load_embedder(MINILM, device="cpu")
 

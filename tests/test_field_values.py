@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moce_model.field_values import conformed
+from moce_model.common.field_values import conformed
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 import polars as pl
 import pytest
 
-from moce_model.instructions import (
+from moce_model.data.instructions import (
     INSTRUCTION_COLUMNS,
     REJECTED_COLUMNS,
     content_id,
@@ -9,7 +9,7 @@ from moce_model.instructions import (
     rejection_counts,
     source_counts,
 )
-from moce_model.synthetic import generate_synthetic
+from moce_model.data.synthetic import generate_synthetic
 
 
 def _raw(rows: list[dict], source: str) -> pl.DataFrame:

@@ -11,9 +11,10 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
-from moce_model.config import MoCEConfig
-from moce_model.merging import add_lora, compare_merged_to_unmerged, load_trained, merge_to_directory, save_trained
-from moce_model.modeling import MoCEForCausalLM
+from moce_model.model.config import MoCEConfig
+from moce_model.model.adapters import add_lora, load_trained, save_trained
+from moce_model.merging import compare_merged_to_unmerged, merge_to_directory
+from moce_model.model.modeling import MoCEForCausalLM
 
 VOCAB = 64
 GROUPS = 3

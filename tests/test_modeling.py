@@ -14,9 +14,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from moce_model.config import MoCEConfig
-from moce_model.experts import MoCEMLP
-from moce_model.modeling import MoCEForCausalLM, random_group_ids
+from moce_model.model.config import MoCEConfig
+from moce_model.model.layer import MoCEMLP
+from moce_model.model.modeling import MoCEForCausalLM, random_group_ids
 
 VOCAB = 97
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -285,7 +285,7 @@ def test_generate_passes_cluster_ids_through_cached_decoding_and_beam_search(one
 
 
 def test_trainer_keeps_cluster_ids_in_the_batch(tmp_path) -> None:
-    from moce_model.merging import add_lora
+    from moce_model.model.adapters import add_lora
 
     model = tiny_moce(perturb=False)
     peft_model = add_lora(model, r=4, alpha=8, dropout=0.0)
@@ -326,7 +326,7 @@ def test_gradient_checkpointing_recomputes_with_the_same_groups() -> None:
 
 
 def test_expert_use_counts_per_group_exclude_padding(tmp_path) -> None:
-    from moce_model.expert_stats import expert_use_counts, expert_use_heatmap_png, expert_use_share
+    from moce_model.training.expert_use import expert_use_counts, expert_use_heatmap_png, expert_use_share
 
     model = tiny_moce(groups=3)
     ids = batch_ids(batch=2, seq_len=6)

@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 import torch
 
-from moce_model.config import VARIANTS as ALL_VARIANTS
+from moce_model.variants import VARIANTS as ALL_VARIANTS
 from moce_model.evaluation.lm_eval_suite import PAPER_LM_EVAL_TASKS
 from moce_model.experiment import load_experiment
 from moce_model.rehearsal import (
@@ -172,8 +172,8 @@ def test_few_shot_items_are_routed_by_their_own_document(rehearsal):
     """The cluster recorded for each few-shot item is the nearest centroid of its own zero-shot prompt (the
     task's description as the system part, the question as the instruction), embedded as the centroids were
     fit (the Instructor prompt and all); routed by the whole few-shot prompt, some items would go elsewhere."""
-    from moce_model.embedding import load_embedder
-    from moce_model.routing import routing_text
+    from moce_model.clustering.embedding import load_embedder
+    from moce_model.data.instructions import routing_text
 
     profile, fixtures, _, _ = rehearsal
     data = fixtures.lm_eval_tasks_dir / "data"

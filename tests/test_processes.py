@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from moce_model.processes import stop_processes, terminable_children
+from moce_model.common.processes import stop_processes, terminable_children
 
 SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
 

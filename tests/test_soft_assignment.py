@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moce_model.config import MoCEConfig
-from moce_model.experts import AdapterExperts, BalanceLossStatistics, GroupMix, balance_loss
-from moce_model.routing import ClusterRouter, SoftAssignmentRule
+from moce_model.model.config import MoCEConfig
+from moce_model.model.experts import AdapterExperts, GroupMix
+from moce_model.model.balance import BalanceLossStatistics, balance_loss
+from moce_model.clustering.router import ClusterRouter
+from moce_model.clustering.soft import SoftAssignmentRule
 from tests.test_modeling import batch_ids, tiny_moce
 
 RULE = SoftAssignmentRule(margin=0.1, temperature=0.025)
@@ -390,9 +392,10 @@ BOUNDARY, FAR = "Compute 17 plus 25 and give the sum.", "Write a short poem abou
 def soft_merged(tmp_path_factory):
     """A trained (LoRA + experts, unmerged) model and its merged directory with soft assignment on, whose two
     centroids put BOUNDARY exactly halfway between them and FAR clearly nearer the first."""
-    from moce_model.embedding import load_embedder
-    from moce_model.merging import add_lora, merge_to_directory
-    from moce_model.modeling import MoCEForCausalLM
+    from moce_model.clustering.embedding import load_embedder
+    from moce_model.model.adapters import add_lora
+    from moce_model.merging import merge_to_directory
+    from moce_model.model.modeling import MoCEForCausalLM
     from tests.tiny_models import make_char_tokenizer, save_tiny_llama
 
     root = tmp_path_factory.mktemp("soft_merged")
@@ -423,7 +426,7 @@ def soft_merged(tmp_path_factory):
 
 
 def chat_batch(texts: list[str]):
-    from moce_model.prompt_format import ChatTemplateFormat
+    from moce_model.data.prompt_format import ChatTemplateFormat
     from tests.tiny_models import make_char_tokenizer
 
     tokenizer = make_char_tokenizer()
@@ -482,7 +485,7 @@ class BoundaryEncoder:
 
 def evaluation_lm(soft_assignment, variant: str = "moce", everything_halfway: bool = False):
     from moce_model.evaluation.lm import MoCELM
-    from moce_model.modeling import MoCEForCausalLM
+    from moce_model.model.modeling import MoCEForCausalLM
     from tests.test_eval_fixtures import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()

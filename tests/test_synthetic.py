@@ -5,7 +5,7 @@ import sys
 import polars as pl
 import pytest
 
-from moce_model.synthetic import DOMAINS, SYNTHETIC_COLUMNS, generate_synthetic
+from moce_model.data.synthetic import DOMAINS, SYNTHETIC_COLUMNS, generate_synthetic
 
 ANSWER_LINE = re.compile(r"The answer is (.+)\.$")
 

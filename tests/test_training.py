@@ -13,18 +13,17 @@ import torch
 from safetensors.torch import load_file
 
 from moce_model import training
-from moce_model.config import MoCEConfig
+from moce_model.model.config import MoCEConfig
+from moce_model.data.prompt_format import IGNORE_INDEX, tokenize_example
 from moce_model.training import (
-    IGNORE_INDEX,
     InstructionCollator,
     TrainingConfig,
     build_dataset,
     find_resumable_checkpoint,
     resolve_cluster_ids,
-    tokenize_example,
     train,
 )
-from moce_model.prompt_format import make_prompt_format
+from moce_model.data.prompt_format import make_prompt_format
 from tests.tiny_models import make_char_tokenizer, save_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +195,7 @@ def test_cluster_ids_reach_the_model_during_training(tiny_base_dir, tmp_path, mo
 
 
 def test_training_lowers_loss_and_writes_a_loadable_artifact(tiny_base_dir, tmp_path, capsys):
-    from moce_model.merging import load_trained
+    from moce_model.model.adapters import load_trained
 
     rows = make_rows(16)
     clusters = {row_id: i % 2 for i, row_id in enumerate(rows["id"].to_list())}
@@ -483,7 +482,7 @@ def test_torchrun_two_processes(tiny_base_dir, tmp_path):
 
 
 def test_run_spec_errors_name_the_field(tmp_path):
-    from moce_model.train_entry import load_spec
+    from moce_model.training.entry import load_spec
 
     spec = tmp_path / "run.json"
     spec.write_text(json.dumps({"base_model_dir": "b", "train_data": "t.parquet", "output_dir": "o"}))

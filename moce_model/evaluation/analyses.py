@@ -266,7 +266,7 @@ def prompt_map(prompt_embeddings: pl.DataFrame) -> tuple[bytes | None, int]:
     prompts = prompt_embeddings.unique(["benchmark", "item_id"], keep="first", maintain_order=True)
     if prompts.height < 3:
         return None, prompts.height  # two points have one principal axis
-    from moce_model.plots import cluster_projection_plot
+    from moce_model.common.plots import cluster_projection_plot
 
     vectors = np.asarray(prompts["embedding"].to_list(), dtype=np.float32)
     png = cluster_projection_plot(vectors, prompts["cluster"].to_numpy(), prompts["benchmark"].to_list(),

@@ -197,7 +197,7 @@ def run_synthetic(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchma
     An item's held-out loss is the mean per-token NLL of its reference response (end-of-turn marker included);
     the metric is the mean over items, so that its interval and the paired differences are over items.
     """
-    from moce_model.synthetic import generate_synthetic
+    from moce_model.data.synthetic import generate_synthetic
 
     if spec.domain is None:
         raise ValueError(f"benchmark {spec.name!r}: synthetic benchmarks need a domain")
@@ -258,7 +258,7 @@ def blended_rows(first: str, second: str, n: int, seed: int) -> tuple[list[dict]
     """(blended, first parts, second parts): blended item i asks held-out item i of `first`, then item i of
     `second`, and its reference answer is the two answers in order. Deterministic for a seed; the parts are the
     very items of the single-domain benchmarks `synthetic_<first>` / `synthetic_<second>` at that seed."""
-    from moce_model.synthetic import generate_synthetic
+    from moce_model.data.synthetic import generate_synthetic
 
     if first == second:
         raise ValueError(f"a blended benchmark needs two different domains, got {first!r} twice")

@@ -9,7 +9,7 @@ adds routing. Every request gets its expert group first:
   is its cluster. For an lm-eval request the routing text is its own document's zero-shot prompt (the task's
   description and `doc_to_text(doc)`, see `document_routing_text`): never the few-shot exemplars or their
   answers, never the prompt format's markup. For a prompt made by `render_prompt` it is the item's
-  system + instruction + input (`moce_model.routing.routing_text`, as the centroids were fit).
+  system + instruction + input (`moce_model.data.instructions.routing_text`, as the centroids were fit).
 - `random_group`: the model's own hash of the request's context tokens (training hashes the prompt).
 - the base model, `pesc`, `dense_adapter`: no routing.
 
@@ -49,9 +49,12 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from moce_model.config import GroupChoice, MoCEConfig
-from moce_model.prompt_format import AUTO, make_prompt_format
-from moce_model.routing import CENTROIDS_FILE, SoftAssignmentRule, SoftClusters, check_routing_files, routing_text
+from moce_model.variants import GroupChoice
+from moce_model.model.config import MoCEConfig
+from moce_model.data.prompt_format import AUTO, make_prompt_format
+from moce_model.clustering.router import CENTROIDS_FILE, check_routing_files
+from moce_model.clustering.soft import SoftAssignmentRule, SoftClusters
+from moce_model.data.instructions import routing_text
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -91,7 +94,7 @@ def load_router(model_dir: Path, model: torch.nn.Module) -> SequenceRouter | Non
     """The directory's cluster router when the model routes by cluster, else None (base model, pesc...)."""
     if not _needs_centroids(model):
         return None
-    from moce_model.routing import load_model_router
+    from moce_model.clustering.router import load_model_router
 
     router = load_model_router(model_dir)
     if router is None:
@@ -145,7 +148,7 @@ class MoCELM(HFLM):
     ) -> None:
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
-        import moce_model.modeling  # noqa: F401  registers the MoCE architecture with the Auto classes
+        import moce_model.model.modeling  # noqa: F401  registers the MoCE architecture with the Auto classes
 
         model_dir: Path | None = None
         if isinstance(pretrained, (str, Path)):
@@ -428,7 +431,7 @@ class MoCELM(HFLM):
         return self.router is not None or self.hashes_prompt
 
     def _hashed_group(self, context_tokens: Sequence[int]) -> int:
-        from moce_model.modeling import random_group_ids
+        from moce_model.model.modeling import random_group_ids
 
         config = self.model.config
         tokens = torch.tensor([list(context_tokens)], dtype=torch.long)
@@ -503,7 +506,7 @@ class MoCELM(HFLM):
 
     def _moce_model(self):
         """The MoCE model being evaluated, or None for a model without experts (the base model)."""
-        from moce_model.modeling import MoCEForCausalLM
+        from moce_model.model.modeling import MoCEForCausalLM
 
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return model if isinstance(model, MoCEForCausalLM) else None

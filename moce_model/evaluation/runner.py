@@ -19,8 +19,8 @@ import torch
 
 from moce_model.evaluation.benchmarks import BenchmarkOutcome, BenchmarkSpec, run_benchmark
 from moce_model.evaluation.lm import MoCELM
-from moce_model.progress import evaluation_progress
-from moce_model.routing import SoftAssignmentRule
+from moce_model.common.progress import evaluation_progress
+from moce_model.clustering.soft import SoftAssignmentRule
 from moce_model.evaluation.lm_eval_suite import (
     LM_EVAL_KINDS,
     PAPER_CODE_BENCHMARKS,

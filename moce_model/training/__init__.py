@@ -6,8 +6,8 @@ pruning), `samplers` (resumable training order) and `trainer` (the loop and `tra
 exported here, so `from moce_model.training import train, TrainingConfig` is all a caller needs.
 """
 
-from moce_model.config import IGNORE_INDEX
-from moce_model.prompt_format import tokenize_example
+from moce_model.data.prompt_format import IGNORE_INDEX
+from moce_model.data.prompt_format import tokenize_example
 from moce_model.training.checkpoints import (
     CHECKPOINTS_DIRNAME,
     RUN_FINGERPRINT_NAME,

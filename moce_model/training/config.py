@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from moce_model.field_values import conformed
+from moce_model.common.field_values import conformed
 
 # transformers.TrainingArguments' names of fields this config names more briefly: the likeliest misspellings.
 _TRAINING_ARGUMENTS_NAMES = {

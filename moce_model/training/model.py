@@ -7,33 +7,9 @@ from typing import Any
 
 import torch
 
-from moce_model.config import MoCEConfig
+from moce_model.model.base_model import load_base_model
+from moce_model.model.config import MoCEConfig
 from moce_model.training.config import TrainingConfig
-
-
-def load_base_model(base_model_dir: str | os.PathLike, *, bf16: bool, qlora: bool) -> torch.nn.Module:
-    """The frozen base as training runs it: float32 or bf16 weights, or QLoRA's NF4 (double quantisation,
-    bf16 compute). bitsandbytes' NF4 also runs on a CPU, so QLoRA code paths are testable without a GPU."""
-    from transformers import AutoModelForCausalLM
-
-    load_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 or qlora else torch.float32}
-    if qlora:
-        import importlib.util
-
-        from transformers import BitsAndBytesConfig
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise RuntimeError("qlora=True needs bitsandbytes: pip install 'bitsandbytes==0.50.*'")
-        load_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        # One process per GPU under torchrun/deepspeed: each loads its own copy on its own device.
-        device = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
-        load_kwargs["device_map"] = {"": device}
-    return AutoModelForCausalLM.from_pretrained(base_model_dir, **load_kwargs)
 
 
 def build_model(
@@ -45,9 +21,9 @@ def build_model(
     """
     from peft import LoraConfig, get_peft_model
 
-    from moce_model.base_model import check_supported_architecture
-    from moce_model.merging import add_lora
-    from moce_model.modeling import MoCEForCausalLM
+    from moce_model.model.adapters import add_lora
+    from moce_model.model.base_model import check_supported_architecture
+    from moce_model.model.modeling import MoCEForCausalLM
 
     config = config.for_this_machine()
 

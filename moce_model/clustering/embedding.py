@@ -1,6 +1,6 @@
 """Sentence embeddings of the *input side* of instructions, written as resumable Parquet shards.
 
-Only system + instruction + input are embedded (`moce_model.routing.routing_text`), never the response: at
+Only system + instruction + input are embedded (`moce_model.data.instructions.routing_text`), never the response: at
 inference time the router sees only the prompt, so the clusters must be defined on what the prompt looks like.
 """
 
@@ -19,9 +19,13 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from moce_model.io import atomic_write_arrow_parquet, atomic_write_json, read_json
-from moce_model.processes import stop_processes, terminable_children
-from moce_model.routing import routing_text
+from moce_model.common.io import (
+    atomic_write_arrow_parquet,
+    atomic_write_json,
+    read_json,
+)
+from moce_model.common.processes import stop_processes, terminable_children
+from moce_model.data.instructions import routing_text
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-from moce_model.config import IGNORE_INDEX
-from moce_model.routing import routing_text
+from moce_model.data.instructions import routing_text
 
+# Label of the tokens the LM loss ignores (the prompt, padding): torch's and transformers' default.
+IGNORE_INDEX = -100
 Message = dict[str, str]
 AUTO = "auto"
 # Placeholders (Unicode private-use characters) rendered in place of a request's parts to learn a format's markup.

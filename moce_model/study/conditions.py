@@ -1,6 +1,6 @@
 """Evaluation-only conditions of the study: a trained run scored again on its held-out items under a change of
 the inputs or of the routing, never retrained. Each condition's scores become table rows `layout @condition`
-(`moce_model.study.condition_label`), paired on items with the clean runs and with the references under the
+(`moce_model.study.config.condition_label`), paired on items with the clean runs and with the references under the
 same condition.
 
 A condition is one function `prepare(inputs) -> ConditionPlan | None`, registered in `CONDITIONS`: it gets the
@@ -15,10 +15,10 @@ through `MoCELM`). A condition that needs a setting adds a field to `StudyConfig
   held-out prompt (system, instruction, input) is replaced by other words, the response is untouched, and the
   model routes by the corrupted text as a deployed model would (`corrupt_prompt`).
 - `soft`: prompts near the boundary of two clusters are answered by both clusters' groups, mixed by distance
-  (`moce_model.routing.SoftAssignmentRule` with the study's `soft_margin` / `soft_temperature`), on models
+  (`moce_model.clustering.soft.SoftAssignmentRule` with the study's `soft_margin` / `soft_temperature`), on models
   trained with hard clusters; every other item keeps its clean score.
 - `adaptive`: the clustering adapts to the held-out prompts instead of staying fixed: the centroids are updated
-  incrementally with them (`moce_model.clustering.update_centroids`, the same update as the
+  incrementally with them (`moce_model.clustering.kmeans.update_centroids`, the same update as the
   `kmeans_centroids` asset's incremental mode) and the held-out items are routed by the updated centroids
   (`adapt_centroids`); the per-cluster drift is reported.
 - `blended`: prompts that ask two held-out items of different sources in one (`blended_heldout_rows`, built
@@ -42,13 +42,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from moce_model.clustering import CentroidUpdate, ClusterState, update_centroids
-from moce_model.evaluation.metrics import HELDOUT_LOSS, PARTS_LOSS, ROUTED_AS_FIRST_PART, ROUTED_AS_SECOND_PART
-from moce_model.routing import ClusterRouter, TextEncoder, routing_text
+from moce_model.clustering.kmeans import CentroidUpdate, ClusterState, update_centroids
+from moce_model.clustering.router import ClusterRouter, TextEncoder
+from moce_model.data.instructions import routing_text
+from moce_model.evaluation.metrics import (
+    HELDOUT_LOSS,
+    PARTS_LOSS,
+    ROUTED_AS_FIRST_PART,
+    ROUTED_AS_SECOND_PART,
+)
 
 if TYPE_CHECKING:
-    from moce_model.config import MoCEConfig
-    from moce_model.study import StudyConfig
+    from moce_model.model.config import MoCEConfig
+    from moce_model.study.config import StudyConfig
 
 # The loss the conditions score: the held-out loss of the `instruction_rows` benchmarks of `study_runs`.
 HELDOUT_METRIC = HELDOUT_LOSS
@@ -106,7 +112,7 @@ class StudyCondition:
     # A few lines about the `details` of every run (with a `run` column), for the table's note.
     summarize: Callable[[pl.DataFrame], str] | None = None
     # The condition scores items of its own, not the clean rows' items: the table does not pair it with the
-    # clean runs (`moce_model.study.comparisons`).
+    # clean runs (`moce_model.study.table.comparisons`).
     own_items: bool = False
 
 
@@ -312,7 +318,7 @@ def _prepare_soft(inputs: ConditionInputs) -> ConditionPlan | None:
         return None  # the layout does not route by centroids: there is no boundary between groups
     if inputs.encoder is None:
         raise ValueError(f"{inputs.layout}: the soft condition needs the router's encoder")
-    from moce_model.routing import SoftAssignmentRule
+    from moce_model.clustering.soft import SoftAssignmentRule
 
     rule = SoftAssignmentRule(margin=inputs.config.soft_margin, temperature=inputs.config.soft_temperature)
     router = ClusterRouter(inputs.encoder, inputs.centroids)
@@ -500,7 +506,7 @@ def study_condition(name: str) -> StudyCondition:
 def combine_scores(label: str, seed: int, evaluated: pl.DataFrame, kept: pl.DataFrame | None) -> pl.DataFrame:
     """The study's score rows (STUDY_SCORES_SCHEMA) of one run under a condition: the items scored under it and
     the clean scores it kept, each item once."""
-    from moce_model.study import STUDY_SCORES_SCHEMA
+    from moce_model.study.config import STUDY_SCORES_SCHEMA
 
     frames = [evaluated.select(SCORE_COLUMNS)] + ([kept.select(SCORE_COLUMNS)] if kept is not None else [])
     scores = pl.concat([f.cast({"score": pl.Float64}) for f in frames])
@@ -517,9 +523,9 @@ def evaluate_plan(plan: ConditionPlan, model_dir: Path | str | None, label: str,
     the model in `model_dir`, routed by the plan's router (else the model's own), plus its kept scores.
     `evaluation_settings`: device, dtype and prompt format (`Experiment.evaluation_settings`). `model_dir` may be
     None when the plan has no row to score."""
+    from moce_model.common.io import atomic_write_parquet
     from moce_model.evaluation.benchmarks import BenchmarkSpec
     from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, evaluate_model
-    from moce_model.io import atomic_write_parquet
 
     specs = []
     for benchmark, rows in plan.rows.items():
@@ -557,7 +563,7 @@ def score_conditions(names: Sequence[str], inputs: ConditionInputs, model_dir: C
     `out_dir/<condition>/`."""
     import time
 
-    from moce_model.study import STUDY_SCORES_SCHEMA, condition_label
+    from moce_model.study.config import STUDY_SCORES_SCHEMA, condition_label
 
     plans: dict[str, ConditionPlan] = {}
     seconds: dict[str, float] = {}

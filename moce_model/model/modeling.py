@@ -11,20 +11,22 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from moce_model.config import IGNORE_INDEX, GroupChoice, MoCEConfig
-from moce_model.routing import CENTROIDS_FILE
-from moce_model.experts import (
-    AdapterExperts,
-    AuxLossRequest,
-    BalanceLossStatistics,
-    GroupMix,
-    MoCEMLP,
-    RoutingContext,
-    check_mlp,
-)
+from moce_model.clustering.router import CENTROIDS_FILE
+from moce_model.data.prompt_format import IGNORE_INDEX
+from moce_model.model.balance import AuxLossRequest, BalanceLossStatistics
+from moce_model.model.config import MoCEConfig
+from moce_model.model.experts import AdapterExperts, GroupMix
+from moce_model.model.layer import MoCEMLP, RoutingContext, check_mlp
+from moce_model.variants import GroupChoice
 
 # Large prime for the per-sequence hash of `random_group` (products stay inside int64).
 _HASH_PRIME = 2_147_483_629
@@ -282,7 +284,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
     def _prompt_router(self):
         """The directory's stage-1 router (embedder + centroids), loaded when first needed."""
         if self._prompt_router_dir is not None and self._loaded_prompt_router is None:
-            from moce_model.routing import PromptRouter
+            from moce_model.clustering.router import PromptRouter
 
             self._loaded_prompt_router = PromptRouter.from_model_dir(self._prompt_router_dir)
         return self._loaded_prompt_router
@@ -338,7 +340,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         """`cluster_ids` [B] pick the groups of `moce` / `cluster_only`. A soft assignment passes `cluster_ids`
         [B, 2] (nearest, second-nearest cluster) with `cluster_weights` [B, 2] (each row sums to 1; (1, 0) for a
         hard row): a row with a second weight w > 0 gets (1 - w) x the block outputs under its first group + w x
-        those under its second, in every MoE block (`moce_model.routing.SoftAssignmentRule` makes them from
+        those under its second, in every MoE block (`moce_model.clustering.soft.SoftAssignmentRule` makes them from
         distances; a merged directory with `soft_assignment` on makes them itself). `prompt_mask` [B, T] (`random_group`
         only) marks the prompt tokens whose hash picks the group; by default the tokens labelled -100 when
         `labels` are given (so training and generation hash the same prompt), else every token.

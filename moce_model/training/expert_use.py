@@ -10,15 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from moce_model.io import atomic_write_bytes
-from moce_model.modeling import MoCEForCausalLM
-
-
-def _moce_model_of(model: torch.nn.Module) -> MoCEForCausalLM:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(inner, MoCEForCausalLM):
-        raise TypeError(f"expected a (peft-wrapped) MoCEForCausalLM, got {type(inner).__name__}")
-    return inner
+from moce_model.common.io import atomic_write_bytes
+from moce_model.model.adapters import moce_model_of
 
 
 @torch.no_grad()
@@ -26,7 +19,7 @@ def expert_use_counts(model: torch.nn.Module, batches: Iterable[Mapping[str, Any
     """Run `model` on `batches` (dicts as passed to `model(**batch)`, with `cluster_ids` where the variant
     needs them) and return the (G, E) number of (token, expert) assignments summed over layers; padding
     tokens (attention_mask == 0) are not counted."""
-    moce = _moce_model_of(model)
+    moce = moce_model_of(model)
     was_training = model.training
     previous = moce.routing_context.record_expert_use
     model.eval()

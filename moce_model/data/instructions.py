@@ -18,6 +18,16 @@ REJECTION_REASONS: tuple[str, ...] = (
 )
 TEXT_FIELDS: tuple[str, ...] = ("system", "instruction", "input", "response")
 
+
+def routing_text(system: str | None, instruction: str | None, input: str | None) -> str:
+    """The text the router embeds: the non-empty parts of system, instruction and input, stripped, one per line.
+
+    Never the response, never a prompt format's markup, never few-shot examples: at inference the router
+    sees only the request itself.
+    """
+    return "\n".join(part.strip() for part in (system, instruction, input) if part and part.strip())
+
+
 # U+FFFD marks text that was decoded with replacement; C0 control characters other than tab/newline/CR
 # (and DEL) do not belong in instructions and usually mean a binary or mis-decoded file.
 _BAD_TEXT_PATTERN = "[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"

@@ -555,7 +555,7 @@ def scan_source(spec: SourceSpec | Mapping[str, Any]) -> pl.LazyFrame:
         spec = SourceSpec.from_dict(spec)
     spec.validate()
     if spec.kind == "synthetic":
-        from moce_model.synthetic import generate_synthetic
+        from moce_model.data.synthetic import generate_synthetic
 
         frame = generate_synthetic(spec.n_per_domain, seed=spec.seed, split="train")
         if spec.max_rows is not None:

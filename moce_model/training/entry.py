@@ -75,7 +75,7 @@ def build_moce_config(values: dict[str, Any] | None, base_model_dir: str) -> Any
         return None
     from transformers import AutoConfig
 
-    from moce_model.config import MoCEConfig
+    from moce_model.model.config import MoCEConfig
 
     values = dict(values)
     if values.get("base_config") is None:
@@ -87,7 +87,7 @@ def run(spec: dict[str, Any], on_log: Callable[[dict[str, Any]], None] | None = 
     """Train as the spec says; every rank returns the result, rank 0 also writes result.json."""
     import polars as pl
 
-    from moce_model.io import atomic_write_json
+    from moce_model.common.io import atomic_write_json
     from moce_model.training import TrainingConfig, train
 
     rank = int(os.environ.get("RANK", "0"))
