@@ -46,6 +46,11 @@ from pydantic import (
 
 from moce_model.clustering.soft import SoftAssignmentRule
 from moce_model.data.sources import SourceSpec
+from moce_model.data.synthetic import DOMAINS
+from moce_model.evaluation.runner import demo_benchmarks, paper_benchmarks
+from moce_model.study.config import StudyConfig
+from moce_model.training import TrainingConfig
+from moce_model.variants import cluster_routed_variants
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = REPO_ROOT / "configs" / "experiments"
@@ -213,8 +218,6 @@ class Training(_Section):
     @field_validator("overrides")
     @classmethod
     def _known_fields_of_the_right_type(cls, overrides: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from moce_model.training import TrainingConfig
-
         if "prompt_format" in overrides:
             raise ValueError("set the prompt format once, as base_model.prompt_format, not as a training override")
         # TrainingConfig checks each name and type (and suggests the field meant by a misspelt one).
@@ -269,8 +272,6 @@ class Evaluation(_Section):
     @field_validator("blends")
     @classmethod
     def _blends_name_two_domains(cls, value: list[str]) -> list[str]:
-        from moce_model.data.synthetic import DOMAINS
-
         for pair in value:
             parts = pair.split("+")
             if len(parts) != 2 or parts[0] == parts[1] or not set(parts) <= set(DOMAINS):
@@ -319,16 +320,12 @@ class Experiment(_Section):
     @field_validator("study")
     @classmethod
     def _known_study_fields_of_the_right_type(cls, study: dict[str, Any]) -> dict[str, Any]:
-        from moce_model.study.config import StudyConfig
-
         StudyConfig.from_mapping(study)  # names the unknown or badly typed field
         return study
 
     @field_validator("experts")
     @classmethod
     def _soft_assignment_has_a_variant_to_apply_to(cls, experts: Experts, info: ValidationInfo) -> Experts:
-        from moce_model.variants import cluster_routed_variants
-
         variants = info.data.get("variants")
         if experts.soft_assignment.enabled and variants is not None \
                 and not set(variants) & set(cluster_routed_variants()):
@@ -355,7 +352,6 @@ class Experiment(_Section):
 
     def training_config(self):
         """The preset with this experiment's prompt format and overrides (a moce_model.training.TrainingConfig)."""
-        from moce_model.training import TrainingConfig
 
         return TrainingConfig.preset(self.training.preset).with_overrides(
             {"prompt_format": self.base_model.prompt_format, **self.training.overrides}
@@ -363,13 +359,11 @@ class Experiment(_Section):
 
     def study_config(self):
         """What the study job of this experiment runs (a moce_model.study.config.StudyConfig)."""
-        from moce_model.study.config import StudyConfig
 
         return StudyConfig.from_mapping(self.study)
 
     def benchmark_specs(self) -> list:
         """The benchmarks every model of the experiment is evaluated on (moce_model.evaluation.runner)."""
-        from moce_model.evaluation.runner import demo_benchmarks, paper_benchmarks
 
         if self.evaluation.benchmarks == "paper":
             return paper_benchmarks(lm_eval_tasks_dir=self.evaluation.lm_eval_tasks_dir)

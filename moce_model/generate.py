@@ -15,11 +15,16 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moce_model.model.modeling import MoCEForCausalLM
-from moce_model.data.prompt_format import AUTO, PROMPT_FORMATS, make_prompt_format
-from moce_model.clustering.router import CENTROIDS_FILE, ClusterRouter, check_routing_files, load_model_router
+from moce_model.clustering.router import (
+    CENTROIDS_FILE,
+    ClusterRouter,
+    check_routing_files,
+    load_model_router,
+)
 from moce_model.clustering.soft import SoftAssignmentRule
 from moce_model.data.instructions import routing_text
+from moce_model.data.prompt_format import AUTO, PROMPT_FORMATS, make_prompt_format
+from moce_model.model.modeling import MoCEForCausalLM
 
 
 def check_prompts(texts: Sequence[str]) -> list[str]:

@@ -28,6 +28,7 @@ from moce_model.clustering.router import (
 from moce_model.common.io import atomic_dir
 from moce_model.model.adapters import load_trained, moce_model_of, trained_with_qlora
 from moce_model.model.config import MoCEConfig
+from moce_model.model.experts import AdapterExperts
 from moce_model.model.modeling import MoCEForCausalLM
 
 
@@ -212,7 +213,6 @@ def _logits_and_routing(model: PreTrainedModel, input_ids: torch.Tensor, cluster
                         ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Logits [B, T, V] float32 and each routed block's (top experts [B, T, k], probabilities [B, T, E]), in
     layer order, read with forward hooks on the expert modules (the forward itself keeps no routing)."""
-    from moce_model.model.experts import AdapterExperts
 
     routing: list[tuple[torch.Tensor, torch.Tensor]] = []
 

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from moce_model.common.io import atomic_dir
+from moce_model.experiment import load_experiment
+from moce_model.model.base_model import find_smollm2_gguf
 
 FIXTURE_VERSION = "1"
 MANIFEST_NAME = "rehearsal_fixtures.json"
@@ -75,8 +77,6 @@ def save_base_model_without_chat_template(directory: Path, seed: int = 0) -> Non
     """A random-init small Llama and the SmolLM2 tokenizer without its chat template, at `directory`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from moce_model.model.base_model import find_smollm2_gguf
 
     gguf = find_smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -213,7 +213,6 @@ def write_source_mirrors(datasets_dir: Path, seed: int = 0, rows_per_source: int
     """Each paper dataset as a mirror directory holding its file, in the Hub file's layout."""
     makers = {"slimorca": _slimorca_rows, "metamathqa": _metamathqa_rows,
               "magicoder_oss": _magicoder_oss_rows, "magicoder_evol": _magicoder_evol_rows}
-    from moce_model.experiment import load_experiment
 
     paper = sorted(source.name for source in load_experiment("paper").sources)
     if sorted(makers) != paper:

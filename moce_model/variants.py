@@ -10,6 +10,12 @@ import operator
 from dataclasses import dataclass
 
 
+# The untrained base model: a model name beside the variants, never a variant itself.
+BASE = "base"
+# `model_type` of a MoCE model's config.json.
+MOCE_MODEL_TYPE = "moce"
+
+
 class GroupChoice(str, enum.Enum):
     """How a sequence's expert group is chosen (stage 1)."""
 

@@ -90,7 +90,7 @@ def test_markdown_bolds_only_significant_differences_and_says_no_significant_dif
     not_significant = lines["moce − pesc exact_match"]
     assert "no significant difference" in not_significant and "**" not in not_significant
     assert "| 32 |" in not_significant and "+0.125 [" in not_significant
-    significant = lines["moce − pesc heldout_loss (lower is better)"]
+    significant = lines["moce − pesc heldout_loss ↓"]
     assert "**-0.1" in significant and "moce better" in significant and "| 200 |" in significant
     assert "Wilson" in markdown and "MDD" in markdown and "(z₀.₉₇₅ + z₀.₈) · s_d / √n" in markdown
     # Each score cell: value [low, high]; the n column.
@@ -197,7 +197,7 @@ def test_k_comparison_puts_one_model_at_each_k_side_by_side():
     python = table.filter(pl.col("benchmark") == "synthetic_python").row(0, named=True)
     assert python["k=3"] is None and python["k=2"] == pytest.approx(0.5)
     assert "| benchmark | metric | n | k=2 | k=3 |" in comparison.markdown
-    assert "heldout_loss (lower is better)" in comparison.markdown and "| – |" in comparison.markdown
+    assert "heldout_loss ↓" in comparison.markdown and "| – |" in comparison.markdown
 
 
 def test_k_comparison_refuses_what_is_not_one_model_per_k():

@@ -17,7 +17,18 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from moce_model.common.io import atomic_dir, read_json
+from moce_model.clustering.embedding import (
+    MANIFEST_NAME,
+    bad_embedding_rows,
+    embedding_value_problem,
+)
+from moce_model.clustering.router import validate_centroids
+from moce_model.common.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+)
 
 CENTROIDS_NPY = "centroids.npy"
 CENTROIDS_JSON = "centroids.json"
@@ -300,7 +311,6 @@ def save_centroids(
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     if centroids.ndim != 2:
         raise ValueError(f"centroids must be (k, d), got shape {centroids.shape}")
-    from moce_model.common.io import atomic_write_json
 
     meta = {
         "k": int(centroids.shape[0]),
@@ -322,7 +332,6 @@ def load_centroids(path_dir: str | os.PathLike[str]) -> tuple[np.ndarray, dict[s
     for required in (npy, meta_path):
         if not required.is_file():
             raise FileNotFoundError(f"centroids directory {directory} lacks {required.name}")
-    from moce_model.clustering.router import validate_centroids
 
     try:
         raw = np.load(npy, allow_pickle=False)
@@ -353,12 +362,6 @@ def read_embeddings(path_dir: str | os.PathLike[str], check_values: bool = True)
     import pyarrow as pa
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
-
-    from moce_model.clustering.embedding import (
-        MANIFEST_NAME,
-        bad_embedding_rows,
-        embedding_value_problem,
-    )
 
     directory = Path(path_dir)
     manifest_path = directory / MANIFEST_NAME
@@ -431,8 +434,6 @@ class ClusterState:
         return cls(sums, np.bincount(labels, minlength=k).astype(np.int64), np.asarray(list(ids), dtype=str))
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        from moce_model.common.io import atomic_write_bytes
-
         buffer = io.BytesIO()
         np.savez(buffer, sums=self.sums, counts=self.counts, ids=self.ids)
         path = Path(directory) / CLUSTER_STATE_NPZ

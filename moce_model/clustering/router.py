@@ -14,8 +14,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from moce_model.clustering.embedding import load_embedder
 from moce_model.clustering.soft import SoftAssignmentRule, SoftClusters
 from moce_model.data.instructions import routing_text
+from moce_model.data.prompt_format import PROMPT_FORMATS
+from moce_model.variants import MOCE_MODEL_TYPE, check_clusters_match_groups
 
 CENTROIDS_FILE = "centroids.npy"
 
@@ -181,10 +184,8 @@ def check_routing_files(model_dir: str | Path) -> tuple[np.ndarray, dict[str, An
         config = _read_json_file(config_path)
         if not isinstance(config, dict):
             raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-        from moce_model.model.config import MoCEConfig
-        from moce_model.variants import check_clusters_match_groups
 
-        if config.get("model_type") == MoCEConfig.model_type:
+        if config.get("model_type") == MOCE_MODEL_TYPE:
 
             try:
                 check_clusters_match_groups(
@@ -204,7 +205,6 @@ def load_model_router(model_dir: str | Path) -> ClusterRouter | None:
     """The directory's router with the project's embedder loader, or None when it holds no centroids."""
     if not (Path(model_dir) / CENTROIDS_FILE).is_file():
         return None
-    from moce_model.clustering.embedding import load_embedder
 
     return ClusterRouter.from_model_dir(model_dir, load_embedder)
 
@@ -215,8 +215,6 @@ class PromptRouter:
     whole text is the request), embed it and pick the nearest centroid."""
 
     def __init__(self, tokenizer: Any, router: ClusterRouter) -> None:
-        from moce_model.data.prompt_format import PROMPT_FORMATS
-
         self.tokenizer = tokenizer
         self.router = router
         self.formats = []

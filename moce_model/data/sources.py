@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import polars as pl
 
+from moce_model.data.synthetic import generate_synthetic
+
 SourceKind = Literal["hf", "local", "synthetic"]
 SOURCE_KINDS: tuple[str, ...] = ("hf", "local", "synthetic")
 # `problem`: why a row cannot be used as read (a mapped value that is not text), null when it can.
@@ -555,8 +557,6 @@ def scan_source(spec: SourceSpec | Mapping[str, Any]) -> pl.LazyFrame:
         spec = SourceSpec.from_dict(spec)
     spec.validate()
     if spec.kind == "synthetic":
-        from moce_model.data.synthetic import generate_synthetic
-
         frame = generate_synthetic(spec.n_per_domain, seed=spec.seed, split="train")
         if spec.max_rows is not None:
             frame = frame.head(spec.max_rows)

@@ -16,9 +16,9 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from moce_model.data.prompt_format import AUTO, PROMPT_FORMATS
 from moce_model.evaluation.report import build_report
 from moce_model.evaluation.runner import demo_benchmarks, evaluate_model
-from moce_model.data.prompt_format import AUTO, PROMPT_FORMATS
 
 
 def _count_or_all(text: str) -> int | None:

@@ -21,7 +21,13 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from moce_model.evaluation.stats import independent_difference, mean_estimate, paired_difference
+from moce_model.common.plots import cluster_projection_plot
+from moce_model.evaluation.compare import REFERENCES
+from moce_model.evaluation.stats import (
+    independent_difference,
+    mean_estimate,
+    paired_difference,
+)
 
 TINY_SAMPLE = 10
 
@@ -193,7 +199,7 @@ def contingency_heatmap(counts: pl.DataFrame) -> bytes:
 
 
 def off_home_scores(item_scores: pl.DataFrame, contingency: pl.DataFrame,
-                    references: Sequence[str] = ("pesc", "base")) -> pl.DataFrame:
+                    references: Sequence[str] = REFERENCES) -> pl.DataFrame:
     """For every variant that routes by cluster and every (benchmark, metric) with off-home prompts: the mean
     score of the home and of the off-home prompts with their intervals, their difference (Newcombe / bootstrap,
     two disjoint sets of items), and — against the first reference present — the variant's paired difference
@@ -266,7 +272,6 @@ def prompt_map(prompt_embeddings: pl.DataFrame) -> tuple[bytes | None, int]:
     prompts = prompt_embeddings.unique(["benchmark", "item_id"], keep="first", maintain_order=True)
     if prompts.height < 3:
         return None, prompts.height  # two points have one principal axis
-    from moce_model.common.plots import cluster_projection_plot
 
     vectors = np.asarray(prompts["embedding"].to_list(), dtype=np.float32)
     png = cluster_projection_plot(vectors, prompts["cluster"].to_numpy(), prompts["benchmark"].to_list(),

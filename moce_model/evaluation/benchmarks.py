@@ -21,9 +21,16 @@ from typing import Any, Literal
 
 import numpy as np
 
+from moce_model.data.synthetic import generate_synthetic
 from moce_model.evaluation.lm import MoCELM
-from moce_model.evaluation.metrics import HELDOUT_LOSS, PARTS_LOSS, ROUTED_AS_FIRST_PART, ROUTED_AS_SECOND_PART
+from moce_model.evaluation.metrics import (
+    HELDOUT_LOSS,
+    PARTS_LOSS,
+    ROUTED_AS_FIRST_PART,
+    ROUTED_AS_SECOND_PART,
+)
 from moce_model.evaluation.sandbox import run_sandboxed_many
+from moce_model.evaluation.stats import standard_error
 
 BenchmarkKind = Literal["synthetic", "blended", "instruction_rows", "humaneval", "gsm8k", "lm_eval", "lm_eval_code"]
 
@@ -174,7 +181,6 @@ def extract_code(completion: str) -> str:
 def item_metric(metric: str, item_ids: Sequence[str], scores: Sequence[float]) -> MetricValue:
     """The mean of per-item scores, with its standard error and the scores themselves (for intervals and for
     differences between models paired on items)."""
-    from moce_model.evaluation.stats import standard_error
 
     if len(item_ids) != len(scores):
         raise ValueError(f"{metric}: {len(item_ids)} item ids for {len(scores)} scores")
@@ -197,7 +203,6 @@ def run_synthetic(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> Benchma
     An item's held-out loss is the mean per-token NLL of its reference response (end-of-turn marker included);
     the metric is the mean over items, so that its interval and the paired differences are over items.
     """
-    from moce_model.data.synthetic import generate_synthetic
 
     if spec.domain is None:
         raise ValueError(f"benchmark {spec.name!r}: synthetic benchmarks need a domain")
@@ -258,7 +263,6 @@ def blended_rows(first: str, second: str, n: int, seed: int) -> tuple[list[dict]
     """(blended, first parts, second parts): blended item i asks held-out item i of `first`, then item i of
     `second`, and its reference answer is the two answers in order. Deterministic for a seed; the parts are the
     very items of the single-domain benchmarks `synthetic_<first>` / `synthetic_<second>` at that seed."""
-    from moce_model.data.synthetic import generate_synthetic
 
     if first == second:
         raise ValueError(f"a blended benchmark needs two different domains, got {first!r} twice")

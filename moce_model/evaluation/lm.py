@@ -49,12 +49,18 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from moce_model.variants import GroupChoice
-from moce_model.model.config import MoCEConfig
-from moce_model.data.prompt_format import AUTO, make_prompt_format
-from moce_model.clustering.router import CENTROIDS_FILE, check_routing_files
+import moce_model.model.modeling  # noqa: F401
+from moce_model.clustering.router import (
+    CENTROIDS_FILE,
+    check_routing_files,
+    load_model_router,
+)
 from moce_model.clustering.soft import SoftAssignmentRule, SoftClusters
 from moce_model.data.instructions import routing_text
+from moce_model.data.prompt_format import AUTO, make_prompt_format
+from moce_model.model.config import MoCEConfig
+from moce_model.model.modeling import MoCEForCausalLM, random_group_ids
+from moce_model.variants import GroupChoice
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -94,7 +100,6 @@ def load_router(model_dir: Path, model: torch.nn.Module) -> SequenceRouter | Non
     """The directory's cluster router when the model routes by cluster, else None (base model, pesc...)."""
     if not _needs_centroids(model):
         return None
-    from moce_model.clustering.router import load_model_router
 
     router = load_model_router(model_dir)
     if router is None:
@@ -148,7 +153,6 @@ class MoCELM(HFLM):
     ) -> None:
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
-        import moce_model.model.modeling  # noqa: F401  registers the MoCE architecture with the Auto classes
 
         model_dir: Path | None = None
         if isinstance(pretrained, (str, Path)):
@@ -431,8 +435,6 @@ class MoCELM(HFLM):
         return self.router is not None or self.hashes_prompt
 
     def _hashed_group(self, context_tokens: Sequence[int]) -> int:
-        from moce_model.model.modeling import random_group_ids
-
         config = self.model.config
         tokens = torch.tensor([list(context_tokens)], dtype=torch.long)
         return int(random_group_ids(tokens, None, config.num_groups, config.random_group_seed))
@@ -506,7 +508,6 @@ class MoCELM(HFLM):
 
     def _moce_model(self):
         """The MoCE model being evaluated, or None for a model without experts (the base model)."""
-        from moce_model.model.modeling import MoCEForCausalLM
 
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return model if isinstance(model, MoCEForCausalLM) else None

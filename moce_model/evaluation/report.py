@@ -29,14 +29,34 @@ from moce_model.evaluation.analyses import (
     routed_expert_use,
     routing_contingency,
 )
+from moce_model.evaluation.compare import (
+    REFERENCES,
+    comparisons,
+    format_value,
+    metric_label,
+    verdict,
+    with_interval,
+)
 from moce_model.evaluation.metrics import LOWER_IS_BETTER, ROUTING_METRICS
-from moce_model.evaluation.runner import EXPERT_USE_SCHEMA, ITEM_SCORES_SCHEMA, PROMPT_EMBEDDINGS_SCHEMA, RESULTS_SCHEMA
-from moce_model.evaluation.stats import ALPHA, POWER, average_difference, average_estimate, paired_difference
+from moce_model.evaluation.runner import (
+    EXPERT_USE_SCHEMA,
+    ITEM_SCORES_SCHEMA,
+    PROMPT_EMBEDDINGS_SCHEMA,
+    RESULTS_SCHEMA,
+)
+from moce_model.evaluation.stats import (
+    ALPHA,
+    POWER,
+    average_difference,
+    average_estimate,
+    is_binary,
+    paired_difference,
+)
+from moce_model.variants import BASE
 
 # Every variant is compared with these, in this order; a reference is not compared with an earlier one
 # (`pesc − base` is reported, its mirror `base − pesc` is not).
-REFERENCE_VARIANTS: tuple[str, ...] = ("pesc", "base")
-VARIANT_ORDER: tuple[str, ...] = ("base", "dense_adapter", "pesc", "moce")
+VARIANT_ORDER: tuple[str, ...] = (BASE, "dense_adapter", "pesc", "moce")
 
 DIFFERENCES_SCHEMA: dict[str, pl.DataType] = {
     "benchmark": pl.String(), "metric": pl.String(), "variant": pl.String(), "reference": pl.String(),
@@ -54,7 +74,7 @@ METHODS_NOTE = (
     "Each cell is the mean over the benchmark's n items and its 95% interval [low, high]: the Wilson score "
     "interval for 0/1 scores (exact match, pass@1), a BCa bootstrap over items for the held-out loss (the mean "
     "over items of each reference answer's mean per-token NLL), value ± 1.96 · stderr for an lm-eval metric "
-    "without per-item scores."
+    "without per-item scores. ↓ marks a metric where lower is better."
 )
 
 
@@ -111,7 +131,7 @@ def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFr
     use_pngs = {variant: expert_use_heatmap(routed_use, variant)
                 for variant in _ordered_variants(routed_use["model_variant"].unique().to_list())}
     routing_counts, contingency = routing_contingency(scores)
-    off_home = off_home_scores(scores, contingency, REFERENCE_VARIANTS)
+    off_home = off_home_scores(scores, contingency, REFERENCES)
     markdown = _markdown(results, comparison, differences, average, variants, distribution)
     markdown += _analyses_markdown(summary, routed_use, contingency, off_home, scores)
     embeddings = [frame.select(list(PROMPT_EMBEDDINGS_SCHEMA)).cast(PROMPT_EMBEDDINGS_SCHEMA) for frame in prompt_embeddings]
@@ -193,21 +213,6 @@ def cluster_distribution(item_clusters: pl.DataFrame) -> pl.DataFrame:
     ).sort("benchmark", "cluster")
 
 
-def comparisons(variants: Sequence[str]) -> list[tuple[str, str]]:
-    """(variant, reference) pairs: every variant against each reference present, no mirrored pair."""
-    pairs = []
-    for reference in REFERENCE_VARIANTS:
-        if reference not in variants:
-            continue
-        for variant in variants:
-            if variant == reference:
-                continue
-            if variant in REFERENCE_VARIANTS and REFERENCE_VARIANTS.index(variant) > REFERENCE_VARIANTS.index(reference):
-                continue
-            pairs.append((variant, reference))
-    return pairs
-
-
 def paired_differences(results: pl.DataFrame, scores: pl.DataFrame, variants: Sequence[str]) -> pl.DataFrame:
     """variant − reference per (benchmark, metric), on the items both answered (DIFFERENCES_SCHEMA)."""
     rows = []
@@ -223,14 +228,14 @@ def paired_differences(results: pl.DataFrame, scores: pl.DataFrame, variants: Se
             if len(a) == 0:
                 rows.append({**row, "verdict": "no per-item scores: not compared"})
                 continue
-            if len(a) < 2 and not _binary(a, b):
+            if len(a) < 2 and not (is_binary(a) and is_binary(b)):
                 rows.append({**row, "difference": float(a[0] - b[0]), "verdict": "one item: not compared"})
                 continue
             result = paired_difference(a, b)
             rows.append({**row, "difference": result.difference, "stderr": result.stderr, "ci_low": result.ci_low,
                          "ci_high": result.ci_high, "significant": result.significant, "mdd": result.mdd,
                          "method": result.method,
-                         "verdict": _verdict(result.significant, result.difference, metric, variant, reference)})
+                         "verdict": verdict(result.significant, result.difference, metric, (variant, reference))})
     return pl.DataFrame(rows, schema=DIFFERENCES_SCHEMA)
 
 
@@ -323,19 +328,6 @@ def _paired_scores(scores: pl.DataFrame, benchmark: str, metric: str, variant: s
     return np.array([first[i] for i in common]), np.array([second[i] for i in common])
 
 
-def _binary(*arrays: np.ndarray) -> bool:
-    return all(np.isin(a, (0.0, 1.0)).all() for a in arrays)
-
-
-def _verdict(significant: bool, difference: float, metric: str, variant: str, reference: str) -> str:
-    if not significant:
-        return "no significant difference"
-    if metric in ROUTING_METRICS:  # where prompts went: a difference, not a better model
-        return f"{variant} higher" if difference > 0 else f"{reference} higher"
-    variant_better = difference < 0 if metric in LOWER_IS_BETTER else difference > 0
-    return f"{variant} better" if variant_better else f"{reference} better"
-
-
 def _ordered_variants(variants: list[str]) -> list[str]:
     known = [v for v in VARIANT_ORDER if v in variants]
     return known + sorted(v for v in variants if v not in VARIANT_ORDER)
@@ -359,28 +351,10 @@ def _comparison_lines(comparison: pl.DataFrame, variants: list[str]) -> list[str
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in comparison.iter_rows(named=True):
         counts = sorted({row[f"n_items_{v}"] for v in variants if row.get(f"n_items_{v}") is not None})
-        cells = [row["benchmark"], _metric_label(row["metric"]), "/".join(str(c) for c in counts)]
-        cells += [_with_interval(row[v], row[f"{v}_ci_low"], row[f"{v}_ci_high"]) for v in variants]
+        cells = [row["benchmark"], metric_label(row["metric"]), "/".join(str(c) for c in counts)]
+        cells += [with_interval(row[v], row[f"{v}_ci_low"], row[f"{v}_ci_high"]) for v in variants]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def _format(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "–"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
-def _with_interval(value: float | None, low: float | None, high: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "–"
-    if low is None or high is None:
-        return f"{_format(value, signed)} (no interval)"
-    return f"{_format(value, signed)} [{_format(low, signed)}, {_format(high, signed)}]"
-
-
-def _metric_label(metric: str) -> str:
-    return metric + (" (lower is better)" if metric in LOWER_IS_BETTER else "")
 
 
 def _markdown(results: pl.DataFrame, comparison: pl.DataFrame, differences: pl.DataFrame, average: pl.DataFrame,
@@ -399,11 +373,11 @@ def _markdown(results: pl.DataFrame, comparison: pl.DataFrame, differences: pl.D
             "| benchmark | metric | comparison | n | difference [95% CI] | MDD | verdict |", "|---|---|---|---|---|---|---|",
         ]
         for row in differences.iter_rows(named=True):
-            cell = _with_interval(row["difference"], row["ci_low"], row["ci_high"], signed=True)
+            cell = with_interval(row["difference"], row["ci_low"], row["ci_high"], signed=True)
             if row["significant"]:
                 cell = f"**{cell}**"
-            lines.append(f"| {row['benchmark']} | {_metric_label(row['metric'])} | {row['variant']} − "
-                         f"{row['reference']} | {row['n_items']} | {cell} | {_format(row['mdd'])} | {row['verdict']} |")
+            lines.append(f"| {row['benchmark']} | {metric_label(row['metric'])} | {row['variant']} − "
+                         f"{row['reference']} | {row['n_items']} | {cell} | {format_value(row['mdd'])} | {row['verdict']} |")
 
     lines += ["", "## Paper average", ""]
     if average.height:
@@ -417,13 +391,13 @@ def _markdown(results: pl.DataFrame, comparison: pl.DataFrame, differences: pl.D
             "| model | average [95% CI] |", "|---|---|",
         ]
         for row in average.filter(pl.col("reference").is_null()).iter_rows(named=True):
-            lines.append(f"| {row['variant']} | {_with_interval(row['value'], row['ci_low'], row['ci_high'])} |")
+            lines.append(f"| {row['variant']} | {with_interval(row['value'], row['ci_low'], row['ci_high'])} |")
         lines += ["", "| comparison | difference [95% CI] | MDD | verdict |", "|---|---|---|---|"]
         for row in average.filter(pl.col("reference").is_not_null()).iter_rows(named=True):
-            cell = _with_interval(row["value"], row["ci_low"], row["ci_high"], signed=True)
-            verdict = _verdict(row["significant"], row["value"], "average", row["variant"], row["reference"])
+            cell = with_interval(row["value"], row["ci_low"], row["ci_high"], signed=True)
+            reading = verdict(row["significant"], row["value"], "average", (row["variant"], row["reference"]))
             lines.append(f"| {row['variant']} − {row['reference']} | {f'**{cell}**' if row['significant'] else cell} "
-                         f"| {_format(row['mdd'])} | {verdict} |")
+                         f"| {format_value(row['mdd'])} | {reading} |")
     else:
         lines.append("No benchmark has per-item scores for every model: no average.")
 
@@ -455,7 +429,7 @@ def _analyses_markdown(summary: pl.DataFrame, routed_use: pl.DataFrame, continge
             lines.append(
                 f"| {row['benchmark']} | {row['n_prompts']}{_tiny(row['n_prompts'])} | {row['clusters']} | "
                 f"{row['home_cluster']} | {row['n_off_home']} | "
-                f"{_with_interval(row['off_home_share'], row['ci_low'], row['ci_high'])} |")
+                f"{with_interval(row['off_home_share'], row['ci_low'], row['ci_high'])} |")
         lines += ["", "## How off-home prompts score", ""]
         if off_home.height:
             lines += [
@@ -474,15 +448,15 @@ def _analyses_markdown(summary: pl.DataFrame, routed_use: pl.DataFrame, continge
             for row in off_home.iter_rows(named=True):
                 reference = row["reference"]
                 label = (" *tiny*" if row["tiny_sample"] else "")
-                off_vs = (f"{reference}: {_with_interval(row['off_home_vs_reference'], row['off_home_vs_reference_ci_low'], row['off_home_vs_reference_ci_high'], signed=True)} ({row['n_off_home_vs_reference']})"
+                off_vs = (f"{reference}: {with_interval(row['off_home_vs_reference'], row['off_home_vs_reference_ci_low'], row['off_home_vs_reference_ci_high'], signed=True)} ({row['n_off_home_vs_reference']})"
                           if reference else "–")
-                home_vs = (f"{reference}: {_with_interval(row['home_vs_reference'], row['home_vs_reference_ci_low'], row['home_vs_reference_ci_high'], signed=True)} ({row['n_home_vs_reference']})"
+                home_vs = (f"{reference}: {with_interval(row['home_vs_reference'], row['home_vs_reference_ci_low'], row['home_vs_reference_ci_high'], signed=True)} ({row['n_home_vs_reference']})"
                            if reference else "–")
                 lines.append(
-                    f"| {row['model_variant']}{label} | {row['benchmark']} | {_metric_label(row['metric'])} | "
-                    f"{row['n_home']}, {_with_interval(row['home_mean'], row['home_ci_low'], row['home_ci_high'])} | "
-                    f"{row['n_off_home']}, {_with_interval(row['off_home_mean'], row['off_home_ci_low'], row['off_home_ci_high'])} | "
-                    f"{_with_interval(row['difference'], row['difference_ci_low'], row['difference_ci_high'], signed=True)} | "
+                    f"| {row['model_variant']}{label} | {row['benchmark']} | {metric_label(row['metric'])} | "
+                    f"{row['n_home']}, {with_interval(row['home_mean'], row['home_ci_low'], row['home_ci_high'])} | "
+                    f"{row['n_off_home']}, {with_interval(row['off_home_mean'], row['off_home_ci_low'], row['off_home_ci_high'])} | "
+                    f"{with_interval(row['difference'], row['difference_ci_low'], row['difference_ci_high'], signed=True)} | "
                     f"{off_vs} | {home_vs} |")
         else:
             lines.append("Every evaluated prompt went to its benchmark's home cluster: nothing to compare.")
@@ -520,7 +494,7 @@ def _analyses_markdown(summary: pl.DataFrame, routed_use: pl.DataFrame, continge
                     prompts = first["n_items"]
                 else:
                     prompts = None  # random_group without per-prompt counts: the item's group is not recorded
-                cells = [f"{_with_interval(r['share'], r['ci_low'], r['ci_high'])} "
+                cells = [f"{with_interval(r['share'], r['ci_low'], r['ci_high'])} "
                          f"({r['share_min_over_layers']:.2f}–{r['share_max_over_layers']:.2f})"
                          for r in part.iter_rows(named=True)]
                 lines.append(f"| {benchmark} | {group} | {'–' if prompts is None else str(prompts) + _tiny(prompts)} | "
@@ -552,7 +526,7 @@ def _bar_chart(results: pl.DataFrame, benchmark: str, variants: list[str]) -> by
                 counts.add(row["n_items"])
         axis.bar(variants, values, yerr=[below, above], color=[f"C{i}" for i in range(len(variants))], capsize=3)
         n = "/".join(str(c) for c in sorted(counts))
-        axis.set_title(f"{benchmark}: {_metric_label(metric)}\nn = {n}, 95% interval", fontsize=8)
+        axis.set_title(f"{benchmark}: {metric_label(metric)}\nn = {n}, 95% interval", fontsize=8)
         axis.tick_params(axis="x", labelrotation=20, labelsize=8)
     figure.tight_layout()
     buffer = io.BytesIO()
@@ -587,7 +561,7 @@ def _differences_chart(differences: pl.DataFrame) -> bytes | None:
         axis.axvline(0, color="black", linewidth=0.8)
         axis.set_yticks(positions, [f"{r['variant']} − {r['reference']}  {r['benchmark']} (n={r['n_items']})"
                                     for r in rows.iter_rows(named=True)], fontsize=7)
-        axis.set_title(f"{_metric_label(metric)}: paired difference, 95% interval (red: excludes 0)", fontsize=8)
+        axis.set_title(f"{metric_label(metric)}: paired difference, 95% interval (red: excludes 0)", fontsize=8)
         axis.tick_params(axis="x", labelsize=7)
     figure.tight_layout()
     buffer = io.BytesIO()

@@ -17,16 +17,25 @@ import numpy as np
 import polars as pl
 import torch
 
-from moce_model.evaluation.benchmarks import BenchmarkOutcome, BenchmarkSpec, run_benchmark
-from moce_model.evaluation.lm import MoCELM
-from moce_model.common.progress import evaluation_progress
 from moce_model.clustering.soft import SoftAssignmentRule
+from moce_model.common.progress import evaluation_progress
+from moce_model.evaluation.benchmarks import (
+    BenchmarkOutcome,
+    BenchmarkSpec,
+    run_benchmark,
+)
+from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.lm_eval_suite import (
     LM_EVAL_KINDS,
     PAPER_CODE_BENCHMARKS,
     PAPER_COMPLETION_BENCHMARKS,
     PAPER_LM_EVAL_TASKS,
     run_lm_eval,
+)
+from moce_model.evaluation.stats import (
+    mean_estimate,
+    normal_interval,
+    share_intervals_over_prompts,
 )
 
 logger = logging.getLogger(__name__)
@@ -396,7 +405,6 @@ def _share_intervals(group_counts: np.ndarray, prompt_counts: Sequence[np.ndarra
         return (len(used) or None), None, None
     if len(used) < 2:
         return len(used), None, None
-    from moce_model.evaluation.stats import share_intervals_over_prompts
 
     low, high, pooled_low, pooled_high = share_intervals_over_prompts(np.stack(used))
     return len(used), (low, high), (pooled_low, pooled_high)
@@ -409,7 +417,6 @@ def results_table(model_variant: str, outcomes: Sequence[BenchmarkOutcome], extr
     bootstrap otherwise); a metric known only as an aggregate with a standard error (lm-eval without logged
     samples) gets value ± 1.96 stderr; one with neither gets none, and the report says so.
     """
-    from moce_model.evaluation.stats import mean_estimate, normal_interval
 
     rows = []
     for outcome in outcomes:

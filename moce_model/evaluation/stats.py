@@ -108,6 +108,15 @@ def is_binary(scores: np.ndarray) -> bool:
     return bool(scores.size) and bool(np.isin(scores, (0.0, 1.0)).all())
 
 
+def wilson_interval(proportion: float, n: int) -> tuple[float, float]:
+    """Wilson score interval of a proportion observed on n trials (a proportion pooled over seeds may be
+    fractional, so the closed form rather than a binomial test on counts)."""
+    z = _Z_HALF_ALPHA
+    centre = (proportion + z**2 / (2 * n)) / (1 + z**2 / n)
+    half_width = z * math.sqrt(proportion * (1 - proportion) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    return max(centre - half_width, 0.0), min(centre + half_width, 1.0)
+
+
 def standard_error(scores: np.ndarray) -> float | None:
     if scores.size < 2:
         return None
@@ -120,8 +129,8 @@ def mean_estimate(scores: Sequence[float] | np.ndarray, seed: int = BOOTSTRAP_SE
     mean = float(values.mean())
     stderr = standard_error(values)
     if is_binary(values):
-        interval = scipy_stats.binomtest(int(values.sum()), values.size).proportion_ci(CONFIDENCE, method="wilson")
-        return Estimate(mean, values.size, stderr, float(interval.low), float(interval.high), "wilson")
+        low, high = wilson_interval(mean, values.size)
+        return Estimate(mean, values.size, stderr, low, high, "wilson")
     if values.size < 2:
         return Estimate(mean, values.size, None, None, None, "none (one item)")
     low, high = _bootstrap((values,), _mean_of_first, seed, method="BCa")
@@ -158,7 +167,7 @@ def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
     mean = float(differences.mean())
     stderr = standard_error(differences)
     if is_binary(first) and is_binary(second):
-        low, high, sd = _bonett_price(int(((first == 1) & (second == 0)).sum()),
+        low, high, sd = bonett_price(int(((first == 1) & (second == 0)).sum()),
                                       int(((first == 0) & (second == 1)).sum()), n)
         return PairedDifference(n, mean, stderr, low, high, minimum_detectable_difference(sd, n), "bonett-price")
     if n < 2:
@@ -220,12 +229,13 @@ def _difference_of_means(first: np.ndarray, second: np.ndarray, axis: int = -1) 
     return first.mean(axis=axis) - second.mean(axis=axis)
 
 
-def _bonett_price(won: int, lost: int, n: int) -> tuple[float, float, float]:
+def bonett_price(won: float, lost: float, n: int) -> tuple[float, float, float]:
     """Bonett & Price (2012) adjusted Wald interval for p10 − p01 of paired 0/1 outcomes: add one to each
     discordant cell and two to n, then p̃10 − p̃01 ± z · sqrt((p̃10 + p̃01 − (p̃10 − p̃01)²) / (n + 2)).
 
     Returns (low, high, s_d) with s_d = sqrt(p̃10 + p̃01 − (p̃10 − p̃01)²), the adjusted standard deviation of
-    one item's difference; it stays positive when no item is discordant, so the MDD stays meaningful then."""
+    one item's difference; it stays positive when no item is discordant, so the MDD stays meaningful then.
+    `won` and `lost` may be fractional: the study pools them over seeds."""
     p_won, p_lost = (won + 1) / (n + 2), (lost + 1) / (n + 2)
     centre = p_won - p_lost
     sd = math.sqrt(p_won + p_lost - centre**2)

@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from moce_model.common.io import atomic_dir
+from moce_model.model.base_model import load_base_model
 from moce_model.model.config import MoCEConfig
 from moce_model.model.modeling import MoCEForCausalLM
 
@@ -113,8 +114,6 @@ def load_trained(
             raise FileNotFoundError(f"{trained_dir}: not a trained MoCE artifact (missing {name})")
     moce_config = MoCEConfig.from_pretrained(trained_dir)
     if trained_with_qlora(trained_dir):
-        from moce_model.model.base_model import load_base_model
-
         base = load_base_model(base_model_dir, bf16=True, qlora=True)
         if dequantize:
             base = base.dequantize()

@@ -12,6 +12,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from moce_model.clustering.soft import SoftAssignmentRule
 from moce_model.variants import (
+    MOCE_MODEL_TYPE,
     TOKEN_ROUTERS,
     GroupChoice,
     VariantSemantics,
@@ -66,7 +67,7 @@ class MoCEConfig(PreTrainedConfig):
     config (config.json) carries `num_groups`, which is then the k it was trained with.
     """
 
-    model_type = "moce"
+    model_type = MOCE_MODEL_TYPE
 
     base_config: dict | None = None
     variant: str = "moce"

@@ -20,7 +20,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from moce_model.clustering.router import CENTROIDS_FILE
+from moce_model.clustering.router import CENTROIDS_FILE, PromptRouter
 from moce_model.data.prompt_format import IGNORE_INDEX
 from moce_model.model.balance import AuxLossRequest, BalanceLossStatistics
 from moce_model.model.config import MoCEConfig
@@ -284,8 +284,6 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
     def _prompt_router(self):
         """The directory's stage-1 router (embedder + centroids), loaded when first needed."""
         if self._prompt_router_dir is not None and self._loaded_prompt_router is None:
-            from moce_model.clustering.router import PromptRouter
-
             self._loaded_prompt_router = PromptRouter.from_model_dir(self._prompt_router_dir)
         return self._loaded_prompt_router
 

@@ -44,17 +44,35 @@ import polars as pl
 
 from moce_model.clustering.kmeans import CentroidUpdate, ClusterState, update_centroids
 from moce_model.clustering.router import ClusterRouter, TextEncoder
+from moce_model.clustering.soft import SoftAssignmentRule
+from moce_model.common.io import atomic_write_parquet
 from moce_model.data.instructions import routing_text
+from moce_model.evaluation.benchmarks import (
+    BenchmarkSpec,
+    blend_rows,
+    instruction_row_item_id,
+)
+from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.metrics import (
     HELDOUT_LOSS,
     PARTS_LOSS,
     ROUTED_AS_FIRST_PART,
     ROUTED_AS_SECOND_PART,
 )
+from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, evaluate_model
+from moce_model.study.config import (
+    ADAPTIVE,
+    BLENDED,
+    CONDITION_NAMES,
+    NOISED,
+    SOFT,
+    STUDY_SCORES_SCHEMA,
+    StudyConfig,
+    condition_label,
+)
 
 if TYPE_CHECKING:
     from moce_model.model.config import MoCEConfig
-    from moce_model.study.config import StudyConfig
 
 # The loss the conditions score: the held-out loss of the `instruction_rows` benchmarks of `study_runs`.
 HELDOUT_METRIC = HELDOUT_LOSS
@@ -120,7 +138,6 @@ def clean_heldout_scores(inputs: ConditionInputs, benchmarks: Sequence[str], row
                          ) -> pl.DataFrame:
     """The run's clean held-out loss (SCORE_COLUMNS) of each held-out row (benchmark, row id), in that order;
     an error naming the items the run's clean scores lack."""
-    from moce_model.evaluation.benchmarks import instruction_row_item_id
 
     if len(benchmarks) != len(row_ids):
         raise ValueError(f"{len(benchmarks)} benchmark names for {len(row_ids)} row ids")
@@ -318,7 +335,6 @@ def _prepare_soft(inputs: ConditionInputs) -> ConditionPlan | None:
         return None  # the layout does not route by centroids: there is no boundary between groups
     if inputs.encoder is None:
         raise ValueError(f"{inputs.layout}: the soft condition needs the router's encoder")
-    from moce_model.clustering.soft import SoftAssignmentRule
 
     rule = SoftAssignmentRule(margin=inputs.config.soft_margin, temperature=inputs.config.soft_temperature)
     router = ClusterRouter(inputs.encoder, inputs.centroids)
@@ -378,7 +394,6 @@ def blended_heldout_rows(heldout: Mapping[str, pl.DataFrame], items_per_pair: in
     size of either, built by `blend_rows`. Even i ask A's item first, odd i B's: otherwise the first part would
     always come from the source whose name sorts first, and "routed as the first part" would say as much about
     the sources as about the position. A blend's id is its parts' ids, "<first>+<second>"."""
-    from moce_model.evaluation.benchmarks import blend_rows
 
     if items_per_pair < 1:
         raise ValueError(f"blend items per pair of sources must be at least 1, got {items_per_pair}")
@@ -401,8 +416,6 @@ def blended_heldout_rows(heldout: Mapping[str, pl.DataFrame], items_per_pair: in
 
 
 def _prepare_blended(inputs: ConditionInputs) -> ConditionPlan | None:
-    from moce_model.evaluation.benchmarks import instruction_row_item_id
-
     rows = blended_heldout_rows(inputs.heldout, inputs.config.blend_items)
     if rows.height == 0:
         return None  # fewer than two sources: nothing to blend
@@ -479,10 +492,6 @@ def _summarize_blended(details: pl.DataFrame) -> str:
 
 # --------------------------------------------------------------------------------------------- registry
 
-NOISED = "noised"
-SOFT = "soft"
-ADAPTIVE = "adaptive"
-BLENDED = "blended"
 CONDITIONS: dict[str, StudyCondition] = {
     condition.name: condition for condition in (
         StudyCondition(NOISED, _prepare_noised, _describe_noised, _summarize_noised),
@@ -491,6 +500,7 @@ CONDITIONS: dict[str, StudyCondition] = {
         StudyCondition(BLENDED, _prepare_blended, _describe_blended, _summarize_blended, own_items=True),
     )
 }
+assert tuple(CONDITIONS) == CONDITION_NAMES, "register one condition per name of study.config.CONDITION_NAMES"
 
 
 def study_condition(name: str) -> StudyCondition:
@@ -506,7 +516,6 @@ def study_condition(name: str) -> StudyCondition:
 def combine_scores(label: str, seed: int, evaluated: pl.DataFrame, kept: pl.DataFrame | None) -> pl.DataFrame:
     """The study's score rows (STUDY_SCORES_SCHEMA) of one run under a condition: the items scored under it and
     the clean scores it kept, each item once."""
-    from moce_model.study.config import STUDY_SCORES_SCHEMA
 
     frames = [evaluated.select(SCORE_COLUMNS)] + ([kept.select(SCORE_COLUMNS)] if kept is not None else [])
     scores = pl.concat([f.cast({"score": pl.Float64}) for f in frames])
@@ -523,9 +532,6 @@ def evaluate_plan(plan: ConditionPlan, model_dir: Path | str | None, label: str,
     the model in `model_dir`, routed by the plan's router (else the model's own), plus its kept scores.
     `evaluation_settings`: device, dtype and prompt format (`Experiment.evaluation_settings`). `model_dir` may be
     None when the plan has no row to score."""
-    from moce_model.common.io import atomic_write_parquet
-    from moce_model.evaluation.benchmarks import BenchmarkSpec
-    from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, evaluate_model
 
     specs = []
     for benchmark, rows in plan.rows.items():
@@ -537,7 +543,6 @@ def evaluate_plan(plan: ConditionPlan, model_dir: Path | str | None, label: str,
     if specs:
         if model_dir is None:
             raise ValueError(f"{label}: the plan has rows to score but no model directory was given")
-        from moce_model.evaluation.lm import MoCELM
 
         lm = MoCELM(pretrained=str(model_dir), router=plan.router, soft_assignment=plan.soft_assignment,
                     **evaluation_settings)
@@ -562,8 +567,6 @@ def score_conditions(names: Sequence[str], inputs: ConditionInputs, model_dir: C
     rebuilt from the adapters only when needed). Each condition's scored rows are written under
     `out_dir/<condition>/`."""
     import time
-
-    from moce_model.study.config import STUDY_SCORES_SCHEMA, condition_label
 
     plans: dict[str, ConditionPlan] = {}
     seconds: dict[str, float] = {}

@@ -26,18 +26,21 @@ from typing import Any
 
 import polars as pl
 
+from moce_model.clustering.soft import SoftAssignmentRule
 from moce_model.common.field_values import conformed
+from moce_model.evaluation.compare import REFERENCES
 from moce_model.model.config import MoCEConfig
-from moce_model.variants import TOKEN_ROUTERS, variant_semantics
+from moce_model.variants import BASE, TOKEN_ROUTERS, variant_semantics
 
-BASE_LAYOUT = "base"
+BASE_LAYOUT = BASE
+# The evaluation-only conditions (`study.conditions` registers one per name).
+NOISED, SOFT, ADAPTIVE, BLENDED = "noised", "soft", "adaptive", "blended"
+CONDITION_NAMES: tuple[str, ...] = (NOISED, SOFT, ADAPTIVE, BLENDED)
 
 
-REFERENCE_LAYOUTS: tuple[str, ...] = ("pesc", BASE_LAYOUT)
+REFERENCE_LAYOUTS: tuple[str, ...] = REFERENCES
 
 
-# Separates a layout from an evaluation-only condition in a row label of the table: `moce/e4 @noised`.
-CONDITION_MARK = " @"
 
 
 # One row per (layout, seed, benchmark, metric, item): what every run writes and the table aggregates.
@@ -136,13 +139,12 @@ class StudyConfig:
                 raise ValueError(f"study {name} must be at least 1, got {getattr(self, name)}")
         if self.gsm8k_items < 0:
             raise ValueError(f"study gsm8k_items must be >= 0, got {self.gsm8k_items}")
-        from moce_model.study.conditions import study_condition
 
-        for condition in self.conditions:
-            study_condition(condition)  # raises for an unknown name
+        unknown = [condition for condition in self.conditions if condition not in CONDITION_NAMES]
+        if unknown:
+            raise ValueError(f"study conditions {unknown} are not among {list(CONDITION_NAMES)}")
         if len(set(self.conditions)) != len(self.conditions):
             raise ValueError(f"study conditions must be distinct, got {self.conditions}")
-        from moce_model.clustering.soft import SoftAssignmentRule
 
         SoftAssignmentRule(self.soft_margin, self.soft_temperature)  # raises, naming the field, for a bad value
         if not 0.0 < self.noise_share <= 1.0:
@@ -334,12 +336,3 @@ def trainable_parameters(moce_config: MoCEConfig | None, base_config: Mapping[st
     return total, active
 
 
-def condition_label(layout: str, condition: str | None) -> str:
-    """The table's row of `layout` under an evaluation-only condition (`moce/e4 @noised`), or the layout itself."""
-    return layout if condition is None else f"{layout}{CONDITION_MARK}{condition}"
-
-
-def split_condition_label(label: str) -> tuple[str, str | None]:
-    """(layout, condition or None) of a row label made by `condition_label`."""
-    layout, mark, condition = label.partition(CONDITION_MARK)
-    return (layout, condition) if mark else (label, None)

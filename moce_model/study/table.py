@@ -11,13 +11,23 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from scipy import stats as scipy_stats
 
+from moce_model.evaluation.compare import (
+    comparisons,
+    format_value,
+    metric_label,
+    side_name,
+    verdict,
+)
 from moce_model.evaluation.metrics import (
     HELDOUT_LOSS,
-    LOWER_IS_BETTER,
     PARTS_LOSS,
-    ROUTING_METRICS,
+)
+from moce_model.evaluation.stats import (
+    CONFIDENCE,
+    bonett_price,
+    is_binary,
+    wilson_interval,
 )
 from moce_model.study.config import (
     CONDITION_MARK,
@@ -26,9 +36,6 @@ from moce_model.study.config import (
     condition_label,
     split_condition_label,
 )
-
-CONFIDENCE = 0.95
-
 
 INTERVAL_METHOD = ("two-level percentile bootstrap (seeds, then items, crossed); for 0/1 scores at least as wide as "
                    "the Wilson (mean) or Bonett–Price (paired difference) interval on the items")
@@ -60,35 +67,13 @@ def two_level_bootstrap(scores: np.ndarray, resamples: int, seed: int = 0) -> tu
     return float(matrix.mean()), float(low), float(high)
 
 
-def _is_binary(matrix: np.ndarray) -> bool:
-    return bool(np.isin(matrix, (0.0, 1.0)).all())
-
-
-def _wilson(proportion: float, n: int) -> tuple[float, float]:
-    """Wilson score interval of a proportion observed on n trials (a pooled proportion may be fractional)."""
-    z = float(scipy_stats.norm.ppf(0.5 + CONFIDENCE / 2))
-    centre = (proportion + z**2 / (2 * n)) / (1 + z**2 / n)
-    half_width = z * math.sqrt(proportion * (1 - proportion) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
-    return max(centre - half_width, 0.0), min(centre + half_width, 1.0)
-
-
-def _bonett_price(won_rate: float, lost_rate: float, n: int) -> tuple[float, float]:
-    """Bonett–Price interval of a paired 0/1 difference (as in moce_model.evaluation.stats) from the rates of
-    won and lost items, which pooled over seeds may be fractional counts."""
-    z = float(scipy_stats.norm.ppf(0.5 + CONFIDENCE / 2))
-    p_won, p_lost = (won_rate * n + 1) / (n + 2), (lost_rate * n + 1) / (n + 2)
-    centre = p_won - p_lost
-    half_width = z * math.sqrt(p_won + p_lost - centre**2) / math.sqrt(n + 2)
-    return max(centre - half_width, -1.0), min(centre + half_width, 1.0)
-
-
 def _mean_interval(matrix: np.ndarray, resamples: int, seed: int) -> tuple[float, float, float]:
     """The two-level interval; for 0/1 scores widened to at least the Wilson interval of the pooled proportion
     on n_items trials. A resample of 0/1 items cannot vary when every item scored the same (0 of 10 correct
     would give [0, 0]); the items, not the seeds' repeats of them, are the independent trials."""
     mean, low, high = two_level_bootstrap(matrix, resamples, seed)
-    if _is_binary(matrix):
-        wilson_low, wilson_high = _wilson(mean, matrix.shape[1])
+    if is_binary(matrix):
+        wilson_low, wilson_high = wilson_interval(mean, matrix.shape[1])
         low, high = min(low, wilson_low), max(high, wilson_high)
     return mean, low, high
 
@@ -98,9 +83,10 @@ def _difference_interval(first: np.ndarray, second: np.ndarray, resamples: int, 
     """The two-level interval of first − second; for 0/1 scores widened to at least the Bonett–Price interval
     of the pooled won / lost rates on n_items pairs (same reason as `_mean_interval`)."""
     mean, low, high = two_level_bootstrap(first - second, resamples, seed)
-    if _is_binary(first) and _is_binary(second):
+    if is_binary(first) and is_binary(second):
         won, lost = float(((first == 1) & (second == 0)).mean()), float(((first == 0) & (second == 1)).mean())
-        bp_low, bp_high = _bonett_price(won, lost, first.shape[1])
+        n_items = first.shape[1]
+        bp_low, bp_high, _ = bonett_price(won * n_items, lost * n_items, n_items)
         low, high = min(low, bp_low), max(high, bp_high)
     return mean, low, high
 
@@ -186,35 +172,6 @@ def paired_matrices(scores: pl.DataFrame, layout: str, reference: str, benchmark
     return matrix[[seeds.index(s) for s in shared]], ref_matrix[[ref_seeds.index(s) for s in shared]]
 
 
-def comparisons(labels: Sequence[str], references: Sequence[str] = REFERENCE_LAYOUTS,
-                counterparts: Mapping[str, str] | None = None, own_items: Collection[str] = ()
-                ) -> list[tuple[str, str]]:
-    """(row, reference row) pairs of the paired differences, among the row labels present, in their order:
-
-    - every row against each reference layout under the same condition (`moce/e4 @noised` against
-      `pesc @noised` and `base @noised`); a reference is not compared with the references listed after it (pesc −
-      base is reported, its mirror base − pesc is not);
-    - a layout against its counterpart (`counterparts`: the linear router for another token router, `moce` for
-      `random_group`), under the same condition;
-    - a row under a condition against the same runs without it (`moce/e4 @noised` against `moce/e4`), except under
-      the conditions of `own_items`, which score items of their own rather than the clean items."""
-    present = set(labels)
-    counterparts = counterparts or {}
-    pairs: list[tuple[str, str]] = []
-    for label in labels:
-        layout, condition = split_condition_label(label)
-        candidates = [condition_label(reference, condition) for index, reference in enumerate(references)
-                      if layout != reference and layout not in references[index + 1:]]
-        if layout in counterparts:
-            candidates.append(condition_label(counterparts[layout], condition))
-        if condition is not None and condition not in own_items:
-            candidates.append(layout)
-        for reference in candidates:
-            if reference in present and reference != label and (label, reference) not in pairs:
-                pairs.append((label, reference))
-    return pairs
-
-
 def within_row_matrices(scores: pl.DataFrame, label: str, benchmark: str, metric: str, reference_metric: str
                         ) -> tuple[np.ndarray, np.ndarray]:
     """(metric, reference metric) seeds x items matrices of one row to subtract: the same runs, the same items."""
@@ -248,7 +205,7 @@ def paired_differences(scores: pl.DataFrame, resamples: int, seed: int = 0,
         rows.append({"layout": layout, "reference": reference, "benchmark": benchmark, "metric": metric,
                      "reference_metric": reference_metric, "n_seeds": first.shape[0], "n_items": first.shape[1],
                      "difference": difference, "ci_low": low, "ci_high": high, "significant": significant,
-                     "verdict": _verdict(significant, difference, metric, layout, reference, reference_metric)})
+                     "verdict": verdict(significant, difference, metric, _sides(layout, reference, metric, reference_metric))})
 
     for layout, reference in comparisons(labels, references, counterparts, own_items):
         shared = set(metrics_of[reference])
@@ -264,27 +221,11 @@ def paired_differences(scores: pl.DataFrame, resamples: int, seed: int = 0,
     return pl.DataFrame(rows, schema=DIFFERENCE_SCHEMA)
 
 
-def _verdict(significant: bool, difference: float, metric: str, layout: str, reference: str,
-             reference_metric: str | None = None) -> str:
-    if not significant:
-        return "no significant difference"
-    if reference_metric not in (None, metric):  # within a row: the sides are the metrics
-        sides = (metric, reference_metric)
-    else:
-        sides = (_side(layout, reference), _side(reference, layout))
-    if metric in ROUTING_METRICS:  # where prompts went: a difference, not a better model
-        return f"{sides[0] if difference > 0 else sides[1]} higher"
-    better = (difference < 0) if metric in LOWER_IS_BETTER else (difference > 0)
-    return f"{sides[0] if better else sides[1]} better"
-
-
-def _side(label: str, other: str) -> str:
-    """How a verdict names one row of a pair: the row label, or, where both rows are the same runs under two
-    conditions, just the condition ("clean" for none)."""
-    layout, condition = split_condition_label(label)
-    if layout != split_condition_label(other)[0]:
-        return label
-    return "clean" if condition is None else f"{CONDITION_MARK.strip()}{condition}"
+def _sides(layout: str, reference: str, metric: str, reference_metric: str) -> tuple[str, str]:
+    """The two sides a verdict names: the metrics within one row, else the rows (or their conditions)."""
+    if reference_metric not in (None, metric):
+        return metric, reference_metric
+    return side_name(layout, reference), side_name(reference, layout)
 
 
 @dataclass(frozen=True)
@@ -304,18 +245,8 @@ PARAMETERS_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-def _format(value: float | None, signed: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
-def _metric_label(metric: str) -> str:
-    return f"{metric} ↓" if metric in LOWER_IS_BETTER else metric
-
-
 def _compared_metrics(difference: Mapping[str, Any]) -> str:
-    label = _metric_label(difference["metric"])
+    label = metric_label(difference["metric"])
     reference_metric = difference["reference_metric"]
     return label if reference_metric == difference["metric"] else f"{label} − {reference_metric}"
 
@@ -328,7 +259,7 @@ def study_markdown(aggregated: pl.DataFrame, differences: pl.DataFrame, paramete
     metrics = aggregated.select("benchmark", "metric").unique(maintain_order=True).sort("benchmark", "metric").rows()
     cells = {(r["layout"], r["benchmark"], r["metric"]): r for r in aggregated.iter_rows(named=True)}
     header = ["layout", "trainable (total)", "trainable (active/token)", "seeds"] + [
-        f"{b} {_metric_label(m)}" for b, m in metrics]
+        f"{b} {metric_label(m)}" for b, m in metrics]
     lines = ["## Study: mean over seeds and items [95% interval]", "",
              f"Interval: {INTERVAL_METHOD}. n = seeds x items per cell (items in the column header's row below).",
              "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -344,7 +275,7 @@ def study_markdown(aggregated: pl.DataFrame, differences: pl.DataFrame, paramete
         for b, m in metrics:
             cell = cells.get((layout, b, m))
             values.append("–" if cell is None else
-                          f"{_format(cell['mean'])} [{_format(cell['ci_low'])}, {_format(cell['ci_high'])}]")
+                          f"{format_value(cell['mean'])} [{format_value(cell['ci_low'])}, {format_value(cell['ci_high'])}]")
         name = layout + (f" ({row['note']})" if row["note"] else "")
         lines.append("| " + " | ".join([name, f"{row['total_trainable']:,}", f"{row['active_trainable']:,}",
                                          "/".join(str(s) for s in sorted(seeds)) or "–", *values]) + " |")
@@ -365,8 +296,8 @@ def study_markdown(aggregated: pl.DataFrame, differences: pl.DataFrame, paramete
     for row in ranked.sort("rank", "reference", "benchmark", "metric", maintain_order=True).iter_rows(named=True):
         lines.append(
             f"| {row['layout']} | {row['reference']} | {row['benchmark']} | {_compared_metrics(row)} | "
-            f"{row['n_seeds']} x {row['n_items']} | {_format(row['difference'], True)} "
-            f"[{_format(row['ci_low'], True)}, {_format(row['ci_high'], True)}] | {row['verdict']} |")
+            f"{row['n_seeds']} x {row['n_items']} | {format_value(row['difference'], True)} "
+            f"[{format_value(row['ci_low'], True)}, {format_value(row['ci_high'], True)}] | {row['verdict']} |")
     if missing_runs:
         lines += ["", f"Runs not materialized (left out of this table): {', '.join(missing_runs)}"]
     if missing_conditions:
@@ -408,7 +339,7 @@ def study_figure_png(aggregated: pl.DataFrame, layout_order: Sequence[str]) -> b
                           fmt=markers[condition], color=colours[condition], capsize=2, markersize=4, elinewidth=1)
         axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         axis.set_xlim(-0.6, len(names) - 0.4)
-        axis.set_title(f"{benchmark}\n{_metric_label(metric)}", fontsize=9)
+        axis.set_title(f"{benchmark}\n{metric_label(metric)}", fontsize=9)
         axis.grid(axis="y", alpha=0.3)
     for axis in list(axes.flat)[len(metrics):]:
         axis.set_visible(False)

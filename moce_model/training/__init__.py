@@ -6,8 +6,7 @@ pruning), `samplers` (resumable training order) and `trainer` (the loop and `tra
 exported here, so `from moce_model.training import train, TrainingConfig` is all a caller needs.
 """
 
-from moce_model.data.prompt_format import IGNORE_INDEX
-from moce_model.data.prompt_format import tokenize_example
+from moce_model.data.prompt_format import IGNORE_INDEX, tokenize_example
 from moce_model.training.checkpoints import (
     CHECKPOINTS_DIRNAME,
     RUN_FINGERPRINT_NAME,
@@ -17,7 +16,11 @@ from moce_model.training.checkpoints import (
     prune_checkpoints,
     run_fingerprint,
 )
-from moce_model.training.config import ALL_PROJECTIONS, ATTENTION_PROJECTIONS, TrainingConfig
+from moce_model.training.config import (
+    ALL_PROJECTIONS,
+    ATTENTION_PROJECTIONS,
+    TrainingConfig,
+)
 from moce_model.training.data import (
     REQUIRED_COLUMNS,
     InstructionCollator,
@@ -33,8 +36,17 @@ from moce_model.training.model import (
     load_base_model,
     trainable_state_dict,
 )
-from moce_model.training.samplers import EpochSeededLengthGroupedSampler, EpochSeededRandomSampler
-from moce_model.training.trainer import ARTIFACT_DIRNAME, OOM_HINT, TrainResult, train, training_progress
+from moce_model.training.samplers import (
+    EpochSeededLengthGroupedSampler,
+    EpochSeededRandomSampler,
+)
+from moce_model.training.trainer import (
+    ARTIFACT_DIRNAME,
+    OOM_HINT,
+    TrainResult,
+    train,
+    training_progress,
+)
 
 __all__ = [
     "ALL_PROJECTIONS",

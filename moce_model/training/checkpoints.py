@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moce_model.model.config import MoCEConfig
 from moce_model.common.io import atomic_write_json
+from moce_model.model.config import MoCEConfig
 from moce_model.training.config import TrainingConfig
 
 logger = logging.getLogger(__name__)

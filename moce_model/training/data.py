@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moce_model.data.prompt_format import IGNORE_INDEX
+from moce_model.data.prompt_format import IGNORE_INDEX, PromptFormat, tokenize_example
 from moce_model.model.config import MoCEConfig
-from moce_model.data.prompt_format import PromptFormat, tokenize_example
 
 if TYPE_CHECKING:  # polars is needed for the data, not for building or stepping a model (GPU scripts)
     import polars as pl

@@ -23,6 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moce_model.common.io import atomic_write_json
+from moce_model.model.config import MoCEConfig
+from moce_model.training import TrainingConfig, train
+
 RESULT_NAME = "result.json"
 SPEC_FIELDS = {
     "base_model_dir",
@@ -75,8 +79,6 @@ def build_moce_config(values: dict[str, Any] | None, base_model_dir: str) -> Any
         return None
     from transformers import AutoConfig
 
-    from moce_model.model.config import MoCEConfig
-
     values = dict(values)
     if values.get("base_config") is None:
         values["base_config"] = AutoConfig.from_pretrained(base_model_dir).to_dict()
@@ -86,9 +88,6 @@ def build_moce_config(values: dict[str, Any] | None, base_model_dir: str) -> Any
 def run(spec: dict[str, Any], on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train as the spec says; every rank returns the result, rank 0 also writes result.json."""
     import polars as pl
-
-    from moce_model.common.io import atomic_write_json
-    from moce_model.training import TrainingConfig, train
 
     rank = int(os.environ.get("RANK", "0"))
     output_dir = Path(spec["output_dir"])

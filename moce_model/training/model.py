@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 
-from moce_model.model.base_model import load_base_model
+from moce_model.model.adapters import add_lora
+from moce_model.model.base_model import check_supported_architecture, load_base_model
 from moce_model.model.config import MoCEConfig
+from moce_model.model.modeling import MoCEForCausalLM
 from moce_model.training.config import TrainingConfig
 
 
@@ -20,10 +22,6 @@ def build_model(
     With moce_config=None the base model gets LoRA only (the plain fine-tuning baseline).
     """
     from peft import LoraConfig, get_peft_model
-
-    from moce_model.model.adapters import add_lora
-    from moce_model.model.base_model import check_supported_architecture
-    from moce_model.model.modeling import MoCEForCausalLM
 
     config = config.for_this_machine()
 

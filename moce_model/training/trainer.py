@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moce_model.data.prompt_format import IGNORE_INDEX
-from moce_model.model.config import MoCEConfig
 from moce_model.common.io import atomic_dir
-from moce_model.data.prompt_format import make_prompt_format
+from moce_model.common.progress import clock
+from moce_model.data.prompt_format import IGNORE_INDEX, make_prompt_format
+from moce_model.model.adapters import write_trained
+from moce_model.model.config import MoCEConfig
+from moce_model.model.modeling import MoCEForCausalLM
 from moce_model.training.checkpoints import (
     CHECKPOINTS_DIRNAME,
     TRAINABLE_STATE_NAME,
@@ -41,14 +43,17 @@ from moce_model.training.data import (
     check_columns,
     resolve_cluster_ids,
 )
+from moce_model.training.expert_use import expert_use_counts
 from moce_model.training.model import (
     build_model,
     compiled_length_bucket,
     count_trainable_parameters,
     trainable_state_dict,
 )
-from moce_model.common.progress import clock
-from moce_model.training.samplers import EpochSeededLengthGroupedSampler, EpochSeededRandomSampler
+from moce_model.training.samplers import (
+    EpochSeededLengthGroupedSampler,
+    EpochSeededRandomSampler,
+)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -106,7 +111,6 @@ def _make_trainer_class():
         def __init__(self, *args: Any, forward_takes_cluster_ids: bool, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.forward_takes_cluster_ids = forward_takes_cluster_ids
-            from moce_model.model.modeling import MoCEForCausalLM
 
             inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             self.moce_model = inner if isinstance(inner, MoCEForCausalLM) and inner.config.has_router else None
@@ -298,7 +302,6 @@ def _expert_use(
     model: torch.nn.Module, dataset: InstructionDataset, collator: InstructionCollator, per_group: int = 16
 ) -> np.ndarray:
     """(groups, experts) token-routing counts on up to `per_group` training examples of every group."""
-    from moce_model.training.expert_use import expert_use_counts
 
     by_group: dict[int, list[dict[str, Any]]] = {}
     for example in dataset.examples:
@@ -315,8 +318,6 @@ def _save_artifact(model: torch.nn.Module, tokenizer: Any, artifact_dir: Path, m
     """Write the trained adapter/experts/routers + tokenizer to a staging dir, then rename into place."""
     with atomic_dir(artifact_dir) as staging:
         if metadata.get("moce_config") is not None:
-            from moce_model.model.adapters import write_trained
-
             write_trained(model, staging)
         else:
             model.save_pretrained(staging)
