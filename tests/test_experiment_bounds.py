@@ -263,3 +263,38 @@ def test_the_k_range_is_checked_against_the_rows_naming_the_key():
     assert ks == [2, 3, 4, 5, 6] and len(warnings) == 1
     assert warnings[0].startswith("clustering.k_max = 6: 10 embedded instructions leave fewer than 2 per cluster "
                                   "at k=6..6")
+
+
+def _three_embeddings(directory: Path) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.eye(3, 8, dtype=np.float32).ravel()), 8)
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "embedding": vectors}), directory / "shard-00000.parquet")
+    return {"path": str(directory), "rows": 3}
+
+
+def test_clustering_three_rows_says_which_key_the_rows_cannot_bear(tmp_path, clean_env):
+    import dagster as dg
+    import polars as pl
+
+    from assets.clustering import build_assignment_assets, build_clustering_assets
+
+    path = _write(tmp_path / "exp.yaml", _my_experiment())
+    elbow_curve = build_clustering_assets(load_experiment(path))[0]
+    embeddings = _three_embeddings(tmp_path / "embeddings")
+    out = elbow_curve(dg.build_asset_context(), config={"k_min": 2, "k_max": 4}, instruction_embeddings=embeddings)
+    assert out.value["k"].to_list() == [2]
+    warnings = out.metadata["warnings"].data
+    assert [w.split(": ")[1].split(" = ")[0] for w in warnings] == ["clustering.k_max", "clustering.k_min"]
+    assert all(w.startswith(f"{path}: ") for w in warnings)
+    with pytest.raises(ValueError, match=r"clustering\.k_min = 3: the elbow sweep needs at least k_min \+ 1 = 4"):
+        elbow_curve(dg.build_asset_context(), config={"k_min": 3, "k_max": 4}, instruction_embeddings=embeddings)
+
+    # The cluster of one row that k=2 leaves is flagged by the assignments' check.
+    check = build_assignment_assets()[1]
+    result = check(cluster_assignments=pl.DataFrame({"id": ["a", "b", "c"], "cluster": [0, 0, 1]}),
+                   instructions=pl.LazyFrame({"id": ["a", "b", "c"]}), kmeans_centroids={"k": 2})
+    assert not result.passed and result.description == "tiny or empty clusters (size < 2): {1: 1}"
