@@ -4,10 +4,11 @@ and a checkpoint of another run (other data or settings, by fingerprint) is neve
 What a checkpoint holds: the trainable tensors as safetensors (`trainable_state.safetensors`, written by the
 trainer's own `_save`), `trainer_state.json`, and the Trainer's `torch.save` files: `optimizer.pt`,
 `scheduler.pt`, `rng_state*.pth` (and `scaler.pt` under fp16). Those are pickles. transformers reads them back
-on resume with `torch.load(weights_only=True)`, whose unpickler builds only tensors, plain containers and a short
-list of torch and (for the RNG state) numpy types, so a tampered file cannot run code; it refuses torch older than 2.6, where
-that guarantee had a hole (CVE-2025-32434). `training_args.bin`, a full pickle, is not written here (`_save` is
-replaced) and is never read back. Under DeepSpeed the optimizer state is DeepSpeed's own checkpoint format."""
+on resume with `torch.load(weights_only=True)`, whose unpickler builds only tensors, plain containers and a
+short list of torch and (for the RNG state) numpy types, so a tampered file cannot run code; it refuses torch
+older than 2.6, where that guarantee had a hole (CVE-2025-32434). `training_args.bin`, a full pickle, is not
+written here (`_save` is replaced) and is never read back. Under DeepSpeed the optimizer state is DeepSpeed's
+own checkpoint format."""
 
 from __future__ import annotations
 
