@@ -14,7 +14,7 @@ error names the file, the key path and the value found there. Conventions:
 - `${VAR}` and `${VAR:-default}` take a value from the environment (the default when it is unset or empty).
   A value that is exactly one such reference is read as YAML, so numbers stay numbers and an empty value is
   null; inside longer text it is substituted as text. A variable without a default that is unset is an error.
-- The file is read with bounds (`read_yaml`): at most 1 MiB, at most 100 aliases, at most 1,000,000 characters
+- The file is read with bounds (`read_yaml`): at most 1,048,576 characters, at most 100 aliases, at most 1,000,000 characters
   once aliases are expanded, and no key twice in one mapping; a value that breaks them is named with its line.
 
 This module does not import Dagster: the pipeline's assets and the `moce` command both read experiments here.
@@ -499,7 +499,7 @@ def elbow_ks(k_min: int, k_max: int, n_rows: int, file: Path | None = None) -> t
 
 # An experiment file is a page of settings. These bounds keep a careless or hostile one (an alias bomb: a few
 # hundred bytes that expand to gigabytes) from hanging the loader or producing a message of megabytes.
-MAX_FILE_BYTES = 1 << 20
+MAX_FILE_CHARS = 1 << 20
 MAX_ALIASES = 100
 MAX_EXPANDED_CHARS = 1_000_000
 # An error message shows a value in at most MAX_SHOWN_CHARS characters, a check's message in MAX_MESSAGE_CHARS.
@@ -575,8 +575,8 @@ def _expanded_chars(root: yaml.Node) -> int:
 
 def read_yaml(text: str, name: str) -> Any:
     """`text` as yaml, within the bounds above; a yaml.YAMLError whose marks say `name` and the line."""
-    if len(text) > MAX_FILE_BYTES:
-        raise yaml.YAMLError(f"{len(text):,} characters, more than the {MAX_FILE_BYTES:,} an experiment may have")
+    if len(text) > MAX_FILE_CHARS:
+        raise yaml.YAMLError(f"{len(text):,} characters, more than the {MAX_FILE_CHARS:,} an experiment may have")
     loader = _BoundedLoader(text)
     loader.name = name
     try:
