@@ -14,8 +14,8 @@ error names the file, the key path and the value found there. Conventions:
 - `${VAR}` and `${VAR:-default}` take a value from the environment (the default when it is unset or empty).
   A value that is exactly one such reference is read as YAML, so numbers stay numbers and an empty value is
   null; inside longer text it is substituted as text. A variable without a default that is unset is an error.
-- The file is read with bounds (`read_yaml`): at most 1,048,576 characters, at most 100 aliases, at most 1,000,000 characters
-  once aliases are expanded, and no key twice in one mapping; a value that breaks them is named with its line.
+- The file is read with bounds (`read_yaml`): at most 1,048,576 characters and 100 aliases, at most 1,000,000
+  characters once aliases are expanded, and no key twice in one mapping; what breaks them is named with its line.
 
 This module does not import Dagster: the pipeline's assets and the `moce` command both read experiments here.
 """
