@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 
 from assets.common import MAIN, RERUN_WHEN_UPSTREAM_CHANGES, Branch, artifact_metadata, artifact_ref, md_table
-from moce_model.experiment import Experiment
+from moce_model.experiment import MIN_ROWS_PER_CLUSTER, Experiment
 from resources.storage import ArtifactStorage
 
 CLUSTERING_CODE_VERSION = "1"
@@ -134,7 +134,8 @@ def build_assignment_assets(branch: Branch = MAIN) -> list:
         missing = int((~expected.is_in(cluster_assignments["id"].implode())).sum())
         sizes = dict(cluster_assignments.group_by("cluster").len().iter_rows())
         k = int(kmeans_centroids["k"])
-        threshold = max(1, int(TINY_CLUSTER_SHARE * cluster_assignments.height))
+        # A cluster of one instruction is tiny however few rows there are: its expert group learns one example.
+        threshold = max(MIN_ROWS_PER_CLUSTER, int(TINY_CLUSTER_SHARE * cluster_assignments.height))
         small = {int(c): int(sizes.get(c, 0)) for c in range(k) if sizes.get(c, 0) < threshold}
         if missing:
             return dg.AssetCheckResult(
@@ -198,12 +199,10 @@ def build_clustering_assets(experiment: Experiment) -> list:
         from moce_model.common.plots import elbow_plot, png_markdown
 
         _, vectors = read_embeddings(instruction_embeddings["path"])
-        k_max = min(config.k_max, len(vectors) - 1)
-        if k_max < config.k_min:
-            raise ValueError(
-                f"elbow_curve: k range {config.k_min}..{config.k_max} impossible with {len(vectors)} embeddings"
-            )
-        ks = list(range(config.k_min, k_max + 1))
+        # The rows are known only now: a k range they cannot bear fails, or warns, naming the key.
+        ks, warnings = experiment.elbow_ks(len(vectors), config.k_min, config.k_max)
+        for warning in warnings:
+            context.log.warning(warning)
         curve = elbow_sweep(
             vectors,
             ks,
@@ -222,6 +221,7 @@ def build_clustering_assets(experiment: Experiment) -> list:
                 "elbow_table": dg.MetadataValue.md(md_table(curve)),
                 "elbow_plot": dg.MetadataValue.md(png_markdown(elbow_plot(curve, knee), "elbow curve")),
                 "sample_rows": min(config.sample_rows, len(vectors)),
+                "warnings": dg.MetadataValue.json(warnings),
             },
         )
 
@@ -245,7 +245,9 @@ def build_clustering_assets(experiment: Experiment) -> list:
             elbow_curve["k"].to_list(), elbow_curve["inertia"].to_list(), elbow_curve["silhouette"].to_list()
         )
         k = config.k if config.k is not None else knee
-        check_k(k, int(instruction_embeddings["rows"]), "selected_k")
+        from_file = config.k is not None and config.k == settings.k
+        where = f"{experiment.source_file}: clustering.k" if from_file else "selected_k"
+        check_k(k, int(instruction_embeddings["rows"]), where)
         context.log.info(f"selected k={k} ({'override' if config.k is not None else reason})")
         return dg.Output(
             int(k),

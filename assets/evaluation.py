@@ -121,6 +121,7 @@ def build_results_asset(experiment: Experiment, model_name: str, branch: Branch 
         from moce_model.evaluation.runner import evaluate_model
         from moce_model.common.io import atomic_write_parquet
 
+        experiment.check_devices()
         started = time.perf_counter()
         result = evaluate_model(
             Path(model["path"]),

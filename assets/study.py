@@ -148,6 +148,8 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         from moce_model.merging import compare_merged_to_unmerged
         from moce_model.study.config import trainable_parameters
 
+        experiment.check_devices()  # before training: the run evaluates on evaluation.device at its end
+
         layout, seed = parse_run_key(config, context.partition_key)
         run_dir = partition_dir(storage, RUNS_KEY, context.partition_key)
         num_clusters = int(kmeans_centroids["k"])
@@ -277,6 +279,7 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         from moce_model.study.conditions import ConditionInputs, score_conditions
         from moce_model.training import ARTIFACT_DIRNAME
 
+        experiment.check_devices()
         key = context.partition_key
         layout, seed = parse_run_key(config, key)
         check_run_inputs_current(context.instance, key, ["base_model", "kmeans_centroids"])

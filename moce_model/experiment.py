@@ -14,6 +14,8 @@ error names the file, the key path and the value found there. Conventions:
 - `${VAR}` and `${VAR:-default}` take a value from the environment (the default when it is unset or empty).
   A value that is exactly one such reference is read as YAML, so numbers stay numbers and an empty value is
   null; inside longer text it is substituted as text. A variable without a default that is unset is an error.
+- The file is read with bounds (`read_yaml`): at most 1,048,576 characters and 100 aliases, at most 1,000,000
+  characters once aliases are expanded, and no key twice in one mapping; what breaks them is named with its line.
 
 This module does not import Dagster: the pipeline's assets and the `moce` command both read experiments here.
 """
@@ -34,10 +36,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    FiniteFloat,
-    NonNegativeInt,
-    PositiveInt,
+    PrivateAttr,
     StrictBool,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -65,6 +67,17 @@ PromptFormatName = Literal["auto", "chat_template", "human_assistant"]
 
 class ExperimentError(ValueError):
     """An experiment that cannot be found, read or validated; the message says where and why."""
+
+
+# Strict: pydantic's lax mode reads YAML's `true` as the count 1 (and the string "3" as 3).
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+PositiveFinite = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+# numpy's and the Trainer's seeds are unsigned 32-bit.
+Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
+# What torch.device and lm-eval's HFLM take; whether the device exists is checked when a run starts
+# (`Experiment.check_devices`), not here: a GPU experiment is read on CPU machines too.
+DEVICE_PATTERN = r"^(cpu|mps|(cuda|xpu)(:\d+)?)$"
 
 
 class _Section(BaseModel):
@@ -147,10 +160,10 @@ class BaseModelSettings(_Section):
 
 
 class Clustering(_Section):
-    k_min: int = Field(2, ge=2)
-    k_max: int = Field(10, ge=2)
+    k_min: StrictInt = Field(2, ge=2)
+    k_max: StrictInt = Field(10, ge=2)
     # A fixed number of clusters instead of the knee of the elbow curve (`moce set-k` overrides it once).
-    k: int | None = Field(None, ge=2)
+    k: StrictInt | None = Field(None, ge=2)
     elbow_sample_rows: PositiveInt = 20_000
     silhouette_sample_rows: PositiveInt = 2_000
     iterations: PositiveInt = 25
@@ -160,6 +173,11 @@ class Clustering(_Section):
     def _range(self) -> Clustering:
         if self.k_max < self.k_min:
             raise ValueError(f"k_max={self.k_max} is below k_min={self.k_min}")
+        # The elbow curve is fitted on a sample of elbow_sample_rows rows: a larger k can never be fitted.
+        # Against the rows themselves k is checked when they are known (`elbow_ks`, `selected_k`).
+        if self.k_max > self.elbow_sample_rows:
+            raise ValueError(f"k_max={self.k_max} exceeds elbow_sample_rows={self.elbow_sample_rows}, the rows "
+                             "the elbow curve is fitted on; k-means needs at least k rows")
         return self
 
 
@@ -171,8 +189,8 @@ class SoftAssignment(_Section):
     model. Training keeps the clustering's hard assignments; the other variants have no clusters to mix."""
 
     enabled: StrictBool = False
-    margin: FiniteFloat = Field(SoftAssignmentRule.margin, gt=0)
-    temperature: FiniteFloat = Field(SoftAssignmentRule.temperature, gt=0)
+    margin: PositiveFinite = SoftAssignmentRule.margin
+    temperature: PositiveFinite = SoftAssignmentRule.temperature
 
     def rule(self) -> SoftAssignmentRule | None:
         """The rule when enabled, else None."""
@@ -236,6 +254,12 @@ class Launcher(_Section):
     node_rank: NonNegativeInt | None = None
     rdzv_endpoint: str | None = None
 
+    @model_validator(mode="after")
+    def _rank_within_nodes(self) -> Launcher:
+        if self.node_rank is not None and self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank={self.node_rank} is not a node of nnodes={self.nnodes} (0..{self.nnodes - 1})")
+        return self
+
     @property
     def resolved_kind(self) -> str:
         if self.kind != "auto":
@@ -246,7 +270,7 @@ class Launcher(_Section):
 class Evaluation(_Section):
     # `demo`: held-out synthetic domains, a HumanEval subset, a GSM8K-format file; `paper`: lm-eval's tasks.
     benchmarks: Literal["demo", "paper"] = "demo"
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # At most this many items per benchmark (null: the sizes below).
     limit_per_benchmark: PositiveInt | None = None
@@ -301,7 +325,7 @@ class Experiment(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     storage_root: Path
-    seed: int = 0
+    seed: Seed = 0
     sources: Annotated[list[Source], Field(min_length=1), AfterValidator(_unique_source_names)]
     # Longer instructions (system + instruction + input + response) are rejected as over-long.
     max_instruction_chars: PositiveInt = 8_000
@@ -345,10 +369,39 @@ class Experiment(_Section):
             data = {**data, "storage_root": root}
         return data
 
+    # The file the experiment was read from (None for one built in code), for naming it in later errors.
+    _file: Path | None = PrivateAttr(default=None)
+
     @field_validator("storage_root")
     @classmethod
     def _storage_relative_to_file(cls, value: Path, info: ValidationInfo) -> Path:
-        return Path(_resolved(str(value), info))
+        root = Path(_resolved(str(value), info))
+        # Checked here, so that a file or an unwritable place fails with the key named, not mid-run.
+        if root.exists():
+            if not root.is_dir():
+                raise ValueError(f"{root} exists and is not a directory")
+            return root
+        existing = next(parent for parent in root.parents if parent.exists())
+        if not existing.is_dir():
+            raise ValueError(f"cannot be created: {existing} is a file, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot be created: {existing} is not writable")
+        return root
+
+    @property
+    def source_file(self) -> Path | None:
+        return self._file
+
+    def check_devices(self) -> None:
+        """Raise an ExperimentError, naming the key, its value and the devices there are, when a device the
+        experiment names does not exist on this machine. Run where work starts (`moce run`, `moce eval`, the
+        evaluation steps), not when the file is read: a GPU experiment is read on CPU machines too."""
+        device = self.evaluation.device
+        available = available_devices()
+        if device not in available:
+            where = self._file if self._file is not None else f"experiment {self.name!r}"
+            raise ExperimentError(f"{where}: evaluation.device = {device!r}: no such device on this machine; "
+                                  f"available: {', '.join(available)}")
 
     def training_config(self):
         """The preset with this experiment's prompt format and overrides (a moce_model.training.TrainingConfig)."""
@@ -380,6 +433,11 @@ class Experiment(_Section):
             n_blend_items=self.evaluation.blend_items,
         )
 
+    def elbow_ks(self, n_rows: int, k_min: int | None = None, k_max: int | None = None) -> tuple[list[int], list[str]]:
+        """See `elbow_ks`; k_min / k_max default to the file's."""
+        return elbow_ks(self.clustering.k_min if k_min is None else k_min,
+                        self.clustering.k_max if k_max is None else k_max, n_rows, self._file)
+
     def evaluation_settings(self) -> dict[str, str]:
         """Device, dtype and the prompt format the models were trained with."""
         return {
@@ -389,7 +447,152 @@ class Experiment(_Section):
         }
 
 
+def available_devices() -> list[str]:
+    """The devices of this machine as `evaluation.device` names them: cpu, then cuda / cuda:<i>, mps, xpu."""
+    import torch
+
+    devices = ["cpu"]
+    for kind in ("cuda", "xpu"):
+        backend = getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            devices += [kind, *(f"{kind}:{index}" for index in range(backend.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+# Fewer rows than this per cluster on average and some expert group learns from one or two instructions.
+MIN_ROWS_PER_CLUSTER = 2
+
+
+def elbow_ks(k_min: int, k_max: int, n_rows: int, file: Path | None = None) -> tuple[list[int], list[str]]:
+    """The k of the elbow sweep over `n_rows` embedded instructions, and warnings naming the key whose value the
+    rows cannot bear. The sweep stops at n_rows - 1 (a silhouette needs a cluster of two rows); a k_min beyond
+    that is an error, a k_max beyond it a warning, and so is a range that leaves fewer than
+    MIN_ROWS_PER_CLUSTER instructions per cluster on average."""
+    where = f"{file}: " if file is not None else ""
+    top = min(k_max, n_rows - 1)
+    if top < k_min:
+        raise ValueError(f"{where}clustering.k_min = {k_min}: the elbow sweep needs at least k_min + 1 = "
+                         f"{k_min + 1} embedded instructions, there are {n_rows}; lower k_min or add instructions")
+    warnings = []
+    if k_max > top:
+        warnings.append(f"{where}clustering.k_max = {k_max}: only {n_rows} embedded instructions, so the elbow "
+                        f"sweep stops at k={top}")
+    thin = [k for k in range(k_min, top + 1) if n_rows < MIN_ROWS_PER_CLUSTER * k]
+    if thin:
+        key, value = ("clustering.k_min", k_min) if thin[0] == k_min else ("clustering.k_max", k_max)
+        warnings.append(f"{where}{key} = {value}: {n_rows} embedded instructions leave fewer than "
+                        f"{MIN_ROWS_PER_CLUSTER} per cluster at k={thin[0]}..{thin[-1]}; some expert group would "
+                        "train on a single instruction")
+    return list(range(k_min, top + 1)), warnings
+
+
 # ------------------------------------------------------------------------------------------------ loading
+
+# An experiment file is a page of settings. These bounds keep a careless or hostile one (an alias bomb: a few
+# hundred bytes that expand to gigabytes) from hanging the loader or producing a message of megabytes.
+MAX_FILE_CHARS = 1 << 20
+MAX_ALIASES = 100
+MAX_EXPANDED_CHARS = 1_000_000
+# An error message shows a value in at most MAX_SHOWN_CHARS characters, a check's message in MAX_MESSAGE_CHARS.
+MAX_SHOWN_CHARS = 300
+MAX_MESSAGE_CHARS = 2_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml's SafeLoader that refuses more than MAX_ALIASES aliases and a key given twice in one mapping
+    (yaml keeps the last silently). The expanded size is checked on the composed document (`read_yaml`)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_ALIASES} aliases (*name): an experiment file needs few, if any",
+                    self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = first_line.get(key)
+                except TypeError:  # an unhashable key: SafeConstructor names it below
+                    continue
+                if seen is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {_shown(key)} appears twice in this mapping (first on line {seen}); "
+                        "yaml would keep only the last", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_chars(root: yaml.Node) -> int:
+    """The size of the document with every alias expanded: each node 1, each scalar its length besides. Shared
+    nodes are counted once per use but sized once, so the count costs time linear in the file."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in in_progress:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to the node that contains it",
+                                              node.start_mark)
+        in_progress.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            total = 1 + len(node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(item) for item in node.value)
+        else:
+            total = 1 + sum(size(key) + size(value) for key, value in node.value)
+        in_progress.discard(id(node))
+        sizes[id(node)] = total
+        if total > MAX_EXPANDED_CHARS:
+            raise yaml.composer.ComposerError(
+                None, None, f"the aliases here expand to more than {MAX_EXPANDED_CHARS:,} characters",
+                node.start_mark)
+        return total
+
+    return size(root)
+
+
+def read_yaml(text: str, name: str) -> Any:
+    """`text` as yaml, within the bounds above; a yaml.YAMLError whose marks say `name` and the line."""
+    if len(text) > MAX_FILE_CHARS:
+        raise yaml.YAMLError(f"{len(text):,} characters, more than the {MAX_FILE_CHARS:,} an experiment may have")
+    loader = _BoundedLoader(text)
+    loader.name = name
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_chars(node)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply to be a settings file") from None
+    finally:
+        loader.dispose()
+
+
+def _shown(value: Any) -> str:
+    """`repr(value)`, shortened past MAX_SHOWN_CHARS so that a message stays readable."""
+    return _clipped(repr(value), MAX_SHOWN_CHARS)
+
+
+def _clipped(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -412,8 +615,8 @@ def _interpolate(node: Any, key: tuple, variables: dict[tuple, str], file: Path,
         if default is not None:
             return default
         raise ExperimentError(
-            f"{file}: {_dotted(key)} = {node!r}: the environment variable {name} is not set and has no default "
-            f"(write ${{{name}:-default}} to give one)"
+            f"{file}: {_dotted(key)} = {_shown(node)}: the environment variable {name} is not set and has no "
+            f"default (write ${{{name}:-default}} to give one)"
         )
 
     whole = _REFERENCE.fullmatch(node)
@@ -421,7 +624,12 @@ def _interpolate(node: Any, key: tuple, variables: dict[tuple, str], file: Path,
         text = value_of(whole)
         if text == "":
             return None
-        parsed = yaml.safe_load(text)
+        try:
+            parsed = read_yaml(text, f"${whole.group(1)}")
+        except yaml.YAMLError as err:
+            raise ExperimentError(
+                f"{file}: {_dotted(key)} = {_shown(node)}: the value of ${whole.group(1)}, {_shown(text)}, is not "
+                f"a valid YAML value: {_clipped(str(err))}") from None
         return parsed if not isinstance(parsed, (dict, list)) else text
     return _REFERENCE.sub(value_of, node)
 
@@ -467,10 +675,10 @@ def _describe(error: ValidationError, file: Path, variables: dict[tuple, str]) -
         elif kind == "extra_forbidden":
             allowed = _keys_allowed_at(loc[:-1])
             hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
-            line = f"  {key}: unknown key (value {value!r}){hint}"
+            line = f"  {key}: unknown key (value {_shown(value)}){hint}"
         else:
             message = problem["msg"].removeprefix("Value error, ")
-            line = f"  {key} = {value!r}: {message}"
+            line = f"  {key} = {_shown(value)}: {_clipped(message)}"
         source = next((name for where, name in variables.items() if loc[: len(where)] == where), None)
         if source is not None:
             line += f" (the value came from ${source})"
@@ -511,22 +719,26 @@ def load_experiment(name_or_path: str | os.PathLike[str] | None = None) -> Exper
     """Read and validate an experiment file; None: the one the environment selects (`selected_experiment`)."""
     path = experiment_path(str(name_or_path) if name_or_path is not None else selected_experiment())
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"), str(path))
+    except UnicodeDecodeError as err:
+        raise ExperimentError(f"{path}: not UTF-8 text: {err}") from None
     except yaml.YAMLError as err:
-        raise ExperimentError(f"{path}: not valid YAML: {err}") from err
+        raise ExperimentError(f"{path}: not valid YAML: {_clipped(str(err))}") from None
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: expected a mapping of experiment settings, got {type(raw).__name__}")
     if "name" in raw:
         raise ExperimentError(
-            f"{path}: name = {raw['name']!r}: an experiment is named by its file ({path.stem!r}); remove 'name'"
+            f"{path}: name = {_shown(raw['name'])}: an experiment is named by its file ({path.stem!r}); remove 'name'"
         )
     variables: dict[tuple, str] = {}
     values = _interpolate(raw, (), variables, path, os.environ)
+    if values.get("storage_root") is None and os.environ.get(DATA_DIR_ENV):
+        variables[("storage_root",)] = DATA_DIR_ENV
     # `when_cuda`: settings that replace the file's own where a CUDA GPU is present (QLoRA, bf16, paged AdamW,
     # torchrun, evaluation on the GPU). Both versions are validated, so a typo in either fails on any machine.
     on_gpu = values.pop("when_cuda", None)
     if on_gpu is not None and not isinstance(on_gpu, dict):
-        raise ExperimentError(f"{path}: when_cuda = {on_gpu!r}: expected a mapping of settings for CUDA machines")
+        raise ExperimentError(f"{path}: when_cuda = {_shown(on_gpu)}: expected a mapping of settings for CUDA machines")
     try:
         experiment = Experiment.model_validate({"name": path.stem, **values}, context={"base_dir": path.parent})
         if on_gpu:
@@ -538,6 +750,7 @@ def load_experiment(name_or_path: str | os.PathLike[str] | None = None) -> Exper
                 experiment = with_gpu
     except ValidationError as err:
         raise ExperimentError(_describe(err, path, variables)) from None
+    experiment._file = path
     return experiment
 
 

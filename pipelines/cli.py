@@ -85,6 +85,8 @@ def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
             raise SystemExit(f"moce run: --select {args.select!r}: {err}") from None
         if not selected:
             raise SystemExit(f"moce run: --select {args.select!r} selects no asset of experiment {experiment.name!r}")
+    if not args.dry_run and _evaluates(defs, selection):
+        experiment.check_devices()  # now, not after hours of training
     instance = experiment_instance(experiment)
     print(f"experiment={experiment.name} storage={experiment.storage_root} DAGSTER_HOME={instance.root_directory}")
     if experiment.description:
@@ -95,6 +97,14 @@ def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
         print(f"\nbenchmark report: {report}")
     print("explore the lineage, plots and metadata: moce ui  (then open http://127.0.0.1:3000)")
     return 0 if ok else 1
+
+
+def _evaluates(defs, selection) -> bool:
+    """Whether the run of `selection` (None: the whole pipeline) holds an evaluation step."""
+    from pipelines.definitions import PIPELINE
+
+    graph = defs.resolve_asset_graph()
+    return any(graph.get(key).group_name == "evaluation" for key in (selection or PIPELINE).resolve(graph))
 
 
 def cmd_set_k(args: argparse.Namespace, experiment: Experiment) -> int:
@@ -282,10 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         experiment = _select_experiment(args.experiment)
+        if args.command in ("sweep", "study", "eval"):  # each evaluates on evaluation.device
+            experiment.check_devices()
+        return args.handler(args, experiment)
     except ExperimentError as err:
         print(f"moce {args.command}: {err}", file=sys.stderr)
         return 2
-    return args.handler(args, experiment)
 
 
 if __name__ == "__main__":

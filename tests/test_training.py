@@ -340,11 +340,14 @@ def test_named_presets_and_overrides():
         ({"learning_rate": 1e-4}, r"unknown training config field 'learning_rate' \(did you mean 'lr'\?\)"),
         ({"max_stpes": 5}, r"unknown training config field 'max_stpes' \(did you mean 'max_steps'\?\)"),
         ({"zzz": 5}, r"unknown training config field 'zzz'; known fields: \['bf16'"),
-        ({"lr": "fast"}, r"training config field 'lr': expected float, got 'fast' \(str\)"),
+        ({"lr": "fast"}, r"training config field 'lr': expected finite float, got 'fast' \(str\)"),
         ({"max_steps": 2.5}, r"training config field 'max_steps': expected int or None, got 2.5"),
         ({"qlora": "yes"}, r"training config field 'qlora': expected bool, got 'yes'"),
         ({"per_device_batch_size": True}, r"field 'per_device_batch_size': expected int, got True \(bool\)"),
         ({"lora_targets": "q_proj"}, r"field 'lora_targets': expected a list of str, got 'q_proj'"),
+        # The Trainer would read these as "train a whole epoch" and "a learning rate": refused, not trained on.
+        ({"max_steps": 0}, r"field 'max_steps' = 0: expected an int >= 1, or null to train num_epochs"),
+        ({"lr": float("nan")}, r"field 'lr': expected finite float, got nan \(float\)"),
     ],
 )
 def test_overrides_are_validated_naming_the_key(overrides, message):

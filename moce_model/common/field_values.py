@@ -3,10 +3,12 @@
 Hand-written rather than pydantic: `TrainingConfig` is imported by GPU scripts that carry few wheels, and the
 rule is short. pydantic's lax mode would turn "3" into 3; its strict mode refuses a YAML list for a tuple field.
 Here a bool is not an int, an int may stand for a float, a list becomes a tuple, and nothing else is converted.
+A float is finite: no config value means NaN or infinity, and YAML's `.nan` is easily written by mistake.
 """
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from typing import Any
@@ -35,7 +37,12 @@ def _matches(value: Any, kind: Any) -> bool:
     if kind is type(None):
         return value is None
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:  # an int past float's range
+            return False
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)
@@ -44,6 +51,8 @@ def _matches(value: Any, kind: Any) -> bool:
 def _describe(option: Any) -> str:
     if option is type(None):
         return "None"
+    if option is float:
+        return "finite float"
     if typing.get_origin(option) is tuple:
         item_hint = _item_hint(option)
         return f"a list of {getattr(item_hint, '__name__', str(item_hint))}"

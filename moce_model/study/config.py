@@ -19,6 +19,7 @@ table names the number of seeds next to every interval.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -134,9 +135,16 @@ class StudyConfig:
             raise ValueError(f"study token_routers {self.token_routers}: a token router needs at least 2 experts per "
                              f"group, but experts_per_group_sweep is {self.experts_per_group_sweep}")
         for name in ("router_top_k", "adapter_dim", "train_rows", "max_steps", "per_device_batch_size",
-                     "max_length", "heldout_rows_per_source", "bootstrap_resamples", "blend_items"):
+                     "max_length", "heldout_rows_per_source", "bootstrap_resamples", "blend_items",
+                     "gsm8k_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"study {name} must be at least 1, got {getattr(self, name)}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"study lr must be a finite number > 0, got {self.lr!r}")
+        # numpy's and the Trainer's seeds are unsigned 32-bit
+        for seed in (*self.seeds, self.noise_seed):
+            if not 0 <= seed < 2**32:
+                raise ValueError(f"study seeds and noise_seed must be in [0, 2**32), got {seed}")
         if self.gsm8k_items < 0:
             raise ValueError(f"study gsm8k_items must be >= 0, got {self.gsm8k_items}")
 

@@ -1,5 +1,14 @@
 """Checkpoints that survive SIGKILL: the newest *complete* one is resumed, damaged ones are skipped and removed,
-and a checkpoint of another run (other data or settings, by fingerprint) is never resumed."""
+and a checkpoint of another run (other data or settings, by fingerprint) is never resumed.
+
+What a checkpoint holds: the trainable tensors as safetensors (`trainable_state.safetensors`, written by the
+trainer's own `_save`), `trainer_state.json`, and the Trainer's `torch.save` files: `optimizer.pt`,
+`scheduler.pt`, `rng_state*.pth` (and `scaler.pt` under fp16). Those are pickles. transformers reads them back
+on resume with `torch.load(weights_only=True)`, whose unpickler builds only tensors, plain containers and a
+short list of torch and (for the RNG state) numpy types, so a tampered file cannot run code; it refuses torch
+older than 2.6, where that guarantee had a hole (CVE-2025-32434). `training_args.bin`, a full pickle, is not
+written here (`_save` is replaced) and is never read back. Under DeepSpeed the optimizer state is DeepSpeed's
+own checkpoint format."""
 
 from __future__ import annotations
 
@@ -56,7 +65,7 @@ def checkpoint_problem(checkpoint_dir: Path) -> str | None:
                     reader.get_tensor(key)
         except Exception as error:  # safetensors raises its own error types for truncated/garbled files
             return f"{tensor_file.name} unreadable: {error}"
-    # Every torch.save file the Trainer reads back on resume (optimizer, scheduler, RNG states, training args) is
+    # Every torch.save file the Trainer reads back on resume (optimizer, scheduler, RNG states, grad scaler) is
     # a zip archive: a damaged one would fail the resumed run every time instead of falling back.
     for path in sorted([*checkpoint_dir.glob("*.pt"), *checkpoint_dir.glob("*.pth"), *checkpoint_dir.glob("*.bin")]):
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -69,6 +70,18 @@ class TrainingConfig:
     # torch intra-op threads; None keeps torch's default. On a CPU shared with other jobs use 1: OpenMP
     # threads spin at barriers, and an oversubscribed 2-thread step was measured 5x slower than 1 thread.
     num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        # The Trainer reads max_steps <= 0 as "train num_epochs", a NaN learning rate as a number and a negative
+        # warmup as none: such a value is a mistake in the file, refused here with its field named.
+        for name, (allowed, words) in _RANGES.items():
+            value = getattr(self, name)
+            # None passes where the type allows it; types themselves are conformed by with_overrides.
+            if isinstance(value, (int, float)) and not allowed(value):
+                raise ValueError(f"training config field {name!r} = {value!r}: expected {words}")
+        if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise ValueError(f"training config field 'lora_targets' = {self.lora_targets!r}: expected a non-empty "
+                             "list of module names")
 
     @classmethod
     def demo(cls, **overrides: Any) -> TrainingConfig:
@@ -164,6 +177,34 @@ class TrainingConfig:
         values = dataclasses.asdict(self)
         values["lora_targets"] = list(self.lora_targets)
         return values
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+# field -> (test, the allowed values in words). None passes wherever the field allows it (max_steps: the epochs
+# decide; save_total_limit: keep every checkpoint; num_threads: torch's default).
+_RANGES: dict[str, tuple[Any, str]] = {
+    "lr": (_positive, "a finite number > 0"),
+    "warmup_steps": (lambda v: v >= 0, "an int >= 0"),
+    "num_epochs": (_positive, "a finite number > 0"),
+    "max_steps": (lambda v: v >= 1, "an int >= 1, or null to train num_epochs"),
+    "per_device_batch_size": (lambda v: v >= 1, "an int >= 1"),
+    "grad_accum": (lambda v: v >= 1, "an int >= 1"),
+    "max_length": (lambda v: v >= 1, "an int >= 1"),
+    "lora_r": (lambda v: v >= 1, "an int >= 1"),
+    "lora_alpha": (lambda v: v >= 1, "an int >= 1"),
+    "lora_dropout": (lambda v: math.isfinite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "save_steps": (lambda v: v >= 1, "an int >= 1"),
+    "save_total_limit": (lambda v: v >= 1, "an int >= 1, or null to keep every checkpoint"),
+    # numpy's and the Trainer's seeds are unsigned 32-bit
+    "seed": (lambda v: 0 <= v < 2**32, "an int in [0, 2**32)"),
+    # 0 switches clipping off (the Trainer clips only above 0)
+    "max_grad_norm": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+    "logging_steps": (lambda v: v >= 1, "an int >= 1"),
+    "num_threads": (lambda v: v >= 1, "an int >= 1, or null for torch's default"),
+}
 
 
 NATIVE_BF16_ENV = "MOCE_NATIVE_BF16"
