@@ -164,6 +164,9 @@ def _harness():
     resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
+    hard_files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard_files != resource.RLIM_INFINITY:
+        max_files = min(max_files, hard_files)  # lowering is all an unprivileged process may do
     resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
     if audited:
         _install_audit_hook(os.path.realpath(os.getcwd()))
