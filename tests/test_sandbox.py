@@ -813,3 +813,23 @@ assert statuses == [0] * len(children)
     # Each run's cgroup is gone with it.
     assert not [name for name in os.listdir(MEMORY_CGROUP.path)
                 if name.startswith(f"moce-sandbox-{os.getpid()}-")], MEMORY_CGROUP
+
+
+@needs_bwrap
+@pytest.mark.skipif(MEMORY_CGROUP is None, reason="no memory cgroups can be created here")
+def test_run_cgroups_left_by_a_killed_evaluator_are_removed_by_the_next():
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    abandoned = Path(MEMORY_CGROUP.path) / f"moce-sandbox-{gone.stdout.strip()}-{secrets.token_hex(6)}"
+    ours = Path(MEMORY_CGROUP.path) / f"moce-sandbox-{os.getpid()}-{secrets.token_hex(6)}"
+    abandoned.mkdir()
+    ours.mkdir()
+    try:
+        sandbox_module._memory_cgroup_parent.cache_clear()
+        assert sandbox_module._memory_cgroup_parent() == MEMORY_CGROUP
+        assert not abandoned.exists()
+        assert ours.exists()  # a live evaluator's, perhaps about to be entered
+    finally:
+        for path in (abandoned, ours):
+            if path.exists():
+                path.rmdir()

@@ -772,8 +772,29 @@ def _memory_cgroup_parent() -> _CgroupParent | None:
         except OSError as exc:
             logger.debug("no memory cgroups for the sandbox under %s: %s", parent.path, exc)
             continue
+        _remove_abandoned_cgroups(parent)
         return parent
     return None
+
+
+def _remove_abandoned_cgroups(parent: _CgroupParent) -> None:
+    """Removes the empty run cgroups of evaluators that are gone: one killed mid-run cannot remove its
+    own. Those of live evaluators are left alone, even when empty: a run may be about to enter one."""
+    prefix = "moce-sandbox-"
+    with contextlib.suppress(OSError):
+        for name in os.listdir(parent.path):
+            owner = name[len(prefix):].split("-", 1)[0]
+            if not name.startswith(prefix) or not owner.isdigit():
+                continue
+            try:
+                os.kill(int(owner), 0)
+                continue
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(parent.path, name))  # refused while a process is still in it
 
 
 def _cgroup_candidates() -> list[_CgroupParent]:
