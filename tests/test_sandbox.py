@@ -641,3 +641,195 @@ print(done.stdout, done.stderr)
     if os.geteuid() == 0:
         assert f"UID {sandbox_module.SANDBOX_UID}" in result.stdout, result
     assert "MOUNTED" not in result.stdout, result
+
+
+# Memory, descriptors and terminals that no per-process address-space limit sees. Each probe stops by
+# itself at what the unbounded sandbox let through (40 in-memory files of 16 MB, 300 descriptors, 300
+# terminals), so that a sandbox without the bound neither exhausts nor litters the host.
+
+
+def _host_shared_memory_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Shmem:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no Shmem line in /proc/meminfo")
+
+
+def _run_watching_shared_memory(code: str, **kwargs) -> tuple[object, float]:
+    """Runs `code` while sampling the host's shared memory (tmpfs, in-memory files, System V segments);
+    returns the result and the largest rise over the value before the run, in MB."""
+    import threading
+
+    before = _host_shared_memory_mb()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _host_shared_memory_mb())
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = run_sandboxed(code, **kwargs)
+    finally:
+        done.set()
+        sampler.join()
+    return result, peak[0] - before
+
+
+# Each creates 40 blocks of 16 MB (the file-size limit) that need no address space once written, holds
+# them for a moment and reports how many it made.
+SHARED_MEMORY_PROBES = {
+    "memfd": """
+import os, time
+held = []
+for _ in range(40):
+    fd = os.memfd_create("probe")
+    os.write(fd, b"x" * (16 * 2**20 - 1))
+    held.append(fd)
+print("MADE", len(held), flush=True)
+time.sleep(0.5)
+""",
+    "sysv-shm": """
+import ctypes, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+made = 0
+for _ in range(40):
+    segment = libc.shmget(0, 16 * 2**20, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+    if segment < 0:
+        raise OSError(ctypes.get_errno(), "shmget")
+    address = libc.shmat(segment, None, 0)
+    ctypes.memset(address, 1, 16 * 2**20)
+    libc.shmdt(ctypes.c_void_p(address))
+    made += 1
+print("MADE", made, flush=True)
+time.sleep(0.5)
+""",
+    "dev-shm": """
+import os, time
+held = []
+for index in range(40):
+    with open(f"/dev/shm/probe-{index}", "wb") as handle:
+        handle.write(b"x" * (16 * 2**20 - 1))
+    held.append(index)
+print("MADE", len(held), flush=True)
+time.sleep(0.5)
+""",
+}
+
+
+@needs_bwrap
+@pytest.mark.parametrize("probe", sorted(SHARED_MEMORY_PROBES))
+def test_shared_memory_beyond_the_limits_is_refused_and_the_host_does_not_hold_it(probe: str):
+    result, rise_mb = _run_watching_shared_memory(
+        SHARED_MEMORY_PROBES[probe], memory_mb=64, disk_mb=1, timeout_s=20, audit_hook=False)
+    assert not result.passed and "MADE" not in result.stdout, result
+    if probe == "dev-shm":  # the run's tmpfs is full at disk_mb: the write fails, the program with it
+        assert result.status == "failed" and "No space left on device" in result.stderr, result
+    else:  # refused by the seccomp filter, or (on machines it does not know) stopped by the memory cgroup
+        assert result.status in ("forbidden", "memory"), result
+        assert "sandbox: " in result.stderr, result
+    # Unbounded, the probe held 640 MB. What it may legitimately hold is at most the run's tmpfs (1 MB),
+    # or, where the memory cgroup rather than the filter stops it, up to that cgroup's limit; the rest of
+    # the allowance is for other processes on the host.
+    allowance_mb = 16 if sandbox_module._seccomp_filter() is not None or probe == "dev-shm" else 64 + 1 + 16
+    assert rise_mb < allowance_mb, (rise_mb, result)
+
+
+@needs_bwrap
+def test_open_descriptors_are_bounded():
+    # Pipes: each holds a kernel buffer that no address-space limit counts.
+    code = """
+import os
+held = []
+try:
+    while len(held) < 300:
+        held.extend(os.pipe())
+finally:
+    print("OPENED", len(held), flush=True)
+"""
+    result = run_sandboxed(code, audit_hook=False)
+    assert result.status == "failed" and "Too many open files" in result.stderr, result
+    opened = int(result.stdout.split("OPENED")[1].split()[0])
+    assert opened < sandbox_module._MAX_OPEN_FILES, result
+
+
+@needs_bwrap
+def test_no_pseudo_terminals_can_be_opened():
+    # Every pty comes from the host-wide pool (kernel.pty.max), whichever devpts instance hands it out.
+    code = """
+import os
+opened, refused = 0, []
+for attempt in range(300):
+    try:
+        if attempt % 3 == 0:
+            os.openpty()
+        else:
+            os.open("/dev/ptmx" if attempt % 3 == 1 else "/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY)
+        opened += 1
+    except OSError as exc:
+        refused.append(exc.errno)
+print("OPENED", opened, "REFUSED", sorted(set(refused)), flush=True)
+assert opened == 0
+"""
+    result = run_sandboxed(code, audit_hook=False)
+    assert "OPENED 0 " in result.stdout, result
+    assert f"REFUSED [{errno.ENOENT}]" in result.stdout, result
+    assert result.status == "passed", result
+
+
+MEMORY_CGROUP = sandbox_module._memory_cgroup_parent()
+
+
+@needs_bwrap
+@pytest.mark.skipif(MEMORY_CGROUP is None, reason="no memory cgroups can be created here")
+def test_the_memory_of_a_run_as_a_whole_is_bounded():
+    # Ten processes of 30 MB each: every one within its own address-space limit, together far over the
+    # run's memory_mb + disk_mb. The control run with room for them passes, so the program itself is fine.
+    code = """
+import os, time
+children = []
+for _ in range(10):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(30 * 2**20)
+        for offset in range(0, len(block), 4096):
+            block[offset] = 1
+        time.sleep(0.5)
+        os._exit(0)
+    children.append(pid)
+statuses = [os.waitpid(pid, 0)[1] for pid in children]
+print("STATUSES", statuses, flush=True)
+assert statuses == [0] * len(children)
+"""
+    bounded = run_sandboxed(code, memory_mb=64, disk_mb=1, timeout_s=20, audit_hook=False)
+    assert bounded.status == "memory" and not bounded.passed, bounded
+    assert "over its memory limit of 65 MB" in bounded.stderr, bounded
+    roomy = run_sandboxed(code, memory_mb=512, disk_mb=1, timeout_s=20, audit_hook=False)
+    assert roomy.status == "passed", roomy
+    # Each run's cgroup is gone with it.
+    assert not [name for name in os.listdir(MEMORY_CGROUP.path)
+                if name.startswith(f"moce-sandbox-{os.getpid()}-")], MEMORY_CGROUP
+
+
+@needs_bwrap
+@pytest.mark.skipif(MEMORY_CGROUP is None, reason="no memory cgroups can be created here")
+def test_run_cgroups_left_by_a_killed_evaluator_are_removed_by_the_next():
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    abandoned = Path(MEMORY_CGROUP.path) / f"moce-sandbox-{gone.stdout.strip()}-{secrets.token_hex(6)}"
+    ours = Path(MEMORY_CGROUP.path) / f"moce-sandbox-{os.getpid()}-{secrets.token_hex(6)}"
+    abandoned.mkdir()
+    ours.mkdir()
+    try:
+        sandbox_module._memory_cgroup_parent.cache_clear()
+        assert sandbox_module._memory_cgroup_parent() == MEMORY_CGROUP
+        assert not abandoned.exists()
+        assert ours.exists()  # a live evaluator's, perhaps about to be entered
+    finally:
+        for path in (abandoned, ours):
+            if path.exists():
+                path.rmdir()
