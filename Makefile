@@ -39,11 +39,11 @@ browser:
 		echo "chromium is not installed: the browser test will be skipped"
 
 # Generated code is evaluated under bubblewrap; installed here when we may. Without it, evaluating code refuses
-# to run (README, Security) and the tests of the sandbox are skipped.
+# to run (docs/security.md) and the tests of the sandbox are skipped.
 sandbox:
 	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } || \
-		echo "bubblewrap is not installed: evaluating generated code will refuse to run (README, Security)"
+		echo "bubblewrap is not installed: evaluating generated code will refuse to run (docs/security.md)"
 
 test: $(STAMP) browser sandbox
 	$(PY) -m pytest -q

@@ -8,7 +8,7 @@ adapter 64); on random weights the decode cost is the same, so the base is built
 attached to it and removed again. Each row generates exactly `--new-tokens` tokens after a `--prompt-len`
 prompt. `dynamic` is transformers' default cache, eager; `static` is the static cache, which transformers
 compiles for decoding on a GPU. Stage-1 routing (embed the prompt, nearest centroid) is not included here:
-it runs once per request, before generation (see the README's figures).
+it runs once per request, before generation (`bench.latency` times it; docs/benchmarks-gpu.md).
 
 With `--decode-paths both`, `moce` is timed a second time with every decoding step on the gathered path
 (each row's group weights copied; `moce_gathered`), so that one run shows what the all-groups path, which

@@ -1,7 +1,7 @@
 """The UI in a real browser: `dagster dev` on 127.0.0.1, headless Debian Chromium driven by Playwright.
 
 Materializes the clustering half of the demo profile, opens the asset graph and the elbow_curve asset page,
-checks that the assets and the elbow plot are there, and saves screenshots (to docs/images/ for the README
+checks that the assets and the elbow plot are there, and saves screenshots (to docs/images/ for the docs
 with MOCE_UPDATE_SCREENSHOTS=1, else to the test's temp dir).
 """
 

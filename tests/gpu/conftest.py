@@ -1,6 +1,6 @@
 """Tests that need a CUDA GPU: every test in this folder is marked `gpu` and skipped without one.
 
-Run them on a GPU machine with `python -m pytest -m gpu tests/gpu` (README, "The paper setting on GPUs")."""
+Run them on a GPU machine with `python -m pytest -m gpu tests/gpu` (docs/benchmarks-gpu.md, "GPU tests")."""
 
 from __future__ import annotations
 
