@@ -4,7 +4,7 @@ run) → study_conditions/<layout>/s<seed> (the same partitions) → study_table
 Each partition trains one layout at one seed, merges it (and checks the merged model against the unmerged one),
 and evaluates it on the held-out split, with the same library calls as moce_adapters, merged_model and
 benchmark_results. `study_conditions` scores the trained run again under each evaluation-only condition
-(`moce_model.study_conditions`) from the adapters it kept, never retraining it. The table aggregates whichever
+(`moce_model.study.conditions`) from the adapters it kept, never retraining it. The table aggregates whichever
 runs and conditions are materialized over seeds and items.
 """
 
@@ -260,7 +260,7 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         },
         description=(
             "The partition's trained run scored again on its held-out items under each evaluation-only condition "
-            f"({', '.join(config.conditions) or 'none configured'}; moce_model.study_conditions): the model is "
+            f"({', '.join(config.conditions) or 'none configured'}; moce_model.study.conditions): the model is "
             "rebuilt from the adapters the run kept (merged again, never retrained); writes every item's score "
             "under the rows `layout @condition`."
         ),

@@ -140,7 +140,7 @@ class BaseModelSettings(_Section):
 
     kind: Literal["smollm2_gguf", "hub", "local"] = "smollm2_gguf"
     model_id: str = ""
-    # How rows become the model's text in training, generation and evaluation (moce_model.prompt_format):
+    # How rows become the model's text in training, generation and evaluation (moce_model.data.prompt_format):
     # `auto` keeps the model's chat template and gives a model without one the `human_assistant` format.
     prompt_format: PromptFormatName = "auto"
 

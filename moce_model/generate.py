@@ -95,7 +95,7 @@ def generate(
     """Greedy answers to `texts` (the instruction of each request) with each text routed to its cluster.
 
     Each text is asked in the prompt format the model was trained with (`prompt_format_name`, see
-    `moce_model.prompt_format`) and routed by its routing text, as training rows were.
+    `moce_model.data.prompt_format`) and routed by its routing text, as training rows were.
     Returns (answer, cluster) per text; cluster is None for variants that do not route by cluster, and the nearest
     cluster for a text a soft assignment answers with two groups (`answer_prompts` says which). The soft
     assignment is the model config's (`soft_assignment`, off by default) unless `soft_assignment` gives a rule.

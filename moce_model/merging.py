@@ -5,7 +5,7 @@
 - `save_trained` / `load_trained`: the unmerged artifact (LoRA adapter + experts + routers + MoCEConfig).
 - `merge_to_directory`: LoRA folded into the base weights, written with the experts, the config, the
   centroids (`centroids.npy`) and the embedder reference (`embedder.json`) as one directory that
-  `AutoModelForCausalLM.from_pretrained` loads (after `import moce_model.modeling`).
+  `AutoModelForCausalLM.from_pretrained` loads (after `import moce_model.model.modeling`).
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def test_balance_loss_weight_is_independent_of_accumulation_and_world_size(tmp_p
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "moce_model.train_entry", "--spec", str(tmp_path / "spec.json")],
+         "-m", "moce_model.training.entry", "--spec", str(tmp_path / "spec.json")],
         env=_subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]

@@ -174,7 +174,7 @@ def test_bad_inputs(tmp_path):
 POOLED_ENCODING = """
 import json, sys
 import numpy as np
-from moce_model.embedding import load_embedder
+from moce_model.clustering.embedding import load_embedder
 
 spec = {"model": sys.argv[1]}
 texts = [f"Compute {i} plus {2 * i}." if i % 2 else f"Write a poem about topic {i}." for i in range(24)]
@@ -193,7 +193,7 @@ print(json.dumps({"processes": processes, "closed": pooled._pool is None,
 def test_one_process_per_device_gives_the_same_vectors():
     """What embeds a million rows on 8 GPUs (devices cuda:0..7), here with two CPU worker processes, in a fresh
     interpreter with a time limit. The interpreter starts with SIGTERM ignored, as every child of a process that
-    has run Dagster in the background has it (moce_model.processes): the pool's workers used to outlive their
+    has run Dagster in the background has it (moce_model.common.processes): the pool's workers used to outlive their
     `terminate()` then, and closing the pool waited for ever."""
     import json
     import signal

@@ -1,4 +1,4 @@
-"""Children that can be stopped although their parent ignores SIGTERM (moce_model.processes), and the Dagster
+"""Children that can be stopped although their parent ignores SIGTERM (moce_model.common.processes), and the Dagster
 behaviour that makes a parent ignore it."""
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def test_generate_routes_each_prompt_by_itself(merged_dir: Path, encoder: MiniLM
 
 
 def test_cli_loads_the_embedder_from_the_directory_and_prints_the_route(merged_dir: Path, capsys) -> None:
-    pytest.importorskip("moce_model.embedding")
+    pytest.importorskip("moce_model.clustering.embedding")
     assert main(["--model", str(merged_dir), "--max-new-tokens", "3", HELD_OUT["code"]]) == 0
     printed = capsys.readouterr().out
     assert "routed: cluster 1 -> expert group 1" in printed

@@ -423,7 +423,7 @@ def test_sigkill_then_restart_resumes_from_last_checkpoint(tiny_base_dir, tmp_pa
     rows = make_rows(32)
     config = tiny_training_config(max_steps=20, save_steps=5, per_device_batch_size=8, max_length=128)
     spec = _write_spec(tmp_path / "run.json", tiny_base_dir, rows, tmp_path / "run", config, "moce")
-    command = [sys.executable, "-m", "moce_model.train_entry", "--spec", str(spec)]
+    command = [sys.executable, "-m", "moce_model.training.entry", "--spec", str(spec)]
     first_state = tmp_path / "run" / "checkpoints" / "checkpoint-5" / "trainer_state.json"
     process = subprocess.Popen(command, env=_subprocess_env(), cwd=REPO_ROOT)
     try:
@@ -471,7 +471,7 @@ def test_torchrun_two_processes(tiny_base_dir, tmp_path):
     spec = _write_spec(tmp_path / "run.json", tiny_base_dir, rows, tmp_path / "run", config, "moce")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "moce_model.train_entry", "--spec", str(spec),
+        "-m", "moce_model.training.entry", "--spec", str(spec),
     ]
     completed = subprocess.run(
         command, env=_subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300

@@ -168,7 +168,7 @@ class Embedder:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             # Not sentence-transformers' stop_multi_process_pool: it joins its workers without a time limit, and
-            # a worker that outlives SIGTERM (moce_model.processes) would hang this process for ever.
+            # a worker that outlives SIGTERM (moce_model.common.processes) would hang this process for ever.
             killed = stop_processes(pool["processes"])
             if killed:
                 logger.warning("embedding pool workers %s ignored SIGTERM and were killed", killed)

@@ -82,7 +82,7 @@ def normalise_instructions(
 
     A row's reason is the first that applies, in the order of ``REJECTION_REASONS``; of several identical
     valid rows the first is kept and the others are ``duplicate``. A raw row with a ``problem`` (a mapped value
-    that was not text, see `moce_model.sources`) is ``wrong_type``, with the problem as its ``detail``.
+    that was not text, see `moce_model.data.sources`) is ``wrong_type``, with the problem as its ``detail``.
     Columns such as ``answer`` and
     ``test_code`` are eval-only and are not carried into either output.
     """

@@ -29,7 +29,7 @@ requests are counted under their own task's name. Counted are the tokens the mod
 the reference continuation of a scored request (without the right padding HFLM adds), and each generated token
 fed back while its sequence is still being generated.
 
-Prompts are rendered in the experiment's prompt format (`moce_model.prompt_format`), the one the model was
+Prompts are rendered in the experiment's prompt format (`moce_model.data.prompt_format`), the one the model was
 trained with: lm-eval's chat hook (`apply_chat_template`) renders few-shot conversations with it, and
 `render_prompt` renders the project's own benchmark items.
 """

@@ -256,7 +256,7 @@ def evaluate_model(
     `limit_per_benchmark` caps the items of every benchmark; `max_new_tokens` (when given) caps every
     benchmark's generation budget; `seed` seeds torch and the synthetic held-out items. `device` / `dtype`
     place the model (the experiment's evaluation settings); `prompt_format` is the experiment's prompt format
-    (`moce_model.prompt_format`), the one the model was trained with.
+    (`moce_model.data.prompt_format`), the one the model was trained with.
 
     `soft_assignment` routes the prompts near a cluster boundary to two groups (`SoftAssignmentRule`): None
     follows the model's config, False routes every prompt to one group, True uses the config's margin and

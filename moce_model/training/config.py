@@ -64,7 +64,7 @@ class TrainingConfig:
     # Regional compilation: each decoder layer is compiled once (they share one graph), the rest stays eager.
     compile: bool = False
     group_by_length: bool = True
-    # How rows become text (moce_model.prompt_format): `auto` is the tokenizer's chat template when it has
+    # How rows become text (moce_model.data.prompt_format): `auto` is the tokenizer's chat template when it has
     # one, else the reference code's `human_assistant` format. Generation and evaluation must use the same.
     prompt_format: str = "auto"
     # torch intra-op threads; None keeps torch's default. On a CPU shared with other jobs use 1: OpenMP

@@ -1,8 +1,8 @@
 """Standalone training entry point, for in-process use, `torchrun` and `deepspeed` launches.
 
-    python -m moce_model.train_entry --spec run.json
-    torchrun --nproc_per_node 2 -m moce_model.train_entry --spec run.json
-    deepspeed --num_gpus 8 --module moce_model.train_entry --spec run.json   # with training.deepspeed set
+    python -m moce_model.training.entry --spec run.json
+    torchrun --nproc_per_node 2 -m moce_model.training.entry --spec run.json
+    deepspeed --num_gpus 8 --module moce_model.training.entry --spec run.json   # with training.deepspeed set
 
 run.json:
     {"base_model_dir": ..., "train_data": "train.parquet", "cluster_assignments": "assign.parquet" | null,
