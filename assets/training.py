@@ -18,6 +18,7 @@ from moce_model.experiment import Experiment
 from resources.model_source import BaseModelSource
 from resources.storage import ArtifactStorage
 from resources.trainer import TrainerResource
+from moce_model.model.config import MoCEConfig
 
 TRAINING_CODE_VERSION = "1"
 SAMPLE_PROMPTS = [
@@ -51,21 +52,8 @@ def base_model(
     )
 
 
-def _moce_config(experiment: Experiment, variant: str, num_clusters: int | None, embedder: dict | None):
-    from moce_model.model.config import MoCEConfig
-
-    experts = experiment.experts
-    return MoCEConfig.for_variant(
-        variant,
-        num_clusters=num_clusters,
-        experts_per_group=experts.experts_per_group,
-        single_group_experts=experts.pesc_experts,
-        router_top_k=experts.top_k,
-        adapter_dim=experts.adapter_dim,
-        token_router=experts.token_router,
-        **experts.soft_assignment.model_config_values(),
-        embedder=embedder,
-    )
+def _moce_config(experiment: Experiment, variant: str, num_clusters: int | None, embedder: dict | None) -> MoCEConfig:
+    return MoCEConfig.for_variant(variant, experiment.experts.layout(), num_clusters=num_clusters, embedder=embedder)
 
 
 def train_variant(
@@ -201,7 +189,7 @@ def build_training_assets(experiment: Experiment, branch: Branch = MAIN, variant
         if semantics.needs_centroids:
             ins["cluster_assignments"] = dg.AssetIn(key=branch.key("cluster_assignments"))
             ins["kmeans_centroids"] = dg.AssetIn(key=branch.key("kmeans_centroids"))
-        elif semantics.needs_num_clusters:
+        elif experiment.experts.layout().needs_num_clusters(variant):
             ins["selected_k"] = dg.AssetIn()
 
         @dg.asset(

@@ -24,6 +24,7 @@ import torch
 from bench.train_step import SHAPES, build_base
 from moce_model.model.config import MoCEConfig
 from moce_model.training import TrainingConfig, train
+from moce_model.model.config import ExpertLayout
 
 
 def long_rows(n: int, chars: int):
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     for variant in [v for v in args.variants.split(",") if v]:
         # `lora`: LoRA alone on the quantised base (no experts), the baseline the MoCE step is compared with.
         moce = None if variant == "lora" else MoCEConfig.for_variant(
-            variant, num_clusters=4, experts_per_group=4, single_group_experts=16, router_top_k=2, adapter_dim=64)
+            variant, ExpertLayout(experts_per_group=4, single_group_experts=16, router_top_k=2, adapter_dim=64),
+            num_clusters=4)
         routed = moce is not None and moce.num_groups > 1
         clusters = {row_id: i % 4 for i, row_id in enumerate(rows["id"].to_list())} if routed else None
         stamps: list[float] = []

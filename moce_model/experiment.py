@@ -50,9 +50,10 @@ from moce_model.clustering.soft import SoftAssignmentRule
 from moce_model.data.sources import SourceSpec
 from moce_model.data.synthetic import DOMAINS
 from moce_model.evaluation.runner import demo_benchmarks, paper_benchmarks
+from moce_model.model.config import ExpertLayout
 from moce_model.study.config import StudyConfig
 from moce_model.training import TrainingConfig
-from moce_model.variants import cluster_routed_variants
+from moce_model.variants import TOKEN_ROUTERS, VARIANTS, cluster_routed_variants
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = REPO_ROOT / "configs" / "experiments"
@@ -61,7 +62,7 @@ EXPERIMENT_ENV = "MOCE_EXPERIMENT"
 PROFILE_ENV = "MOCE_PROFILE"
 DATA_DIR_ENV = "MOCE_DATA_DIR"
 
-Variant = Literal["moce", "pesc", "dense_adapter", "random_group", "cluster_only"]
+Variant = Literal[VARIANTS]
 PromptFormatName = Literal["auto", "chat_template", "human_assistant"]
 
 
@@ -196,33 +197,50 @@ class SoftAssignment(_Section):
         """The rule when enabled, else None."""
         return SoftAssignmentRule(margin=self.margin, temperature=self.temperature) if self.enabled else None
 
-    def model_config_values(self) -> dict[str, Any]:
-        """The MoCEConfig fields of this section."""
-        return {"soft_assignment": self.enabled, "soft_assignment_margin": self.margin,
-                "soft_assignment_temperature": self.temperature}
-
 
 class Experts(_Section):
     """The expert layout: `experts_per_group` adapters in each of the k groups (moce, cluster_only,
-    random_group); `pesc` puts `pesc_experts` in one group; `dense_adapter` has one adapter."""
+    random_group); `pesc` puts `single_group_experts` in one group (null: k x experts_per_group, as many as moce
+    has in all groups); `dense_adapter` has one adapter. The names are MoCEConfig's, down to the experts layer."""
 
     experts_per_group: PositiveInt = 4
-    top_k: PositiveInt = 2
+    router_top_k: PositiveInt = 2
     adapter_dim: PositiveInt = 16
-    pesc_experts: PositiveInt = 8
+    single_group_experts: PositiveInt | None = None
+    # Dropout on the adapters' input; the reference training code uses 0.1.
+    adapter_dropout: float = 0.0
     # How a group's router scores tokens: `linear` (the paper's), or `ac`, the Adaptive Clustering router of
     # Nielsen et al. (ICLR 2025), which scales features by how tightly the previous layer's experts cluster.
-    token_router: Literal["linear", "ac"] = "linear"
+    token_router: Literal[TOKEN_ROUTERS] = "linear"
     soft_assignment: SoftAssignment = SoftAssignment()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in (("top_k", "router_top_k"), ("pesc_experts", "single_group_experts")):
+                if old in data:
+                    raise ValueError(f"experts.{old} is now experts.{new} (the name the model config uses)")
+        return data
+
     @model_validator(mode="after")
-    def _top_k_fits(self) -> Experts:
-        if self.top_k > min(self.experts_per_group, self.pesc_experts):
+    def _router_top_k_fits(self) -> Experts:
+        smallest = min(self.experts_per_group, self.single_group_experts or self.experts_per_group)
+        if self.router_top_k > smallest:
             raise ValueError(
-                f"top_k={self.top_k} exceeds the experts available to choose from "
-                f"(experts_per_group={self.experts_per_group}, pesc_experts={self.pesc_experts})"
+                f"router_top_k={self.router_top_k} exceeds the experts available to choose from "
+                f"(experts_per_group={self.experts_per_group}, single_group_experts={self.single_group_experts})"
             )
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
         return self
+
+    def layout(self) -> ExpertLayout:
+        return ExpertLayout(
+            experts_per_group=self.experts_per_group, router_top_k=self.router_top_k, adapter_dim=self.adapter_dim,
+            single_group_experts=self.single_group_experts, token_router=self.token_router,
+            adapter_dropout=self.adapter_dropout, soft_assignment=self.soft_assignment.rule(),
+        )
 
 
 class Training(_Section):

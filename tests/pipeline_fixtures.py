@@ -38,7 +38,7 @@ def small_experiment_values(data_dir: Path, **overrides) -> dict:
         base_model={"kind": "local", "model_id": str(data_dir / "tiny_base")},
         variants=["moce", "pesc", "dense_adapter"],
         clustering={"k_min": 2, "k_max": 6, "elbow_sample_rows": 1_000, "silhouette_sample_rows": 300, "restarts": 1},
-        experts={"experts_per_group": 2, "top_k": 1, "adapter_dim": 4, "pesc_experts": 2},
+        experts={"experts_per_group": 2, "router_top_k": 1, "adapter_dim": 4, "single_group_experts": 2},
     )
     for key, value in overrides.items():
         values[key] = {**values[key], **value} if isinstance(values.get(key), dict) else value

@@ -20,6 +20,7 @@ from moce_model.merging import merge_to_directory
 from moce_model.model.modeling import MoCEForCausalLM
 from tests.test_modeling import batch_ids, tiny_moce
 from tests.tiny_models import save_tiny_llama
+from moce_model.model.config import ExpertLayout
 
 # Expert 0's tokens are tight along feature 0 and spread along feature 1; expert 1's the other way round.
 EXPERT_0_TOKENS = [[1.0, 0.0], [1.2, 2.0], [0.8, -2.0]]
@@ -195,8 +196,9 @@ def test_checkpointed_recomputation_routes_like_the_plain_forward() -> None:
 def test_merged_model_reloads_as_ac_and_gives_the_same_logits(variant: str, tmp_path) -> None:
     base_dir = save_tiny_llama(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = MoCEConfig.for_variant(variant, num_clusters=3, experts_per_group=4, router_top_k=2, adapter_dim=8,
-                                    token_router="ac")
+    config = MoCEConfig.for_variant(
+        variant, ExpertLayout(experts_per_group=4, single_group_experts=4, router_top_k=2, adapter_dim=8,
+                              token_router="ac"), num_clusters=3)
     model = MoCEForCausalLM.from_base(base, config).eval()
     torch.manual_seed(1)
     with torch.no_grad():
@@ -236,8 +238,9 @@ def test_config_round_trip_and_clear_errors(tmp_path) -> None:
         MoCEConfig(variant="dense_adapter", token_router="ac")
     # An experiment-wide setting through for_variant: the variants without a token router leave it out.
     for variant in ("moce", "pesc", "random_group", "dense_adapter", "cluster_only"):
-        built = MoCEConfig.for_variant(variant, num_clusters=3, experts_per_group=4, router_top_k=2,
-                                       token_router="ac")
+        built = MoCEConfig.for_variant(
+            variant, ExpertLayout(experts_per_group=4, single_group_experts=4, router_top_k=2, token_router="ac"),
+            num_clusters=3)
         assert built.adaptive_clustering_router == built.token_routing
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from moce_model.variants import VARIANTS, GroupChoice, check_clusters_match_groups, variant_semantics
 from moce_model.model.config import MoCEConfig
+from moce_model.model.config import ExpertLayout
 
 # (group choice, token routing, needs centroids, one group per cluster)
 EXPECTED = {
@@ -76,15 +77,9 @@ def test_stored_num_groups_survives_a_round_trip():
 @pytest.mark.parametrize("variant", sorted(EXPECTED))
 def test_for_variant_builds_the_experiment_layout(variant):
     group_choice, token_routing, needs_centroids, per_cluster = EXPECTED[variant]
-    config = MoCEConfig.for_variant(
-        variant,
-        num_clusters=3 if per_cluster else None,
-        experts_per_group=4,
-        single_group_experts=8,
-        router_top_k=2,
-        adapter_dim=4,
-        embedder={"model": "encoder"},
-    )
+    layout = ExpertLayout(experts_per_group=4, single_group_experts=8, router_top_k=2, adapter_dim=4)
+    config = MoCEConfig.for_variant(variant, layout, num_clusters=3 if per_cluster else None,
+                                    embedder={"model": "encoder"})
     assert config.variant == variant
     assert config.num_groups == (3 if per_cluster else 1)
     expected_experts = 1 if not token_routing else (8 if group_choice is GroupChoice.SINGLE else 4)
@@ -94,7 +89,19 @@ def test_for_variant_builds_the_experiment_layout(variant):
 
 
 def test_for_variant_ignores_k_where_the_variant_does_not_use_it():
-    assert MoCEConfig.for_variant("pesc", num_clusters=5, experts_per_group=4).num_groups == 1
+    pesc = MoCEConfig.for_variant("pesc", ExpertLayout(experts_per_group=4, single_group_experts=8), num_clusters=5)
+    assert (pesc.num_groups, pesc.experts_per_group) == (1, 8)
+
+
+def test_a_budget_matched_single_group_holds_every_group_s_experts():
+    layout = ExpertLayout(experts_per_group=4, single_group_experts=None)
+    moce = MoCEConfig.for_variant("moce", layout, num_clusters=5)
+    pesc = MoCEConfig.for_variant("pesc", layout, num_clusters=5)
+    assert pesc.num_groups * pesc.experts_per_group == moce.num_groups * moce.experts_per_group == 20
+    assert layout.needs_num_clusters("pesc") and not ExpertLayout(single_group_experts=8).needs_num_clusters("pesc")
+    assert not layout.needs_num_clusters("dense_adapter")
+    with pytest.raises(ValueError, match="needs the clustering's k"):
+        MoCEConfig.for_variant("pesc", layout, num_clusters=None)
 
 
 def test_k_is_checked_against_groups_only_where_clusters_route():

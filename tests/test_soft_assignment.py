@@ -15,6 +15,7 @@ from moce_model.model.balance import BalanceLossStatistics, balance_loss
 from moce_model.clustering.router import ClusterRouter
 from moce_model.clustering.soft import SoftAssignmentRule
 from tests.test_modeling import batch_ids, tiny_moce
+from moce_model.model.config import ExpertLayout
 
 RULE = SoftAssignmentRule(margin=0.1, temperature=0.025)
 
@@ -111,11 +112,10 @@ def test_variants_without_cluster_groups_reject_soft_assignment(variant: str) ->
                                          r"by cluster .* use it with moce or cluster_only"):
         MoCEConfig(variant=variant, num_clusters=3, soft_assignment=True)
     # One experiment-wide setting: the variants it does not apply to are built without it.
-    config = MoCEConfig.for_variant(variant, num_clusters=3, experts_per_group=4, soft_assignment=True,
-                                    soft_assignment_margin=0.3)
+    layout = ExpertLayout(experts_per_group=4, soft_assignment=SoftAssignmentRule(margin=0.3))
+    config = MoCEConfig.for_variant(variant, layout, num_clusters=3)
     assert config.soft_assignment is False and config.soft_assignment_margin == SoftAssignmentRule.margin
-    assert MoCEConfig.for_variant("moce", num_clusters=3, experts_per_group=4, soft_assignment=True,
-                                  soft_assignment_margin=0.3).soft_assignment_rule.margin == 0.3
+    assert MoCEConfig.for_variant("moce", layout, num_clusters=3).soft_assignment_rule.margin == 0.3
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [

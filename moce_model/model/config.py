@@ -6,6 +6,7 @@ The variant's meaning comes from `moce_model.variants`; the config answers the q
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -25,19 +26,37 @@ from moce_model.variants import (
 SOFT_ASSIGNMENT_KEYS: tuple[str, ...] = ("soft_assignment", "soft_assignment_margin", "soft_assignment_temperature")
 
 
-__all__ = [
-    "IGNORE_INDEX",
-    "TOKEN_ROUTERS",
-    "VARIANTS",
-    "VARIANT_SEMANTICS",
-    "GroupChoice",
-    "MoCEConfig",
-    "SoftAssignmentRule",
-    "VariantSemantics",
-    "check_clusters_match_groups",
-    "cluster_routed_variants",
-    "variant_semantics",
-]
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """An experiment's expert layout under the names it keeps from the experiment file (`experts:`) down to the
+    experts layer; `MoCEConfig.for_variant` turns it into one variant's config."""
+
+    experts_per_group: int = 4
+    router_top_k: int = 2
+    adapter_dim: int = 16
+    # Experts of the single routed group (`pesc`). None: the clustering's k x experts_per_group, so that pesc has
+    # as many experts as moce has in all its groups (the paper's budget-matched comparison).
+    single_group_experts: int | None = None
+    token_router: str = "linear"
+    adapter_dropout: float = 0.0
+    soft_assignment: SoftAssignmentRule | None = None
+
+    def single_group_size(self, num_clusters: int | None) -> int:
+        if self.single_group_experts is not None:
+            return self.single_group_experts
+        if num_clusters is None:
+            raise ValueError("single_group_experts is null (k x experts_per_group, budget-matched): the single-group "
+                             "variant needs the clustering's k")
+        return num_clusters * self.experts_per_group
+
+    def needs_num_clusters(self, variant: str) -> bool:
+        """Whether `variant`'s model depends on k under this layout (a budget-matched single group does)."""
+        semantics = variant_semantics(variant)
+        matched_single_group = (semantics.group_choice is GroupChoice.SINGLE and semantics.token_routing
+                                and self.single_group_experts is None)
+        return semantics.needs_num_clusters or matched_single_group
 
 
 class MoCEConfig(PreTrainedConfig):
@@ -142,37 +161,30 @@ class MoCEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     @classmethod
-    def for_variant(
-        cls,
-        variant: str,
-        *,
-        num_clusters: int | None,
-        experts_per_group: int,
-        single_group_experts: int | None = None,
-        embedder: dict | None = None,
-        **layout,
-    ) -> MoCEConfig:
-        """The config of `variant` in an experiment whose clustering has `num_clusters` clusters (None where the
-        variant does not depend on k). A single routed group (`pesc`) holds `single_group_experts` experts when
-        given, so that the baseline can match the grouped model's expert count; the embedder reference is kept
-        only by variants that route by cluster (the others never embed a prompt), and a `token_router` only by
-        variants that route tokens (so one experiment-wide setting serves the variants without a router too).
-        Likewise the soft-assignment settings are kept only by the variants that route by cluster: the others
-        have no clusters to mix, and are built without them."""
+    def for_variant(cls, variant: str, layout: ExpertLayout, *, num_clusters: int | None,
+                    embedder: dict | None = None) -> MoCEConfig:
+        """The config of `variant` with the experiment's expert `layout`, in an experiment whose clustering has
+        `num_clusters` clusters (None where nothing depends on k). The one place a layout is normalised per
+        variant: a single routed group (`pesc`) holds `layout.single_group_experts(num_clusters)` experts; the
+        embedder reference and the soft-assignment settings are kept only by variants that route by cluster (the
+        others never embed a prompt), and a `token_router` only by variants that route tokens."""
         semantics = variant_semantics(variant)
-        if semantics.group_choice is GroupChoice.SINGLE and single_group_experts is not None:
-            experts_per_group = single_group_experts
-        if not semantics.token_routing:
-            layout.pop("token_router", None)
-        if not semantics.needs_centroids:
-            for key in SOFT_ASSIGNMENT_KEYS:
-                layout.pop(key, None)
+        experts = layout.experts_per_group
+        if semantics.group_choice is GroupChoice.SINGLE and semantics.token_routing:
+            experts = layout.single_group_size(num_clusters)
+        values = {"router_top_k": min(layout.router_top_k, experts), "adapter_dim": layout.adapter_dim,
+                  "adapter_dropout": layout.adapter_dropout}
+        if semantics.token_routing:
+            values["token_router"] = layout.token_router
+        if semantics.needs_centroids and layout.soft_assignment is not None:
+            values.update(soft_assignment=True, soft_assignment_margin=layout.soft_assignment.margin,
+                          soft_assignment_temperature=layout.soft_assignment.temperature)
         return cls(
             variant=variant,
             num_clusters=num_clusters if semantics.needs_num_clusters else None,
-            experts_per_group=experts_per_group,
+            experts_per_group=experts,
             embedder=dict(embedder) if embedder is not None and semantics.needs_centroids else None,
-            **layout,
+            **values,
         )
 
     @property

@@ -32,6 +32,7 @@ from moce_model.common.field_values import conformed
 from moce_model.evaluation.compare import REFERENCES
 from moce_model.model.config import MoCEConfig
 from moce_model.variants import BASE, TOKEN_ROUTERS, variant_semantics
+from moce_model.model.config import ExpertLayout
 
 BASE_LAYOUT = BASE
 # The evaluation-only conditions (`study.conditions` registers one per name).
@@ -208,18 +209,11 @@ class StudyLayout:
         if self.variant is None:
             raise ValueError("the base model has no MoCE config")
         experts = self.experts_per_group or 1
-        single_group_experts = num_clusters * experts if self.pesc_matched_groups else None
-        largest_group = single_group_experts or experts
-        return MoCEConfig.for_variant(
-            self.variant,
-            num_clusters=num_clusters,
-            experts_per_group=experts,
-            single_group_experts=single_group_experts,
-            router_top_k=min(config.router_top_k, largest_group),
-            adapter_dim=config.adapter_dim,
-            token_router=self.token_router,
-            embedder=embedder,
+        layout = ExpertLayout(
+            experts_per_group=experts, router_top_k=config.router_top_k, adapter_dim=config.adapter_dim,
+            single_group_experts=None if self.pesc_matched_groups else experts, token_router=self.token_router,
         )
+        return MoCEConfig.for_variant(self.variant, layout, num_clusters=num_clusters, embedder=embedder)
 
 
 def study_layouts(config: StudyConfig) -> list[StudyLayout]:
