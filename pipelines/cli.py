@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,11 @@ examples:
   moce generate "What is 17 * 6?"           answer with the trained `moce` model, routed by cluster
   moce eval                                 evaluate the trained models on the demo benchmarks
   moce ui                                   the Dagster UI on http://127.0.0.1:3000
+  moce doctor                               check the experiment's Dagster instance, repair what it can
+
+One experiment, one writer: run, set-k, sweep, study, ui and doctor hold the experiment's lock
+(<storage_root>/.moce.lock) while they run; a second one waits for the first, saying which process and command
+holds it, or with --no-wait exits with status 75 at once.
 
 Artifacts go to the experiment's storage_root (.moce_data/<experiment> by default); Dagster's run history
 goes to <storage_root>/dagster_home unless DAGSTER_HOME is set.
@@ -48,22 +54,6 @@ def _select_experiment(name: str | None) -> Experiment:
     return experiment
 
 
-def experiment_instance(experiment: Experiment):
-    """The experiment's persistent Dagster instance: one per experiment, so that one experiment's history
-    never makes another's assets look fresh. DAGSTER_HOME, when set, wins."""
-    import dagster as dg
-
-    from pipelines.instance import fail_runs_of_dead_processes, write_instance_config
-
-    home = Path(os.environ.get("DAGSTER_HOME") or experiment.storage_root / "dagster_home")
-    os.environ["DAGSTER_HOME"] = str(home)
-    write_instance_config(home)
-    instance = dg.DagsterInstance.get()
-    for run_id in fail_runs_of_dead_processes(instance):
-        print(f"run {run_id} was left STARTED by a process that is gone (killed?): marked failed")
-    return instance
-
-
 def _definitions(experiment: Experiment):
     from pipelines.definitions import build_definitions
 
@@ -73,6 +63,7 @@ def _definitions(experiment: Experiment):
 def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
     import dagster as dg
 
+    from pipelines.instance import experiment_instance
     from pipelines.runner import materialize_unsynced
 
     defs = _definitions(experiment)
@@ -110,6 +101,8 @@ def _evaluates(defs, selection) -> bool:
 def cmd_set_k(args: argparse.Namespace, experiment: Experiment) -> int:
     import dagster as dg
 
+    from pipelines.instance import experiment_instance
+
     if args.k < 2:
         raise SystemExit(f"moce set-k: k={args.k}: need at least 2 clusters")
     instance = experiment_instance(experiment)
@@ -128,6 +121,7 @@ def cmd_set_k(args: argparse.Namespace, experiment: Experiment) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, experiment: Experiment) -> int:
+    from pipelines.instance import experiment_instance
     from pipelines.sweep import run_sweep
 
     try:
@@ -145,6 +139,7 @@ def cmd_sweep(args: argparse.Namespace, experiment: Experiment) -> int:
 
 def cmd_study(args: argparse.Namespace, experiment: Experiment) -> int:
     from pipelines import study
+    from pipelines.instance import experiment_instance
 
     experiment_instance(experiment)  # the experiment's DAGSTER_HOME, which the study's workers inherit
     return study.main([*(["--runs", args.runs] if args.runs else []), "--workers", str(args.workers),
@@ -193,14 +188,48 @@ def cmd_eval(args: argparse.Namespace, experiment: Experiment) -> int:
 
 def cmd_ui(args: argparse.Namespace, experiment: Experiment) -> int:
     from moce_model.experiment import REPO_ROOT
+    from pipelines.instance import experiment_instance, held_lock_descriptors
 
     experiment_instance(experiment)
     os.chdir(REPO_ROOT)
     command = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port), "-w", "workspace.yaml"]
     print(f"experiment={experiment.name} DAGSTER_HOME={os.environ['DAGSTER_HOME']}: {' '.join(command[2:])}")
     sys.stdout.flush()
+    # `dagster dev` launches runs on this instance: it keeps the experiment's lock (the same open file) until it ends.
+    for descriptor in held_lock_descriptors():
+        os.set_inheritable(descriptor, True)
     os.execv(sys.executable, command)
     return 0  # not reached
+
+
+def cmd_doctor(args: argparse.Namespace, experiment: Experiment) -> int:
+    from pipelines.instance import InstanceDamaged, experiment_instance, repair_alembic_versions
+
+    home = Path(os.environ.get("DAGSTER_HOME") or experiment.storage_root / "dagster_home")
+    if not home.is_dir():
+        print(f"experiment={experiment.name}: no Dagster instance yet at {home}: nothing to check")
+        return 0
+    print(f"experiment={experiment.name} DAGSTER_HOME={home}")
+    try:
+        found = repair_alembic_versions(home, dry_run=args.dry_run)
+    except InstanceDamaged as error:
+        print(f"moce doctor: {error}", file=sys.stderr)
+        return 1
+    for line in found:
+        print(f"  {line}")
+    if not found:
+        print("  every SQLite storage has one alembic_version row")
+    if args.dry_run:
+        return 1 if found else 0
+    try:
+        instance = experiment_instance(experiment)
+        runs = instance.get_runs_count()
+        instance.all_instigator_state()  # reads the schedule storage, where the duplicate rows were seen
+    except Exception as error:  # whatever stops the instance from opening is the finding
+        print(f"moce doctor: the instance still does not open: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    print(f"the instance opens: {runs} runs in its history")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,11 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--experiment", "-e", metavar="NAME|PATH",
                         help="experiment name in configs/experiments/ or path of an experiment file "
                              "(default: $MOCE_EXPERIMENT, else demo)")
+    writer = argparse.ArgumentParser(add_help=False, parents=[common])
+    writer.add_argument("--no-wait", action="store_true",
+                        help="when another command holds the experiment, exit at once (status 75) instead of waiting")
+    writer.set_defaults(writes=True)
     parser = argparse.ArgumentParser(prog="moce", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", parents=[common], help="materialize what is missing or stale",
+    run = commands.add_parser("run", parents=[writer], help="materialize what is missing or stale",
                               description="Materialize every asset of the experiment that is missing or stale (new "
                                           "code, new inputs), and everything downstream of it. Nothing changed: "
                                           "nothing runs.")
@@ -222,13 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print what would run and why, run nothing")
     run.set_defaults(handler=cmd_run)
 
-    set_k = commands.add_parser("set-k", parents=[common], help="choose the number of clusters k",
+    set_k = commands.add_parser("set-k", parents=[writer], help="choose the number of clusters k",
                                 description="Materialize selected_k with this k instead of the elbow's knee; then "
                                             "`moce run` re-runs exactly what depends on k.")
     set_k.add_argument("k", type=int, help="number of clusters (= expert groups), at least 2")
     set_k.set_defaults(handler=cmd_set_k)
 
-    sweep = commands.add_parser("sweep", parents=[common], help="train and evaluate `moce` at several k",
+    sweep = commands.add_parser("sweep", parents=[writer], help="train and evaluate `moce` at several k",
                                 description="For each k, one run of the k_sweep job (a partition of its assets): "
                                             "fit the centroids, train `moce`, merge it and check the merged model "
                                             "against the unmerged one, evaluate. Then one table with every "
@@ -240,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-steps", type=int, default=None, help="training steps per k (default: the experiment's)")
     sweep.set_defaults(handler=cmd_sweep)
 
-    study = commands.add_parser("study", parents=[common], help="the paper's comparison in miniature, over seeds",
+    study = commands.add_parser("study", parents=[writer], help="the paper's comparison in miniature, over seeds",
                                 description="Train and evaluate base, dense_adapter, pesc, moce (2 and 4 experts per "
                                             "group), random_group, cluster_only, and moce and pesc with the AC "
                                             "router over 3 seeds on the experiment's data with a held-out split; "
@@ -275,16 +308,31 @@ def build_parser() -> argparse.ArgumentParser:
                           help="after --: options of python -m moce_model.evaluation, e.g. -- --threads 1")
     evaluate.set_defaults(handler=cmd_eval)
 
-    ui = commands.add_parser("ui", parents=[common], help="open the Dagster UI (dagster dev)",
+    ui = commands.add_parser("ui", parents=[writer], help="open the Dagster UI (dagster dev)",
                              description="Start `dagster dev` on the experiment's instance: the asset graph, "
                                          "lineage, plots and metadata of everything `moce run` materialized.")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(handler=cmd_ui)
+
+    doctor = commands.add_parser("doctor", parents=[writer], help="check and repair the experiment's Dagster instance",
+                                 description="Find what keeps the experiment's Dagster instance from opening and "
+                                             "repair it without losing its run history: a SQLite storage with "
+                                             "several alembic_version rows (\"more than one head present\", left "
+                                             "by two commands that created the instance at once) keeps the one of "
+                                             "the newest migration. Then opens the instance.")
+    doctor.add_argument("--dry-run", action="store_true",
+                        help="say what is wrong, change nothing (status 1 when something is)")
+    doctor.set_defaults(handler=cmd_doctor)
     return parser
 
 
+# sysexits.h EX_TEMPFAIL: the experiment is busy, try again later.
+EXIT_BUSY = 75
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "evaluation_args", None) and args.evaluation_args[0] == "--":
         args.evaluation_args = args.evaluation_args[1:]
@@ -292,12 +340,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         experiment = _select_experiment(args.experiment)
-        if args.command in ("sweep", "study", "eval"):  # each evaluates on evaluation.device
-            experiment.check_devices()
-        return args.handler(args, experiment)
     except ExperimentError as err:
         print(f"moce {args.command}: {err}", file=sys.stderr)
         return 2
+    from pipelines.instance import ExperimentBusy, InstanceDamaged, experiment_lock
+
+    try:
+        if args.command in ("sweep", "study", "eval"):  # each evaluates on evaluation.device
+            experiment.check_devices()
+        if not getattr(args, "writes", False):
+            return args.handler(args, experiment)
+        with experiment_lock(experiment.storage_root, shlex.join(["moce", *argv]), wait=not args.no_wait):
+            return args.handler(args, experiment)
+    except ExperimentError as err:
+        print(f"moce {args.command}: {err}", file=sys.stderr)
+        return 2
+    except ExperimentBusy as busy:
+        print(busy, file=sys.stderr)
+        return EXIT_BUSY
+    except InstanceDamaged as damage:
+        print(f"moce {args.command}: {damage}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ A second run with nothing changed finds every asset fresh (same code and data ve
 change of k re-runs exactly the assets downstream of it, as "Materialize unsynced" does in the UI.
 
 Freshness is read from what Dagster records on every materialization (its documented provenance tags: the
-code version, the data version, and the data version of each input), through public APIs only.
+code version, the data version, and the data version of each input), through public APIs only. A source's files
+are not Dagster's to watch: the data version of `raw/<source>` includes their content (assets/data.py), and a
+`raw/<source>` whose source has another data version now than it recorded is stale, so an edited file re-runs it
+and, through its new data version, everything downstream.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TextIO
 import dagster as dg
 
 from assets.common import CODE_VERSION_TAG, DATA_VERSION_TAG, INPUT_DATA_VERSION_TAG
+from assets.data import current_source_data_version
 
 
 def _latest_tags(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict[str, str] | None:
@@ -27,8 +31,9 @@ def _latest_tags(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict[str, st
 
 
 def stale_reasons(defs: dg.Definitions, instance: dg.DagsterInstance, keys) -> dict[dg.AssetKey, str]:
-    """Why each of `keys` is not fresh: never materialized, a new code version, or an input whose data
-    version differs from the one it was last materialized with (or that it never read). Fresh keys are left out.
+    """Why each of `keys` is not fresh: never materialized, a new code version, source files whose content
+    changed since they were read, or an input whose data version differs from the one it was last materialized
+    with (or that it never read). Fresh keys are left out.
 
     Dagster calls only these assets stale; their descendants are not stale *yet* (see `unsynced_asset_keys`).
     """
@@ -48,6 +53,10 @@ def stale_reasons(defs: dg.Definitions, instance: dg.DagsterInstance, keys) -> d
             continue
         if spec.code_version is not None and recorded.get(CODE_VERSION_TAG) != spec.code_version:
             reasons[key] = f"code version {recorded.get(CODE_VERSION_TAG)} -> {spec.code_version}"
+            continue
+        source = current_source_data_version(spec)
+        if source is not None and recorded.get(DATA_VERSION_TAG) != source[0]:
+            reasons[key] = f"source data changed since it was read ({', '.join(source[1]) or 'its spec'})"
             continue
         for dep in sorted(spec.deps, key=lambda dep: dep.asset_key.to_user_string()):
             name = dep.asset_key.to_user_string()

@@ -15,16 +15,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from assets.study import CONDITIONS_KEY, RUNS_KEY, conditions_to_score
 from moce_model.common.processes import terminable_children
+from pipelines.instance import experiment_instance, experiment_lock, held_lock_descriptors
+
+if TYPE_CHECKING:
+    from moce_model.experiment import Experiment
 
 
 def partition_steps(wanted: list[str], runs_done: set[str], conditions_done: set[str], rerun: bool,
@@ -53,11 +59,12 @@ def run_in_processes(keys: list[str], workers: int, command: Callable[[str], lis
     process failed or was killed. One process per run, not one per worker: a worker process that ran 11 runs
     in turn grew to 13 GiB and was killed by the kernel (2-core, 24 GB machine); a run's process gives all its
     memory back when it ends. The processes inherit the environment, so the experiment (MOCE_EXPERIMENT) and
-    its Dagster instance (DAGSTER_HOME) are the parent's."""
+    its Dagster instance (DAGSTER_HOME) are the parent's, and the experiment's lock, which they write under."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def succeeded(key: str) -> bool:
-        return subprocess.run(command(key), env=environment, check=False).returncode == 0
+        return subprocess.run(command(key), env=environment, check=False,
+                              pass_fds=held_lock_descriptors()).returncode == 0
 
     with terminable_children(), ThreadPoolExecutor(max_workers=workers) as pool:
         outcomes = list(pool.map(succeeded, keys))
@@ -65,10 +72,7 @@ def run_in_processes(keys: list[str], workers: int, command: Callable[[str], lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.definitions import defs
     from moce_model.experiment import load_experiment
-    from pipelines.cli import experiment_instance
-    from pipelines.runner import unsynced_asset_keys
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", default="", help="comma-separated run keys (default: every run of the study)")
@@ -79,8 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="processes running partitions side by side")
     parser.add_argument("--skip-inputs", action="store_true", help=argparse.SUPPRESS)  # a worker: the parent did them
     args = parser.parse_args(argv)
-
     experiment = load_experiment()
+    command = shlex.join(["python", "-m", "pipelines.study", *(sys.argv[1:] if argv is None else argv)])
+    with experiment_lock(experiment.storage_root, command):
+        return _study(args, experiment)
+
+
+def _study(args: argparse.Namespace, experiment: Experiment) -> int:
+    from pipelines.definitions import defs
+    from pipelines.runner import unsynced_asset_keys
+
     instance = experiment_instance(experiment)
     graph = defs.resolve_asset_graph()
     all_runs = list(graph.get(RUNS_KEY).partitions_def.get_partition_keys())
