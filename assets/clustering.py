@@ -8,8 +8,15 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import MAIN, RERUN_WHEN_UPSTREAM_CHANGES, Branch, artifact_metadata, artifact_ref, md_table
+from assets.common import (
+    MAIN,
+    RERUN_WHEN_UPSTREAM_CHANGES,
+    Branch,
+    artifact_metadata,
+    md_table,
+)
 from moce_model.experiment import MIN_ROWS_PER_CLUSTER, Experiment
+from resources.refs import CentroidsRef, EmbeddingsRef
 from resources.storage import ArtifactStorage
 
 CLUSTERING_CODE_VERSION = "1"
@@ -17,10 +24,15 @@ TINY_CLUSTER_SHARE = 0.01
 
 
 def centroids_output(ids, vectors: np.ndarray, k: int, embedder: dict, out_dir: Path, *, seed: int,
-                     iterations: int, restarts: int, previous=None) -> dg.Output[dict]:
+                     iterations: int, restarts: int, previous=None) -> dg.Output[CentroidsRef]:
     """Fit spherical k-means centroids at k (or, given the `previous` ClusterState, add the rows it has not
     counted), save them and their cluster state in `out_dir`; the reference and metadata of a centroids asset."""
-    from moce_model.clustering.kmeans import ClusterState, fit_kmeans, save_centroids, update_centroids
+    from moce_model.clustering.kmeans import (
+        ClusterState,
+        fit_kmeans,
+        save_centroids,
+        update_centroids,
+    )
 
     started = time.perf_counter()
     if previous is not None:
@@ -38,8 +50,8 @@ def centroids_output(ids, vectors: np.ndarray, k: int, embedder: dict, out_dir: 
     drift_table = pl.DataFrame({"cluster": list(range(k)), "new_rows": new_rows.tolist(),
                                 "members": state.counts.tolist(), "drift": drift.tolist()})
     return dg.Output(
-        artifact_ref(out_dir, k=k, dimension=int(centroids.shape[1]), embedder=embedder,
-                     mode=mode, drift=[float(d) for d in drift]),
+        CentroidsRef(path=str(out_dir), k=k, dimension=int(centroids.shape[1]), embedder=embedder, mode=mode,
+                     drift=tuple(float(d) for d in drift)),
         metadata={
             **artifact_metadata(out_dir),
             "k": k,
@@ -76,15 +88,20 @@ def build_assignment_assets(branch: Branch = MAIN) -> list:
     )
     def cluster_assignments(
         context: dg.AssetExecutionContext,
-        kmeans_centroids: dict,
-        instruction_embeddings: dict,
+        kmeans_centroids: CentroidsRef,
+        instruction_embeddings: EmbeddingsRef,
         instructions: pl.LazyFrame,
     ) -> dg.Output[pl.DataFrame]:
-        from moce_model.clustering.kmeans import assign, cluster_purity, load_centroids, read_embeddings
+        from moce_model.clustering.kmeans import (
+            assign,
+            cluster_purity,
+            load_centroids,
+            read_embeddings,
+        )
         from moce_model.common.plots import cluster_projection_plot, png_markdown
 
-        ids, vectors = read_embeddings(instruction_embeddings["path"])
-        centroids, _ = load_centroids(kmeans_centroids["path"])
+        ids, vectors = read_embeddings(instruction_embeddings.path)
+        centroids, _ = load_centroids(kmeans_centroids.path)
         labels, distances = assign(vectors, centroids)
         assignments = pl.DataFrame(
             {"id": list(ids), "cluster": labels.astype(np.int64), "distance": distances.astype(np.float32)}
@@ -97,7 +114,7 @@ def build_assignment_assets(branch: Branch = MAIN) -> list:
         )
         sizes = described.group_by("cluster").len().sort("cluster")
         metadata: dict = {
-            "k": kmeans_centroids["k"],
+            "k": kmeans_centroids.k,
             "cluster_sizes": dg.MetadataValue.md(md_table(sizes)),
             "purity_vs_source": float(cluster_purity(labels, described["source"].to_numpy())),
         }
@@ -113,7 +130,7 @@ def build_assignment_assets(branch: Branch = MAIN) -> list:
         examples = described.sort("distance").group_by("cluster", maintain_order=True).head(5).select(
             "cluster", "source", "instruction"
         ).sort("cluster", maintain_order=True)
-        metadata["examples"] = dg.MetadataValue.md(md_table(examples, max_rows=5 * kmeans_centroids["k"]))
+        metadata["examples"] = dg.MetadataValue.md(md_table(examples, max_rows=5 * kmeans_centroids.k))
         # Colour the second panel by domain where the source declares one (the demo mix has a single source).
         truth = described.select(pl.coalesce("domain", "source"))["domain"].to_list()
         png = cluster_projection_plot(vectors, labels, truth, seed=0)
@@ -128,12 +145,12 @@ def build_assignment_assets(branch: Branch = MAIN) -> list:
         description="Every instruction has a cluster; warns about a collapsed or tiny cluster with its size.",
     )
     def every_instruction_clustered_and_no_tiny_cluster(
-        cluster_assignments: pl.DataFrame, instructions: pl.LazyFrame, kmeans_centroids: dict
+        cluster_assignments: pl.DataFrame, instructions: pl.LazyFrame, kmeans_centroids: CentroidsRef
     ) -> dg.AssetCheckResult:
         expected = instructions.select("id").collect()["id"]
         missing = int((~expected.is_in(cluster_assignments["id"].implode())).sum())
         sizes = dict(cluster_assignments.group_by("cluster").len().iter_rows())
-        k = int(kmeans_centroids["k"])
+        k = int(kmeans_centroids.k)
         # A cluster of one instruction is tiny however few rows there are: its expert group learns one example.
         threshold = max(MIN_ROWS_PER_CLUSTER, int(TINY_CLUSTER_SHARE * cluster_assignments.height))
         small = {int(c): int(sizes.get(c, 0)) for c in range(k) if sizes.get(c, 0) < threshold}
@@ -193,12 +210,12 @@ def build_clustering_assets(experiment: Experiment) -> list:
         description="Spherical k-means inertia and silhouette for each k of the range, on a sample.",
     )
     def elbow_curve(
-        context: dg.AssetExecutionContext, config: ElbowConfig, instruction_embeddings: dict
+        context: dg.AssetExecutionContext, config: ElbowConfig, instruction_embeddings: EmbeddingsRef
     ) -> dg.Output[pl.DataFrame]:
         from moce_model.clustering.kmeans import elbow_sweep, find_knee, read_embeddings
         from moce_model.common.plots import elbow_plot, png_markdown
 
-        _, vectors = read_embeddings(instruction_embeddings["path"])
+        _, vectors = read_embeddings(instruction_embeddings.path)
         # The rows are known only now: a k range they cannot bear fails, or warns, naming the key.
         ks, warnings = experiment.elbow_ks(len(vectors), config.k_min, config.k_max)
         for warning in warnings:
@@ -237,7 +254,7 @@ def build_clustering_assets(experiment: Experiment) -> list:
         ),
     )
     def selected_k(
-        context: dg.AssetExecutionContext, config: SelectedKConfig, elbow_curve: pl.DataFrame, instruction_embeddings: dict
+        context: dg.AssetExecutionContext, config: SelectedKConfig, elbow_curve: pl.DataFrame, instruction_embeddings: EmbeddingsRef
     ) -> dg.Output[int]:
         from moce_model.clustering.kmeans import find_knee
 
@@ -247,7 +264,7 @@ def build_clustering_assets(experiment: Experiment) -> list:
         k = config.k if config.k is not None else knee
         from_file = config.k is not None and config.k == settings.k
         where = f"{experiment.source_file}: clustering.k" if from_file else "selected_k"
-        check_k(k, int(instruction_embeddings["rows"]), where)
+        check_k(k, int(instruction_embeddings.rows), where)
         context.log.info(f"selected k={k} ({'override' if config.k is not None else reason})")
         return dg.Output(
             int(k),
@@ -267,18 +284,22 @@ def build_clustering_assets(experiment: Experiment) -> list:
         context: dg.AssetExecutionContext,
         config: KMeansConfig,
         selected_k: int,
-        instruction_embeddings: dict,
+        instruction_embeddings: EmbeddingsRef,
         storage: ArtifactStorage,
-    ) -> dg.Output[dict]:
-        from moce_model.clustering.kmeans import ClusterState, load_centroids, read_embeddings
+    ) -> dg.Output[CentroidsRef]:
+        from moce_model.clustering.kmeans import (
+            ClusterState,
+            load_centroids,
+            read_embeddings,
+        )
 
-        ids, vectors = read_embeddings(instruction_embeddings["path"])
-        embedder = instruction_embeddings["embedder"]
+        ids, vectors = read_embeddings(instruction_embeddings.path)
+        embedder = instruction_embeddings.embedder
         out_dir = storage.path_for(context.asset_key) / f"k{selected_k}"
         previous = None
         if config.incremental and (out_dir / "cluster_state.npz").is_file():
             _, meta = load_centroids(out_dir)
-            if meta.get("embedder") == embedder:
+            if meta["embedder"] == embedder:
                 previous = ClusterState.load(out_dir)
             else:
                 context.log.warning(f"incremental: the last centroids at k={selected_k} were fit on embeddings of "
@@ -291,7 +312,7 @@ def build_clustering_assets(experiment: Experiment) -> list:
         description="Warns when an incremental update moved a centroid by more than `drift_warning` (cosine "
                     "distance): the clusters the experts were trained on have shifted; consider a refit and retraining.",
     )
-    def centroid_drift_below_threshold(config: DriftCheckConfig, kmeans_centroids: dict) -> dg.AssetCheckResult:
+    def centroid_drift_below_threshold(config: DriftCheckConfig, kmeans_centroids: CentroidsRef) -> dg.AssetCheckResult:
         drift = [float(d) for d in kmeans_centroids.get("drift", [])]
         drifted = {cluster: round(d, 4) for cluster, d in enumerate(drift) if d > config.drift_warning}
         return dg.AssetCheckResult(

@@ -51,11 +51,6 @@ def md_table(frame: pl.DataFrame, max_rows: int = 50, float_digits: int = 4) -> 
     return "\n".join([header, rule, *rows])
 
 
-def artifact_ref(path: Path, **extra: Any) -> dict[str, Any]:
-    """What an artifact asset returns: where its directory is, plus small facts downstream assets need."""
-    return {"path": str(path), **extra}
-
-
 def artifact_metadata(path: Path) -> dict[str, Any]:
     return {"dagster/uri": dg.MetadataValue.path(str(path))}
 

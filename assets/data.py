@@ -10,8 +10,8 @@ import dagster as dg
 import polars as pl
 
 from assets.common import md_table
-from moce_model.experiment import Experiment
 from moce_model.data.sources import SourceSpec
+from moce_model.experiment import Experiment
 
 DATA_CODE_VERSION = "2"
 

@@ -9,8 +9,9 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import HEAVY_STEP_TAG, artifact_metadata, artifact_ref
+from assets.common import HEAVY_STEP_TAG, artifact_metadata
 from resources.embedder import EmbedderResource
+from resources.refs import EmbeddingsRef
 from resources.storage import ArtifactStorage
 
 EMBEDDING_CODE_VERSION = "1"
@@ -40,7 +41,7 @@ def instruction_embeddings(
     instructions: pl.LazyFrame,
     embedder: EmbedderResource,
     storage: ArtifactStorage,
-) -> dg.Output[dict]:
+) -> dg.Output[EmbeddingsRef]:
     from moce_model.clustering.embedding import embed_to_parquet_shards, routing_texts
 
     rows = instructions.select("id", "system", "instruction", "input").collect()
@@ -63,7 +64,7 @@ def instruction_embeddings(
         model.close()
     seconds = time.perf_counter() - started
     return dg.Output(
-        artifact_ref(out_dir, rows=frame.height, dimension=model.dimension, embedder=spec),
+        EmbeddingsRef(path=str(out_dir), rows=frame.height, dimension=model.dimension, embedder=spec),
         metadata={
             **artifact_metadata(out_dir),
             "rows": frame.height,
@@ -85,13 +86,13 @@ def instruction_embeddings(
     blocking=True,
 )
 def embeddings_are_unit_norm_and_complete(
-    instruction_embeddings: dict, instructions: pl.LazyFrame
+    instruction_embeddings: EmbeddingsRef, instructions: pl.LazyFrame
 ) -> dg.AssetCheckResult:
-    from moce_model.clustering.kmeans import read_embeddings
     from moce_model.clustering.embedding import UNIT_NORM_TOLERANCE
+    from moce_model.clustering.kmeans import read_embeddings
 
     # The check reports bad values itself, so it reads them without the loader's own value check.
-    ids, vectors = read_embeddings(instruction_embeddings["path"], check_values=False)
+    ids, vectors = read_embeddings(instruction_embeddings.path, check_values=False)
     norms = np.linalg.norm(vectors, axis=1)
     finite = bool(np.isfinite(vectors).all())
     off_norm = int(np.sum(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE))

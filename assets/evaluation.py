@@ -1,6 +1,7 @@
 """merged_model/<variant> (and base_model) → benchmark_results/<model> + benchmark_item_scores/<model> →
 benchmark_report. `build_results_asset` also evaluates a branch's models (the k sweep's)."""
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -13,11 +14,11 @@ from assets.common import (
     RERUN_WHEN_UPSTREAM_CHANGES,
     Branch,
     artifact_metadata,
-    artifact_ref,
     md_table,
 )
-from moce_model.variants import variant_semantics
 from moce_model.experiment import Experiment
+from moce_model.variants import variant_semantics
+from resources.refs import ArtifactRef, ReportRef
 from resources.storage import ArtifactStorage
 
 EVALUATION_CODE_VERSION = "3"
@@ -39,8 +40,12 @@ def _embeds_prompts(model_name: str) -> bool:
 def expert_use_metadata(model_name: str, expert_use: pl.DataFrame) -> dict:
     """Row count, the share per benchmark, group and expert pooled over layers (with its range over layers),
     and the layer-by-expert heatmap, for a model whose groups have several experts."""
-    from moce_model.evaluation.analyses import expert_use_heatmap, expert_use_summary, routed_expert_use
     from moce_model.common.plots import png_markdown
+    from moce_model.evaluation.analyses import (
+        expert_use_heatmap,
+        expert_use_summary,
+        routed_expert_use,
+    )
 
     metadata: dict = {"rows": expert_use.height}
     if expert_use.height == 0:
@@ -56,8 +61,8 @@ def expert_use_metadata(model_name: str, expert_use: pl.DataFrame) -> dict:
 
 def prompt_map_metadata(prompt_embeddings: pl.DataFrame) -> dict:
     """Prompt count and the PCA map of the evaluated prompts, by cluster and by benchmark."""
-    from moce_model.evaluation.analyses import prompt_map
     from moce_model.common.plots import png_markdown
+    from moce_model.evaluation.analyses import prompt_map
 
     png, mapped = prompt_map(prompt_embeddings)
     metadata: dict = {"prompts": mapped}
@@ -117,14 +122,14 @@ def build_results_asset(experiment: Experiment, model_name: str, branch: Branch 
         op_tags=HEAVY_STEP_TAG,
     )
     def evaluate(context: dg.AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage,
-                 model: dict):
-        from moce_model.evaluation.runner import evaluate_model
+                 model: ArtifactRef):
         from moce_model.common.io import atomic_write_parquet
+        from moce_model.evaluation.runner import evaluate_model
 
         experiment.check_devices()
         started = time.perf_counter()
         result = evaluate_model(
-            Path(model["path"]),
+            Path(model.path),
             model_variant=model_name,
             benchmarks=experiment.benchmark_specs(),
             limit_per_benchmark=config.limit_per_benchmark,
@@ -142,14 +147,14 @@ def build_results_asset(experiment: Experiment, model_name: str, branch: Branch 
             output_name="results",
             metadata={
                 "model_variant": model_name,
-                "model_dir": dg.MetadataValue.path(model["path"]),
+                "model_dir": dg.MetadataValue.path(model.path),
                 "evaluated_with": dg.MetadataValue.json(experiment.evaluation_settings()),
-                "k": model.get("k"),
+                "k": getattr(model, "k", None),  # a merged model's k; the base model has none
                 "scores": dg.MetadataValue.md(md_table(result.table.drop("ci_method"))),
                 "items": dg.MetadataValue.path(str(items_path)),
                 "subsets": dg.MetadataValue.json(result.notes),
                 "lineage": dg.MetadataValue.json(
-                    {key: model.get(key) for key in ("path", "variant", "k", "adapters", "centroids", "embedder")}
+                    dataclasses.asdict(model)
                 ),
                 "seconds": round(time.perf_counter() - started, 1),
             },
@@ -198,9 +203,13 @@ def build_evaluation_assets(experiment: Experiment) -> list:
         ),
     )
     def benchmark_report(context: dg.AssetExecutionContext, **inputs: pl.DataFrame):
-        from moce_model.evaluation.report import build_report
-        from moce_model.common.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
+        from moce_model.common.io import (
+            atomic_write_bytes,
+            atomic_write_parquet,
+            atomic_write_text,
+        )
         from moce_model.common.plots import png_markdown
+        from moce_model.evaluation.report import build_report
 
         report = build_report([inputs[name] for name in model_names],
                               [inputs[f"{name}_item_scores"] for name in model_names],
@@ -248,6 +257,6 @@ def build_evaluation_assets(experiment: Experiment) -> list:
         for variant, png in report.expert_use_pngs.items():
             atomic_write_bytes(png, out_dir / f"expert_use_{variant}.png")
             metadata[f"expert_use_{variant}"] = dg.MetadataValue.md(png_markdown(png, f"expert use of {variant}"))
-        return dg.Output(artifact_ref(out_dir, report=str(out_dir / "benchmark_report.md")), metadata=metadata)
+        return dg.Output(ReportRef(path=str(out_dir), report=str(out_dir / "benchmark_report.md")), metadata=metadata)
 
     return [*result_assets, benchmark_report]

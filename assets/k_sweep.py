@@ -13,11 +13,17 @@ once; `k_sweep/comparison` puts whichever k are materialized side by side.
 import dagster as dg
 import polars as pl
 
-from assets.clustering import CLUSTERING_CODE_VERSION, build_assignment_assets, centroids_output, check_k
+from assets.clustering import (
+    CLUSTERING_CODE_VERSION,
+    build_assignment_assets,
+    centroids_output,
+    check_k,
+)
 from assets.common import Branch, artifact_dir
 from assets.evaluation import EVALUATION_CODE_VERSION, build_results_asset
 from assets.training import build_training_assets
 from moce_model.experiment import Experiment
+from resources.refs import CentroidsRef, EmbeddingsRef
 from resources.storage import ArtifactStorage
 
 K_SWEEP_GROUP = "k_sweep"
@@ -50,14 +56,14 @@ def build_k_sweep_assets(experiment: Experiment) -> list:
         description="Spherical k-means centroids at the partition's k on all embeddings (as kmeans_centroids).",
     )
     def sweep_centroids(
-        context: dg.AssetExecutionContext, instruction_embeddings: dict, storage: ArtifactStorage
-    ) -> dg.Output[dict]:
+        context: dg.AssetExecutionContext, instruction_embeddings: EmbeddingsRef, storage: ArtifactStorage
+    ) -> dg.Output[CentroidsRef]:
         from moce_model.clustering.kmeans import read_embeddings
 
         k = partition_k(context.partition_key)
-        ids, vectors = read_embeddings(instruction_embeddings["path"])
+        ids, vectors = read_embeddings(instruction_embeddings.path)
         check_k(k, len(vectors), f"k sweep partition {context.partition_key!r}")
-        return centroids_output(ids, vectors, k, instruction_embeddings["embedder"], artifact_dir(storage, context),
+        return centroids_output(ids, vectors, k, instruction_embeddings.embedder, artifact_dir(storage, context),
                                 seed=experiment.seed, iterations=settings.iterations, restarts=settings.restarts)
 
     @dg.asset(

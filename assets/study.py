@@ -10,17 +10,29 @@ runs and conditions are materialized over seeds and items.
 
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
-from assets.common import DATA_VERSION_TAG, INPUT_DATA_VERSION_TAG, artifact_metadata, artifact_ref, md_table
-from assets.training import merge_variant, train_variant
-from moce_model.study.config import StudyConfig, parse_run_key, run_keys, study_layouts
+from assets.common import (
+    DATA_VERSION_TAG,
+    INPUT_DATA_VERSION_TAG,
+    artifact_metadata,
+    md_table,
+)
+from assets.steps import train_variant
 from moce_model.experiment import Experiment
+from moce_model.study.config import StudyConfig, parse_run_key, run_keys, study_layouts
+from moce_model.study.run import (
+    StudyRunInputs,
+    TrainedAdapters,
+    TrainRequest,
+    rescore_run_conditions,
+    run_study_layout,
+)
+from resources.refs import BaseModelRef, CentroidsRef, EmbeddingsRef, HeldoutSplitRef
 from resources.storage import ArtifactStorage
 from resources.trainer import TrainerResource
 
@@ -28,11 +40,6 @@ STUDY_CODE_VERSION = "1"
 STUDY_GROUP = "study"
 RUNS_KEY = dg.AssetKey("study_runs")
 CONDITIONS_KEY = dg.AssetKey("study_conditions")
-
-
-def heldout_benchmarks(study_heldout_split: dict) -> dict[str, str]:
-    """Benchmark name -> Parquet file of each source's held-out rows, as study_runs evaluates them."""
-    return {f"heldout_{source}": path for source, path in sorted(study_heldout_split["heldout_files"].items())}
 
 
 def partition_dir(storage: ArtifactStorage, key: dg.AssetKey, partition: str) -> Path:
@@ -93,7 +100,7 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
     )
     def study_heldout_split(
         context: dg.AssetExecutionContext, storage: ArtifactStorage, instructions: pl.DataFrame
-    ) -> dg.Output[dict]:
+    ) -> dg.Output[HeldoutSplitRef]:
         from moce_model.common.io import atomic_write_parquet
         from moce_model.study.config import heldout_split
 
@@ -108,7 +115,7 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
                                  Path(files[source]))
         counts = split.group_by("source", "heldout").len().sort("source", "heldout")
         return dg.Output(
-            artifact_ref(out_dir, heldout_files=files),
+            HeldoutSplitRef(path=str(out_dir), heldout_files=files),
             metadata={**artifact_metadata(out_dir), "rows_per_source": dg.MetadataValue.md(md_table(counts)),
                       "heldout_rows": int(split["heldout"].sum()), "training_rows": int((~split["heldout"]).sum())},
         )
@@ -136,112 +143,42 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         context: dg.AssetExecutionContext,
         trainer: TrainerResource,
         storage: ArtifactStorage,
-        base_model: dict,
+        base_model: BaseModelRef,
         instructions: pl.DataFrame,
-        study_heldout_split: dict,
-        kmeans_centroids: dict,
+        study_heldout_split: HeldoutSplitRef,
+        kmeans_centroids: CentroidsRef,
         cluster_assignments: pl.DataFrame,
     ) -> dg.MaterializeResult:
-        from moce_model.evaluation.benchmarks import BenchmarkSpec
-        from moce_model.evaluation.runner import default_gsm8k_path, evaluate_model
-        from moce_model.common.io import atomic_write_parquet, atomic_write_text
-        from moce_model.merging import compare_merged_to_unmerged
-        from moce_model.study.config import trainable_parameters
-
         experiment.check_devices()  # before training: the run evaluates on evaluation.device at its end
+        _, seed = parse_run_key(config, context.partition_key)
+        heldout_ids = pl.read_parquet(Path(study_heldout_split.path) / "split.parquet").filter("heldout")["id"]
 
-        layout, seed = parse_run_key(config, context.partition_key)
-        run_dir = partition_dir(storage, RUNS_KEY, context.partition_key)
-        num_clusters = int(kmeans_centroids["k"])
-        base_config = json.loads((Path(base_model["path"]) / "config.json").read_text())
-        training_config = preset.with_overrides(config.training_overrides(seed if seed is not None else 0))
-        timings: dict[str, float] = {}
-        # CPU seconds of this process as well as wall seconds: on a shared machine the wall time says more about
-        # the other jobs than about the run; one-thread CPU time is what the run costs an idle core.
-        cpu_started = time.process_time()
-        metadata: dict = {"layout": layout.name, "seed": seed, "k": num_clusters}
-
-        moce_config = None
-        model_dir = Path(base_model["path"])
-        if layout.trained:
-            moce_config = layout.moce_config(config, num_clusters, kmeans_centroids["embedder"])
-            heldout_ids = pl.read_parquet(Path(study_heldout_split["path"]) / "split.parquet").filter("heldout")["id"]
-            rows = instructions.filter(~pl.col("id").is_in(heldout_ids.implode())).select(
-                "id", "system", "instruction", "input", "response")
-            # A seeded sample: seeds differ in the rows they see (and in their order and initialisation).
-            if config.train_rows < rows.height:
-                rows = rows.sample(n=config.train_rows, seed=seed, shuffle=True)
-            centroids_ref = kmeans_centroids if moce_config.needs_centroids else None
-            started = time.perf_counter()
-            adapters_ref, train_metadata = train_variant(
-                context, trainer, experiment, layout.variant,
-                base_model_dir=base_model["path"],
-                rows=rows,
-                num_clusters=num_clusters if moce_config.needs_num_clusters else None,
-                cluster_ids=(dict(cluster_assignments.select("id", "cluster").iter_rows())
-                             if centroids_ref else None),
-                centroids_ref=centroids_ref,
-                training_config=training_config,
-                run_dir=run_dir / "training",
-                moce_config=moce_config,
+        def train(request: TrainRequest) -> TrainedAdapters:
+            centroids_ref = kmeans_centroids if request.centroids_path else None
+            ref, facts = train_variant(
+                context, trainer, experiment, request.variant, base_model_dir=base_model.path,
+                rows=request.rows, num_clusters=request.num_clusters, cluster_ids=request.cluster_ids,
+                centroids_ref=centroids_ref, training_config=request.training_config, run_dir=request.run_dir,
+                moce_config=request.moce_config,
             )
-            timings["train_seconds"] = time.perf_counter() - started
-            started = time.perf_counter()
-            model_dir = merge_variant(adapters_ref, base_model["path"], centroids_ref, run_dir / "merged")
-            check = compare_merged_to_unmerged(model_dir, adapters_ref["path"], base_model["path"])
-            timings["merge_seconds"] = time.perf_counter() - started
-            if not check.passed:
-                raise ValueError(f"{context.partition_key}: the merged model does not reproduce the unmerged model: "
-                                 f"{check.describe()}")
-            metadata.update({
-                "merge_check_max_abs_logit_diff": check.max_abs_diff, "merge_check_tolerance": check.tolerance,
-                "merge_check": check.describe(),
-                "train_rows": rows.height, "optimizer_steps": train_metadata["optimizer_steps"],
-                "final_loss": train_metadata["final_loss"], "loss_curve": train_metadata["loss_curve"],
-                "tokens_per_second": train_metadata["tokens_per_second"],
-            })
+            return TrainedAdapters(Path(ref.path), facts)
 
-        benchmarks = [BenchmarkSpec(name=name, kind="instruction_rows", path=path)
-                      for name, path in heldout_benchmarks(study_heldout_split).items()]
-        gsm8k_path = default_gsm8k_path()
-        if config.gsm8k_items and gsm8k_path is not None:
-            benchmarks.append(BenchmarkSpec(name="gsm8k_test", kind="gsm8k", path=str(gsm8k_path),
-                                            n_items=config.gsm8k_items, max_new_tokens=config.gsm8k_max_new_tokens))
-        started = time.perf_counter()
-        result = evaluate_model(model_dir, model_variant=layout.name, benchmarks=benchmarks,
-                                seed=seed if seed is not None else 0, **experiment.evaluation_settings())
-        timings["evaluation_seconds"] = time.perf_counter() - started
-        timings["cpu_seconds"] = time.process_time() - cpu_started
-        if layout.trained and not config.keep_merged_models:
-            import shutil
-
-            shutil.rmtree(model_dir)
-
-        total, active = trainable_parameters(moce_config, base_config, training_config.lora_r,
-                                             training_config.lora_targets)
-        scores = result.item_scores.select(
-            pl.lit(layout.name).alias("layout"), pl.lit(seed if seed is not None else 0, pl.Int64).alias("seed"),
-            "benchmark", "metric", "item_id", "score")
-        atomic_write_parquet(scores, run_dir / "item_scores.parquet")
-        run_record = {
-            "layout": layout.name, "variant": layout.variant, "seed": seed, "k": num_clusters,
-            "groups": moce_config.num_groups if moce_config else None,
-            "experts_per_group": moce_config.experts_per_group if moce_config else None,
-            "router_top_k": moce_config.router_top_k if moce_config else None,
-            "total_trainable": total, "active_trainable": active, "note": layout.note,
-            "gsm8k_file": str(gsm8k_path) if gsm8k_path else None,
-            **{name: round(value, 1) for name, value in timings.items()},
-        }
-        atomic_write_text(json.dumps(run_record, indent=2), run_dir / "run.json")
-        if gsm8k_path is None and config.gsm8k_items:
+        result = run_study_layout(StudyRunInputs(
+            config=config, run_key=context.partition_key, base_model_dir=Path(base_model.path),
+            instructions=instructions, heldout_ids=heldout_ids, heldout_files=study_heldout_split.heldout_files,
+            k=int(kmeans_centroids.k), centroids_path=kmeans_centroids.path,
+            embedder=kmeans_centroids.embedder,
+            cluster_ids=dict(cluster_assignments.select("id", "cluster").iter_rows()),
+            training_config=preset.with_overrides(config.training_overrides(seed if seed is not None else 0)),
+            evaluation_settings=experiment.evaluation_settings(),
+            run_dir=partition_dir(storage, RUNS_KEY, context.partition_key),
+        ), train)
+        if result.gsm8k_missing:
             context.log.warning("no GSM8K test file found (MOCE_GSM8K_PATH / MOCE_REALMIX_DIR): GSM8K left out")
         return dg.MaterializeResult(metadata={
-            **metadata,
-            **artifact_metadata(run_dir),
-            **{name: round(value, 1) for name, value in timings.items()},
-            "total_trainable_parameters": total,
-            "active_trainable_parameters": active,
-            "scores": dg.MetadataValue.md(md_table(result.table.drop("ci_method", "model_variant"))),
+            **{name: value for name, value in result.facts.items() if value is not None},
+            **artifact_metadata(partition_dir(storage, RUNS_KEY, context.partition_key)),
+            "scores": dg.MetadataValue.md(md_table(result.scores_table)),
         })
 
     @dg.asset(
@@ -268,86 +205,29 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
     def study_conditions(
         context: dg.AssetExecutionContext,
         storage: ArtifactStorage,
-        base_model: dict,
-        study_heldout_split: dict,
-        kmeans_centroids: dict,
-        instruction_embeddings: dict,
+        base_model: BaseModelRef,
+        study_heldout_split: HeldoutSplitRef,
+        kmeans_centroids: CentroidsRef,
+        instruction_embeddings: EmbeddingsRef,
     ) -> dg.MaterializeResult:
-        import shutil
-
-        from moce_model.common.io import atomic_write_parquet, atomic_write_text
-        from moce_model.study.conditions import ConditionInputs, score_conditions
-        from moce_model.training import ARTIFACT_DIRNAME
-
         experiment.check_devices()
         key = context.partition_key
-        layout, seed = parse_run_key(config, key)
         check_run_inputs_current(context.instance, key, ["base_model", "kmeans_centroids"])
-        run_dir, out_dir = partition_dir(storage, RUNS_KEY, key), partition_dir(storage, CONDITIONS_KEY, key)
-        clean_scores = pl.read_parquet(run_dir / "item_scores.parquet")
-        heldout = {name: pl.read_parquet(path) for name, path in heldout_benchmarks(study_heldout_split).items()}
-        adapter_dir = run_dir / "training" / ARTIFACT_DIRNAME
-        moce_config = None
-        if layout.trained:
-            from moce_model.model.config import MoCEConfig
-
-            if not (adapter_dir / "config.json").is_file():
-                raise FileNotFoundError(f"study_runs {key} kept no adapters at {adapter_dir}: materialize it again")
-            moce_config = MoCEConfig.from_pretrained(adapter_dir)
-        routed = {}
-        if moce_config is not None and moce_config.needs_centroids:
-            from moce_model.clustering.kmeans import load_centroids, read_embeddings
-            from moce_model.clustering.embedding import load_embedder
-
-            routed = {"centroids": load_centroids(kmeans_centroids["path"])[0],
-                      "encoder": load_embedder(kmeans_centroids["embedder"]),
-                      "embeddings": read_embeddings(instruction_embeddings["path"])}
-        inputs = ConditionInputs(layout.name, config, heldout, clean_scores, moce_config, **routed)
-        merged_dir = run_dir / "merged"  # kept by study_runs with keep_merged_models
-        rebuilt: list[Path] = []
-        timings: dict[str, float] = {}
-
-        def model_dir() -> Path:
-            if not layout.trained:
-                return Path(base_model["path"])
-            if merged_dir.is_dir():
-                return merged_dir
-            started = time.perf_counter()
-            # The same merge as study_runs, whose merge check passed on these adapters; not checked again.
-            path = merge_variant({"path": str(adapter_dir)}, base_model["path"],
-                                 kmeans_centroids if moce_config.needs_centroids else None, out_dir / "merged")
-            timings["merge_seconds"] = time.perf_counter() - started
-            rebuilt.append(path)
-            return path
-
-        cpu_started = time.process_time()
-        try:
-            results = score_conditions(config.conditions, inputs, model_dir, seed if seed is not None else 0,
-                                       out_dir, **experiment.evaluation_settings())
-        finally:
-            for path in rebuilt:
-                shutil.rmtree(path, ignore_errors=True)
-        timings.update({f"{name}_seconds": value for name, value in results.seconds.items()})
-        timings["cpu_seconds"] = time.process_time() - cpu_started
-        atomic_write_parquet(results.scores, out_dir / "condition_scores.parquet")
-        for stale in out_dir.glob("details_*.parquet"):  # of conditions no longer applied; the table reads these
-            stale.unlink()
-        for name, details in results.details.items():
-            atomic_write_parquet(details, out_dir / f"details_{name}.parquet")
-        record = {"layout": layout.name, "seed": seed, "conditions": list(results.seconds),
-                  "conditions_considered": list(config.conditions),
-                  **{name: round(value, 1) for name, value in timings.items()}}
-        atomic_write_text(json.dumps(record, indent=2), out_dir / "conditions.json")
-        means = results.scores.group_by("layout", "benchmark", "metric").agg(
-            pl.len().alias("n_items"), pl.col("score").mean().alias("mean")).sort("layout", "benchmark")
+        out_dir = partition_dir(storage, CONDITIONS_KEY, key)
+        result = rescore_run_conditions(
+            config, key, partition_dir(storage, RUNS_KEY, key), out_dir, base_model_dir=Path(base_model.path),
+            heldout_files=study_heldout_split.heldout_files, centroids_path=kmeans_centroids.path,
+            embedder=kmeans_centroids.embedder, embeddings_path=instruction_embeddings.path,
+            evaluation_settings=experiment.evaluation_settings(),
+        )
         return dg.MaterializeResult(metadata={
             **artifact_metadata(out_dir),
-            "layout": layout.name, "seed": seed,
-            "conditions_applied": dg.MetadataValue.json(list(results.seconds)),
+            "layout": result.record["layout"], "seed": result.record["seed"],
+            "conditions_applied": dg.MetadataValue.json(result.record["conditions"]),
             "conditions_considered": dg.MetadataValue.json(list(config.conditions)),
-            **{name: round(value, 1) for name, value in timings.items()},
-            "scores": dg.MetadataValue.md(md_table(means)),
-            **{f"details_{name}": dg.MetadataValue.md(md_table(details)) for name, details in results.details.items()},
+            **result.timings,
+            "scores": dg.MetadataValue.md(md_table(result.means)),
+            **{f"details_{name}": dg.MetadataValue.md(md_table(details)) for name, details in result.details.items()},
         })
 
     @dg.asset(
@@ -364,11 +244,15 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         ),
     )
     def study_table(context: dg.AssetExecutionContext, storage: ArtifactStorage) -> dg.MaterializeResult:
-        from moce_model.common.io import atomic_write_bytes, atomic_write_parquet, atomic_write_text
+        from moce_model.common.io import (
+            atomic_write_bytes,
+            atomic_write_parquet,
+            atomic_write_text,
+        )
         from moce_model.common.plots import png_markdown
-        from moce_model.study.table import build_study_table
-        from moce_model.study.config import counterparts
         from moce_model.study.conditions import study_condition
+        from moce_model.study.config import counterparts
+        from moce_model.study.table import build_study_table
 
         done = context.instance.get_materialized_partitions(RUNS_KEY)
         keys = run_keys(config)

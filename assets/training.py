@@ -4,21 +4,27 @@ Each variant depends only on what it uses: `pesc` and `dense_adapter` never read
 of k does not re-train them; `random_group` needs k (its number of groups) but not the centroids.
 """
 
-import json
 import time
-from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import polars as pl
 
-from assets.common import MAIN, HEAVY_STEP_TAG, Branch, artifact_dir, artifact_metadata, artifact_ref, md_table
-from moce_model.variants import variant_semantics
+from assets.common import (
+    HEAVY_STEP_TAG,
+    MAIN,
+    Branch,
+    artifact_dir,
+    artifact_metadata,
+    md_table,
+)
+from assets.steps import train_variant
 from moce_model.experiment import Experiment
+from moce_model.merging import merge_trained
+from moce_model.variants import variant_semantics
 from resources.model_source import BaseModelSource
+from resources.refs import AdaptersRef, BaseModelRef, MergedModelRef
 from resources.storage import ArtifactStorage
 from resources.trainer import TrainerResource
-from moce_model.model.config import MoCEConfig
 
 TRAINING_CODE_VERSION = "1"
 SAMPLE_PROMPTS = [
@@ -37,127 +43,18 @@ SAMPLE_PROMPTS = [
 )
 def base_model(
     context: dg.AssetExecutionContext, model_source: BaseModelSource, storage: ArtifactStorage
-) -> dg.Output[dict]:
+) -> dg.Output[BaseModelRef]:
     out_dir = storage.path_for(context.asset_key)
     started = time.perf_counter()
     path = model_source.materialize(out_dir)
     return dg.Output(
-        artifact_ref(path, name=model_source.describe()),
+        BaseModelRef(path=str(path), name=model_source.describe()),
         metadata={
             **artifact_metadata(path),
             "model": model_source.describe(),
             "seconds": round(time.perf_counter() - started, 1),
             "size_mb": round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 1),
         },
-    )
-
-
-def _moce_config(experiment: Experiment, variant: str, num_clusters: int | None, embedder: dict | None) -> MoCEConfig:
-    return MoCEConfig.for_variant(variant, experiment.experts.layout(), num_clusters=num_clusters, embedder=embedder)
-
-
-def train_variant(
-    context: dg.AssetExecutionContext,
-    trainer: TrainerResource,
-    experiment: Experiment,
-    variant: str,
-    *,
-    base_model_dir: str,
-    rows: pl.DataFrame,
-    num_clusters: int | None,
-    cluster_ids: dict[str, int] | None,
-    centroids_ref: dict | None,
-    training_config,
-    run_dir: Path,
-    moce_config=None,
-) -> tuple[dict, dict]:
-    """Train one variant; returns (artifact reference, materialization metadata). `num_clusters` is the
-    clustering's k (None for the variants that do not depend on it), recorded as `k` in metadata and refs.
-    `moce_config`: the model's layout when it is not the profile's (the study's experts-per-group sweep)."""
-    from moce_model.training.expert_use import expert_use_heatmap_png
-    from moce_model.common.plots import loss_curve_plot, png_markdown
-    from moce_model.training import training_progress
-
-    if moce_config is None:
-        moce_config = _moce_config(experiment, variant, num_clusters,
-                                   centroids_ref["embedder"] if centroids_ref else None)
-    last_logged = [0.0]
-    started = time.perf_counter()
-
-    def on_log(logs: dict) -> None:
-        now = time.perf_counter()
-        if now - last_logged[0] > 15:
-            last_logged[0] = now
-            context.log.info(f"{variant}: {training_progress(logs, now - started)}")
-
-    result = trainer.train(
-        context,
-        base_model_dir=base_model_dir,
-        train_rows=rows,
-        cluster_ids=cluster_ids,
-        num_clusters=num_clusters if centroids_ref else None,
-        moce_config=moce_config,
-        training_config=training_config,
-        output_dir=run_dir,
-        on_log=on_log,
-    )
-    losses = pl.DataFrame(result["loss_history"], schema=["step", "loss"], orient="row")
-    metadata = {
-        **artifact_metadata(Path(result["artifact_dir"])),
-        "variant": variant,
-        "k": num_clusters,
-        "optimizer_steps": result["global_step"],
-        "processes": result.get("world_size", 1),
-        "resumed_from_step": result["resumed_from_step"],
-        "examples": result["n_examples"],
-        "tokens_per_second": round(result["tokens_per_second"], 1),
-        "train_seconds": round(result["train_seconds"], 1),
-        "peak_memory_mb": round(result["peak_memory_mb"], 1),
-        "trainable_parameters": result["trainable_parameters"],
-        "final_loss": float(losses["loss"][-1]) if losses.height else None,
-        "loss_curve": dg.MetadataValue.md(png_markdown(loss_curve_plot(losses), f"{variant} loss")),
-        "lineage": dg.MetadataValue.json(
-            {
-                "base_model": base_model_dir,
-                "embedder": centroids_ref["embedder"] if centroids_ref else None,
-                "k": num_clusters,
-                "centroids": centroids_ref["path"] if centroids_ref else None,
-            }
-        ),
-    }
-    if result.get("expert_use") is not None:
-        use = np.asarray(result["expert_use"], dtype=np.float64)
-        metadata["expert_use"] = dg.MetadataValue.md(
-            png_markdown(expert_use_heatmap_png(use, title=f"{variant}: expert use per group"), "expert use")
-        )
-        metadata["dead_groups"] = int(np.sum(use.sum(axis=1) == 0))
-    ref = artifact_ref(
-        result["artifact_dir"],
-        variant=variant,
-        k=num_clusters,
-        moce_config=moce_config.to_dict(),
-        centroids=centroids_ref["path"] if centroids_ref else None,
-        embedder=centroids_ref["embedder"] if centroids_ref else None,
-    )
-    return ref, metadata
-
-
-def merge_variant(adapters_ref: dict, base_model_dir: str, centroids_ref: dict | None, out_dir: Path) -> Path:
-    from moce_model.clustering.kmeans import load_centroids
-    from moce_model.model.adapters import load_trained
-    from moce_model.merging import merge_to_directory
-
-    from moce_model.model.adapters import TRAINING_RECORD_FILE
-
-    centroids = load_centroids(centroids_ref["path"])[0] if centroids_ref else None
-    record_path = Path(adapters_ref["path"]) / TRAINING_RECORD_FILE
-    return merge_to_directory(
-        load_trained(adapters_ref["path"], base_model_dir, dequantize=True),
-        out_dir,
-        centroids=centroids,
-        embedder=centroids_ref["embedder"] if centroids_ref else None,
-        tokenizer_dir=base_model_dir,
-        training_record=json.loads(record_path.read_text()) if record_path.is_file() else None,
     )
 
 
@@ -210,12 +107,12 @@ def build_training_assets(experiment: Experiment, branch: Branch = MAIN, variant
             trainer: TrainerResource,
             storage: ArtifactStorage,
             **inputs,
-        ) -> dg.Output[dict]:
+        ) -> dg.Output[AdaptersRef]:
             rows = inputs["instructions"].select("id", "system", "instruction", "input", "response")
             if config.train_rows is not None and config.train_rows < rows.height:
                 rows = rows.sample(n=config.train_rows, seed=config.seed, shuffle=True)
             centroids_ref = inputs.get("kmeans_centroids")
-            num_clusters = centroids_ref["k"] if centroids_ref else inputs.get("selected_k")
+            num_clusters = centroids_ref.k if centroids_ref else inputs.get("selected_k")
             cluster_ids = (
                 dict(inputs["cluster_assignments"].select("id", "cluster").iter_rows())
                 if "cluster_assignments" in inputs
@@ -227,7 +124,7 @@ def build_training_assets(experiment: Experiment, branch: Branch = MAIN, variant
                 trainer,
                 experiment,
                 variant,
-                base_model_dir=inputs["base_model"]["path"],
+                base_model_dir=inputs["base_model"].path,
                 rows=rows,
                 num_clusters=num_clusters,
                 cluster_ids=cluster_ids,
@@ -260,12 +157,14 @@ def build_training_assets(experiment: Experiment, branch: Branch = MAIN, variant
                 "the embedder reference: loads with AutoModelForCausalLM.from_pretrained and routes by itself."
             ),
         )
-        def merged_model(context: dg.AssetExecutionContext, storage: ArtifactStorage, **inputs) -> dg.Output[dict]:
-            path = merge_variant(
-                inputs["adapters"],
-                inputs["base_model"]["path"],
-                inputs.get("kmeans_centroids"),
+        def merged_model(context: dg.AssetExecutionContext, storage: ArtifactStorage, **inputs) -> dg.Output[MergedModelRef]:
+            centroids_ref = inputs.get("kmeans_centroids")
+            path = merge_trained(
+                inputs["adapters"].path,
+                inputs["base_model"].path,
                 artifact_dir(storage, context),
+                centroids_path=centroids_ref.path if centroids_ref else None,
+                embedder=centroids_ref.embedder if centroids_ref else None,
             )
             from moce_model.generate import generate
 
@@ -278,18 +177,18 @@ def build_training_assets(experiment: Experiment, branch: Branch = MAIN, variant
                 }
             )
             return dg.Output(
-                artifact_ref(
-                    path,
+                MergedModelRef(
+                    path=str(path),
                     variant=variant,
-                    k=inputs["adapters"].get("k"),
-                    adapters=inputs["adapters"]["path"],
-                    centroids=inputs["adapters"].get("centroids"),
-                    embedder=inputs["adapters"].get("embedder"),
+                    k=inputs["adapters"].k,
+                    adapters=inputs["adapters"].path,
+                    centroids=inputs["adapters"].centroids,
+                    embedder=inputs["adapters"].embedder,
                 ),
                 metadata={
                     **artifact_metadata(path),
                     "variant": variant,
-                    "k": inputs["adapters"].get("k"),
+                    "k": inputs["adapters"].k,
                     "size_mb": round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 1),
                     "sample_generations": dg.MetadataValue.md(md_table(sample_table)),
                 },
@@ -304,17 +203,17 @@ def build_training_assets(experiment: Experiment, branch: Branch = MAIN, variant
             description="The merged model gives the unmerged (LoRA + experts) model's logits on a probe batch.",
             blocking=True,
         )
-        def merged_equals_unmerged(merged_model: dict, adapters: dict, base_model: dict) -> dg.AssetCheckResult:
+        def merged_equals_unmerged(merged_model: MergedModelRef, adapters: AdaptersRef, base_model: BaseModelRef) -> dg.AssetCheckResult:
             from moce_model.merging import compare_merged_to_unmerged
 
-            check = compare_merged_to_unmerged(merged_model["path"], adapters["path"], base_model["path"])
+            check = compare_merged_to_unmerged(merged_model.path, adapters.path, base_model.path)
             return dg.AssetCheckResult(
                 passed=check.passed,
                 description=check.describe(),
                 # Which model the result is about: its directory and k (the main graph changes k over time).
                 metadata={"max_abs_logit_diff": check.max_abs_diff, "tolerance": check.tolerance,
                           "sequences_set_aside_at_near_ties": len(check.near_ties),
-                          "k": merged_model.get("k"), "merged_model": dg.MetadataValue.path(merged_model["path"])},
+                          "k": merged_model.k, "merged_model": dg.MetadataValue.path(merged_model.path)},
             )
 
         return [merged_model, merged_equals_unmerged]

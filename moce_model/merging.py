@@ -20,13 +20,19 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from moce_model.clustering.kmeans import load_centroids
 from moce_model.clustering.router import (
     CENTROIDS_FILE,
     EMBEDDER_FILE,
     validate_centroids,
 )
 from moce_model.common.io import atomic_dir
-from moce_model.model.adapters import load_trained, moce_model_of, trained_with_qlora
+from moce_model.model.adapters import (
+    TRAINING_RECORD_FILE,
+    load_trained,
+    moce_model_of,
+    trained_with_qlora,
+)
 from moce_model.model.config import MoCEConfig
 from moce_model.model.experts import AdapterExperts
 from moce_model.model.modeling import MoCEForCausalLM
@@ -286,4 +292,21 @@ def compare_merged_to_unmerged(
         max_abs_diff=max_abs_diff, tolerance=tolerance, sequences=input_ids.shape[0],
         near_ties=tuple(d for d in found if d.gap < near_tie_gap),
         not_near_ties=tuple(d for d in found if d.gap >= near_tie_gap), near_tie_gap=near_tie_gap,
+    )
+
+
+def merge_trained(adapters_dir: str | Path, base_model_dir: str | Path, out_dir: str | Path,
+                  centroids_path: str | Path | None = None, embedder: dict | None = None) -> Path:
+    """Merge a trained artifact (`moce_adapters`) into a self-routing model directory: LoRA folded into the base
+    (dequantised where it was trained with QLoRA), the centroids and embedder reference for cluster routing, the
+    base model's tokenizer and the training record."""
+    centroids = load_centroids(centroids_path)[0] if centroids_path is not None else None
+    record_path = Path(adapters_dir) / TRAINING_RECORD_FILE
+    return merge_to_directory(
+        load_trained(adapters_dir, base_model_dir, dequantize=True),
+        out_dir,
+        centroids=centroids,
+        embedder=embedder,
+        tokenizer_dir=base_model_dir,
+        training_record=json.loads(record_path.read_text()) if record_path.is_file() else None,
     )

@@ -18,6 +18,7 @@ import polars as pl
 from dagster_polars import PolarsParquetIOManager
 
 from moce_model.common.io import atomic_path, atomic_write_text
+from resources.refs import REF_TYPE_KEY, ArtifactRef, ref_from_json, ref_to_json
 from resources.run_process import record_run_process
 
 
@@ -88,6 +89,8 @@ class JsonIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
+        if isinstance(obj, ArtifactRef):
+            obj = ref_to_json(obj)
         atomic_write_text(json.dumps(obj, indent=2, sort_keys=True), self._path(context))
 
     def load_input(self, context: dg.InputContext) -> Any:
@@ -98,9 +101,12 @@ class JsonIOManager(dg.ConfigurableIOManager):
                 f"{path} does not exist: materialize {context.asset_key.to_user_string()}{partition} first"
             )
         try:
-            return json.loads(path.read_text())
+            stored = json.loads(path.read_text())
         except (ValueError, OSError) as error:
             raise _unreadable(context, path, error) from error
+        if isinstance(stored, dict) and REF_TYPE_KEY in stored:
+            return ref_from_json(stored, str(path))
+        return stored
 
 
 class ArtifactStorage(dg.ConfigurableResource):
