@@ -128,6 +128,7 @@ class MoCELM(BatchedScoring, RequestRouting, HFLM):
         self.tasks: dict[str, Any] = {}
         self.include_path = include_path
         self._task_manager: Any = None
+        self._task_index_cache: dict[str, Any] = {}
         # Context rendered by `render_prompt` -> its item's routing text.
         self._routing_text: dict[str, str] = {}
         self._cluster_of_text: dict[str, int] = {}

@@ -106,20 +106,34 @@ class RequestRouting:
     def _task(self, name: str) -> Any:
         if name not in self.tasks:
             # lm-eval's own CLI hands the model neither its tasks nor its task index: load the task by name once,
-            # from the index of the run (the model argument include_path, or `use_task_manager`).
-            task_manager = self._task_manager
-            if task_manager is None:
-                from lm_eval.tasks import TaskManager
-
-                task_manager = self._task_manager = TaskManager(include_path=self.include_path)
-            if name not in task_manager.all_tasks:
-                where = (f"lm-eval's registry nor the include path {self.include_path}" if self.include_path
-                         else "lm-eval's registry (a task of lm-eval's --include_path needs the model argument "
-                              "include_path=DIR as well)")
-                raise KeyError(f"lm-eval task {name!r} is neither in the evaluated tasks (MoCELM.use_tasks) nor in "
-                               + where)
-            self.tasks[name] = task_manager.load([name])["tasks"][name]
+            # from the index of the run (`use_task_manager`), else from the include path (the model argument
+            # include_path), else from lm-eval's registry.
+            for task_manager in self._task_indexes():
+                if name in task_manager.all_tasks:
+                    self.tasks[name] = task_manager.load([name])["tasks"][name]
+                    return self.tasks[name]
+            where = (f"the include path {self.include_path} nor lm-eval's registry" if self.include_path
+                     else "lm-eval's registry (a task of lm-eval's --include_path needs the model argument "
+                          "include_path=DIR as well)")
+            raise KeyError(f"lm-eval task {name!r} is neither in the evaluated tasks (MoCELM.use_tasks) nor in " + where)
         return self.tasks[name]
+
+    def _task_indexes(self) -> Iterator[Any]:
+        """The task indexes to look a task up in, each built once when first needed (lm-eval's registry index
+        reads thousands of YAML files: it is built only for a task the include path lacks)."""
+        if self._task_manager is not None:
+            yield self._task_manager
+            return
+        from lm_eval.tasks import TaskManager
+
+        if self.include_path is not None:
+            if "include_path" not in self._task_index_cache:
+                self._task_index_cache["include_path"] = TaskManager(include_path=self.include_path,
+                                                                     include_defaults=False)
+            yield self._task_index_cache["include_path"]
+        if "registry" not in self._task_index_cache:
+            self._task_index_cache["registry"] = TaskManager()
+        yield self._task_index_cache["registry"]
 
     def routing_text_of(self, request: Instance) -> str:
         """What the router embeds for an lm-eval request (see the module docstring)."""
