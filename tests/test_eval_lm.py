@@ -132,10 +132,17 @@ def test_random_group_scores_each_request_with_the_hash_of_its_context():
     assert len(set(expected)) > 1
     seen = []
     original = lm.model.forward
-    lm.model.forward = lambda *args, **kwargs: seen.append(kwargs["group_ids"].tolist()) or original(*args, **kwargs)
+    lm.model.forward = lambda *args, **kwargs: seen.append(
+        (args[0].tolist(), kwargs["group_ids"].tolist())) or original(*args, **kwargs)
     scored = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
-    assert all(len(set(groups)) == 1 for groups in seen), "a batch must not mix groups"
     lm.model.forward = original
+    # a batch mixes groups, and each row gets the group of its own context
+    assert any(len(set(groups)) > 1 for _, groups in seen)
+    contexts = [lm.tok_encode(context) for context, _ in pairs]
+    for rows, groups in seen:
+        for row, group in zip(rows, groups):
+            (owner,) = [i for i, tokens in enumerate(contexts) if row[:len(tokens)] == tokens]
+            assert group == expected[owner]
     for (context, continuation), group, (logprob, _) in zip(pairs, expected, scored):
         whole = lm.tok_encode(context + continuation)
         n_context = len(lm.tok_encode(context))

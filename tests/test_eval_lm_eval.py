@@ -265,3 +265,38 @@ def test_a_task_folder_stands_in_for_lm_eval_s_own_tasks(tmp_path: Path):
     with pytest.raises(ValueError, match="lm-eval task folder not found"):
         run_lm_eval(None, [BenchmarkSpec(name="g", kind="lm_eval", lm_eval_task="gsm8k",
                                          lm_eval_tasks_dir=str(tmp_path / "absent"))], limit=None)
+
+
+def test_a_task_of_lm_evals_include_path_routes_through_the_cli_path(tmp_path: Path):
+    """lm-eval's CLI loads a user task from --include_path and hands the model neither the task nor the path: the
+    model finds the task's documents' routing through its include_path argument, and without it says so."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    tasks_dir = tmp_path / "user_tasks"
+    tasks_dir.mkdir()
+    data = tasks_dir / "items.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": PYTHON_ITEM, "choices": ["yes", "no"], "label": 0},
+        {"question": APPLES_ITEM, "choices": ["7", "8"], "label": 0},
+    ]))
+    (tasks_dir / "user_mc.yaml").write_text(
+        f"task: user_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    model_dir = save_routed_model_dir(tmp_path / "merged")
+
+    # what the CLI builds from --include_path (without lm-eval's own tasks, which this test does not need)
+    cli_tasks = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+
+    def cli_run(model_args: dict) -> dict:
+        return simple_evaluate(model="moce", model_args={"pretrained": str(model_dir), "batch_size": 4, **model_args},
+                               tasks=["user_mc"], task_manager=cli_tasks,
+                               bootstrap_iters=0, device="cpu")
+
+    with pytest.raises(KeyError, match="'user_mc'.*include_path=DIR"):
+        cli_run({})
+    results = cli_run({"include_path": str(tasks_dir)})
+    assert results["results"]["user_mc"]["acc,none"] in (0.0, 0.5, 1.0)
+    assert results["n-samples"]["user_mc"]["effective"] == 2

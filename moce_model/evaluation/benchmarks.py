@@ -321,7 +321,7 @@ def instruction_row_item_id(benchmark: str, row_id: str) -> str:
 
 def run_instruction_rows(lm: MoCELM, spec: BenchmarkSpec, limit: int | None) -> BenchmarkOutcome:
     """The held-out loss (mean per-token NLL of the reference response, end-of-turn marker included, as for the
-    synthetic domains) of each instruction row of a Parquet file; one forward pass per row."""
+    synthetic domains) of each instruction row of a Parquet file, scored in batches that mix clusters."""
     import polars as pl
 
     if spec.path is None:

@@ -80,6 +80,7 @@ def run_lm_eval(lm: MoCELM, specs: Sequence[BenchmarkSpec], limit: int | None,
         with _code_task_modules_loadable(sandboxed):
             loaded = task_manager.load(names)
         lm.use_tasks(loaded["tasks"])
+        lm.use_task_manager(task_manager)  # tasks looked up later (subtasks) come from the same index
         results = lm_eval.simple_evaluate(
             model=lm, tasks=[loaded["groups"].get(name) or loaded["tasks"][name] for name in names],
             num_fewshot=num_fewshot, limit=limit,
