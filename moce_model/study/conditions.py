@@ -52,6 +52,7 @@ from moce_model.evaluation.benchmarks import (
     blend_rows,
     instruction_row_item_id,
 )
+from moce_model.evaluation.compare import condition_label
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.metrics import (
     HELDOUT_LOSS,
@@ -68,7 +69,6 @@ from moce_model.study.config import (
     SOFT,
     STUDY_SCORES_SCHEMA,
     StudyConfig,
-    condition_label,
 )
 
 if TYPE_CHECKING:

@@ -13,10 +13,13 @@ import numpy as np
 import polars as pl
 
 from moce_model.evaluation.compare import (
+    CONDITION_MARK,
     comparisons,
+    condition_label,
     format_value,
     metric_label,
     side_name,
+    split_condition_label,
     verdict,
 )
 from moce_model.evaluation.metrics import (
@@ -29,13 +32,7 @@ from moce_model.evaluation.stats import (
     is_binary,
     wilson_interval,
 )
-from moce_model.study.config import (
-    CONDITION_MARK,
-    REFERENCE_LAYOUTS,
-    STUDY_SCORES_SCHEMA,
-    condition_label,
-    split_condition_label,
-)
+from moce_model.study.config import REFERENCE_LAYOUTS, STUDY_SCORES_SCHEMA
 
 INTERVAL_METHOD = ("two-level percentile bootstrap (seeds, then items, crossed); for 0/1 scores at least as wide as "
                    "the Wilson (mean) or Bonett–Price (paired difference) interval on the items")
