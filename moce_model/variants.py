@@ -73,13 +73,8 @@ _SEMANTICS = (
     VariantSemantics("cluster_only", GroupChoice.CLUSTER, False,
                      "the prompt's nearest k-means centroid picks the group, which holds one adapter (ablation)"),
 )
-
-
 VARIANT_SEMANTICS: dict[str, VariantSemantics] = {semantics.name: semantics for semantics in _SEMANTICS}
-
-
 VARIANTS: tuple[str, ...] = tuple(VARIANT_SEMANTICS)
-
 
 # How a group's router scores a token against the group's experts (stage 2):
 #   - `linear`: logits = x W_g^T (PESC's router);

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from moce_model.evaluation import sandbox as sandbox_module
+from moce_model.evaluation import sandbox_limits
 from moce_model.evaluation.sandbox import (
     SandboxUnavailableError,
     run_sandboxed,
@@ -51,14 +52,17 @@ os.kill(os.getpid(), 0)
 print("HOOK-OFF", flush=True)
 """
 
-# Runs one program through the sandbox module in a separate evaluator process, loaded from its file so that
-# the process starts in a fraction of a second: for escapes whose target is the evaluator itself.
+# Runs one program through the sandbox module in a separate evaluator process, loaded from its files without
+# the packages' __init__ (which load the model classes) so that the process starts in a fraction of a second:
+# for escapes whose target is the evaluator itself.
 EVALUATOR = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("moce_sandbox_under_test", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = module
-spec.loader.exec_module(module)
+import json, pathlib, sys, types
+evaluation_dir = pathlib.Path(sys.argv[1]).parent
+for name, path in (("moce_model", evaluation_dir.parent), ("moce_model.evaluation", evaluation_dir)):
+    package = types.ModuleType(name)
+    package.__path__ = [str(path)]
+    sys.modules[name] = package
+from moce_model.evaluation import sandbox as module
 result = module.run_sandboxed(sys.stdin.read(), timeout_s=5.0)
 print(json.dumps({"status": result.status, "stdout": result.stdout, "stderr": result.stderr}))
 """
@@ -735,7 +739,7 @@ def test_shared_memory_beyond_the_limits_is_refused_and_the_host_does_not_hold_i
     # Unbounded, the probe held 640 MB. What it may legitimately hold is at most the run's tmpfs (1 MB),
     # or, where the memory cgroup rather than the filter stops it, up to that cgroup's limit; the rest of
     # the allowance is for other processes on the host.
-    allowance_mb = 16 if sandbox_module._seccomp_filter() is not None or probe == "dev-shm" else 64 + 1 + 16
+    allowance_mb = 16 if sandbox_limits.seccomp_filter() is not None or probe == "dev-shm" else 64 + 1 + 16
     assert rise_mb < allowance_mb, (rise_mb, result)
 
 
@@ -781,7 +785,7 @@ assert opened == 0
     assert result.status == "passed", result
 
 
-MEMORY_CGROUP = sandbox_module._memory_cgroup_parent()
+MEMORY_CGROUP = sandbox_limits.memory_cgroup_parent()
 
 
 @needs_bwrap
@@ -825,8 +829,8 @@ def test_run_cgroups_left_by_a_killed_evaluator_are_removed_by_the_next():
     abandoned.mkdir()
     ours.mkdir()
     try:
-        sandbox_module._memory_cgroup_parent.cache_clear()
-        assert sandbox_module._memory_cgroup_parent() == MEMORY_CGROUP
+        sandbox_limits.memory_cgroup_parent.cache_clear()
+        assert sandbox_limits.memory_cgroup_parent() == MEMORY_CGROUP
         assert not abandoned.exists()
         assert ours.exists()  # a live evaluator's, perhaps about to be entered
     finally:

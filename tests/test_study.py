@@ -353,7 +353,7 @@ HELDOUT_ROWS = pl.DataFrame({
 def test_corrupted_prompts_replace_the_share_of_words_deterministically_and_leave_the_response():
     import re
 
-    from moce_model.study.conditions import WORD, noised_rows, prompt_vocabulary
+    from moce_model.study.condition_plans import WORD, noised_rows, prompt_vocabulary
 
     vocabulary = prompt_vocabulary([HELDOUT_ROWS])
     noised = noised_rows(HELDOUT_ROWS, share=0.3, seed=0, vocabulary=vocabulary)
@@ -383,7 +383,8 @@ def test_corrupted_prompts_replace_the_share_of_words_deterministically_and_leav
 
 
 def test_noised_condition_corrupts_every_held_out_benchmark_and_counts_the_words():
-    from moce_model.study.conditions import CONDITIONS, ConditionInputs
+    from moce_model.study.conditions import CONDITIONS
+    from moce_model.study.condition_plans import ConditionInputs
 
     clean = pl.DataFrame(schema={"benchmark": pl.String, "metric": pl.String, "item_id": pl.String,
                                  "score": pl.Float64})
@@ -416,7 +417,8 @@ def _unit(*values):
 
 
 def test_adaptive_condition_reroutes_by_the_updated_centroids_and_keeps_the_other_clean_scores():
-    from moce_model.study.conditions import CONDITIONS, ConditionInputs, combine_scores
+    from moce_model.study.conditions import CONDITIONS, combine_scores
+    from moce_model.study.condition_plans import ConditionInputs
 
     axes = [_unit(*([0.0] * c + [1.0])) for c in range(3)]
     centroids = np.stack(axes).astype(np.float32)
@@ -462,7 +464,8 @@ def test_adaptive_condition_reroutes_by_the_updated_centroids_and_keeps_the_othe
 
 
 def test_soft_condition_rescores_only_the_prompts_near_a_boundary_with_two_groups():
-    from moce_model.study.conditions import CONDITIONS, ConditionInputs
+    from moce_model.study.conditions import CONDITIONS
+    from moce_model.study.condition_plans import ConditionInputs
 
     axes = [_unit(*([0.0] * c + [1.0])) for c in range(2)]
     centroids = np.stack(axes).astype(np.float32)
@@ -523,7 +526,7 @@ def _blend_heldout(names=("heldout_a", "heldout_b", "heldout_c"), rows=3):
 
 def test_blended_rows_pair_item_i_of_every_two_sources_deterministically_with_the_shared_builder():
     from moce_model.evaluation.benchmarks import blend_rows
-    from moce_model.study.conditions import BLENDED_BENCHMARK, blended_heldout_rows
+    from moce_model.study.condition_plans import BLENDED_BENCHMARK, blended_heldout_rows
 
     heldout = _blend_heldout()
     rows = blended_heldout_rows(heldout, items_per_pair=2)
@@ -554,13 +557,13 @@ def test_blended_rows_pair_item_i_of_every_two_sources_deterministically_with_th
 
 def test_blended_condition_takes_the_parts_losses_from_the_clean_scores_and_says_where_blends_went():
     from moce_model.data.instructions import routing_text
-    from moce_model.study.conditions import (
+    from moce_model.study.condition_plans import (
         BLENDED_BENCHMARK,
-        CONDITIONS,
         ConditionInputs,
         blended_heldout_rows,
         clean_heldout_scores,
     )
+    from moce_model.study.conditions import CONDITIONS
 
     heldout = _blend_heldout(("heldout_a", "heldout_b"))
     axes = [_unit(*([0.0] * c + [1.0])) for c in range(3)]
@@ -613,14 +616,14 @@ def test_blended_condition_takes_the_parts_losses_from_the_clean_scores_and_says
 
 
 def _blended_long(layout, matrix, metric="heldout_loss"):
-    from moce_model.study.conditions import BLENDED_BENCHMARK
+    from moce_model.study.condition_plans import BLENDED_BENCHMARK
 
     return _long(layout, matrix, benchmark=BLENDED_BENCHMARK, metric=metric).with_columns(
         pl.format("{}/b{}", pl.lit(BLENDED_BENCHMARK), pl.col("item_id")).alias("item_id"))
 
 
 def test_blended_rows_are_compared_model_with_model_and_blend_with_parts_never_with_the_clean_items():
-    from moce_model.study.conditions import BLENDED_BENCHMARK
+    from moce_model.study.condition_plans import BLENDED_BENCHMARK
 
     rng = np.random.default_rng(9)
     parts = _crossed_scores(rng, 2, 40)
@@ -680,3 +683,10 @@ def test_blended_rows_are_compared_model_with_model_and_blend_with_parts_never_w
     assert (f"| moce/e4 @blended | moce/e4 @blended | {BLENDED_BENCHMARK} | heldout_loss ↓ − heldout_loss_of_parts "
             "| 2 x 40 |") in table.markdown
     assert f"{BLENDED_BENCHMARK} routed_as_first_part" in table.markdown
+
+
+def test_every_condition_name_has_one_registered_condition():
+    from moce_model.study.conditions import CONDITIONS
+    from moce_model.study.config import CONDITION_NAMES
+
+    assert tuple(CONDITIONS) == CONDITION_NAMES

@@ -21,11 +21,7 @@ from moce_model.data.prompt_format import PROMPT_FORMATS
 from moce_model.variants import MOCE_MODEL_TYPE, check_clusters_match_groups
 
 CENTROIDS_FILE = "centroids.npy"
-
-
 EMBEDDER_FILE = "embedder.json"
-
-
 MODEL_CONFIG_FILE = "config.json"
 
 

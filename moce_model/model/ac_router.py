@@ -10,8 +10,6 @@ import torch
 # ACMoE training scripts): the dispersion floor before inverting, and the ceiling of a weight as a multiple of
 # the mean weight (one nearly constant feature would otherwise dominate the routing score).
 AC_DISPERSION_FLOOR = 1e-4
-
-
 AC_WEIGHT_CEILING = 10.0
 
 

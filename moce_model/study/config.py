@@ -30,20 +30,14 @@ import polars as pl
 from moce_model.clustering.soft import SoftAssignmentRule
 from moce_model.common.field_values import conformed
 from moce_model.evaluation.compare import REFERENCES
-from moce_model.model.config import MoCEConfig
+from moce_model.model.config import ExpertLayout, MoCEConfig
 from moce_model.variants import BASE, TOKEN_ROUTERS, variant_semantics
-from moce_model.model.config import ExpertLayout
 
 BASE_LAYOUT = BASE
 # The evaluation-only conditions (`study.conditions` registers one per name).
 NOISED, SOFT, ADAPTIVE, BLENDED = "noised", "soft", "adaptive", "blended"
 CONDITION_NAMES: tuple[str, ...] = (NOISED, SOFT, ADAPTIVE, BLENDED)
-
-
 REFERENCE_LAYOUTS: tuple[str, ...] = REFERENCES
-
-
-
 
 # One row per (layout, seed, benchmark, metric, item): what every run writes and the table aggregates.
 STUDY_SCORES_SCHEMA: dict[str, pl.DataType] = {

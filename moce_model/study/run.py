@@ -22,7 +22,8 @@ from moce_model.evaluation.benchmarks import BenchmarkSpec
 from moce_model.evaluation.runner import default_gsm8k_path, evaluate_model
 from moce_model.merging import compare_merged_to_unmerged, merge_trained
 from moce_model.model.config import MoCEConfig
-from moce_model.study.conditions import ConditionInputs, score_conditions
+from moce_model.study.condition_plans import ConditionInputs
+from moce_model.study.conditions import score_conditions
 from moce_model.study.config import StudyConfig, parse_run_key, trainable_parameters
 from moce_model.training import TrainingConfig
 from moce_model.training.trainer import ARTIFACT_DIRNAME

@@ -37,7 +37,6 @@ from moce_model.study.config import REFERENCE_LAYOUTS, STUDY_SCORES_SCHEMA
 INTERVAL_METHOD = ("two-level percentile bootstrap (seeds, then items, crossed); for 0/1 scores at least as wide as "
                    "the Wilson (mean) or Bonett–Price (paired difference) interval on the items")
 
-
 # Metrics compared within each row, item by item: metric -> the metric it is compared with on the same items
 # (a blended prompt's loss against the mean loss of its parts asked alone).
 WITHIN_ROW_COMPARISONS: dict[str, str] = {HELDOUT_LOSS: PARTS_LOSS}
@@ -123,7 +122,6 @@ AGGREGATE_SCHEMA: dict[str, pl.DataType] = {
     "n_items": pl.Int64(), "mean": pl.Float64(), "ci_low": pl.Float64(), "ci_high": pl.Float64(),
     "seed_sd": pl.Float64(),
 }
-
 
 # `reference_metric`: the reference row's metric, `metric` but for a comparison within a row
 # (WITHIN_ROW_COMPARISONS, where `reference` is the row itself).
