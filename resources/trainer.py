@@ -96,7 +96,8 @@ class TrainerResource(dg.ConfigurableResource):
     def _train_in_subprocesses(
         self, context, base_model_dir, train_rows, cluster_ids, num_clusters, moce_config, training_config, output_dir
     ) -> dict[str, Any]:
-        from moce_model.common.io import atomic_write_json, atomic_write_parquet
+        from moce_model.common.io import atomic_write_parquet
+        from moce_model.training.entry import TrainSpec
 
         output_dir.mkdir(parents=True, exist_ok=True)
         rows_path = output_dir / "train_rows.parquet"
@@ -110,17 +111,15 @@ class TrainerResource(dg.ConfigurableResource):
         config_dict = training_config.to_dict()
         if self.launcher == "deepspeed":
             config_dict["deepspeed"] = self.deepspeed_config
-        spec = {
-            "base_model_dir": base_model_dir,
-            "train_data": str(rows_path),
-            "cluster_assignments": str(clusters_path) if clusters_path else None,
-            "num_clusters": num_clusters,
-            "moce_config": moce_config.to_dict() if hasattr(moce_config, "to_dict") else moce_config,
-            "training_config": config_dict,
-            "output_dir": str(output_dir),
-        }
-        spec_path = output_dir / "run_spec.json"
-        atomic_write_json(spec, spec_path)
+        spec_path = TrainSpec(
+            base_model_dir=str(base_model_dir),
+            train_data=str(rows_path),
+            cluster_assignments=str(clusters_path) if clusters_path else None,
+            num_clusters=num_clusters,
+            moce_config=moce_config.to_dict() if hasattr(moce_config, "to_dict") else moce_config,
+            training_config=config_dict,
+            output_dir=str(output_dir),
+        ).write(output_dir / "run_spec.json")
         command = self.launch_command(spec_path)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
         with terminable_children():  # so that stopping the run (SIGTERM to the launcher) ends the training

@@ -16,10 +16,12 @@ Rank 0 writes output_dir/result.json (atomically). Nothing here needs Dagster; t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,33 +30,40 @@ from moce_model.model.config import MoCEConfig
 from moce_model.training import TrainingConfig, train
 
 RESULT_NAME = "result.json"
-SPEC_FIELDS = {
-    "base_model_dir",
-    "train_data",
-    "cluster_assignments",
-    "moce_config",
-    "training_config",
-    "output_dir",
-    "resume",
-    "num_clusters",
-}
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training run as a launcher hands it to this entry point (written as run.json by `write`)."""
+
+    base_model_dir: str
+    train_data: str
+    training_config: dict[str, Any]
+    output_dir: str
+    cluster_assignments: str | None = None
+    moce_config: dict[str, Any] | None = None
+    resume: bool = True
+    num_clusters: int | None = None
+
+    def write(self, path: str | os.PathLike) -> Path:
+        atomic_write_json(dataclasses.asdict(self), Path(path))
+        return Path(path)
 
 
-def load_spec(spec_path: str | os.PathLike) -> dict[str, Any]:
+def load_spec(spec_path: str | os.PathLike) -> TrainSpec:
     spec_path = Path(spec_path)
     try:
-        spec = json.loads(spec_path.read_text())
+        values = json.loads(spec_path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"run spec not found: {spec_path}") from None
     except ValueError as error:
         raise ValueError(f"run spec {spec_path} is not valid JSON: {error}") from None
-    unknown = sorted(set(spec) - SPEC_FIELDS)
+    known = {field.name for field in dataclasses.fields(TrainSpec)}
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"run spec {spec_path}: unknown field(s) {unknown}; known: {sorted(SPEC_FIELDS)}")
+        raise ValueError(f"run spec {spec_path}: unknown field(s) {unknown}; known: {sorted(known)}")
     for required in ("base_model_dir", "train_data", "training_config", "output_dir"):
-        if spec.get(required) in (None, ""):
+        if values.get(required) in (None, ""):
             raise ValueError(f"run spec {spec_path}: field {required!r} is required")
-    return spec
+    return TrainSpec(**values)
 
 
 def read_cluster_assignments(path: str | os.PathLike) -> tuple[dict[str, int], int]:
@@ -85,28 +94,28 @@ def build_moce_config(values: dict[str, Any] | None, base_model_dir: str) -> Any
     return MoCEConfig.from_dict(values)
 
 
-def run(spec: dict[str, Any], on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run(spec: TrainSpec, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train as the spec says; every rank returns the result, rank 0 also writes result.json."""
     import polars as pl
 
     rank = int(os.environ.get("RANK", "0"))
-    output_dir = Path(spec["output_dir"])
-    train_rows = pl.read_parquet(spec["train_data"])
+    output_dir = Path(spec.output_dir)
+    train_rows = pl.read_parquet(spec.train_data)
     cluster_ids, found_clusters = (None, None)
-    if spec.get("cluster_assignments"):
-        cluster_ids, found_clusters = read_cluster_assignments(spec["cluster_assignments"])
-    num_clusters = spec.get("num_clusters", found_clusters)
-    moce_config = build_moce_config(spec.get("moce_config"), spec["base_model_dir"])
-    training_config = TrainingConfig.from_dict(spec["training_config"])
+    if spec.cluster_assignments:
+        cluster_ids, found_clusters = read_cluster_assignments(spec.cluster_assignments)
+    num_clusters = spec.num_clusters if spec.num_clusters is not None else found_clusters
+    moce_config = build_moce_config(spec.moce_config, spec.base_model_dir)
+    training_config = TrainingConfig.from_dict(spec.training_config)
 
     result = train(
-        spec["base_model_dir"],
+        spec.base_model_dir,
         train_rows,
         cluster_ids,
         moce_config,
         training_config,
         output_dir,
-        resume=bool(spec.get("resume", True)),
+        resume=spec.resume,
         on_log=on_log if rank == 0 else None,
         num_clusters=num_clusters,
     )
