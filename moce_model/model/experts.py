@@ -16,11 +16,8 @@ from torch import nn
 
 REQUIRED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
-# One-token rows (decoding) run every group's experts when there are at least this many rows per group. Bytes
-# moved alone would switch at 2 rows for 4 groups (see `AdapterExperts._one_token_rows`); on the 2-core CPU the
-# gathered path was faster up to 4 rows of 4 groups (by 11-29%), even or slower at 8, and at 16 1.2x (SmolLM2
-# shape) and 2.5-2.7x (LLaMA-2-7B shape) slower (`bench.moe_layer --decode-only`, README). Not yet measured on
-# a GPU.
+# One-token rows (decoding) run every group's experts when there are at least this many rows per group: where the
+# CPU measured the all-groups path even or ahead of gathering each row's group (docs/benchmarks.md, decoding paths).
 ALL_GROUPS_MIN_ROWS_PER_GROUP = 2
 
 

@@ -48,31 +48,8 @@ STUDY_SCORES_SCHEMA: dict[str, pl.DataType] = {
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """What the study runs; every field can be set from an experiment's `study:` mapping.
-
-    Sizes, from runs measured on the 2-core CPU while other jobs kept its load average at 4-9 (so in CPU
-    seconds of the one-thread process, what a run costs an idle core; wall times were 2.3-2.8x longer):
-    realmix with SmolLM2-135M in fp32, `moce/e4/s0` (the largest layout) took 285 CPU-s: training 16 steps
-    of 4 rows at <= 160 tokens with the expert-use count and saving ~155, merge + merge check ~15, evaluation
-    ~115 (held-out loss on 4 x 20 rows ~85, 10 GSM8K answers of <= 96 tokens ~30); `dense_adapter/s0` 236;
-    the base model's evaluation 108-116; the study's inputs (sources, MiniLM embeddings of 3,200 rows, elbow, k-means, base model
-    conversion) 114. 114 + 116 + 18 runs x <= 285 = 5,360 CPU-s, ~45 minutes in two one-thread workers on two
-    idle cores (`make study` runs two); one worker would take ~90.
-
-    Estimates, not measured on realmix, for what the AC router layouts and the conditions add: the 6 runs of
-    `moce+ac/e4` and `pesc+ac` cost about as much as their linear counterparts (a whole train step of a
-    SmolLM2-135M-shaped model measured 9.16 s with the AC router against 9.14 s without), so 6 x <= 290 =
-    ~1,740 CPU-s. `study_conditions` per trained run: merging the adapters again ~10-15, `noised` the held-out
-    loss on the 80 corrupted rows ~85, `adaptive` (layouts that route by centroids) a few seconds to embed the
-    held-out prompts plus ~1 per held-out item routed to another group (every item re-scored would add ~85);
-    so <= 110 per trained run and ~90 for the base model: 24 x 110 + 90 = ~2,730 CPU-s. The whole study with its
-    conditions: 5,360 + 1,740 + 2,730 = ~9,800 CPU-s, ~80 minutes in two workers, ~2 h 45 in one, past the
-    60-minute target (`conditions=()` and `token_routers=("linear",)` give back the study above); on top of a
-    study already run, ~4,500 CPU-s, ~40 minutes in two workers. `blended` comes on top of that (an estimate
-    too): on realmix's 4 sources 6 source pairs x `blend_items` 10 = 60 blended prompts per run, each about as
-    long as its two parts together, so about the held-out loss of 120 rows, ~130 CPU-s per run (the base model
-    included), ~3,300 over the 25 runs.
-    """
+    """What the study runs; every field can be set from an experiment's `study:` mapping. How long a study of
+    these sizes takes on the 2-core CPU, measured per run, is in docs/study.md ("Time")."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[str, ...] = ("dense_adapter", "pesc", "moce", "random_group", "cluster_only")

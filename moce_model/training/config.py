@@ -93,7 +93,7 @@ class TrainingConfig:
         on an otherwise idle machine. On a busy machine set num_threads=1.
 
         bf16 where native: on realmix (`moce/e4`, 3 seeds x 80 held-out items) bf16 training changed the held-out
-        loss by +0.0024 [-0.0026, +0.0085] against float32 (README, "bf16 training on the CPU").
+        loss by +0.0024 [-0.0026, +0.0085] against float32 (docs/benchmarks.md, "bf16 training on the CPU").
         """
         return cls(bf16_where_native=True).with_overrides(overrides)
 
