@@ -77,9 +77,10 @@ def ref_to_json(ref: ArtifactRef) -> dict[str, Any]:
 
 
 def ref_from_json(stored: dict[str, Any], where: str) -> ArtifactRef:
-    """The reference a stored JSON object holds; ValueError naming `where` for an unknown type or fields."""
+    """The reference a stored JSON object holds; ValueError naming `where` for an unknown type or fields. A reference
+    stored without its type (by an instance made before references were typed) is known by its fields."""
     values = dict(stored)
-    name = values.pop(REF_TYPE_KEY)
+    name = values.pop(REF_TYPE_KEY, None) or _type_by_fields(values, where)
     cls = REF_TYPES.get(name)
     if cls is None:
         raise ValueError(f"{where}: unknown reference type {name!r} (known: {sorted(REF_TYPES)})")
@@ -91,3 +92,16 @@ def ref_from_json(stored: dict[str, Any], where: str) -> ArtifactRef:
     if "drift" in values:
         values["drift"] = tuple(values["drift"])
     return cls(**values)
+
+
+def _type_by_fields(values: dict[str, Any], where: str) -> str:
+    def fits(cls: type[ArtifactRef]) -> bool:
+        fields = dataclasses.fields(cls)
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
+        return required <= set(values) <= {f.name for f in fields}
+
+    matches = [name for name, cls in REF_TYPES.items() if cls is not ArtifactRef and fits(cls)]
+    if len(matches) != 1:
+        raise ValueError(f"{where}: stored without its type, and its fields {sorted(values)} fit "
+                         f"{matches or 'no reference type'}; materialize the asset again")
+    return matches[0]

@@ -18,7 +18,7 @@ import polars as pl
 from dagster_polars import PolarsParquetIOManager
 
 from moce_model.common.io import atomic_path, atomic_write_text
-from resources.refs import REF_TYPE_KEY, ArtifactRef, ref_from_json, ref_to_json
+from resources.refs import ArtifactRef, ref_from_json, ref_to_json
 from resources.run_process import record_run_process
 
 
@@ -104,7 +104,7 @@ class JsonIOManager(dg.ConfigurableIOManager):
             stored = json.loads(path.read_text())
         except (ValueError, OSError) as error:
             raise _unreadable(context, path, error) from error
-        if isinstance(stored, dict) and REF_TYPE_KEY in stored:
+        if isinstance(stored, dict) and "path" in stored:  # an artifact reference, typed or from before types
             return ref_from_json(stored, str(path))
         return stored
 
