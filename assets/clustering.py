@@ -313,7 +313,7 @@ def build_clustering_assets(experiment: Experiment) -> list:
                     "distance): the clusters the experts were trained on have shifted; consider a refit and retraining.",
     )
     def centroid_drift_below_threshold(config: DriftCheckConfig, kmeans_centroids: CentroidsRef) -> dg.AssetCheckResult:
-        drift = [float(d) for d in kmeans_centroids.get("drift", [])]
+        drift = list(kmeans_centroids.drift)
         drifted = {cluster: round(d, 4) for cluster, d in enumerate(drift) if d > config.drift_warning}
         return dg.AssetCheckResult(
             passed=not drifted,

@@ -18,7 +18,13 @@ import time
 
 import numpy as np
 
-from moce_model.clustering.kmeans import assign, cluster_purity, elbow_sweep, find_knee, fit_kmeans
+from moce_model.clustering.kmeans import (
+    assign,
+    cluster_purity,
+    elbow_sweep,
+    find_knee,
+    fit_kmeans,
+)
 
 
 def peak_memory_gib() -> float:

@@ -37,8 +37,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from bench.timing import elapsed_seconds
-from moce_model.model.experts import AdapterExperts, reference_expert_forward
 from moce_model.model.ac_router import adaptive_clustering_token_weights
+from moce_model.model.experts import AdapterExperts, reference_expert_forward
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
@@ -254,8 +254,8 @@ def build_trainable(label: str, seq_len: int) -> tuple[torch.nn.Module, torch.op
     """`label`: a variant name, with `+ac` for its AC-router form (`moce+ac`)."""
     from transformers import AutoModelForCausalLM
 
-    from moce_model.model.config import MoCEConfig
     from moce_model.model.adapters import add_lora
+    from moce_model.model.config import MoCEConfig
     from moce_model.model.modeling import MoCEForCausalLM
 
     torch.manual_seed(0)

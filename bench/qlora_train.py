@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from bench.train_step import SHAPES, build_base
-from moce_model.model.config import MoCEConfig
+from moce_model.model.config import ExpertLayout, MoCEConfig
 from moce_model.training import TrainingConfig, train
-from moce_model.model.config import ExpertLayout
 
 
 def long_rows(n: int, chars: int):

@@ -28,9 +28,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.timing import elapsed_seconds, kernel_profile
+from moce_model.model.adapters import PAPER_LORA_TARGETS, add_lora
 from moce_model.model.config import MoCEConfig
 from moce_model.model.experts import Routing, reference_expert_forward
-from moce_model.model.adapters import PAPER_LORA_TARGETS, add_lora
 from moce_model.model.modeling import MoCEForCausalLM
 from moce_model.training import compile_decoder_layers
 

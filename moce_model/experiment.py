@@ -49,7 +49,7 @@ from pydantic import (
 from moce_model.clustering.soft import SoftAssignmentRule
 from moce_model.data.sources import SourceSpec
 from moce_model.data.synthetic import DOMAINS
-from moce_model.evaluation.runner import demo_benchmarks, paper_benchmarks
+from moce_model.evaluation.suites import demo_benchmarks, paper_benchmarks
 from moce_model.model.config import ExpertLayout
 from moce_model.study.config import StudyConfig
 from moce_model.training import TrainingConfig

@@ -12,7 +12,7 @@
 - ``lm_eval_tasks/``: lm-eval task YAMLs over local JSONL files that carry the names of the paper's tasks
   (``mmlu`` and ``minerva_math`` as groups of subtasks, ``gsm8k``, ``hellaswag``, ``arc_challenge``, ``mbpp``,
   ``humaneval``) with their datasets' fields and enough few-shot documents for the paper's shot counts, so
-  `moce_model.evaluation.runner.paper_benchmarks(lm_eval_tasks_dir=...)` runs them with the paper's settings.
+  `moce_model.evaluation.suites.paper_benchmarks(lm_eval_tasks_dir=...)` runs them with the paper's settings.
 
 The rows are made from templates with a seeded generator: the same seed gives byte-identical files (the
 model weights come from ``torch.manual_seed``). ``python -m moce_model.rehearsal DIR`` builds them from a shell.

@@ -9,7 +9,6 @@ import enum
 import operator
 from dataclasses import dataclass
 
-
 # The untrained base model: a model name beside the variants, never a variant itself.
 BASE = "base"
 # `model_type` of a MoCE model's config.json.

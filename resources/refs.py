@@ -94,14 +94,20 @@ def ref_from_json(stored: dict[str, Any], where: str) -> ArtifactRef:
     return cls(**values)
 
 
-def _type_by_fields(values: dict[str, Any], where: str) -> str:
+def stored_ref_type(values: dict[str, Any]) -> str | None:
+    """The one reference type whose fields a stored object has, or None."""
     def fits(cls: type[ArtifactRef]) -> bool:
         fields = dataclasses.fields(cls)
         required = {f.name for f in fields if f.default is dataclasses.MISSING}
         return required <= set(values) <= {f.name for f in fields}
 
     matches = [name for name, cls in REF_TYPES.items() if cls is not ArtifactRef and fits(cls)]
-    if len(matches) != 1:
-        raise ValueError(f"{where}: stored without its type, and its fields {sorted(values)} fit "
-                         f"{matches or 'no reference type'}; materialize the asset again")
-    return matches[0]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _type_by_fields(values: dict[str, Any], where: str) -> str:
+    name = stored_ref_type(values)
+    if name is None:
+        raise ValueError(f"{where}: stored without its type, and its fields {sorted(values)} fit no single "
+                         "reference type; materialize the asset again")
+    return name

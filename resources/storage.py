@@ -18,7 +18,13 @@ import polars as pl
 from dagster_polars import PolarsParquetIOManager
 
 from moce_model.common.io import atomic_path, atomic_write_text
-from resources.refs import ArtifactRef, ref_from_json, ref_to_json
+from resources.refs import (
+    REF_TYPE_KEY,
+    ArtifactRef,
+    ref_from_json,
+    ref_to_json,
+    stored_ref_type,
+)
 from resources.run_process import record_run_process
 
 
@@ -104,7 +110,8 @@ class JsonIOManager(dg.ConfigurableIOManager):
             stored = json.loads(path.read_text())
         except (ValueError, OSError) as error:
             raise _unreadable(context, path, error) from error
-        if isinstance(stored, dict) and "path" in stored:  # an artifact reference, typed or from before types
+        if isinstance(stored, dict) and (REF_TYPE_KEY in stored or stored_ref_type(stored) is not None):
+            # an artifact reference, typed, or stored by an instance made before references were typed
             return ref_from_json(stored, str(path))
         return stored
 

@@ -56,8 +56,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def merge(spec: dict[str, Any]) -> Path:
-    from moce_model.model.adapters import load_trained
     from moce_model.merging import merge_to_directory
+    from moce_model.model.adapters import load_trained
 
     return merge_to_directory(
         load_trained(spec["adapter"], spec["base"]),
@@ -79,9 +79,9 @@ EVALUATION_CALLS = (
 
 def evaluate(spec: dict[str, Any]) -> None:
     """What the `benchmark_results` asset does: evaluate, then write the scores and the items atomically."""
-    from moce_model.evaluation.benchmarks import BenchmarkSpec
-    from moce_model.evaluation.runner import evaluate_model
     from moce_model.common.io import atomic_write_parquet
+    from moce_model.evaluation.runner import evaluate_model
+    from moce_model.evaluation.suites import BenchmarkSpec
 
     benchmarks = [
         BenchmarkSpec(name=f"synthetic_{domain}", kind="synthetic", domain=domain, n_items=2, max_new_tokens=12)

@@ -8,19 +8,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moce_model.model.config import MoCEConfig
+from moce_model.merging import merge_to_directory
 from moce_model.model.ac_router import (
     AC_DISPERSION_FLOOR,
     AC_WEIGHT_CEILING,
     adaptive_clustering_feature_weights,
     adaptive_clustering_token_weights,
 )
+from moce_model.model.config import ExpertLayout, MoCEConfig
 from moce_model.model.experts import AdapterExperts
-from moce_model.merging import merge_to_directory
 from moce_model.model.modeling import MoCEForCausalLM
 from tests.test_modeling import batch_ids, tiny_moce
 from tests.tiny_models import save_tiny_llama
-from moce_model.model.config import ExpertLayout
 
 # Expert 0's tokens are tight along feature 0 and spread along feature 1; expert 1's the other way round.
 EXPERT_0_TOKENS = [[1.0, 0.0], [1.2, 2.0], [0.8, -2.0]]

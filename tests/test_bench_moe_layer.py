@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.moe_layer import LayerShape, time_decode_paths, time_layer, time_token_routers
+from bench.moe_layer import (
+    LayerShape,
+    time_decode_paths,
+    time_layer,
+    time_token_routers,
+)
 
 TINY = LayerShape("tiny", hidden=32, intermediate=64, groups=2, experts=4, top_k=2, adapter_dim=4, batch=4, seq_len=8)
 

@@ -16,8 +16,19 @@ from moce_model.clustering.kmeans import (
     save_centroids,
     silhouette_from_distances,
 )
-from moce_model.common.io import atomic_dir, atomic_write_json, atomic_write_parquet, read_json
-from moce_model.common.plots import cluster_projection_plot, elbow_plot, heatmap_plot, loss_curve_plot, png_markdown
+from moce_model.common.io import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_parquet,
+    read_json,
+)
+from moce_model.common.plots import (
+    cluster_projection_plot,
+    elbow_plot,
+    heatmap_plot,
+    loss_curve_plot,
+    png_markdown,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -2,9 +2,13 @@
 
 import pytest
 
-from moce_model.variants import VARIANTS, GroupChoice, check_clusters_match_groups, variant_semantics
-from moce_model.model.config import MoCEConfig
-from moce_model.model.config import ExpertLayout
+from moce_model.model.config import ExpertLayout, MoCEConfig
+from moce_model.variants import (
+    VARIANTS,
+    GroupChoice,
+    check_clusters_match_groups,
+    variant_semantics,
+)
 
 # (group choice, token routing, needs centroids, one group per cluster)
 EXPECTED = {

@@ -5,7 +5,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from moce_model.clustering.kmeans import read_embeddings
 from moce_model.clustering.embedding import (
     MANIFEST_NAME,
     EmbedderSpec,
@@ -13,6 +12,7 @@ from moce_model.clustering.embedding import (
     load_embedder,
     routing_texts,
 )
+from moce_model.clustering.kmeans import read_embeddings
 from moce_model.common.io import read_json
 from moce_model.data.instructions import routing_text
 from tests.fault_stages import HashEncoder

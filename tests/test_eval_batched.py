@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moce_model.model.config import MoCEConfig
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.routes import SoftRoute
 from moce_model.evaluation.scoring import score_pairs
+from moce_model.model.config import MoCEConfig
 from moce_model.model.modeling import MoCEForCausalLM
 from tests.tiny_models import make_char_tokenizer, save_tiny_llama
 

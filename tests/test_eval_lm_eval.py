@@ -9,16 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from moce_model.evaluation.benchmarks import BenchmarkSpec
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.lm_eval_suite import (
-    PAPER_LM_EVAL_TASKS,
     code_program,
     outcome_from_lm_eval,
     run_lm_eval,
     score_code_samples,
 )
-from moce_model.evaluation.runner import paper_benchmarks
+from moce_model.evaluation.suites import (
+    PAPER_LM_EVAL_TASKS,
+    BenchmarkSpec,
+    paper_benchmarks,
+)
 from tests.test_eval_fixtures import build_model, build_tokenizer, save_routed_model_dir
 
 # Shape of a real lm-eval 0.4 results dict (trimmed): a group (mmlu) with subtasks, and gsm8k with filters.

@@ -9,8 +9,17 @@ import polars as pl
 import pytest
 
 from moce_model.evaluation.benchmarks import BenchmarkOutcome, MetricValue, item_metric
-from moce_model.evaluation.report import build_report, cluster_distribution, comparisons, k_comparison
-from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, item_scores_table, results_table
+from moce_model.evaluation.report import (
+    build_report,
+    cluster_distribution,
+    comparisons,
+    k_comparison,
+)
+from moce_model.evaluation.runner import (
+    ITEM_SCORES_SCHEMA,
+    item_scores_table,
+    results_table,
+)
 
 N_LOSS, N_EXACT = 200, 32
 RNG = np.random.default_rng(0)
@@ -99,7 +108,7 @@ def test_markdown_bolds_only_significant_differences_and_says_no_significant_dif
 
 def test_each_variant_is_compared_with_pesc_and_base_without_mirrored_pairs():
     assert comparisons(["base", "dense_adapter", "pesc", "moce"]) == [
-        ("dense_adapter", "pesc"), ("moce", "pesc"), ("dense_adapter", "base"), ("pesc", "base"), ("moce", "base")]
+        ("dense_adapter", "pesc"), ("dense_adapter", "base"), ("pesc", "base"), ("moce", "pesc"), ("moce", "base")]
     assert comparisons(["moce"]) == []
     only_moce = _report([MOCE])
     assert only_moce.differences.height == 0 and "## Paired differences" not in only_moce.markdown

@@ -12,6 +12,7 @@ import torch
 import moce_model.evaluation.runner as runner
 from assets.evaluation import build_evaluation_assets
 from moce_model.experiment import load_experiment
+from resources.refs import BaseModelRef
 from resources.storage import ArtifactStorage
 from tests.pipeline_fixtures import small_experiment
 from tests.test_eval_fixtures import save_model_dir
@@ -43,7 +44,7 @@ def test_benchmark_results_evaluate_in_the_experiments_dtype_and_format(tmp_path
     monkeypatch.setattr(runner, "MoCELM", RecordingLM)
     config_class = inspect.signature(asset.op.compute_fn.decorated_fn).parameters["config"].annotation
     outputs = asset(context=dg.build_asset_context(), config=config_class(limit_per_benchmark=1),
-                    storage=ArtifactStorage(root=str(tmp_path / "store")), model={"path": str(model_dir)})
+                    storage=ArtifactStorage(root=str(tmp_path / "store")), model=BaseModelRef(path=str(model_dir), name="tiny"))
     (output,) = [o for o in outputs if o.output_name == "results"]  # beside it: the per-item scores
 
     (lm,) = built

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from moce_model.experiment import EXPERIMENTS_DIR, ExperimentError, load_experiment
+from moce_model.model.config import MoCEConfig
 from pipelines.cli import main as moce
 
 DATA_HALF = "group:data or group:embedding or group:clustering"
@@ -286,17 +287,19 @@ def test_the_study_section_of_the_experiment_is_what_the_study_job_runs(tmp_path
 
 
 def test_the_token_router_of_the_experiment_reaches_every_variant_with_token_routing(tmp_path, clean_env):
-    from assets.training import _moce_config
-
     experiment = load_experiment(_write(tmp_path / "ac.yaml", _my_experiment(experts={"token_router": "ac"})))
-    assert _moce_config(experiment, "moce", 3, None).token_router == "ac"
-    assert _moce_config(experiment, "pesc", None, None).token_router == "ac"
-    assert _moce_config(experiment, "dense_adapter", None, None).token_router == "linear"  # one expert: no router
+    layout = experiment.experts.layout()
+    assert MoCEConfig.for_variant("moce", layout, num_clusters=3).token_router == "ac"
+    assert MoCEConfig.for_variant("pesc", layout, num_clusters=3).token_router == "ac"
+    # one expert: no router
+    assert MoCEConfig.for_variant("dense_adapter", layout, num_clusters=None).token_router == "linear"
 
 
 def test_soft_assignment_of_the_experiment_reaches_the_variants_that_route_by_cluster(tmp_path, clean_env):
-    from assets.training import _moce_config
     from moce_model.clustering.soft import SoftAssignmentRule
+
+    def moce_config(experiment, variant):
+        return MoCEConfig.for_variant(variant, experiment.experts.layout(), num_clusters=3)
 
     soft = {"enabled": True, "margin": 0.2, "temperature": 0.05}
     experiment = load_experiment(_write(tmp_path / "soft.yaml", _my_experiment(
@@ -304,10 +307,10 @@ def test_soft_assignment_of_the_experiment_reaches_the_variants_that_route_by_cl
         experts={"soft_assignment": soft})))
     rule = SoftAssignmentRule(margin=0.2, temperature=0.05)
     assert experiment.experts.soft_assignment.rule() == rule
-    assert _moce_config(experiment, "moce", 3, None).soft_assignment_rule == rule
-    assert _moce_config(experiment, "cluster_only", 3, None).soft_assignment_rule == rule
+    assert moce_config(experiment, "moce").soft_assignment_rule == rule
+    assert moce_config(experiment, "cluster_only").soft_assignment_rule == rule
     for variant in ("pesc", "dense_adapter", "random_group"):  # no clusters to mix: built without it
-        assert _moce_config(experiment, variant, 3, None).soft_assignment is False
+        assert moce_config(experiment, variant).soft_assignment is False
     default = load_experiment(_write(tmp_path / "hard.yaml", _my_experiment()))
     assert default.experts.soft_assignment.rule() is None
-    assert _moce_config(default, "moce", 3, None).soft_assignment_rule is None
+    assert moce_config(default, "moce").soft_assignment_rule is None

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moce_model.common.field_values import conformed
 from moce_model.experiment import (
     MAX_ALIASES,
     ExperimentError,
@@ -19,10 +20,10 @@ from moce_model.experiment import (
     load_experiment,
     read_yaml,
 )
-from moce_model.common.field_values import conformed
 from moce_model.study.config import StudyConfig
 from moce_model.training import TrainingConfig
 from pipelines.cli import main as moce
+from resources.refs import CentroidsRef, EmbeddingsRef
 from tests.test_experiment import _my_experiment, _write, clean_env  # noqa: F401  (clean_env: a fixture)
 
 
@@ -265,7 +266,7 @@ def test_the_k_range_is_checked_against_the_rows_naming_the_key():
                                   "at k=6..6")
 
 
-def _three_embeddings(directory: Path) -> dict:
+def _three_embeddings(directory: Path) -> EmbeddingsRef:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -273,7 +274,7 @@ def _three_embeddings(directory: Path) -> dict:
     directory.mkdir(parents=True)
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.eye(3, 8, dtype=np.float32).ravel()), 8)
     pq.write_table(pa.table({"id": ["a", "b", "c"], "embedding": vectors}), directory / "shard-00000.parquet")
-    return {"path": str(directory), "rows": 3}
+    return EmbeddingsRef(path=str(directory), rows=3, dimension=8, embedder={"model": "eye"})
 
 
 def test_clustering_three_rows_says_which_key_the_rows_cannot_bear(tmp_path, clean_env):
@@ -296,5 +297,5 @@ def test_clustering_three_rows_says_which_key_the_rows_cannot_bear(tmp_path, cle
     # The cluster of one row that k=2 leaves is flagged by the assignments' check.
     check = build_assignment_assets()[1]
     result = check(cluster_assignments=pl.DataFrame({"id": ["a", "b", "c"], "cluster": [0, 0, 1]}),
-                   instructions=pl.LazyFrame({"id": ["a", "b", "c"]}), kmeans_centroids={"k": 2})
+                   instructions=pl.LazyFrame({"id": ["a", "b", "c"]}), kmeans_centroids=CentroidsRef(path="", k=2, dimension=8, embedder={}))
     assert not result.passed and result.description == "tiny or empty clusters (size < 2): {1: 1}"

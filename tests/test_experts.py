@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moce_model.model.experts import AdapterExperts, reference_expert_forward
 from moce_model.model.balance import load_balancing_loss
+from moce_model.model.experts import AdapterExperts, reference_expert_forward
 
 HIDDEN = 32
 

@@ -31,12 +31,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moce_model.clustering.kmeans import elbow_sweep, fit_kmeans, load_centroids, read_embeddings, save_centroids
 from moce_model.clustering.embedding import embed_to_parquet_shards
-from moce_model.data.instructions import normalise_instructions
+from moce_model.clustering.kmeans import (
+    elbow_sweep,
+    fit_kmeans,
+    load_centroids,
+    read_embeddings,
+    save_centroids,
+)
 from moce_model.common.io import read_json
+from moce_model.data.instructions import normalise_instructions
 from moce_model.data.sources import load_source
-from moce_model.training import TRAINABLE_STATE_NAME, TrainingConfig, find_resumable_checkpoint
+from moce_model.training import (
+    TRAINABLE_STATE_NAME,
+    TrainingConfig,
+    find_resumable_checkpoint,
+)
 from tests import fault_stages
 from tests.fault_injection import REPO_ROOT, count_points, run_killed
 from tests.tiny_models import save_tiny_llama

@@ -9,11 +9,16 @@ import pytest
 import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
 
-from moce_model.model.config import MoCEConfig
-from moce_model.model.adapters import add_lora, load_trained, save_trained
 from moce_model.merging import compare_merged_to_unmerged, merge_to_directory
+from moce_model.model.adapters import add_lora, load_trained, save_trained
+from moce_model.model.config import MoCEConfig
 from moce_model.model.modeling import MoCEForCausalLM
 
 VOCAB = 64

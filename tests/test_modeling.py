@@ -326,7 +326,11 @@ def test_gradient_checkpointing_recomputes_with_the_same_groups() -> None:
 
 
 def test_expert_use_counts_per_group_exclude_padding(tmp_path) -> None:
-    from moce_model.training.expert_use import expert_use_counts, expert_use_heatmap_png, expert_use_share
+    from moce_model.training.expert_use import (
+        expert_use_counts,
+        expert_use_heatmap_png,
+        expert_use_share,
+    )
 
     model = tiny_moce(groups=3)
     ids = batch_ids(batch=2, seq_len=6)

@@ -19,8 +19,7 @@ import polars as pl
 import pytest
 import torch
 
-from moce_model.variants import VARIANTS as ALL_VARIANTS
-from moce_model.evaluation.lm_eval_suite import PAPER_LM_EVAL_TASKS
+from moce_model.evaluation.suites import PAPER_LM_EVAL_TASKS
 from moce_model.experiment import load_experiment
 from moce_model.rehearsal import (
     FIXTURE_VERSION,
@@ -30,6 +29,7 @@ from moce_model.rehearsal import (
     write_lm_eval_tasks,
     write_source_mirrors,
 )
+from moce_model.variants import VARIANTS as ALL_VARIANTS
 from pipelines.definitions import PIPELINE, build_definitions
 from tests.pipeline_fixtures import dagster_instance
 

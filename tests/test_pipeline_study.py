@@ -11,7 +11,6 @@ import pytest
 
 from assets.common import DATA_VERSION_TAG, INPUT_DATA_VERSION_TAG
 from assets.study import check_run_inputs_current
-
 from moce_model.study.config import StudyConfig
 from pipelines.definitions import PIPELINE, STUDY, build_definitions
 from tests.pipeline_fixtures import dagster_instance, small_experiment

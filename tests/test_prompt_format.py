@@ -8,10 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moce_model.data.prompt_format import IGNORE_INDEX
+from moce_model.data.prompt_format import (
+    IGNORE_INDEX,
+    make_prompt_format,
+    tokenize_example,
+)
 from moce_model.evaluation.lm import MoCELM
 from moce_model.generate import generate
-from moce_model.data.prompt_format import make_prompt_format, tokenize_example
 from moce_model.training import build_dataset
 from tests.tiny_models import make_char_tokenizer, save_tiny_llama
 

@@ -12,9 +12,14 @@ pytest.importorskip("bitsandbytes")
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from moce_model.model.config import MoCEConfig  # noqa: E402
-from moce_model.merging import compare_merged_to_unmerged, max_logit_difference, merge_to_directory, probe_batch
+from moce_model.merging import (
+    compare_merged_to_unmerged,
+    max_logit_difference,
+    merge_to_directory,
+    probe_batch,
+)
 from moce_model.model.adapters import load_trained
+from moce_model.model.config import MoCEConfig  # noqa: E402
 from moce_model.model.modeling import MoCEForCausalLM  # noqa: E402
 from moce_model.training import TrainingConfig, build_model, train  # noqa: E402
 from tests.test_training import make_rows  # noqa: E402

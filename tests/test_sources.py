@@ -4,8 +4,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from moce_model.data.sources import (
+    HF_PRESETS,
+    RAW_COLUMNS,
+    SourceSpec,
+    load_source,
+    scan_source,
+)
 from moce_model.experiment import load_experiment
-from moce_model.data.sources import HF_PRESETS, RAW_COLUMNS, SourceSpec, load_source, scan_source
 
 REALMIX_SOURCES = load_experiment("realmix").sources
 

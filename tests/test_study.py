@@ -7,7 +7,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from moce_model.model.config import MoCEConfig
 from moce_model.study.config import (
     StudyConfig,
     StudyLayout,
@@ -19,7 +18,13 @@ from moce_model.study.config import (
     study_layouts,
     trainable_parameters,
 )
-from moce_model.study.table import aggregate, build_study_table, comparisons, paired_differences, two_level_bootstrap
+from moce_model.study.table import (
+    aggregate,
+    build_study_table,
+    comparisons,
+    paired_differences,
+    two_level_bootstrap,
+)
 
 
 def _crossed_scores(rng, n_seeds, n_items, mean=1.0, seed_sd=0.3, item_sd=0.5, noise_sd=0.2):
@@ -383,8 +388,8 @@ def test_corrupted_prompts_replace_the_share_of_words_deterministically_and_leav
 
 
 def test_noised_condition_corrupts_every_held_out_benchmark_and_counts_the_words():
-    from moce_model.study.conditions import CONDITIONS
     from moce_model.study.condition_plans import ConditionInputs
+    from moce_model.study.conditions import CONDITIONS
 
     clean = pl.DataFrame(schema={"benchmark": pl.String, "metric": pl.String, "item_id": pl.String,
                                  "score": pl.Float64})
@@ -417,8 +422,8 @@ def _unit(*values):
 
 
 def test_adaptive_condition_reroutes_by_the_updated_centroids_and_keeps_the_other_clean_scores():
-    from moce_model.study.conditions import CONDITIONS, combine_scores
     from moce_model.study.condition_plans import ConditionInputs
+    from moce_model.study.conditions import CONDITIONS, combine_scores
 
     axes = [_unit(*([0.0] * c + [1.0])) for c in range(3)]
     centroids = np.stack(axes).astype(np.float32)
@@ -464,8 +469,8 @@ def test_adaptive_condition_reroutes_by_the_updated_centroids_and_keeps_the_othe
 
 
 def test_soft_condition_rescores_only_the_prompts_near_a_boundary_with_two_groups():
-    from moce_model.study.conditions import CONDITIONS
     from moce_model.study.condition_plans import ConditionInputs
+    from moce_model.study.conditions import CONDITIONS
 
     axes = [_unit(*([0.0] * c + [1.0])) for c in range(2)]
     centroids = np.stack(axes).astype(np.float32)

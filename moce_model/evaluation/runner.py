@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,24 +18,15 @@ import torch
 
 from moce_model.clustering.soft import SoftAssignmentRule
 from moce_model.common.progress import evaluation_progress
-from moce_model.evaluation.benchmarks import (
-    BenchmarkOutcome,
-    BenchmarkSpec,
-    run_benchmark,
-)
+from moce_model.evaluation.benchmarks import BenchmarkOutcome, run_benchmark
 from moce_model.evaluation.lm import MoCELM
-from moce_model.evaluation.lm_eval_suite import (
-    LM_EVAL_KINDS,
-    PAPER_CODE_BENCHMARKS,
-    PAPER_COMPLETION_BENCHMARKS,
-    PAPER_LM_EVAL_TASKS,
-    run_lm_eval,
-)
+from moce_model.evaluation.lm_eval_suite import LM_EVAL_KINDS, run_lm_eval
 from moce_model.evaluation.stats import (
     mean_estimate,
     normal_interval,
     share_intervals_over_prompts,
 )
+from moce_model.evaluation.suites import BenchmarkSpec, resolve_benchmarks
 
 logger = logging.getLogger(__name__)
 
@@ -108,32 +98,6 @@ ITEMS_SCHEMA: dict[str, pl.DataType] = {
     "correct": pl.Boolean(), "cluster": pl.Int64(),
 }
 
-DEMO_DOMAINS: tuple[str, ...] = ("arithmetic", "python", "text", "units")
-# The demo's GSM8K-format file: the first 100 test questions, in the realmix samples beside the checkout.
-GSM8K_SAMPLE_NAME = "gsm8k_test_first100.jsonl"
-GSM8K_PATH_ENV = "MOCE_GSM8K_PATH"
-REALMIX_DIR_ENV = "MOCE_REALMIX_DIR"
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def default_gsm8k_path() -> Path | None:
-    """The GSM8K-format file of the demo benchmarks: `$MOCE_GSM8K_PATH` when set (then it must exist), else the
-    realmix sample in `$MOCE_REALMIX_DIR` (default `<repo>/../shared/data/realmix`) when it is there, else None
-    (the demo then leaves GSM8K out: the file is not part of the repository)."""
-    explicit = os.environ.get(GSM8K_PATH_ENV)
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{GSM8K_PATH_ENV}={explicit!r}: no such file; point it at a GSM8K-format JSONL (question, answer "
-                "ending in '#### N') or unset it"
-            )
-        return path
-    realmix_dir = Path(os.environ.get(REALMIX_DIR_ENV) or _REPO_ROOT.parent / "shared" / "data" / "realmix")
-    sample = realmix_dir / GSM8K_SAMPLE_NAME
-    return sample if sample.is_file() else None
-
-
 @dataclass
 class EvalResult:
     """`table`: one row per (variant, benchmark, metric) with n, stderr and 95% interval (RESULTS_SCHEMA);
@@ -158,82 +122,6 @@ class EvalResult:
     def item_clusters(self) -> pl.DataFrame:
         """benchmark, item_id, cluster: which expert group answered each prompt (ITEM_CLUSTERS_SCHEMA)."""
         return self.items.select(list(ITEM_CLUSTERS_SCHEMA)).cast(ITEM_CLUSTERS_SCHEMA)
-
-
-def demo_benchmarks(
-    domains: Sequence[str] = DEMO_DOMAINS,
-    n_per_domain: int = 8,
-    humaneval_items: int | None = 6,
-    gsm8k_path: str | Path | None = None,
-    gsm8k_items: int | None = 6,
-    seed: int = 0,
-    n_loss_per_domain: int | None = None,
-    blends: Sequence[str] = (),
-    n_blend_items: int = 50,
-) -> list[BenchmarkSpec]:
-    """The offline demo set: `synthetic_<domain>` per domain, `blended_<first>_<second>` for each "first+second"
-    of `blends` (prompts that need two domains, `n_blend_items` each), a HumanEval subset, and a GSM8K-format file
-    when `gsm8k_path` is given (or `default_gsm8k_path()` finds one).
-
-    `n_per_domain` held-out items of each domain are answered by generation; the held-out loss is measured on
-    the first `n_loss_per_domain` (default: the same items), one forward pass each. Token budgets fit
-    SmolLM2-135M: the reference answers of the synthetic domains take ~20-30 tokens (python ~40), a greedy
-    HumanEval body rarely needs more than 96. Subsets are named in each benchmark's note and counted in n_items.
-    """
-    specs = [
-        BenchmarkSpec(name=f"synthetic_{domain}", kind="synthetic", domain=domain, n_items=n_per_domain,
-                      n_loss_items=n_loss_per_domain, max_new_tokens=80 if domain == "python" else 40, seed=seed)
-        for domain in domains
-    ]
-    specs += [BenchmarkSpec(name=f"blended_{pair.replace('+', '_')}", kind="blended", domain=pair,
-                            n_loss_items=n_blend_items, seed=seed) for pair in blends]
-    specs.append(BenchmarkSpec(name="humaneval", kind="humaneval", n_items=humaneval_items, max_new_tokens=96))
-    if gsm8k_path is None:
-        gsm8k_path = default_gsm8k_path()
-    elif not Path(gsm8k_path).is_file():
-        raise FileNotFoundError(f"gsm8k_path={str(gsm8k_path)!r}: no such file (a GSM8K-format JSONL is expected)")
-    if gsm8k_path is not None:
-        specs.append(BenchmarkSpec(name="gsm8k", kind="gsm8k", path=str(gsm8k_path), n_items=gsm8k_items,
-                                   max_new_tokens=96))
-    return specs
-
-
-def paper_benchmarks(lm_eval_tasks_dir: str | Path | None = None) -> list[BenchmarkSpec]:
-    """The paper's table through lm-eval's own tasks: MMLU 5-shot, GSM8K 5-shot, MATH 4-shot, HellaSwag 10-shot,
-    ARC-Challenge 25-shot, MBPP 3-shot and HumanEval 0-shot completion (both run in the sandbox).
-
-    `lm_eval_tasks_dir`: a folder whose task YAMLs define the same task names (an offline mirror, or the paper
-    rehearsal's toy tasks); they are run instead of lm-eval's Hub tasks, with the same settings.
-    """
-    tasks_dir = str(lm_eval_tasks_dir) if lm_eval_tasks_dir is not None else None
-    return [
-        BenchmarkSpec(name=name, kind="lm_eval_code" if name in PAPER_CODE_BENCHMARKS else "lm_eval",
-                      lm_eval_task=task, num_fewshot=shots, max_new_tokens=512,
-                      completion=name in PAPER_COMPLETION_BENCHMARKS, lm_eval_tasks_dir=tasks_dir)
-        for name, (task, shots) in PAPER_LM_EVAL_TASKS.items()
-    ]
-
-
-def resolve_benchmarks(benchmarks: Sequence[BenchmarkSpec] | Sequence[str]) -> list[BenchmarkSpec]:
-    """Specs as given, or names looked up in the demo and paper sets (demo first)."""
-    known: dict[str, BenchmarkSpec] = {}
-    for spec in paper_benchmarks() + demo_benchmarks():
-        known.setdefault(spec.name, spec)
-    for spec in demo_benchmarks():
-        known[spec.name] = spec
-    resolved = []
-    for entry in benchmarks:
-        if isinstance(entry, BenchmarkSpec):
-            resolved.append(entry)
-        elif entry in known:
-            resolved.append(known[entry])
-        else:
-            raise ValueError(f"unknown benchmark {entry!r}; known: {sorted(known)}")
-    names = [spec.name for spec in resolved]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"benchmark names must be unique, repeated: {duplicates}")
-    return resolved
 
 
 def evaluate_model(

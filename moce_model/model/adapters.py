@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from moce_model.common.io import atomic_dir
 from moce_model.model.base_model import load_base_model
 from moce_model.model.config import MoCEConfig
 from moce_model.model.modeling import MoCEForCausalLM
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 EXPERT_MODULE_NAME = "moce_experts"
 CONFIG_FILE = "config.json"
@@ -36,6 +38,10 @@ def add_lora(
     targets = list(target_modules)
     if EXPERT_MODULE_NAME in targets:
         raise ValueError(f"target_modules must name base Linear layers, not {EXPERT_MODULE_NAME!r}")
+    # peft is imported where it is used: it loads bitsandbytes (about 3 s), which reading an experiment file or
+    # evaluating a merged model never needs.
+    from peft import LoraConfig, get_peft_model
+
     lora_config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -62,6 +68,8 @@ def moce_model_of(model: torch.nn.Module) -> MoCEForCausalLM:
 def write_trained(model: PeftModel, directory: str | Path) -> Path:
     """Write the files of the unmerged trained artifact into `directory` (not atomically: for a caller that
     stages a larger artifact itself). See `save_trained`."""
+    from peft import PeftModel
+
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_trained expects the peft model returned by add_lora, got {type(model).__name__}")
     model.save_pretrained(directory, safe_serialization=True)
@@ -72,6 +80,8 @@ def write_trained(model: PeftModel, directory: str | Path) -> Path:
 def save_trained(model: PeftModel, out_dir: str | Path) -> Path:
     """Write the unmerged trained artifact: `adapter_config.json`, `adapter_model.safetensors` (LoRA + experts +
     routers) and the MoCE `config.json`, atomically. The base weights are not copied."""
+    from peft import PeftModel
+
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_trained expects the peft model returned by add_lora, got {type(model).__name__}")
     out_dir = Path(out_dir)
@@ -108,6 +118,8 @@ def load_trained(
     its weights are turned into the bf16 matrices that NF4 forward actually multiplied with, which is what a
     merge must fold LoRA into (a full-precision reload of the base would be another model than the trained one).
     """
+    from peft import PeftModel
+
     trained_dir = Path(trained_dir)
     for name in (CONFIG_FILE, "adapter_config.json", "adapter_model.safetensors"):
         if not (trained_dir / name).is_file():

@@ -18,10 +18,7 @@ from moce_model.clustering.kmeans import CentroidUpdate, ClusterState, update_ce
 from moce_model.clustering.router import ClusterRouter, TextEncoder
 from moce_model.clustering.soft import SoftAssignmentRule
 from moce_model.data.instructions import routing_text
-from moce_model.evaluation.benchmarks import (
-    blend_rows,
-    instruction_row_item_id,
-)
+from moce_model.evaluation.benchmarks import blend_rows, instruction_row_item_id
 from moce_model.evaluation.metrics import (
     HELDOUT_LOSS,
     PARTS_LOSS,

@@ -39,12 +39,10 @@ from typing import Any
 import polars as pl
 
 from moce_model.common.io import atomic_write_parquet
-from moce_model.evaluation.benchmarks import (
-    BenchmarkSpec,
-)
 from moce_model.evaluation.compare import condition_label
 from moce_model.evaluation.lm import MoCELM
 from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, evaluate_model
+from moce_model.evaluation.suites import BenchmarkSpec
 from moce_model.study.condition_plans import (
     SCORE_COLUMNS,
     STUDY_CONDITIONS,

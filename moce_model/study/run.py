@@ -18,8 +18,8 @@ import polars as pl
 from moce_model.clustering.embedding import load_embedder
 from moce_model.clustering.kmeans import load_centroids, read_embeddings
 from moce_model.common.io import atomic_write_parquet, atomic_write_text
-from moce_model.evaluation.benchmarks import BenchmarkSpec
-from moce_model.evaluation.runner import default_gsm8k_path, evaluate_model
+from moce_model.evaluation.runner import evaluate_model
+from moce_model.evaluation.suites import BenchmarkSpec, default_gsm8k_path
 from moce_model.merging import compare_merged_to_unmerged, merge_trained
 from moce_model.model.config import MoCEConfig
 from moce_model.study.condition_plans import ConditionInputs

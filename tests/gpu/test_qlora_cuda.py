@@ -12,10 +12,10 @@ pytest.importorskip("bitsandbytes")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from moce_model.model.config import MoCEConfig  # noqa: E402
 from moce_model.evaluation.lm import MoCELM  # noqa: E402
 from moce_model.merging import compare_merged_to_unmerged, merge_to_directory  # noqa: E402
 from moce_model.model.adapters import load_trained  # noqa: E402
+from moce_model.model.config import MoCEConfig  # noqa: E402
 from moce_model.training import TrainingConfig, build_model, train  # noqa: E402
 from tests.test_training import make_rows  # noqa: E402
 from tests.tiny_models import save_tiny_llama  # noqa: E402
