@@ -137,8 +137,8 @@ def _array_rows(spec: SourceSpec, data: bytes, where: str) -> _Rows:
 def _lines(data: bytes) -> Iterator[tuple[int, str | None, str | None]]:
     """(line number, text, why it is not text) of every line.
 
-    Split on "\n" only: str.splitlines would also split inside strings holding U+2028 and the like. A file
-    that is not UTF-8 is decoded line by line, so that one bad line costs only itself: b"\n" never occurs
+    Split on "\\n" only: str.splitlines would also split inside strings holding U+2028 and the like. A file
+    that is not UTF-8 is decoded line by line, so that one bad line costs only itself: b"\\n" never occurs
     inside a UTF-8 character.
     """
     try:
