@@ -13,7 +13,8 @@ from assets.common import md_table
 from moce_model.data.sources import SourceSpec
 from moce_model.experiment import Experiment
 
-DATA_CODE_VERSION = "2"
+# 3: raw rows carry `origin` and `malformed` (bad JSON lines quarantined); rejected rows' `detail` names them.
+DATA_CODE_VERSION = "3"
 
 
 def _source_kinds(spec: SourceSpec) -> set[str]:
@@ -121,8 +122,10 @@ def build_raw_source_assets(experiment: Experiment) -> list[dg.AssetsDefinition]
             version, fingerprints = source_data_version(spec)
             frame = load_source(spec)
             with_problems = int(frame["problem"].is_not_null().sum())
+            malformed = int(frame["malformed"].is_not_null().sum())
             context.log.info(
-                f"raw/{spec.name}: {frame.height} rows, {with_problems} with a mapped value that is not text"
+                f"raw/{spec.name}: {frame.height} rows, {with_problems} with a mapped value that is not text, "
+                f"{malformed} lines that are not rows (set aside as malformed_line)"
             )
             return dg.Output(
                 frame,
@@ -131,6 +134,7 @@ def build_raw_source_assets(experiment: Experiment) -> list[dg.AssetsDefinition]
                     "file_fingerprints": dg.MetadataValue.json(fingerprints),
                     "rows": frame.height,
                     "rows_with_wrong_types": with_problems,
+                    "malformed_lines": malformed,
                     "domains": dg.MetadataValue.json(
                         frame.group_by("domain").len().sort("domain").to_dicts() if "domain" in frame.columns else []
                     ),

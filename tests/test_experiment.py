@@ -106,6 +106,10 @@ def test_a_new_experiment_file_runs_the_data_half_through_moce_run(tmp_path, cle
         ({"sources": [{"name": "mine", "kind": "ftp", "path": "x"}]}, ["sources.0", "unknown kind 'ftp'"]),
         ({"sources": [{"name": "mine", "kind": "synthetic", "n_per_domain": "many"}]},
          ["sources.0.n_per_domain = 'many'", "valid integer"]),
+        ({"sources": [{**_my_experiment()["sources"][0], "on_bad_rows": "skip"}]},
+         ["sources.0.on_bad_rows = 'skip'", "'quarantine' or 'refuse'"]),
+        ({"sources": [{**_my_experiment()["sources"][0], "max_bad_row_share": 1.5}]},
+         ["sources.0", "source 'mine': max_bad_row_share must be a number from 0 to 1, got 1.5"]),
         ({"training": {"overrides": {"max_stepz": 3}}},
          ["training.overrides = {'max_stepz': 3}", "unknown training config field 'max_stepz'", "'max_steps'"]),
         ({"training": {"overrides": {"lr": "fast"}}}, ["training.overrides = {'lr': 'fast'}", "'lr'"]),
@@ -129,6 +133,7 @@ def test_a_new_experiment_file_runs_the_data_half_through_moce_run(tmp_path, cle
         ({"study": {"conditions": ["noised", "sunny"]}}, ["study = {'conditions': ['noised', 'sunny']}", "'sunny'"]),
     ],
     ids=["unknown_key", "wrong_type", "bad_enum", "bad_variant", "bad_source_kind", "source_wrong_type",
+         "bad_row_policy_unknown", "bad_row_share_over_one",
          "unknown_training_field", "training_field_wrong_type", "bad_token_router", "bad_blend",
          "bad_value_for_gpus_caught_on_a_cpu", "soft_margin_not_positive", "soft_temperature_infinite",
          "soft_enabled_not_a_boolean", "soft_unknown_key", "soft_assignment_without_a_cluster_routed_variant",
@@ -166,6 +171,10 @@ def test_relative_paths_resolve_against_the_file_not_the_working_directory(tmp_p
     assert experiment.name == "mine"
     assert Path(experiment.sources[0].path) == tmp_path / "data" / "my_instructions.jsonl"
     assert experiment.storage_root == tmp_path / "experiments" / "store"
+    assert (experiment.sources[0].on_bad_rows, experiment.sources[0].max_bad_row_share) == ("quarantine", 0.01)
+    strict = {**_my_experiment()["sources"][0], "on_bad_rows": "refuse", "max_bad_row_share": 0}
+    (source,) = load_experiment(_write(tmp_path / "experiments" / "strict.yaml", _my_experiment(sources=[strict]))).sources
+    assert (source.on_bad_rows, source.max_bad_row_share) == ("refuse", 0)
     assert Path(experiment.base_model.model_id) == tmp_path / "experiments" / "models" / "base"
 
 

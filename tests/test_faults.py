@@ -41,7 +41,7 @@ from moce_model.clustering.kmeans import (
 )
 from moce_model.common.io import read_json
 from moce_model.data.instructions import normalise_instructions
-from moce_model.data.sources import load_source
+from moce_model.data.sources import SourceSpec, load_source
 from moce_model.training import (
     TRAINABLE_STATE_NAME,
     TrainingConfig,
@@ -559,27 +559,133 @@ def test_json_layout_is_read_from_the_content(tmp_path):
         (json.dumps({"data": [{"q": "One?", "a": "1"}]}),
          r"detected a single JSON object \(keys \['data'\]\) without the mapped column 'q', not rows"),
         ('{"q": "One?", "a": "1"}\n{"q": "Two?", "a": }\n',
-         r"detected JSON Lines \(one object per line\); line 2: invalid JSON \(Expecting value at column 20\)"),
+         r"detected JSON Lines \(one object per line\); line 2: invalid JSON \(Expecting value at column 20\) \(on_bad_rows"),
         ('{"q": "One?", "a": "1"}\n["not", "an", "object"]\n',
-         r"detected JSON Lines \(one object per line\); line 2 is a list, expected an object"),
+         r"detected JSON Lines \(one object per line\); line 2: a list, expected an object"),
         ('[\n {"q": "One?", "a": "1"},\n {"q": "Two?" "a": "2"}\n]\n',
          r"detected a JSON array \(it starts with '\['\), but it is not valid JSON: line 3, column 15"),
-        ('[{"q": "One?", "a": "1"}, "text"]', r"detected a JSON array; element 1 is a string, expected an object"),
+        ('[{"q": "One?", "a": "1"}, "text"]', r"detected a JSON array; element 1: a string, expected an object"),
         ('{\n "q": "One?",\n "a" "1"\n}\n', r"neither JSON Lines \(line 1: .*\) nor one JSON document \(line 3"),
-        (b'{"q": "caf\xe9", "a": "1"}\n', r"is not valid UTF-8: line 1"),
+        (b'{"q": "One?", "a": "1"}\n{"q": "caf\xe9", "a": "1"}\n',
+         r"line 2: not valid UTF-8 \(byte offset 10 of the line: invalid continuation byte\)"),
+        (b'[{"q": "caf\xe9", "a": "1"}]', r"is not valid UTF-8: line 1, byte offset 11"),
     ],
     ids=["object_spread_over_lines", "wrapper_object_on_one_line", "bad_line", "line_not_an_object",
-         "bad_array", "array_element_not_an_object", "neither", "not_utf8"],
+         "bad_array", "array_element_not_an_object", "neither", "line_not_utf8", "array_not_utf8"],
 )
 def test_json_errors_say_which_layout_was_detected_and_where(tmp_path, content, message):
+    """With on_bad_rows: refuse, the first line that is not a row refuses the file, naming it; a file that is
+    not rows at all (one document, an unreadable array) is refused whatever on_bad_rows says."""
     path = tmp_path / "data.json"
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:
         path.write_text(content)
     with pytest.raises(ValueError, match=message) as error:
-        load_source(source(path))
+        load_source({**source(path), "on_bad_rows": "refuse"})
     assert str(path) in str(error.value)
+
+
+def jsonl_with_bad_lines(path: Path, good: int, bad: dict[int, bytes]) -> Path:
+    """`good` valid rows ("Question i?") with the `bad` lines (by 1-based line number) among them."""
+    lines, row = [], 0
+    while len(lines) < good + len(bad):
+        number = len(lines) + 1
+        if number in bad:
+            lines.append(bad[number])
+        else:
+            lines.append(json.dumps({"q": f"Question {row}?", "a": f"Answer {row}."}).encode())
+            row += 1
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+BAD_LINES = {
+    3: b'{"q": "Cut off", "a": ',
+    7: b'["a", "list"]',
+    10: b'{"q": "caf\xe9?", "a": "x"}',
+}
+
+
+def test_bad_lines_are_quarantined_with_file_and_line_and_the_other_rows_kept(tmp_path):
+    path = jsonl_with_bad_lines(tmp_path / "big.jsonl", good=997, bad=BAD_LINES)
+    frame = load_source(source(path))
+    assert frame.height == 1000
+    kept, rejected = normalise_instructions([frame])
+    assert kept.height == 997 and kept["instruction"][:3].to_list() == ["Question 0?", "Question 1?", "Question 2?"]
+    assert rejected.select("reason", "detail").rows() == [
+        ("malformed_line", f"{path} line 3: invalid JSON (Expecting value at column 23)"),
+        ("malformed_line", f"{path} line 7: a list, expected an object"),
+        ("malformed_line", f"{path} line 10: not valid UTF-8 (byte offset 10 of the line: invalid continuation byte)"),
+    ]
+    assert rejected["instruction"].to_list() == ["", "", ""]
+
+
+def test_bad_lines_over_the_cap_refuse_the_file_naming_count_and_first_lines(tmp_path):
+    bad = {n: b"not json" for n in range(2, 40, 4)}  # 10 bad lines among 200: 5%
+    path = jsonl_with_bad_lines(tmp_path / "rows.jsonl", good=190, bad=bad)
+    with pytest.raises(ValueError) as error:
+        load_source(source(path))
+    message = str(error.value)
+    assert str(path) in message
+    assert "10 of 200 lines read cannot be read as rows (5.00%, more than max_bad_row_share 0.01)" in message
+    assert "first 5: line 2: invalid JSON (Expecting value at column 1); line 6: " in message
+    assert "line 18: invalid JSON" in message and "line 22" not in message
+    assert load_source({**source(path), "max_bad_row_share": 0.05}).height == 200
+    not_utf8 = {1: b'{"q": "caf\xe9"}', 2: b'{"q": "\xff"}'}
+    with pytest.raises(ValueError, match=r"none of its 2 lines can be read as a row"):
+        load_source({**source(jsonl_with_bad_lines(tmp_path / "none.jsonl", good=0, bad=not_utf8)),
+                     "max_bad_row_share": 1})
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"q": "One?", "a": "1"}, 2, {"q": "Three?", "a": "3"}]))
+    with pytest.raises(ValueError, match=r"1 of 3 elements read cannot be read as rows \(33\.33%"):
+        load_source(source(array))
+    frame = load_source({**source(array), "max_bad_row_share": 0.5})
+    assert frame["malformed"].to_list() == [None, "a number, expected an object", None]
+    assert frame["origin"].to_list() == [f"{array} element {i}" for i in range(3)]
+
+
+def test_refuse_names_the_first_bad_line(tmp_path):
+    path = jsonl_with_bad_lines(tmp_path / "strict.jsonl", good=997, bad=BAD_LINES)
+    with pytest.raises(ValueError) as error:
+        load_source({**source(path), "on_bad_rows": "refuse"})
+    assert str(error.value).startswith(
+        f"source 's': {path}: detected JSON Lines (one object per line); line 3: invalid JSON (Expecting value"
+    )
+
+
+def test_bad_row_options_are_checked(tmp_path):
+    path = jsonl_with_bad_lines(tmp_path / "x.jsonl", good=1, bad={})
+    with pytest.raises(ValueError, match=r"on_bad_rows must be one of \['quarantine', 'refuse'\], got 'skip'"):
+        SourceSpec.from_dict({**source(path), "on_bad_rows": "skip"})
+    for share in (-0.1, 1.5, True, "1%"):
+        with pytest.raises(ValueError, match=r"max_bad_row_share must be a number from 0 to 1"):
+            SourceSpec.from_dict({**source(path), "max_bad_row_share": share})
+    with pytest.raises(ValueError, match=r"a 'hf' source has no lines to quarantine"):
+        SourceSpec.from_dict({"name": "h", "kind": "hf", "path": "meta-math/MetaMathQA", "on_bad_rows": "refuse"})
+
+
+def test_every_rejected_row_names_its_file_and_line(tmp_path):
+    """Empty, duplicate and over-long rows carry where they came from, as malformed and wrong-typed ones do."""
+    first = tmp_path / "first.jsonl"
+    first.write_text("\n".join(json.dumps(row) for row in [
+        {"q": "Add 2 and 3.", "a": "5"},
+        {"q": "  ", "a": "nothing asked"},
+        {"q": "Say hi.", "a": ""},
+        {"q": "Add 2 and 3.", "a": "5"},
+        {"q": "Long " * 30, "a": "y"},
+    ]) + "\n")
+    second = tmp_path / "second.parquet"
+    pl.DataFrame({"q": ["Name a fruit.", "Add 2 and 3."], "a": ["Apple.", "5"]}).write_parquet(second)
+    kept, rejected = normalise_instructions([load_source(source(first)), load_source(source(second))], max_chars=100)
+    assert kept["instruction"].to_list() == ["Add 2 and 3.", "Name a fruit."]
+    assert rejected.select("reason", "detail").rows() == [
+        ("empty_instruction", f"{first} line 2"),
+        ("empty_response", f"{first} line 3"),
+        ("duplicate", f"{first} line 4: duplicate of {first} line 1"),
+        ("too_long", f"{first} line 5: 151 characters, more than max_chars 100"),
+        ("duplicate", f"{second} row 1: duplicate of {first} line 1"),
+    ]
 
 
 def materialize_data_assets(experiment, instance):

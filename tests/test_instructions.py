@@ -107,3 +107,23 @@ def test_bad_calls():
         normalise_instructions([pl.DataFrame({"instruction": ["a"], "response": ["b"]})])
     with pytest.raises(ValueError, match="max_chars"):
         normalise_instructions([pl.DataFrame({"instruction": ["a"], "response": ["b"], "source": ["s"]})], max_chars=0)
+
+
+def test_a_malformed_line_is_its_own_reason_and_details_name_the_origin():
+    frame = pl.DataFrame({
+        "instruction": ["", "Add.", "Add.", "Add.", "Tell."],
+        "response": ["", "5", "5", "5", "x"],
+        "source": ["s"] * 5,
+        "problem": [None, None, "f.jsonl line 3: column 'a' (mapped to 'response') holds a number, expected text",
+                    None, None],
+        "origin": ["f.jsonl line 1", "f.jsonl line 2", "f.jsonl line 3", "f.jsonl line 4", None],
+        "malformed": ["invalid JSON (Expecting value at column 1)", None, None, None, None],
+    })
+    kept, rejected = normalise_instructions([frame, _raw([{"instruction": "Tell.", "response": "x"}], "t")])
+    assert kept["instruction"].to_list() == ["Add.", "Tell."]
+    assert rejected.select("reason", "detail").rows() == [
+        ("malformed_line", "f.jsonl line 1: invalid JSON (Expecting value at column 1)"),
+        ("wrong_type", "f.jsonl line 3: column 'a' (mapped to 'response') holds a number, expected text"),
+        ("duplicate", "f.jsonl line 4: duplicate of f.jsonl line 2"),
+        ("duplicate", None),  # a frame without origins (an older stored table) has nothing to name
+    ]

@@ -56,10 +56,33 @@ def test_local_json_array_and_parquet_and_max_rows(tmp_path):
     from_json = load_source({"name": "a", "kind": "local", "path": str(array_path), "mapping": mapping})
     from_parquet = load_source({"name": "a", "kind": "local", "path": str(parquet_path), "mapping": mapping})
     _check_raw_shape(from_json)
-    assert from_json.equals(from_parquet)
+    assert from_json.drop("origin").equals(from_parquet.drop("origin"))
+    assert from_json["origin"][:2].to_list() == [f"{array_path} element 0", f"{array_path} element 1"]
+    assert from_parquet["origin"][:2].to_list() == [f"{parquet_path} row 0", f"{parquet_path} row 1"]
     assert from_json["domain"].to_list()[:3] == ["c0", "c1", "c2"]
     limited = load_source({"name": "a", "kind": "local", "path": str(parquet_path), "mapping": mapping, "max_rows": 4})
     assert limited.height == 4
+
+
+def test_every_row_has_its_origin_and_a_bad_line_is_a_row_marked_malformed(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    lines = [json.dumps(row) for row in SLIMORCA_ROWS] + ['{"conversations": [', json.dumps(SLIMORCA_ROWS[1])]
+    path.write_text("\n\n".join(lines) + "\n", encoding="utf-8")  # blank lines between: numbers still count them
+    spec = {"name": "chat", "kind": "local", "path": str(path), "conversations": "conversations",
+            "max_bad_row_share": 0.25}
+    frame = load_source(spec)
+    _check_raw_shape(frame)
+    assert frame["origin"].to_list() == [f"{path} line {n}" for n in (1, 3, 5, 7)]
+    assert frame["malformed"].to_list() == [None, None, "invalid JSON (Expecting value at column 20)", None]
+    assert frame.row(2, named=True) | {"origin": None, "malformed": None} == {
+        "system": "", "instruction": "", "input": "", "response": "", "domain": None, "source": "chat",
+        "problem": None, "origin": None, "malformed": None}
+    assert frame["response"].to_list() == ["Bonjour.", "Rome.", "", "Rome."]
+    # max_rows counts the lines read, bad ones included, so the raw frame never has more rows than asked for
+    assert load_source({**spec, "max_rows": 3, "max_bad_row_share": 0.5})["origin"].to_list()[-1] == f"{path} line 5"
+    synthetic = load_source({"name": "syn", "kind": "synthetic", "n_per_domain": 1})
+    assert synthetic["origin"].to_list() == [f"syn row {i}" for i in range(4)]
+    assert synthetic["malformed"].null_count() == 4
 
 
 def test_profile_spellings_fields_and_dataset_are_accepted(tmp_path):
