@@ -347,22 +347,99 @@ def train(
     `cluster_ids` maps instruction id → k-means cluster (needed by cluster-routed variants); `num_clusters`
     (the number of centroids) is checked against the model's number of expert groups.
     """
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
 
+    training_config = _for_this_device(training_config)
+    output_dir = Path(output_dir)
+    checkpoints_dir = output_dir / CHECKPOINTS_DIRNAME
+    artifact_dir = output_dir / ARTIFACT_DIRNAME
+    check_columns(train_rows)
+    group_ids = resolve_cluster_ids(train_rows["id"].to_list(), cluster_ids, moce_config, num_clusters)
+    data = _training_data(base_model_dir, train_rows, group_ids, training_config)
+
+    set_seed(training_config.seed)
+    args = _training_arguments(training_config, checkpoints_dir)
+    fingerprint = run_fingerprint(
+        base_model_dir, train_rows["id"].to_list(), group_ids, _moce_config_dict(moce_config), training_config
+    )
+    resume_from = _checkpoint_to_resume(args, output_dir, checkpoints_dir, fingerprint, resume)
+    model = build_model(base_model_dir, moce_config, training_config)
+    trainable = count_trainable_parameters(model)
+    trainer = _make_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=data.dataset,
+        data_collator=data.collator,
+        processing_class=data.tokenizer,
+        callbacks=[_log_relay(on_log)] if on_log is not None else None,
+        forward_takes_cluster_ids=_forward_takes_cluster_ids(model),
+    )
+    if on_log is not None:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # the caller shows the records: print each once, not twice
+    run = _run_trainer(trainer, resume_from, training_config)
+
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    result = TrainResult(
+        output_dir=output_dir,
+        artifact_dir=artifact_dir,
+        global_step=trainer.state.global_step,
+        loss_history=_loss_history(trainer.state.log_history),
+        tokens_per_second=run.tokens / run.train_seconds if run.train_seconds > 0 else 0.0,
+        peak_memory_mb=_peak_memory_mb(),
+        trainable_parameters=trainable,
+        expert_use=_expert_use(unwrapped, data.dataset, data.collator) if moce_config is not None else None,
+        train_seconds=run.train_seconds,
+        resumed_from_step=run.resumed_from_step,
+        cpu_seconds=run.cpu_seconds,
+        n_examples=len(data.dataset),
+        **data.token_stats,
+    )
+    if trainer.is_world_process_zero():
+        prune_checkpoints(checkpoints_dir, training_config.save_total_limit)
+        _save_artifact(
+            unwrapped,
+            data.tokenizer,
+            artifact_dir,
+            {
+                "base_model_dir": str(base_model_dir),
+                "moce_config": _moce_config_dict(moce_config),
+                "training_config": training_config.to_dict(),
+                "prompt_format": data.prompt_format,
+                "global_step": result.global_step,
+                "n_examples": result.n_examples,
+            },
+        )
+    trainer.accelerator.wait_for_everyone()
+    return result
+
+
+def _for_this_device(training_config: TrainingConfig) -> TrainingConfig:
     training_config = training_config.for_this_machine()
     if training_config.optim.startswith("paged_") and not torch.cuda.is_available():
         raise ValueError(
             f"optim={training_config.optim!r} pages the optimiser state through CUDA unified memory and needs a GPU; "
             "on a CPU use optim='adamw_torch'"
         )
-    output_dir = Path(output_dir)
-    checkpoints_dir = output_dir / CHECKPOINTS_DIRNAME
-    artifact_dir = output_dir / ARTIFACT_DIRNAME
     if training_config.num_threads:
         torch.set_num_threads(training_config.num_threads)
+    return training_config
 
-    check_columns(train_rows)
-    group_ids = resolve_cluster_ids(train_rows["id"].to_list(), cluster_ids, moce_config, num_clusters)
+
+@dataclass(frozen=True)
+class _TrainingData:
+    tokenizer: Any
+    prompt_format: str
+    dataset: InstructionDataset
+    collator: InstructionCollator
+    token_stats: dict[str, Any]
+
+
+def _training_data(base_model_dir: str | os.PathLike, train_rows: pl.DataFrame, group_ids: Any,
+                   training_config: TrainingConfig) -> _TrainingData:
+    """The rows tokenised in the experiment's prompt format, with their groups, and the collator."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     if tokenizer.pad_token_id is None:
@@ -373,41 +450,34 @@ def train(
         tokenizer.pad_token_id,
         pad_to_multiple_of=compiled_length_bucket(training_config.max_length) if training_config.compile else None,
     )
+    return _TrainingData(tokenizer, fmt.name, dataset, collator, token_stats)
 
-    set_seed(training_config.seed)
-    args = _training_arguments(training_config, checkpoints_dir)
+
+def _checkpoint_to_resume(args: Any, output_dir: Path, checkpoints_dir: Path, fingerprint: str,
+                          resume: bool) -> Path | None:
     # Rank 0 cleans up (foreign or corrupt checkpoints) first; the other ranks then see the same directory.
     with args.main_process_first(local=False, desc="checkpoint selection"):
         if is_main_process():
             if not resume and checkpoints_dir.exists():
                 shutil.rmtree(checkpoints_dir)
-            fingerprint = run_fingerprint(
-                base_model_dir, train_rows["id"].to_list(), group_ids, _moce_config_dict(moce_config), training_config
-            )
             discard_checkpoints_of_other_runs(output_dir, fingerprint)
-        resume_from = find_resumable_checkpoint(checkpoints_dir) if resume else None
-    model = build_model(base_model_dir, moce_config, training_config)
-    trainable = count_trainable_parameters(model)
+        return find_resumable_checkpoint(checkpoints_dir) if resume else None
 
-    trainer_class = _make_trainer_class()
-    trainer = trainer_class(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=[_log_relay(on_log)] if on_log is not None else None,
-        forward_takes_cluster_ids=_forward_takes_cluster_ids(model),
-    )
-    if on_log is not None:
-        from transformers import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)  # the caller shows the records: print each once, not twice
+@dataclass(frozen=True)
+class _TrainerRun:
+    resumed_from_step: int
+    train_seconds: float
+    cpu_seconds: float
+    tokens: int
+
+
+def _run_trainer(trainer: Any, resume_from: Path | None, training_config: TrainingConfig) -> _TrainerRun:
+    """Train (or resume) to the end; a run out of memory says which settings to lower."""
     resumed_from_step = 0
     if resume_from is not None:
         resumed_from_step = checkpoint_step(resume_from) or 0
         logger.info("resuming from %s (step %d)", resume_from, resumed_from_step)
-
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -432,50 +502,14 @@ def train(
                 f"gradient_checkpointing={training_config.gradient_checkpointing}, qlora={training_config.qlora})"
             ) from error
         raise
-    train_seconds = time.perf_counter() - started
-    # CPU time of all threads: on a shared machine wall time depends on the neighbours, this does not.
-    cpu_seconds = time.process_time() - cpu_started
-
     tokens_before = (
         trainer.state.num_input_tokens_seen if finished else getattr(trainer, "_initial_num_input_tokens_seen", 0)
     )
-    tokens_this_run = trainer.state.num_input_tokens_seen - tokens_before
-    loss_history = [
-        (int(entry["step"]), float(entry["loss"]))
-        for entry in trainer.state.log_history
-        if "loss" in entry and "step" in entry and math.isfinite(float(entry["loss"]))
-    ]
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
-    expert_use = _expert_use(unwrapped, dataset, collator) if moce_config is not None else None
-    result = TrainResult(
-        output_dir=output_dir,
-        artifact_dir=artifact_dir,
-        global_step=trainer.state.global_step,
-        loss_history=loss_history,
-        tokens_per_second=tokens_this_run / train_seconds if train_seconds > 0 else 0.0,
-        peak_memory_mb=_peak_memory_mb(),
-        trainable_parameters=trainable,
-        expert_use=expert_use,
-        train_seconds=train_seconds,
-        resumed_from_step=resumed_from_step,
-        cpu_seconds=cpu_seconds,
-        n_examples=len(dataset),
-        **token_stats,
-    )
-    if trainer.is_world_process_zero():
-        prune_checkpoints(checkpoints_dir, training_config.save_total_limit)
-        _save_artifact(
-            unwrapped,
-            tokenizer,
-            artifact_dir,
-            {
-                "base_model_dir": str(base_model_dir),
-                "moce_config": _moce_config_dict(moce_config),
-                "training_config": training_config.to_dict(),
-                "prompt_format": fmt.name,
-                "global_step": result.global_step,
-                "n_examples": result.n_examples,
-            },
-        )
-    trainer.accelerator.wait_for_everyone()
-    return result
+    # CPU time of all threads: on a shared machine wall time depends on the neighbours, this does not.
+    return _TrainerRun(resumed_from_step, time.perf_counter() - started, time.process_time() - cpu_started,
+                       trainer.state.num_input_tokens_seen - tokens_before)
+
+
+def _loss_history(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    return [(int(entry["step"]), float(entry["loss"])) for entry in log_history
+            if "loss" in entry and "step" in entry and math.isfinite(float(entry["loss"]))]
