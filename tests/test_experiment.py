@@ -235,6 +235,23 @@ def test_moce_generate_answers_with_a_model_directory_and_says_where_it_routed(t
     assert "### routed: cluster 1 -> expert group 1" in capsys.readouterr().out
 
 
+def test_moce_generate_asks_in_the_prompt_format_it_is_given(tmp_path, clean_env, capsys, monkeypatch):
+    from moce_model import generate
+    from tests.test_eval_fixtures import save_routed_model_dir
+
+    asked: list[str] = []
+    real = generate.make_prompt_format
+    monkeypatch.setattr(generate, "make_prompt_format", lambda name, tokenizer: asked.append(name) or real(name, tokenizer))
+    model = save_routed_model_dir(tmp_path / "merged")
+    argv = ["generate", "--model", str(model), "--max-new-tokens", "2"]
+    assert moce([*argv, "--prompt-format", "human_assistant", "What is 12 plus 7 apples?"]) == 0
+    assert moce([*argv, "What is 12 plus 7 apples?"]) == 0  # the demo experiment's format
+    assert asked == ["human_assistant", load_experiment("demo").base_model.prompt_format]
+    with pytest.raises(SystemExit):
+        moce([*argv, "--prompt-format", "alpaca", "hi"])
+    assert "invalid choice: 'alpaca'" in capsys.readouterr().err
+
+
 def test_moce_generate_and_eval_say_when_the_experiment_has_no_trained_model(tmp_path, clean_env):
     path = _write(tmp_path / "mine.yaml", _my_experiment())
     with pytest.raises(SystemExit, match=r"no model at .*merged_model/moce: train it first"):
@@ -311,3 +328,30 @@ def test_soft_assignment_of_the_experiment_reaches_the_variants_that_route_by_cl
     default = load_experiment(_write(tmp_path / "hard.yaml", _my_experiment()))
     assert default.experts.soft_assignment.rule() is None
     assert _moce_config(default, "moce", 3, None).soft_assignment_rule is None
+
+
+def test_the_ui_command_is_named_as_a_new_shell_finds_it(tmp_path, monkeypatch):
+    """`make demo` installs `moce` into .venv/bin, which a new shell does not have on its PATH."""
+    import shutil
+    import sys
+
+    from pipelines.cli import how_to_run
+
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").symlink_to(sys.executable)
+    (tmp_path / "Makefile").write_text("ui:\n")
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert how_to_run("ui") == f"{sys.executable} -m pipelines.cli ui"  # no installed script
+    (bin_dir / "moce").write_text("#!/bin/sh\n")
+    assert how_to_run("ui") == ".venv/bin/moce ui (or make ui)"
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/local/bin/moce")  # another installation's
+    assert how_to_run("ui") == ".venv/bin/moce ui (or make ui)"
+    monkeypatch.setattr(shutil, "which", lambda name: str(bin_dir / "moce"))  # the environment is activated
+    assert how_to_run("ui") == "moce ui"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.chdir(tmp_path / ".venv")
+    assert how_to_run("ui") == f"{bin_dir / 'moce'} ui"  # outside the project folder: the whole path
+    assert how_to_run("run") == f"{bin_dir / 'moce'} run"
