@@ -260,16 +260,25 @@ def test_moce_generate_and_eval_say_when_the_experiment_has_no_trained_model(tmp
         moce(["eval", "--experiment", str(path)])
 
 
-def test_moce_eval_evaluates_with_the_experiments_sizes(tmp_path, clean_env, capsys):
+def test_moce_eval_evaluates_with_the_experiments_sizes(tmp_path, clean_env, capsys, caplog):
+    import logging
+
     from tests.test_eval_fixtures import save_model_dir
 
     model = save_model_dir(tmp_path / "base")
     sizes = {"loss_items_per_domain": 1, "generation_items_per_domain": 1, "humaneval_items": 1, "gsm8k_items": 1}
     path = _write(tmp_path / "mine.yaml", _my_experiment(evaluation=sizes))
-    assert moce(["eval", "--experiment", str(path), "--model", f"base={model}", "--", "--threads", "1"]) == 0
+    caplog.set_level(logging.DEBUG)  # record whatever the loggers let through, at their own levels
+    assert moce(["eval", "--experiment", str(path), "--model", f"base={model}", "--",
+                 "--threads", "1", "--max-new-tokens", "8"]) == 0
     output = capsys.readouterr().out
     assert "base: evaluated in" in output
     assert "synthetic_arithmetic" in output and "humaneval" in output
+    # progress as it goes: loading, then a line per benchmark; the libraries' INFO lines are not shown
+    progress = [r.getMessage() for r in caplog.records if r.name.startswith("moce_model")]
+    assert progress[0] == f"base: loading {model}" and progress[1].startswith("base: loaded in")
+    assert any(m.startswith("base: benchmark 1/") for m in progress)
+    assert not [r for r in caplog.records if r.name.startswith(("transformers", "lm_eval")) and r.levelno < logging.WARNING]
 
 
 @pytest.mark.parametrize("selection", ["grp:data", "key:nonesuch"])
