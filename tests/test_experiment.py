@@ -126,12 +126,17 @@ def test_a_new_experiment_file_runs_the_data_half_through_moce_run(tmp_path, cle
         ({"study": {"seeds": 3}}, ["study = {'seeds': 3}", "study seeds = 3: expected a list of int"]),
         ({"study": {"max_steps": True}}, ["study max_steps = True: expected int"]),
         ({"study": {"conditions": ["noised", "sunny"]}}, ["study = {'conditions': ['noised', 'sunny']}", "'sunny'"]),
+        ({"training": {"report_to": ["tensorbored"]}},
+         ["training.report_to", "'report_to' = ['tensorbored']: expected ['none'] or a list of transformers'",
+          "'tensorboard'"]),
+        ({"training": {"overrides": {"report_to": ["wandb"]}}}, ["set the experiment trackers as training.report_to"]),
     ],
     ids=["unknown_key", "wrong_type", "bad_enum", "bad_variant", "bad_source_kind", "source_wrong_type",
          "unknown_training_field", "training_field_wrong_type", "bad_token_router", "bad_blend",
          "bad_value_for_gpus_caught_on_a_cpu", "soft_margin_not_positive", "soft_temperature_infinite",
          "soft_enabled_not_a_boolean", "soft_unknown_key", "soft_assignment_without_a_cluster_routed_variant",
-         "study_unknown_field", "study_list_field_not_a_list", "study_int_field_a_boolean", "study_unknown_condition"],
+         "study_unknown_field", "study_list_field_not_a_list", "study_int_field_a_boolean", "study_unknown_condition",
+         "unknown_experiment_tracker", "experiment_tracker_as_an_override"],
 )
 def test_malformed_experiment_names_file_key_and_value(tmp_path, clean_env, change, expected):
     path = _write(tmp_path / "bad.yaml", _my_experiment(**change))
@@ -364,3 +369,9 @@ def test_the_ui_command_is_named_as_a_new_shell_finds_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / ".venv")
     assert how_to_run("ui") == f"{bin_dir / 'moce'} ui"  # outside the project folder: the whole path
     assert how_to_run("run") == f"{bin_dir / 'moce'} run"
+
+
+def test_training_report_to_reaches_the_training_config(tmp_path, clean_env):
+    assert load_experiment("demo").training_config().report_to == ("none",)
+    path = _write(tmp_path / "mine.yaml", _my_experiment(training={"report_to": ["tensorboard", "mlflow"]}))
+    assert load_experiment(path).training_config().report_to == ("tensorboard", "mlflow")
