@@ -163,5 +163,5 @@ def materialize_unsynced(
     print("seconds per asset group:", per_group, file=out)
     print(f"total: {total:.1f} s", file=out)
     if not result.success:
-        print(f"the run FAILED; see the errors above, or open the run in `{how_to_run('ui')}`", file=sys.stderr)
+        print(f"the run FAILED; see the errors above, or open the run in the UI: {how_to_run('ui')}", file=sys.stderr)
     return result.success
