@@ -250,12 +250,23 @@ class Training(_Section):
     overrides: dict[str, Any] = {}
     # Train on a seeded sample of this many instructions (null: all).
     train_rows: PositiveInt | None = None
+    # Experiment trackers the trainer reports to: [none], or transformers' integrations such as [tensorboard],
+    # [mlflow], [wandb] (each needs its package; TensorBoard writes under the run's directory, <run>/logs).
+    report_to: list[str] = ["none"]
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_integrations(cls, report_to: list[str]) -> list[str]:
+        TrainingConfig(report_to=tuple(report_to))  # checks the names, and says which it takes
+        return report_to
 
     @field_validator("overrides")
     @classmethod
     def _known_fields_of_the_right_type(cls, overrides: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         if "prompt_format" in overrides:
             raise ValueError("set the prompt format once, as base_model.prompt_format, not as a training override")
+        if "report_to" in overrides:
+            raise ValueError("set the experiment trackers as training.report_to, not as a training override")
         # TrainingConfig checks each name and type (and suggests the field meant by a misspelt one).
         TrainingConfig.preset(info.data.get("preset", "demo")).with_overrides(overrides)
         return overrides
@@ -425,7 +436,8 @@ class Experiment(_Section):
         """The preset with this experiment's prompt format and overrides (a moce_model.training.TrainingConfig)."""
 
         return TrainingConfig.preset(self.training.preset).with_overrides(
-            {"prompt_format": self.base_model.prompt_format, **self.training.overrides}
+            {"prompt_format": self.base_model.prompt_format, "report_to": tuple(self.training.report_to),
+             **self.training.overrides}
         )
 
     def study_config(self):

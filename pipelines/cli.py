@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,8 +93,26 @@ def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
     report = experiment.storage_root / "report" / "benchmark_report.md"
     if ok and report.exists():
         print(f"\nbenchmark report: {report}")
-    print("explore the lineage, plots and metadata: moce ui  (then open http://127.0.0.1:3000)")
+    print(f"explore the lineage, plots and metadata: {how_to_run('ui')}  (then open http://127.0.0.1:3000)")
     return 0 if ok else 1
+
+
+def how_to_run(command: str) -> str:
+    """How to type `moce COMMAND` in a new shell. `make demo` installs `moce` into the project's .venv/bin, which a
+    shell has on its PATH only while that environment is activated: name the script by its path (and the make
+    target, from the project's folder) unless `moce` on the PATH is this very script."""
+    script = Path(sys.executable).parent / "moce"
+    found = shutil.which("moce")
+    if found and script.is_file() and Path(found).resolve() == script.resolve():
+        return f"moce {command}"
+    if not script.is_file():  # run as `python -m pipelines.cli`, without the installed script
+        return f"{shlex.quote(sys.executable)} -m pipelines.cli {command}"
+    in_project = (Path.cwd() / "Makefile").is_file()  # where `make demo` ran, and a new shell likely starts
+    shown = script.absolute()
+    if in_project and shown.is_relative_to(Path.cwd()):
+        shown = shown.relative_to(Path.cwd())
+    typed = f"{shlex.quote(str(shown))} {command}"
+    return f"{typed} (or make {command})" if in_project and command == "ui" else typed
 
 
 def _evaluates(defs, selection) -> bool:
@@ -162,8 +181,9 @@ def cmd_generate(args: argparse.Namespace, experiment: Experiment) -> int:
     model = args.model or _merged_model_dir(experiment, args.variant)
     if not Path(model).is_dir():
         raise SystemExit(f"moce generate: no model at {model}: train it first (`moce run`) or give --model DIR")
+    prompt_format = args.prompt_format or experiment.base_model.prompt_format
     return generate_main(["--model", str(model), "--max-new-tokens", str(args.max_new_tokens),
-                          "--prompt-format", experiment.base_model.prompt_format, *args.prompts])
+                          "--prompt-format", prompt_format, *args.prompts])
 
 
 def cmd_eval(args: argparse.Namespace, experiment: Experiment) -> int:
@@ -305,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--variant", default="moce", help="which of the experiment's models (default: moce)")
     generate.add_argument("--model", default=None, metavar="DIR", help="a merged model directory instead")
     generate.add_argument("--max-new-tokens", type=int, default=128)
+    # The names are checked by moce_model.generate, whose import (torch) waits until a command runs.
+    generate.add_argument("--prompt-format", default=None, metavar="FORMAT",
+                          help="the prompt format the model was trained with: auto, chat_template or "
+                               "human_assistant (default: the experiment's base_model.prompt_format)")
     generate.set_defaults(handler=cmd_generate)
 
     evaluate = commands.add_parser("eval", parents=[common], help="evaluate models on the demo benchmarks",

@@ -20,6 +20,7 @@ from assets.evaluation import build_evaluation_assets
 from assets.k_sweep import K_SWEEP_GROUP, build_k_sweep_assets
 from assets.study import STUDY_GROUP, build_study_assets
 from assets.training import base_model, build_training_assets
+from moce_model.common.logs import quiet_library_logs
 from moce_model.experiment import Experiment, load_experiment
 from moce_model.study.config import StudyConfig
 from pipelines.instance import fail_runs_of_killed_processes
@@ -133,4 +134,8 @@ logging.captureWarnings(True)
 # transformers' records reach the event log (python_logs), which the terminal shows too: without this its own
 # stderr handler would print each of them a second time.
 hf_logging.disable_default_handler()
+# Our progress at INFO, the libraries' warnings only (MOCE_VERBOSE=1: their INFO lines and progress bars too); each
+# process that runs steps imports this module before the run starts, and the levels set here are the ones in force
+# (the instance sets no python_log_level: pipelines/instance.py).
+quiet_library_logs()
 defs = build_definitions(load_experiment())

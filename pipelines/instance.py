@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 INSTANCE_FILE = "dagster.yaml"
 INSTANCE_SETTINGS: dict[str, Any] = {
     "telemetry": {"enabled": False},
+    # The UI's "Join the Dagster community" dialog, which covers the asset graph on the first visit.
+    "nux": {"enabled": False},
     "run_monitoring": {
         "enabled": True,
         # Dagster's documented defaults, written out so the file says what is in force.
@@ -58,13 +60,16 @@ INSTANCE_SETTINGS: dict[str, Any] = {
 }
 # Warnings that libraries log (transformers, peft, lm-eval, ...) reach each step's Dagster event log, not only
 # the terminal; `warnings.warn` messages go through logging's `py.warnings` (pipelines/definitions.py).
+# No `python_log_level`: Dagster would set that one level on every managed logger at the start of each run, and at
+# INFO the libraries print their chatter (transformers a whole model config on every load). Each logger keeps the
+# level `moce_model.common.logs.quiet_library_logs` gives it when the definitions load: ours INFO, the libraries'
+# WARNING.
 INSTANCE_SETTINGS["python_logs"] = {
-    # INFO: the level also applies to the steps' own context.log; libraries keep their own levels
-    # (transformers and torch log warnings and above unless told otherwise).
-    "python_log_level": "INFO",
     "managed_python_loggers": ["moce_model", "transformers", "peft", "accelerate", "sentence_transformers",
                                "lm-eval", "lm_eval", "bitsandbytes", "py.warnings"],
 }
+# Settings earlier versions wrote that this one removes from an existing dagster.yaml.
+DROPPED_SETTINGS = {"python_logs": ("python_log_level",)}
 IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
@@ -79,7 +84,11 @@ def write_instance_config(home: str | Path) -> Path:
             raise ValueError(f"{path}: not valid YAML ({error}); fix or remove it") from error
         if not isinstance(existing, dict):
             raise ValueError(f"{path}: expected a mapping of instance settings, got {type(existing).__name__}")
-    atomic_write_text(yaml.safe_dump(deep_merged(existing, INSTANCE_SETTINGS), sort_keys=False), path)
+    settings = deep_merged(existing, INSTANCE_SETTINGS)
+    for section, keys in DROPPED_SETTINGS.items():
+        for key in keys:
+            settings.get(section, {}).pop(key, None)
+    atomic_write_text(yaml.safe_dump(settings, sort_keys=False), path)
     return path
 
 

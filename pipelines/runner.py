@@ -21,6 +21,7 @@ import dagster as dg
 
 from assets.common import CODE_VERSION_TAG, DATA_VERSION_TAG, INPUT_DATA_VERSION_TAG
 from assets.data import current_source_data_version
+from pipelines.cli import how_to_run
 
 
 def _latest_tags(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict[str, str] | None:
@@ -162,5 +163,5 @@ def materialize_unsynced(
     print("seconds per asset group:", per_group, file=out)
     print(f"total: {total:.1f} s", file=out)
     if not result.success:
-        print("the run FAILED; see the errors above, or open the run in `moce ui`", file=sys.stderr)
+        print(f"the run FAILED; see the errors above, or open the run in the UI: {how_to_run('ui')}", file=sys.stderr)
     return result.success

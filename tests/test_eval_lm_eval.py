@@ -8,14 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from moce_model.data.instructions import routing_text
+from moce_model.evaluation.suites import BenchmarkSpec
 from moce_model.evaluation.lm import MoCELM
-from moce_model.evaluation.lm_eval_suite import (
-    code_program,
-    outcome_from_lm_eval,
-    run_lm_eval,
-    score_code_samples,
-)
+from moce_model.evaluation.lm_eval_suite import code_program, outcome_from_lm_eval, run_lm_eval, score_code_samples
 from moce_model.evaluation.suites import (
     PAPER_LM_EVAL_TASKS,
     BenchmarkSpec,
@@ -302,3 +300,155 @@ def test_a_task_of_lm_evals_include_path_routes_through_the_cli_path(tmp_path: P
     results = cli_run({"include_path": str(tasks_dir)})
     assert results["results"]["user_mc"]["acc,none"] in (0.0, 0.5, 1.0)
     assert results["n-samples"]["user_mc"]["effective"] == 2
+
+
+# ------------------------------------------------------------------- moce-lm-eval: lm-eval's command line
+
+def test_moce_lm_eval_hands_the_run_s_task_folders_to_the_moce_model(tmp_path: Path):
+    from moce_model.evaluation.lm_eval_cli import parse_args
+
+    tasks_dir = tmp_path / "my_tasks"
+    tasks_dir.mkdir()
+    # lm-eval's legacy form (no `run`): --include_path becomes the model's include_path
+    _, args = parse_args(["--model", "moce", "--model_args", "pretrained=/m", "--include_path", str(tasks_dir),
+                          "--tasks", "my_task"])
+    assert args.command == "run" and args.model_args == {"pretrained": "/m", "include_path": str(tasks_dir)}
+    # a task given as a YAML file adds its folder
+    (tmp_path / "other").mkdir()
+    _, args = parse_args(["run", "--model", "moce", "--model_args", "pretrained=/m", "--include_path", str(tasks_dir),
+                          "--tasks", f"my_task,{tmp_path / 'other' / 'x.yaml'}"])
+    assert args.model_args["include_path"] == [str(tasks_dir), str(tmp_path / "other")]
+    # an include_path the user gave the model stays; other models and runs without task folders are left alone
+    _, args = parse_args(["run", "--model", "moce", "--model_args", "pretrained=/m", "include_path=/mine",
+                          "--include_path", str(tasks_dir), "--tasks", "my_task"])
+    assert args.model_args["include_path"] == "/mine"
+    _, args = parse_args(["run", "--model", "hf", "--model_args", "pretrained=/m", "--include_path", str(tasks_dir),
+                          "--tasks", "my_task"])
+    assert "include_path" not in args.model_args
+    _, args = parse_args(["run", "--model", "moce", "--model_args", "pretrained=/m", "--tasks", "gsm8k"])
+    assert args.model_args == {"pretrained": "/m"}
+    # settings from a --config file count as the command line's
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: moce\nmodel_args: pretrained=/m,dtype=float32\ninclude_path: {tasks_dir}\n"
+                      "tasks: [my_task]\n")
+    _, args = parse_args(["run", "--config", str(config)])
+    assert args.model_args == {"pretrained": "/m", "dtype": "float32", "include_path": str(tasks_dir)}
+
+
+def _user_tasks(tasks_dir: Path) -> None:
+    tasks_dir.mkdir(exist_ok=True)
+    data = tasks_dir / "items.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": PYTHON_ITEM, "choices": ["yes", "no"], "label": 0},
+        {"question": APPLES_ITEM, "choices": ["7", "8"], "label": 0},
+    ]))
+    (tasks_dir / "user_mc.yaml").write_text(
+        f"task: user_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+
+
+def _recording_routed_texts(monkeypatch) -> list[str]:
+    routed: list[str] = []
+    real = MoCELM._route_texts
+
+    def recording(self, texts):
+        routed.extend(texts)
+        return real(self, texts)
+
+    monkeypatch.setattr(MoCELM, "_route_texts", recording)
+    return routed
+
+
+def _results(output_path: Path) -> dict:
+    (path,) = output_path.rglob("results_*.json")
+    return json.loads(path.read_text())
+
+
+def test_moce_lm_eval_runs_a_user_task_routed_by_cluster(tmp_path: Path, monkeypatch):
+    """`moce-lm-eval --model moce --include_path DIR --tasks T`: lm-eval's own command line knows the model, and
+    the model routes each request by its document, found through the run's include path alone."""
+    from moce_model.evaluation.lm_eval_cli import main
+
+    _user_tasks(tmp_path / "my_tasks")
+    model_dir = save_routed_model_dir(tmp_path / "merged")
+    routed = _recording_routed_texts(monkeypatch)
+    main(["run", "--model", "moce", "--model_args", f"pretrained={model_dir}", "--include_path",
+          str(tmp_path / "my_tasks"), "--tasks", "user_mc", "--batch_size", "2", "--output_path", str(tmp_path / "out")])
+    results = _results(tmp_path / "out")
+    assert results["n-samples"]["user_mc"]["effective"] == 2
+    assert results["results"]["user_mc"]["acc,none"] in (0.0, 0.5, 1.0)
+    assert set(routed) == {f"Question: {PYTHON_ITEM}\nAnswer:", f"Question: {APPLES_ITEM}\nAnswer:"}
+
+
+def _digit_head_model():
+    """(model, tokenizer): the tiny Llama with an untied head that can only say '1' or '2' (two opposite rows, every other row 0):
+    every answer is a number, and which digits it holds depends on the prompt and on the expert group."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = build_model(tokenizer).config
+    config.tie_word_embeddings = False  # before the model is built: the tying is fixed when it is
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    torch.manual_seed(5)
+    direction = torch.randn(model.config.hidden_size)
+    head = torch.zeros(len(tokenizer), model.config.hidden_size)
+    head[tokenizer.convert_tokens_to_ids("1")] = direction
+    head[tokenizer.convert_tokens_to_ids("2")] = -direction
+    model.lm_head.weight = torch.nn.Parameter(head)
+    return model, tokenizer
+
+
+def test_moce_lm_eval_gsm8k_scores_what_the_project_s_gsm8k_scores(tmp_path: Path, monkeypatch):
+    """lm-eval's gsm8k task (its metric, filters and stop sequences, from its installed YAML), run on a local file
+    through `moce-lm-eval` and asked as the project's own GSM8K benchmark asks it, generates the same answers and
+    gives the same exact match (its flexible-extract filter: the last number) on the same items and token budget."""
+    from lm_eval import tasks as lm_eval_tasks
+
+    from moce_model.evaluation.benchmarks import GSM8K_INSTRUCTION, run_benchmark
+    from moce_model.evaluation.lm_eval_cli import main
+
+    max_new_tokens = 5
+    base, tokenizer = _digit_head_model()
+    model_dir = save_routed_model_dir(tmp_path / "merged", base=base, tokenizer=tokenizer)
+    data = tmp_path / "gsm8k.jsonl"
+    questions = [APPLES_ITEM, PYTHON_ITEM, "A train travels 60 miles in 2 hours. What is its speed?"]
+
+    def write(answers: list[str]) -> None:
+        data.write_text("".join(json.dumps({"question": q, "answer": f"Work it out.\n#### {a}"}) + "\n"
+                                for q, a in zip(questions, answers)))
+
+    lm = MoCELM(pretrained=str(model_dir), batch_size=4)
+    spec = BenchmarkSpec(name="gsm8k", kind="gsm8k", path=str(data), max_new_tokens=max_new_tokens)
+    write(["0", "0", "0"])
+    completions = [item.completion for item in run_benchmark(lm, spec, limit=None).items]
+    assert all(len(c) == max_new_tokens and set(c) <= {"1", "2"} for c in completions), completions
+    # answers that make the first and last items right and the middle one wrong
+    write([completions[0], str(int(completions[1]) + 1), completions[2]])
+    own = run_benchmark(lm, spec, limit=None)
+    assert own.metrics[0].item_scores == (1.0, 0.0, 1.0)
+    assert [item.cluster for item in own.items] == [1, 0, 1]
+
+    gsm8k_yaml = Path(lm_eval_tasks.__file__).parent / "gsm8k" / "gsm8k.yaml"
+    tasks_dir = tmp_path / "my_tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "my_gsm8k.yaml").write_text(
+        f"include: {gsm8k_yaml}\ntask: my_gsm8k\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    train: {data}\n    test: {data}\nnum_fewshot: 0\n"
+        f"doc_to_text: {json.dumps('{{question}}' + chr(10) + GSM8K_INSTRUCTION)}\n")
+    routed = _recording_routed_texts(monkeypatch)
+    main(["run", "--model", "moce", "--model_args", f"pretrained={model_dir}", "--include_path", str(tasks_dir),
+          "--tasks", "my_gsm8k", "--apply_chat_template", "--gen_kwargs", f"max_gen_toks={max_new_tokens}",
+          "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"])
+    results = _results(tmp_path / "out")["results"]["my_gsm8k"]
+    (samples_path,) = (tmp_path / "out").rglob("samples_my_gsm8k_*.jsonl")
+    samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    flexible = sorted((s for s in samples if s["filter"] == "flexible-extract"), key=lambda s: s["doc_id"])
+    assert [s["resps"][0][0] for s in flexible] == completions
+    assert [s["exact_match"] for s in flexible] == list(own.metrics[0].item_scores)
+    assert results["exact_match,flexible-extract"] == pytest.approx(own.metrics[0].value) == pytest.approx(2 / 3)
+    # the strict filter wants lm-eval's own "#### N" ending, which the project's instruction does not ask for
+    assert results["exact_match,strict-match"] == 0.0
+    assert set(routed) == {routing_text("", f"{q}\n{GSM8K_INSTRUCTION}", "") for q in questions}

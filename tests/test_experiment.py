@@ -131,13 +131,18 @@ def test_a_new_experiment_file_runs_the_data_half_through_moce_run(tmp_path, cle
         ({"study": {"seeds": 3}}, ["study = {'seeds': 3}", "study seeds = 3: expected a list of int"]),
         ({"study": {"max_steps": True}}, ["study max_steps = True: expected int"]),
         ({"study": {"conditions": ["noised", "sunny"]}}, ["study = {'conditions': ['noised', 'sunny']}", "'sunny'"]),
+        ({"training": {"report_to": ["tensorbored"]}},
+         ["training.report_to", "'report_to' = ['tensorbored']: expected ['none'] or a list of transformers'",
+          "'tensorboard'"]),
+        ({"training": {"overrides": {"report_to": ["wandb"]}}}, ["set the experiment trackers as training.report_to"]),
     ],
     ids=["unknown_key", "wrong_type", "bad_enum", "bad_variant", "bad_source_kind", "source_wrong_type",
          "bad_row_policy_unknown", "bad_row_share_over_one",
          "unknown_training_field", "training_field_wrong_type", "bad_token_router", "bad_blend",
          "bad_value_for_gpus_caught_on_a_cpu", "soft_margin_not_positive", "soft_temperature_infinite",
          "soft_enabled_not_a_boolean", "soft_unknown_key", "soft_assignment_without_a_cluster_routed_variant",
-         "study_unknown_field", "study_list_field_not_a_list", "study_int_field_a_boolean", "study_unknown_condition"],
+         "study_unknown_field", "study_list_field_not_a_list", "study_int_field_a_boolean", "study_unknown_condition",
+         "unknown_experiment_tracker", "experiment_tracker_as_an_override"],
 )
 def test_malformed_experiment_names_file_key_and_value(tmp_path, clean_env, change, expected):
     path = _write(tmp_path / "bad.yaml", _my_experiment(**change))
@@ -245,6 +250,23 @@ def test_moce_generate_answers_with_a_model_directory_and_says_where_it_routed(t
     assert "### routed: cluster 1 -> expert group 1" in capsys.readouterr().out
 
 
+def test_moce_generate_asks_in_the_prompt_format_it_is_given(tmp_path, clean_env, capsys, monkeypatch):
+    from moce_model import generate
+    from tests.test_eval_fixtures import save_routed_model_dir
+
+    asked: list[str] = []
+    real = generate.make_prompt_format
+    monkeypatch.setattr(generate, "make_prompt_format", lambda name, tokenizer: asked.append(name) or real(name, tokenizer))
+    model = save_routed_model_dir(tmp_path / "merged")
+    argv = ["generate", "--model", str(model), "--max-new-tokens", "2"]
+    assert moce([*argv, "--prompt-format", "human_assistant", "What is 12 plus 7 apples?"]) == 0
+    assert moce([*argv, "What is 12 plus 7 apples?"]) == 0  # the demo experiment's format
+    assert asked == ["human_assistant", load_experiment("demo").base_model.prompt_format]
+    with pytest.raises(SystemExit):
+        moce([*argv, "--prompt-format", "alpaca", "hi"])
+    assert "invalid choice: 'alpaca'" in capsys.readouterr().err
+
+
 def test_moce_generate_and_eval_say_when_the_experiment_has_no_trained_model(tmp_path, clean_env):
     path = _write(tmp_path / "mine.yaml", _my_experiment())
     with pytest.raises(SystemExit, match=r"no model at .*merged_model/moce: train it first"):
@@ -253,16 +275,25 @@ def test_moce_generate_and_eval_say_when_the_experiment_has_no_trained_model(tmp
         moce(["eval", "--experiment", str(path)])
 
 
-def test_moce_eval_evaluates_with_the_experiments_sizes(tmp_path, clean_env, capsys):
+def test_moce_eval_evaluates_with_the_experiments_sizes(tmp_path, clean_env, capsys, caplog):
+    import logging
+
     from tests.test_eval_fixtures import save_model_dir
 
     model = save_model_dir(tmp_path / "base")
     sizes = {"loss_items_per_domain": 1, "generation_items_per_domain": 1, "humaneval_items": 1, "gsm8k_items": 1}
     path = _write(tmp_path / "mine.yaml", _my_experiment(evaluation=sizes))
-    assert moce(["eval", "--experiment", str(path), "--model", f"base={model}", "--", "--threads", "1"]) == 0
+    caplog.set_level(logging.DEBUG)  # record whatever the loggers let through, at their own levels
+    assert moce(["eval", "--experiment", str(path), "--model", f"base={model}", "--",
+                 "--threads", "1", "--max-new-tokens", "8"]) == 0
     output = capsys.readouterr().out
     assert "base: evaluated in" in output
     assert "synthetic_arithmetic" in output and "humaneval" in output
+    # progress as it goes: loading, then a line per benchmark; the libraries' INFO lines are not shown
+    progress = [r.getMessage() for r in caplog.records if r.name.startswith("moce_model")]
+    assert progress[0] == f"base: loading {model}" and progress[1].startswith("base: loaded in")
+    assert any(m.startswith("base: benchmark 1/") for m in progress)
+    assert not [r for r in caplog.records if r.name.startswith(("transformers", "lm_eval")) and r.levelno < logging.WARNING]
 
 
 @pytest.mark.parametrize("selection", ["grp:data", "key:nonesuch"])
@@ -323,3 +354,36 @@ def test_soft_assignment_of_the_experiment_reaches_the_variants_that_route_by_cl
     default = load_experiment(_write(tmp_path / "hard.yaml", _my_experiment()))
     assert default.experts.soft_assignment.rule() is None
     assert moce_config(default, "moce").soft_assignment_rule is None
+
+
+def test_the_ui_command_is_named_as_a_new_shell_finds_it(tmp_path, monkeypatch):
+    """`make demo` installs `moce` into .venv/bin, which a new shell does not have on its PATH."""
+    import shutil
+    import sys
+
+    from pipelines.cli import how_to_run
+
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").symlink_to(sys.executable)
+    (tmp_path / "Makefile").write_text("ui:\n")
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert how_to_run("ui") == f"{sys.executable} -m pipelines.cli ui"  # no installed script
+    (bin_dir / "moce").write_text("#!/bin/sh\n")
+    assert how_to_run("ui") == ".venv/bin/moce ui (or make ui)"
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/local/bin/moce")  # another installation's
+    assert how_to_run("ui") == ".venv/bin/moce ui (or make ui)"
+    monkeypatch.setattr(shutil, "which", lambda name: str(bin_dir / "moce"))  # the environment is activated
+    assert how_to_run("ui") == "moce ui"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.chdir(tmp_path / ".venv")
+    assert how_to_run("ui") == f"{bin_dir / 'moce'} ui"  # outside the project folder: the whole path
+    assert how_to_run("run") == f"{bin_dir / 'moce'} run"
+
+
+def test_training_report_to_reaches_the_training_config(tmp_path, clean_env):
+    assert load_experiment("demo").training_config().report_to == ("none",)
+    path = _write(tmp_path / "mine.yaml", _my_experiment(training={"report_to": ["tensorboard", "mlflow"]}))
+    assert load_experiment(path).training_config().report_to == ("tensorboard", "mlflow")

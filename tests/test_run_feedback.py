@@ -14,13 +14,23 @@ from pipelines.instance import INSTANCE_SETTINGS
 
 
 def test_library_warnings_and_python_warnings_reach_the_event_log() -> None:
+    from moce_model.common.logs import BITSANDBYTES_KERNELS_LOGGER, quiet_library_logs
+
     @dg.asset
     def noisy(context) -> int:
         logging.getLogger("transformers.modeling_utils").warning("library says: weights not initialised")
+        logging.getLogger("transformers.configuration_utils").info("library chatter: Model config LlamaConfig {")
+        logging.getLogger("peft.tuners").info("library chatter: peft")
+        logging.getLogger(BITSANDBYTES_KERNELS_LOGGER).warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "no kernels")
+        logging.getLogger(BITSANDBYTES_KERNELS_LOGGER).warning("bitsandbytes says: another warning")
         logging.getLogger("moce_model.training").debug("below the level: not in the event log")
+        logging.getLogger("moce_model.evaluation.runner").info("our own progress line")
         context.log.info("the step's own progress")
         warnings.warn("a deprecation notice", FutureWarning, stacklevel=1)
         return 1
+
+    quiet_library_logs(verbose=False)  # what pipelines.definitions does when a process loads the definitions
 
     # pytest records warnings itself; route them as a Dagster process does (pipelines.definitions at import)
     with warnings.catch_warnings():
@@ -38,6 +48,27 @@ def test_library_warnings_and_python_warnings_reach_the_event_log() -> None:
     assert any("a deprecation notice" in m for m in messages)
     assert not any("below the level" in m for m in messages)
     assert any("the step's own progress" in m for m in messages)
+    assert any("our own progress line" in m for m in messages)
+    assert any("bitsandbytes says: another warning" in m for m in messages)
+    assert not any("library chatter" in m or "kernels-community" in m for m in messages)
+
+
+def test_the_instance_leaves_each_logger_its_own_level_and_shows_no_onboarding_dialog(tmp_path) -> None:
+    import yaml
+
+    from pipelines.instance import write_instance_config
+
+    # an instance an earlier version wrote: python_log_level set every managed logger (libraries too) to INFO
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({
+        "python_logs": {"python_log_level": "INFO", "managed_python_loggers": ["moce_model"]},
+        "storage": {"sqlite": {"base_dir": "x"}}}))
+    written = yaml.safe_load(write_instance_config(tmp_path).read_text())
+    assert "python_log_level" not in written["python_logs"] and "transformers" in written["python_logs"][
+        "managed_python_loggers"]
+    assert written["nux"] == {"enabled": False} and written["telemetry"] == {"enabled": False}
+    assert written["storage"] == {"sqlite": {"base_dir": "x"}}
+    with dg.instance_for_test(overrides=INSTANCE_SETTINGS) as instance:
+        assert instance.python_log_level is None and not instance.nux_enabled
 
 
 def test_heavy_steps_are_tagged_and_limited_by_the_executor(monkeypatch) -> None:

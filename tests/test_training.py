@@ -351,6 +351,9 @@ def test_named_presets_and_overrides():
         # The Trainer would read these as "train a whole epoch" and "a learning rate": refused, not trained on.
         ({"max_steps": 0}, r"field 'max_steps' = 0: expected an int >= 1, or null to train num_epochs"),
         ({"lr": float("nan")}, r"field 'lr': expected finite float, got nan \(float\)"),
+        ({"report_to": ["tensorbored"]}, r"field 'report_to' = \['tensorbored'\]: expected \['none'\] or a list"),
+        ({"report_to": ["none", "wandb"]}, r"field 'report_to' = \['none', 'wandb'\]"),
+        ({"report_to": []}, r"field 'report_to' = \[\]"),
     ],
 )
 def test_overrides_are_validated_naming_the_key(overrides, message):
@@ -537,3 +540,24 @@ def test_compiled_runs_pad_batches_to_a_few_lengths() -> None:
     assert widths == {128, 256, 384, 512}
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         InstructionCollator(pad_token_id=0, pad_to_multiple_of=0)
+
+
+def test_report_to_config_reaches_the_training_args(tmp_path):
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    from moce_model.training.config import REPORT_TO_INTEGRATIONS
+    from moce_model.training.trainer import _training_arguments
+
+    assert set(REPORT_TO_INTEGRATIONS) == set(INTEGRATION_TO_CALLBACK)  # the names transformers takes
+    assert _training_arguments(tiny_training_config(), tmp_path).report_to == []  # "none"
+    args = _training_arguments(tiny_training_config(report_to=["tensorboard", "mlflow"]), tmp_path)
+    assert args.report_to == ["tensorboard", "mlflow"]
+
+
+def test_report_to_tensorboard_config_writes_event_files_in_the_run_directory(tiny_base_dir, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    rows = make_rows(8)
+    train(tiny_base_dir, rows, None, moce_config("pesc", 1),
+          tiny_training_config(max_steps=2, save_steps=100, report_to=["tensorboard"]), tmp_path / "run")
+    assert list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from moce_model.common.logs import quiet_library_logs
 from moce_model.data.prompt_format import AUTO, PROMPT_FORMATS
 from moce_model.evaluation.report import build_report
 from moce_model.evaluation.runner import evaluate_model
@@ -49,8 +51,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the prompt format the models were trained with")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="cap every benchmark's generated tokens at this many (default: each benchmark's own)")
     parser.add_argument("--show-items", action="store_true", help="print every prompt's completion")
     args = parser.parse_args(argv)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens {args.max_new_tokens}: need at least 1 token")
+    # Progress lines (loading, each benchmark done) on stderr as the evaluation goes; libraries' warnings only.
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    quiet_library_logs()
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = demo_benchmarks(n_per_domain=args.n_per_domain, humaneval_items=args.humaneval_items,
@@ -64,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--model {entry!r}: expected VARIANT=DIR")
         started, cpu_started = time.perf_counter(), time.process_time()
         result = evaluate_model(Path(directory), variant, specs, batch_size=args.batch_size, seed=args.seed,
-                                device=args.device, dtype=args.dtype, prompt_format=args.prompt_format)
+                                device=args.device, dtype=args.dtype, prompt_format=args.prompt_format,
+                                max_new_tokens=args.max_new_tokens)
         # CPU time is printed too: on a shared machine wall time says more about the neighbours.
         print(f"{variant}: evaluated in {time.perf_counter() - started:.1f} s wall, "
               f"{time.process_time() - cpu_started:.1f} s CPU ({torch.get_num_threads()} threads)", flush=True)

@@ -90,7 +90,7 @@ class MoCELM(BatchedScoring, RequestRouting, HFLM):
         dtype: str = "float32",
         num_threads: int | str | None = None,
         soft_assignment: SoftAssignmentRule | bool | None = None,
-        include_path: str | None = None,
+        include_path: str | Sequence[str] | None = None,
         **hflm_kwargs: Any,
     ) -> None:
         if num_threads is not None:

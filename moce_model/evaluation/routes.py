@@ -4,7 +4,8 @@ routing text, and the routing arguments of a model call whose rows may each have
 
 lm-eval requests are routed by their own document; the document's task is looked up by name, in the tasks the
 evaluation handed over (`use_tasks`), else in one task index built with the run's `include_path` (lm-eval's
-CLI hands the model neither its tasks nor its `--include_path`: pass it as the model argument `include_path`).
+CLI hands the model neither its tasks nor its `--include_path`: `moce-lm-eval` passes the run's task folders as the
+model argument `include_path`, which `lm_eval` itself needs spelled out).
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ class RequestRouting:
                     self.tasks[name] = task_manager.load([name])["tasks"][name]
                     return self.tasks[name]
             where = (f"the include path {self.include_path} nor lm-eval's registry" if self.include_path
-                     else "lm-eval's registry (a task of lm-eval's --include_path needs the model argument "
-                          "include_path=DIR as well)")
+                     else "lm-eval's registry (run lm-eval as `moce-lm-eval`, which hands the model the run's "
+                          "--include_path; `lm_eval` needs the model argument include_path=DIR as well)")
             raise KeyError(f"lm-eval task {name!r} is neither in the evaluated tasks (MoCELM.use_tasks) nor in " + where)
         return self.tasks[name]
 

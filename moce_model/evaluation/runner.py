@@ -170,6 +170,7 @@ def evaluate_model(
     if lm is None:
         if model_dir is None:
             raise ValueError("give model_dir or lm")
+        logger.info(f"{model_variant}: loading {model_dir}")
         lm = MoCELM(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype,
                     prompt_format=prompt_format, soft_assignment=soft_assignment)
     else:
@@ -178,6 +179,8 @@ def evaluate_model(
                              "(MoCELM(..., soft_assignment=...))")
         lm.batch_size = batch_size
     load_seconds = time.perf_counter() - load_started
+    logger.info(f"{model_variant}: loaded in {load_seconds:.1f} s; {len(specs)} benchmarks: "
+                f"{', '.join(spec.name for spec in specs)}")
 
     outcomes: list[BenchmarkOutcome] = []
     lm_eval_specs = [s for s in specs if s.kind in LM_EVAL_KINDS]

@@ -124,7 +124,7 @@ def run_fingerprint(
     """Hash of everything a checkpoint's meaning depends on; a checkpoint of another run is never resumed."""
     import hashlib
 
-    bookkeeping = ("save_steps", "save_total_limit", "logging_steps", "num_threads", "compile")
+    bookkeeping = ("save_steps", "save_total_limit", "logging_steps", "num_threads", "compile", "report_to")
     relevant = {k: v for k, v in config.to_dict().items() if k not in bookkeeping}
     layout = ("variant", "num_groups", "experts_per_group", "router_top_k", "adapter_dim", "adapter_scaling",
               "adapter_dropout", "aux_loss_coef", "random_group_seed", "token_router")

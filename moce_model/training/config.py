@@ -27,6 +27,12 @@ _TRAINING_ARGUMENTS_NAMES = {
     "gradient_accumulation_steps": "grad_accum",
 }
 
+# Where the Trainer may report its logs: "none", or transformers' integrations by the names its `report_to` takes
+# (transformers.integrations.integration_utils.INTEGRATION_TO_CALLBACK; tests/test_training.py checks the two
+# lists agree). Written out so that checking a config does not import transformers.
+REPORT_TO_INTEGRATIONS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow",
+                          "mlflow", "neptune", "swanlab", "tensorboard", "trackio", "wandb")
+
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_PROJECTIONS = ATTENTION_PROJECTIONS + ("gate_proj", "up_proj", "down_proj")
 
@@ -67,6 +73,11 @@ class TrainingConfig:
     # How rows become text (moce_model.data.prompt_format): `auto` is the tokenizer's chat template when it has
     # one, else the reference code's `human_assistant` format. Generation and evaluation must use the same.
     prompt_format: str = "auto"
+    # Experiment trackers the Trainer logs loss, learning rate and throughput to: ("none",), or names from
+    # REPORT_TO_INTEGRATIONS, e.g. ("tensorboard",), whose event files go to the run's directory (output_dir/logs).
+    # Each needs its package installed (tensorboard, mlflow, wandb, ...) and reads its own settings (MLFLOW_*,
+    # WANDB_*) from the environment.
+    report_to: tuple[str, ...] = ("none",)
     # torch intra-op threads; None keeps torch's default. On a CPU shared with other jobs use 1: OpenMP
     # threads spin at barriers, and an oversubscribed 2-thread step was measured 5x slower than 1 thread.
     num_threads: int | None = None
@@ -79,6 +90,10 @@ class TrainingConfig:
             # None passes where the type allows it; types themselves are conformed by with_overrides.
             if isinstance(value, (int, float)) and not allowed(value):
                 raise ValueError(f"training config field {name!r} = {value!r}: expected {words}")
+        unknown = [name for name in self.report_to if name not in ("none", *REPORT_TO_INTEGRATIONS)]
+        if unknown or not self.report_to or ("none" in self.report_to and len(self.report_to) > 1):
+            raise ValueError(f"training config field 'report_to' = {list(self.report_to)!r}: expected ['none'] or a "
+                             f"list of transformers' integrations {list(REPORT_TO_INTEGRATIONS)}")
         if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
             raise ValueError(f"training config field 'lora_targets' = {self.lora_targets!r}: expected a non-empty "
                              "list of module names")

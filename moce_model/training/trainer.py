@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ARTIFACT_DIRNAME = "adapter"
+# Experiment trackers' files that belong to the run (TensorBoard's event files, with report_to tensorboard).
+LOGS_DIRNAME = "logs"
 
 
 @dataclass
@@ -230,11 +232,23 @@ def _training_arguments(config: TrainingConfig, checkpoints_dir: Path):
         remove_unused_columns=False,  # keeps cluster_ids, which the peft wrapper's signature hides
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=list(config.report_to),
         disable_tqdm=True,
         dataloader_num_workers=0,
         save_only_model=False,
     )
+
+
+def _tensorboard_logs_in(trainer, logging_dir: Path) -> None:
+    """TensorBoard's event files (with `report_to` tensorboard) in the run's directory, beside its checkpoints and
+    artifact. transformers 5 has no TrainingArguments.logging_dir: its TensorBoardCallback writes to
+    $TENSORBOARD_LOGGING_DIR when that is set, else to the callback's `logging_dir`, else under output_dir (here the
+    checkpoints folder)."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(logging_dir)
 
 
 def _log_relay(on_log: Callable[[dict[str, Any]], None]):
@@ -378,6 +392,7 @@ def train(
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # the caller shows the records: print each once, not twice
+    _tensorboard_logs_in(trainer, output_dir / LOGS_DIRNAME)
     run = _run_trainer(trainer, resume_from, training_config)
 
     unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
