@@ -64,6 +64,7 @@ def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
     import dagster as dg
 
     from pipelines.instance import experiment_instance
+    from pipelines.queue import RunQueue, workspace_file
     from pipelines.runner import materialize_unsynced
 
     defs = _definitions(experiment)
@@ -82,7 +83,8 @@ def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
     print(f"experiment={experiment.name} storage={experiment.storage_root} DAGSTER_HOME={instance.root_directory}")
     if experiment.description:
         print(experiment.description)
-    ok = materialize_unsynced(defs, instance, selection, dry_run=args.dry_run)
+    with RunQueue(instance, workspace=workspace_file()) as queue:
+        ok = materialize_unsynced(defs, instance, selection, queue=queue, dry_run=args.dry_run)
     report = experiment.storage_root / "report" / "benchmark_report.md"
     if ok and report.exists():
         print(f"\nbenchmark report: {report}")
@@ -122,6 +124,7 @@ def cmd_set_k(args: argparse.Namespace, experiment: Experiment) -> int:
 
 def cmd_sweep(args: argparse.Namespace, experiment: Experiment) -> int:
     from pipelines.instance import experiment_instance
+    from pipelines.queue import RunQueue, threads_per_run, workspace_file
     from pipelines.sweep import run_sweep
 
     try:
@@ -134,16 +137,19 @@ def cmd_sweep(args: argparse.Namespace, experiment: Experiment) -> int:
         raise SystemExit(f"moce sweep: --max-steps {args.max_steps}: need at least 1 training step")
     instance = experiment_instance(experiment)
     print(f"experiment={experiment.name} storage={experiment.storage_root} DAGSTER_HOME={instance.root_directory}")
-    return 0 if run_sweep(_definitions(experiment), instance, ks, max_steps=args.max_steps) else 1
+    with RunQueue(instance, workspace=workspace_file(), environment=threads_per_run(instance, len(ks))) as queue:
+        return 0 if run_sweep(_definitions(experiment), instance, queue, ks, max_steps=args.max_steps) else 1
 
 
 def cmd_study(args: argparse.Namespace, experiment: Experiment) -> int:
-    from pipelines import study
     from pipelines.instance import experiment_instance
+    from pipelines.queue import RunQueue, workspace_file
+    from pipelines.study import run_study
 
-    experiment_instance(experiment)  # the experiment's DAGSTER_HOME, which the study's workers inherit
-    return study.main([*(["--runs", args.runs] if args.runs else []), "--workers", str(args.workers),
-                       *(["--rerun"] if args.rerun else []), *(["--no-conditions"] if args.no_conditions else [])])
+    instance = experiment_instance(experiment)
+    with RunQueue(instance, workspace=workspace_file()) as queue:
+        return run_study(experiment, instance, queue, runs=[key for key in args.runs.split(",") if key],
+                         rerun=args.rerun, conditions=not args.no_conditions)
 
 
 def _merged_model_dir(experiment: Experiment, variant: str) -> Path:
@@ -282,7 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
                                             "intervals over seeds and items, and one figure (job `study`, one "
                                             "partition per run).")
     study.add_argument("--runs", default="", help="comma-separated run keys, e.g. base,moce/e4/s0 (default: all)")
-    study.add_argument("--workers", type=int, default=2, help="processes running partitions side by side")
     study.add_argument("--rerun", action="store_true", help="run partitions again even when materialized")
     study.add_argument("--no-conditions", action="store_true",
                        help="leave out the evaluation-only conditions (study_conditions) of each run")

@@ -21,6 +21,7 @@ import dagster as dg
 
 from assets.common import CODE_VERSION_TAG, DATA_VERSION_TAG, INPUT_DATA_VERSION_TAG
 from assets.data import current_source_data_version
+from pipelines.queue import RunQueue
 
 
 def _latest_tags(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict[str, str] | None:
@@ -123,12 +124,14 @@ def materialize_unsynced(
     instance: dg.DagsterInstance,
     selection: dg.AssetSelection | None = None,
     *,
+    queue: RunQueue | None = None,
     dry_run: bool = False,
     out: TextIO | None = None,
 ) -> bool:
-    """Materialize `unsynced_asset_keys` in one run, printing what runs, why, and the seconds per step and asset
-    group (to `out`, default: the current sys.stdout). Returns whether everything succeeded (True when there was
-    nothing to do)."""
+    """Materialize `unsynced_asset_keys` in one run of `demo_pipeline` submitted to `queue` (the instance's run
+    queue, as `moce run` does), or without a queue in this process (a test's instance, which no daemon serves),
+    printing what runs, why, and the seconds per step and asset group (to `out`, default: the current
+    sys.stdout). Returns whether everything succeeded (True when there was nothing to do)."""
     out = out or sys.stdout
     todo = unsynced_asset_keys(defs, instance, selection)
     if not todo:
@@ -141,14 +144,16 @@ def materialize_unsynced(
     if dry_run:
         return True
     started = time.perf_counter()
-    result = defs.resolve_job_def("demo_pipeline").execute_in_process(
-        instance=instance,
-        asset_selection=todo,
-        raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-    )
+    if queue is None:
+        result = defs.resolve_job_def("demo_pipeline").execute_in_process(
+            instance=instance, asset_selection=todo, raise_on_error=False)
+        run_id, success = result.run_id, result.success
+    else:
+        run_id = queue.submit("demo_pipeline", todo, label="the pipeline's run")
+        [outcome] = queue.wait([run_id])
+        success = outcome.success
     total = time.perf_counter() - started
-    seconds = step_seconds(instance, result.run_id)
+    seconds = step_seconds(instance, run_id)
     print("\nseconds per step:", file=out)
     for step, secs in sorted(seconds.items(), key=lambda item: -item[1]):
         print(f"  {secs:8.1f}  {step}", file=out)
@@ -161,6 +166,6 @@ def materialize_unsynced(
                  for group, steps in steps_per_group.items()}
     print("seconds per asset group:", per_group, file=out)
     print(f"total: {total:.1f} s", file=out)
-    if not result.success:
-        print("the run FAILED; see the errors above, or open the run in `moce ui`", file=sys.stderr)
-    return result.success
+    if not success:
+        print(f"the run FAILED (run {run_id}); its errors are above, all of its log in `moce ui`", file=sys.stderr)
+    return success
