@@ -33,6 +33,9 @@ examples:
   moce ui                                   the Dagster UI on http://127.0.0.1:3000
   moce doctor                               check the experiment's Dagster instance, repair what it can
 
+run, sweep and study submit their runs to the experiment's Dagster run queue (as the UI does), with a daemon
+(`dagster dev`) they start and stop; see docs/orchestration.md.
+
 One experiment, one writer: run, set-k, sweep, study, ui and doctor hold the experiment's lock
 (<storage_root>/.moce.lock) while they run; a second one waits for the first, saying which process and command
 holds it, or with --no-wait exits with status 75 at once.
@@ -287,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "to the held-out prompts (study_conditions); one table of means with "
                                             "intervals over seeds and items, and one figure (job `study`, one "
                                             "partition per run).")
-    study.add_argument("--runs", default="", help="comma-separated run keys, e.g. base,moce/e4/s0 (default: all)")
+    study.add_argument("--runs", default="", help="comma-separated run keys, e.g. base,moce/e4/s0 (default: all); "
+                                                  "as many run side by side as the instance's run queue allows")
     study.add_argument("--rerun", action="store_true", help="run partitions again even when materialized")
     study.add_argument("--no-conditions", action="store_true",
                        help="leave out the evaluation-only conditions (study_conditions) of each run")
