@@ -353,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moce {args.command}: {err}", file=sys.stderr)
         return 2
     from pipelines.instance import ExperimentBusy, InstanceDamaged, experiment_lock
+    from pipelines.queue import RunQueueError
 
     try:
         if args.command in ("sweep", "study", "eval"):  # each evaluates on evaluation.device
@@ -369,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BUSY
     except InstanceDamaged as damage:
         print(f"moce {args.command}: {damage}", file=sys.stderr)
+        return 1
+    except RunQueueError as error:
+        print(f"moce {args.command}: {error}", file=sys.stderr)
         return 1
 
 

@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from pipelines.instance import LOCK_ENV, experiment_lock, queue_settings, write_instance_config
+from pipelines.instance import LOCK_ENV, experiment_lock, write_instance_config
 from pipelines.queue import RunQueue
 
 DEFINITIONS = '''
@@ -101,7 +101,6 @@ def test_runs_go_through_the_queue_within_its_limits_and_a_failure_is_reported(q
         assert _most_at_once(run_spans) <= 2, run_spans
         assert _most_at_once(step_spans) == 1, "the training pool's one slot was shared"
     printed, errors = out.getvalue(), capsys.readouterr().err
-    print(printed)
     assert "part a: queued" in printed and "part a: started" in printed and "part a: done in" in printed
-    assert f"part bad: FAILED in" in errors and f"(run {run_ids[3]})" in errors
+    assert "part bad: FAILED in" in errors and f"(run {run_ids[3]})" in errors
     assert "step trained failed: ValueError: partition bad: no rows to train on" in errors
