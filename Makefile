@@ -81,7 +81,7 @@ clean:
 # `make study RUNS=base,moce/e4/s0` runs only those runs (then the table over what is materialized);
 # every run's evaluation-only conditions (study_conditions) come with it unless NO_CONDITIONS=1.
 STUDY_EXPERIMENT ?= realmix
-STUDY_WORKERS ?= 2
+# Runs side by side: the instance's run queue (MOCE_RUN_SLOTS, default one per core or GPU; docs/orchestration.md).
 study: $(STAMP) sandbox
-	$(MOCE) study --experiment $(STUDY_EXPERIMENT) --workers $(STUDY_WORKERS) $(if $(RUNS),--runs $(RUNS)) \
+	$(MOCE) study --experiment $(STUDY_EXPERIMENT) $(if $(RUNS),--runs $(RUNS)) \
 		$(if $(NO_CONDITIONS),--no-conditions)

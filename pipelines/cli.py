@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,9 @@ examples:
   moce eval                                 evaluate the trained models on the demo benchmarks
   moce ui                                   the Dagster UI on http://127.0.0.1:3000
   moce doctor                               check the experiment's Dagster instance, repair what it can
+
+run, sweep and study submit their runs to the experiment's Dagster run queue (as the UI does), with a daemon
+(`dagster dev`) they start and stop; see docs/orchestration.md.
 
 One experiment, one writer: run, set-k, sweep, study, ui and doctor hold the experiment's lock
 (<storage_root>/.moce.lock) while they run; a second one waits for the first, saying which process and command
@@ -71,7 +73,8 @@ def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
     import dagster as dg
 
     from pipelines.instance import experiment_instance
-    from pipelines.runner import materialize_unsynced
+    from pipelines.queue import RunQueue, workspace_file
+    from pipelines.runner import how_to_run, materialize_unsynced
 
     defs = _definitions(experiment)
     selection = None
@@ -89,30 +92,13 @@ def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
     print(f"experiment={experiment.name} storage={experiment.storage_root} DAGSTER_HOME={instance.root_directory}")
     if experiment.description:
         print(experiment.description)
-    ok = materialize_unsynced(defs, instance, selection, dry_run=args.dry_run)
+    with RunQueue(instance, workspace=workspace_file()) as queue:
+        ok = materialize_unsynced(defs, instance, selection, queue=queue, dry_run=args.dry_run)
     report = experiment.storage_root / "report" / "benchmark_report.md"
     if ok and report.exists():
         print(f"\nbenchmark report: {report}")
     print(f"explore the lineage, plots and metadata: {how_to_run('ui')}  (then open http://127.0.0.1:3000)")
     return 0 if ok else 1
-
-
-def how_to_run(command: str) -> str:
-    """How to type `moce COMMAND` in a new shell. `make demo` installs `moce` into the project's .venv/bin, which a
-    shell has on its PATH only while that environment is activated: name the script by its path (and the make
-    target, from the project's folder) unless `moce` on the PATH is this very script."""
-    script = Path(sys.executable).parent / "moce"
-    found = shutil.which("moce")
-    if found and script.is_file() and Path(found).resolve() == script.resolve():
-        return f"moce {command}"
-    if not script.is_file():  # run as `python -m pipelines.cli`, without the installed script
-        return f"{shlex.quote(sys.executable)} -m pipelines.cli {command}"
-    in_project = (Path.cwd() / "Makefile").is_file()  # where `make demo` ran, and a new shell likely starts
-    shown = script.absolute()
-    if in_project and shown.is_relative_to(Path.cwd()):
-        shown = shown.relative_to(Path.cwd())
-    typed = f"{shlex.quote(str(shown))} {command}"
-    return f"{typed} (or make {command})" if in_project and command == "ui" else typed
 
 
 def _evaluates(defs, selection) -> bool:
@@ -147,6 +133,7 @@ def cmd_set_k(args: argparse.Namespace, experiment: Experiment) -> int:
 
 def cmd_sweep(args: argparse.Namespace, experiment: Experiment) -> int:
     from pipelines.instance import experiment_instance
+    from pipelines.queue import RunQueue, threads_per_run, workspace_file
     from pipelines.sweep import run_sweep
 
     try:
@@ -159,16 +146,19 @@ def cmd_sweep(args: argparse.Namespace, experiment: Experiment) -> int:
         raise SystemExit(f"moce sweep: --max-steps {args.max_steps}: need at least 1 training step")
     instance = experiment_instance(experiment)
     print(f"experiment={experiment.name} storage={experiment.storage_root} DAGSTER_HOME={instance.root_directory}")
-    return 0 if run_sweep(_definitions(experiment), instance, ks, max_steps=args.max_steps) else 1
+    with RunQueue(instance, workspace=workspace_file(), environment=threads_per_run(instance, len(ks))) as queue:
+        return 0 if run_sweep(_definitions(experiment), instance, queue, ks, max_steps=args.max_steps) else 1
 
 
 def cmd_study(args: argparse.Namespace, experiment: Experiment) -> int:
-    from pipelines import study
     from pipelines.instance import experiment_instance
+    from pipelines.queue import RunQueue, workspace_file
+    from pipelines.study import run_study
 
-    experiment_instance(experiment)  # the experiment's DAGSTER_HOME, which the study's workers inherit
-    return study.main([*(["--runs", args.runs] if args.runs else []), "--workers", str(args.workers),
-                       *(["--rerun"] if args.rerun else []), *(["--no-conditions"] if args.no_conditions else [])])
+    instance = experiment_instance(experiment)
+    with RunQueue(instance, workspace=workspace_file()) as queue:
+        return run_study(experiment, instance, queue, runs=[key for key in args.runs.split(",") if key],
+                         rerun=args.rerun, conditions=not args.no_conditions)
 
 
 def _merged_model_dir(experiment: Experiment, variant: str) -> Path:
@@ -311,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "to the held-out prompts (study_conditions); one table of means with "
                                             "intervals over seeds and items, and one figure (job `study`, one "
                                             "partition per run).")
-    study.add_argument("--runs", default="", help="comma-separated run keys, e.g. base,moce/e4/s0 (default: all)")
-    study.add_argument("--workers", type=int, default=2, help="processes running partitions side by side")
+    study.add_argument("--runs", default="", help="comma-separated run keys, e.g. base,moce/e4/s0 (default: all); "
+                                                  "as many run side by side as the instance's run queue allows")
     study.add_argument("--rerun", action="store_true", help="run partitions again even when materialized")
     study.add_argument("--no-conditions", action="store_true",
                        help="leave out the evaluation-only conditions (study_conditions) of each run")
@@ -378,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moce {args.command}: {err}", file=sys.stderr)
         return 2
     from pipelines.instance import ExperimentBusy, InstanceDamaged, experiment_lock
+    from pipelines.queue import RunQueueError
 
     try:
         if args.command in ("sweep", "study", "eval"):  # each evaluates on evaluation.device
@@ -394,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BUSY
     except InstanceDamaged as damage:
         print(f"moce {args.command}: {damage}", file=sys.stderr)
+        return 1
+    except RunQueueError as error:
+        print(f"moce {args.command}: {error}", file=sys.stderr)
         return 1
 
 

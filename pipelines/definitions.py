@@ -116,16 +116,22 @@ def build_definitions(experiment: Experiment, study: StudyConfig | None = None) 
             dg.define_asset_job("cluster_instructions", selection=DATA_HALF,
                                 description="Sources → embeddings → elbow → k-means → cluster labels."),
         ],
-        sensors=[
-            dg.AutomationConditionSensorDefinition(
-                "rerun_downstream_of_changes",
-                target=PIPELINE,
-                default_status=dg.DefaultSensorStatus.RUNNING,
-                minimum_interval_seconds=30,
-            ),
-            fail_runs_of_killed_processes,
-        ],
+        sensors=[*automation_sensors(), fail_runs_of_killed_processes],
     )
+
+
+def automation_sensors() -> list[dg.SensorDefinition]:
+    """Re-run what is downstream of a change, in the UI; left out of the code location that a `moce` command's run
+    queue loads (MOCE_AUTOMATION_SENSOR=0, pipelines/queue.py): the command runs what it was asked to, and a
+    sweep's new inputs must not start the main graph beside it."""
+    if os.environ.get("MOCE_AUTOMATION_SENSOR", "1") == "0":
+        return []
+    return [dg.AutomationConditionSensorDefinition(
+        "rerun_downstream_of_changes",
+        target=PIPELINE,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=30,
+    )]
 
 
 # `warnings.warn` (transformers and torch deprecations, peft notices) as records of the `py.warnings` logger, which

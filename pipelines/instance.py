@@ -71,10 +71,51 @@ INSTANCE_SETTINGS["python_logs"] = {
 # Settings earlier versions wrote that this one removes from an existing dagster.yaml.
 DROPPED_SETTINGS = {"python_logs": ("python_log_level",)}
 IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+# How many runs, and steps of the `training` pool, at once (pipelines/queue.py): default `machine_run_slots()`.
+RUN_SLOTS_ENV = "MOCE_RUN_SLOTS"
+TRAINING_POOL = "training"
 
 
-def write_instance_config(home: str | Path) -> Path:
-    """Write `home/dagster.yaml` with `INSTANCE_SETTINGS`, keeping any other setting an existing file has."""
+def machine_run_slots(gpus_per_run: int = 1) -> int:
+    """How many runs this machine runs side by side: MOCE_RUN_SLOTS, else one per `gpus_per_run` visible GPUs,
+    else one per core (runs side by side on a CPU share its cores: `pipelines.queue.threads_per_run`)."""
+    value = os.environ.get(RUN_SLOTS_ENV)
+    if value is not None:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{RUN_SLOTS_ENV}={value!r}: expected how many runs may run at once (an integer >= 1)")
+        return int(value)
+    import torch  # only now: `moce --help` and the instance's other uses do not need it
+
+    gpus = torch.cuda.device_count()  # NVML, without initialising CUDA in this process
+    if gpus:
+        return max(1, gpus // max(1, gpus_per_run))
+    return max(1, os.cpu_count() or 1)
+
+
+def queue_settings(slots: int) -> dict[str, Any]:
+    """The run queue sized to `slots`: at most `slots` runs in progress, and `slots` steps of the `training` pool
+    (and of any other pool) at once over every run; the daemon looks at the queue every second."""
+    return {
+        "run_coordinator": {"module": "dagster.core.run_coordinator", "class": "QueuedRunCoordinator",
+                            "config": {"dequeue_interval_seconds": 1}},
+        "concurrency": {"runs": {"max_concurrent_runs": slots},
+                        "pools": {"default_limit": slots, "granularity": "op"}},
+    }
+
+
+def max_concurrent_runs(instance: dg.DagsterInstance) -> int:
+    """The instance's limit on runs in progress (10, Dagster's default, when the file sets none; -1: no limit)."""
+    path = Path(instance.root_directory) / INSTANCE_FILE
+    settings = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    runs = (settings.get("concurrency") or {}).get("runs") or {}
+    queue = (settings.get("run_coordinator") or {}).get("config") or settings.get("run_queue") or {}
+    return int(runs.get("max_concurrent_runs", queue.get("max_concurrent_runs", 10)))
+
+
+def write_instance_config(home: str | Path, slots: int | None = None) -> Path:
+    """Write `home/dagster.yaml` with `INSTANCE_SETTINGS`, keeping any other setting an existing file has. The run
+    queue's settings (`queue_settings(slots)`, default `machine_run_slots()`) are written where the file has
+    none of its own: a limit set in the file, or a run coordinator, stays."""
     path = Path(home) / INSTANCE_FILE
     existing: Any = {}
     if path.is_file():
@@ -84,7 +125,14 @@ def write_instance_config(home: str | Path) -> Path:
             raise ValueError(f"{path}: not valid YAML ({error}); fix or remove it") from error
         if not isinstance(existing, dict):
             raise ValueError(f"{path}: expected a mapping of instance settings, got {type(existing).__name__}")
-    settings = deep_merged(existing, INSTANCE_SETTINGS)
+    queue = queue_settings(machine_run_slots() if slots is None else slots)
+    own_coordinator = existing.get("run_coordinator") or {}
+    if "run_queue" in existing or {"max_concurrent_runs", "tag_concurrency_limits"} & set(
+            own_coordinator.get("config") or {}):
+        # The older places of the run limits: Dagster refuses them beside `concurrency > runs`, and they stay.
+        queue.pop("run_coordinator")
+        queue["concurrency"].pop("runs")
+    settings = deep_merged(deep_merged(queue, existing), INSTANCE_SETTINGS)
     for section, keys in DROPPED_SETTINGS.items():
         for key in keys:
             settings.get(section, {}).pop(key, None)
@@ -129,8 +177,9 @@ def fail_runs_of_killed_processes(context: dg.SensorEvaluationContext) -> dg.Ski
 # --------------------------------------------------------------------------------------------- one writer
 
 LOCK_FILE = ".moce.lock"
-# `fd:path` of the lock a parent process holds and passed to this one (the study's worker processes, `dagster dev`
-# exec'd by `moce ui`): the lock belongs to the open file, which parent and children share.
+# `fd:path` of the lock a parent process holds and passed to this one (`dagster dev` started by a command's run
+# queue, pipelines/queue.py, or exec'd by `moce ui`): the lock belongs to the open file, which parent and children
+# share.
 LOCK_ENV = "MOCE_EXPERIMENT_LOCK"
 _held: dict[str, int] = {}  # lock path -> descriptor, for the locks this process holds (or shares with its parent)
 
@@ -246,7 +295,7 @@ def experiment_instance(experiment: Experiment) -> dg.DagsterInstance:
                            f"`with experiment_lock({str(experiment.storage_root)!r}, command)`")
     home = Path(os.environ.get("DAGSTER_HOME") or experiment.storage_root / "dagster_home")
     os.environ["DAGSTER_HOME"] = str(home)
-    write_instance_config(home)
+    write_instance_config(home, machine_run_slots(gpus_per_run=experiment.launcher.nproc_per_node))
     try:
         instance = dg.DagsterInstance.get()
     except Exception as error:  # alembic's CommandError, among the many things that can fail opening an instance

@@ -12,16 +12,19 @@ and, through its new data version, everything downstream.
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import TextIO
 
 import dagster as dg
 
 from assets.common import CODE_VERSION_TAG, DATA_VERSION_TAG, INPUT_DATA_VERSION_TAG
 from assets.data import current_source_data_version
-from pipelines.cli import how_to_run
+from pipelines.queue import RunQueue
 
 
 def _latest_tags(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict[str, str] | None:
@@ -124,12 +127,14 @@ def materialize_unsynced(
     instance: dg.DagsterInstance,
     selection: dg.AssetSelection | None = None,
     *,
+    queue: RunQueue | None = None,
     dry_run: bool = False,
     out: TextIO | None = None,
 ) -> bool:
-    """Materialize `unsynced_asset_keys` in one run, printing what runs, why, and the seconds per step and asset
-    group (to `out`, default: the current sys.stdout). Returns whether everything succeeded (True when there was
-    nothing to do)."""
+    """Materialize `unsynced_asset_keys` in one run of `demo_pipeline` submitted to `queue` (the instance's run
+    queue, as `moce run` does), or without a queue in this process (a test's instance, which no daemon serves),
+    printing what runs, why, and the seconds per step and asset group (to `out`, default: the current
+    sys.stdout). Returns whether everything succeeded (True when there was nothing to do)."""
     out = out or sys.stdout
     todo = unsynced_asset_keys(defs, instance, selection)
     if not todo:
@@ -142,14 +147,16 @@ def materialize_unsynced(
     if dry_run:
         return True
     started = time.perf_counter()
-    result = defs.resolve_job_def("demo_pipeline").execute_in_process(
-        instance=instance,
-        asset_selection=todo,
-        raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-    )
+    if queue is None:
+        result = defs.resolve_job_def("demo_pipeline").execute_in_process(
+            instance=instance, asset_selection=todo, raise_on_error=False)
+        run_id, success = result.run_id, result.success
+    else:
+        run_id = queue.submit("demo_pipeline", todo, label="the pipeline's run")
+        [outcome] = queue.wait([run_id])
+        success = outcome.success
     total = time.perf_counter() - started
-    seconds = step_seconds(instance, result.run_id)
+    seconds = step_seconds(instance, run_id)
     print("\nseconds per step:", file=out)
     for step, secs in sorted(seconds.items(), key=lambda item: -item[1]):
         print(f"  {secs:8.1f}  {step}", file=out)
@@ -162,6 +169,24 @@ def materialize_unsynced(
                  for group, steps in steps_per_group.items()}
     print("seconds per asset group:", per_group, file=out)
     print(f"total: {total:.1f} s", file=out)
-    if not result.success:
-        print(f"the run FAILED; see the errors above, or open the run in the UI: {how_to_run('ui')}", file=sys.stderr)
-    return result.success
+    if not success:
+        print(f"the run FAILED (run {run_id}); its errors are above, all of its log in {how_to_run('ui')}", file=sys.stderr)
+    return success
+
+
+def how_to_run(command: str) -> str:
+    """How to type `moce COMMAND` in a new shell. `make demo` installs `moce` into the project's .venv/bin, which a
+    shell has on its PATH only while that environment is activated: name the script by its path (and the make
+    target, from the project's folder) unless `moce` on the PATH is this very script."""
+    script = Path(sys.executable).parent / "moce"
+    found = shutil.which("moce")
+    if found and script.is_file() and Path(found).resolve() == script.resolve():
+        return f"moce {command}"
+    if not script.is_file():  # run as `python -m pipelines.cli`, without the installed script
+        return f"{shlex.quote(sys.executable)} -m pipelines.cli {command}"
+    in_project = (Path.cwd() / "Makefile").is_file()  # where `make demo` ran, and a new shell likely starts
+    shown = script.absolute()
+    if in_project and shown.is_relative_to(Path.cwd()):
+        shown = shown.relative_to(Path.cwd())
+    typed = f"{shlex.quote(str(shown))} {command}"
+    return f"{typed} (or make {command})" if in_project and command == "ui" else typed

@@ -1,16 +1,16 @@
-"""`moce sweep --ks 2,3`: the k sweep as a backfill over the partitions of the `k_sweep` branch.
+"""`moce sweep --ks 2,3`: the k sweep, one run per partition of the `k_sweep` branch, through the run queue.
 
 Materializes the sweep's inputs (instructions, embeddings, base model) when they are missing or stale, adds each
-k as a partition, runs one Dagster run per k (clusters, `moce` trained, merged and checked against the unmerged
-model, evaluated), then `k_sweep/comparison` over every materialized k. A k that fails does not stop the others
-(as in a backfill); the command then reports it and fails. In the UI the same partitions can be launched as a
-backfill, one run per k, side by side.
+k as a partition, submits one Dagster run per k (clusters, `moce` trained, merged and checked against the unmerged
+model, evaluated) to the instance's run queue, which runs as many side by side as its limits allow, then
+`k_sweep/comparison` over every materialized k. A k that fails does not stop the others (as in a backfill); the
+command then reports it and fails. In the UI the same partitions can be launched as a backfill, one run per k,
+under the same limits.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -23,9 +23,8 @@ from assets.k_sweep import (
     SWEEP,
     SWEEP_VARIANT,
 )
+from pipelines.queue import RunQueue
 from pipelines.runner import materialize_unsynced
-
-LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def sweep_selection() -> dg.AssetSelection:
@@ -42,12 +41,13 @@ def sweep_inputs() -> dg.AssetSelection:
 def run_sweep(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
+    queue: RunQueue,
     ks: Sequence[int],
     *,
     max_steps: int | None = None,
     out: TextIO | None = None,
 ) -> bool:
-    """Run the k sweep for `ks`; returns whether every k and the comparison succeeded."""
+    """Run the k sweep for `ks` through `queue`; returns whether every k and the comparison succeeded."""
     out = out or sys.stdout
     bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 2]
     if not ks or bad:
@@ -55,30 +55,22 @@ def run_sweep(
     keys = [str(k) for k in sorted(set(ks))]
 
     print("the sweep's inputs:", file=out)
-    if not materialize_unsynced(defs, instance, sweep_inputs(), out=out):
+    if not materialize_unsynced(defs, instance, sweep_inputs(), queue=queue, out=out):
         print("the sweep's inputs FAILED; no k was run", file=sys.stderr)
         return False
 
     instance.add_dynamic_partitions(K_PARTITIONS.name, keys)
-    job = defs.resolve_job_def("k_sweep")
     training_op = defs.resolve_assets_def(dg.AssetKey(SWEEP.key("moce_adapters", SWEEP_VARIANT))).op.name
-    run_config: dict = dict(LOG_CONFIG)
+    run_config: dict = {}
     if max_steps is not None:
         run_config["ops"] = {training_op: {"config": {"max_steps": max_steps}}}
-    per_k = sweep_selection().resolve(defs.resolve_asset_graph())
-    failed = []
-    for key in keys:
-        started = time.perf_counter()
-        result = job.execute_in_process(instance=instance, partition_key=key, asset_selection=list(per_k),
-                                        run_config=run_config, raise_on_error=False)
-        print(f"k={key}: {'done' if result.success else 'FAILED'} in {time.perf_counter() - started:.1f} s "
-              f"(run {result.run_id})", file=out, flush=True)
-        if not result.success:
-            failed.append(key)
+    per_k = sorted(sweep_selection().resolve(defs.resolve_asset_graph()), key=lambda key: key.to_user_string())
+    run_ids = [queue.submit("k_sweep", per_k, label=f"k={key}", partition=key, run_config=run_config)
+               for key in keys]
+    failed = [outcome.label.removeprefix("k=") for outcome in queue.wait(run_ids) if not outcome.success]
 
-    result = job.execute_in_process(instance=instance, asset_selection=[COMPARISON_KEY], run_config=LOG_CONFIG,
-                                    raise_on_error=False)
-    if not result.success:
+    [comparison] = queue.wait([queue.submit("k_sweep", [COMPARISON_KEY], label="k_sweep/comparison")])
+    if not comparison.success:
         print("k_sweep/comparison FAILED; see the errors above", file=sys.stderr)
         return False
     materialization = instance.get_latest_materialization_event(COMPARISON_KEY).asset_materialization

@@ -361,7 +361,7 @@ def test_the_ui_command_is_named_as_a_new_shell_finds_it(tmp_path, monkeypatch):
     import shutil
     import sys
 
-    from pipelines.cli import how_to_run
+    from pipelines.runner import how_to_run
 
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)

@@ -17,7 +17,7 @@ import yaml
 
 from moce_model.experiment import load_experiment
 from pipelines import cli
-from pipelines.instance import LOCK_ENV, experiment_instance, experiment_lock
+from pipelines.instance import LOCK_ENV, ExperimentBusy, experiment_instance, experiment_lock
 from tests.pipeline_fixtures import small_experiment_values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,17 +169,31 @@ def test_doctor_repairs_duplicate_alembic_rows_and_keeps_the_history(experiment_
         assert instance.get_latest_materialization_event(dg.AssetKey("kept")) is not None
 
 
-def test_the_studys_worker_processes_write_under_their_parents_lock(experiment_file, monkeypatch):
-    from pipelines.study import run_in_processes
+def test_the_run_queues_daemon_holds_its_commands_lock(experiment_file, tmp_path, monkeypatch):
+    from pipelines.queue import start_service
 
     experiment = load_experiment(experiment_file)
-    child = ("import sys; from pipelines.instance import experiment_lock, lock_is_held\n"
-             "with experiment_lock(sys.argv[1], 'worker', wait=False):\n"
-             "    assert lock_is_held(sys.argv[1])\n")
-    command = [sys.executable, "-c", child, str(experiment.storage_root)]
-    monkeypatch.setenv("PYTHONPATH", _environment()["PYTHONPATH"])
-    with experiment_lock(experiment.storage_root, "moce study"):
-        assert run_in_processes(["w1", "w2"], 2, lambda key: command) == []
-    # The workers did not release the parent's lock, and the parent released it when it was done.
+    # As `dagster dev` started by a command's run queue: it shares the command's lock, and holds it on after the
+    # command let go of it, until it ends.
+    child = ("import sys, time; from pathlib import Path; from pipelines.instance import experiment_lock, lock_is_held\n"
+             "with experiment_lock(sys.argv[1], 'daemon', wait=False):\n"
+             "    assert lock_is_held(sys.argv[1])\n"
+             "    Path(sys.argv[2]).touch()\n"
+             "    while not Path(sys.argv[3]).exists(): time.sleep(0.05)\n")
+    ready, stop = tmp_path / "ready", tmp_path / "stop"
+    command = [sys.executable, "-c", child, str(experiment.storage_root), str(ready), str(stop)]
+    with experiment_lock(experiment.storage_root, "moce sweep"):
+        daemon = start_service(command, tmp_path / "daemon.log", _environment() | {
+            LOCK_ENV: os.environ[LOCK_ENV]}, cwd=REPO)
+        deadline = time.monotonic() + 120
+        while not ready.exists() and daemon.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), (tmp_path / "daemon.log").read_text()
+    with pytest.raises(ExperimentBusy):  # the command is done, its daemon is not
+        with experiment_lock(experiment.storage_root, "next", wait=False):
+            pass
+    stop.touch()
+    assert daemon.wait(timeout=60) == 0, (tmp_path / "daemon.log").read_text()
+    # The daemon did not release the lock for the command, and the lock is free once both have ended.
     with experiment_lock(experiment.storage_root, "next", wait=False):
         pass

@@ -89,6 +89,10 @@ def test_moce_sweep_runs_each_k_as_a_partition_and_compares_them(tmp_path, monke
         assert evaluation.metadata["max_abs_logit_diff"].value < evaluation.metadata["tolerance"].value
         assert evaluation.target_materialization_data.run_id == run_id
         assert instance.get_run_by_id(run_id).tags["dagster/partition"] == k
+        # Submitted to the instance's run queue and launched by its daemon, as a run launched from the UI.
+        kinds = [entry.dagster_event.event_type for entry in instance.all_logs(run_id) if entry.dagster_event]
+        assert kinds.index(dg.DagsterEventType.RUN_ENQUEUED) < kinds.index(dg.DagsterEventType.RUN_STARTING) \
+            < kinds.index(dg.DagsterEventType.RUN_START) < kinds.index(dg.DagsterEventType.RUN_SUCCESS), k
 
     # Each k's artifacts are its own: centroids at that k, a merged model that routes over k groups.
     for k in (2, 3):

@@ -184,47 +184,6 @@ def test_moce_study_adds_the_missing_runs_and_conditions_of_an_existing_study():
         "pesc/s0": [RUNS_KEY], "moce+ac/e4/s0": [RUNS_KEY]}
 
 
-def test_a_failed_run_does_not_stop_the_runs_after_it():
-    from pipelines.study import run_each
-
-    ran: list[str] = []
-
-    def execute(key: str) -> bool:
-        ran.append(key)
-        return key != "pesc+ac/s0"
-
-    assert run_each(["moce+ac/e4/s0", "pesc+ac/s0", "pesc+ac/s2"], execute) == ["pesc+ac/s0"]
-    assert ran == ["moce+ac/e4/s0", "pesc+ac/s0", "pesc+ac/s2"]
-
-
-def test_runs_in_processes_of_their_own_and_a_killed_one_does_not_stop_the_others(tmp_path, monkeypatch):
-    import sys
-
-    from pipelines.study import run_in_processes
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    # Each run writes its pid, its thread setting and when it ran; `b` fails, `c` is killed (as by the kernel's OOM
-    # killer), the others must still run.
-    script = """
-import json, os, signal, sys, time
-key, out = sys.argv[1], sys.argv[2]
-started = time.time(); time.sleep(0.3)
-json.dump({"pid": os.getpid(), "threads": os.environ["OMP_NUM_THREADS"], "span": [started, time.time()]},
-          open(os.path.join(out, key), "w"))
-if key == "b": sys.exit(3)
-if key == "c": os.kill(os.getpid(), signal.SIGKILL)
-"""
-    keys = ["a", "b", "c", "d", "e"]
-    failed = run_in_processes(keys, 2, lambda key: [sys.executable, "-c", script, key, str(tmp_path)])
-    assert failed == ["b", "c"]
-    runs = {key: json.loads((tmp_path / key).read_text()) for key in keys}
-    assert len({run["pid"] for run in runs.values()}) == len(keys), "one process per run"
-    assert {run["threads"] for run in runs.values()} == {"1"}
-    spans = [run["span"] for run in runs.values()]
-    most_at_once = max(sum(start <= moment < end for start, end in spans) for moment, _ in spans)
-    assert most_at_once <= 2, "at most `workers` runs at a time"
-
-
 def test_runs_scored_before_a_condition_joined_the_study_have_it_still_to_score():
     from assets.study import CONDITIONS_KEY, conditions_to_score
 
