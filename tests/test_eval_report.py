@@ -15,11 +15,7 @@ from moce_model.evaluation.report import (
     comparisons,
     k_comparison,
 )
-from moce_model.evaluation.runner import (
-    ITEM_SCORES_SCHEMA,
-    item_scores_table,
-    results_table,
-)
+from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, item_scores_table, results_table
 
 N_LOSS, N_EXACT = 200, 32
 RNG = np.random.default_rng(0)

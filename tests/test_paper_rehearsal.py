@@ -83,7 +83,7 @@ def _table(profile, *parts: str) -> pl.DataFrame:
 
 def test_rehearsal_profile_takes_the_paper_paths(rehearsal):
     experiment, fixtures, _, _ = rehearsal
-    paper = load_experiment("paper")
+    paper = load_experiment("paper-reference")
     assert tuple(experiment.variants) == ALL_VARIANTS and experiment.variants == paper.variants
     assert [(s.name, s.kind, s.path, s.mapping, s.conversations) for s in experiment.sources] == [
         (s.name, s.kind, s.path, s.mapping, s.conversations) for s in paper.sources]
@@ -93,6 +93,11 @@ def test_rehearsal_profile_takes_the_paper_paths(rehearsal):
     assert experiment.training.preset == paper.training.preset == "paper"
     assert experiment.evaluation.benchmarks == "paper"
     assert Path(experiment.evaluation.lm_eval_tasks_dir) == fixtures.lm_eval_tasks_dir
+    # The reference recipe's settings, at toy scale.
+    assert experiment.embedder.instruction_source == paper.embedder.instruction_source == "system_prompt"
+    assert experiment.evaluation.lm_eval_tasks == paper.evaluation.lm_eval_tasks
+    for key in ("adapter_dropout", "balance_loss", "ac"):
+        assert getattr(experiment.experts, key) == getattr(paper.experts, key), key
 
 
 def test_every_variant_is_trained_merged_and_checked(rehearsal):
@@ -108,6 +113,8 @@ def test_every_variant_is_trained_merged_and_checked(rehearsal):
         merged_dir = Path(_ref(profile, "merged_model", variant)["path"])
         config = json.loads((merged_dir / "config.json").read_text())
         assert config["variant"] == variant and any(merged_dir.glob("*.safetensors"))
+        # The reference recipe reached the model: adapter dropout 0.1, no balance loss.
+        assert (config["adapter_dropout"], config["aux_loss_coef"]) == (0.1, 0.0), variant
         assert (merged_dir / "centroids.npy").is_file() == (variant in CLUSTER_ROUTED)
         adapters = instance.get_latest_materialization_event(dg.AssetKey(["moce_adapters", variant]))
         assert adapters.asset_materialization.metadata["optimizer_steps"].value == 3, variant
@@ -146,7 +153,7 @@ def test_paper_benchmarks_run_on_the_local_tasks_with_their_sizes(rehearsal):
     }
     for model in ("base", *ALL_VARIANTS):
         results = _table(profile, "benchmark_results", model)
-        assert set(results["benchmark"]) == set(PAPER_LM_EVAL_TASKS), model
+        assert set(results["benchmark"]) == set(profile.evaluation.lm_eval_tasks) == set(PAPER_LM_EVAL_TASKS), model
         n_items = dict(results.group_by("benchmark").agg(pl.col("n_items").max()).iter_rows())
         assert n_items == expected_n, model
         assert results["value"].is_between(0, 1).all() and results["ci_low"].is_not_null().all(), model

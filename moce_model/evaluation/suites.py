@@ -5,7 +5,7 @@ file does not load the evaluation stack (lm-eval, peft)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -126,9 +126,12 @@ def demo_benchmarks(
     return specs
 
 
-def paper_benchmarks(lm_eval_tasks_dir: str | Path | None = None) -> list[BenchmarkSpec]:
-    """The paper's table through lm-eval's own tasks: MMLU 5-shot, GSM8K 5-shot, MATH 4-shot, HellaSwag 10-shot,
-    ARC-Challenge 25-shot, MBPP 3-shot and HumanEval 0-shot completion (both run in the sandbox).
+def paper_benchmarks(lm_eval_tasks_dir: str | Path | None = None,
+                     tasks: Mapping[str, tuple[str, int]] | None = None) -> list[BenchmarkSpec]:
+    """The paper's table through lm-eval's own tasks: by default PAPER_LM_EVAL_TASKS (MMLU 5-shot, GSM8K 5-shot,
+    MATH 4-shot, HellaSwag 10-shot, ARC-Challenge 25-shot, MBPP 3-shot and HumanEval 0-shot completion, both
+    code tasks run in the sandbox); `tasks` {name: (lm-eval task, shots)} another list (an experiment's
+    `evaluation.lm_eval_tasks`). A task is code or completion by its benchmark name (mbpp, humaneval).
 
     `lm_eval_tasks_dir`: a folder whose task YAMLs define the same task names (an offline mirror, or the paper
     rehearsal's toy tasks); they are run instead of lm-eval's Hub tasks, with the same settings.
@@ -138,7 +141,7 @@ def paper_benchmarks(lm_eval_tasks_dir: str | Path | None = None) -> list[Benchm
         BenchmarkSpec(name=name, kind="lm_eval_code" if name in PAPER_CODE_BENCHMARKS else "lm_eval",
                       lm_eval_task=task, num_fewshot=shots, max_new_tokens=512,
                       completion=name in PAPER_COMPLETION_BENCHMARKS, lm_eval_tasks_dir=tasks_dir)
-        for name, (task, shots) in PAPER_LM_EVAL_TASKS.items()
+        for name, (task, shots) in (PAPER_LM_EVAL_TASKS if tasks is None else tasks).items()
     ]
 
 

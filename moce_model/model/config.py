@@ -24,6 +24,15 @@ from moce_model.variants import (
 
 # The MoCEConfig fields of the soft assignment of boundary prompts (`moce_model.clustering.soft.SoftAssignmentRule`).
 SOFT_ASSIGNMENT_KEYS: tuple[str, ...] = ("soft_assignment", "soft_assignment_margin", "soft_assignment_temperature")
+# Over which tokens the load-balancing loss balances a block's routers: within each group (`group`), or the
+# expert slots of all groups pooled over every sequence of the batch (`all`, what the reference code's formula
+# computes: it concatenates every token's E logits whatever its cluster).
+BALANCE_LOSS_SCOPES: tuple[str, ...] = ("group", "all")
+# The AC router's statistics (`moce_model.model.ac_router`): per sequence, or per micro-batch as in the reference.
+AC_STATISTICS: tuple[str, ...] = ("sequence", "batch")
+# How the AC router scores x M: through the group's router (`router`), or against the router's rows scaled to
+# unit norm (`normalised_experts`, the reference scripts' expert embeddings).
+AC_SCORINGS: tuple[str, ...] = ("router", "normalised_experts")
 
 
 
@@ -42,6 +51,13 @@ class ExpertLayout:
     token_router: str = "linear"
     adapter_dropout: float = 0.0
     soft_assignment: SoftAssignmentRule | None = None
+    # The load-balancing loss: its weight (0: none) and scope (BALANCE_LOSS_SCOPES).
+    aux_loss_coef: float = 0.01
+    balance_loss_scope: str = "group"
+    # AC router only: the first MoE block (0-based) that scores with AC weights, and the statistics and scoring.
+    ac_start_layer: int = 1
+    ac_statistics: str = "sequence"
+    ac_scoring: str = "router"
 
     def single_group_size(self, num_clusters: int | None) -> int:
         if self.single_group_experts is not None:
@@ -98,6 +114,10 @@ class MoCEConfig(PreTrainedConfig):
     adapter_scaling: float = 1.0
     adapter_dropout: float = 0.0
     aux_loss_coef: float = 0.01
+    balance_loss_scope: str = "group"
+    ac_start_layer: int = 1
+    ac_statistics: str = "sequence"
+    ac_scoring: str = "router"
     random_group_seed: int = 0
     token_router: str = "linear"
     soft_assignment: bool = False
@@ -147,6 +167,7 @@ class MoCEConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise ValueError(f"MoCEConfig.adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
+        self._check_balance_and_ac()
         if self.base_config is not None:
             if not isinstance(self.base_config, dict):
                 self.base_config = self.base_config.to_dict()
@@ -159,6 +180,28 @@ class MoCEConfig(PreTrainedConfig):
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 kwargs.setdefault(key, self.base_config.get(key))
         super().__post_init__(**kwargs)
+
+    def _check_balance_and_ac(self) -> None:
+        coef = self.aux_loss_coef
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0.0 <= coef < float("inf"):
+            raise ValueError(f"MoCEConfig.aux_loss_coef must be a finite number >= 0 (0: no balance loss), got {coef!r}")
+        choices = (("balance_loss_scope", BALANCE_LOSS_SCOPES), ("ac_statistics", AC_STATISTICS),
+                   ("ac_scoring", AC_SCORINGS))
+        for field_name, allowed in choices:
+            if getattr(self, field_name) not in allowed:
+                raise ValueError(f"MoCEConfig.{field_name} must be one of {allowed}, got {getattr(self, field_name)!r}")
+        start = self.ac_start_layer
+        if isinstance(start, bool) or not isinstance(start, int) or start < 1:
+            raise ValueError(f"MoCEConfig.ac_start_layer must be an int >= 1 (block 0 has no previous block's "
+                             f"assignments), got {start!r}")
+        if self.ac_statistics == "batch" and self.soft_assignment:
+            raise ValueError("MoCEConfig.ac_statistics='batch' with soft_assignment: a mixed row's second group would "
+                             "take statistics from the other mixed rows only; use ac_statistics='sequence'")
+
+    @property
+    def balance_loss_enabled(self) -> bool:
+        """Whether training adds the load-balancing loss: a router to balance and a weight above 0."""
+        return self.has_router and self.aux_loss_coef > 0
 
     @classmethod
     def for_variant(cls, variant: str, layout: ExpertLayout, *, num_clusters: int | None,
@@ -173,9 +216,13 @@ class MoCEConfig(PreTrainedConfig):
         if semantics.group_choice is GroupChoice.SINGLE and semantics.token_routing:
             experts = layout.single_group_size(num_clusters)
         values = {"router_top_k": min(layout.router_top_k, experts), "adapter_dim": layout.adapter_dim,
-                  "adapter_dropout": layout.adapter_dropout}
+                  "adapter_dropout": layout.adapter_dropout, "aux_loss_coef": layout.aux_loss_coef,
+                  "balance_loss_scope": layout.balance_loss_scope}
         if semantics.token_routing:
             values["token_router"] = layout.token_router
+            if layout.token_router == "ac":
+                values.update(ac_start_layer=layout.ac_start_layer, ac_statistics=layout.ac_statistics,
+                              ac_scoring=layout.ac_scoring)
         if semantics.needs_centroids and layout.soft_assignment is not None:
             values.update(soft_assignment=True, soft_assignment_margin=layout.soft_assignment.margin,
                           soft_assignment_temperature=layout.soft_assignment.temperature)

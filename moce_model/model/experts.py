@@ -40,8 +40,12 @@ class AdapterExperts(nn.Module):
         dropout: float,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        normalise_router: bool = False,
     ) -> None:
         super().__init__()
+        # Score tokens against the router's rows scaled to unit norm (the AC router's `normalised_experts`
+        # scoring: the reference scripts' unit expert embeddings), instead of the rows as they are.
+        self.normalise_router = normalise_router
         self.hidden_size = hidden_size
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
@@ -119,6 +123,13 @@ class AdapterExperts(nn.Module):
             return self._one_token_rows(x, down, group_ids, router_feature_weights)
         return self._gathered(x, down, group_ids, router_feature_weights)
 
+    def _scoring_router(self) -> torch.Tensor:
+        """The router rows tokens are scored against: as stored, or each scaled to unit norm (eps as the
+        reference's F.normalize) when `normalise_router`."""
+        if not self.normalise_router:
+            return self.router
+        return F.normalize(self.router, p=2.0, dim=-1, eps=1e-4)
+
     @staticmethod
     def _router_input(x: torch.Tensor, router_feature_weights: torch.Tensor | None) -> torch.Tensor:
         if router_feature_weights is None:
@@ -145,7 +156,7 @@ class AdapterExperts(nn.Module):
         experts, rank = self.experts_per_group, self.adapter_dim
         if self.router is not None:
             router_input = self._router_input(x, router_feature_weights)
-            logits = torch.bmm(router_input, self.router.index_select(0, group_ids).transpose(1, 2))  # [B, T, E]
+            logits = torch.bmm(router_input, self._scoring_router().index_select(0, group_ids).transpose(1, 2))  # [B, T, E]
             probs, top_experts, weights = self._top_k(logits)
         else:
             logits = probs = top_experts = weights = None
@@ -177,7 +188,7 @@ class AdapterExperts(nn.Module):
         group_mask = (group_ids.unsqueeze(1) == torch.arange(groups, device=group_ids.device)).to(down.dtype)  # [B, G]
         if self.router is not None:
             router_input = self._router_input(x, router_feature_weights).reshape(batch, hidden)
-            all_logits = router_input @ self.router.view(groups * experts, hidden).T  # [B, G*E]
+            all_logits = router_input @ self._scoring_router().reshape(groups * experts, hidden).T  # [B, G*E]
             logits = all_logits.view(batch, groups, experts).gather(
                 1, group_ids.view(batch, 1, 1).expand(batch, 1, experts)
             ).view(batch, 1, experts)

@@ -68,7 +68,8 @@ class MoCEMLP(nn.Module):
     """Wraps an existing MLP block (kept as `base_mlp`, weights untouched) with routed adapter experts."""
 
     def __init__(
-        self, base_mlp: nn.Module, experts: AdapterExperts, context: RoutingContext, layer_index: int, num_layers: int
+        self, base_mlp: nn.Module, experts: AdapterExperts, context: RoutingContext, layer_index: int, num_layers: int,
+        ac_start_layer: int = 1, ac_statistics: str = "sequence",
     ) -> None:
         super().__init__()
         self.base_mlp = base_mlp
@@ -78,6 +79,9 @@ class MoCEMLP(nn.Module):
         self.layer_index = layer_index
         self.routing_context = context
         self.num_layers = num_layers
+        # AC router: blocks before `ac_start_layer` route with the plain router (they only record assignments).
+        self.ac_start_layer = ac_start_layer
+        self.ac_statistics = ac_statistics
         device = experts.adapter_up.device
         self.register_buffer(
             "expert_use_counts",
@@ -94,7 +98,7 @@ class MoCEMLP(nn.Module):
         self.register_buffer(
             "previous_top_expert_slot", torch.zeros(1, dtype=torch.long, device=device), persistent=False
         )
-        self.register_buffer("is_first_block", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("before_ac_start", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
         self.reset_buffers()
 
     @torch.no_grad()
@@ -106,7 +110,7 @@ class MoCEMLP(nn.Module):
         self.probe_slot.copy_((layers == self.layer_index).to(torch.float32))
         self.own_top_expert_slot.fill_(self.layer_index)
         self.previous_top_expert_slot.fill_(max(self.layer_index - 1, 0))
-        self.is_first_block.fill_(self.layer_index == 0)
+        self.before_ac_start.fill_(self.layer_index < self.ac_start_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context = self.routing_context
@@ -121,11 +125,11 @@ class MoCEMLP(nn.Module):
         feature_weights = mixed_feature_weights = None
         if slots is not None:
             token_mask = self._mask_of(context.token_mask, x.shape[1])
-            feature_weights = self._ac_feature_weights(x, slots, token_mask)
+            feature_weights = self._ac_feature_weights(x, slots, token_mask, context.group_ids)
             if mix is not None:
                 mixed_feature_weights = self._ac_feature_weights(
                     x.index_select(0, mix.rows), context.mixed_top_expert_slots,
-                    None if token_mask is None else token_mask.index_select(0, mix.rows),
+                    None if token_mask is None else token_mask.index_select(0, mix.rows), mix.groups,
                 )
         out, routing = self.moce_experts(x, down, context.group_ids, feature_weights, mix, mixed_feature_weights)
         if slots is not None:
@@ -161,16 +165,18 @@ class MoCEMLP(nn.Module):
         return out
 
     def _ac_feature_weights(
-        self, x: torch.Tensor, slots: torch.Tensor, token_mask: torch.Tensor | None
+        self, x: torch.Tensor, slots: torch.Tensor, token_mask: torch.Tensor | None, group_ids: torch.Tensor
     ) -> torch.Tensor:
         """The AC router's feature weights of the tokens of `x`, from the previous block's row of `slots`."""
         previous_top_expert = slots.index_select(0, self.previous_top_expert_slot).squeeze(0)
-        feature_weights = adaptive_clustering_token_weights(x, previous_top_expert, token_mask, self.experts_per_group)
-        # The first MoE block has no previous assignments and routes with the plain router, as in the paper.
-        # A tensor condition, not `layer_index > 0`: torch.compile treats int attributes as constants, so
-        # regionally compiled layers would recompile per layer (its weights, computed from an unused row,
-        # are discarded).
-        return torch.where(self.is_first_block, torch.ones_like(feature_weights), feature_weights)
+        feature_weights = adaptive_clustering_token_weights(
+            x, previous_top_expert, token_mask, self.experts_per_group, self.ac_statistics, group_ids, self.num_groups
+        )
+        # The blocks before `ac_start_layer` route with the plain router (the first has no previous assignments;
+        # the reference scripts also keep the second plain). A tensor condition, not `layer_index < start`:
+        # torch.compile treats int attributes as constants, so regionally compiled layers would recompile per
+        # layer (the weights computed there, from an unused or plain block's row, are discarded).
+        return torch.where(self.before_ac_start, torch.ones_like(feature_weights), feature_weights)
 
     @staticmethod
     def _mask_of(token_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:

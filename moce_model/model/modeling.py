@@ -6,7 +6,7 @@ Importing this module registers the `moce` model type with `AutoConfig` and `Aut
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -133,8 +133,11 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
                 dropout=config.adapter_dropout,
                 device=weight.device,
                 dtype=dtype,
+                normalise_router=(config.adaptive_clustering_router and config.ac_scoring == "normalised_experts"
+                                  and layer_index >= config.ac_start_layer),
             )
-            layer.mlp = MoCEMLP(mlp, experts, self.routing_context, layer_index, num_layers)
+            layer.mlp = MoCEMLP(mlp, experts, self.routing_context, layer_index, num_layers,
+                                ac_start_layer=config.ac_start_layer, ac_statistics=config.ac_statistics)
         self._num_moce_blocks = num_layers
 
     def moce_blocks(self) -> list[MoCEMLP]:
@@ -366,7 +369,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= seq_len:
             token_mask = attention_mask[:, -seq_len:]
         aux_request = None
-        if self.config.has_router and self.training and torch.is_grad_enabled():
+        if self.config.balance_loss_enabled and self.training and torch.is_grad_enabled():
             aux_request = self._aux_loss_request(
                 group_ids, token_mask, seq_len, labels, kwargs.get("num_items_in_batch"), aux_loss_weight, group_mix
             )
@@ -422,12 +425,14 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
             else:
                 aux_loss_weight = 1.0
         blocks = self._num_moce_blocks
-        gradient_scale = torch.as_tensor(aux_loss_weight, dtype=torch.float32, device=device) * (
-            config.aux_loss_coef / blocks
-        )
-        statistics = BalanceLossStatistics.build(
-            group_ids, token_mask, seq_len, config.num_groups, config.experts_per_group, config.router_top_k, group_mix
-        )
+        gradient_scale = torch.as_tensor(aux_loss_weight, dtype=torch.float32, device=device) * (config.aux_loss_coef / blocks)
+        num_groups = config.num_groups
+        if config.balance_loss_scope == "all":  # one pool: expert slot e of every group balanced as one expert
+            group_ids, num_groups = torch.zeros_like(group_ids), 1
+            if group_mix is not None:
+                group_mix = replace(group_mix, groups=torch.zeros_like(group_mix.groups))
+        statistics = BalanceLossStatistics.build(group_ids, token_mask, seq_len, num_groups, config.experts_per_group,
+                                                 config.router_top_k, group_mix)
         probe = torch.zeros(blocks, dtype=torch.float32, device=device, requires_grad=True)
         return AuxLossRequest(statistics=statistics, gradient_scale=gradient_scale, probe=probe)
 

@@ -111,7 +111,7 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int | None) -> list[Path]:
 
 
 RUN_FINGERPRINT_NAME = "run_fingerprint.json"
-LAYOUT_KEYS_ADDED_LATER = ("token_router",)
+LAYOUT_KEYS_ADDED_LATER = ("token_router", "balance_loss_scope", "ac_start_layer", "ac_statistics", "ac_scoring")
 
 
 def run_fingerprint(
@@ -127,7 +127,7 @@ def run_fingerprint(
     bookkeeping = ("save_steps", "save_total_limit", "logging_steps", "num_threads", "compile", "report_to")
     relevant = {k: v for k, v in config.to_dict().items() if k not in bookkeeping}
     layout = ("variant", "num_groups", "experts_per_group", "router_top_k", "adapter_dim", "adapter_scaling",
-              "adapter_dropout", "aux_loss_coef", "random_group_seed", "token_router")
+              "adapter_dropout", "aux_loss_coef", "random_group_seed", "token_router", *LAYOUT_KEYS_ADDED_LATER[1:])
     moce = {k: v for k, v in (moce_config or {}).items() if k in layout}
     # Settings added after runs were fingerprinted count only away from their default, so that those runs'
     # checkpoints (which used the default) still resume.
