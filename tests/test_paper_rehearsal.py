@@ -21,14 +21,14 @@ import torch
 
 from moce_model.evaluation.suites import PAPER_LM_EVAL_TASKS
 from moce_model.experiment import load_experiment
-from moce_model.rehearsal import (
+from moce_model.rehearsal.fixtures import (
     FIXTURE_VERSION,
     build_rehearsal_fixtures,
     ensure_rehearsal_fixtures,
     lm_eval_test_documents,
-    write_lm_eval_tasks,
-    write_source_mirrors,
 )
+from moce_model.rehearsal.lm_eval_tasks import write_lm_eval_tasks
+from moce_model.rehearsal.sources import write_source_mirrors
 from moce_model.variants import VARIANTS as ALL_VARIANTS
 from pipelines.definitions import PIPELINE, build_definitions
 from tests.pipeline_fixtures import dagster_instance
@@ -243,3 +243,9 @@ def test_existing_fixtures_are_reused_and_rebuilt_only_when_stale(rehearsal):
     assert weights.stat().st_mtime_ns == built_at
     manifest = json.loads(fixtures.manifest_path.read_text())
     assert manifest["root"] == str(fixtures.root) and manifest["version"] == FIXTURE_VERSION
+
+
+def test_the_rehearsal_mirrors_every_source_of_the_paper_experiment():
+    from moce_model.rehearsal.sources import SOURCE_FILES
+
+    assert set(SOURCE_FILES) == PAPER_SOURCES == {source.name for source in load_experiment("paper").sources}

@@ -546,11 +546,11 @@ def test_report_to_config_reaches_the_training_args(tmp_path):
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
     from moce_model.training.config import REPORT_TO_INTEGRATIONS
-    from moce_model.training.trainer import _training_arguments
+    from moce_model.training.hf_trainer import training_arguments
 
     assert set(REPORT_TO_INTEGRATIONS) == set(INTEGRATION_TO_CALLBACK)  # the names transformers takes
-    assert _training_arguments(tiny_training_config(), tmp_path).report_to == []  # "none"
-    args = _training_arguments(tiny_training_config(report_to=["tensorboard", "mlflow"]), tmp_path)
+    assert training_arguments(tiny_training_config(), tmp_path).report_to == []  # "none"
+    args = training_arguments(tiny_training_config(report_to=["tensorboard", "mlflow"]), tmp_path)
     assert args.report_to == ["tensorboard", "mlflow"]
 
 

@@ -28,6 +28,7 @@ from moce_model.training.data import (
     build_dataset,
     resolve_cluster_ids,
 )
+from moce_model.training.hf_trainer import training_progress
 from moce_model.training.model import (
     build_model,
     compile_decoder_layers,
@@ -40,13 +41,7 @@ from moce_model.training.samplers import (
     EpochSeededLengthGroupedSampler,
     EpochSeededRandomSampler,
 )
-from moce_model.training.trainer import (
-    ARTIFACT_DIRNAME,
-    OOM_HINT,
-    TrainResult,
-    train,
-    training_progress,
-)
+from moce_model.training.trainer import ARTIFACT_DIRNAME, OOM_HINT, TrainResult, train
 
 __all__ = [
     "ALL_PROJECTIONS",
