@@ -166,7 +166,7 @@ def build_instruction_assets(experiment: Experiment) -> dg.AssetsDefinition:
                 kinds={"polars", "parquet"},
                 code_version=DATA_CODE_VERSION,
                 io_manager_key="parquet_io_manager",
-                description="The normalised, de-duplicated union of all sources (DESIGN.md schema).",
+                description="The normalised, de-duplicated union of all sources (INSTRUCTION_COLUMNS).",
             ),
             "rejected_instructions": dg.AssetOut(
                 group_name="data",

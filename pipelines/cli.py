@@ -50,7 +50,6 @@ def _select_experiment(name: str | None) -> Experiment:
     load: they read MOCE_EXPERIMENT."""
     from moce_model.experiment import (
         EXPERIMENT_ENV,
-        PROFILE_ENV,
         experiment_path,
         load_experiment,
         selected_experiment,
@@ -59,7 +58,6 @@ def _select_experiment(name: str | None) -> Experiment:
     chosen = name or selected_experiment()
     experiment = load_experiment(chosen)
     os.environ[EXPERIMENT_ENV] = str(experiment_path(chosen))
-    os.environ.pop(PROFILE_ENV, None)
     return experiment
 
 

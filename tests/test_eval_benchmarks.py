@@ -1,5 +1,5 @@
 """Benchmark scoring: reference answers score 1, wrong answers 0, and the runner's tables have the
-DESIGN.md schema with one row per (variant, benchmark, metric)."""
+results schema (RESULTS_SCHEMA) with one row per (variant, benchmark, metric)."""
 
 from __future__ import annotations
 

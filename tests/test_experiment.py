@@ -22,7 +22,7 @@ DATA_HALF = "group:data or group:embedding or group:clustering"
 def clean_env(monkeypatch):
     """The selection variables as a user without any would have them; restored afterwards (the `moce`
     command sets MOCE_EXPERIMENT and DAGSTER_HOME for the processes it starts)."""
-    for name in ("MOCE_EXPERIMENT", "MOCE_PROFILE", "MOCE_DATA_DIR", "DAGSTER_HOME"):
+    for name in ("MOCE_EXPERIMENT", "MOCE_DATA_DIR", "DAGSTER_HOME"):
         # setenv first: monkeypatch restores only what it recorded, and deleting an unset variable records nothing.
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
@@ -202,19 +202,13 @@ def test_environment_variables_fill_values_and_defaults(tmp_path, clean_env):
         load_experiment(path)
 
 
-def test_moce_profile_is_an_alias_of_moce_experiment(tmp_path, clean_env):
+def test_moce_experiment_selects_the_experiment(tmp_path, clean_env):
     assert load_experiment().name == "demo"
-    clean_env.setenv("MOCE_PROFILE", "realmix")
-    assert load_experiment().name == "realmix"
     clean_env.setenv("MOCE_EXPERIMENT", "realmix")
     assert load_experiment().name == "realmix"
-    clean_env.setenv("MOCE_EXPERIMENT", "paper")
-    with pytest.raises(ExperimentError, match="name different experiments"):
-        load_experiment()
-    clean_env.delenv("MOCE_EXPERIMENT")
-    clean_env.setenv("MOCE_PROFILE", str(_write(tmp_path / "mine.yaml", _my_experiment())))
+    clean_env.setenv("MOCE_EXPERIMENT", str(_write(tmp_path / "mine.yaml", _my_experiment())))
     assert load_experiment().name == "mine"
-    clean_env.setenv("MOCE_PROFILE", "nonesuch")
+    clean_env.setenv("MOCE_EXPERIMENT", "nonesuch")
     with pytest.raises(ExperimentError, match=r"no experiment named 'nonesuch'.*known: \[.*'realmix'"):
         load_experiment()
 

@@ -50,7 +50,7 @@ def test_a_partition_that_is_not_a_k_is_refused_by_name(key):
 
 
 def test_moce_sweep_runs_each_k_as_a_partition_and_compares_them(tmp_path, monkeypatch, capsys):
-    for name in ("MOCE_EXPERIMENT", "MOCE_PROFILE", "MOCE_DATA_DIR", "DAGSTER_HOME"):
+    for name in ("MOCE_EXPERIMENT", "MOCE_DATA_DIR", "DAGSTER_HOME"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     save_tiny_llama(tmp_path / "tiny_base")

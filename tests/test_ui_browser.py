@@ -56,7 +56,7 @@ def dagster_ui(tmp_path_factory):
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
-        "MOCE_PROFILE": "demo",
+        "MOCE_EXPERIMENT": "demo",
         "MOCE_DATA_DIR": str(root / "data"),
         "HF_HUB_OFFLINE": "1",
     }

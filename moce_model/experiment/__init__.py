@@ -1,7 +1,7 @@
 """An experiment is a YAML file: what to train on, with which models, at which scale, evaluated how.
 
 `configs/experiments/<name>.yaml` (`demo`, `realmix`, `paper`) or any path; `MOCE_EXPERIMENT=<name or path>`
-selects one (`MOCE_PROFILE` is the older name of the same setting). The asset graph is the same for every
+selects one. The asset graph is the same for every
 experiment; the file only chooses the values of its resources and configs.
 
 The file is checked against the typed schema below before anything runs. Unknown keys are errors, and every
@@ -42,7 +42,6 @@ from moce_model.experiment.sections import (
     DEVICE_PATTERN,
     EXPERIMENT_ENV,
     EXPERIMENTS_DIR,
-    PROFILE_ENV,
     REPO_ROOT,
     ACRouter,
     BalanceLoss,
@@ -61,7 +60,7 @@ __all__ = [
     "ACRouter", "BalanceLoss", "BaseModelSettings", "Clustering", "DATA_DIR_ENV", "DEFAULT_EXPERIMENT",
     "DEVICE_PATTERN", "EXPERIMENTS_DIR", "EXPERIMENT_ENV", "Embedder", "Evaluation", "Experiment",
     "ExperimentError", "Experts", "Launcher", "MAX_ALIASES", "MAX_EXPANDED_CHARS", "MAX_FILE_CHARS",
-    "MAX_MESSAGE_CHARS", "MAX_SHOWN_CHARS", "MIN_ROWS_PER_CLUSTER", "PROFILE_ENV", "REPO_ROOT", "SoftAssignment",
+    "MAX_MESSAGE_CHARS", "MAX_SHOWN_CHARS", "MIN_ROWS_PER_CLUSTER", "REPO_ROOT", "SoftAssignment",
     "Training", "available_devices", "deep_merged", "elbow_ks", "experiment_path", "load_experiment", "read_yaml",
     "selected_experiment",
 ]

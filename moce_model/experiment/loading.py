@@ -19,7 +19,6 @@ from moce_model.experiment.sections import (
     DEFAULT_EXPERIMENT,
     EXPERIMENT_ENV,
     EXPERIMENTS_DIR,
-    PROFILE_ENV,
     ExperimentError,
 )
 
@@ -238,15 +237,9 @@ def experiment_path(name_or_path: str) -> Path:
 
 
 def selected_experiment(env: Mapping[str, str] | None = None) -> str:
-    """The experiment chosen by MOCE_EXPERIMENT (or its older name MOCE_PROFILE); `demo` when neither is set."""
+    """The experiment chosen by MOCE_EXPERIMENT; `demo` when it is not set."""
     env = os.environ if env is None else env
-    experiment, profile = env.get(EXPERIMENT_ENV), env.get(PROFILE_ENV)
-    if experiment and profile and experiment_path(experiment) != experiment_path(profile):
-        raise ExperimentError(
-            f"{EXPERIMENT_ENV}={experiment!r} and {PROFILE_ENV}={profile!r} name different experiments; unset "
-            f"{PROFILE_ENV} (the older name of {EXPERIMENT_ENV})"
-        )
-    return experiment or profile or DEFAULT_EXPERIMENT
+    return env.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
 
 
 def load_experiment(name_or_path: str | os.PathLike[str] | None = None) -> Experiment:

@@ -34,7 +34,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS_DIR = REPO_ROOT / "configs" / "experiments"
 DEFAULT_EXPERIMENT = "demo"
 EXPERIMENT_ENV = "MOCE_EXPERIMENT"
-PROFILE_ENV = "MOCE_PROFILE"
 DATA_DIR_ENV = "MOCE_DATA_DIR"
 
 Variant = Literal[VARIANTS]
