@@ -10,6 +10,10 @@ from collections.abc import Sequence
 
 import polars as pl
 
+# Defined with the prompt formats, which read a request back out of a prompt, so that the model's own code needs no
+# polars; kept importable here, next to the columns it reads.
+from moce_model.data.prompt_format import routing_text  # noqa: F401
+
 INSTRUCTION_COLUMNS: tuple[str, ...] = ("id", "source", "system", "instruction", "input", "response", "domain", "n_chars")
 # `detail` says more where the reason alone does not (for `wrong_type`: the file, row, column and type).
 REJECTED_COLUMNS: tuple[str, ...] = (*INSTRUCTION_COLUMNS, "reason", "detail")
@@ -17,16 +21,6 @@ REJECTION_REASONS: tuple[str, ...] = (
     "wrong_type", "empty_instruction", "empty_response", "bad_encoding", "too_long", "duplicate"
 )
 TEXT_FIELDS: tuple[str, ...] = ("system", "instruction", "input", "response")
-
-
-def routing_text(system: str | None, instruction: str | None, input: str | None) -> str:
-    """The text the router embeds: the non-empty parts of system, instruction and input, stripped, one per line.
-
-    Never the response, never a prompt format's markup, never few-shot examples: at inference the router
-    sees only the request itself.
-    """
-    return "\n".join(part.strip() for part in (system, instruction, input) if part and part.strip())
-
 
 # U+FFFD marks text that was decoded with replacement; C0 control characters other than tab/newline/CR
 # (and DEL) do not belong in instructions and usually mean a binary or mis-decoded file.

@@ -20,14 +20,21 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-from moce_model.data.instructions import routing_text
-
 # Label of the tokens the LM loss ignores (the prompt, padding): torch's and transformers' default.
 IGNORE_INDEX = -100
 Message = dict[str, str]
 AUTO = "auto"
 # Placeholders (Unicode private-use characters) rendered in place of a request's parts to learn a format's markup.
 _SYSTEM_MARK, _USER_MARK = "\ue000system\ue000", "\ue000user\ue000"
+
+
+def routing_text(system: str | None, instruction: str | None, input: str | None) -> str:
+    """The text the router embeds: the non-empty parts of system, instruction and input, stripped, one per line.
+
+    Never the response, never a prompt format's markup, never few-shot examples: at inference the router
+    sees only the request itself.
+    """
+    return "\n".join(part.strip() for part in (system, instruction, input) if part and part.strip())
 
 
 class PromptFormat(ABC):
