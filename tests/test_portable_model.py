@@ -33,6 +33,8 @@ BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 RESULTS = [
     {"benchmark": "gsm8k", "metric": "exact_match", "value": 0.25, "n_items": 80, "stderr": 0.0487,
      "ci_low": 0.16, "ci_high": 0.36, "ci_method": "wilson"},
+    {"benchmark": "mmlu", "metric": "acc", "value": 0.31, "n_items": 40, "stderr": None, "ci_low": None,
+     "ci_high": None, "ci_method": None},
 ]
 
 # Run in a fresh interpreter, in which importing the project fails as if it were not installed (the venv's
@@ -185,10 +187,13 @@ def test_the_card_is_rewritten_with_scores_and_refuses_a_score_without_its_inter
     write_model_card(model_dir, RESULTS)
     text = ModelCard.load(model_dir / "README.md").text
     assert "| gsm8k | exact_match | 0.25 | 80 | 0.0487 | [0.16, 0.36] | wilson |" in text
+    assert "| mmlu | acc | 0.31 | 40 | – | none | – |" in text  # no interval: said so, not left out
     assert "Not evaluated yet" not in text
     incomplete = [{key: value for key, value in RESULTS[0].items() if key != "ci_high"}]
     with pytest.raises(ValueError, match=r"results row 0 .*missing \['ci_high'\]"):
         write_model_card(model_dir, incomplete)
+    with pytest.raises(ValueError, match=r"results row 1: ci_low is 0.2 and ci_high None"):
+        write_model_card(model_dir, [RESULTS[0], {**RESULTS[1], "ci_low": 0.2}])
     assert "| gsm8k | exact_match | 0.25 |" in (model_dir / "README.md").read_text()  # the card as it was
 
 

@@ -50,17 +50,23 @@ def without_machine_paths(value: Any) -> Any:
 
 
 def checked_results(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The score rows, each with `RESULT_KEYS` (and optionally `stderr`, `ci_method`); a row without one, or with
-    an n that is not a non-negative whole number, is refused naming the row and the key."""
+    """The score rows, each with `RESULT_KEYS` (and optionally `stderr`, `ci_method`). A score without an interval
+    (an aggregate metric with neither per-item scores nor a standard error) has both bounds null and is shown as
+    such; a row without a key, with a null value or n, an n that is not a whole number >= 0, or one bound only, is
+    refused naming the row and the key."""
     rows = []
     for index, row in enumerate(results):
-        missing = [key for key in RESULT_KEYS if key not in row or row[key] is None]
+        missing = [key for key in RESULT_KEYS if key not in row]
+        missing += [key for key in ("benchmark", "metric", "value", "n_items") if key in row and row[key] is None]
         if missing:
             raise ValueError(f"results row {index} ({dict(row)!r}): missing {missing}; each score needs "
                              f"{list(RESULT_KEYS)}")
         n_items = row["n_items"]
         if isinstance(n_items, bool) or not float(n_items).is_integer() or n_items < 0:
             raise ValueError(f"results row {index}: n_items is {n_items!r}, expected a whole number >= 0")
+        if (row["ci_low"] is None) != (row["ci_high"] is None):
+            raise ValueError(f"results row {index}: ci_low is {row['ci_low']!r} and ci_high {row['ci_high']!r}; an "
+                             "interval has both bounds or neither")
         rows.append(dict(row))
     return rows
 
@@ -78,9 +84,10 @@ def _results_lines(results: list[dict[str, Any]] | None) -> list[str]:
     lines = ["| benchmark | metric | value | n | stderr | 95% interval | interval method |",
              "|---|---|---|---|---|---|---|"]
     for row in results:
+        interval = ("none" if row["ci_low"] is None
+                    else f"[{_number(row['ci_low'])}, {_number(row['ci_high'])}]")
         lines.append(f"| {row['benchmark']} | {row['metric']} | {_number(row['value'])} | {int(row['n_items'])} | "
-                     f"{_number(row.get('stderr'))} | [{_number(row['ci_low'])}, {_number(row['ci_high'])}] | "
-                     f"{row.get('ci_method') or '–'} |")
+                     f"{_number(row.get('stderr'))} | {interval} | {row.get('ci_method') or '–'} |")
     return lines
 
 
@@ -101,6 +108,9 @@ def _routing_lines(config: MoCEConfig, embedder: Mapping[str, Any] | None, has_c
                  "centroid; the decoding steps keep that group. Embedding needs `sentence-transformers`.")
         if embedder is not None and not has_copy:
             needs += f" The embedder `{embedder.get('model')}` is fetched from the Hub on first use."
+        needs += (" The router reads `centroids.npy`, `embedder.json` and the embedder's copy from the model's "
+                  "directory: from the Hub, download the repository first (`huggingface_hub.snapshot_download`) "
+                  "and load that directory.")
         return [needs]
     if config.group_choice is GroupChoice.HASH:
         return ["The model picks each prompt's expert group by a hash of the prompt's tokens: no embedder is needed."]
