@@ -1,4 +1,4 @@
-"""The long-running stages that `tests/test_faults.py` kills and re-runs, each a function of a JSON spec so
+"""The long-running stages that `tests/pipeline/test_faults.py` kills and re-runs, each a function of a JSON spec so
 that the same call runs in the test process and in a child process (`tests.fault_injection`).
 
 Imports are inside the functions: the child process loads only what its stage needs.

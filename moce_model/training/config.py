@@ -28,7 +28,7 @@ _TRAINING_ARGUMENTS_NAMES = {
 }
 
 # Where the Trainer may report its logs: "none", or transformers' integrations by the names its `report_to` takes
-# (transformers.integrations.integration_utils.INTEGRATION_TO_CALLBACK; tests/test_training.py checks the two
+# (transformers.integrations.integration_utils.INTEGRATION_TO_CALLBACK; tests/training/test_training.py checks the two
 # lists agree). Written out so that checking a config does not import transformers.
 REPORT_TO_INTEGRATIONS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow",
                           "mlflow", "neptune", "swanlab", "tensorboard", "trackio", "wandb")

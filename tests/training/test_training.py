@@ -29,7 +29,7 @@ from moce_model.training import (
 )
 from tests.tiny_models import make_char_tokenizer, save_tiny_llama
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

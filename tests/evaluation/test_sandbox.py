@@ -426,7 +426,7 @@ for path in {names!r}:
 def test_host_files_and_the_project_are_out_of_sight(tmp_path: Path):
     secret = "secret-" + secrets.token_hex(8)
     (tmp_path / "secret.txt").write_text(secret)
-    project = Path(__file__).resolve().parents[1]
+    project = Path(__file__).resolve().parents[2]
     code = DISARM + f"""
 for path in ({str(tmp_path / 'secret.txt')!r}, {str(project / 'README.md')!r}, "/etc/hostname", "/etc/passwd"):
     try:

@@ -12,7 +12,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 from moce_model.evaluation.lm import MoCELM
-from tests.test_eval_fixtures import (
+from tests.evaluation.test_eval_fixtures import (
     MINILM_SPEC,
     build_model,
     build_tokenizer,

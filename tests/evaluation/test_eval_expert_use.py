@@ -19,7 +19,7 @@ from moce_model.evaluation.runner import EXPERT_USE_SCHEMA, evaluate_model, expe
 from moce_model.evaluation.suites import BenchmarkSpec
 from moce_model.model.config import MoCEConfig
 from moce_model.model.modeling import MoCEForCausalLM
-from tests.test_eval_fixtures import build_model, build_tokenizer
+from tests.evaluation.test_eval_fixtures import build_model, build_tokenizer
 
 EXPERTS = 3
 # group -> the experts every token of that group is routed to, best first.

@@ -12,8 +12,8 @@ from moce_model.data.instructions import routing_text
 from moce_model.experiment import ExperimentError, load_experiment
 from moce_model.model.ac_router import adaptive_clustering_token_weights
 from moce_model.model.config import ExpertLayout, MoCEConfig
-from tests.test_experiment import _my_experiment, _write
-from tests.test_modeling import batch_ids, tiny_moce
+from tests.experiment.test_experiment import _my_experiment, _write
+from tests.model.test_modeling import batch_ids, tiny_moce
 
 
 def test_paper_reference_pins_the_authors_recipe(monkeypatch):

@@ -20,7 +20,7 @@ from pipelines import cli
 from pipelines.instance import LOCK_ENV, ExperimentBusy, experiment_instance, experiment_lock
 from tests.pipeline_fixtures import small_experiment_values
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # A writer as `moce run` is one: it waits for `go` (so that both start together), then, under the experiment's lock,
 # opens (the first time: creates) the instance and materializes one asset in it.
 WRITER = """

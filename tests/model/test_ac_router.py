@@ -18,7 +18,7 @@ from moce_model.model.ac_router import (
 from moce_model.model.config import ExpertLayout, MoCEConfig
 from moce_model.model.experts import AdapterExperts
 from moce_model.model.modeling import MoCEForCausalLM
-from tests.test_modeling import batch_ids, tiny_moce
+from tests.model.test_modeling import batch_ids, tiny_moce
 from tests.tiny_models import save_tiny_llama
 
 # Expert 0's tokens are tight along feature 0 and spread along feature 1; expert 1's the other way round.

@@ -14,7 +14,7 @@ from moce_model.clustering.soft import SoftAssignmentRule
 from moce_model.model.balance import BalanceLossStatistics, balance_loss
 from moce_model.model.config import ExpertLayout, MoCEConfig
 from moce_model.model.experts import AdapterExperts, GroupMix
-from tests.test_modeling import batch_ids, tiny_moce
+from tests.model.test_modeling import batch_ids, tiny_moce
 
 RULE = SoftAssignmentRule(margin=0.1, temperature=0.025)
 
@@ -485,7 +485,7 @@ class BoundaryEncoder:
 def evaluation_lm(soft_assignment, variant: str = "moce", everything_halfway: bool = False):
     from moce_model.evaluation.lm import MoCELM
     from moce_model.model.modeling import MoCEForCausalLM
-    from tests.test_eval_fixtures import build_model, build_tokenizer
+    from tests.evaluation.test_eval_fixtures import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     config = MoCEConfig(variant=variant, num_clusters=3, experts_per_group=2, router_top_k=1, adapter_dim=8)

@@ -237,7 +237,7 @@ def test_demo_experiment_keeps_the_demo_scale(clean_env):
 
 
 def test_moce_generate_answers_with_a_model_directory_and_says_where_it_routed(tmp_path, clean_env, capsys):
-    from tests.test_eval_fixtures import save_routed_model_dir
+    from tests.evaluation.test_eval_fixtures import save_routed_model_dir
 
     model = save_routed_model_dir(tmp_path / "merged")
     assert moce(["generate", "--model", str(model), "--max-new-tokens", "4", "What is 12 plus 7 apples?"]) == 0
@@ -246,7 +246,7 @@ def test_moce_generate_answers_with_a_model_directory_and_says_where_it_routed(t
 
 def test_moce_generate_asks_in_the_prompt_format_it_is_given(tmp_path, clean_env, capsys, monkeypatch):
     from moce_model import generate
-    from tests.test_eval_fixtures import save_routed_model_dir
+    from tests.evaluation.test_eval_fixtures import save_routed_model_dir
 
     asked: list[str] = []
     real = generate.make_prompt_format
@@ -272,7 +272,7 @@ def test_moce_generate_and_eval_say_when_the_experiment_has_no_trained_model(tmp
 def test_moce_eval_evaluates_with_the_experiments_sizes(tmp_path, clean_env, capsys, caplog):
     import logging
 
-    from tests.test_eval_fixtures import save_model_dir
+    from tests.evaluation.test_eval_fixtures import save_model_dir
 
     model = save_model_dir(tmp_path / "base")
     sizes = {"loss_items_per_domain": 1, "generation_items_per_domain": 1, "humaneval_items": 1, "gsm8k_items": 1}

@@ -24,7 +24,7 @@ from moce_model.study.config import StudyConfig
 from moce_model.training import TrainingConfig
 from pipelines.cli import main as moce
 from resources.refs import CentroidsRef, EmbeddingsRef
-from tests.test_experiment import _my_experiment, _write, clean_env  # noqa: F401  (clean_env: a fixture)
+from tests.experiment.test_experiment import _my_experiment, _write, clean_env  # noqa: F401  (clean_env: a fixture)
 
 
 def _bomb(levels: int, width: int = 9) -> str:

@@ -19,7 +19,7 @@ from moce_model.evaluation.suites import (
     BenchmarkSpec,
     paper_benchmarks,
 )
-from tests.test_eval_fixtures import build_model, build_tokenizer, save_routed_model_dir
+from tests.evaluation.test_eval_fixtures import build_model, build_tokenizer, save_routed_model_dir
 
 # Shape of a real lm-eval 0.4 results dict (trimmed): a group (mmlu) with subtasks, and gsm8k with filters.
 RECORDED = {

@@ -15,7 +15,7 @@ from moce_model.experiment import load_experiment
 from resources.refs import BaseModelRef
 from resources.storage import ArtifactStorage
 from tests.pipeline_fixtures import small_experiment
-from tests.test_eval_fixtures import save_model_dir
+from tests.evaluation.test_eval_fixtures import save_model_dir
 
 
 def test_experiments_name_device_dtype_and_prompt_format():

@@ -36,7 +36,7 @@ from moce_model.evaluation.suites import (
     demo_benchmarks,
     resolve_benchmarks,
 )
-from tests.test_eval_fixtures import (
+from tests.evaluation.test_eval_fixtures import (
     build_model,
     build_tokenizer,
     save_model_dir,
