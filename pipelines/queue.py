@@ -25,8 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -34,7 +33,7 @@ from typing import TextIO
 import dagster as dg
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
-from moce_model.common.processes import terminable_children
+from moce_model.common.processes import terminable_children, unignored_signal
 from pipelines.instance import held_lock_descriptors, max_concurrent_runs
 
 # workspace.yaml loads `python_module: pipelines.definitions`: the code location is named after the module, and a
@@ -74,20 +73,11 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@contextmanager
-def _interruptible_children() -> Iterator[None]:
+def _interruptible_children():
     """SIGINT not ignored in the processes started here (a shell running this in the background ignores it):
     `dagster dev` stops on SIGINT, and on SIGTERM only as SIGINT does, so with SIGINT ignored it could not be
-    stopped but by SIGKILL, which leaves its code server and runs behind. A handler is reset to the default action
-    across `exec`, an ignored signal is not."""
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        yield
-        return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stopped but by SIGKILL, which leaves its code server and runs behind."""
+    return unignored_signal(signal.SIGINT, signal.default_int_handler)
 
 
 def start_service(command: Sequence[str], log: Path, environment: Mapping[str, str],

@@ -19,19 +19,24 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def terminable_children() -> Iterator[None]:
-    """Within the block, SIGTERM has its default action when it was ignored, so that processes started here
-    inherit a SIGTERM that ends them; the previous disposition is restored afterwards. Signal dispositions can
-    only be changed from the main thread: elsewhere this does nothing (stop such children with SIGKILL)."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+def unignored_signal(signum: int, action) -> Iterator[None]:
+    """Within the block, `signum` has `action` (SIG_DFL, or a handler, which `exec` resets to the default) when it
+    was ignored, so that processes started here do not inherit it ignored; the previous disposition is restored
+    afterwards. Signal dispositions can only be changed from the main thread: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signum) is not signal.SIG_IGN:
         yield
         return
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signum, action)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def terminable_children():
+    """Processes started in the block end on SIGTERM even where this process ignores it (stop children started
+    elsewhere than the main thread with SIGKILL)."""
+    return unignored_signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def stop_processes(processes, grace_seconds: float = 10.0) -> list[int]:
