@@ -102,6 +102,10 @@ class StudyConfig:
     heldout_rows_per_source: int = 20
     gsm8k_items: int = 10
     gsm8k_max_new_tokens: int = 96
+    # A generalisation probe outside every training mix (`moce_model.evaluation.humaneval_choice`): which of 4
+    # function bodies completes a HumanEval prompt, lm-eval's acc / acc_norm on the first this many of the 164
+    # problems (0 leaves it out). Chance is 0.25; the base model scores well above it (docs/study.md).
+    humaneval_choice_items: int = 164
     bootstrap_resamples: int = 4_000
     # Evaluation-only conditions scored on every trained run (`moce_model.study.conditions.CONDITIONS`), table
     # rows `layout @condition`: `noised` replaces `noise_share` of each held-out prompt's words (seeded by
@@ -146,8 +150,9 @@ class StudyConfig:
         for seed in (*self.seeds, self.noise_seed):
             if not 0 <= seed < 2**32:
                 raise ValueError(f"study seeds and noise_seed must be in [0, 2**32), got {seed}")
-        if self.gsm8k_items < 0:
-            raise ValueError(f"study gsm8k_items must be >= 0, got {self.gsm8k_items}")
+        for name in ("gsm8k_items", "humaneval_choice_items"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"study {name} must be >= 0, got {getattr(self, name)}")
 
         unknown = [condition for condition in self.conditions if condition not in CONDITION_NAMES]
         if unknown:
