@@ -38,6 +38,7 @@ from moce_model.evaluation.compare import (
     with_interval,
 )
 from moce_model.evaluation.metrics import LOWER_IS_BETTER, ROUTING_METRICS
+from moce_model.evaluation.provenance import RunProvenance
 from moce_model.evaluation.runner import (
     EXPERT_USE_SCHEMA,
     ITEM_SCORES_SCHEMA,
@@ -97,7 +98,8 @@ class Report:
 
 
 def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFrame] = (),
-                 expert_use: Sequence[pl.DataFrame] = (), prompt_embeddings: Sequence[pl.DataFrame] = ()) -> Report:
+                 expert_use: Sequence[pl.DataFrame] = (), prompt_embeddings: Sequence[pl.DataFrame] = (),
+                 provenance: RunProvenance | None = None) -> Report:
     """Join per-variant results tables (RESULTS_SCHEMA), per-item scores (ITEM_SCORES_SCHEMA), the expert use
     recorded on the evaluated prompts (EXPERT_USE_SCHEMA) and the routers' embeddings of the evaluated prompts
     (PROMPT_EMBEDDINGS_SCHEMA).
@@ -105,7 +107,7 @@ def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFr
     `comparison`: one row per (benchmark, metric), per variant its value, interval and n. `differences`: every
     variant against each reference variant present, paired on the items both answered. `paper_average`: each
     variant's mean over benchmarks and its difference from the references. The analyses: see
-    `moce_model.evaluation.analyses`.
+    `moce_model.evaluation.analyses`. `provenance`: the commit, seed, precision and machine, stated first.
     """
     if not tables:
         raise ValueError("build_report needs at least one results table")
@@ -132,7 +134,8 @@ def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFr
                 for variant in _ordered_variants(routed_use["model_variant"].unique().to_list())}
     routing_counts, contingency = routing_contingency(scores)
     off_home = off_home_scores(scores, contingency, REFERENCES)
-    markdown = _markdown(results, comparison, differences, average, variants, distribution)
+    markdown = (provenance.markdown() + "\n" if provenance else "") + _markdown(
+        results, comparison, differences, average, variants, distribution)
     markdown += _analyses_markdown(summary, routed_use, contingency, off_home, scores)
     embeddings = [frame.select(list(PROMPT_EMBEDDINGS_SCHEMA)).cast(PROMPT_EMBEDDINGS_SCHEMA) for frame in prompt_embeddings]
     map_png, mapped = prompt_map(pl.concat(embeddings) if embeddings else pl.DataFrame(schema=PROMPT_EMBEDDINGS_SCHEMA))
