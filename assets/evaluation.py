@@ -22,6 +22,8 @@ from resources.refs import ArtifactRef, ReportRef
 from resources.storage import ArtifactStorage
 
 EVALUATION_CODE_VERSION = "3"
+# The report alone (it states the run's provenance since "4"): a new report does not re-run the evaluations.
+REPORT_CODE_VERSION = "4"
 
 
 def _evaluation_table(branch: Branch, table: str, model_name: str, description: str,
@@ -191,10 +193,12 @@ def build_evaluation_assets(experiment: Experiment) -> list:
             **{f"{name}_expert_use": dg.AssetIn(key=["benchmark_expert_use", name]) for name in experiment.variants},
             **{f"{name}_prompt_embeddings": dg.AssetIn(key=["benchmark_prompt_embeddings", name])
                for name in experiment.variants if _embeds_prompts(name)},
+            # Read for their training records: the precision each variant was trained in, stated in the report.
+            **{f"{name}_model": dg.AssetIn(key=MAIN.key("merged_model", name)) for name in experiment.variants},
         },
         group_name="evaluation",
         kinds={"markdown", "matplotlib"},
-        code_version=EVALUATION_CODE_VERSION,
+        code_version=REPORT_CODE_VERSION,
         io_manager_key="json_io_manager",
         automation_condition=RERUN_WHEN_UPSTREAM_CHANGES,
         description=(
@@ -205,20 +209,24 @@ def build_evaluation_assets(experiment: Experiment) -> list:
             "evaluation prompts' embeddings by cluster and by benchmark."
         ),
     )
-    def benchmark_report(context: dg.AssetExecutionContext, **inputs: pl.DataFrame):
+    def benchmark_report(context: dg.AssetExecutionContext, **inputs):
         from moce_model.common.io import (
             atomic_write_bytes,
             atomic_write_parquet,
             atomic_write_text,
         )
         from moce_model.common.plots import png_markdown
+        from moce_model.evaluation.provenance import run_provenance
         from moce_model.evaluation.report import build_report
 
+        provenance = run_provenance(experiment.seed, experiment.evaluation_settings(), {
+            name: None if name == "base" else inputs[f"{name}_model"].path for name in model_names})
         report = build_report([inputs[name] for name in model_names],
                               [inputs[f"{name}_item_scores"] for name in model_names],
                               [inputs[f"{name}_expert_use"] for name in experiment.variants],
                               [inputs[f"{name}_prompt_embeddings"] for name in experiment.variants
-                               if _embeds_prompts(name)])
+                               if _embeds_prompts(name)],
+                              provenance=provenance)
         out_dir = experiment.storage_root / "report"
         for benchmark, png in report.bar_chart_pngs.items():
             atomic_write_bytes(png, out_dir / f"{benchmark}.png")
@@ -231,6 +239,9 @@ def build_evaluation_assets(experiment: Experiment) -> list:
             "comparison": dg.MetadataValue.md(report.markdown),
             "significant_differences": int(report.differences["significant"].sum()),
             "compared": report.differences.height,
+            "commit": provenance.commit,
+            "training_precision": dg.MetadataValue.json(dict(provenance.training_precision)),
+            "evaluation_precision": f"{provenance.evaluation_dtype} on {provenance.evaluation_device}",
         }
         for benchmark, png in list(report.bar_chart_pngs.items())[:12]:
             metadata[f"bars_{benchmark}"] = dg.MetadataValue.md(png_markdown(png, benchmark))

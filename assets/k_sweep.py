@@ -84,7 +84,7 @@ def build_k_sweep_assets(experiment: Experiment) -> list:
         ),
     )
     def comparison(context: dg.AssetExecutionContext, results) -> dg.Output[pl.DataFrame]:
-        from moce_model.evaluation.report import k_comparison
+        from moce_model.evaluation.k_comparison import k_comparison
 
         keys = context.asset_partition_keys_for_input("results")
         # The IO manager hands over a single partition as the table itself and several as {partition key: table}.

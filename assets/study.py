@@ -36,7 +36,7 @@ from resources.refs import BaseModelRef, CentroidsRef, EmbeddingsRef, HeldoutSpl
 from resources.storage import ArtifactStorage
 from resources.trainer import TrainerResource
 
-STUDY_CODE_VERSION = "1"
+STUDY_CODE_VERSION = "2"
 STUDY_GROUP = "study"
 RUNS_KEY = dg.AssetKey("study_runs")
 CONDITIONS_KEY = dg.AssetKey("study_conditions")
@@ -136,7 +136,7 @@ def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.A
         description=(
             "One run of the study: train the partition's layout at its seed on the training split, merge it "
             "(merged logits checked against the unmerged model), evaluate it on the held-out split of every "
-            "source and the GSM8K test sample; writes every item's score and the trainable parameter counts."
+            "source, the GSM8K test sample and the HumanEval multiple-choice probe; writes every item's score and the trainable parameter counts."
         ),
     )
     def study_runs(

@@ -38,7 +38,11 @@ from moce_model.model.adapters import (
     moce_model_of,
     trained_with_qlora,
 )
-from moce_model.model.card import checked_results, without_machine_paths, write_model_card
+from moce_model.model.card import (
+    checked_results,
+    without_machine_paths,
+    write_model_card,
+)
 from moce_model.model.experts import AdapterExperts
 from moce_model.model.modeling import MoCEForCausalLM
 from moce_model.model.remote_code import AUTO_MAP, write_remote_code

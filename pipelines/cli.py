@@ -369,7 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.queue import RunQueueError
 
     try:
-        if args.command in ("sweep", "study", "eval"):  # each evaluates on evaluation.device
+        # Each of these evaluates on evaluation.device: checked before the lock creates the storage root.
+        # (`moce run --select` checks in cmd_run, where the selection is known.)
+        evaluating_run = args.command == "run" and not args.dry_run and not args.select
+        if args.command in ("sweep", "study", "eval") or evaluating_run:
             experiment.check_devices()
         if not getattr(args, "writes", False):
             return args.handler(args, experiment)

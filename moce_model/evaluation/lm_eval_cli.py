@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 # lm-eval's command line is its `_cli` package: the parser and runner its own `lm_eval` command uses.
 from lm_eval._cli import HarnessCLI
 from lm_eval.utils import setup_logging, simple_parse_args_string

@@ -39,7 +39,8 @@ LM_EVAL_KINDS = ("lm_eval", "lm_eval_code")
 def run_lm_eval(lm: MoCELM, specs: Sequence[BenchmarkSpec], limit: int | None,
                 bootstrap_iters: int = 1000, include_path: str | None = None) -> list[BenchmarkOutcome]:
     """Run lm-eval tasks (kinds `lm_eval` and `lm_eval_code`), one `simple_evaluate` call per setting
-    (few-shot count, sandboxed or not, completion or prompt format).
+    (few-shot count, sandboxed or not, completion or prompt format, task folder, and the number of documents:
+    `limit`, or a spec's own `n_items` where that is smaller).
 
     The tasks are loaded here and handed to `lm` as well, so that it routes every request by its document.
     `include_path`: a folder of extra lm-eval task YAMLs (e.g. tasks over local JSONL files).
@@ -47,14 +48,19 @@ def run_lm_eval(lm: MoCELM, specs: Sequence[BenchmarkSpec], limit: int | None,
     import lm_eval
 
     outcomes: list[BenchmarkOutcome] = []
-    settings: dict[tuple[int, bool, bool, str | None], list[BenchmarkSpec]] = {}
+    settings: dict[tuple[int, bool, bool, str | None, int | None], list[BenchmarkSpec]] = {}
     for spec in specs:
         if spec.kind not in LM_EVAL_KINDS or not spec.lm_eval_task:
             raise ValueError(f"benchmark {spec.name!r}: not an lm-eval task (kind {spec.kind!r})")
-        key = (spec.num_fewshot, spec.kind == "lm_eval_code", spec.completion, spec.lm_eval_tasks_dir)
+        if spec.n_items is not None and spec.n_items < 1:
+            raise ValueError(f"benchmark {spec.name!r}: n_items must be at least 1, got {spec.n_items}")
+        # lm-eval's limit applies to every task of a call: a benchmark's own n_items needs a call of its own.
+        counts = [n for n in (spec.n_items, limit) if n is not None]
+        spec_limit = min(counts) if counts else None
+        key = (spec.num_fewshot, spec.kind == "lm_eval_code", spec.completion, spec.lm_eval_tasks_dir, spec_limit)
         settings.setdefault(key, []).append(spec)
     task_managers: dict[str | None, Any] = {}
-    for (num_fewshot, sandboxed, completion, tasks_dir), group in settings.items():
+    for (num_fewshot, sandboxed, completion, tasks_dir, call_limit), group in settings.items():
         started = time.perf_counter()
         if tasks_dir not in task_managers:
             task_managers[tasks_dir] = _task_manager(tasks_dir, include_path)
@@ -70,7 +76,7 @@ def run_lm_eval(lm: MoCELM, specs: Sequence[BenchmarkSpec], limit: int | None,
         lm.use_task_manager(task_manager)  # tasks looked up later (subtasks) come from the same index
         results = lm_eval.simple_evaluate(
             model=lm, tasks=[loaded["groups"].get(name) or loaded["tasks"][name] for name in names],
-            num_fewshot=num_fewshot, limit=limit,
+            num_fewshot=num_fewshot, limit=call_limit,
             apply_chat_template=not completion, fewshot_as_multiturn=not completion,
             bootstrap_iters=bootstrap_iters, log_samples=True, predict_only=sandboxed,
             # lm-eval refuses code tasks without this flag even with predict_only, which never runs their code

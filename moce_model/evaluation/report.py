@@ -11,8 +11,7 @@ How each interval is computed is explained in `moce_model.evaluation.stats`.
 from __future__ import annotations
 
 import dataclasses
-import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +37,8 @@ from moce_model.evaluation.compare import (
     with_interval,
 )
 from moce_model.evaluation.metrics import LOWER_IS_BETTER, ROUTING_METRICS
+from moce_model.evaluation.provenance import RunProvenance
+from moce_model.evaluation.report_charts import bar_chart_png, differences_chart_png
 from moce_model.evaluation.runner import (
     EXPERT_USE_SCHEMA,
     ITEM_SCORES_SCHEMA,
@@ -57,7 +58,6 @@ from moce_model.variants import BASE
 # Every variant is compared with these, in this order; a reference is not compared with an earlier one
 # (`pesc − base` is reported, its mirror `base − pesc` is not).
 VARIANT_ORDER: tuple[str, ...] = (BASE, "dense_adapter", "pesc", "moce")
-
 DIFFERENCES_SCHEMA: dict[str, pl.DataType] = {
     "benchmark": pl.String(), "metric": pl.String(), "variant": pl.String(), "reference": pl.String(),
     "n_items": pl.Int64(), "difference": pl.Float64(), "stderr": pl.Float64(), "ci_low": pl.Float64(),
@@ -69,7 +69,6 @@ AVERAGE_SCHEMA: dict[str, pl.DataType] = {
     "value": pl.Float64(), "stderr": pl.Float64(), "ci_low": pl.Float64(), "ci_high": pl.Float64(),
     "significant": pl.Boolean(), "mdd": pl.Float64(), "method": pl.String(), "benchmarks": pl.String(),
 }
-
 METHODS_NOTE = (
     "Each cell is the mean over the benchmark's n items and its 95% interval [low, high]: the Wilson score "
     "interval for 0/1 scores (exact match, pass@1), a BCa bootstrap over items for the held-out loss (the mean "
@@ -97,7 +96,8 @@ class Report:
 
 
 def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFrame] = (),
-                 expert_use: Sequence[pl.DataFrame] = (), prompt_embeddings: Sequence[pl.DataFrame] = ()) -> Report:
+                 expert_use: Sequence[pl.DataFrame] = (), prompt_embeddings: Sequence[pl.DataFrame] = (),
+                 provenance: RunProvenance | None = None) -> Report:
     """Join per-variant results tables (RESULTS_SCHEMA), per-item scores (ITEM_SCORES_SCHEMA), the expert use
     recorded on the evaluated prompts (EXPERT_USE_SCHEMA) and the routers' embeddings of the evaluated prompts
     (PROMPT_EMBEDDINGS_SCHEMA).
@@ -105,7 +105,7 @@ def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFr
     `comparison`: one row per (benchmark, metric), per variant its value, interval and n. `differences`: every
     variant against each reference variant present, paired on the items both answered. `paper_average`: each
     variant's mean over benchmarks and its difference from the references. The analyses: see
-    `moce_model.evaluation.analyses`.
+    `moce_model.evaluation.analyses`. `provenance`: the commit, seed, precision and machine, stated first.
     """
     if not tables:
         raise ValueError("build_report needs at least one results table")
@@ -119,11 +119,11 @@ def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFr
         raise ValueError(f"more than one row for (variant, benchmark, metric): {repeated.drop('len').rows()[:5]}")
     scores = _concat_scores(item_scores)
     variants = _ordered_variants(results["model_variant"].unique().to_list())
-    comparison = _comparison(results, variants)
+    comparison = comparison_table(results, variants)
     differences = paired_differences(results, scores, variants)
     average = paper_average(results, scores, variants)
     distribution = cluster_distribution(scores)
-    charts = {benchmark: _bar_chart(results, benchmark, variants)
+    charts = {benchmark: bar_chart_png(results, benchmark, variants)
               for benchmark in results["benchmark"].unique(maintain_order=True).to_list()}
     use = _concat_expert_use(expert_use)
     summary = expert_use_summary(use)
@@ -132,7 +132,8 @@ def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFr
                 for variant in _ordered_variants(routed_use["model_variant"].unique().to_list())}
     routing_counts, contingency = routing_contingency(scores)
     off_home = off_home_scores(scores, contingency, REFERENCES)
-    markdown = _markdown(results, comparison, differences, average, variants, distribution)
+    markdown = (provenance.markdown() + "\n" if provenance else "") + _markdown(
+        results, comparison, differences, average, variants, distribution)
     markdown += _analyses_markdown(summary, routed_use, contingency, off_home, scores)
     embeddings = [frame.select(list(PROMPT_EMBEDDINGS_SCHEMA)).cast(PROMPT_EMBEDDINGS_SCHEMA) for frame in prompt_embeddings]
     map_png, mapped = prompt_map(pl.concat(embeddings) if embeddings else pl.DataFrame(schema=PROMPT_EMBEDDINGS_SCHEMA))
@@ -145,53 +146,9 @@ def build_report(tables: Sequence[pl.DataFrame], item_scores: Sequence[pl.DataFr
             "global geometry and is deterministic), coloured by cluster and by benchmark (figure "
             "`prompt_map`). Off-home prompts show up as points of one benchmark's colour inside another cluster.\n"
         )
-    return Report(markdown, comparison, differences, average, charts, distribution, _differences_chart(differences),
+    return Report(markdown, comparison, differences, average, charts, distribution, differences_chart_png(differences),
                   summary, use_pngs, routing_counts, contingency,
                   contingency_heatmap(routing_counts) if routing_counts.height else None, off_home, map_png)
-
-
-@dataclass(frozen=True)
-class KComparison:
-    table: pl.DataFrame
-    markdown: str
-
-
-def k_label(k: int) -> str:
-    """The column of k in the k comparison."""
-    return f"k={k}"
-
-
-def k_comparison(results_by_k: Mapping[int, pl.DataFrame]) -> KComparison:
-    """One model trained and evaluated at several k (the k sweep), side by side.
-
-    `results_by_k`: per k, that model's results table (RESULTS_SCHEMA). `table`: one row per (benchmark, metric)
-    of any k; per k its value, interval and n (columns `k=<k>`, `k=<k>_ci_low`, `k=<k>_ci_high`,
-    `n_items_k=<k>`; null where that k has no such row). `markdown`: the same with each value's 95% interval.
-    """
-    if not results_by_k:
-        raise ValueError("k_comparison needs the results of at least one k")
-    ks = sorted(results_by_k)
-    tables = []
-    for k in ks:
-        table = results_by_k[k]
-        missing = [c for c in RESULTS_SCHEMA if c not in table.columns]
-        if missing:
-            raise ValueError(f"results table of k={k}: missing column(s) {missing}")
-        models = table["model_variant"].unique().to_list()
-        if len(models) > 1:
-            raise ValueError(f"results table of k={k}: one model expected, found {sorted(models)}")
-        tables.append(table.select(list(RESULTS_SCHEMA)).cast(RESULTS_SCHEMA)
-                      .with_columns(pl.lit(k_label(k)).alias("model_variant")))
-    results = pl.concat(tables)
-    repeated = results.group_by("model_variant", "benchmark", "metric").len().filter(pl.col("len") > 1)
-    if repeated.height:
-        raise ValueError(f"more than one row for (k, benchmark, metric): {repeated.drop('len').rows()[:5]}")
-    labels = [k_label(k) for k in ks]
-    table = _comparison(results, labels)
-    models = sorted({m for t in results_by_k.values() for m in t["model_variant"].unique().to_list()})
-    lines = [f"## `{'`, `'.join(models)}` at k = {', '.join(str(k) for k in ks)}", "", METHODS_NOTE, "",
-             *_comparison_lines(table, labels)]
-    return KComparison(table, "\n".join(lines) + "\n")
 
 
 def cluster_distribution(item_clusters: pl.DataFrame) -> pl.DataFrame:
@@ -285,9 +242,6 @@ def paper_average(results: pl.DataFrame, scores: pl.DataFrame, variants: Sequenc
     return pl.DataFrame(rows, schema=AVERAGE_SCHEMA)
 
 
-# ------------------------------------------------------------------------------------------------ helpers
-
-
 def _concat_checked(frames: Sequence[pl.DataFrame], schema: dict, key: Sequence[str], what: str,
                     repeated_what: str) -> pl.DataFrame:
     """The tables of several models as one, in `schema`; a missing column or a repeated `key` is an error."""
@@ -333,7 +287,7 @@ def _ordered_variants(variants: list[str]) -> list[str]:
     return known + sorted(v for v in variants if v not in VARIANT_ORDER)
 
 
-def _comparison(results: pl.DataFrame, variants: list[str]) -> pl.DataFrame:
+def comparison_table(results: pl.DataFrame, variants: list[str]) -> pl.DataFrame:
     keys = ["benchmark", "metric"]
     comparison = results.select(keys).unique(maintain_order=True)
     for variant in variants:
@@ -345,7 +299,7 @@ def _comparison(results: pl.DataFrame, variants: list[str]) -> pl.DataFrame:
     return comparison
 
 
-def _comparison_lines(comparison: pl.DataFrame, variants: list[str]) -> list[str]:
+def comparison_lines(comparison: pl.DataFrame, variants: list[str]) -> list[str]:
     """The side-by-side table as markdown lines: per (benchmark, metric) the n and each column's value [95% CI]."""
     header = ["benchmark", "metric", "n", *variants]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -359,7 +313,7 @@ def _comparison_lines(comparison: pl.DataFrame, variants: list[str]) -> list[str
 
 def _markdown(results: pl.DataFrame, comparison: pl.DataFrame, differences: pl.DataFrame, average: pl.DataFrame,
               variants: list[str], distribution: pl.DataFrame) -> str:
-    lines = ["## Benchmark comparison", "", METHODS_NOTE, "", *_comparison_lines(comparison, variants)]
+    lines = ["## Benchmark comparison", "", METHODS_NOTE, "", *comparison_lines(comparison, variants)]
 
     if differences.height:
         lines += [
@@ -500,71 +454,3 @@ def _analyses_markdown(summary: pl.DataFrame, routed_use: pl.DataFrame, continge
                 lines.append(f"| {benchmark} | {group} | {'–' if prompts is None else str(prompts) + _tiny(prompts)} | "
                              f"{first['tokens_per_layer']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + ("\n" if lines else "")
-
-
-def _bar_chart(results: pl.DataFrame, benchmark: str, variants: list[str]) -> bytes:
-    """One panel per metric: each variant's value with its 95% interval as the error bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results.filter(pl.col("benchmark") == benchmark)
-    metrics = rows["metric"].unique(maintain_order=True).to_list()
-    figure, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 3), squeeze=False)
-    for axis, metric in zip(axes[0], metrics):
-        values, below, above, counts = [], [], [], set()
-        for variant in variants:
-            match = rows.filter((pl.col("metric") == metric) & (pl.col("model_variant") == variant))
-            row = match.row(0, named=True) if match.height else None
-            value = row["value"] if row else float("nan")
-            values.append(value)
-            has_interval = row is not None and row["ci_low"] is not None and row["ci_high"] is not None
-            below.append(value - row["ci_low"] if has_interval else 0.0)
-            above.append(row["ci_high"] - value if has_interval else 0.0)
-            if row:
-                counts.add(row["n_items"])
-        axis.bar(variants, values, yerr=[below, above], color=[f"C{i}" for i in range(len(variants))], capsize=3)
-        n = "/".join(str(c) for c in sorted(counts))
-        axis.set_title(f"{benchmark}: {metric_label(metric)}\nn = {n}, 95% interval", fontsize=8)
-        axis.tick_params(axis="x", labelrotation=20, labelsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def _differences_chart(differences: pl.DataFrame) -> bytes | None:
-    """One panel per metric: every paired difference with its 95% interval, a line at 0; the differences
-    whose interval excludes 0 in colour, the others grey."""
-    compared = differences.filter(pl.col("ci_low").is_not_null())
-    if compared.height == 0:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = compared["metric"].unique(maintain_order=True).to_list()
-    heights = [compared.filter(pl.col("metric") == m).height for m in metrics]
-    figure, axes = plt.subplots(len(metrics), 1, figsize=(9, 0.28 * sum(heights) + 1.2 * len(metrics)),
-                                gridspec_kw={"height_ratios": heights}, squeeze=False)
-    for axis, metric in zip(axes[:, 0], metrics):
-        rows = compared.filter(pl.col("metric") == metric).sort("variant", "reference", "benchmark", descending=True)
-        positions = list(range(rows.height))
-        for position, row in zip(positions, rows.iter_rows(named=True)):
-            colour = "C3" if row["significant"] else "0.6"
-            axis.errorbar(row["difference"], position, xerr=[[row["difference"] - row["ci_low"]],
-                                                             [row["ci_high"] - row["difference"]]],
-                          fmt="o", color=colour, capsize=2, markersize=3)
-        axis.axvline(0, color="black", linewidth=0.8)
-        axis.set_yticks(positions, [f"{r['variant']} − {r['reference']}  {r['benchmark']} (n={r['n_items']})"
-                                    for r in rows.iter_rows(named=True)], fontsize=7)
-        axis.set_title(f"{metric_label(metric)}: paired difference, 95% interval (red: excludes 0)", fontsize=8)
-        axis.tick_params(axis="x", labelsize=7)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")  # long row labels
-    plt.close(figure)
-    return buffer.getvalue()

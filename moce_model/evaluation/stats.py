@@ -114,7 +114,9 @@ def wilson_interval(proportion: float, n: int) -> tuple[float, float]:
     z = _Z_HALF_ALPHA
     centre = (proportion + z**2 / (2 * n)) / (1 + z**2 / n)
     half_width = z * math.sqrt(proportion * (1 - proportion) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
-    return max(centre - half_width, 0.0), min(centre + half_width, 1.0)
+    # The interval holds the proportion; in floating point a bound can land a hair past it (5.6e-17 above 0 for
+    # 0 of 3), which draws a negative error bar.
+    return min(max(centre - half_width, 0.0), proportion), max(min(centre + half_width, 1.0), proportion)
 
 
 def standard_error(scores: np.ndarray) -> float | None:

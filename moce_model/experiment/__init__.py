@@ -35,7 +35,12 @@ from moce_model.experiment.loading import (
     read_yaml,
     selected_experiment,
 )
-from moce_model.experiment.schema import MIN_ROWS_PER_CLUSTER, Experiment, available_devices, elbow_ks
+from moce_model.experiment.schema import (
+    MIN_ROWS_PER_CLUSTER,
+    Experiment,
+    available_devices,
+    elbow_ks,
+)
 from moce_model.experiment.sections import (
     DATA_DIR_ENV,
     DEFAULT_EXPERIMENT,
@@ -48,9 +53,9 @@ from moce_model.experiment.sections import (
     BaseModelSettings,
     Clustering,
     Embedder,
+    Evaluation,
     ExperimentError,
     Experts,
-    Evaluation,
     Launcher,
     SoftAssignment,
     Training,

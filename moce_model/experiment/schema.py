@@ -8,7 +8,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from moce_model.data.sources import SourceSpec
 from moce_model.evaluation.suites import demo_benchmarks, paper_benchmarks
@@ -18,9 +25,9 @@ from moce_model.experiment.sections import (
     BaseModelSettings,
     Clustering,
     Embedder,
+    Evaluation,
     ExperimentError,
     Experts,
-    Evaluation,
     Launcher,
     PositiveInt,
     Seed,

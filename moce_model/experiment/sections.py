@@ -26,7 +26,12 @@ from pydantic import (
 from moce_model.clustering.soft import SoftAssignmentRule
 from moce_model.data.sources import SourceSpec
 from moce_model.data.synthetic import DOMAINS
-from moce_model.model.config import AC_SCORINGS, AC_STATISTICS, BALANCE_LOSS_SCOPES, ExpertLayout
+from moce_model.model.config import (
+    AC_SCORINGS,
+    AC_STATISTICS,
+    BALANCE_LOSS_SCOPES,
+    ExpertLayout,
+)
 from moce_model.training import TrainingConfig
 from moce_model.variants import TOKEN_ROUTERS, VARIANTS
 

@@ -21,11 +21,19 @@ from typing import Any
 import numpy as np
 from huggingface_hub import ModelCard, ModelCardData
 
-from moce_model.clustering.router import CENTROIDS_FILE, EMBEDDER_COPY_DIR, EMBEDDER_FILE
+from moce_model.clustering.router import (
+    CENTROIDS_FILE,
+    EMBEDDER_COPY_DIR,
+    EMBEDDER_FILE,
+)
 from moce_model.common.io import atomic_write_text
 from moce_model.model.adapters import TRAINING_RECORD_FILE
 from moce_model.model.config import MoCEConfig
-from moce_model.model.remote_code import CONFIG_MODULE, MODELING_MODULE, REMOTE_FILE_NAMES
+from moce_model.model.remote_code import (
+    CONFIG_MODULE,
+    MODELING_MODULE,
+    REMOTE_FILE_NAMES,
+)
 from moce_model.variants import GroupChoice
 
 README_FILE = "README.md"

@@ -73,6 +73,12 @@ class StudyConfig:
     heldout_rows_per_source: int = 20
     gsm8k_items: int = 10
     gsm8k_max_new_tokens: int = 96
+    # A generalisation probe outside every training mix (`moce_model.evaluation.humaneval_choice`): which of 4
+    # function bodies completes a HumanEval prompt, lm-eval's acc / acc_norm on the first this many of the 164
+    # problems (0 leaves it out). Chance is 0.25; the base SmolLM2-135M scored acc 0.719 [0.599, 0.814] on the
+    # first 64 (Wilson, n = 64), which cost 316 CPU-s (4 forward passes of ~100-500 tokens per problem): about
+    # as much again as the rest of a run's evaluation, so 64, not all 164 (~800 CPU-s per run).
+    humaneval_choice_items: int = 64
     bootstrap_resamples: int = 4_000
     # Evaluation-only conditions scored on every trained run (`moce_model.study.conditions.CONDITIONS`), table
     # rows `layout @condition`: `noised` replaces `noise_share` of each held-out prompt's words (seeded by
@@ -117,8 +123,9 @@ class StudyConfig:
         for seed in (*self.seeds, self.noise_seed):
             if not 0 <= seed < 2**32:
                 raise ValueError(f"study seeds and noise_seed must be in [0, 2**32), got {seed}")
-        if self.gsm8k_items < 0:
-            raise ValueError(f"study gsm8k_items must be >= 0, got {self.gsm8k_items}")
+        for name in ("gsm8k_items", "humaneval_choice_items"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"study {name} must be >= 0, got {getattr(self, name)}")
 
         unknown = [condition for condition in self.conditions if condition not in CONDITION_NAMES]
         if unknown:

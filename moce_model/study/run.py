@@ -1,6 +1,6 @@
 """One run of the study, as `study_runs` runs it: train a layout at a seed on the training split, merge it, check
 the merged model against the unmerged one, evaluate it on the held-out split of every source (and the GSM8K
-sample), and write its item scores and run record. Training is a callable the caller passes, so that the
+sample, and the HumanEval multiple-choice probe outside the training mix), and write its item scores and run record. Training is a callable the caller passes, so that the
 orchestrator decides where it runs (in process, torchrun, a subprocess)."""
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ import polars as pl
 from moce_model.clustering.embedding import load_embedder
 from moce_model.clustering.kmeans import load_centroids, read_embeddings
 from moce_model.common.io import atomic_write_parquet, atomic_write_text
+from moce_model.evaluation.humaneval_choice import (
+    humaneval_choice_spec,
+    write_humaneval_choice_task,
+)
 from moce_model.evaluation.runner import evaluate_model
 from moce_model.evaluation.suites import BenchmarkSpec, default_gsm8k_path
 from moce_model.merging import compare_merged_to_unmerged, merge_trained
@@ -76,14 +80,19 @@ class StudyRunResult:
     gsm8k_missing: bool
 
 
-def heldout_benchmark_specs(heldout_files: Mapping[str, str], config: StudyConfig) -> list[BenchmarkSpec]:
-    """Each source's held-out rows (benchmark `heldout_<source>`), plus the GSM8K test sample when it is found."""
+def heldout_benchmark_specs(heldout_files: Mapping[str, str], config: StudyConfig,
+                            probe_tasks_dir: Path | None = None) -> list[BenchmarkSpec]:
+    """Each source's held-out rows (benchmark `heldout_<source>`), plus the GSM8K test sample when it is found,
+    plus, with `probe_tasks_dir` (the folder `write_humaneval_choice_task` wrote), the HumanEval multiple-choice
+    probe of `config.humaneval_choice_items` problems: the one benchmark outside the training distribution."""
     specs = [BenchmarkSpec(name=f"heldout_{source}", kind="instruction_rows", path=path)
              for source, path in sorted(heldout_files.items())]
     gsm8k_path = default_gsm8k_path()
     if config.gsm8k_items and gsm8k_path is not None:
         specs.append(BenchmarkSpec(name="gsm8k_test", kind="gsm8k", path=str(gsm8k_path),
                                    n_items=config.gsm8k_items, max_new_tokens=config.gsm8k_max_new_tokens))
+    if config.humaneval_choice_items and probe_tasks_dir is not None:
+        specs.append(humaneval_choice_spec(probe_tasks_dir, config.humaneval_choice_items))
     return specs
 
 
@@ -132,7 +141,10 @@ def run_study_layout(inputs: StudyRunInputs, train: Callable[[TrainRequest], Tra
                ("optimizer_steps", "final_loss", "loss_curve", "tokens_per_second")},
         })
 
-    benchmarks = heldout_benchmark_specs(inputs.heldout_files, config)
+    # Every run writes the same documents (fixed seed), so the layouts are compared on the same items.
+    probe_dir = (write_humaneval_choice_task(inputs.run_dir / "lm_eval_tasks")
+                 if config.humaneval_choice_items else None)
+    benchmarks = heldout_benchmark_specs(inputs.heldout_files, config, probe_dir)
     started = time.perf_counter()
     result = evaluate_model(model_dir, model_variant=layout.name, benchmarks=benchmarks, seed=seed_value,
                             **inputs.evaluation_settings)

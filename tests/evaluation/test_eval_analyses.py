@@ -15,7 +15,11 @@ from moce_model.evaluation.analyses import (
 )
 from moce_model.evaluation.benchmarks import BenchmarkOutcome, item_metric
 from moce_model.evaluation.report import build_report
-from moce_model.evaluation.runner import expert_use_table, item_scores_table, results_table
+from moce_model.evaluation.runner import (
+    expert_use_table,
+    item_scores_table,
+    results_table,
+)
 
 # "arith": 12 prompts, 10 routed to cluster 0 (home), 2 to cluster 1 (off-home). "code": 3 prompts routed to
 # clusters 2, 1, 1: home 1. "tie": one prompt in cluster 3, one in cluster 2: home 2 (the lower id).

@@ -15,7 +15,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from moce_model.evaluation.benchmarks import BenchmarkOutcome
 from moce_model.evaluation.lm import MoCELM
-from moce_model.evaluation.runner import EXPERT_USE_SCHEMA, evaluate_model, expert_use_table
+from moce_model.evaluation.runner import (
+    EXPERT_USE_SCHEMA,
+    evaluate_model,
+    expert_use_table,
+)
 from moce_model.evaluation.suites import BenchmarkSpec
 from moce_model.model.config import MoCEConfig
 from moce_model.model.modeling import MoCEForCausalLM

@@ -59,7 +59,6 @@ def save_routed_model_dir(directory: Path, base: LlamaForCausalLM | None = None,
                           tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
     """A merged 2-group MoCE model whose centroids separate python requests (0) from arithmetic (1), over `base`
     (default: `build_model`) and its `tokenizer` (each `build_tokenizer()` numbers the bytes in its own order)."""
-    from moce_model.model.config import MoCEConfig
     from moce_model.clustering.embedding import load_embedder
     from moce_model.merging import merge_to_directory
     from moce_model.model.config import MoCEConfig

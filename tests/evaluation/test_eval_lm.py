@@ -11,6 +11,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
+from moce_model.data.prompt_format import routing_text
 from moce_model.evaluation.lm import MoCELM
 from tests.evaluation.test_eval_fixtures import (
     MINILM_SPEC,
@@ -117,7 +118,7 @@ def test_render_prompt_remembers_the_items_routing_text(tiny_lm: MoCELM):
     assert "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>" in rendered
     assert rendered.index("Be brief.") < rendered.index("Q1")
     # the item's own input side, exactly as the centroids were fit: no exemplar, no answer, no markup
-    assert tiny_lm._routing_text[rendered] == "Be brief.\nQ2\nthe input"
+    assert tiny_lm._routing_text[rendered] == routing_text("Be brief.", "Q2", " the input ") == "Be brief.\x1eQ2\nthe input"
     assert tiny_lm.clusters_for([rendered]) == [None]  # no router: no cluster
 
 

@@ -11,15 +11,29 @@ import pytest
 import torch
 
 from moce_model.data.instructions import routing_text
-from moce_model.evaluation.suites import BenchmarkSpec
+from moce_model.evaluation.benchmarks import humaneval_path, read_jsonl
+from moce_model.evaluation.humaneval_choice import (
+    humaneval_choice_docs,
+    humaneval_choice_spec,
+    write_humaneval_choice_task,
+)
 from moce_model.evaluation.lm import MoCELM
-from moce_model.evaluation.lm_eval_suite import code_program, outcome_from_lm_eval, run_lm_eval, score_code_samples
+from moce_model.evaluation.lm_eval_suite import (
+    code_program,
+    outcome_from_lm_eval,
+    run_lm_eval,
+    score_code_samples,
+)
 from moce_model.evaluation.suites import (
     PAPER_LM_EVAL_TASKS,
     BenchmarkSpec,
     paper_benchmarks,
 )
-from tests.evaluation.test_eval_fixtures import build_model, build_tokenizer, save_routed_model_dir
+from tests.evaluation.test_eval_fixtures import (
+    build_model,
+    build_tokenizer,
+    save_routed_model_dir,
+)
 
 # Shape of a real lm-eval 0.4 results dict (trimmed): a group (mmlu) with subtasks, and gsm8k with filters.
 RECORDED = {
@@ -452,3 +466,84 @@ def test_moce_lm_eval_gsm8k_scores_what_the_project_s_gsm8k_scores(tmp_path: Pat
     # the strict filter wants lm-eval's own "#### N" ending, which the project's instruction does not ask for
     assert results["exact_match,strict-match"] == 0.0
     assert set(routed) == {routing_text("", f"{q}\n{GSM8K_INSTRUCTION}", "") for q in questions}
+
+
+# ------------------------------------------------------------------------ the HumanEval multiple-choice probe
+
+def test_humaneval_choice_documents_hold_each_problems_own_body_among_distinct_others():
+    problems = read_jsonl(humaneval_path(), ["task_id", "prompt", "canonical_solution"])
+    docs = humaneval_choice_docs(problems, choices=4, seed=0)
+    assert len(docs) == len(problems) == 164
+    for doc, problem in zip(docs, problems):
+        assert doc["prompt"] == problem["prompt"] and doc["task_id"] == problem["task_id"]
+        assert len(doc["choices"]) == len(set(doc["choices"])) == 4
+        assert doc["choices"][doc["label"]] == problem["canonical_solution"]
+        assert sum(choice == problem["canonical_solution"] for choice in doc["choices"]) == 1
+    # deterministic for a seed, another seed draws other distractors; the answer is not always in one slot
+    assert humaneval_choice_docs(problems, choices=4, seed=0) == docs
+    assert humaneval_choice_docs(problems, choices=4, seed=1) != docs
+    assert len({doc["label"] for doc in docs}) == 4
+    with pytest.raises(ValueError, match="at least 2 choices, got 1"):
+        humaneval_choice_docs(problems, choices=1)
+
+
+def _problems_file(path: Path) -> Path:
+    problems = [
+        {"task_id": "T/0", "prompt": 'def add(a, b):\n    """What is a plus b apples?"""\n',
+         "canonical_solution": "    return a + b\n"},
+        {"task_id": "T/1", "prompt": 'def reverse(s):\n    """Write a Python function that reverses a string."""\n',
+         "canonical_solution": "    return s[::-1]\n"},
+        {"task_id": "T/2", "prompt": 'def double(x):\n    """Return twice x."""\n',
+         "canonical_solution": "    return 2 * x\n"},
+    ]
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    return path
+
+
+def test_humaneval_choice_runs_through_lm_eval_routed_by_each_problem_and_capped_by_its_n_items(tmp_path: Path):
+    tasks_dir = write_humaneval_choice_task(tmp_path / "tasks", choices=2, seed=0,
+                                            problems_path=_problems_file(tmp_path / "problems.jsonl"))
+    lm = MoCELM(pretrained=str(save_routed_model_dir(tmp_path / "merged")), batch_size=4)
+    embedded: list[str] = []
+    real_router = lm.router
+
+    class Recording:
+        def assign(self, texts):
+            embedded.extend(texts)
+            return real_router.assign(texts)
+
+    lm.router = Recording()
+    outcome, = run_lm_eval(lm, [humaneval_choice_spec(tasks_dir, n_items=2)], limit=None, bootstrap_iters=10)
+    assert outcome.n_items == 2
+    assert {m.metric: m.item_ids for m in outcome.metrics} == {
+        "acc": ("humaneval_choice/0", "humaneval_choice/1"), "acc_norm": ("humaneval_choice/0", "humaneval_choice/1")}
+    assert all(score in (0.0, 1.0) for m in outcome.metrics for score in m.item_scores)
+    # a plain completion of the function (no prompt format), each request routed by its own problem's prompt
+    docs = [json.loads(line) for line in (tasks_dir / "humaneval_choice.jsonl").read_text().splitlines()]
+    assert [item.prompt for item in outcome.items] == [docs[0]["prompt"], docs[1]["prompt"]]
+    routing_texts = [docs[0]["prompt"].rstrip(), docs[1]["prompt"].rstrip()]  # lm-eval strips the rendered text
+    assert set(embedded) == set(routing_texts)
+    assert [item.cluster for item in outcome.items] == [int(c) for c in real_router.assign(routing_texts)] == [1, 0]
+    # a run-wide limit below the spec's own n_items wins
+    outcome, = run_lm_eval(lm, [humaneval_choice_spec(tasks_dir, n_items=2)], limit=1, bootstrap_iters=10)
+    assert outcome.n_items == 1
+
+
+def test_each_lm_eval_benchmark_keeps_its_own_n_items_in_one_run(tmp_path: Path):
+    data = tmp_path / "arith.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "choices": [str(i + 1), str(i)],
+                                        "label": 0}) + "\n" for i in range(4)))
+    for name in ("mc_a", "mc_b"):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+            "doc_to_text: \"Question: {{question}}\\nAnswer:\"\noutput_type: multiple_choice\n"
+            "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    tokenizer = build_tokenizer()
+    lm = MoCELM.from_objects(build_model(tokenizer), tokenizer, batch_size=4)
+    specs = [BenchmarkSpec(name="mc_a", kind="lm_eval", lm_eval_task="mc_a", n_items=2),
+             BenchmarkSpec(name="mc_b", kind="lm_eval", lm_eval_task="mc_b")]
+    outcomes = run_lm_eval(lm, specs, limit=None, bootstrap_iters=10, include_path=str(tmp_path))
+    assert {o.benchmark: o.n_items for o in outcomes} == {"mc_a": 2, "mc_b": 4}
+    with pytest.raises(ValueError, match="'mc_a': n_items must be at least 1, got 0"):
+        run_lm_eval(lm, [BenchmarkSpec(name="mc_a", kind="lm_eval", lm_eval_task="mc_a", n_items=0)], limit=None)

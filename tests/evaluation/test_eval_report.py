@@ -4,18 +4,34 @@ answers are known, through the same functions the pipeline uses."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import subprocess
+
 import numpy as np
 import polars as pl
 import pytest
 
 from moce_model.evaluation.benchmarks import BenchmarkOutcome, MetricValue, item_metric
-from moce_model.evaluation.report import (
-    build_report,
-    cluster_distribution,
-    comparisons,
-    k_comparison,
+from moce_model.evaluation.compare import comparisons
+from moce_model.evaluation.k_comparison import k_comparison
+from moce_model.evaluation.lm import MoCELM
+from moce_model.evaluation.provenance import (
+    NOT_TRAINED,
+    RunProvenance,
+    model_training_precision,
+    source_revision,
+    training_precision,
 )
-from moce_model.evaluation.runner import ITEM_SCORES_SCHEMA, item_scores_table, results_table
+from moce_model.evaluation.report import build_report, cluster_distribution
+from moce_model.evaluation.runner import (
+    ITEM_SCORES_SCHEMA,
+    evaluate_model,
+    item_scores_table,
+    results_table,
+)
+from moce_model.evaluation.suites import BenchmarkSpec
+from tests.evaluation.test_eval_fixtures import build_model, build_tokenizer
 
 N_LOSS, N_EXACT = 200, 32
 RNG = np.random.default_rng(0)
@@ -212,3 +228,74 @@ def test_k_comparison_refuses_what_is_not_one_model_per_k():
         k_comparison({2: pl.concat([MOCE[0], PESC[0]])})
     with pytest.raises(ValueError, match="k=4: missing column"):
         k_comparison({2: MOCE[0], 4: MOCE[0].drop("ci_high")})
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+PROVENANCE = RunProvenance(commit="0123abc", seed=0, evaluation_dtype="float32", evaluation_device="cpu",
+                           training_precision={"base": NOT_TRAINED, "moce": "bf16", "pesc": "bf16"},
+                           machine="x86_64 Linux, CPU computes bf16 natively (AVX512-BF16 / AMX)")
+
+
+def _report_contents(report) -> tuple:
+    return (report.markdown, report.comparison.rows(), report.differences.rows(), report.paper_average.rows(),
+            report.bar_chart_pngs, report.differences_chart_png)
+
+
+def test_the_report_states_commit_seed_and_precision_and_is_the_same_for_the_same_inputs():
+    report = build_report([t for t, _ in ALL], [s for _, s in ALL], provenance=PROVENANCE)
+    run_section = report.markdown.split("## Benchmark comparison")[0]
+    assert "commit 0123abc" in run_section and "seed: 0" in run_section
+    assert "training precision: base not trained, moce bf16, pesc bf16" in run_section
+    assert "evaluation: float32 on cpu" in run_section and "computes bf16 natively" in run_section
+    again = build_report([t for t, _ in ALL], [s for _, s in ALL], provenance=PROVENANCE)
+    assert _report_contents(again) == _report_contents(report)  # numbers, tables and figures, byte for byte
+    # and another precision is a different report
+    other = build_report([t for t, _ in ALL], [s for _, s in ALL], provenance=dataclasses.replace(
+        PROVENANCE, training_precision={"base": NOT_TRAINED, "moce": "float32", "pesc": "float32"}))
+    assert other.markdown != report.markdown
+
+
+def test_evaluating_a_model_twice_with_the_same_seed_gives_the_same_report():
+    """Seeded held-out items, greedy generation, the same weights: the item scores agree exactly, so does the
+    report (its evaluation time aside, the one measured quantity)."""
+    tokenizer = build_tokenizer()
+    specs = [BenchmarkSpec(name="synthetic_arithmetic", kind="synthetic", domain="arithmetic", n_items=3,
+                           n_loss_items=6, max_new_tokens=6),
+             BenchmarkSpec(name="synthetic_text", kind="synthetic", domain="text", n_items=2, n_loss_items=4,
+                           max_new_tokens=6)]
+
+    def run():
+        lm = MoCELM.from_objects(build_model(tokenizer, seed=1), tokenizer, batch_size=4)
+        result = evaluate_model(None, "base", specs, lm=lm, seed=3, batch_size=4)
+        return result.table.with_columns(seconds=pl.lit(0.0)), result.item_scores
+
+    (first_table, first_scores), (second_table, second_scores) = run(), run()
+    assert first_scores.rows() == second_scores.rows() and first_scores.height == 3 + 6 + 2 + 4
+    assert first_table.rows() == second_table.rows()
+    assert _report_contents(build_report([first_table], [first_scores], provenance=PROVENANCE)) == \
+        _report_contents(build_report([second_table], [second_scores], provenance=PROVENANCE))
+
+
+def test_training_precision_comes_from_the_training_record(tmp_path):
+    assert training_precision({"training_config": {"bf16": True}}, "x") == "bf16"
+    assert training_precision({"training_config": {"bf16": False}}, "x") == "float32"
+    assert training_precision({"training_config": {"bf16": True, "qlora": True}}, "x") == "QLoRA NF4 + bf16"
+    with pytest.raises(ValueError, match="m/training.json: no training_config.bf16"):
+        training_precision({"training_config": {}}, "m/training.json")
+    assert model_training_precision(None) == model_training_precision(tmp_path) == NOT_TRAINED
+    (tmp_path / "training.json").write_text(json.dumps({"training_config": {"bf16": False, "qlora": False}}))
+    assert model_training_precision(tmp_path) == "float32"
+
+
+def test_source_revision_names_the_commit_and_marks_uncommitted_changes(tmp_path):
+    assert source_revision(tmp_path).startswith("unknown (")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f.txt").write_text("a")
+    subprocess.run([*git, "add", "f.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert source_revision(tmp_path) == commit
+    (tmp_path / "f.txt").write_text("b")
+    assert source_revision(tmp_path) == f"{commit} + uncommitted changes"

@@ -38,6 +38,10 @@ def test_wilson_interval_of_none_and_all_correct_has_its_closed_form():
     assert none.ci_low == 0.0 and none.ci_high == pytest.approx(Z**2 / (8 + Z**2))
     every = mean_estimate([1.0] * 8)
     assert every.ci_low == pytest.approx(8 / (8 + Z**2)) and every.ci_high == pytest.approx(1.0)
+    # exactly at the proportion, for every n: a bound past it by rounding (5.6e-17 for 0 of 3) drew a negative
+    # error bar in the report's charts
+    for n in range(1, 200):
+        assert mean_estimate([0.0] * n).ci_low == 0.0 and mean_estimate([1.0] * n).ci_high == 1.0
 
 
 def test_wilson_interval_covers_the_true_proportion_95_percent_of_the_time():

@@ -14,8 +14,8 @@ from assets.evaluation import build_evaluation_assets
 from moce_model.experiment import load_experiment
 from resources.refs import BaseModelRef
 from resources.storage import ArtifactStorage
-from tests.pipeline_fixtures import small_experiment
 from tests.evaluation.test_eval_fixtures import save_model_dir
+from tests.pipeline_fixtures import small_experiment
 
 
 def test_experiments_name_device_dtype_and_prompt_format():

@@ -224,12 +224,12 @@ def test_demo_experiment_keeps_the_demo_scale(clean_env):
     (source,) = demo.sources
     assert (source.kind, source.n_per_domain, source.seed) == ("synthetic", 240, 0)
     assert (demo.clustering.k_min, demo.clustering.k_max, demo.clustering.k) == (2, 10, None)
-    assert demo.variants == ["moce", "pesc", "dense_adapter"]
+    assert demo.variants == ["moce", "pesc"]
     assert (demo.experts.experts_per_group, demo.experts.router_top_k, demo.experts.adapter_dim,
             demo.experts.single_group_experts) == (4, 2, 16, None)
     evaluation = demo.evaluation
     assert (evaluation.loss_items_per_domain, evaluation.generation_items_per_domain, evaluation.humaneval_items,
-            evaluation.gsm8k_items) == (50, 8, 4, 4)
+            evaluation.gsm8k_items) == (200, 32, 4, 4)
     assert demo.training_config().max_steps == 30 and demo.launcher.resolved_kind == "in_process"
     assert demo.storage_root == EXPERIMENTS_DIR.parents[1] / ".moce_data" / "demo"
     clean_env.setenv("MOCE_DATA_DIR", "/tmp/moce-elsewhere")

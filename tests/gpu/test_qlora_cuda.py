@@ -17,8 +17,8 @@ from moce_model.merging import compare_merged_to_unmerged, merge_to_directory  #
 from moce_model.model.adapters import load_trained  # noqa: E402
 from moce_model.model.config import MoCEConfig  # noqa: E402
 from moce_model.training import TrainingConfig, build_model, train  # noqa: E402
-from tests.training.test_training import make_rows  # noqa: E402
 from tests.tiny_models import save_tiny_llama  # noqa: E402
+from tests.training.test_training import make_rows  # noqa: E402
 
 HIDDEN = 256  # a multiple of NF4's block size, so every projection is quantised
 

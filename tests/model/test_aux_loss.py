@@ -19,8 +19,8 @@ from moce_model.model.config import MoCEConfig
 from moce_model.training import TrainingConfig, train
 from moce_model.variants import VARIANTS
 from tests.model.test_modeling import batch_ids, tiny_moce
-from tests.training.test_training import REPO_ROOT, _subprocess_env
 from tests.tiny_models import save_tiny_llama
+from tests.training.test_training import REPO_ROOT, _subprocess_env
 
 
 def router_grads(model) -> list[torch.Tensor]:

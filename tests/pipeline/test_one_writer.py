@@ -17,7 +17,12 @@ import yaml
 
 from moce_model.experiment import load_experiment
 from pipelines import cli
-from pipelines.instance import LOCK_ENV, ExperimentBusy, experiment_instance, experiment_lock
+from pipelines.instance import (
+    LOCK_ENV,
+    ExperimentBusy,
+    experiment_instance,
+    experiment_lock,
+)
 from tests.pipeline_fixtures import small_experiment_values
 
 REPO = Path(__file__).resolve().parents[2]

@@ -38,7 +38,7 @@ def test_study_runs_their_conditions_and_the_table(tmp_path, monkeypatch):
     study = StudyConfig(seeds=(0,), variants=("moce",), experts_per_group_sweep=(2,), router_top_k=1,
                         adapter_dim=4, train_rows=16, max_steps=2, per_device_batch_size=4, max_length=192,
                         heldout_rows_per_source=3, gsm8k_items=2, gsm8k_max_new_tokens=8, bootstrap_resamples=200,
-                        blend_items=2)
+                        blend_items=2, humaneval_choice_items=2)
     defs = build_definitions(experiment, study)
     graph = defs.resolve_asset_graph()
     assert not (STUDY.resolve(graph) & PIPELINE.resolve(graph)), "the study is not part of the pipeline job"
@@ -107,6 +107,10 @@ def test_study_runs_their_conditions_and_the_table(tmp_path, monkeypatch):
         ("moce/e2 @soft", "moce/e2"), ("moce/e2 @adaptive", "moce/e2"),
         ("moce/e2 @blended", "base @blended"), ("moce/e2 @blended", "moce/e2 @blended"),
         ("base @blended", "base @blended")}
+    # The probe outside the training mix: every run scored on the same problems, paired with the base model.
+    probe = differences.filter(pl.col("benchmark") == "humaneval_choice")
+    assert {("moce/e2", "base", "acc"), ("moce/e2", "base", "acc_norm")} <= set(
+        probe.select("layout", "reference", "metric").rows())
     within = differences.filter(pl.col("layout") == pl.col("reference"))
     assert set(within.select("metric", "reference_metric").rows()) == {("heldout_loss", "heldout_loss_of_parts")}
     assert "- `@noised`: 15% of the words" in markdown and "- `@adaptive`: " in markdown

@@ -18,6 +18,11 @@ from moce_model.study.config import (
     study_layouts,
     trainable_parameters,
 )
+from moce_model.study.run import (
+    StudyRunInputs,
+    heldout_benchmark_specs,
+    run_study_layout,
+)
 from moce_model.study.table import (
     aggregate,
     build_study_table,
@@ -25,6 +30,7 @@ from moce_model.study.table import (
     paired_differences,
     two_level_bootstrap,
 )
+from moce_model.training import TrainingConfig
 
 
 def _crossed_scores(rng, n_seeds, n_items, mean=1.0, seed_sd=0.3, item_sd=0.5, noise_sd=0.2):
@@ -695,3 +701,44 @@ def test_every_condition_name_has_one_registered_condition():
     from moce_model.study.config import CONDITION_NAMES
 
     assert tuple(CONDITIONS) == CONDITION_NAMES
+
+
+def test_the_humaneval_choice_probe_joins_the_held_out_benchmarks_of_every_run(tmp_path):
+    files = {"b": str(tmp_path / "heldout_b.parquet"), "a": str(tmp_path / "heldout_a.parquet")}
+    config = StudyConfig(gsm8k_items=0, humaneval_choice_items=40)
+    specs = heldout_benchmark_specs(files, config, tmp_path / "tasks")
+    assert [s.name for s in specs] == ["heldout_a", "heldout_b", "humaneval_choice"]
+    probe = specs[-1]
+    assert (probe.kind, probe.lm_eval_task, probe.n_items, probe.completion, probe.lm_eval_tasks_dir) == (
+        "lm_eval", "humaneval_choice", 40, True, str(tmp_path / "tasks"))
+    # left out when switched off, or where no task folder was written (the conditions re-score held-out rows only)
+    assert [s.name for s in heldout_benchmark_specs(files, config)] == ["heldout_a", "heldout_b"]
+    off = StudyConfig(gsm8k_items=0, humaneval_choice_items=0)
+    assert [s.name for s in heldout_benchmark_specs(files, off, tmp_path / "tasks")] == ["heldout_a", "heldout_b"]
+    assert StudyConfig.from_mapping({"humaneval_choice_items": 12}).humaneval_choice_items == 12
+    with pytest.raises(ValueError, match="humaneval_choice_items must be >= 0, got -1"):
+        StudyConfig(humaneval_choice_items=-1)
+
+
+def test_the_base_run_scores_the_probe_item_by_item_for_the_paired_table(tmp_path):
+    """The base model's study run (no training) through `run_study_layout`: its item scores hold the probe's acc
+    and acc_norm per problem, item ids the trained runs share, so the table pairs them."""
+    from tests.evaluation.test_eval_fixtures import save_model_dir
+
+    model_dir = save_model_dir(tmp_path / "base")
+    heldout = pl.DataFrame({"id": ["r1", "r2"], "source": ["s", "s"], "system": ["", ""],
+                            "instruction": ["Add 1 and 2.", "Name a colour."], "input": ["", ""],
+                            "response": ["3", "Red"]})
+    heldout.write_parquet(tmp_path / "heldout_s.parquet")
+    config = StudyConfig(gsm8k_items=0, humaneval_choice_items=2, conditions=())
+    result = run_study_layout(StudyRunInputs(
+        config=config, run_key="base", base_model_dir=model_dir, instructions=heldout,
+        heldout_ids=heldout["id"], heldout_files={"s": str(tmp_path / "heldout_s.parquet")}, k=2,
+        centroids_path="", embedder=None, cluster_ids={}, training_config=TrainingConfig(),
+        evaluation_settings={"batch_size": 4}, run_dir=tmp_path / "run"), train=None)
+    scores = pl.read_parquet(tmp_path / "run" / "item_scores.parquet")
+    probe = scores.filter(pl.col("benchmark") == "humaneval_choice").sort("metric", "item_id")
+    assert probe.select("layout", "seed", "metric", "item_id").rows() == [
+        ("base", 0, metric, f"humaneval_choice/{i}") for metric in ("acc", "acc_norm") for i in (0, 1)]
+    assert set(probe["score"].to_list()) <= {0.0, 1.0}
+    assert result.scores_table.filter(pl.col("benchmark") == "humaneval_choice")["n_items"].to_list() == [2, 2]

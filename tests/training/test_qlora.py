@@ -22,8 +22,8 @@ from moce_model.model.adapters import load_trained
 from moce_model.model.config import MoCEConfig  # noqa: E402
 from moce_model.model.modeling import MoCEForCausalLM  # noqa: E402
 from moce_model.training import TrainingConfig, build_model, train  # noqa: E402
-from tests.training.test_training import make_rows  # noqa: E402
 from tests.tiny_models import save_tiny_llama  # noqa: E402
+from tests.training.test_training import make_rows  # noqa: E402
 
 
 def rehearsal_config(**overrides) -> TrainingConfig:

@@ -1,0 +1,103 @@
+"""What a report's numbers were produced with, stated at its top: the source revision, the precision each model
+was trained in (read from its training record), the evaluation's dtype and device, the seed and the machine's
+bf16 support. Two reports with the same revision, seed, machine and precision hold the same numbers (the
+evaluation is seeded and greedy; tests/test_eval_report.py checks it); only the evaluation time differs."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moce_model.model.adapters import TRAINING_RECORD_FILE
+from moce_model.training.config import cpu_computes_bf16
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+NOT_TRAINED = "not trained"
+
+
+@dataclass(frozen=True)
+class RunProvenance:
+    commit: str
+    seed: int
+    evaluation_dtype: str
+    evaluation_device: str
+    # model name -> the precision it was trained in ("bf16", "float32", "QLoRA NF4 + bf16", or NOT_TRAINED)
+    training_precision: Mapping[str, str]
+    machine: str
+
+    def markdown(self) -> str:
+        trained = ", ".join(f"{name} {precision}" for name, precision in self.training_precision.items())
+        return "\n".join([
+            "## Run", "",
+            f"- source: commit {self.commit}",
+            f"- seed: {self.seed}",
+            f"- training precision: {trained}",
+            f"- evaluation: {self.evaluation_dtype} on {self.evaluation_device}",
+            f"- machine: {self.machine}",
+            "",
+            "The same commit, seed, machine and precision give the same numbers; only the evaluation time varies.",
+            "",
+        ])
+
+
+def source_revision(repo_root: str | Path = _REPO_ROOT) -> str:
+    """The checkout's commit, marked when tracked files differ from it; 'unknown (...)' outside a git checkout
+    (an installed copy) or without git."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo_root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=30, check=False)
+        if head.returncode != 0:
+            return f"unknown ({repo_root} is not a git checkout)"
+        status = subprocess.run(["git", "-C", str(repo_root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unknown (git: {error})"
+    commit = head.stdout.strip()
+    return f"{commit} + uncommitted changes" if status.stdout.strip() else commit
+
+
+def training_precision(record: Mapping[str, Any], where: str) -> str:
+    """The precision of a training record (`training.json`: its `training_config`, as the trainer resolved it for
+    the machine it trained on)."""
+    config = record.get("training_config")
+    if not isinstance(config, Mapping) or not isinstance(config.get("bf16"), bool):
+        raise ValueError(f"{where}: no training_config.bf16 in the training record (got {config!r})")
+    precision = "bf16" if config["bf16"] else "float32"
+    return f"QLoRA NF4 + {precision}" if config.get("qlora") else precision
+
+
+def model_training_precision(model_dir: str | Path | None) -> str:
+    """The training precision recorded in a merged model directory; NOT_TRAINED for the base model (None, or a
+    directory without a training record)."""
+    if model_dir is None:
+        return NOT_TRAINED
+    path = Path(model_dir) / TRAINING_RECORD_FILE
+    if not path.is_file():
+        return NOT_TRAINED
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON: {error}") from error
+    return training_precision(record, str(path))
+
+
+def machine_description() -> str:
+    return (f"{platform.machine()} {platform.system()}, CPU "
+            f"{'computes' if cpu_computes_bf16() else 'does not compute'} bf16 natively (AVX512-BF16 / AMX)")
+
+
+def run_provenance(seed: int, evaluation_settings: Mapping[str, str],
+                   model_dirs: Mapping[str, str | Path | None]) -> RunProvenance:
+    """This checkout's and machine's provenance for models `model_dirs` (name -> merged directory, None for the
+    base model) evaluated with `evaluation_settings` (the experiment's device and dtype)."""
+    return RunProvenance(
+        commit=source_revision(), seed=seed, evaluation_dtype=evaluation_settings["dtype"],
+        evaluation_device=evaluation_settings["device"],
+        training_precision={name: model_training_precision(path) for name, path in model_dirs.items()},
+        machine=machine_description(),
+    )
