@@ -72,7 +72,9 @@ def check_k(k: int, n_rows: int, what: str) -> None:
 
 
 def build_assignment_assets(branch: Branch = MAIN) -> list:
-    """cluster_assignments (from `branch`'s kmeans_centroids) and its check, in `branch`."""
+    """cluster_assignments (from `branch`'s kmeans_centroids) and its check, in `branch`.
+
+    Long: it holds the nested definitions of the asset and its checks."""
 
     @dg.asset(
         key=branch.key("cluster_assignments"),
@@ -177,6 +179,7 @@ def build_assignment_assets(branch: Branch = MAIN) -> list:
 
 
 def build_clustering_assets(experiment: Experiment) -> list:
+    """The clustering group: elbow_curve, selected_k, kmeans_centroids and its drift check. Long: it holds their nested definitions."""
     settings = experiment.clustering
 
     class ElbowConfig(dg.Config):

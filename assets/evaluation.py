@@ -87,7 +87,9 @@ def build_results_asset(experiment: Experiment, model_name: str, branch: Branch 
                         config_class: type[dg.Config] | None = None) -> dg.AssetsDefinition:
     """Evaluate `model_name` (`base`, or the merged model of a variant in `branch`) on the experiment's
     benchmarks: benchmark_results, benchmark_item_scores, and for a model with experts benchmark_expert_use and
-    (routed by embedding) benchmark_prompt_embeddings, one partition each where the branch is partitioned."""
+    (routed by embedding) benchmark_prompt_embeddings, one partition each where the branch is partitioned.
+
+    Long: it holds the asset's definition and its body, which calls the library and records metadata."""
     EvaluationConfig = config_class or evaluation_config(experiment)
     upstream = (dg.AssetIn(key="base_model") if model_name == "base"
                 else dg.AssetIn(key=branch.key("merged_model", model_name)))
@@ -182,6 +184,7 @@ def build_results_asset(experiment: Experiment, model_name: str, branch: Branch 
 
 
 def build_evaluation_assets(experiment: Experiment) -> list:
+    """The evaluation group: benchmark_results per model and benchmark_report. Long: it holds their nested definitions."""
     config_class = evaluation_config(experiment)
     model_names = ["base", *experiment.variants]
     result_assets = [build_results_asset(experiment, name, config_class=config_class) for name in model_names]

@@ -36,7 +36,9 @@ def train_variant(
 ) -> tuple[dict, dict]:
     """Train one variant; returns (artifact reference, materialization metadata). `num_clusters` is the
     clustering's k (None for the variants that do not depend on it), recorded as `k` in metadata and refs.
-    `moce_config`: the model's layout when it is not the profile's (the study's experts-per-group sweep)."""
+    `moce_config`: the model's layout when it is not the profile's (the study's experts-per-group sweep).
+
+    Long: the training call and each metadata entry it records."""
     from moce_model.common.plots import loss_curve_plot, png_markdown
     from moce_model.training import training_progress
     from moce_model.training.expert_use import expert_use_heatmap_png

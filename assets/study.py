@@ -85,6 +85,7 @@ def conditions_to_score(instance: dg.DagsterInstance, keys: Sequence[str], wante
 
 
 def build_study_assets(experiment: Experiment, config: StudyConfig) -> list[dg.AssetsDefinition]:
+    """The study group: study_heldout_split, study_runs, study_conditions, study_table. Long: it holds the four nested definitions, each a library call plus metadata."""
     preset = experiment.training_config()
     partitions = dg.StaticPartitionsDefinition(run_keys(config))
 

@@ -61,7 +61,9 @@ def base_model(
 
 def build_training_assets(experiment: Experiment, branch: Branch = MAIN, variants: list[str] | None = None) -> list:
     """moce_adapters/<variant>, merged_model/<variant> and its merge check for each of `variants` (default: the
-    experiment's), in `branch`: a branch's variants read its own kmeans_centroids and cluster_assignments."""
+    experiment's), in `branch`: a branch's variants read its own kmeans_centroids and cluster_assignments.
+
+    Long: it holds the nested definitions of the training, merge and merge-check assets per variant."""
     preset = experiment.training_config()
 
     class VariantTrainingConfig(dg.Config):
@@ -138,6 +140,7 @@ def build_training_assets(experiment: Experiment, branch: Branch = MAIN, variant
         return moce_adapters
 
     def merged_asset(variant: str) -> dg.AssetsDefinition:
+        """Long: the asset, its sample generations and its merge check defined together."""
         adapters_in = dg.AssetIn(key=branch.key("moce_adapters", variant))
         ins = {"adapters": adapters_in, "base_model": dg.AssetIn()}
         if variant_semantics(variant).needs_centroids:

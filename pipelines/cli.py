@@ -251,6 +251,7 @@ def cmd_doctor(args: argparse.Namespace, experiment: Experiment) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `moce` command's parser. Long: one block per subcommand."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--experiment", "-e", metavar="NAME|PATH",
                         help="experiment name in configs/experiments/ or path of an experiment file "

@@ -1,5 +1,6 @@
-"""The library's shape, measured from its own imports: no import cycles, no import that runs back up the stages,
-no Dagster in `moce_model/`, and function-local imports only where a comment says why.
+"""The library's shape, measured from its own code: no import cycles, no import that runs back up the stages, no
+Dagster in `moce_model/`, no function-local import of the library's own modules, no library file over 500 lines
+(but the synthetic data's templates), and every function over 80 lines says why in its docstring.
 
 Stages, lowest first (a module may import its own stage and the ones below it):
 common < variants < data < clustering < model < training < merging, generate < evaluation < study < experiment
@@ -19,6 +20,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("evaluation",), ("study",), ("experiment",), ("rehearsal",),
 )
 MAX_LIBRARY_FILE_LINES = 500
+MAX_FUNCTION_LINES = 80
 # Pure data templates may be longer: they are text, not logic.
 LONG_FILES_ALLOWED = {"moce_model/data/synthetic.py"}
 
@@ -141,6 +143,24 @@ def test_library_has_no_dagster():
     assert graph_sources == []
 
 
+def long_functions_without_reason() -> list[str]:
+    """Functions over MAX_FUNCTION_LINES lines (nested definitions included) whose docstring does not say why
+    (a line starting `Long:`), in the library and the Dagster side."""
+    found = []
+    for folder in (LIBRARY, "assets", "pipelines", "resources"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES \
+                        and "Long:" not in (ast.get_docstring(node) or ""):
+                    found.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    return found
+
+
+def test_long_functions_say_why():
+    assert long_functions_without_reason() == []
+
+
 def test_library_files_stay_short():
     assert long_files() == []
 
@@ -162,3 +182,4 @@ if __name__ == "__main__":
     print(f"upward imports: {len(upward_imports(graph))} {upward_imports(graph)}")
     print(f"function-local library imports: {len(local_library_imports())}")
     print(f"library files over {MAX_LIBRARY_FILE_LINES} lines: {long_files()}")
+    print(f"functions over {MAX_FUNCTION_LINES} lines without a reason: {long_functions_without_reason()}")

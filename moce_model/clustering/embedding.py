@@ -146,6 +146,8 @@ def embed_to_parquet_shards(
     shard that already holds exactly its ids with finite, unit-norm vectors of the right dimension, so a killed
     run resumes from the last finished shard, and a damaged shard is embedded again (and logged).
     Returns a summary (rows, dimension, shards, shards_reused, shards_written, seconds).
+
+    Long: resuming, repairing and the shard loop of one long job together, so that a killed run resumes from its last complete shard.
     """
     import pyarrow as pa
 

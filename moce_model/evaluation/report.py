@@ -368,6 +368,7 @@ def _tiny(n: int | None) -> str:
 
 def _analyses_markdown(summary: pl.DataFrame, routed_use: pl.DataFrame, contingency: pl.DataFrame,
                        off_home: pl.DataFrame, scores: pl.DataFrame) -> str:
+    """The report's routing and expert-use analyses as markdown. Long: one block per analysis, in reading order."""
     lines: list[str] = []
     if contingency.height:
         lines += [

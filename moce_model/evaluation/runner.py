@@ -151,6 +151,8 @@ def evaluate_model(
     temperature, a rule its own; so a model trained with hard clusters can be evaluated both ways. It applies to
     models that route by cluster and is ignored by the others (`EvalResult.soft_assignment` says which rule was
     used, `soft_routing` which prompts got two groups). With `lm`, the rule is the one `lm` was built with.
+
+    Long: the one place that runs every benchmark kind on a model and assembles its tables.
     """
     if not model_variant:
         raise ValueError("model_variant must be a non-empty name")

@@ -356,7 +356,9 @@ class MoCEForCausalLM(PreTrainedModel, GenerationMixin):
         step's), the same share of label tokens; else 1.
 
         `expert_use_mask` [B, T]: the tokens that count in the expert-use statistics while they are recorded
-        (`set_expert_use_recording`); default the attention mask, so padding is never counted."""
+        (`set_expert_use_recording`); default the attention mask, so padding is never counted.
+
+        Long: transformers' forward signature and outputs, with one branch per way the variants route."""
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("pass input_ids or inputs_embeds")

@@ -141,7 +141,9 @@ _GREEDY = {"do_sample": False, "temperature": 0.0}
 
 
 def write_lm_eval_tasks(tasks_dir: Path, seed: int = 0) -> dict[str, int]:
-    """Task YAMLs (and their JSONL files) under the paper's task names; returns each leaf task's test size."""
+    """Task YAMLs (and their JSONL files) under the paper's task names; returns each leaf task's test size.
+
+    Long: one block per paper task, each its data files and its task YAML."""
     import yaml
 
     rng = random.Random(seed + 7)

@@ -27,6 +27,7 @@ from moce_model.training.samplers import (
 
 
 def make_trainer_class():
+    """The transformers Trainer subclass training runs. Long: the class is defined in here so that transformers' Trainer is imported only when a run trains."""
     from transformers import Trainer
 
     class MoCETrainer(Trainer):

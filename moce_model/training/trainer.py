@@ -176,6 +176,8 @@ def train(
 
     `cluster_ids` maps instruction id → k-means cluster (needed by cluster-routed variants); `num_clusters`
     (the number of centroids) is checked against the model's number of expert groups.
+
+    Long: the run's steps in order, each a named helper; what remains is the result and the artifact.
     """
     from transformers import set_seed
 
