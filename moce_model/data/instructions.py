@@ -15,10 +15,12 @@ import polars as pl
 from moce_model.data.prompt_format import routing_text  # noqa: F401
 
 INSTRUCTION_COLUMNS: tuple[str, ...] = ("id", "source", "system", "instruction", "input", "response", "domain", "n_chars")
-# `detail` says more where the reason alone does not (for `wrong_type`: the file, row, column and type).
+# `detail` names where the row came from (file and line, array element or row: the raw frame's `origin`) and
+# says more where the reason alone does not: why a line could not be read, the column and type of a
+# `wrong_type` value, the length of a `too_long` row, where the kept copy of a `duplicate` came from.
 REJECTED_COLUMNS: tuple[str, ...] = (*INSTRUCTION_COLUMNS, "reason", "detail")
 REJECTION_REASONS: tuple[str, ...] = (
-    "wrong_type", "empty_instruction", "empty_response", "bad_encoding", "too_long", "duplicate"
+    "malformed_line", "wrong_type", "empty_instruction", "empty_response", "bad_encoding", "too_long", "duplicate"
 )
 TEXT_FIELDS: tuple[str, ...] = ("system", "instruction", "input", "response")
 
@@ -27,6 +29,8 @@ TEXT_FIELDS: tuple[str, ...] = ("system", "instruction", "input", "response")
 _BAD_TEXT_PATTERN = "[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 _FIELD_SEPARATOR = "\x1f"
 _HASH_CHUNK = 100_000
+# Columns of the raw shape that frames built elsewhere (older stored tables, hand-made frames) may lack.
+_OPTIONAL_MARKERS = ("problem", "origin", "malformed")
 
 
 def _blake2b_hex(texts: pl.Series) -> pl.Series:
@@ -56,12 +60,12 @@ def _union(frames: Sequence[pl.DataFrame | pl.LazyFrame]) -> pl.DataFrame:
             raise ValueError(f"normalise_instructions: frame {index} lacks column(s) {missing}; it has {names}")
     columns = [
         *(pl.col(c).cast(pl.String).fill_null("") if c in TEXT_FIELDS else pl.col(c).cast(pl.String)
-          for c in (*TEXT_FIELDS, "domain", "source", "problem")),
+          for c in (*TEXT_FIELDS, "domain", "source", *_OPTIONAL_MARKERS)),
     ]
     selected = []
     for frame in lazy:
         names = frame.collect_schema().names()
-        for optional in ("system", "input", "domain", "problem"):
+        for optional in ("system", "input", "domain", *_OPTIONAL_MARKERS):
             if optional not in names:
                 frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias(optional))
         selected.append(frame.select(columns))
@@ -75,10 +79,11 @@ def normalise_instructions(
     """Union raw frames into ``instructions`` (``INSTRUCTION_COLUMNS``) and ``rejected`` (+ ``reason``).
 
     A row's reason is the first that applies, in the order of ``REJECTION_REASONS``; of several identical
-    valid rows the first is kept and the others are ``duplicate``. A raw row with a ``problem`` (a mapped value
-    that was not text, see `moce_model.data.sources`) is ``wrong_type``, with the problem as its ``detail``.
-    Columns such as ``answer`` and
-    ``test_code`` are eval-only and are not carried into either output.
+    valid rows the first is kept and the others are ``duplicate``. A raw row marked ``malformed`` (a line that
+    could not be read as a row) is ``malformed_line``; one with a ``problem`` (a mapped value that was not
+    text, see `moce_model.data.sources`) is ``wrong_type``, with the problem as its ``detail``. Every other
+    rejected row's ``detail`` starts with its ``origin`` (file and line or row) where the raw frame has one.
+    Columns such as ``answer`` and ``test_code`` are eval-only and are not carried into either output.
     """
     if max_chars < 1:
         raise ValueError(f"max_chars must be >= 1, got {max_chars}")
@@ -91,7 +96,8 @@ def normalise_instructions(
     ids = _blake2b_hex(with_text.select(joined).to_series())
     bad_encoding = pl.any_horizontal([pl.col(c).str.contains(_BAD_TEXT_PATTERN) for c in TEXT_FIELDS])
     reason = (
-        pl.when(pl.col("problem").is_not_null()).then(pl.lit("wrong_type"))
+        pl.when(pl.col("malformed").is_not_null()).then(pl.lit("malformed_line"))
+        .when(pl.col("problem").is_not_null()).then(pl.lit("wrong_type"))
         .when(pl.col("instruction").str.strip_chars() == "").then(pl.lit("empty_instruction"))
         .when(pl.col("response").str.strip_chars() == "").then(pl.lit("empty_response"))
         .when(bad_encoding).then(pl.lit("bad_encoding"))
@@ -104,12 +110,28 @@ def normalise_instructions(
     repeated = valid & ~pl.when(valid).then(pl.col("id")).is_first_distinct()
     checked = checked.with_columns(
         pl.when(repeated).then(pl.lit("duplicate")).otherwise(pl.col("reason")).alias("reason"),
-        pl.col("problem").alias("detail"),
+        pl.col("origin").filter(valid).first().over("id").alias("kept_origin"),
     )
+    checked = checked.with_columns(_detail(max_chars).alias("detail"))
     instructions = checked.filter(pl.col("reason").is_null()).select(INSTRUCTION_COLUMNS)
     rejected = checked.filter(pl.col("reason").is_not_null()).select(REJECTED_COLUMNS)
     assert instructions.height + rejected.height == raw.height
     return instructions, rejected
+
+
+def _detail(max_chars: int) -> pl.Expr:
+    reason = pl.col("reason")
+    said = (
+        pl.when(reason == "malformed_line").then(pl.col("malformed"))
+        .when(reason == "too_long").then(pl.format(f"{{}} characters, more than max_chars {max_chars}", "n_chars"))
+        .when(reason == "duplicate").then(pl.lit("duplicate of ") + pl.col("kept_origin"))
+    )
+    detail = pl.concat_str([pl.col("origin"), said], separator=": ", ignore_nulls=True)
+    return (
+        pl.when(reason == "wrong_type").then(pl.col("problem"))  # already names the file, row and column
+        .when(reason.is_null() | (detail == "")).then(pl.lit(None, dtype=pl.String))
+        .otherwise(detail)
+    )
 
 
 def rejection_counts(rejected: pl.DataFrame) -> pl.DataFrame:

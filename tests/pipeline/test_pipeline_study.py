@@ -85,7 +85,8 @@ def test_study_runs_their_conditions_and_the_table(tmp_path, monkeypatch):
     assert (out_dir / "study_figure.png").read_bytes().startswith(b"\x89PNG")
     aggregated = pl.read_parquet(out_dir / "study_aggregate.parquet")
     benchmarks = set(aggregated["benchmark"])
-    assert benchmarks == {"heldout_synthetic_mix", "heldout_synthetic_more", "gsm8k_test", "blended_heldout"}
+    assert benchmarks == {"heldout_synthetic_mix", "heldout_synthetic_more", "gsm8k_test", "blended_heldout",
+                          "humaneval_choice"}
     loss = aggregated.filter(pl.col("benchmark") == "heldout_synthetic_mix")
     assert set(loss["n_items"]) == {3} and set(loss["n_seeds"]) == {1}
     # The conditions' rows: the base model has no centroids to adapt or to be near the boundary of.
