@@ -76,7 +76,7 @@ bench: $(STAMP)
 clean:
 	rm -rf .moce_data .dagster_home
 
-# The study (issue 12): every variant over 3 seeds and the experts-per-group sweep on the real samples in
+# The study: every variant over 3 seeds and the experts-per-group sweep on the real samples in
 # ../shared/data/realmix (STUDY_EXPERIMENT=demo runs it on the synthetic mix); one table and one figure.
 # `make study RUNS=base,moce/e4/s0` runs only those runs (then the table over what is materialized);
 # every run's evaluation-only conditions (study_conditions) come with it unless NO_CONDITIONS=1.
