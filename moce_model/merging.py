@@ -6,7 +6,8 @@
 - `merge_to_directory`: LoRA folded into the base weights, written with the experts, the config, the
   centroids (`centroids.npy`), the embedder reference (`embedder.json`, and a copy of a local embedder), the
   model code and the model card as one directory that `AutoModelForCausalLM.from_pretrained` loads: after
-  `import moce_model`, or with `trust_remote_code=True` where the project is not installed.
+  `import moce_model`, or, where the project is not installed, with transformers' `trust_remote_code`
+  switched on by the user.
 """
 
 from __future__ import annotations
