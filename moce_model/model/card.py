@@ -41,6 +41,9 @@ README_FILE = "README.md"
 RESULT_KEYS: tuple[str, ...] = ("benchmark", "metric", "value", "n_items", "ci_low", "ci_high")
 CARD_TAGS: tuple[str, ...] = ("moce", "mixture-of-experts", "mixture-of-clustered-experts", "custom_code")
 
+# How to load the directory, for the card's readers (text, kept beside this module as markdown).
+LOAD_SECTION = (Path(__file__).with_name("card_load.md")).read_text(encoding="utf-8").strip()
+
 
 def without_machine_paths(value: Any) -> Any:
     """`value` (a JSON-like record) with every absolute path cut to its last part: such a path names a file of
@@ -171,22 +174,7 @@ def model_card(model_dir: str | Path, results: Sequence[Mapping[str, Any]] | Non
     modeling, configuration = REMOTE_FILE_NAMES[MODELING_MODULE], REMOTE_FILE_NAMES[CONFIG_MODULE]
     lines += [
         "",
-        "## Load",
-        "",
-        f"The directory carries its model code (`{configuration}.py`, `{modeling}.py` and the `moce_*.py` modules "
-        "they import), so transformers loads it with `trust_remote_code=True`, the MoCE library not installed:",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        'generate = pipeline("text-generation", model="path/to/this/directory", trust_remote_code=True)',
-        'print(generate("What is 17 * 6?", max_new_tokens=64)[0]["generated_text"])',
-        "```",
-        "",
-        "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works alike, and so does lm-eval: "
-        "`lm_eval --model hf --model_args pretrained=path/to/this/directory,trust_remote_code=True --tasks ...`. "
-        "Where the MoCE library is installed, `import moce_model` registers its own classes and no "
-        "`trust_remote_code` is needed.",
+        *LOAD_SECTION.format(configuration=configuration, modeling=modeling).splitlines(),
         "",
         *_routing_lines(config, embedder, has_copy),
         "",

@@ -1,12 +1,12 @@
 """The model code a merged directory carries, so that it loads where this project is not installed.
 
-`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` (and `transformers.pipeline`, lm-eval's `hf`
-model) imports the classes that `auto_map` in config.json names from python files inside the directory. Those
-files are this library's own modules, copied when the model is merged with their `moce_model.` imports made
-relative: the directory runs the code the project runs, self-routing from the prompt included, and there is no
-second copy to keep in step. transformers' `register_for_auto_class` would copy only the modeling module itself,
-whose absolute `moce_model.` imports would then fail; and transformers reads remote code from one flat folder
-(relative imports of sibling files), so every module becomes one file named after it.
+`AutoModelForCausalLM.from_pretrained(dir)` with transformers' `trust_remote_code` switched on by the user (and
+`transformers.pipeline`, lm-eval's `hf` model) imports the classes that `auto_map` in config.json names from python
+files inside the directory. Those files are this library's own modules, copied when the model is merged with their
+`moce_model.` imports made relative: the directory runs the code the project runs, self-routing from the prompt
+included, and there is no second copy to keep in step. transformers' `register_for_auto_class` would copy only the
+modeling module itself, whose absolute `moce_model.` imports would then fail; and transformers reads remote code
+from one flat folder (relative imports of sibling files), so every module becomes one file named after it.
 
 The carried modules import only the standard library and `REMOTE_CODE_PACKAGES`, checked as they are copied: a
 module that starts to import, say, polars fails the merge here instead of every load elsewhere.
