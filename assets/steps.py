@@ -80,6 +80,8 @@ def train_variant(
         "peak_memory_mb": round(result["peak_memory_mb"], 1),
         "trainable_parameters": result["trainable_parameters"],
         "final_loss": float(losses["loss"][-1]) if losses.height else None,
+        # Where each experiment tracker of `training.report_to` has this run's curves (a folder or an MLflow URI).
+        **({"trackers": dg.MetadataValue.json(result["trackers"])} if result.get("trackers") else {}),
         "loss_curve": dg.MetadataValue.md(png_markdown(loss_curve_plot(losses), f"{variant} loss")),
         "lineage": dg.MetadataValue.json(
             {

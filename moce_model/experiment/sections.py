@@ -263,7 +263,9 @@ class Training(_Section):
     # divide exactly; the reference scripts' 1,024 = 16 per device x 16 accumulation x 4 GPUs.
     global_batch: PositiveInt | None = None
     # Experiment trackers the trainer reports to: [none], or transformers' integrations such as [tensorboard],
-    # [mlflow], [wandb] (each needs its package; TensorBoard writes under the run's directory, <run>/logs).
+    # [mlflow], [wandb] (each needs its package). Each writes under the run's directory, <run>/logs (TensorBoard's
+    # event files, MLflow's SQLite store mlflow.db, W&B offline) unless TENSORBOARD_LOGGING_DIR,
+    # MLFLOW_TRACKING_URI or WANDB_DIR point it elsewhere; the training asset's metadata says where (`trackers`).
     report_to: list[str] = ["none"]
 
     @field_validator("report_to")

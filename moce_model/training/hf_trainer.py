@@ -162,16 +162,47 @@ def training_arguments(config: TrainingConfig, checkpoints_dir: Path):
     )
 
 
-def tensorboard_logs_in(trainer, logging_dir: Path) -> None:
-    """TensorBoard's event files (with `report_to` tensorboard) in the run's directory, beside its checkpoints and
-    artifact. transformers 5 has no TrainingArguments.logging_dir: its TensorBoardCallback writes to
-    $TENSORBOARD_LOGGING_DIR when that is set, else to the callback's `logging_dir`, else under output_dir (here the
-    checkpoints folder)."""
-    from transformers.integrations import TensorBoardCallback
+# Environment variables by which a person points a tracker elsewhere (a shared TensorBoard folder, an MLflow server,
+# a W&B project): set, they win over the run's own folder.
+TRACKER_LOCATION_ENV = {"tensorboard": "TENSORBOARD_LOGGING_DIR", "mlflow": "MLFLOW_TRACKING_URI", "wandb": "WANDB_DIR"}
+# Variables this module set for the run before (W&B reads them when it starts); a later run in the same process
+# replaces them, a person's own are never touched.
+_set_for_runs: set[str] = set()
 
+
+def point_trackers_at(trainer, logging_dir: Path) -> dict[str, str]:
+    """Each tracker of the Trainer (`report_to`) writes under the run's `logging_dir`, beside its checkpoints and
+    artifact, unless the environment points it elsewhere; returns tracker -> where its records are.
+
+    TensorBoard: event files in `logging_dir` (transformers 5 has no TrainingArguments.logging_dir: its callback
+    writes to $TENSORBOARD_LOGGING_DIR, else the callback's `logging_dir`). MLflow: a local SQLite store
+    `logging_dir/mlflow.db` (`mlflow ui --backend-store-uri sqlite:///<it>`; MLflow 3 refuses its old file
+    store), which needs no server. W&B: offline mode (no
+    network on the machines this runs on; `wandb sync` uploads it later) into `logging_dir`."""
+    from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
+
+    logging_dir = Path(logging_dir).resolve()
+    locations: dict[str, str] = {}
     for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
-            callback.logging_dir = str(logging_dir)
+        if isinstance(callback, TensorBoardCallback):
+            if callback.logging_dir is None:
+                callback.logging_dir = str(logging_dir)
+            locations["tensorboard"] = os.environ.get(TRACKER_LOCATION_ENV["tensorboard"]) or callback.logging_dir
+        elif isinstance(callback, MLflowCallback):
+            import mlflow
+
+            uri = os.environ.get(TRACKER_LOCATION_ENV["mlflow"]) or f"sqlite:///{logging_dir / 'mlflow.db'}"
+            mlflow.set_tracking_uri(uri)  # the callback keeps a URI already set and starts its run there
+            locations["mlflow"] = uri
+        elif isinstance(callback, WandbCallback):
+            for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(logging_dir))):
+                if name not in os.environ or name in _set_for_runs:
+                    os.environ[name] = value
+                    _set_for_runs.add(name)
+            locations["wandb"] = os.environ["WANDB_DIR"]
+    if locations:
+        logging_dir.mkdir(parents=True, exist_ok=True)
+    return locations
 
 
 def log_relay(on_log: Callable[[dict[str, Any]], None]):

@@ -44,7 +44,7 @@ from moce_model.training.expert_use import expert_use_counts
 from moce_model.training.hf_trainer import (
     log_relay,
     make_trainer_class,
-    tensorboard_logs_in,
+    point_trackers_at,
     training_arguments,
 )
 from moce_model.training.model import (
@@ -60,7 +60,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 ARTIFACT_DIRNAME = "adapter"
 
-# Experiment trackers' files that belong to the run (TensorBoard's event files, with report_to tensorboard).
+# Experiment trackers' records that belong to the run (TensorBoard's event files, MLflow's file store, W&B's
+# offline run), unless the environment points a tracker elsewhere (hf_trainer.point_trackers_at).
 LOGS_DIRNAME = "logs"
 
 
@@ -80,6 +81,8 @@ class TrainResult:
     n_examples: int = 0
     n_truncated: int = 0
     n_dropped_no_response: int = 0
+    # tracker -> where its records are (hf_trainer.point_trackers_at); empty with report_to none.
+    trackers: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -98,6 +101,7 @@ class TrainResult:
             "n_examples": self.n_examples,
             "n_truncated": self.n_truncated,
             "n_dropped_no_response": self.n_dropped_no_response,
+            "trackers": dict(self.trackers),
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -210,7 +214,7 @@ def train(
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # the caller shows the records: print each once, not twice
-    tensorboard_logs_in(trainer, output_dir / LOGS_DIRNAME)
+    trackers = point_trackers_at(trainer, output_dir / LOGS_DIRNAME)
     run = _run_trainer(trainer, resume_from, training_config)
 
     unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
@@ -227,6 +231,7 @@ def train(
         resumed_from_step=run.resumed_from_step,
         cpu_seconds=run.cpu_seconds,
         n_examples=len(data.dataset),
+        trackers=trackers,
         **data.token_stats,
     )
     if trainer.is_world_process_zero():

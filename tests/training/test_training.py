@@ -558,6 +558,25 @@ def test_report_to_tensorboard_config_writes_event_files_in_the_run_directory(ti
     pytest.importorskip("tensorboard")
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     rows = make_rows(8)
-    train(tiny_base_dir, rows, None, moce_config("pesc", 1),
-          tiny_training_config(max_steps=2, save_steps=100, report_to=["tensorboard"]), tmp_path / "run")
+    result = train(tiny_base_dir, rows, None, moce_config("pesc", 1),
+                   tiny_training_config(max_steps=2, save_steps=100, report_to=["tensorboard"]), tmp_path / "run")
     assert list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))
+    assert result.trackers == {"tensorboard": str((tmp_path / "run" / "logs").resolve())}
+
+
+def test_report_to_mlflow_records_the_run_loss_in_a_local_file_store(tiny_base_dir, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    rows = make_rows(8)
+    result = train(tiny_base_dir, rows, None, moce_config("pesc", 1),
+                   tiny_training_config(max_steps=2, logging_steps=1, save_steps=100, report_to=["mlflow"]),
+                   tmp_path / "run")
+    store = f"sqlite:///{(tmp_path / 'run' / 'logs' / 'mlflow.db').resolve()}"
+    assert result.trackers == {"mlflow": store}
+    client = mlflow.tracking.MlflowClient(store)
+    [run] = client.search_runs(["0"])
+    assert run.info.status == "FINISHED"
+    losses = [metric.value for metric in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) == 2 and all(value > 0 for value in losses)
+    assert run.data.params["max_steps"] == "2"
