@@ -142,7 +142,7 @@ def cmd_sweep(args: argparse.Namespace, experiment: Experiment) -> int:
         raise SystemExit(f"moce sweep: --ks {args.ks!r}: every k must be at least 2")
     if args.max_steps is not None and args.max_steps < 1:
         raise SystemExit(f"moce sweep: --max-steps {args.max_steps}: need at least 1 training step")
-    instance = experiment_instance(experiment)
+    instance = experiment_instance(experiment, run_slots=args.workers)
     print(f"experiment={experiment.name} storage={experiment.storage_root} DAGSTER_HOME={instance.root_directory}")
     with RunQueue(instance, workspace=workspace_file(), environment=threads_per_run(instance, len(ks))) as queue:
         return 0 if run_sweep(_definitions(experiment), instance, queue, ks, max_steps=args.max_steps) else 1
@@ -153,7 +153,7 @@ def cmd_study(args: argparse.Namespace, experiment: Experiment) -> int:
     from pipelines.queue import RunQueue, workspace_file
     from pipelines.study import run_study
 
-    instance = experiment_instance(experiment)
+    instance = experiment_instance(experiment, run_slots=args.workers)
     with RunQueue(instance, workspace=workspace_file()) as queue:
         return run_study(experiment, instance, queue, runs=[key for key in args.runs.split(",") if key],
                          rerun=args.rerun, conditions=not args.no_conditions)
@@ -250,6 +250,12 @@ def cmd_doctor(args: argparse.Namespace, experiment: Experiment) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `moce` command's parser. Long: one block per subcommand."""
     common = argparse.ArgumentParser(add_help=False)
@@ -260,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     writer.add_argument("--no-wait", action="store_true",
                         help="when another command holds the experiment, exit at once (status 75) instead of waiting")
     writer.set_defaults(writes=True)
+    queued = argparse.ArgumentParser(add_help=False, parents=[writer])
+    queued.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                        help="at most N runs (and N training steps) at once: written to the instance's run queue "
+                             "limits (dagster.yaml), which the UI's runs share (default: the file's, first written "
+                             "as one per core or GPU; MOCE_RUN_SLOTS)")
     parser = argparse.ArgumentParser(prog="moce", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -280,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     set_k.add_argument("k", type=int, help="number of clusters (= expert groups), at least 2")
     set_k.set_defaults(handler=cmd_set_k)
 
-    sweep = commands.add_parser("sweep", parents=[writer], help="train and evaluate `moce` at several k",
+    sweep = commands.add_parser("sweep", parents=[queued], help="train and evaluate `moce` at several k",
                                 description="For each k, one run of the k_sweep job (a partition of its assets): "
                                             "fit the centroids, train `moce`, merge it and check the merged model "
                                             "against the unmerged one, evaluate. Then one table with every "
@@ -292,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-steps", type=int, default=None, help="training steps per k (default: the experiment's)")
     sweep.set_defaults(handler=cmd_sweep)
 
-    study = commands.add_parser("study", parents=[writer], help="the paper's comparison in miniature, over seeds",
+    study = commands.add_parser("study", parents=[queued], help="the paper's comparison in miniature, over seeds",
                                 description="Train and evaluate base, dense_adapter, pesc, moce (2 and 4 experts per "
                                             "group), random_group, cluster_only, and moce and pesc with the AC "
                                             "router over 3 seeds on the experiment's data with a held-out split; "

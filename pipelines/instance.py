@@ -53,7 +53,12 @@ INSTANCE_SETTINGS: dict[str, Any] = {
         # Dagster's documented defaults, written out so the file says what is in force.
         "start_timeout_seconds": 180,
         "cancel_timeout_seconds": 180,
-        "poll_interval_seconds": 120,
+        # Not the default 120 s: the same loop frees the pool slots of killed runs (below), and a queued
+        # run waits for it. One query of the run storage per loop.
+        "poll_interval_seconds": 30,
+        # A run whose process is killed (the OOM killer) is marked failed but keeps its `training` pool slot,
+        # and with it every later run of the pool stays queued for ever; this frees such slots.
+        "free_slots_after_run_end_seconds": 10,
         # The default run launcher cannot resume a run on a new worker: fail it instead of trying.
         "max_resume_run_attempts": 0,
     },
@@ -112,10 +117,11 @@ def max_concurrent_runs(instance: dg.DagsterInstance) -> int:
     return int(runs.get("max_concurrent_runs", queue.get("max_concurrent_runs", 10)))
 
 
-def write_instance_config(home: str | Path, slots: int | None = None) -> Path:
+def write_instance_config(home: str | Path, slots: int | None = None, *, override: bool = False) -> Path:
     """Write `home/dagster.yaml` with `INSTANCE_SETTINGS`, keeping any other setting an existing file has. The run
     queue's settings (`queue_settings(slots)`, default `machine_run_slots()`) are written where the file has
-    none of its own: a limit set in the file, or a run coordinator, stays."""
+    none of its own: a limit set in the file, or a run coordinator, stays; with `override` (a person asked for
+    `slots`: `--workers`, MOCE_RUN_SLOTS) `slots` replaces the file's limits on runs and pool steps at once."""
     path = Path(home) / INSTANCE_FILE
     existing: Any = {}
     if path.is_file():
@@ -133,6 +139,14 @@ def write_instance_config(home: str | Path, slots: int | None = None) -> Path:
         queue.pop("run_coordinator")
         queue["concurrency"].pop("runs")
     settings = deep_merged(deep_merged(queue, existing), INSTANCE_SETTINGS)
+    if override:
+        limits = settings.setdefault("concurrency", {})
+        limits.setdefault("pools", {})["default_limit"] = slots
+        if "runs" in queue["concurrency"]:
+            limits.setdefault("runs", {})["max_concurrent_runs"] = slots
+        else:
+            older = settings["run_queue"] if "run_queue" in settings else settings["run_coordinator"]["config"]
+            older["max_concurrent_runs"] = slots
     for section, keys in DROPPED_SETTINGS.items():
         for key in keys:
             settings.get(section, {}).pop(key, None)
@@ -286,16 +300,21 @@ def held_lock_descriptors() -> tuple[int, ...]:
     return tuple(_held.values())
 
 
-def experiment_instance(experiment: Experiment) -> dg.DagsterInstance:
+def experiment_instance(experiment: Experiment, run_slots: int | None = None) -> dg.DagsterInstance:
     """The experiment's persistent Dagster instance: one per experiment, so that one experiment's history
     never makes another's assets look fresh. DAGSTER_HOME, when set, wins. Created (its SQLite storages stamped)
-    only under the experiment's lock, which the caller must hold."""
+    only under the experiment's lock, which the caller must hold. `run_slots` (`--workers`), else MOCE_RUN_SLOTS,
+    sets the run queue's limits in its dagster.yaml; without either, the file keeps its own (first written as one
+    per core or GPU)."""
     if not lock_is_held(experiment.storage_root):
         raise RuntimeError(f"the instance of experiment {experiment.name!r} is opened only under its lock: "
                            f"`with experiment_lock({str(experiment.storage_root)!r}, command)`")
     home = Path(os.environ.get("DAGSTER_HOME") or experiment.storage_root / "dagster_home")
     os.environ["DAGSTER_HOME"] = str(home)
-    write_instance_config(home, machine_run_slots(gpus_per_run=experiment.launcher.nproc_per_node))
+    if run_slots is None and os.environ.get(RUN_SLOTS_ENV) is not None:
+        run_slots = machine_run_slots()
+    write_instance_config(home, run_slots or machine_run_slots(gpus_per_run=experiment.launcher.nproc_per_node),
+                          override=run_slots is not None)
     try:
         instance = dg.DagsterInstance.get()
     except Exception as error:  # alembic's CommandError, among the many things that can fail opening an instance

@@ -1,7 +1,7 @@
-"""`make study`: materialize what the study reads (the experiment's instructions, clusters and base model) when it
-is missing or unsynced, then every run of the study not yet materialized (one partition of `study_runs`) with its
-evaluation-only conditions (the same partition of `study_conditions`), then `study_table`; prints the seconds of
-each run and where the table and figure are.
+"""`moce study` (`make study`): materialize what the study reads (the experiment's instructions, clusters and base
+model) when it is missing or unsynced, then every run of the study not yet materialized (one partition of
+`study_runs`) with its evaluation-only conditions (the same partition of `study_conditions`), then `study_table`;
+prints the seconds of each run and where the table and figure are.
 
 Each partition is one Dagster run submitted to the experiment's run queue (pipelines/queue.py), which runs as many
 side by side as the instance allows (`concurrency` in dagster.yaml: runs at once, and steps of the `training` pool
@@ -10,16 +10,14 @@ at once) in processes of their own: a process that ran 11 runs in turn grew to 1
 its cores (`threads_per_run`): a run is a single-threaded chain of small matmuls, so on the 2-core machine two
 one-thread runs side by side use both cores better than one run on two threads.
 
-`--runs moce/e4/s0,base` runs only those partitions (and the table over what is materialized); `--rerun` runs
-the named (or all) partitions again even when they are materialized; `--no-conditions` leaves the conditions
-out. A run already materialized gets only its missing conditions, so on an existing study `moce study` trains
-the runs it lacks and scores the conditions of all.
+`--workers N` sets the run queue's limits; `--runs moce/e4/s0,base` runs only those partitions (and the table over
+what is materialized); `--rerun` runs the named (or all) partitions again even when they are materialized;
+`--no-conditions` leaves the conditions out. A run already materialized gets only its missing conditions, so on an
+existing study `moce study` trains the runs it lacks and scores the conditions of all.
 """
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -27,8 +25,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 
 from assets.study import CONDITIONS_KEY, RUNS_KEY, conditions_to_score
-from pipelines.instance import experiment_instance, experiment_lock
-from pipelines.queue import RunQueue, threads_per_run, workspace_file
+from pipelines.queue import RunQueue, threads_per_run
 
 if TYPE_CHECKING:
     from moce_model.experiment import Experiment
@@ -46,25 +43,6 @@ def partition_steps(wanted: list[str], runs_done: set[str], conditions_done: set
         if run or conditions:
             steps[key] = [*([RUNS_KEY] if run else []), *([CONDITIONS_KEY] if conditions else [])]
     return steps
-
-
-def main(argv: list[str] | None = None) -> int:
-    from moce_model.experiment import load_experiment
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", default="", help="comma-separated run keys (default: every run of the study)")
-    parser.add_argument("--rerun", action="store_true", help="run the partitions even when already materialized")
-    parser.add_argument("--no-table", action="store_true", help="do not materialize study_table")
-    parser.add_argument("--no-conditions", action="store_true",
-                        help="do not materialize study_conditions (the evaluation-only conditions of each run)")
-    args = parser.parse_args(argv)
-    experiment = load_experiment()
-    command = shlex.join(["python", "-m", "pipelines.study", *(sys.argv[1:] if argv is None else argv)])
-    with experiment_lock(experiment.storage_root, command):
-        instance = experiment_instance(experiment)
-        with RunQueue(instance, workspace=workspace_file()) as queue:
-            return run_study(experiment, instance, queue, runs=[key for key in args.runs.split(",") if key],
-                             rerun=args.rerun, conditions=not args.no_conditions, table=not args.no_table)
 
 
 def run_study(experiment: Experiment, instance: dg.DagsterInstance, queue: RunQueue, *, runs: list[str],
@@ -126,6 +104,3 @@ def run_study(experiment: Experiment, instance: dg.DagsterInstance, queue: RunQu
               file=sys.stderr)
     return 1 if failed_runs else 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

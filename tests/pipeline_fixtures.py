@@ -43,3 +43,22 @@ def small_experiment_values(data_dir: Path, **overrides) -> dict:
     for key, value in overrides.items():
         values[key] = {**values[key], **value} if isinstance(values.get(key), dict) else value
     return values
+
+
+def run_spans(instance: dg.DagsterInstance, run_ids, start: dg.DagsterEventType, ends) -> list[tuple[float, float]]:
+    """(start, end) timestamps of each run's `start` event to its next event in `ends`, from the run records."""
+    spans = []
+    for run_id in run_ids:
+        begun = None
+        for entry in instance.all_logs(run_id):
+            kind = entry.dagster_event and entry.dagster_event.event_type
+            if kind == start:
+                begun = entry.timestamp
+            elif kind in ends and begun is not None:
+                spans.append((begun, entry.timestamp))
+                begun = None
+    return spans
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    return max(sum(start <= moment < end for start, end in spans) for moment, _ in spans)

@@ -16,7 +16,8 @@ from assets.k_sweep import COMPARISON_KEY, K_PARTITIONS, RESULTS_KEY, partition_
 from pipelines.cli import main as moce
 from pipelines.definitions import K_SWEEP, PIPELINE, build_definitions
 from pipelines.sweep import sweep_selection
-from tests.pipeline_fixtures import small_experiment, small_experiment_values
+from pipelines.instance import max_concurrent_runs
+from tests.pipeline_fixtures import most_at_once, run_spans, small_experiment, small_experiment_values
 from tests.tiny_models import save_tiny_llama
 
 MERGE_CHECK = dg.AssetCheckKey(dg.AssetKey(["k_sweep", "merged_model", "moce"]), "merged_equals_unmerged")
@@ -66,7 +67,9 @@ def test_moce_sweep_runs_each_k_as_a_partition_and_compares_them(tmp_path, monke
     experiment_file = tmp_path / "sweep.yaml"
     experiment_file.write_text(yaml.safe_dump(values, sort_keys=False))
 
-    assert moce(["sweep", "--experiment", str(experiment_file), "--ks", "3,2", "--max-steps", "2"]) == 0
+    # `--workers 1`: one run at a time, where the machine's default (one per core) would run both k side by side.
+    assert moce(["sweep", "--experiment", str(experiment_file), "--ks", "3,2", "--max-steps", "2",
+                 "--workers", "1"]) == 0
     output = capsys.readouterr().out
 
     store = tmp_path / "store"
@@ -93,6 +96,10 @@ def test_moce_sweep_runs_each_k_as_a_partition_and_compares_them(tmp_path, monke
         kinds = [entry.dagster_event.event_type for entry in instance.all_logs(run_id) if entry.dagster_event]
         assert kinds.index(dg.DagsterEventType.RUN_ENQUEUED) < kinds.index(dg.DagsterEventType.RUN_STARTING) \
             < kinds.index(dg.DagsterEventType.RUN_START) < kinds.index(dg.DagsterEventType.RUN_SUCCESS), k
+    spans = run_spans(instance, list(result_runs.values()), dg.DagsterEventType.RUN_START,
+                      {dg.DagsterEventType.RUN_SUCCESS, dg.DagsterEventType.RUN_FAILURE})
+    assert len(spans) == 2 and most_at_once(spans) == 1, spans
+    assert max_concurrent_runs(instance) == 1
 
     # Each k's artifacts are its own: centroids at that k, a merged model that routes over k groups.
     for k in (2, 3):

@@ -5,47 +5,44 @@ failing step's error."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import signal
 import textwrap
+import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import yaml
 
-from pipelines.instance import LOCK_ENV, experiment_lock, write_instance_config
+from pipelines.instance import LOCK_ENV, experiment_lock, max_concurrent_runs, write_instance_config
 from pipelines.queue import RunQueue
+from pipelines.study import partition_steps
+from tests.pipeline_fixtures import most_at_once, run_spans
 
 DEFINITIONS = '''
+import json
+import os
 import time
+from pathlib import Path
+
 import dagster as dg
 
-@dg.asset(partitions_def=dg.StaticPartitionsDefinition(["a", "b", "c", "bad"]), pool="training")
+@dg.asset(partitions_def=dg.StaticPartitionsDefinition(["a", "b", "c", "bad", "killed"]), pool="training")
 def trained(context: dg.AssetExecutionContext) -> None:
     time.sleep(2)
     if context.partition_key == "bad":
         raise ValueError("partition bad: no rows to train on")
+    marker = Path(__file__).parent / "kill-me.json"
+    if context.partition_key == "killed" and not (Path(__file__).parent / "killed-once").exists():
+        # The step's process and the run worker above it, for the test to kill as the OOM killer would.
+        marker.write_text(json.dumps({"step": os.getpid(), "run_worker": os.getppid()}))
+        time.sleep(600)
 
 defs = dg.Definitions(assets=[trained], jobs=[dg.define_asset_job("train", selection=[trained])])
 '''
 RUN_EVENTS = [dg.DagsterEventType.RUN_ENQUEUED, dg.DagsterEventType.RUN_STARTING, dg.DagsterEventType.RUN_START]
-
-
-def _intervals(instance, run_ids, start, ends) -> list[tuple[float, float]]:
-    spans = []
-    for run_id in run_ids:
-        begun = None
-        for entry in instance.all_logs(run_id):
-            kind = entry.dagster_event and entry.dagster_event.event_type
-            if kind == start:
-                begun = entry.timestamp
-            elif kind in ends and begun is not None:
-                spans.append((begun, entry.timestamp))
-                begun = None
-    return spans
-
-
-def _most_at_once(spans) -> int:
-    return max(sum(start <= moment < end for start, end in spans) for moment, _ in spans)
 
 
 @pytest.fixture
@@ -93,14 +90,65 @@ def test_runs_go_through_the_queue_within_its_limits_and_a_failure_is_reported(q
                 dg.DagsterEventType.RUN_SUCCESS if run.tags["dagster/partition"] != "bad"
                 else dg.DagsterEventType.RUN_FAILURE)
         assert {key for key in instance.get_materialized_partitions(dg.AssetKey("trained"))} == {"a", "b", "c"}
-        run_spans = _intervals(instance, run_ids, dg.DagsterEventType.RUN_START,
+        spans_of_runs = run_spans(instance, run_ids, dg.DagsterEventType.RUN_START,
                                {dg.DagsterEventType.RUN_SUCCESS, dg.DagsterEventType.RUN_FAILURE})
-        step_spans = _intervals(instance, run_ids, dg.DagsterEventType.STEP_START,
+        step_spans = run_spans(instance, run_ids, dg.DagsterEventType.STEP_START,
                                 {dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE})
-        assert len(run_spans) == len(step_spans) == 4
-        assert _most_at_once(run_spans) <= 2, run_spans
-        assert _most_at_once(step_spans) == 1, "the training pool's one slot was shared"
+        assert len(spans_of_runs) == len(step_spans) == 4
+        assert most_at_once(spans_of_runs) <= 2, spans_of_runs
+        assert most_at_once(step_spans) == 1, "the training pool's one slot was shared"
     printed, errors = out.getvalue(), capsys.readouterr().err
     assert "part a: queued" in printed and "part a: started" in printed and "part a: done in" in printed
     assert "part bad: FAILED in" in errors and f"(run {run_ids[3]})" in errors
     assert "step trained failed: ValueError: partition bad: no rows to train on" in errors
+
+
+def test_a_killed_run_is_marked_failed_and_the_next_call_runs_it_again(queue_home, capsys):
+    """The OOM killer (or a person) kills a run's processes: the command's wait ends with the run FAILED instead of
+    following it for ever, and the next call, which submits the partitions not materialized (as `moce study`
+    does: `partition_steps`), runs it again to success."""
+    key = dg.AssetKey("trained")
+    out = io.StringIO()
+    marker = queue_home.parent / "kill-me.json"
+    with experiment_lock(queue_home.parent, "test"), dg.DagsterInstance.from_config(str(queue_home)) as instance:
+        with RunQueue(instance, workspace=queue_home.parent / "workspace.yaml", location="queue_test",
+                      out=out, poll_seconds=0.5) as queue:
+            run_ids = [queue.submit("train", [key], label=f"part {name}", partition=name) for name in ("a", "killed")]
+            deadline = time.monotonic() + 240
+            while not marker.exists():
+                assert time.monotonic() < deadline, "the run to kill never started"
+                time.sleep(0.5)
+            for pid in json.loads(marker.read_text()).values():
+                os.kill(pid, signal.SIGKILL)
+            started = time.monotonic()
+            outcomes = queue.wait(run_ids)
+            noticed_after = time.monotonic() - started
+        assert [outcome.status for outcome in outcomes] == [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE]
+        assert noticed_after < 120, noticed_after
+        assert set(instance.get_materialized_partitions(key)) == {"a"}
+
+        (queue_home.parent / "killed-once").touch()
+        again = partition_steps(["a", "killed"], set(instance.get_materialized_partitions(key)), set(),
+                                rerun=False, with_conditions=False)
+        assert list(again) == ["killed"]
+        with RunQueue(instance, workspace=queue_home.parent / "workspace.yaml", location="queue_test",
+                      out=out, poll_seconds=0.5) as queue:
+            [rerun] = queue.wait([queue.submit("train", [key], label="part killed", partition="killed")])
+        assert rerun.success
+        assert set(instance.get_materialized_partitions(key)) == {"a", "killed"}
+    assert "part killed: FAILED" in capsys.readouterr().err
+
+
+def test_workers_set_the_queue_limits_over_the_file(tmp_path):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump({"concurrency": {"runs": {"max_concurrent_runs": 5},
+                                                                       "pools": {"default_limit": 5}}}))
+    write_instance_config(home, slots=2)  # sized to the machine: the file's own limits stay
+    assert yaml.safe_load((home / "dagster.yaml").read_text())["concurrency"]["runs"]["max_concurrent_runs"] == 5
+    write_instance_config(home, slots=2, override=True)  # `--workers 2`
+    settings = yaml.safe_load((home / "dagster.yaml").read_text())
+    assert settings["concurrency"] == {"runs": {"max_concurrent_runs": 2},
+                                       "pools": {"default_limit": 2, "granularity": "op"}}
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert max_concurrent_runs(instance) == 2
