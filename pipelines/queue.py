@@ -17,6 +17,7 @@ start the main graph's runs beside its own.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import signal
 import socket
@@ -60,7 +61,7 @@ class RunOutcome:
     status: dg.DagsterRunStatus = dg.DagsterRunStatus.QUEUED
     seconds: float | None = None
     errors: list[str] = field(default_factory=list)
-    steps_seen: int = 0
+    entries_seen: int = 0  # of the run's event log, printed up to here
 
     @property
     def success(self) -> bool:
@@ -221,9 +222,18 @@ class RunQueue:
                 self._print(f"  {error}", error=True)
 
     def _print_steps(self, outcome: RunOutcome) -> None:
-        entries = self.instance.all_logs(outcome.run_id, of_type=STEP_EVENTS)
-        for entry in entries[outcome.steps_seen:]:
+        """The run's steps as they start and end, and what they log at INFO (the progress of the long ones: an
+        evaluation's benchmarks, a training's steps with their ETA); warnings and debug lines stay in the run's
+        event log (the UI)."""
+        entries = self.instance.all_logs(outcome.run_id)
+        for entry in entries[outcome.entries_seen:]:
             event = entry.dagster_event
+            if event is None:
+                if entry.level == logging.INFO and entry.step_key:
+                    self._print(f"{outcome.label}:     {entry.user_message}")
+                continue
+            if event.event_type not in STEP_EVENTS:
+                continue
             if event.event_type == dg.DagsterEventType.STEP_START:
                 self._print(f"{outcome.label}:   step {event.step_key} started")
             elif event.event_type == dg.DagsterEventType.STEP_SUCCESS:
@@ -233,7 +243,7 @@ class RunQueue:
                 error = f"step {event.step_key} failed: {_error_text(event.event_specific_data.error)}"
                 outcome.errors.append(error)
                 self._print(f"{outcome.label}:   {error}", error=True)
-        outcome.steps_seen = len(entries)
+        outcome.entries_seen = len(entries)
 
     def cancel_unfinished(self) -> None:
         unfinished = [run_id for run_id, outcome in self.runs.items() if outcome.status not in FINISHED]

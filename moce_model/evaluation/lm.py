@@ -91,6 +91,7 @@ class MoCELM(BatchedScoring, RequestRouting, HFLM):
         num_threads: int | str | None = None,
         soft_assignment: SoftAssignmentRule | bool | None = None,
         include_path: str | Sequence[str] | None = None,
+        autocast: str = "none",
         **hflm_kwargs: Any,
     ) -> None:
         if num_threads is not None:
@@ -106,6 +107,10 @@ class MoCELM(BatchedScoring, RequestRouting, HFLM):
             pretrained = str(model_dir)
         else:
             pretrained = pretrained.to(device)
+        if autocast not in ("none", "bfloat16", "float16"):
+            raise ValueError(f"autocast={autocast!r}: expected none, bfloat16 or float16")
+        if autocast != "none":  # HFLM's own autocast of every forward pass, scoring and generation alike
+            hflm_kwargs.setdefault("mixed_precision_dtype", autocast)
         super().__init__(
             pretrained=pretrained, backend="causal", device=device, dtype=dtype, batch_size=batch_size,
             max_length=int(max_length), **hflm_kwargs,

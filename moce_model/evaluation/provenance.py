@@ -26,6 +26,8 @@ class RunProvenance:
     seed: int
     evaluation_dtype: str
     evaluation_device: str
+    # "none", or the dtype of the evaluation's matmuls under torch.autocast (evaluation.autocast)
+    evaluation_autocast: str
     # model name -> the precision it was trained in ("bf16", "float32", "QLoRA NF4 + bf16", or NOT_TRAINED)
     training_precision: Mapping[str, str]
     machine: str
@@ -37,7 +39,8 @@ class RunProvenance:
             f"- source: commit {self.commit}",
             f"- seed: {self.seed}",
             f"- training precision: {trained}",
-            f"- evaluation: {self.evaluation_dtype} on {self.evaluation_device}",
+            f"- evaluation: {self.evaluation_dtype} on {self.evaluation_device}"
+            + ("" if self.evaluation_autocast == "none" else f", matmuls in {self.evaluation_autocast} (autocast)"),
             f"- machine: {self.machine}",
             "",
             "The same commit, seed, machine and precision give the same numbers; only the evaluation time varies.",
@@ -94,10 +97,11 @@ def machine_description() -> str:
 def run_provenance(seed: int, evaluation_settings: Mapping[str, str],
                    model_dirs: Mapping[str, str | Path | None]) -> RunProvenance:
     """This checkout's and machine's provenance for models `model_dirs` (name -> merged directory, None for the
-    base model) evaluated with `evaluation_settings` (the experiment's device and dtype)."""
+    base model) evaluated with `evaluation_settings` (the experiment's device, dtype and autocast)."""
     return RunProvenance(
         commit=source_revision(), seed=seed, evaluation_dtype=evaluation_settings["dtype"],
         evaluation_device=evaluation_settings["device"],
+        evaluation_autocast=evaluation_settings.get("autocast", "none"),
         training_precision={name: model_training_precision(path) for name, path in model_dirs.items()},
         machine=machine_description(),
     )

@@ -136,6 +136,7 @@ def evaluate_model(
     num_threads: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    autocast: str = "none",
     prompt_format: str = "auto",
     soft_assignment: SoftAssignmentRule | bool | None = None,
 ) -> EvalResult:
@@ -143,7 +144,8 @@ def evaluate_model(
 
     `limit_per_benchmark` caps the items of every benchmark; `max_new_tokens` (when given) caps every
     benchmark's generation budget; `seed` seeds torch and the synthetic held-out items. `device` / `dtype`
-    place the model (the experiment's evaluation settings); `prompt_format` is the experiment's prompt format
+    place the model and `autocast` (`none` or `bfloat16`) runs its matmuls in bf16 (the experiment's evaluation
+    settings, `Experiment.evaluation_settings`); `prompt_format` is the experiment's prompt format
     (`moce_model.data.prompt_format`), the one the model was trained with.
 
     `soft_assignment` routes the prompts near a cluster boundary to two groups (`SoftAssignmentRule`): None
@@ -174,7 +176,7 @@ def evaluate_model(
             raise ValueError("give model_dir or lm")
         logger.info(f"{model_variant}: loading {model_dir}")
         lm = MoCELM(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype,
-                    prompt_format=prompt_format, soft_assignment=soft_assignment)
+                    prompt_format=prompt_format, soft_assignment=soft_assignment, autocast=autocast)
     else:
         if soft_assignment is not None:
             raise ValueError(f"soft_assignment={soft_assignment!r} with an lm: build the MoCELM with it instead "

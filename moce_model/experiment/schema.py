@@ -202,10 +202,17 @@ class Experiment(_Section):
                         self.clustering.k_max if k_max is None else k_max, n_rows, self._file)
 
     def evaluation_settings(self) -> dict[str, str]:
-        """Device, dtype and the prompt format the models were trained with."""
+        """Device, dtype, autocast (decided for this machine: `none` or `bfloat16`) and the prompt format the
+        models were trained with."""
+        autocast = self.evaluation.autocast
+        if autocast == "bfloat16_where_native":
+            from moce_model.training.config import native_bf16
+
+            autocast = "bfloat16" if native_bf16(self.evaluation.device) else "none"
         return {
             "device": self.evaluation.device,
             "dtype": self.evaluation.dtype,
+            "autocast": autocast,
             "prompt_format": self.base_model.prompt_format,
         }
 

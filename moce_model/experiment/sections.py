@@ -344,6 +344,10 @@ class Evaluation(_Section):
     benchmarks: Literal["demo", "paper"] = "demo"
     device: str = Field("cpu", pattern=DEVICE_PATTERN)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Matmuls in bf16 under torch.autocast, weights and the residual stream in `dtype`: `bfloat16`, or
+    # `bfloat16_where_native` (bf16 where the device computes it natively: a GPU that supports it, a CPU with
+    # AVX512-BF16 / AMX; else none, since emulated bf16 is slower than float32; MOCE_NATIVE_BF16=0/1 decides).
+    autocast: Literal["none", "bfloat16", "bfloat16_where_native"] = "none"
     # At most this many items per benchmark (null: the sizes below).
     limit_per_benchmark: PositiveInt | None = None
     # Demo benchmark sizes: the held-out loss on `loss_items_per_domain` items per synthetic domain, generation

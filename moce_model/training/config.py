@@ -225,10 +225,10 @@ _RANGES: dict[str, tuple[Any, str]] = {
 NATIVE_BF16_ENV = "MOCE_NATIVE_BF16"
 
 
-def native_bf16() -> bool:
-    """Whether training here (CUDA when there is a GPU, else the CPU) computes bf16 natively. MOCE_NATIVE_BF16=0
-    (or 1) overrides the probe, e.g. to reproduce float32 runs on a bf16 CPU; the test suite sets 0, so that its
-    numbers do not depend on the machine."""
+def native_bf16(device: str | None = None) -> bool:
+    """Whether `device` (default: CUDA when there is a GPU, else the CPU) computes bf16 natively.
+    MOCE_NATIVE_BF16=0 (or 1) overrides the probe, e.g. to reproduce float32 runs on a bf16 CPU; the test suite
+    sets 0, so that its numbers do not depend on the machine."""
     import torch
 
     override = os.environ.get(NATIVE_BF16_ENV, "").strip()
@@ -236,9 +236,11 @@ def native_bf16() -> bool:
         return override == "1"
     if override:
         raise ValueError(f"{NATIVE_BF16_ENV}={override!r}: expected 0 or 1")
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return cpu_computes_bf16()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device == "cpu" and cpu_computes_bf16()
 
 
 def cpu_computes_bf16() -> bool:

@@ -31,6 +31,8 @@ import dagster as dg
 
 @dg.asset(partitions_def=dg.StaticPartitionsDefinition(["a", "b", "c", "bad", "killed"]), pool="training")
 def trained(context: dg.AssetExecutionContext) -> None:
+    context.log.info(f"training partition {context.partition_key}")
+    context.log.debug("a debug line the command does not print")
     time.sleep(2)
     if context.partition_key == "bad":
         raise ValueError("partition bad: no rows to train on")
@@ -99,6 +101,10 @@ def test_runs_go_through_the_queue_within_its_limits_and_a_failure_is_reported(q
         assert most_at_once(step_spans) == 1, "the training pool's one slot was shared"
     printed, errors = out.getvalue(), capsys.readouterr().err
     assert "part a: queued" in printed and "part a: started" in printed and "part a: done in" in printed
+    # What a step logs at INFO (its progress) is printed under it; debug lines are not.
+    assert printed.index("part a:   step trained started") < printed.index("part a:     training partition a") \
+        < printed.index("part a:   step trained done in")
+    assert "debug line" not in printed
     assert "part bad: FAILED in" in errors and f"(run {run_ids[3]})" in errors
     assert "step trained failed: ValueError: partition bad: no rows to train on" in errors
 
