@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 # The library (and torch with it) is imported only once a command runs, so that `moce --help` answers at once.
 
+# The UI page of the whole asset graph (Dagster's global asset lineage), printed where the UI is offered.
+ASSET_GRAPH_PATH = "/asset-groups"
 EPILOG = """\
 examples:
   moce run                                  the demo, end to end (what `make demo` does)
@@ -95,7 +97,8 @@ def cmd_run(args: argparse.Namespace, experiment: Experiment) -> int:
     report = experiment.storage_root / "report" / "benchmark_report.md"
     if ok and report.exists():
         print(f"\nbenchmark report: {report}")
-    print(f"explore the lineage, plots and metadata: {how_to_run('ui')}  (then open http://127.0.0.1:3000)")
+    print(f"explore the lineage, plots and metadata: {how_to_run('ui')}  "
+          f"(then open http://127.0.0.1:3000{ASSET_GRAPH_PATH})")
     return 0 if ok else 1
 
 
@@ -208,6 +211,7 @@ def cmd_ui(args: argparse.Namespace, experiment: Experiment) -> int:
     os.chdir(REPO_ROOT)
     command = [sys.executable, "-m", "dagster", "dev", "-h", args.host, "-p", str(args.port), "-w", "workspace.yaml"]
     print(f"experiment={experiment.name} DAGSTER_HOME={os.environ['DAGSTER_HOME']}: {' '.join(command[2:])}")
+    print(f"the asset graph: http://{args.host}:{args.port}{ASSET_GRAPH_PATH}")
     sys.stdout.flush()
     # `dagster dev` launches runs on this instance: it keeps the experiment's lock (the same open file) until it ends.
     for descriptor in held_lock_descriptors():

@@ -9,7 +9,7 @@ import json
 import platform
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,22 @@ class RunProvenance:
     # model name -> the precision it was trained in ("bf16", "float32", "QLoRA NF4 + bf16", or NOT_TRAINED)
     training_precision: Mapping[str, str]
     machine: str
+    # model name -> (groups, experts per group), for the models that have experts (read from config.json)
+    expert_layouts: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+    def expert_budget_line(self) -> str | None:
+        """Each model's experts in all, and whether the mixtures (more than one expert: not `dense_adapter`'s one
+        adapter) are budget-matched, the same total, as in the paper's comparison; None without models that have
+        experts."""
+        if not self.expert_layouts:
+            return None
+        parts = [f"{name} {groups} x {per_group} = {groups * per_group}"
+                 for name, (groups, per_group) in self.expert_layouts.items()]
+        totals = {groups * per_group for groups, per_group in self.expert_layouts.values() if groups * per_group > 1}
+        verdict = ("budget-matched: the same number of experts in all" if len(totals) <= 1 else
+                   "NOT budget-matched: the models have different numbers of experts, so a difference between "
+                   "them mixes routing with capacity")
+        return f"- experts (groups x experts per group): {', '.join(parts)} ({verdict})"
 
     def markdown(self) -> str:
         trained = ", ".join(f"{name} {precision}" for name, precision in self.training_precision.items())
@@ -39,6 +55,7 @@ class RunProvenance:
             f"- source: commit {self.commit}",
             f"- seed: {self.seed}",
             f"- training precision: {trained}",
+            *([budget] if (budget := self.expert_budget_line()) else []),
             f"- evaluation: {self.evaluation_dtype} on {self.evaluation_device}"
             + ("" if self.evaluation_autocast == "none" else f", matmuls in {self.evaluation_autocast} (autocast)"),
             f"- machine: {self.machine}",
@@ -104,4 +121,20 @@ def run_provenance(seed: int, evaluation_settings: Mapping[str, str],
         evaluation_autocast=evaluation_settings.get("autocast", "none"),
         training_precision={name: model_training_precision(path) for name, path in model_dirs.items()},
         machine=machine_description(),
+        expert_layouts={name: layout for name, path in model_dirs.items()
+                        if (layout := model_expert_layout(path)) is not None},
     )
+
+
+def model_expert_layout(model_dir: str | Path | None) -> tuple[int, int] | None:
+    """(groups, experts per group) of a merged MoCE directory's config.json; None for a model without experts."""
+    if model_dir is None or not (Path(model_dir) / "config.json").is_file():
+        return None
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON: {error}") from error
+    if "num_groups" not in config or "experts_per_group" not in config:
+        return None
+    return int(config["num_groups"]), int(config["experts_per_group"])

@@ -235,7 +235,8 @@ def test_k_comparison_refuses_what_is_not_one_model_per_k():
 PROVENANCE = RunProvenance(commit="0123abc", seed=0, evaluation_dtype="float32", evaluation_device="cpu",
                            evaluation_autocast="bfloat16",
                            training_precision={"base": NOT_TRAINED, "moce": "bf16", "pesc": "bf16"},
-                           machine="x86_64 Linux, CPU computes bf16 natively (AVX512-BF16 / AMX)")
+                           machine="x86_64 Linux, CPU computes bf16 natively (AVX512-BF16 / AMX)",
+                           expert_layouts={"pesc": (1, 16), "moce": (4, 4)})
 
 
 def _report_contents(report) -> tuple:
@@ -250,6 +251,9 @@ def test_the_report_states_commit_seed_and_precision_and_is_the_same_for_the_sam
     assert "training precision: base not trained, moce bf16, pesc bf16" in run_section
     assert "evaluation: float32 on cpu, matmuls in bfloat16 (autocast)" in run_section
     assert "computes bf16 natively" in run_section
+    assert "experts (groups x experts per group): pesc 1 x 16 = 16, moce 4 x 4 = 16 (budget-matched" in run_section
+    unmatched = dataclasses.replace(PROVENANCE, expert_layouts={"pesc": (1, 8), "moce": (4, 4)}).markdown()
+    assert "NOT budget-matched" in unmatched
     again = build_report([t for t, _ in ALL], [s for _, s in ALL], provenance=PROVENANCE)
     assert _report_contents(again) == _report_contents(report)  # numbers, tables and figures, byte for byte
     # and another precision is a different report
