@@ -109,8 +109,7 @@ class MoCELM(BatchedScoring, RequestRouting, HFLM):
             pretrained = pretrained.to(device)
         if autocast not in ("none", "bfloat16", "float16"):
             raise ValueError(f"autocast={autocast!r}: expected none, bfloat16 or float16")
-        if autocast != "none":  # HFLM's own autocast of every forward pass, scoring and generation alike
-            hflm_kwargs.setdefault("mixed_precision_dtype", autocast)
+        hflm_kwargs.setdefault("mixed_precision_dtype", None if autocast == "none" else autocast)  # HFLM's autocast
         super().__init__(
             pretrained=pretrained, backend="causal", device=device, dtype=dtype, batch_size=batch_size,
             max_length=int(max_length), **hflm_kwargs,

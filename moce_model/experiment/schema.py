@@ -39,6 +39,7 @@ from moce_model.experiment.sections import (
 )
 from moce_model.study.config import StudyConfig
 from moce_model.training import TrainingConfig
+from moce_model.training.config import native_bf16
 from moce_model.variants import cluster_routed_variants
 
 # ------------------------------------------------------------------------------------------------ experiment
@@ -206,8 +207,6 @@ class Experiment(_Section):
         models were trained with."""
         autocast = self.evaluation.autocast
         if autocast == "bfloat16_where_native":
-            from moce_model.training.config import native_bf16
-
             autocast = "bfloat16" if native_bf16(self.evaluation.device) else "none"
         return {
             "device": self.evaluation.device,
