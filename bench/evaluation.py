@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             seconds[name].append(elapsed)
     rates = {name: len(pairs) / statistics.median(values) for name, values in seconds.items()}
     load_after = os.getloadavg()
+    diffs = {name: max(abs(a - b) for a, b in zip(losses["per_item"], losses[name], strict=True)) for name in ways}
     print(f"{'way':<24}{'items/s':>10}{'median_s':>10}{'max_abs_loss_diff_vs_per_item':>32}")
     for name, values in seconds.items():
-        diff = max(abs(a - b) for a, b in zip(losses["per_item"], losses[name], strict=True))
-        print(f"{name:<24}{rates[name]:>10.2f}{statistics.median(values):>10.2f}{diff:>32.2e}")
+        print(f"{name:<24}{rates[name]:>10.2f}{statistics.median(values):>10.2f}{diffs[name]:>32.2e}")
     print(f"batched_over_per_item_items_per_s: {rates['batched'] / rates['per_item']:.2f}")
-    print(f"max_abs_loss_diff: {max(abs(a - b) for a, b in zip(losses['per_item'], losses['batched'])):.2e}")
+    print(f"max_abs_loss_diff: {diffs['batched']:.2e}")
     if args.autocast:
         print(f"bf16_autocast_over_batched_items_per_s: {rates['batched_bf16_autocast'] / rates['batched']:.2f}")
     print(f"load_average_1_5_15: before {' '.join(f'{v:.2f}' for v in load_before)}, "

@@ -311,10 +311,9 @@ def experiment_instance(experiment: Experiment, run_slots: int | None = None) ->
                            f"`with experiment_lock({str(experiment.storage_root)!r}, command)`")
     home = Path(os.environ.get("DAGSTER_HOME") or experiment.storage_root / "dagster_home")
     os.environ["DAGSTER_HOME"] = str(home)
-    if run_slots is None and os.environ.get(RUN_SLOTS_ENV) is not None:
-        run_slots = machine_run_slots()
+    asked = run_slots is not None or os.environ.get(RUN_SLOTS_ENV) is not None  # MOCE_RUN_SLOTS: machine_run_slots
     write_instance_config(home, run_slots or machine_run_slots(gpus_per_run=experiment.launcher.nproc_per_node),
-                          override=run_slots is not None)
+                          override=asked)
     try:
         instance = dg.DagsterInstance.get()
     except Exception as error:  # alembic's CommandError, among the many things that can fail opening an instance

@@ -61,7 +61,7 @@ class RunOutcome:
     status: dg.DagsterRunStatus = dg.DagsterRunStatus.QUEUED
     seconds: float | None = None
     errors: list[str] = field(default_factory=list)
-    entries_seen: int = 0  # of the run's event log, printed up to here
+    log_cursor: str | None = None  # the run's event log is printed up to here
 
     @property
     def success(self) -> bool:
@@ -225,8 +225,9 @@ class RunQueue:
         """The run's steps as they start and end, and what they log at INFO (the progress of the long ones: an
         evaluation's benchmarks, a training's steps with their ETA); warnings and debug lines stay in the run's
         event log (the UI)."""
-        entries = self.instance.all_logs(outcome.run_id)
-        for entry in entries[outcome.entries_seen:]:
+        # Only the entries since the last poll: a run's log grows to thousands of entries, polled every second.
+        new = self.instance.get_records_for_run(outcome.run_id, cursor=outcome.log_cursor)
+        for entry in (record.event_log_entry for record in new.records):
             event = entry.dagster_event
             if event is None:
                 if entry.level == logging.INFO and entry.step_key:
@@ -243,7 +244,7 @@ class RunQueue:
                 error = f"step {event.step_key} failed: {_error_text(event.event_specific_data.error)}"
                 outcome.errors.append(error)
                 self._print(f"{outcome.label}:   {error}", error=True)
-        outcome.entries_seen = len(entries)
+        outcome.log_cursor = new.cursor
 
     def cancel_unfinished(self) -> None:
         unfinished = [run_id for run_id, outcome in self.runs.items() if outcome.status not in FINISHED]

@@ -99,11 +99,15 @@ def model_training_precision(model_dir: str | Path | None) -> str:
     path = Path(model_dir) / TRAINING_RECORD_FILE
     if not path.is_file():
         return NOT_TRAINED
+    return training_precision(_read_json(path), str(path))
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON file at `path`; invalid JSON is an error that names the file."""
     try:
-        record = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: invalid JSON: {error}") from error
-    return training_precision(record, str(path))
 
 
 def machine_description() -> str:
@@ -130,11 +134,7 @@ def model_expert_layout(model_dir: str | Path | None) -> tuple[int, int] | None:
     """(groups, experts per group) of a merged MoCE directory's config.json; None for a model without experts."""
     if model_dir is None or not (Path(model_dir) / "config.json").is_file():
         return None
-    path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON: {error}") from error
+    config = _read_json(Path(model_dir) / "config.json")
     if "num_groups" not in config or "experts_per_group" not in config:
         return None
     return int(config["num_groups"]), int(config["experts_per_group"])
